@@ -1,0 +1,5 @@
+use crate::{GgmlType, Isa, Kernels};
+
+pub(crate) fn kernels(_ty: GgmlType, _isa: Isa) -> Option<Kernels> {
+    None
+}

@@ -1,0 +1,127 @@
+//! Tensor block formats and the kernels the matmuls need.
+//!
+//! Every type offers three operations on a row of `n` elements (`n` a multiple
+//! of the type's block size):
+//! - `dequantize_row`: blocks -> f32,
+//! - `quantize_row`: f32 -> blocks (reference quantizers, as the writer and
+//!   the activation path use),
+//! - a dot product between a weight row of the type and an activation row
+//!   quantized to the type's `vec_dot_type` (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1
+//!   for Q4_1/Q5_1, Q8_K for the K-quants, F16 for F16, BF16 for BF16, F32 for
+//!   F32), matching how llama.cpp computes, so that results agree closely.
+//!
+//! Kernels are looked up once (`kernels(ty)`) and then called in the hot loop
+//! without further dispatch. SIMD variants are chosen at run time from the
+//! CPU's features; the portable variant is always available and every SIMD
+//! variant is tested against it.
+
+pub use flexserve_gguf::GgmlType;
+
+mod legacy;
+mod kquants;
+mod float;
+
+/// `dst[i] = dequant(src)[i]`; `src.len()` must be the row size of `dst.len()` elements.
+pub type DequantizeFn = fn(src: &[u8], dst: &mut [f32]);
+/// Quantizes `src` into `dst`, which must be the row size of `src.len()` elements.
+pub type QuantizeFn = fn(src: &[f32], dst: &mut [u8]);
+/// Dot product of `n` elements: weight row `w` (the weight type) and activation
+/// row `a` (the weight type's `vec_dot_type`).
+pub type DotFn = fn(n: usize, w: &[u8], a: &[u8]) -> f32;
+
+/// The kernels for one tensor type.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub ty: GgmlType,
+    /// The type activations are quantized to before `dot`.
+    pub vec_dot_type: GgmlType,
+    pub dequantize: DequantizeFn,
+    pub quantize: QuantizeFn,
+    /// `None` for types that only serve as activation formats (Q8_1, Q8_K).
+    pub dot: Option<DotFn>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    #[error("tensor type {0} is not supported by the kernels")]
+    Unsupported(GgmlType),
+    #[error("row of {n} elements is not a multiple of the {ty} block size {block}")]
+    NotBlockMultiple { ty: GgmlType, n: usize, block: usize },
+    #[error("{ty} row of {n} elements needs {expected} bytes, got {got}")]
+    BadLength { ty: GgmlType, n: usize, expected: usize, got: usize },
+}
+
+/// Which implementation the kernel tables use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    Avx2,
+}
+
+/// The best instruction set this CPU offers that the kernels use.
+pub fn detected_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Portable
+}
+
+/// Kernels for `ty` using the best ISA of this CPU.
+pub fn kernels(ty: GgmlType) -> Result<Kernels, QuantError> {
+    kernels_for(ty, detected_isa())
+}
+
+/// Kernels for `ty` restricted to `isa` (tests compare ISAs against each other).
+/// Asking for an ISA the CPU lacks falls back to the portable kernels.
+pub fn kernels_for(ty: GgmlType, isa: Isa) -> Result<Kernels, QuantError> {
+    let isa = if isa == Isa::Avx2 && detected_isa() != Isa::Avx2 { Isa::Portable } else { isa };
+    float::kernels(ty, isa)
+        .or_else(|| legacy::kernels(ty, isa))
+        .or_else(|| kquants::kernels(ty, isa))
+        .ok_or(QuantError::Unsupported(ty))
+}
+
+fn check_len(ty: GgmlType, n: usize, bytes: usize) -> Result<(), QuantError> {
+    let block = ty.block_size();
+    if n % block != 0 {
+        return Err(QuantError::NotBlockMultiple { ty, n, block });
+    }
+    let expected = n / block * ty.type_size();
+    if bytes != expected {
+        return Err(QuantError::BadLength { ty, n, expected, got: bytes });
+    }
+    Ok(())
+}
+
+/// Checked convenience wrapper: dequantizes one row.
+pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
+    check_len(ty, dst.len(), src.len())?;
+    (kernels(ty)?.dequantize)(src, dst);
+    Ok(())
+}
+
+/// Checked convenience wrapper: quantizes one row.
+pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
+    check_len(ty, src.len(), dst.len())?;
+    (kernels(ty)?.quantize)(src, dst);
+    Ok(())
+}
+
+/// Quantizes a whole row-major matrix of `rows x cols` f32 values into a new buffer.
+pub fn quantize_matrix(ty: GgmlType, src: &[f32], cols: usize) -> Result<Vec<u8>, QuantError> {
+    let k = kernels(ty)?;
+    let row_bytes = cols / ty.block_size() * ty.type_size();
+    check_len(ty, cols, row_bytes)?;
+    let rows = if cols == 0 { 0 } else { src.len() / cols };
+    let mut out = vec![0u8; rows * row_bytes];
+    for (s, d) in src.chunks_exact(cols).zip(out.chunks_exact_mut(row_bytes)) {
+        (k.quantize)(s, d);
+    }
+    Ok(out)
+}
