@@ -1,1 +1,43 @@
-//! The inference engine.
+//! The inference engine: llama-family and qwen2 transformers over weights
+//! taken from any buffer, with tokenization, chat templates, sampling and
+//! perplexity evaluation.
+
+pub mod config;
+pub mod generate;
+pub mod model;
+pub mod ops;
+pub mod perplexity;
+pub mod sampling;
+pub mod synth;
+pub mod weights;
+
+pub use config::{Arch, ModelConfig};
+pub use generate::{GenerateOptions, GenerationStats, Generator, StopReason};
+pub use model::{Logits, Model, Session};
+pub use sampling::{Sampler, SamplingParams};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model metadata: {0}")]
+    Metadata(String),
+    #[error(transparent)]
+    Gguf(#[from] flexserve_gguf::GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] flexserve_tokenizer::TokenizerError),
+    #[error("architecture {0:?} is not supported (supported: llama, qwen2)")]
+    UnsupportedArch(String),
+    #[error("tensor {0} is missing from the model")]
+    MissingTensor(String),
+    #[error("weights: {0}")]
+    Weights(String),
+    #[error("context is full: {needed} positions needed, the context holds {n_ctx} (raise it with --ctx)")]
+    ContextFull { n_ctx: usize, needed: usize },
+    #[error("token id {id} is outside the vocabulary of {n_vocab}")]
+    BadToken { id: u32, n_vocab: usize },
+    #[error("nothing to evaluate: the input has no tokens")]
+    EmptyInput,
+    #[error("thread pool: {0}")]
+    Threads(String),
+    #[error("{0}")]
+    Other(String),
+}

@@ -4,7 +4,17 @@
 //! source and checks every count, offset and size against hard bounds before
 //! allocating; the writer produces files that llama.cpp loads.
 
+mod error;
+mod file;
+mod reader;
 mod types;
+mod value;
+mod writer;
 
+pub use error::GgufError;
+pub use file::GgufFile;
+pub use reader::{limits, GgufHeader, TensorInfo, DEFAULT_ALIGNMENT, MAGIC, MAX_DIMS, VERSION};
 pub use types::GgmlType;
 pub use types::ALL as ALL_TYPES;
+pub use value::{Array, Metadata, Value, ValueType, ALIGNMENT_KEY, ARCHITECTURE_KEY};
+pub use writer::GgufWriter;

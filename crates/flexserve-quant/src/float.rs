@@ -1,5 +1,168 @@
-use crate::{GgmlType, Isa, Kernels};
+//! Plain floating-point rows: F32, F16 and BF16 (little-endian, one element
+//! per "block").
+//!
+//! Quantizing is conversion (round to nearest even for F16 and BF16). A dot
+//! product takes activations in the weight's own type: the products are
+//! formed in f32. The portable kernels accumulate F16/BF16 products in f64;
+//! the AVX2 ones use four 8-lane f32 FMA accumulators as llama.cpp's do.
 
-pub(crate) fn kernels(_ty: GgmlType, _isa: Isa) -> Option<Kernels> {
-    None
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+use crate::{DequantizeFn, DotFn, GgmlType, Isa, Kernels, QuantizeFn};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+
+pub(crate) fn kernels(ty: GgmlType, isa: Isa) -> Option<Kernels> {
+    let portable = portable_kernels(ty)?;
+    match isa {
+        Isa::Portable => Some(portable),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Some(avx2::kernels(portable)),
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2 => Some(portable),
+    }
+}
+
+fn portable_kernels(ty: GgmlType) -> Option<Kernels> {
+    let (dequantize, quantize, dot): (DequantizeFn, QuantizeFn, DotFn) = match ty {
+        GgmlType::F32 => (dequantize_f32, quantize_f32, dot_f32),
+        GgmlType::F16 => (dequantize_f16, quantize_f16, dot_f16),
+        GgmlType::BF16 => (dequantize_bf16, quantize_bf16, dot_bf16),
+        _ => return None,
+    };
+    Some(Kernels { ty, vec_dot_type: ty, dequantize, quantize, dot: Some(dot) })
+}
+
+#[inline(always)]
+fn bf16_bits(b: &[u8]) -> f32 {
+    bf16::from_le_bytes([b[0], b[1]]).to_f32()
+}
+
+#[inline(always)]
+fn f32_bits(b: &[u8]) -> f32 {
+    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn dequantize_f32(src: &[u8], dst: &mut [f32]) {
+    for (s, d) in src.chunks_exact(4).zip(dst) {
+        *d = f32_bits(s);
+    }
+}
+
+/// Elements converted per batch; batches let `half` use its vector conversions.
+const BATCH: usize = 64;
+
+/// Converts the little-endian f16 values in `bytes` (at most `BATCH`, two
+/// bytes each) into `out`, which must hold exactly that many.
+fn decode_f16_batch(bytes: &[u8], out: &mut [f32]) {
+    let mut halves = [f16::ZERO; BATCH];
+    let halves = &mut halves[..out.len()];
+    for (h, b) in halves.iter_mut().zip(bytes.chunks_exact(2)) {
+        *h = f16::from_le_bytes([b[0], b[1]]);
+    }
+    halves.convert_to_f32_slice(out);
+}
+
+fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
+    for (s, d) in src.chunks(2 * BATCH).zip(dst.chunks_mut(BATCH)) {
+        let len = d.len().min(s.len() / 2);
+        decode_f16_batch(s, &mut d[..len]);
+    }
+}
+
+fn dequantize_bf16(src: &[u8], dst: &mut [f32]) {
+    for (s, d) in src.chunks_exact(2).zip(dst) {
+        *d = bf16_bits(s);
+    }
+}
+
+fn quantize_f32(src: &[f32], dst: &mut [u8]) {
+    for (s, d) in src.iter().zip(dst.chunks_exact_mut(4)) {
+        d.copy_from_slice(&s.to_le_bytes());
+    }
+}
+
+fn quantize_f16(src: &[f32], dst: &mut [u8]) {
+    let mut halves = [f16::ZERO; BATCH];
+    for (s, d) in src.chunks(BATCH).zip(dst.chunks_mut(2 * BATCH)) {
+        let len = s.len().min(d.len() / 2);
+        halves[..len].convert_from_f32_slice(&s[..len]);
+        for (h, out) in halves[..len].iter().zip(d.chunks_exact_mut(2)) {
+            out.copy_from_slice(&h.to_le_bytes());
+        }
+    }
+}
+
+fn quantize_bf16(src: &[f32], dst: &mut [u8]) {
+    for (s, d) in src.iter().zip(dst.chunks_exact_mut(2)) {
+        d.copy_from_slice(&bf16::from_f32(*s).to_le_bytes());
+    }
+}
+
+/// Dot products take `n` elements from both rows; shorter rows are a caller
+/// bug and panic on the slice bounds.
+fn dot_f32(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let (w, a) = (&w[..n * 4], &a[..n * 4]);
+    // Eight independent partial sums let the compiler vectorise the loop.
+    let mut lanes = [0.0f32; 8];
+    let (w_main, a_main) = (w.chunks_exact(32), a.chunks_exact(32));
+    let (w_tail, a_tail) = (w_main.remainder(), a_main.remainder());
+    for (wc, ac) in w_main.zip(a_main) {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane += f32_bits(&wc[4 * l..]) * f32_bits(&ac[4 * l..]);
+        }
+    }
+    let mut sum: f32 = lanes.iter().sum();
+    for (ws, as_) in w_tail.chunks_exact(4).zip(a_tail.chunks_exact(4)) {
+        sum += f32_bits(ws) * f32_bits(as_);
+    }
+    sum
+}
+
+fn dot_f16(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let (w, a) = (&w[..n * 2], &a[..n * 2]);
+    let mut sum = 0.0f64;
+    let (mut w_batch, mut a_batch) = ([0.0f32; BATCH], [0.0f32; BATCH]);
+    for (wc, ac) in w.chunks(2 * BATCH).zip(a.chunks(2 * BATCH)) {
+        let len = wc.len() / 2;
+        decode_f16_batch(wc, &mut w_batch[..len]);
+        decode_f16_batch(ac, &mut a_batch[..len]);
+        for (x, y) in w_batch[..len].iter().zip(&a_batch[..len]) {
+            sum += (x * y) as f64;
+        }
+    }
+    sum as f32
+}
+
+fn dot_bf16(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let (w, a) = (&w[..n * 2], &a[..n * 2]);
+    let mut sum = 0.0f64;
+    for (ws, as_) in w.chunks_exact(2).zip(a.chunks_exact(2)) {
+        sum += (bf16_bits(ws) * bf16_bits(as_)) as f64;
+    }
+    sum as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversions_round_to_nearest_even() {
+        // 1 + 2^-11 lies halfway between two f16 values: ties go to the even one (1.0).
+        let mut out = [0u8; 4];
+        quantize_f16(&[1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11)], &mut out);
+        assert_eq!(out, [0x00, 0x3C, 0x02, 0x3C]);
+        // 1 + 2^-8 lies halfway between two bf16 values.
+        quantize_bf16(&[1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8)], &mut out);
+        assert_eq!(out, [0x80, 0x3F, 0x82, 0x3F]);
+    }
+
+    #[test]
+    fn only_float_types_are_served() {
+        assert!(kernels(GgmlType::Q4_0, Isa::Portable).is_none());
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+            assert_eq!(kernels(ty, Isa::Avx2).unwrap().vec_dot_type, ty);
+        }
+    }
 }

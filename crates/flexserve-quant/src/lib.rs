@@ -17,9 +17,9 @@
 
 pub use flexserve_gguf::GgmlType;
 
-mod legacy;
-mod kquants;
 mod float;
+mod kquants;
+mod legacy;
 
 /// `dst[i] = dequant(src)[i]`; `src.len()` must be the row size of `dst.len()` elements.
 pub type DequantizeFn = fn(src: &[u8], dst: &mut [f32]);
@@ -118,7 +118,7 @@ pub fn quantize_matrix(ty: GgmlType, src: &[f32], cols: usize) -> Result<Vec<u8>
     let k = kernels(ty)?;
     let row_bytes = cols / ty.block_size() * ty.type_size();
     check_len(ty, cols, row_bytes)?;
-    let rows = if cols == 0 { 0 } else { src.len() / cols };
+    let rows = src.len().checked_div(cols).unwrap_or(0);
     let mut out = vec![0u8; rows * row_bytes];
     for (s, d) in src.chunks_exact(cols).zip(out.chunks_exact_mut(row_bytes)) {
         (k.quantize)(s, d);

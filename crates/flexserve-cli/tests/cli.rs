@@ -1,0 +1,212 @@
+//! The `flexserve` command as scripts call it, on the real model.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model() -> PathBuf {
+    let p = root().join(".cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
+    p
+}
+
+fn flexserve(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flexserve")).args(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn reference(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(root().join("../shared/reference").join(name)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn tokenize_prints_llama_cpp_ids_as_json() {
+    let m = model();
+    let r = reference("tokenizer.json");
+    let case = r["cases"].as_array().unwrap().iter().find(|c| c["name"] == "chat_template").unwrap();
+    let text = case["text"].as_str().unwrap();
+    let out = stdout(&flexserve(&["tokenize", "--model", m.to_str().unwrap(), "--text", text]));
+    let ids: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(ids, case["ids"]);
+    assert_eq!(out.trim().lines().count(), 1);
+    let out = stdout(&flexserve(&["tokenize", "--model", m.to_str().unwrap(), "--text", text, "--no-parse-special"]));
+    let ids: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(ids, case["ids_no_parse_special"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("t.txt");
+    std::fs::write(&f, text).unwrap();
+    let out = stdout(&flexserve(&["tokenize", "--model", m.to_str().unwrap(), "--file", f.to_str().unwrap()]));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(out.trim()).unwrap(), case["ids"]);
+}
+
+#[test]
+fn generate_greedy_prints_only_the_continuation() {
+    let m = model();
+    let r = reference("greedy.json");
+    let case = &r["cases"][0];
+    // The first 12 tokens of llama.cpp's continuation (the engine test covers all 32).
+    let want = " Paris.\n\nThe United States has a population of approximately";
+    assert!(case["continuation"].as_str().unwrap().starts_with(want));
+    let out = flexserve(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--threads",
+        "2",
+    ]);
+    assert_eq!(stdout(&out), want);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tok/s"), "timings go to stderr: {err}");
+}
+
+#[test]
+fn generate_with_seed_is_reproducible_and_stops_at_stop_string() {
+    let m = model();
+    let run = |seed: &str| {
+        stdout(&flexserve(&[
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "24",
+            "--temperature",
+            "0.9",
+            "--seed",
+            seed,
+        ]))
+    };
+    let a = run("42");
+    assert!(!a.is_empty());
+    assert_eq!(a, run("42"));
+    let out = stdout(&flexserve(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "32",
+        "--temperature",
+        "0",
+        "--stop",
+        "United",
+    ]));
+    assert_eq!(out, " Paris.\n\nThe ");
+}
+
+#[test]
+fn chat_reads_turns_from_stdin_and_keeps_the_cache() {
+    let m = model();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flexserve"))
+        .args(["chat", "--model", m.to_str().unwrap(), "--max-tokens", "24", "--temperature", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"What is the capital of France?\nAnd of Germany?\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = stdout(&out);
+    assert!(!text.trim().is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let turns: Vec<&str> = err.lines().filter(|l| l.starts_with("prefill:")).collect();
+    assert_eq!(turns.len(), 2, "{err}");
+    assert!(turns[1].contains("cached"), "second turn reuses the first's cache: {err}");
+}
+
+#[test]
+fn chat_single_prompt_answers_once() {
+    let m = model();
+    let out = stdout(&flexserve(&[
+        "chat",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "Say hello.",
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "0",
+    ]));
+    assert!(!out.trim().is_empty());
+}
+
+#[test]
+fn perplexity_prints_ppl_last() {
+    let m = model();
+    // A few chunks of real text keep this quick; the engine test scores the whole reference file.
+    let text = std::fs::read_to_string("/usr/share/common-licenses/GPL-3").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("text.txt");
+    std::fs::write(&f, &text[..3000]).unwrap();
+    let out = stdout(&flexserve(&[
+        "perplexity",
+        "--model",
+        m.to_str().unwrap(),
+        "--file",
+        f.to_str().unwrap(),
+        "--ctx",
+        "128",
+    ]));
+    let last = out.trim().lines().last().unwrap();
+    let ppl: f64 = last.strip_prefix("PPL = ").unwrap().parse().unwrap();
+    assert!(ppl > 1.0 && ppl < 100.0, "{last}");
+
+    let o = flexserve(&["perplexity", "--model", m.to_str().unwrap(), "--file", f.to_str().unwrap(), "--ctx", "4096"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("at least 4096"));
+}
+
+#[test]
+fn inspect_shows_metadata_and_tensors() {
+    let m = model();
+    let out = stdout(&flexserve(&["inspect", m.to_str().unwrap()]));
+    assert!(out.contains("general.architecture = \"llama\""), "{out}");
+    assert!(out.contains("token_embd.weight") && out.contains("Q8_0") && out.contains("272 tensors"));
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let o = flexserve(&["inspect", "/nonexistent/model.gguf"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/model.gguf"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\x03\x00\x00\x00 definitely not a model").unwrap();
+    let o = flexserve(&["generate", "--model", bad.to_str().unwrap(), "--prompt", "hi"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("bad.gguf") && !err.contains("panicked"), "{err}");
+
+    let m = model();
+    let o = flexserve(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        "one two three four five six",
+        "--ctx",
+        "4",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("context is full"));
+}

@@ -1,0 +1,204 @@
+//! Text generation on a session: prompt caching, sampling, streaming and stop
+//! conditions.
+
+use std::time::Instant;
+
+use flexserve_tokenizer::{StreamDecoder, Tokenizer};
+
+use crate::model::{Logits, Session};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::EngineError;
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends when the text contains one of these (not emitted).
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self { max_tokens: 128, sampling: SamplingParams::default(), stop: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model emitted an end-of-generation token.
+    EndOfGeneration,
+    MaxTokens,
+    StopString,
+    /// The context has no room for another token.
+    ContextFull,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationStats {
+    /// Prompt tokens evaluated (after reusing the cached prefix).
+    pub prompt_tokens: usize,
+    /// Prompt tokens found already in the cache.
+    pub cached_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+    pub stop: StopReason,
+    /// The generated ids, including a final end-of-generation token if any.
+    pub tokens: Vec<u32>,
+}
+
+impl GenerationStats {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
+    }
+    /// Decode speed over the tokens after the first.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
+/// A session plus the token history that its cache holds, so that a new
+/// prompt sharing a prefix with the history (the next turn of a chat) only
+/// evaluates what is new.
+pub struct Generator<'m> {
+    session: Session<'m>,
+    tokenizer: &'m Tokenizer,
+    history: Vec<u32>,
+}
+
+impl<'m> Generator<'m> {
+    pub fn new(session: Session<'m>, tokenizer: &'m Tokenizer) -> Self {
+        Self { session, tokenizer, history: Vec::new() }
+    }
+
+    pub fn session(&self) -> &Session<'m> {
+        &self.session
+    }
+
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Generates a continuation of `prompt`, calling `on_text` with each piece
+    /// of text as soon as it is certain (complete UTF-8, not part of a stop string).
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<GenerationStats, EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        // Reuse the cached prefix; always evaluate at least the last prompt token
+        // so that there are logits to sample from.
+        let common = self.history.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let reuse = common.min(prompt.len() - 1);
+        self.session.truncate(reuse);
+        self.history.truncate(reuse);
+        let todo = &prompt[reuse..];
+        if prompt.len() + 1 > self.session.n_ctx() {
+            return Err(EngineError::ContextFull { n_ctx: self.session.n_ctx(), needed: prompt.len() + 1 });
+        }
+
+        let mut sampler = Sampler::new(opts.sampling.clone());
+        sampler.observe(prompt);
+        let t0 = Instant::now();
+        let mut logits = self.session.eval(todo, Logits::Last)?;
+        self.history.extend_from_slice(todo);
+        let prefill_secs = t0.elapsed().as_secs_f64();
+
+        let mut stream = StreamDecoder::new(self.tokenizer);
+        let mut text = String::new();
+        let mut emitted = 0usize;
+        let mut generated = Vec::new();
+        let mut stop = StopReason::MaxTokens;
+        let mut first_token_at = None;
+        while generated.len() < opts.max_tokens {
+            let id = sampler.sample(&logits);
+            generated.push(id);
+            if first_token_at.is_none() {
+                first_token_at = Some(Instant::now());
+            }
+            if self.tokenizer.is_eog(id) {
+                stop = StopReason::EndOfGeneration;
+                break;
+            }
+            text.push_str(&stream.push(id));
+            if let Some(cut) = find_stop(&text, &opts.stop) {
+                on_text(&text[emitted..cut]);
+                emitted = cut;
+                stop = StopReason::StopString;
+                break;
+            }
+            let safe = safe_prefix_len(&text, &opts.stop).max(emitted);
+            if safe > emitted {
+                on_text(&text[emitted..safe]);
+                emitted = safe;
+            }
+            if generated.len() == opts.max_tokens {
+                break;
+            }
+            if self.session.n_past() + 1 > self.session.n_ctx() {
+                stop = StopReason::ContextFull;
+                break;
+            }
+            logits = self.session.eval(&[id], Logits::Last)?;
+            self.history.push(id);
+        }
+        if stop != StopReason::StopString {
+            text.push_str(&stream.finish());
+            if emitted < text.len() {
+                on_text(&text[emitted..]);
+            }
+        }
+        // The decode clock starts at the first sampled token.
+        let decode_secs = first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        Ok(GenerationStats {
+            prompt_tokens: todo.len(),
+            cached_tokens: reuse,
+            generated_tokens: generated.len(),
+            prefill_secs,
+            decode_secs,
+            stop,
+            tokens: generated,
+        })
+    }
+}
+
+/// Byte index where the earliest stop string starts, if any occurs.
+fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// Length of the prefix of `text` that cannot become part of a stop string.
+fn safe_prefix_len(text: &str, stops: &[String]) -> usize {
+    let mut safe = text.len();
+    for s in stops.iter().filter(|s| !s.is_empty()) {
+        for k in (1..s.len()).rev() {
+            if k <= text.len()
+                && text.is_char_boundary(text.len() - k)
+                && s.is_char_boundary(k)
+                && text.ends_with(&s[..k])
+            {
+                safe = safe.min(text.len() - k);
+                break;
+            }
+        }
+    }
+    safe
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_hold_back_possible_prefixes() {
+        let stops = vec!["<END>".to_string()];
+        assert_eq!(safe_prefix_len("hello <EN", &stops), 6);
+        assert_eq!(safe_prefix_len("hello", &stops), 5);
+        assert_eq!(find_stop("ab<END>cd", &stops), Some(2));
+        assert_eq!(find_stop("ab", &stops), None);
+    }
+}

@@ -1,0 +1,438 @@
+//! The transformer: weights of a llama-family or qwen2 model and the forward
+//! pass over a batch of tokens with a KV cache.
+
+use std::sync::Arc;
+
+use flexserve_gguf::GgufFile;
+use half::f16;
+use rayon::prelude::*;
+
+use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::ops::{self, QuantizedActs};
+use crate::weights::{load_vector, load_vector_opt, GgufSource, Tensor, TensorSource};
+use crate::EngineError;
+
+/// One transformer block's weights.
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub wq: Tensor,
+    pub wk: Tensor,
+    pub wv: Tensor,
+    pub bq: Option<Vec<f32>>,
+    pub bk: Option<Vec<f32>>,
+    pub bv: Option<Vec<f32>>,
+    pub wo: Tensor,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: Tensor,
+    pub w_up: Tensor,
+    pub w_down: Tensor,
+}
+
+impl Layer {
+    pub fn load(src: &dyn TensorSource, c: &ModelConfig, i: usize) -> Result<Self, EngineError> {
+        let n = |s: &str| format!("blk.{i}.{s}");
+        let (e, q, kv, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
+        let bias = |s: &str, len| load_vector_opt(src, &n(s), len);
+        Ok(Self {
+            attn_norm: load_vector(src, &n("attn_norm.weight"), e)?,
+            wq: Tensor::load(src, &n("attn_q.weight"), e, q)?,
+            wk: Tensor::load(src, &n("attn_k.weight"), e, kv)?,
+            wv: Tensor::load(src, &n("attn_v.weight"), e, kv)?,
+            bq: bias("attn_q.bias", q)?,
+            bk: bias("attn_k.bias", kv)?,
+            bv: bias("attn_v.bias", kv)?,
+            wo: Tensor::load(src, &n("attn_output.weight"), q, e)?,
+            ffn_norm: load_vector(src, &n("ffn_norm.weight"), e)?,
+            w_gate: Tensor::load(src, &n("ffn_gate.weight"), e, ff)?,
+            w_up: Tensor::load(src, &n("ffn_up.weight"), e, ff)?,
+            w_down: Tensor::load(src, &n("ffn_down.weight"), ff, e)?,
+        })
+    }
+}
+
+/// All weights of a model.
+pub struct Weights {
+    pub token_embd: Tensor,
+    pub layers: Vec<Layer>,
+    pub output_norm: Vec<f32>,
+    /// The output projection; the embedding matrix itself when tied.
+    pub output: Tensor,
+    /// Per-pair divisors of the rotary frequencies (llama3-style scaling).
+    pub rope_freq_factors: Option<Vec<f32>>,
+}
+
+impl Weights {
+    pub fn load(src: &dyn TensorSource, c: &ModelConfig) -> Result<Self, EngineError> {
+        let token_embd = Tensor::load(src, "token_embd.weight", c.n_embd, c.n_vocab)?;
+        let output = Tensor::load_opt(src, "output.weight", c.n_embd, c.n_vocab)?.unwrap_or_else(|| token_embd.clone());
+        let layers = (0..c.n_layer).map(|i| Layer::load(src, c, i)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            token_embd,
+            layers,
+            output_norm: load_vector(src, "output_norm.weight", c.n_embd)?,
+            output,
+            rope_freq_factors: load_vector_opt(src, "rope_freqs.weight", c.rope_dim / 2)?,
+        })
+    }
+}
+
+/// A loaded model ready to run, with its own worker threads.
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pool: rayon::ThreadPool,
+}
+
+impl Model {
+    pub fn new(config: ModelConfig, weights: Weights, threads: usize) -> Result<Self, EngineError> {
+        // Check every weight type has kernels before the first token.
+        let mut all: Vec<&Tensor> = vec![&weights.output];
+        for l in &weights.layers {
+            all.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+        }
+        for t in all {
+            ops::dot_kernel(t)?;
+        }
+        ops::kernels(weights.token_embd.ty)?;
+        let threads = if threads == 0 { default_threads() } else { threads };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("flexserve-worker-{i}"))
+            .build()
+            .map_err(|e| EngineError::Threads(e.to_string()))?;
+        Ok(Self { config, weights, pool })
+    }
+
+    /// Loads a model from a GGUF file's metadata and tensors.
+    pub fn from_gguf(file: Arc<GgufFile>, threads: usize) -> Result<Self, EngineError> {
+        let config = ModelConfig::from_metadata(&file.header.metadata)?;
+        let weights = Weights::load(&GgufSource(file), &config)?;
+        Self::new(config, weights, threads)
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+}
+
+/// Number of CPU cores available to this process.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Keys and values of every past position, per layer, stored as f16.
+pub struct KvCache {
+    n_ctx: usize,
+    kv_dim: usize,
+    k: Vec<Vec<u16>>,
+    v: Vec<Vec<u16>>,
+}
+
+impl KvCache {
+    pub fn new(c: &ModelConfig, n_ctx: usize) -> Self {
+        let per_layer = n_ctx * c.kv_dim();
+        // Zeroed allocations stay virtual until a position is written.
+        Self {
+            n_ctx,
+            kv_dim: c.kv_dim(),
+            k: (0..c.n_layer).map(|_| vec![0u16; per_layer]).collect(),
+            v: (0..c.n_layer).map(|_| vec![0u16; per_layer]).collect(),
+        }
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let at = pos * self.kv_dim;
+        for (d, s) in self.k[layer][at..at + k.len()].iter_mut().zip(k) {
+            *d = f16::from_f32(*s).to_bits();
+        }
+        for (d, s) in self.v[layer][at..at + v.len()].iter_mut().zip(v) {
+            *d = f16::from_f32(*s).to_bits();
+        }
+    }
+}
+
+/// Which positions of a batch need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's from this index of the batch on (perplexity).
+    From(usize),
+}
+
+/// One conversation's state on a model: the KV cache and its fill level.
+pub struct Session<'m> {
+    model: &'m Model,
+    kv: KvCache,
+    n_past: usize,
+    s: Scratch,
+}
+
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    acts: QuantizedActs,
+    mm: Vec<f32>,
+    angles: Vec<Vec<(f32, f32)>>,
+}
+
+/// Largest batch evaluated at once; longer inputs are split.
+const MAX_BATCH: usize = 512;
+
+impl<'m> Session<'m> {
+    /// A session with room for `n_ctx` positions (0 = the model's training context).
+    pub fn new(model: &'m Model, n_ctx: usize) -> Self {
+        let n_ctx = if n_ctx == 0 { model.config.n_ctx_train } else { n_ctx };
+        Self { model, kv: KvCache::new(&model.config, n_ctx), n_past: 0, s: Scratch::default() }
+    }
+
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Positions already in the cache.
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.kv.n_ctx()
+    }
+
+    /// Forgets positions from `n` on (the cache keeps the first `n`).
+    pub fn truncate(&mut self, n: usize) {
+        self.n_past = self.n_past.min(n);
+    }
+
+    /// Runs `tokens` through the model after the cached positions and returns
+    /// logits (`n_vocab` per requested position, in order).
+    pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        let needed = self.n_past + tokens.len();
+        if needed > self.kv.n_ctx() {
+            return Err(EngineError::ContextFull { n_ctx: self.kv.n_ctx(), needed });
+        }
+        let n_vocab = self.model.config.n_vocab;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(EngineError::BadToken { id: bad, n_vocab });
+        }
+        let mut out = Vec::new();
+        let model = self.model;
+        for (b, batch) in tokens.chunks(MAX_BATCH).enumerate() {
+            let start = b * MAX_BATCH;
+            let want = match logits {
+                Logits::Last if start + batch.len() == tokens.len() => Some(batch.len() - 1),
+                Logits::Last => None,
+                Logits::From(f) if f < start + batch.len() => Some(f.saturating_sub(start)),
+                Logits::From(_) => None,
+            };
+            let l = model.pool.install(|| self.eval_batch(batch, want))?;
+            out.extend_from_slice(&l);
+        }
+        Ok(out)
+    }
+
+    fn eval_batch(&mut self, tokens: &[u32], logits_from: Option<usize>) -> Result<Vec<f32>, EngineError> {
+        let m = self.model;
+        let c = &m.config;
+        let w = &m.weights;
+        let n = tokens.len();
+        let pos0 = self.n_past;
+        let s = &mut self.s;
+        let (e, qd, kvd, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
+
+        s.x.resize(n * e, 0.0);
+        s.h.resize(n * e, 0.0);
+        s.q.resize(n * qd, 0.0);
+        s.k.resize(n * kvd, 0.0);
+        s.v.resize(n * kvd, 0.0);
+        s.att.resize(n * qd, 0.0);
+        s.gate.resize(n * c.n_ff, 0.0);
+        s.up.resize(n * c.n_ff, 0.0);
+
+        let embd = ops::kernels(w.token_embd.ty)?;
+        for (t, &tok) in tokens.iter().enumerate() {
+            (embd.dequantize)(w.token_embd.row(tok as usize), &mut s.x[t * e..(t + 1) * e]);
+        }
+
+        // Rotary angles per position of the batch, shared by all layers.
+        let pos_scale = match c.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => 1.0 / factor,
+        };
+        s.angles.resize_with(n, Vec::new);
+        for (t, a) in s.angles.iter_mut().enumerate() {
+            ops::rope_angles(pos0 + t, c.rope_dim, c.rope_base, pos_scale, w.rope_freq_factors.as_deref(), a);
+        }
+        let neox = c.arch == Arch::Qwen2;
+
+        for (li, layer) in w.layers.iter().enumerate() {
+            ops::rms_norm(&s.x, &layer.attn_norm, c.rms_eps, &mut s.h);
+            quantize_for(&mut s.acts, &s.h, e, &layer.wq)?;
+            ops::matmul(&layer.wq, &s.acts, &mut s.q, &mut s.mm)?;
+            reuse_for(&mut s.acts, &s.h, e, &layer.wk)?;
+            ops::matmul(&layer.wk, &s.acts, &mut s.k, &mut s.mm)?;
+            reuse_for(&mut s.acts, &s.h, e, &layer.wv)?;
+            ops::matmul(&layer.wv, &s.acts, &mut s.v, &mut s.mm)?;
+            add_bias(&mut s.q, layer.bq.as_deref());
+            add_bias(&mut s.k, layer.bk.as_deref());
+            add_bias(&mut s.v, layer.bv.as_deref());
+
+            for t in 0..n {
+                let a = &s.angles[t];
+                for head in s.q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
+                    ops::rope_head(&mut head[..c.rope_dim], a, neox);
+                }
+                for head in s.k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
+                    ops::rope_head(&mut head[..c.rope_dim], a, neox);
+                }
+                self.kv.store(li, pos0 + t, &s.k[t * kvd..(t + 1) * kvd], &s.v[t * kvd..(t + 1) * kvd]);
+            }
+
+            attention(c, &self.kv, li, pos0, &s.q, &mut s.att);
+
+            quantize_for(&mut s.acts, &s.att, qd, &layer.wo)?;
+            ops::matmul(&layer.wo, &s.acts, &mut s.h, &mut s.mm)?;
+            add_into(&mut s.x, &s.h);
+
+            ops::rms_norm(&s.x, &layer.ffn_norm, c.rms_eps, &mut s.h);
+            quantize_for(&mut s.acts, &s.h, e, &layer.w_gate)?;
+            ops::matmul(&layer.w_gate, &s.acts, &mut s.gate, &mut s.mm)?;
+            reuse_for(&mut s.acts, &s.h, e, &layer.w_up)?;
+            ops::matmul(&layer.w_up, &s.acts, &mut s.up, &mut s.mm)?;
+            s.gate.par_chunks_mut(c.n_ff).zip(s.up.par_chunks(c.n_ff)).for_each(|(g, u)| {
+                for (gv, &uv) in g.iter_mut().zip(u) {
+                    *gv = ops::silu(*gv) * uv;
+                }
+            });
+            quantize_for(&mut s.acts, &s.gate, c.n_ff, &layer.w_down)?;
+            ops::matmul(&layer.w_down, &s.acts, &mut s.h, &mut s.mm)?;
+            add_into(&mut s.x, &s.h);
+        }
+        self.n_past += n;
+
+        let Some(from) = logits_from else { return Ok(Vec::new()) };
+        let rows = n - from;
+        let mut normed = vec![0f32; rows * e];
+        ops::rms_norm(&s.x[from * e..], &w.output_norm, c.rms_eps, &mut normed);
+        quantize_for(&mut s.acts, &normed, e, &w.output)?;
+        let mut logits = vec![0f32; rows * c.n_vocab];
+        ops::matmul(&w.output, &s.acts, &mut logits, &mut s.mm)?;
+        Ok(logits)
+    }
+}
+
+/// Quantizes `x` (rows of `cols`) into the activation format of `w`.
+fn quantize_for(acts: &mut QuantizedActs, x: &[f32], cols: usize, w: &Tensor) -> Result<(), EngineError> {
+    let (_, ty) = ops::dot_kernel(w)?;
+    acts.quantize(x, cols, ty)
+}
+
+/// For a weight that reads the same `x` as the previous one (k/v after q, up
+/// after gate): quantizes again only if its activation format differs.
+fn reuse_for(acts: &mut QuantizedActs, x: &[f32], cols: usize, w: &Tensor) -> Result<(), EngineError> {
+    let (_, ty) = ops::dot_kernel(w)?;
+    if acts.ty != ty {
+        acts.quantize(x, cols, ty)?;
+    }
+    Ok(())
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            for (v, bv) in row.iter_mut().zip(b) {
+                *v += bv;
+            }
+        }
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Causal grouped-query attention of the batch's queries over the cache.
+///
+/// One pass per query with an online softmax, and the weighted sum of values
+/// kept at f16 precision after every step: this is how llama.cpp's CPU flash
+/// attention (its default) computes, and matching its rounding keeps greedy
+/// decoding on the same tokens where two candidates are nearly tied.
+fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32], out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    let hd = c.head_dim;
+    let n_head = c.n_head;
+    let group = c.n_head / c.n_head_kv;
+    let kvd = c.kv_dim();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let f16k = ops::kernels(flexserve_gguf::GgmlType::F16).expect("F16 kernels are always present");
+    let dot = f16k.dot.expect("F16 has a dot product");
+    let to_f16 = f16k.quantize;
+    let kc = &kv.k[layer];
+    let vc = &kv.v[layer];
+    out.par_chunks_mut(hd).enumerate().for_each_init(
+        || (vec![0u8; hd * 2], vec![0f32; hd], vec![f16::ZERO; hd]),
+        |(q16, vrow, acc16), (i, o)| {
+            let t = i / n_head;
+            let h = i % n_head;
+            let kvh = h / group;
+            // Queries meet f16 keys in f16, as the cache stores them.
+            to_f16(&q[i * hd..(i + 1) * hd], q16);
+            let mut max = f32::NEG_INFINITY;
+            let mut sum = 0f32;
+            o.fill(0.0);
+            for j in 0..=pos0 + t {
+                let at = j * kvd + kvh * hd;
+                let krow: &[u8] = bytemuck::cast_slice(&kc[at..at + hd]);
+                let s = dot(hd, krow, q16) * scale;
+                let weight = if s > max {
+                    // New maximum: rescale what was accumulated so far.
+                    let rescale = (max - s).exp();
+                    max = s;
+                    for v in o.iter_mut() {
+                        *v *= rescale;
+                    }
+                    round_to_f16(o, acc16);
+                    sum *= rescale;
+                    1.0
+                } else {
+                    (s - max).exp()
+                };
+                let vh: &[f16] = bytemuck::cast_slice(&vc[at..at + hd]);
+                vh.convert_to_f32_slice(vrow);
+                for (ov, &vv) in o.iter_mut().zip(vrow.iter()) {
+                    *ov += vv * weight;
+                }
+                round_to_f16(o, acc16);
+                sum += weight;
+            }
+            let inv = 1.0 / sum;
+            for v in o.iter_mut() {
+                *v *= inv;
+            }
+        },
+    );
+}
+
+/// Rounds every value to the nearest f16 (through `tmp`).
+#[inline]
+fn round_to_f16(x: &mut [f32], tmp: &mut [f16]) {
+    use half::slice::HalfFloatSliceExt;
+    tmp.convert_from_f32_slice(x);
+    tmp.convert_to_f32_slice(x);
+}

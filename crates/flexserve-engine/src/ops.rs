@@ -1,0 +1,232 @@
+//! Layer operations on f32 activations: norms, rotary embedding, activation
+//! functions and the quantized matrix multiplication.
+
+use flexserve_gguf::GgmlType;
+use flexserve_quant::Kernels;
+use rayon::prelude::*;
+
+use crate::weights::Tensor;
+use crate::EngineError;
+
+/// `out = x / rms(x) * w` per row of `w.len()` values.
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        // Sum of squares in f64: long rows would lose digits in f32.
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = 1.0 / ((ss / n as f64) as f32 + eps).sqrt();
+        for ((o, &xv), &wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = (xv * scale) * wv;
+        }
+    }
+}
+
+/// Rotary position embedding of one head vector at position `pos`.
+///
+/// `cos_sin` holds the precomputed (cos, sin) per rotated pair for this
+/// position. `neox` pairs element i with i + rope_dim/2 (Qwen2); otherwise
+/// adjacent elements 2i, 2i+1 are paired (Llama as stored in GGUF).
+#[inline]
+pub fn rope_head(head: &mut [f32], cos_sin: &[(f32, f32)], neox: bool) {
+    let half = cos_sin.len();
+    for (i, &(c, s)) in cos_sin.iter().enumerate() {
+        let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+        let x0 = head[a];
+        let x1 = head[b];
+        head[a] = x0 * c - x1 * s;
+        head[b] = x0 * s + x1 * c;
+    }
+}
+
+/// Rotary angles for one position: theta_i = pos * scale * base^(-2i/dim) / factor_i.
+pub fn rope_angles(
+    pos: usize,
+    dim: usize,
+    base: f32,
+    pos_scale: f32,
+    freq_factors: Option<&[f32]>,
+    out: &mut Vec<(f32, f32)>,
+) {
+    out.clear();
+    let theta_scale = base.powf(-2.0 / dim as f32);
+    let mut theta = pos as f32 * pos_scale;
+    for i in 0..dim / 2 {
+        let ff = freq_factors.map_or(1.0, |f| f[i]);
+        let t = theta / ff;
+        out.push((t.cos(), t.sin()));
+        theta *= theta_scale;
+    }
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// In-place softmax of `x` after multiplying by `scale`.
+pub fn softmax_scaled(x: &mut [f32], scale: f32) {
+    let mut max = f32::NEG_INFINITY;
+    for v in x.iter_mut() {
+        *v *= scale;
+        max = max.max(*v);
+    }
+    let mut sum = 0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Activations quantized to one weight type's dot-product format.
+pub struct QuantizedActs {
+    pub ty: GgmlType,
+    pub row_bytes: usize,
+    pub n_rows: usize,
+    pub data: Vec<u8>,
+}
+
+impl QuantizedActs {
+    pub fn new() -> Self {
+        Self { ty: GgmlType::F32, row_bytes: 0, n_rows: 0, data: Vec::new() }
+    }
+
+    /// Quantizes `n_rows` rows of `cols` values from `x` to `ty`.
+    pub fn quantize(&mut self, x: &[f32], cols: usize, ty: GgmlType) -> Result<(), EngineError> {
+        let k = kernels(ty)?;
+        let row_bytes = ty
+            .row_size(cols as u64)
+            .ok_or_else(|| EngineError::Weights(format!("{cols} columns is not a whole number of {ty} blocks")))?
+            as usize;
+        let n_rows = x.len() / cols;
+        self.data.resize(n_rows * row_bytes, 0);
+        let quant = k.quantize;
+        if n_rows > 1 {
+            self.data.par_chunks_mut(row_bytes).zip(x.par_chunks(cols)).for_each(|(d, s)| quant(s, d));
+        } else {
+            for (d, s) in self.data.chunks_exact_mut(row_bytes).zip(x.chunks_exact(cols)) {
+                quant(s, d);
+            }
+        }
+        self.ty = ty;
+        self.row_bytes = row_bytes;
+        self.n_rows = n_rows;
+        Ok(())
+    }
+
+    #[inline]
+    pub fn row(&self, i: usize) -> &[u8] {
+        &self.data[i * self.row_bytes..(i + 1) * self.row_bytes]
+    }
+}
+
+impl Default for QuantizedActs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn kernels(ty: GgmlType) -> Result<Kernels, EngineError> {
+    flexserve_quant::kernels(ty).map_err(|e| EngineError::Weights(e.to_string()))
+}
+
+/// The dot product kernel of a weight tensor, with its activation format.
+pub fn dot_kernel(w: &Tensor) -> Result<(flexserve_quant::DotFn, GgmlType), EngineError> {
+    let k = kernels(w.ty)?;
+    let dot = k
+        .dot
+        .ok_or_else(|| EngineError::Weights(format!("tensor {}: type {} cannot be used as a weight", w.name, w.ty)))?;
+    Ok((dot, k.vec_dot_type))
+}
+
+/// `out[t][o] = dot(w.row(o), acts.row(t))` for all tokens t and output rows o.
+/// `out` is token-major: `acts.n_rows` rows of `w.rows` values. `scratch`
+/// holds the row-major (weight-row-major) intermediate for multi-token batches.
+pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut Vec<f32>) -> Result<(), EngineError> {
+    let (dot, act_ty) = dot_kernel(w)?;
+    debug_assert_eq!(act_ty, acts.ty);
+    let n_tok = acts.n_rows;
+    let n = w.cols;
+    let rows = w.rows;
+    debug_assert_eq!(out.len(), n_tok * rows);
+    // Enough tasks to balance the threads, few enough to keep overhead low.
+    let tasks = rayon::current_num_threads() * 8;
+    let per_task = rows.div_ceil(tasks).max(16);
+    if n_tok == 1 {
+        let a = acts.row(0);
+        out.par_chunks_mut(per_task).enumerate().for_each(|(c, chunk)| {
+            let base = c * per_task;
+            for (i, o) in chunk.iter_mut().enumerate() {
+                *o = dot(n, w.row(base + i), a);
+            }
+        });
+        return Ok(());
+    }
+    scratch.resize(rows * n_tok, 0.0);
+    scratch.par_chunks_mut(per_task * n_tok).enumerate().for_each(|(c, chunk)| {
+        let base = c * per_task;
+        for (i, orow) in chunk.chunks_exact_mut(n_tok).enumerate() {
+            let wr = w.row(base + i);
+            for (t, o) in orow.iter_mut().enumerate() {
+                *o = dot(n, wr, acts.row(t));
+            }
+        }
+    });
+    // Transpose to token-major.
+    out.par_chunks_mut(rows).enumerate().for_each(|(t, orow)| {
+        for (o, v) in orow.iter_mut().enumerate() {
+            *v = scratch[o * n_tok + t];
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_unit_rows() {
+        let x = [3.0f32, 4.0, 0.0, 0.0];
+        let w = [1.0f32, 2.0, 1.0, 1.0];
+        let mut out = [0f32; 4];
+        rms_norm(&x, &w, 0.0, &mut out);
+        // rms = sqrt(25/4) = 2.5
+        assert!((out[0] - 1.2).abs() < 1e-6 && (out[1] - 3.2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_preserves_norm_and_position_zero_is_identity() {
+        let mut angles = Vec::new();
+        rope_angles(0, 8, 10000.0, 1.0, None, &mut angles);
+        let mut h = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        let orig = h;
+        rope_head(&mut h, &angles, false);
+        assert_eq!(h, orig);
+        rope_angles(17, 8, 10000.0, 1.0, None, &mut angles);
+        for neox in [false, true] {
+            let mut h = orig;
+            rope_head(&mut h, &angles, neox);
+            let n0: f32 = orig.iter().map(|v| v * v).sum();
+            let n1: f32 = h.iter().map(|v| v * v).sum();
+            assert!((n0 - n1).abs() < 1e-3);
+            assert_ne!(h, orig);
+        }
+        // Adjacent layout: the first pair rotates by pos * 1 radian.
+        let mut h = [1.0f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        rope_head(&mut h, &angles, false);
+        assert!((h[0] - 17f32.cos()).abs() < 1e-5 && (h[1] - 17f32.sin()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut x = [1.0f32, 2.0, 3.0, -10.0];
+        softmax_scaled(&mut x, 0.5);
+        let s: f32 = x.iter().sum();
+        assert!((s - 1.0).abs() < 1e-6);
+        assert!(x[2] > x[1] && x[1] > x[0]);
+    }
+}

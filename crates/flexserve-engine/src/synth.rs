@@ -1,0 +1,135 @@
+//! Random-weight models with real shapes, written as GGUF: tiny ones serve
+//! the tests, large ones the speed work. Seeded and reproducible.
+
+use flexserve_gguf::{GgmlType, GgufWriter, Metadata, Value};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::config::Arch;
+use crate::EngineError;
+
+#[derive(Debug, Clone)]
+pub struct SynthSpec {
+    pub arch: Arch,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_ff: usize,
+    pub n_vocab: usize,
+    pub n_ctx: usize,
+    /// Type of the attention and feed-forward matrices.
+    pub weight_type: GgmlType,
+    /// Type of the token embedding (and of the output matrix when tied).
+    pub embd_type: GgmlType,
+    /// Share the embedding as the output matrix.
+    pub tied_output: bool,
+    pub rope_base: f32,
+    /// Add a `rope_freqs.weight` tensor (llama3-style frequency scaling).
+    pub rope_freq_factors: bool,
+    pub seed: u64,
+}
+
+impl SynthSpec {
+    /// A model small enough for unit tests (dimensions are K-quant compatible).
+    pub fn tiny(arch: Arch, weight_type: GgmlType) -> Self {
+        Self {
+            arch,
+            n_layer: 2,
+            n_embd: 256,
+            n_head: 4,
+            n_head_kv: 2,
+            n_ff: 512,
+            n_vocab: 300,
+            n_ctx: 128,
+            weight_type,
+            embd_type: GgmlType::Q8_0,
+            tied_output: true,
+            rope_base: 10000.0,
+            rope_freq_factors: false,
+            seed: 1,
+        }
+    }
+}
+
+/// Builds the GGUF of a random model. `tokenizer` metadata (keys
+/// `tokenizer.*`) is copied in when given; its vocabulary size then wins.
+pub fn synth_model(spec: &SynthSpec, tokenizer: Option<&Metadata>) -> Result<GgufWriter, EngineError> {
+    let mut w = GgufWriter::new();
+    let a = spec.arch.name();
+    let mut n_vocab = spec.n_vocab;
+    if let Some(tok) = tokenizer {
+        for (k, v) in tok.iter().filter(|(k, _)| k.starts_with("tokenizer.")) {
+            w.set(k, v.clone());
+        }
+        if let Some(t) = tok.get_str_array("tokenizer.ggml.tokens")? {
+            n_vocab = t.len();
+        }
+    }
+    let head_dim = spec.n_embd / spec.n_head;
+    w.set("general.architecture", Value::from(a));
+    w.set("general.name", Value::from(format!("synthetic {a} {}", spec.weight_type)));
+    w.set(format!("{a}.block_count"), Value::U32(spec.n_layer as u32));
+    w.set(format!("{a}.context_length"), Value::U32(spec.n_ctx as u32));
+    w.set(format!("{a}.embedding_length"), Value::U32(spec.n_embd as u32));
+    w.set(format!("{a}.feed_forward_length"), Value::U32(spec.n_ff as u32));
+    w.set(format!("{a}.attention.head_count"), Value::U32(spec.n_head as u32));
+    w.set(format!("{a}.attention.head_count_kv"), Value::U32(spec.n_head_kv as u32));
+    w.set(format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5));
+    w.set(format!("{a}.rope.freq_base"), Value::F32(spec.rope_base));
+    w.set(format!("{a}.rope.dimension_count"), Value::U32(head_dim as u32));
+    w.set(format!("{a}.vocab_size"), Value::U32(n_vocab as u32));
+
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let (e, q, kv, ff) = (spec.n_embd, spec.n_head * head_dim, spec.n_head_kv * head_dim, spec.n_ff);
+    let mut matrix = |w: &mut GgufWriter, name: &str, ty: GgmlType, cols: usize, rows: usize, scale: f32| {
+        // Norm weights sit near 1, everything else near 0.
+        let offset = if name.contains("norm") { 1.0 } else { 0.0 };
+        let data: Vec<f32> = (0..cols * rows).map(|_| offset + gaussian(&mut rng) * scale).collect();
+        let bytes = flexserve_quant::quantize_matrix(ty, &data, cols)
+            .map_err(|err| EngineError::Weights(format!("{name}: {err}")))?;
+        w.add_tensor(name, ty, &[cols as u64, rows as u64], bytes)?;
+        Ok::<(), EngineError>(())
+    };
+    let std_in = |n: usize| 1.0 / (n as f32).sqrt();
+    matrix(&mut w, "token_embd.weight", spec.embd_type, e, n_vocab, 1.0)?;
+    for i in 0..spec.n_layer {
+        let n = |s: &str| format!("blk.{i}.{s}");
+        matrix(&mut w, &n("attn_norm.weight"), GgmlType::F32, e, 1, 0.1)?;
+        matrix(&mut w, &n("attn_q.weight"), spec.weight_type, e, q, std_in(e))?;
+        matrix(&mut w, &n("attn_k.weight"), spec.weight_type, e, kv, std_in(e))?;
+        matrix(&mut w, &n("attn_v.weight"), spec.weight_type, e, kv, std_in(e))?;
+        if spec.arch == Arch::Qwen2 {
+            matrix(&mut w, &n("attn_q.bias"), GgmlType::F32, q, 1, 0.1)?;
+            matrix(&mut w, &n("attn_k.bias"), GgmlType::F32, kv, 1, 0.1)?;
+            matrix(&mut w, &n("attn_v.bias"), GgmlType::F32, kv, 1, 0.1)?;
+        }
+        matrix(&mut w, &n("attn_output.weight"), spec.weight_type, q, e, std_in(q))?;
+        matrix(&mut w, &n("ffn_norm.weight"), GgmlType::F32, e, 1, 0.1)?;
+        matrix(&mut w, &n("ffn_gate.weight"), spec.weight_type, e, ff, std_in(e))?;
+        matrix(&mut w, &n("ffn_up.weight"), spec.weight_type, e, ff, std_in(e))?;
+        matrix(&mut w, &n("ffn_down.weight"), spec.weight_type, ff, e, std_in(ff))?;
+    }
+    matrix(&mut w, "output_norm.weight", GgmlType::F32, e, 1, 0.1)?;
+    if spec.rope_freq_factors {
+        // Long wavelengths slowed down, short ones kept, as llama3 scaling does.
+        let factors: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 + 7.0 * i as f32 / (head_dim / 2) as f32).collect();
+        w.add_tensor(
+            "rope_freqs.weight",
+            GgmlType::F32,
+            &[factors.len() as u64],
+            bytemuck::cast_slice(&factors).to_vec(),
+        )?;
+    }
+    if !spec.tied_output {
+        matrix(&mut w, "output.weight", spec.weight_type, e, n_vocab, std_in(e))?;
+    }
+    Ok(w)
+}
+
+/// A standard normal sample (Box-Muller).
+fn gaussian(rng: &mut StdRng) -> f32 {
+    let u1: f32 = rng.gen_range(f32::EPSILON..1.0);
+    let u2: f32 = rng.gen();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+}

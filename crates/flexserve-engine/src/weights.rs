@@ -1,0 +1,170 @@
+//! Weight access: tensor by name -> byte range -> buffer handed in.
+//!
+//! The engine never reads files itself. A [`TensorSource`] names the tensors
+//! (from a GGUF directory) and hands out [`TensorBytes`]: a range inside some
+//! [`WeightStorage`] — a plain file's mmap today, secure memory that a
+//! pipeline fills layer by layer tomorrow.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use flexserve_gguf::{GgmlType, GgufFile, TensorInfo};
+
+use crate::EngineError;
+
+/// Memory holding tensor bytes.
+pub trait WeightStorage: Send + Sync {
+    fn bytes(&self) -> &[u8];
+}
+
+impl WeightStorage for GgufFile {
+    fn bytes(&self) -> &[u8] {
+        GgufFile::bytes(self)
+    }
+}
+
+impl WeightStorage for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+/// A tensor's bytes: a range of a shared storage.
+#[derive(Clone)]
+pub struct TensorBytes {
+    storage: Arc<dyn WeightStorage>,
+    range: Range<usize>,
+}
+
+impl TensorBytes {
+    /// Fails if `range` lies outside the storage.
+    pub fn new(storage: Arc<dyn WeightStorage>, range: Range<usize>) -> Result<Self, EngineError> {
+        let len = storage.bytes().len();
+        if range.start > range.end || range.end > len {
+            return Err(EngineError::Weights(format!(
+                "byte range {}..{} is outside the {len}-byte weight buffer",
+                range.start, range.end
+            )));
+        }
+        Ok(Self { storage, range })
+    }
+
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        let range = 0..v.len();
+        Self { storage: Arc::new(v), range }
+    }
+
+    #[inline]
+    pub fn as_slice(&self) -> &[u8] {
+        &self.storage.bytes()[self.range.clone()]
+    }
+}
+
+/// Names the tensors of a model and yields their bytes.
+pub trait TensorSource {
+    fn info(&self, name: &str) -> Option<&TensorInfo>;
+    fn bytes(&self, info: &TensorInfo) -> Result<TensorBytes, EngineError>;
+}
+
+/// A memory-mapped GGUF file as a tensor source.
+pub struct GgufSource(pub Arc<GgufFile>);
+
+impl TensorSource for GgufSource {
+    fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.0.header.tensor(name)
+    }
+
+    fn bytes(&self, info: &TensorInfo) -> Result<TensorBytes, EngineError> {
+        let r = self.0.header.tensor_file_range(info);
+        let storage: Arc<dyn WeightStorage> = self.0.clone();
+        TensorBytes::new(storage, r.start as usize..r.end as usize)
+            .map_err(|e| EngineError::Weights(format!("tensor {}: {e}", info.name)))
+    }
+}
+
+/// A 2-D weight matrix: `rows` rows of `cols` elements, each row encoded in `ty`.
+#[derive(Clone)]
+pub struct Tensor {
+    pub name: String,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_bytes: usize,
+    pub data: TensorBytes,
+}
+
+impl Tensor {
+    #[inline]
+    pub fn bytes(&self) -> &[u8] {
+        self.data.as_slice()
+    }
+
+    #[inline]
+    pub fn row(&self, i: usize) -> &[u8] {
+        &self.bytes()[i * self.row_bytes..(i + 1) * self.row_bytes]
+    }
+
+    /// Loads `name`, requiring the shape `[cols, rows]` (file order: ne0 first).
+    pub fn load(src: &dyn TensorSource, name: &str, cols: usize, rows: usize) -> Result<Self, EngineError> {
+        let info = src.info(name).ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+        Self::from_info(src, info, Some((cols, rows)))
+    }
+
+    /// Loads `name` if the model has it.
+    pub fn load_opt(src: &dyn TensorSource, name: &str, cols: usize, rows: usize) -> Result<Option<Self>, EngineError> {
+        match src.info(name) {
+            Some(info) => Self::from_info(src, info, Some((cols, rows))).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn from_info(src: &dyn TensorSource, info: &TensorInfo, want: Option<(usize, usize)>) -> Result<Self, EngineError> {
+        let name = &info.name;
+        let cols = *info.dims.first().unwrap_or(&1) as usize;
+        let rows: u64 = info.dims.iter().skip(1).product();
+        let rows = rows as usize;
+        if let Some((wc, wr)) = want {
+            if (cols, rows) != (wc, wr) {
+                return Err(EngineError::Weights(format!(
+                    "tensor {name} has shape {:?}, expected [{wc}, {wr}]",
+                    info.dims
+                )));
+            }
+        }
+        let row_bytes = info.ty.row_size(cols as u64).ok_or_else(|| {
+            EngineError::Weights(format!("tensor {name}: {cols} columns is not a whole number of {} blocks", info.ty))
+        })? as usize;
+        let data = src.bytes(info)?;
+        if data.as_slice().len() != row_bytes * rows {
+            return Err(EngineError::Weights(format!(
+                "tensor {name}: {} bytes, expected {}",
+                data.as_slice().len(),
+                row_bytes * rows
+            )));
+        }
+        Ok(Self { name: name.clone(), ty: info.ty, rows, cols, row_bytes, data })
+    }
+
+    /// Dequantizes the whole tensor (for small vectors: norms, biases).
+    pub fn to_f32(&self) -> Result<Vec<f32>, EngineError> {
+        let k = flexserve_quant::kernels(self.ty)
+            .map_err(|e| EngineError::Weights(format!("tensor {}: {e}", self.name)))?;
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, dst) in out.chunks_exact_mut(self.cols).enumerate() {
+            (k.dequantize)(self.row(r), dst);
+        }
+        Ok(out)
+    }
+}
+
+/// Loads a 1-D vector of `n` values (any type) as f32.
+pub fn load_vector(src: &dyn TensorSource, name: &str, n: usize) -> Result<Vec<f32>, EngineError> {
+    Tensor::load(src, name, n, 1)?.to_f32()
+}
+
+pub fn load_vector_opt(src: &dyn TensorSource, name: &str, n: usize) -> Result<Option<Vec<f32>>, EngineError> {
+    match Tensor::load_opt(src, name, n, 1)? {
+        Some(t) => t.to_f32().map(Some),
+        None => Ok(None),
+    }
+}

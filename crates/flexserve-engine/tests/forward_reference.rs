@@ -1,0 +1,235 @@
+//! The engine's forward pass against a straightforward f32 implementation
+//! written independently here, on synthetic models of both architectures and
+//! every weight type.
+
+use std::sync::Arc;
+
+use flexserve_engine::synth::{synth_model, SynthSpec};
+use flexserve_engine::{Arch, Logits, Model, Session};
+use flexserve_gguf::{GgmlType, GgufFile};
+
+struct RefModel {
+    arch: Arch,
+    n_embd: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    n_vocab: usize,
+    eps: f32,
+    base: f32,
+    file: Arc<GgufFile>,
+}
+
+impl RefModel {
+    fn t(&self, name: &str) -> Option<Vec<f32>> {
+        let info = self.file.header.tensor(name)?;
+        let data = self.file.tensor_data(name).unwrap();
+        let mut out = vec![0f32; info.n_elements() as usize];
+        flexserve_quant::dequantize_row(info.ty, data, &mut out).unwrap();
+        Some(out)
+    }
+
+    /// Logits for every position of `tokens`, computed from scratch.
+    fn forward(&self, tokens: &[u32]) -> Vec<Vec<f32>> {
+        let e = self.n_embd;
+        let hd = e / self.n_head;
+        let emb = self.t("token_embd.weight").unwrap();
+        let mut xs: Vec<Vec<f32>> =
+            tokens.iter().map(|&t| emb[t as usize * e..(t as usize + 1) * e].to_vec()).collect();
+        let n_layer =
+            (0..).take_while(|i| self.file.header.tensor(&format!("blk.{i}.attn_q.weight")).is_some()).count();
+        for l in 0..n_layer {
+            let g = |s: &str| self.t(&format!("blk.{l}.{s}"));
+            let (wq, wk, wv, wo) = (
+                g("attn_q.weight").unwrap(),
+                g("attn_k.weight").unwrap(),
+                g("attn_v.weight").unwrap(),
+                g("attn_output.weight").unwrap(),
+            );
+            let (bq, bk, bv) = (g("attn_q.bias"), g("attn_k.bias"), g("attn_v.bias"));
+            let (wg, wu, wd) =
+                (g("ffn_gate.weight").unwrap(), g("ffn_up.weight").unwrap(), g("ffn_down.weight").unwrap());
+            let (an, fnw) = (g("attn_norm.weight").unwrap(), g("ffn_norm.weight").unwrap());
+            let mut ks = Vec::new();
+            let mut vs = Vec::new();
+            let mut qs = Vec::new();
+            for (p, x) in xs.iter().enumerate() {
+                let h = norm(x, &an, self.eps);
+                let mut q = matvec(&wq, &h, bq.as_deref());
+                let mut k = matvec(&wk, &h, bk.as_deref());
+                let v = matvec(&wv, &h, bv.as_deref());
+                let factors = self.t("rope_freqs.weight");
+                for head in q.chunks_mut(hd).chain(k.chunks_mut(hd)) {
+                    rope(head, p, self.base, self.arch == Arch::Qwen2, factors.as_deref());
+                }
+                qs.push(q);
+                ks.push(k);
+                vs.push(v);
+            }
+            for p in 0..xs.len() {
+                let mut att = vec![0f32; e];
+                for h in 0..self.n_head {
+                    let kvh = h / (self.n_head / self.n_head_kv);
+                    let q = &qs[p][h * hd..(h + 1) * hd];
+                    let mut sc: Vec<f32> = (0..=p)
+                        .map(|j| {
+                            q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f32>()
+                                / (hd as f32).sqrt()
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let s: f32 = sc
+                        .iter_mut()
+                        .map(|v| {
+                            *v = (*v - m).exp();
+                            *v
+                        })
+                        .sum();
+                    for j in 0..=p {
+                        for d in 0..hd {
+                            att[h * hd + d] += sc[j] / s * vs[j][kvh * hd + d];
+                        }
+                    }
+                }
+                let o = matvec(&wo, &att, None);
+                for (a, b) in xs[p].iter_mut().zip(&o) {
+                    *a += b;
+                }
+                let h = norm(&xs[p], &fnw, self.eps);
+                let gt = matvec(&wg, &h, None);
+                let up = matvec(&wu, &h, None);
+                let f: Vec<f32> = gt.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+                let d = matvec(&wd, &f, None);
+                for (a, b) in xs[p].iter_mut().zip(&d) {
+                    *a += b;
+                }
+            }
+        }
+        let on = self.t("output_norm.weight").unwrap();
+        let out = self.t("output.weight").unwrap_or(emb);
+        let logits: Vec<Vec<f32>> = xs.iter().map(|x| matvec(&out, &norm(x, &on, self.eps), None)).collect();
+        assert!(logits.iter().all(|v| v.len() == self.n_vocab));
+        logits
+    }
+}
+
+fn norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let s = 1.0 / (ms + eps).sqrt();
+    x.iter().zip(w).map(|(a, b)| a * s * b).collect()
+}
+
+fn matvec(w: &[f32], x: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let rows = w.len() / x.len();
+    (0..rows)
+        .map(|r| {
+            w[r * x.len()..(r + 1) * x.len()].iter().zip(x).map(|(a, b)| a * b).sum::<f32>()
+                + bias.map_or(0.0, |b| b[r])
+        })
+        .collect()
+}
+
+fn rope(head: &mut [f32], pos: usize, base: f32, neox: bool, factors: Option<&[f32]>) {
+    let d = head.len();
+    for i in 0..d / 2 {
+        let factor = factors.map_or(1.0, |f| f[i] as f64);
+        let theta = pos as f64 * (base as f64).powf(-2.0 * i as f64 / d as f64) / factor;
+        let (s, c) = (theta.sin() as f32, theta.cos() as f32);
+        let (a, b) = if neox { (i, i + d / 2) } else { (2 * i, 2 * i + 1) };
+        let (x0, x1) = (head[a], head[b]);
+        head[a] = x0 * c - x1 * s;
+        head[b] = x0 * s + x1 * c;
+    }
+}
+
+fn check(spec: SynthSpec) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    synth_model(&spec, None).unwrap().write_file(&path).unwrap();
+    let file = Arc::new(GgufFile::open(&path).unwrap());
+    let model = Model::from_gguf(file.clone(), 2).unwrap();
+    let r = RefModel {
+        arch: spec.arch,
+        n_embd: spec.n_embd,
+        n_head: spec.n_head,
+        n_head_kv: spec.n_head_kv,
+        n_vocab: spec.n_vocab,
+        eps: 1e-5,
+        base: spec.rope_base,
+        file,
+    };
+    let tokens: Vec<u32> = vec![5, 17, 250, 3, 99, 42, 7, 123];
+    let want = r.forward(&tokens);
+
+    // Engine: a prefill of 5 tokens (all logits), then 3 decode steps on the cache.
+    let mut s = Session::new(&model, 64);
+    let mut got: Vec<Vec<f32>> =
+        s.eval(&tokens[..5], Logits::From(0)).unwrap().chunks(spec.n_vocab).map(|c| c.to_vec()).collect();
+    for &t in &tokens[5..] {
+        got.push(s.eval(&[t], Logits::Last).unwrap());
+    }
+    assert_eq!(got.len(), want.len());
+    for (p, (g, w)) in got.iter().zip(&want).enumerate() {
+        let scale = (w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32).sqrt();
+        let max_err = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        // Activations are quantized (8-bit) before each matmul and the KV cache is f16:
+        // a few percent of the logits' spread is the expected deviation.
+        assert!(
+            max_err < 0.08 * scale + 1e-3,
+            "{:?} {}: position {p}: max |logit diff| {max_err} vs logit rms {scale}",
+            spec.arch,
+            spec.weight_type
+        );
+    }
+}
+
+#[test]
+fn llama_matches_reference_for_every_weight_type() {
+    for ty in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ] {
+        check(SynthSpec::tiny(Arch::Llama, ty));
+    }
+}
+
+#[test]
+fn qwen2_with_biases_and_separate_output_matches_reference() {
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_K] {
+        let mut spec = SynthSpec::tiny(Arch::Qwen2, ty);
+        spec.tied_output = false;
+        spec.embd_type = GgmlType::F16;
+        check(spec);
+    }
+}
+
+#[test]
+fn llama3_rope_frequency_factors_match_reference() {
+    let mut spec = SynthSpec::tiny(Arch::Llama, GgmlType::Q8_0);
+    spec.rope_freq_factors = true;
+    spec.rope_base = 500000.0;
+    check(spec);
+}
+
+#[test]
+fn context_overflow_is_a_clear_error() {
+    let spec = SynthSpec::tiny(Arch::Llama, GgmlType::Q8_0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    synth_model(&spec, None).unwrap().write_file(&path).unwrap();
+    let model = Model::from_gguf(Arc::new(GgufFile::open(&path).unwrap()), 1).unwrap();
+    let mut s = Session::new(&model, 4);
+    s.eval(&[1, 2, 3], Logits::Last).unwrap();
+    let err = s.eval(&[4, 5], Logits::Last).unwrap_err().to_string();
+    assert!(err.contains("context is full") && err.contains('5') && err.contains('4'), "{err}");
+    let err = s.eval(&[1000], Logits::Last).unwrap_err().to_string();
+    assert!(err.contains("1000"), "{err}");
+}

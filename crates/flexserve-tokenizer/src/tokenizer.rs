@@ -1,0 +1,576 @@
+//! The tokenizer: vocabulary, special tokens, encode and decode.
+
+use std::collections::HashMap;
+
+use flexserve_gguf::Metadata;
+
+use crate::config::{keys, ModelKind, TokenType, TokenizerConfig};
+use crate::merge;
+use crate::pretokenize::PreTokenizerKind;
+use crate::unicode::ByteMap;
+use crate::TokenizerError;
+
+/// Token attribute bits (a token may gain CONTROL when its text marks it as an end token).
+mod attr {
+    pub const UNKNOWN: u8 = 1 << 0;
+    pub const UNUSED: u8 = 1 << 1;
+    pub const NORMAL: u8 = 1 << 2;
+    pub const CONTROL: u8 = 1 << 3;
+    pub const USER_DEFINED: u8 = 1 << 4;
+    pub const BYTE: u8 = 1 << 5;
+}
+
+fn type_attr(ty: TokenType) -> u8 {
+    match ty {
+        TokenType::Undefined => 0,
+        TokenType::Normal => attr::NORMAL,
+        TokenType::Unknown => attr::UNKNOWN,
+        TokenType::Control => attr::CONTROL,
+        TokenType::UserDefined => attr::USER_DEFINED,
+        TokenType::Unused => attr::UNUSED,
+        TokenType::Byte => attr::BYTE,
+    }
+}
+
+/// Texts that mark end-of-turn tokens, most specific first (the first present is `eot()`).
+const EOT_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "<end_of_utterance>",
+];
+const EOM_TEXTS: &[&str] = &["<|eom_id|>"];
+/// Every text that ends generation, besides the eos / eot / eom / FIM tokens.
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+];
+const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"];
+const FIM_REP_TEXTS: &[&str] = &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"];
+const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>"];
+
+/// A tokenizer built from GGUF metadata. Immutable after construction (`Send + Sync`).
+pub struct Tokenizer {
+    model: ModelKind,
+    pre: PreTokenizerKind,
+    tokens: Vec<String>,
+    attrs: Vec<u8>,
+    scores: Vec<f32>,
+    token_to_id: HashMap<String, u32>,
+    /// Each distinct merge part gets a small id so ranks key on a pair of integers.
+    merge_parts: HashMap<String, u32>,
+    merge_ranks: HashMap<(u32, u32), u32>,
+    byte_map: ByteMap,
+    /// Decoded bytes of every token, special tokens rendered as their text.
+    pieces: Vec<Box<[u8]>>,
+    /// Control, user-defined and unknown tokens, longest text first.
+    special_tokens: Vec<u32>,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    eot: Option<u32>,
+    eom: Option<u32>,
+    unk: Option<u32>,
+    pad: Option<u32>,
+    /// Sorted.
+    eog: Vec<u32>,
+    add_bos: bool,
+    add_eos: bool,
+    add_space_prefix: bool,
+    /// Look whole words up in the vocabulary before merging (Llama 3 rules).
+    ignore_merges: bool,
+}
+
+/// A piece of input after special tokens were split out.
+enum Fragment<'t> {
+    Text(&'t str),
+    Token(u32),
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer described by the `tokenizer.ggml.*` metadata keys.
+    pub fn from_gguf(meta: &Metadata) -> Result<Tokenizer, TokenizerError> {
+        Tokenizer::from_config(TokenizerConfig::from_metadata(meta)?)
+    }
+
+    /// Builds a tokenizer from plain data, checking lengths and ids.
+    pub fn from_config(config: TokenizerConfig) -> Result<Tokenizer, TokenizerError> {
+        let n_vocab = config.tokens.len();
+        if n_vocab == 0 {
+            return Err(TokenizerError::EmptyVocab);
+        }
+        if u32::try_from(n_vocab).is_err() {
+            return Err(TokenizerError::VocabTooLarge(n_vocab));
+        }
+        let check_len = |key: &'static str, found: usize| {
+            if found == n_vocab {
+                Ok(())
+            } else {
+                Err(TokenizerError::LengthMismatch { key, expected: n_vocab, found })
+            }
+        };
+        let mut attrs = match &config.token_types {
+            Some(types) => {
+                check_len(keys::TOKEN_TYPE, types.len())?;
+                types.iter().map(|&t| type_attr(t)).collect()
+            }
+            None => vec![attr::NORMAL; n_vocab],
+        };
+        let scores = match config.scores {
+            Some(scores) => {
+                check_len(keys::SCORES, scores.len())?;
+                scores
+            }
+            None => vec![0.0; n_vocab],
+        };
+
+        let mut tokens = config.tokens;
+        let mut token_to_id = HashMap::with_capacity(n_vocab);
+        for (id, text) in tokens.iter_mut().enumerate() {
+            let id = id as u32;
+            if text.is_empty() {
+                // An empty token can never match; give it a unique inert name.
+                *text = format!("[EMPTY_{id}]");
+            }
+            if let Some(first) = token_to_id.insert(text.clone(), id) {
+                return Err(TokenizerError::DuplicateToken { text: text.clone(), first, second: id });
+            }
+        }
+
+        let mut merge_parts: HashMap<String, u32> = HashMap::new();
+        let mut merge_ranks = HashMap::with_capacity(config.merges.len());
+        for (rank, (left, right)) in config.merges.into_iter().enumerate() {
+            let mut part_id = |part: String| {
+                let next = merge_parts.len() as u32;
+                *merge_parts.entry(part).or_insert(next)
+            };
+            let pair = (part_id(left), part_id(right));
+            // A repeated merge keeps its first (best) rank.
+            merge_ranks.entry(pair).or_insert(rank as u32);
+        }
+
+        let spm = config.model == ModelKind::Spm;
+        let in_vocab = |key: &'static str, id: Option<u32>| match id {
+            Some(id) if id as usize >= n_vocab => Err(TokenizerError::IdOutOfRange { key, id, n_vocab }),
+            _ => Ok(id),
+        };
+        // SentencePiece vocabularies conventionally put <unk>, <s>, </s> at 0, 1, 2.
+        let spm_default = |id: u32| (spm && (id as usize) < n_vocab).then_some(id);
+        let bos = in_vocab(keys::BOS_ID, config.bos)?.or_else(|| spm_default(1));
+        let eos = in_vocab(keys::EOS_ID, config.eos)?.or_else(|| spm_default(2));
+        let unk = in_vocab(keys::UNK_ID, config.unk)?.or_else(|| spm_default(0));
+        let pad = in_vocab(keys::PAD_ID, config.pad)?;
+
+        // Special tokens the metadata does not name are found by their text; they
+        // become control tokens so they are never shown as text.
+        let mut find_by_text = |texts: &[&str]| {
+            let id = texts.iter().find_map(|t| token_to_id.get(*t).copied());
+            if let Some(id) = id {
+                attrs[id as usize] |= attr::CONTROL;
+            }
+            id
+        };
+        let eot = match in_vocab(keys::EOT_ID, config.eot)? {
+            Some(id) => Some(id),
+            None => find_by_text(EOT_TEXTS),
+        };
+        let eom = match in_vocab(keys::EOM_ID, config.eom)? {
+            Some(id) => Some(id),
+            None => find_by_text(EOM_TEXTS),
+        };
+        let mut eog = Vec::new();
+        for (key, id, texts) in [
+            (keys::FIM_PAD_ID, config.fim_pad, FIM_PAD_TEXTS),
+            (keys::FIM_REP_ID, config.fim_rep, FIM_REP_TEXTS),
+            (keys::FIM_SEP_ID, config.fim_sep, FIM_SEP_TEXTS),
+        ] {
+            match in_vocab(key, id)? {
+                Some(id) => eog.push(id),
+                None => eog.extend(find_by_text(texts)),
+            }
+        }
+        for text in EOG_TEXTS {
+            if let Some(&id) = token_to_id.get(*text) {
+                attrs[id as usize] |= attr::CONTROL;
+                eog.push(id);
+            }
+        }
+        eog.extend([eos, eot, eom].into_iter().flatten());
+        eog.sort_unstable();
+        eog.dedup();
+        // With the tool-calling ends <|return|> and <|call|>, <|end|> only closes a
+        // message inside a turn: it is shown, and generation goes on.
+        let has = |text: &str| token_to_id.get(text).is_some_and(|id| eog.contains(id));
+        if has("<|return|>") && has("<|call|>") {
+            if let Some(&end) = token_to_id.get("<|end|>") {
+                eog.retain(|&id| id != end);
+                attrs[end as usize] = attr::USER_DEFINED;
+            }
+        }
+
+        // A flag set in the metadata must be honoured; a default without the token is dropped.
+        if config.add_bos == Some(true) && bos.is_none() {
+            return Err(TokenizerError::MissingSpecialToken { flag: keys::ADD_BOS, key: keys::BOS_ID });
+        }
+        let add_bos = config.add_bos.unwrap_or((spm || config.pre == PreTokenizerKind::Llama3) && bos.is_some());
+        let add_eos = config.add_eos.unwrap_or(false);
+        let add_space_prefix = config.add_space_prefix.unwrap_or(spm);
+        if add_eos && eos.is_none() {
+            return Err(TokenizerError::MissingSpecialToken { flag: keys::ADD_EOS, key: keys::EOS_ID });
+        }
+
+        let mut special_tokens: Vec<u32> = (0..n_vocab as u32)
+            .filter(|&id| attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0)
+            .collect();
+        special_tokens.sort_by(|&a, &b| tokens[b as usize].len().cmp(&tokens[a as usize].len()).then(a.cmp(&b)));
+
+        let byte_map = ByteMap::new();
+        let pieces = tokens
+            .iter()
+            .zip(&attrs)
+            .map(|(text, &a)| render_piece(config.model, &byte_map, text, a).into_boxed_slice())
+            .collect();
+
+        Ok(Tokenizer {
+            model: config.model,
+            pre: config.pre,
+            tokens,
+            attrs,
+            scores,
+            token_to_id,
+            merge_parts,
+            merge_ranks,
+            byte_map,
+            pieces,
+            special_tokens,
+            bos,
+            eos,
+            eot,
+            eom,
+            unk,
+            pad,
+            eog,
+            add_bos,
+            add_eos,
+            add_space_prefix,
+            ignore_merges: !spm && config.pre == PreTokenizerKind::Llama3,
+        })
+    }
+
+    /// Token ids for `text`.
+    ///
+    /// `add_special` adds BOS / EOS as the model's flags say. With `parse_special`,
+    /// control tokens written literally in the text (`<|im_start|>`) become those
+    /// tokens; user-defined tokens are always split out.
+    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
+        let fragments = self.split_special(text, parse_special);
+        let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        if add_special && self.add_bos {
+            out.extend(self.bos);
+        }
+        match self.model {
+            ModelKind::Spm => {
+                // The space prefix goes on text at the start and after every special token.
+                let mut after_special = true;
+                for fragment in fragments {
+                    match fragment {
+                        Fragment::Text(text) => {
+                            let mut escaped = String::with_capacity(text.len() + 3);
+                            if self.add_space_prefix && after_special {
+                                escaped.push('\u{2581}');
+                            }
+                            for c in text.chars() {
+                                escaped.push(if c == ' ' { '\u{2581}' } else { c });
+                            }
+                            self.encode_spm(&escaped, &mut out);
+                            after_special = false;
+                        }
+                        Fragment::Token(id) => {
+                            out.push(id);
+                            after_special = true;
+                        }
+                    }
+                }
+            }
+            ModelKind::Bpe => {
+                let mut mapped = String::new();
+                for fragment in fragments {
+                    match fragment {
+                        Fragment::Text(text) => {
+                            for word in self.pre.split(text) {
+                                mapped.clear();
+                                self.byte_map.encode_into(word.as_bytes(), &mut mapped);
+                                self.encode_bpe_word(&mapped, &mut out);
+                            }
+                        }
+                        Fragment::Token(id) => out.push(id),
+                    }
+                }
+            }
+        }
+        if add_special && self.add_eos {
+            out.extend(self.eos);
+        }
+        out
+    }
+
+    /// Splits out special tokens, longest first; the text between stays for the model.
+    fn split_special<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
+        let mut fragments = Vec::new();
+        if text.is_empty() {
+            return fragments;
+        }
+        fragments.push(Fragment::Text(text));
+        for &id in &self.special_tokens {
+            let a = self.attrs[id as usize];
+            if !parse_special && a & (attr::CONTROL | attr::UNKNOWN) != 0 {
+                continue;
+            }
+            let pattern = self.tokens[id as usize].as_str();
+            let occurs = fragments.iter().any(|f| matches!(f, Fragment::Text(t) if t.contains(pattern)));
+            if !occurs {
+                continue;
+            }
+            let mut next = Vec::with_capacity(fragments.len() + 2);
+            for fragment in fragments {
+                let Fragment::Text(mut rest) = fragment else {
+                    next.push(fragment);
+                    continue;
+                };
+                while let Some(at) = rest.find(pattern) {
+                    if at > 0 {
+                        next.push(Fragment::Text(&rest[..at]));
+                    }
+                    next.push(Fragment::Token(id));
+                    rest = &rest[at + pattern.len()..];
+                }
+                if !rest.is_empty() {
+                    next.push(Fragment::Text(rest));
+                }
+            }
+            fragments = next;
+        }
+        fragments
+    }
+
+    fn merge_rank(&self, left: &str, right: &str) -> Option<u32> {
+        let l = *self.merge_parts.get(left)?;
+        let r = *self.merge_parts.get(right)?;
+        self.merge_ranks.get(&(l, r)).copied()
+    }
+
+    /// One pre-tokenized word, already in the byte-map alphabet.
+    fn encode_bpe_word(&self, word: &str, out: &mut Vec<u32>) {
+        if self.ignore_merges {
+            if let Some(&id) = self.token_to_id.get(word) {
+                out.push(id);
+                return;
+            }
+        }
+        for piece in merge::ranked(word, |l, r| self.merge_rank(l, r)) {
+            match self.token_to_id.get(piece) {
+                Some(&id) => out.push(id),
+                // Not in the vocabulary: fall back to its single-byte characters
+                // that are tokens; the rest is dropped.
+                None => out.extend(piece.chars().filter(char::is_ascii).filter_map(|c| {
+                    let mut buf = [0u8; 4];
+                    self.token_to_id.get(&*c.encode_utf8(&mut buf)).copied()
+                })),
+            }
+        }
+    }
+
+    /// SentencePiece BPE over text whose spaces are already `▁`.
+    fn encode_spm(&self, text: &str, out: &mut Vec<u32>) {
+        let score = |t: &str| self.token_to_id.get(t).map(|&id| self.scores[id as usize]);
+        for piece in merge::scored(text, score) {
+            match self.token_to_id.get(piece) {
+                Some(&id) => out.push(id),
+                None => {
+                    for &b in piece.as_bytes() {
+                        out.extend(self.byte_token(b));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The token for a raw byte: `<0xXX>`, else the byte as a one-character token,
+    /// else the unknown token.
+    fn byte_token(&self, b: u8) -> Option<u32> {
+        let hex = format!("<0x{b:02X}>");
+        if let Some(&id) = self.token_to_id.get(&hex) {
+            return Some(id);
+        }
+        if b.is_ascii() {
+            let mut buf = [0u8; 4];
+            if let Some(&id) = self.token_to_id.get(&*char::from(b).encode_utf8(&mut buf)) {
+                return Some(id);
+            }
+        }
+        self.unk
+    }
+
+    /// Decoded bytes of one token. Control, unknown and unused tokens give nothing;
+    /// an id outside the vocabulary gives nothing.
+    pub fn token_piece(&self, id: u32) -> &[u8] {
+        match self.attrs.get(id as usize) {
+            Some(a) if a & (attr::CONTROL | attr::UNKNOWN) == 0 => &self.pieces[id as usize],
+            _ => &[],
+        }
+    }
+
+    /// Decoded bytes of one token with control and unknown tokens shown as their text.
+    pub fn token_piece_special(&self, id: u32) -> &[u8] {
+        self.pieces.get(id as usize).map_or(&[], |p| p)
+    }
+
+    /// The text of `ids` (special tokens shown as nothing), invalid UTF-8 replaced.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let mut state = DecodeState::new(self);
+        let mut bytes = Vec::new();
+        for &id in ids {
+            bytes.extend_from_slice(state.piece(id));
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    pub fn eos(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// End of turn: from `tokenizer.ggml.eot_token_id`, else a token such as `<|im_end|>`.
+    pub fn eot(&self) -> Option<u32> {
+        self.eot
+    }
+
+    /// End of message (tool call pending): `tokenizer.ggml.eom_token_id` or `<|eom_id|>`.
+    pub fn eom(&self) -> Option<u32> {
+        self.eom
+    }
+
+    pub fn unk(&self) -> Option<u32> {
+        self.unk
+    }
+
+    pub fn pad(&self) -> Option<u32> {
+        self.pad
+    }
+
+    /// Whether `encode(.., add_special = true, ..)` starts with BOS.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// Whether `encode(.., add_special = true, ..)` ends with EOS.
+    pub fn adds_eos(&self) -> bool {
+        self.add_eos
+    }
+
+    /// Whether generating `id` ends generation: eos, eot, eom, fill-in-the-middle
+    /// separators and end tokens known by their text (`<|im_end|>`, `<|eot_id|>`, ...).
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog.binary_search(&id).is_ok()
+    }
+
+    /// All end-of-generation ids, sorted.
+    pub fn eog_ids(&self) -> &[u32] {
+        &self.eog
+    }
+
+    /// Whether `id` is a control token (not shown in decoded text).
+    pub fn is_control(&self, id: u32) -> bool {
+        self.attrs.get(id as usize).is_some_and(|a| a & attr::CONTROL != 0)
+    }
+
+    /// The raw vocabulary string of `id`.
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+
+    /// The id whose raw vocabulary string is `text`.
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.token_to_id.get(text).copied()
+    }
+
+    pub fn model_kind(&self) -> ModelKind {
+        self.model
+    }
+
+    pub fn pre_tokenizer(&self) -> PreTokenizerKind {
+        self.pre
+    }
+}
+
+/// Bytes a token shows as, special tokens rendered as their text.
+fn render_piece(model: ModelKind, byte_map: &ByteMap, text: &str, a: u8) -> Vec<u8> {
+    if a & (attr::CONTROL | attr::UNKNOWN | attr::USER_DEFINED) != 0 {
+        return text.as_bytes().to_vec();
+    }
+    if a & attr::NORMAL != 0 {
+        return match model {
+            ModelKind::Spm => text.replace('\u{2581}', " ").into_bytes(),
+            ModelKind::Bpe => byte_map.decode(text),
+        };
+    }
+    if a & attr::BYTE != 0 && model == ModelKind::Spm {
+        // "<0xXX>"
+        let hex = text.strip_prefix("<0x").and_then(|t| t.strip_suffix('>'));
+        if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            return vec![b];
+        }
+    }
+    Vec::new()
+}
+
+/// Per-sequence decoding state shared by [`Tokenizer::decode`] and the stream decoder.
+///
+/// When the model adds a space prefix, the first piece of text loses its leading
+/// space; a leading BOS does not count as that first piece.
+pub(crate) struct DecodeState<'a> {
+    tok: &'a Tokenizer,
+    strip_space: bool,
+    first: bool,
+}
+
+impl<'a> DecodeState<'a> {
+    pub(crate) fn new(tok: &'a Tokenizer) -> Self {
+        DecodeState { tok, strip_space: tok.add_space_prefix, first: true }
+    }
+
+    pub(crate) fn piece(&mut self, id: u32) -> &'a [u8] {
+        let first = std::mem::replace(&mut self.first, false);
+        if first && Some(id) == self.tok.bos {
+            return &[];
+        }
+        let piece = self.tok.token_piece(id);
+        if std::mem::replace(&mut self.strip_space, false) {
+            if let Some(rest) = piece.strip_prefix(b" ") {
+                return rest;
+            }
+        }
+        piece
+    }
+}
