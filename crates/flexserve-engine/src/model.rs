@@ -185,7 +185,12 @@ struct Scratch {
     acts: QuantizedActs,
     mm: Vec<f32>,
     angles: Vec<Vec<(f32, f32)>>,
+    kv32: (Vec<f32>, Vec<f32>),
 }
+
+/// Batches of at least this many tokens take the f32 attention path, as
+/// llama.cpp switches to its tiled f32 kernel at this size.
+const F32_ATTENTION_MIN_BATCH: usize = 64;
 
 /// Largest batch evaluated at once; longer inputs are split.
 const MAX_BATCH: usize = 512;
@@ -302,7 +307,11 @@ impl<'m> Session<'m> {
                 self.kv.store(li, pos0 + t, &s.k[t * kvd..(t + 1) * kvd], &s.v[t * kvd..(t + 1) * kvd]);
             }
 
-            attention(c, &self.kv, li, pos0, &s.q, &mut s.att);
+            if n >= F32_ATTENTION_MIN_BATCH {
+                attention_f32(c, &self.kv, li, pos0, &s.q, &mut s.att, &mut s.kv32);
+            } else {
+                attention(c, &self.kv, li, pos0, &s.q, &mut s.att);
+            }
 
             quantize_for(&mut s.acts, &s.att, qd, &layer.wo)?;
             ops::matmul(&layer.wo, &s.acts, &mut s.h, &mut s.mm)?;
@@ -374,7 +383,6 @@ fn add_into(x: &mut [f32], y: &[f32]) {
 /// attention (its default) computes, and matching its rounding keeps greedy
 /// decoding on the same tokens where two candidates are nearly tied.
 fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32], out: &mut [f32]) {
-    use half::slice::HalfFloatSliceExt;
     let hd = c.head_dim;
     let n_head = c.n_head;
     let group = c.n_head / c.n_head_kv;
@@ -385,9 +393,10 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
     let to_f16 = f16k.quantize;
     let kc = &kv.k[layer];
     let vc = &kv.v[layer];
+    let acc = flexserve_quant::f16_acc();
     out.par_chunks_mut(hd).enumerate().for_each_init(
-        || (vec![0u8; hd * 2], vec![0f32; hd], vec![f16::ZERO; hd]),
-        |(q16, vrow, acc16), (i, o)| {
+        || vec![0u8; hd * 2],
+        |q16, (i, o)| {
             let t = i / n_head;
             let h = i % n_head;
             let kvh = h / group;
@@ -404,21 +413,13 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
                     // New maximum: rescale what was accumulated so far.
                     let rescale = (max - s).exp();
                     max = s;
-                    for v in o.iter_mut() {
-                        *v *= rescale;
-                    }
-                    round_to_f16(o, acc16);
+                    (acc.scale)(o, rescale);
                     sum *= rescale;
                     1.0
                 } else {
                     (s - max).exp()
                 };
-                let vh: &[f16] = bytemuck::cast_slice(&vc[at..at + hd]);
-                vh.convert_to_f32_slice(vrow);
-                for (ov, &vv) in o.iter_mut().zip(vrow.iter()) {
-                    *ov += vv * weight;
-                }
-                round_to_f16(o, acc16);
+                (acc.mad)(o, bytemuck::cast_slice(&vc[at..at + hd]), weight);
                 sum += weight;
             }
             let inv = 1.0 / sum;
@@ -429,10 +430,52 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
     );
 }
 
-/// Rounds every value to the nearest f16 (through `tmp`).
-#[inline]
-fn round_to_f16(x: &mut [f32], tmp: &mut [f16]) {
+/// Causal grouped-query attention in f32 for large batches (prompt
+/// processing): queries stay f32, keys and values are widened from the f16
+/// cache once per layer, and each query takes an exact softmax over its
+/// positions.
+fn attention_f32(
+    c: &ModelConfig,
+    kv: &KvCache,
+    layer: usize,
+    pos0: usize,
+    q: &[f32],
+    out: &mut [f32],
+    kv32: &mut (Vec<f32>, Vec<f32>),
+) {
     use half::slice::HalfFloatSliceExt;
-    tmp.convert_from_f32_slice(x);
-    tmp.convert_to_f32_slice(x);
+    let hd = c.head_dim;
+    let n_head = c.n_head;
+    let group = c.n_head / c.n_head_kv;
+    let kvd = c.kv_dim();
+    let n_pos = pos0 + out.len() / c.q_dim();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (k32, v32) = kv32;
+    k32.resize(n_pos * kvd, 0.0);
+    v32.resize(n_pos * kvd, 0.0);
+    let kh: &[f16] = bytemuck::cast_slice(&kv.k[layer][..n_pos * kvd]);
+    let vh: &[f16] = bytemuck::cast_slice(&kv.v[layer][..n_pos * kvd]);
+    kh.convert_to_f32_slice(k32);
+    vh.convert_to_f32_slice(v32);
+    let (k32, v32) = (&*k32, &*v32);
+    let dot =
+        ops::kernels(flexserve_gguf::GgmlType::F32).expect("F32 kernels are always present").dot.expect("F32 dot");
+    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::<f32>::new, |scores, (i, o)| {
+        let t = i / n_head;
+        let kvh = (i % n_head) / group;
+        let qrow: &[u8] = bytemuck::cast_slice(&q[i * hd..(i + 1) * hd]);
+        scores.clear();
+        for j in 0..=pos0 + t {
+            let at = j * kvd + kvh * hd;
+            scores.push(dot(hd, qrow, bytemuck::cast_slice(&k32[at..at + hd])));
+        }
+        ops::softmax_scaled(scores, scale);
+        o.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            let at = j * kvd + kvh * hd;
+            for (ov, &vv) in o.iter_mut().zip(&v32[at..at + hd]) {
+                *ov += p * vv;
+            }
+        }
+    });
 }

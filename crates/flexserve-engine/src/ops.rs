@@ -166,12 +166,33 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut V
         return Ok(());
     }
     scratch.resize(rows * n_tok, 0.0);
+    // Tile kernels reuse each activation block across several weight rows;
+    // tasks cover whole micro-tiles (multiples of 4 rows).
+    let per_task = per_task.next_multiple_of(4);
+    let tile = flexserve_quant::tile_kernel(w.ty);
+    let w_bytes = w.bytes();
     scratch.par_chunks_mut(per_task * n_tok).enumerate().for_each(|(c, chunk)| {
         let base = c * per_task;
-        for (i, orow) in chunk.chunks_exact_mut(n_tok).enumerate() {
-            let wr = w.row(base + i);
-            for (t, o) in orow.iter_mut().enumerate() {
-                *o = dot(n, wr, acts.row(t));
+        let nrows = chunk.len() / n_tok;
+        match tile {
+            Some(tile) => tile(
+                n,
+                &w_bytes[base * w.row_bytes..],
+                w.row_bytes,
+                nrows,
+                &acts.data,
+                acts.row_bytes,
+                n_tok,
+                chunk,
+                n_tok,
+            ),
+            None => {
+                for (i, orow) in chunk.chunks_exact_mut(n_tok).enumerate() {
+                    let wr = w.row(base + i);
+                    for (t, o) in orow.iter_mut().enumerate() {
+                        *o = dot(n, wr, acts.row(t));
+                    }
+                }
             }
         }
     });

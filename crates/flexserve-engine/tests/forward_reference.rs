@@ -142,6 +142,11 @@ fn rope(head: &mut [f32], pos: usize, base: f32, neox: bool, factors: Option<&[f
 }
 
 fn check(spec: SynthSpec) {
+    check_with(spec, &[5, 17, 250, 3, 99, 42, 7, 123], 5);
+}
+
+/// Prefills `tokens[..prefill]` in one batch (all logits), decodes the rest one by one.
+fn check_with(spec: SynthSpec, tokens: &[u32], prefill: usize) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     synth_model(&spec, None).unwrap().write_file(&path).unwrap();
@@ -157,14 +162,12 @@ fn check(spec: SynthSpec) {
         base: spec.rope_base,
         file,
     };
-    let tokens: Vec<u32> = vec![5, 17, 250, 3, 99, 42, 7, 123];
-    let want = r.forward(&tokens);
+    let want = r.forward(tokens);
 
-    // Engine: a prefill of 5 tokens (all logits), then 3 decode steps on the cache.
-    let mut s = Session::new(&model, 64);
+    let mut s = Session::new(&model, 128);
     let mut got: Vec<Vec<f32>> =
-        s.eval(&tokens[..5], Logits::From(0)).unwrap().chunks(spec.n_vocab).map(|c| c.to_vec()).collect();
-    for &t in &tokens[5..] {
+        s.eval(&tokens[..prefill], Logits::From(0)).unwrap().chunks(spec.n_vocab).map(|c| c.to_vec()).collect();
+    for &t in &tokens[prefill..] {
         got.push(s.eval(&[t], Logits::Last).unwrap());
     }
     assert_eq!(got.len(), want.len());
@@ -217,6 +220,14 @@ fn llama3_rope_frequency_factors_match_reference() {
     spec.rope_freq_factors = true;
     spec.rope_base = 500000.0;
     check(spec);
+}
+
+#[test]
+fn long_prompt_batches_take_the_f32_attention_path_and_match() {
+    // 70 prompt tokens (the f32 path starts at 64), then 3 decode steps over them.
+    let tokens: Vec<u32> = (0..73u32).map(|i| (i * 37 + 11) % 300).collect();
+    check_with(SynthSpec::tiny(Arch::Llama, GgmlType::Q4_1), &tokens, 70);
+    check_with(SynthSpec::tiny(Arch::Qwen2, GgmlType::Q4_K), &tokens, 70);
 }
 
 #[test]

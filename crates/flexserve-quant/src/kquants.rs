@@ -30,11 +30,11 @@ use half::f16;
 use crate::{DotFn, GgmlType, Isa, Kernels, QuantizeFn};
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
-mod q4k;
+pub(crate) mod avx2;
+pub(crate) mod q4k;
 mod q5k;
-mod q6k;
-mod q8k;
+pub(crate) mod q6k;
+pub(crate) mod q8k;
 
 /// Elements per super-block.
 pub(crate) const QK_K: usize = 256;

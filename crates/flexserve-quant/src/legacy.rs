@@ -21,7 +21,7 @@
 //! field is read byte-wise.
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 
 use crate::{DequantizeFn, DotFn, GgmlType, Isa, Kernels, QuantizeFn};
 use half::f16;

@@ -17,9 +17,14 @@
 
 pub use flexserve_gguf::GgmlType;
 
+mod f16acc;
 mod float;
 mod kquants;
 mod legacy;
+mod tile;
+
+pub use f16acc::{f16_acc, f16_acc_for, F16Acc};
+pub use tile::{tile_kernel, tile_kernel_for, TileFn};
 
 /// `dst[i] = dequant(src)[i]`; `src.len()` must be the row size of `dst.len()` elements.
 pub type DequantizeFn = fn(src: &[u8], dst: &mut [f32]);

@@ -48,7 +48,7 @@ pub(super) fn quantize_q8k(src: &[f32], dst: &mut [u8]) {
 /// AVX2 must be available and `p` must point to 32 readable bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load(p: *const u8) -> __m256i {
+pub(crate) unsafe fn load(p: *const u8) -> __m256i {
     _mm256_loadu_si256(p.cast())
 }
 
@@ -56,7 +56,7 @@ unsafe fn load(p: *const u8) -> __m256i {
 /// F16C must be available and `at + 2 <= bytes.len()` (checked by indexing).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_at(bytes: &[u8], at: usize) -> f32 {
+pub(crate) unsafe fn f16_at(bytes: &[u8], at: usize) -> f32 {
     let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
@@ -65,7 +65,7 @@ unsafe fn f16_at(bytes: &[u8], at: usize) -> f32 {
 /// AVX must be available.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_128(v: __m128) -> f32 {
+pub(crate) unsafe fn hsum_128(v: __m128) -> f32 {
     let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
     _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
 }
@@ -74,7 +74,7 @@ unsafe fn hsum_128(v: __m128) -> f32 {
 /// AVX must be available.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_256(v: __m256) -> f32 {
+pub(crate) unsafe fn hsum_256(v: __m256) -> f32 {
     hsum_128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)))
 }
 
@@ -84,7 +84,7 @@ unsafe fn hsum_256(v: __m256) -> f32 {
 /// AVX2 must be available and `a_block` must be a whole Q8_K block.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn min_products(mins: &[u8; 8], a_block: &[u8]) -> __m128i {
+pub(crate) unsafe fn min_products(mins: &[u8; 8], a_block: &[u8]) -> __m128i {
     let bsums = load(a_block.as_ptr().add(q8k::BSUMS));
     let pair_sums = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256::<1>(bsums));
     let mins16 = _mm_cvtepu8_epi16(_mm_set_epi64x(0, u64::from_le_bytes(*mins) as i64));

@@ -116,7 +116,7 @@ fn quantize_q8_1(src: &[f32], dst: &mut [u8]) {
 /// Reads the f16 at `p` (any alignment) as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_f16(p: *const u8) -> f32 {
+pub(crate) unsafe fn load_f16(p: *const u8) -> f32 {
     _mm_cvtss_f32(load_f16_pair(p, p))
 }
 
@@ -147,7 +147,7 @@ unsafe fn load_scale(p: *const u8, q: *const u8) -> __m256 {
 /// low nibbles in the lower 128-bit lane, high nibbles in the upper one.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_nibbles(p: *const u8) -> __m256i {
+pub(crate) unsafe fn load_nibbles(p: *const u8) -> __m256i {
     let packed = _mm_loadu_si128(p.cast());
     let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
     _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
@@ -156,7 +156,7 @@ unsafe fn load_nibbles(p: *const u8) -> __m256i {
 /// Byte `j` is 0xFF where bit `j` of the little-endian u32 at `p` is set, else 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_bit_mask(p: *const u8) -> __m256i {
+pub(crate) unsafe fn load_bit_mask(p: *const u8) -> __m256i {
     let bits = u32::from_le_bytes(p.cast::<[u8; 4]>().read_unaligned());
     // Byte j takes source byte j / 8 (the shuffle indexes within each lane,
     // and each lane holds the four source bytes) ...
@@ -175,7 +175,7 @@ unsafe fn load_bit_mask(p: *const u8) -> __m256i {
 /// Eight f32 sums of four neighbouring products of unsigned `u` and signed `s` bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
+pub(crate) unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
     let pairs = _mm256_maddubs_epi16(u, s);
     _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
 }
@@ -192,7 +192,7 @@ unsafe fn dot_i8_i8(x: __m256i, y: __m256i) -> __m256 {
 /// Sum of the eight lanes: upper half onto lower, then pairs, then the last two.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(crate) unsafe fn hsum(v: __m256) -> f32 {
     let mut s = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));

@@ -1,0 +1,184 @@
+//! Tiled dot products: many weight rows against many activation rows at once.
+//!
+//! A matmul over a batch of tokens computes the dot product of every weight
+//! row with every activation row. Calling the plain `dot` per pair re-reads
+//! the activation row for each weight row and reduces one vector accumulator
+//! per call. The tile kernels instead work on micro-tiles of a few weight
+//! rows by a few tokens: each weight block is decoded once for all tokens of
+//! the micro-tile, the micro-tile's activation rows stay in L1 for all its
+//! rows, and each (row, token) pair keeps its own vector accumulator, reduced
+//! only at the end. Micro-tiles are visited in cache-sized chunks of rows and
+//! tokens. Callers get the best throughput with `rows` a multiple of 4.
+//!
+//! Every pair goes through exactly the same per-block arithmetic as the plain
+//! AVX2 `dot` (same integer sums, same scale products, same FMA order, same
+//! final reduction), so the results are bit-identical to it; the portable
+//! variants loop the portable `dot`.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod kquants_avx2;
+
+use crate::{detected_isa, kernels_for, GgmlType, Isa};
+
+/// Computes `out[r * out_stride + t] = dot(w_rows[r], a_rows[t])` for
+/// `r < rows`, `t < toks`, where weight row `r` starts at `w[r * w_row_bytes]`
+/// and activation row `t` at `a[t * a_row_bytes]`; each row holds `n`
+/// elements (weights in the kernel's type, activations in its
+/// `vec_dot_type`).
+///
+/// Panics when `n` is not a whole number of blocks or a slice is too short for
+/// the shape it is given (a caller bug, as with the plain `dot`).
+pub type TileFn = fn(
+    n: usize,
+    w: &[u8],
+    w_row_bytes: usize,
+    rows: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    toks: usize,
+    out: &mut [f32],
+    out_stride: usize,
+);
+
+/// The tile kernel for weight type `ty` using the best ISA of this CPU, or
+/// `None` where only the plain dot exists.
+pub fn tile_kernel(ty: GgmlType) -> Option<TileFn> {
+    tile_kernel_for(ty, detected_isa())
+}
+
+/// The tile kernel for `ty` restricted to `isa`. The set of types with a tile
+/// kernel does not depend on `isa`: the portable variant loops the portable
+/// dot. Asking for an ISA the CPU lacks gives the portable variant.
+pub fn tile_kernel_for(ty: GgmlType, isa: Isa) -> Option<TileFn> {
+    let isa = if isa == Isa::Avx2 && detected_isa() != Isa::Avx2 { Isa::Portable } else { isa };
+    let portable = portable_tile(ty)?;
+    match isa {
+        Isa::Portable => Some(portable),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Some(avx2::tile(ty).or_else(|| kquants_avx2::tile(ty)).unwrap_or(portable)),
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2 => Some(portable),
+    }
+}
+
+/// Panics with a clear message unless the slices hold the shape described.
+/// Returns the weight and activation row sizes in bytes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_tile(
+    ty: GgmlType,
+    vec_dot_type: GgmlType,
+    n: usize,
+    w: &[u8],
+    w_row_bytes: usize,
+    rows: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    toks: usize,
+    out: &[f32],
+    out_stride: usize,
+) {
+    let block = ty.block_size();
+    assert!(n % block == 0, "tile of {ty} rows: {n} elements is not a multiple of the block size {block}");
+    let w_bytes = n / block * ty.type_size();
+    let a_bytes = n / vec_dot_type.block_size() * vec_dot_type.type_size();
+    assert!(w_row_bytes >= w_bytes, "tile of {ty} rows: row stride {w_row_bytes} is below the row size {w_bytes}");
+    assert!(
+        a_row_bytes >= a_bytes,
+        "tile of {vec_dot_type} activations: row stride {a_row_bytes} is below the row size {a_bytes}"
+    );
+    if rows == 0 || toks == 0 {
+        return;
+    }
+    assert!(out_stride >= toks, "tile output stride {out_stride} is below the {toks} tokens per row");
+    let needed =
+        |count: usize, stride: usize, last: usize| (count - 1).checked_mul(stride).and_then(|v| v.checked_add(last));
+    let w_needed = needed(rows, w_row_bytes, w_bytes);
+    assert!(
+        w_needed.is_some_and(|need| w.len() >= need),
+        "tile of {rows} {ty} rows of {n} elements (stride {w_row_bytes}) needs more than the {} weight bytes given",
+        w.len()
+    );
+    let a_needed = needed(toks, a_row_bytes, a_bytes);
+    assert!(
+        a_needed.is_some_and(|need| a.len() >= need),
+        "tile of {toks} {vec_dot_type} rows of {n} elements (stride {a_row_bytes}) needs more than the {} activation bytes given",
+        a.len()
+    );
+    let out_needed = needed(rows, out_stride, toks);
+    assert!(
+        out_needed.is_some_and(|need| out.len() >= need),
+        "tile of {rows} x {toks} results (stride {out_stride}) needs more than the {} output floats given",
+        out.len()
+    );
+}
+
+/// Loops the plain portable dot over every pair.
+#[allow(clippy::too_many_arguments)]
+fn portable_loop(
+    ty: GgmlType,
+    n: usize,
+    w: &[u8],
+    w_row_bytes: usize,
+    rows: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    toks: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let k = kernels_for(ty, Isa::Portable).expect("tile kernels exist only for supported types");
+    let dot = k.dot.expect("tile kernels exist only for weight types");
+    check_tile(ty, k.vec_dot_type, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride);
+    if rows == 0 || toks == 0 {
+        return;
+    }
+    let w_bytes = n / ty.block_size() * ty.type_size();
+    let a_bytes = n / k.vec_dot_type.block_size() * k.vec_dot_type.type_size();
+    for r in 0..rows {
+        let w_row = &w[r * w_row_bytes..r * w_row_bytes + w_bytes];
+        for t in 0..toks {
+            out[r * out_stride + t] = dot(n, w_row, &a[t * a_row_bytes..t * a_row_bytes + a_bytes]);
+        }
+    }
+}
+
+macro_rules! portable_tiles {
+    ($($ty:ident => $name:ident),* $(,)?) => {
+        $(
+            #[allow(clippy::too_many_arguments)]
+            fn $name(
+                n: usize,
+                w: &[u8],
+                w_row_bytes: usize,
+                rows: usize,
+                a: &[u8],
+                a_row_bytes: usize,
+                toks: usize,
+                out: &mut [f32],
+                out_stride: usize,
+            ) {
+                portable_loop(GgmlType::$ty, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride)
+            }
+        )*
+
+        /// The portable tile kernel of `ty`, for the types with a SIMD tile kernel.
+        fn portable_tile(ty: GgmlType) -> Option<TileFn> {
+            match ty {
+                $(GgmlType::$ty => Some($name),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+portable_tiles!(
+    Q4_0 => portable_q4_0,
+    Q4_1 => portable_q4_1,
+    Q5_0 => portable_q5_0,
+    Q5_1 => portable_q5_1,
+    Q8_0 => portable_q8_0,
+    Q4_K => portable_q4_k,
+    Q6_K => portable_q6_k,
+);

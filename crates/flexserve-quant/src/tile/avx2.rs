@@ -1,0 +1,369 @@
+//! AVX2 + FMA + F16C tile kernels for the 32-element block formats.
+//!
+//! A micro-tile of `R` weight rows by `T` tokens keeps `R * T` f32 vector
+//! accumulators. Per block, the `T` activation quants are loaded once, and
+//! each of the `R` weight blocks is decoded once and multiplied with all of
+//! them. The per-pair work — integer lane sums, `d_w * d_a` scale, FMA into
+//! the pair's accumulator, one reduction at the end, and for the formats
+//! with a minimum the separate `m_w * s_a` FMA chain — is the same as in the
+//! plain AVX2 dot, so every result is bit-identical to it.
+//!
+//! Micro-tiles are visited in cache-sized chunks: a chunk of weight rows
+//! (kept in L2) is swept by all token tiles of a chunk of tokens, whose
+//! activations are reused by every row tile from L1.
+
+use super::{check_tile, TileFn};
+use crate::legacy::avx2::{dot_u8_i8, hsum, load_bit_mask, load_f16, load_nibbles};
+use crate::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES, QK};
+use crate::GgmlType;
+use std::arch::x86_64::*;
+
+/// Weight rows per micro-tile.
+const ROWS: usize = 4;
+/// Tokens per micro-tile. 4 x 4 accumulators exceed the 16 vector registers,
+/// but measured faster on this project's Zen 3 host than 4 x 3, 3 x 3, 4 x 2
+/// or 2 x 4: the extra reuse outweighs the accumulator spills.
+const TOKS: usize = 4;
+/// Bytes of weight rows swept by one chunk of tokens (fits in L2).
+const ROW_CHUNK_BYTES: usize = 64 * 1024;
+/// Bytes of activation rows in one chunk of tokens (fits in L2 beside the weights).
+const TOK_CHUNK_BYTES: usize = 128 * 1024;
+
+// Format ids, used as a const generic so that each kernel is compiled per format.
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q5_0: u8 = 2;
+const Q5_1: u8 = 3;
+const Q8_0: u8 = 4;
+
+/// The AVX2 tile kernel of `ty`, if there is one.
+pub(super) fn tile(ty: GgmlType) -> Option<TileFn> {
+    match ty {
+        GgmlType::Q4_0 => Some(tile_wrapper::<Q4_0>),
+        GgmlType::Q4_1 => Some(tile_wrapper::<Q4_1>),
+        GgmlType::Q5_0 => Some(tile_wrapper::<Q5_0>),
+        GgmlType::Q5_1 => Some(tile_wrapper::<Q5_1>),
+        GgmlType::Q8_0 => Some(tile_wrapper::<Q8_0>),
+        _ => None,
+    }
+}
+
+const fn weight_type(f: u8) -> GgmlType {
+    match f {
+        Q4_0 => GgmlType::Q4_0,
+        Q4_1 => GgmlType::Q4_1,
+        Q5_0 => GgmlType::Q5_0,
+        Q5_1 => GgmlType::Q5_1,
+        _ => GgmlType::Q8_0,
+    }
+}
+
+const fn weight_block_bytes(f: u8) -> usize {
+    match f {
+        Q4_0 => Q4_0_BYTES,
+        Q4_1 => Q4_1_BYTES,
+        Q5_0 => Q5_0_BYTES,
+        Q5_1 => Q5_1_BYTES,
+        _ => Q8_0_BYTES,
+    }
+}
+
+/// Formats with a minimum `m` pair with Q8_1 activations (scale, sum, quants);
+/// the others with Q8_0 (scale, quants).
+const fn has_min(f: u8) -> bool {
+    matches!(f, Q4_1 | Q5_1)
+}
+
+const fn act_block_bytes(f: u8) -> usize {
+    if has_min(f) {
+        Q8_1_BYTES
+    } else {
+        Q8_0_BYTES
+    }
+}
+
+/// Offset of the 32 activation quants in an activation block.
+const fn act_quants_at(f: u8) -> usize {
+    if has_min(f) {
+        4
+    } else {
+        2
+    }
+}
+
+/// Formats whose weight levels are signed (and so multiply via `sign`).
+const fn signed_weights(f: u8) -> bool {
+    matches!(f, Q4_0 | Q5_0 | Q8_0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tile_wrapper<const F: u8>(
+    n: usize,
+    w: &[u8],
+    w_row_bytes: usize,
+    rows: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    toks: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let (ty, act_ty) = (weight_type(F), if has_min(F) { GgmlType::Q8_1 } else { GgmlType::Q8_0 });
+    check_tile(ty, act_ty, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride);
+    if rows == 0 || toks == 0 {
+        return;
+    }
+    let shape = Shape { nb: n / QK, w_stride: w_row_bytes, a_stride: a_row_bytes, out_stride };
+    // SAFETY: the wrapper is only handed out after the CPU was found to
+    // support AVX2, FMA and F16C; `check_tile` verified that `rows` weight rows
+    // and `toks` activation rows of `nb` blocks each, and `rows` output rows of
+    // `toks` floats, lie within the slices at the given strides, which is
+    // exactly what the kernel reads and writes.
+    unsafe { tile_avx2::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr()) }
+}
+
+/// Block count and strides (bytes for rows, floats for the output).
+#[derive(Clone, Copy)]
+struct Shape {
+    nb: usize,
+    w_stride: usize,
+    a_stride: usize,
+    out_stride: usize,
+}
+
+/// The f32 block scales of a chunk of rows or tokens, converted from f16 once
+/// and reused by every micro-tile of the chunk.
+struct ChunkScales {
+    /// `d` of each block (weights: row-major `[row][block]`; activations:
+    /// block-major `[block][token]`, so that a token tile's values are adjacent).
+    d: Vec<f32>,
+    /// The second f16 field: `m` of weights / `s` of activations (formats with a minimum only).
+    second: Vec<f32>,
+}
+
+impl ChunkScales {
+    /// Room for `count` rows of `nb` blocks, plus one vector of slack so that
+    /// four-lane loads at the end stay in bounds.
+    fn new<const F: u8>(count: usize, nb: usize) -> ChunkScales {
+        let len = count * nb + 4;
+        ChunkScales { d: vec![0.0; len], second: if has_min(F) { vec![0.0; len] } else { Vec::new() } }
+    }
+
+    /// Converts the scales of `count` rows at `p` (`stride` apart, blocks of
+    /// `block_bytes`) into `[i * item_step + b * block_step]`.
+    ///
+    /// # Safety
+    /// F16C must be available; the rows must be readable.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn fill<const F: u8>(
+        &mut self,
+        p: *const u8,
+        stride: usize,
+        count: usize,
+        nb: usize,
+        block_bytes: usize,
+        item_step: usize,
+        block_step: usize,
+    ) {
+        for i in 0..count {
+            for b in 0..nb {
+                let block = p.add(i * stride + b * block_bytes);
+                let at = i * item_step + b * block_step;
+                self.d[at] = load_f16(block);
+                if has_min(F) {
+                    self.second[at] = load_f16(block.add(2));
+                }
+            }
+        }
+    }
+}
+
+/// Pointers to the scales of one micro-tile.
+#[derive(Clone, Copy)]
+struct TileScales {
+    /// Weight `d` and `m` of the first row, `[row * nb + block]`.
+    w_d: *const f32,
+    w_m: *const f32,
+    /// Activation `d` and `s` of the first token, `[block * a_step + token]`.
+    a_d: *const f32,
+    a_s: *const f32,
+    a_step: usize,
+}
+
+/// Visits the whole `rows x toks` tile in cache-sized chunks of micro-tiles.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `rows` weight rows and `toks`
+/// activation rows of `shape.nb` blocks must be readable at the strides, and
+/// `rows` output rows of `toks` floats writable.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_avx2<const F: u8>(shape: Shape, w: *const u8, rows: usize, a: *const u8, toks: usize, out: *mut f32) {
+    let nb = shape.nb;
+    let row_chunk = (ROW_CHUNK_BYTES / shape.w_stride.max(1)).max(1).div_ceil(ROWS) * ROWS;
+    let tok_chunk = (TOK_CHUNK_BYTES / shape.a_stride.max(1)).max(1).div_ceil(TOKS) * TOKS;
+    let mut w_scales = ChunkScales::new::<F>(row_chunk.min(rows), nb);
+    let mut a_scales = ChunkScales::new::<F>(tok_chunk.min(toks), nb);
+    let (w_bytes, a_bytes) = (weight_block_bytes(F), act_block_bytes(F));
+    for t_chunk in (0..toks).step_by(tok_chunk) {
+        let t_chunk_end = toks.min(t_chunk + tok_chunk);
+        let tc = t_chunk_end - t_chunk;
+        a_scales.fill::<F>(a.add(t_chunk * shape.a_stride), shape.a_stride, tc, nb, a_bytes, 1, tc);
+        for r_chunk in (0..rows).step_by(row_chunk) {
+            let r_chunk_end = rows.min(r_chunk + row_chunk);
+            let w_chunk = w.add(r_chunk * shape.w_stride);
+            w_scales.fill::<F>(w_chunk, shape.w_stride, r_chunk_end - r_chunk, nb, w_bytes, nb, 1);
+            for t in (t_chunk..t_chunk_end).step_by(TOKS) {
+                let tt = TOKS.min(t_chunk_end - t);
+                for r in (r_chunk..r_chunk_end).step_by(ROWS) {
+                    let rr = ROWS.min(r_chunk_end - r);
+                    let (w, a) = (w.add(r * shape.w_stride), a.add(t * shape.a_stride));
+                    let out = out.add(r * shape.out_stride + t);
+                    let w_at = (r - r_chunk) * nb;
+                    let scales = TileScales {
+                        w_d: w_scales.d.as_ptr().add(w_at),
+                        w_m: w_scales.second.as_ptr().wrapping_add(w_at),
+                        a_d: a_scales.d.as_ptr().add(t - t_chunk),
+                        a_s: a_scales.second.as_ptr().wrapping_add(t - t_chunk),
+                        a_step: tc,
+                    };
+                    micro_any::<F>(rr, tt, shape, w, a, out, scales);
+                }
+            }
+        }
+    }
+}
+
+/// Runs the micro-tile kernel of the exact size `rr x tt` (each at most the full size).
+///
+/// # Safety
+/// As for `micro`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn micro_any<const F: u8>(
+    rr: usize,
+    tt: usize,
+    s: Shape,
+    w: *const u8,
+    a: *const u8,
+    out: *mut f32,
+    scales: TileScales,
+) {
+    macro_rules! dispatch {
+        ($(($r:literal, $t:literal)),*) => {
+            match (rr, tt) {
+                $(($r, $t) => micro::<F, $r, $t>(s, w, a, out, scales),)*
+                _ => unreachable!("micro-tile of {rr} x {tt} is larger than {ROWS} x {TOKS}"),
+            }
+        };
+    }
+    dispatch!(
+        (4, 4),
+        (4, 3),
+        (4, 2),
+        (4, 1),
+        (3, 4),
+        (3, 3),
+        (3, 2),
+        (3, 1),
+        (2, 4),
+        (2, 3),
+        (2, 2),
+        (2, 1),
+        (1, 4),
+        (1, 3),
+        (1, 2),
+        (1, 1)
+    );
+}
+
+/// The weight levels of one block as 32 bytes: signed for the formats with
+/// `signed_weights`, unsigned otherwise.
+///
+/// # Safety
+/// AVX2 must be available and the block at `wb` readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weight_levels<const F: u8>(wb: *const u8) -> __m256i {
+    match F {
+        Q4_0 => _mm256_sub_epi8(load_nibbles(wb.add(2)), _mm256_set1_epi8(8)),
+        Q4_1 => load_nibbles(wb.add(4)),
+        // q - 16 as a signed byte: the nibble where the fifth bit is set, the
+        // nibble with 0xF0 on top (nibble - 16) where it is not.
+        Q5_0 => {
+            let high = _mm256_andnot_si256(load_bit_mask(wb.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+            _mm256_or_si256(load_nibbles(wb.add(6)), high)
+        }
+        Q5_1 => {
+            let high = _mm256_and_si256(load_bit_mask(wb.add(4)), _mm256_set1_epi8(0x10));
+            _mm256_or_si256(load_nibbles(wb.add(8)), high)
+        }
+        _ => _mm256_loadu_si256(wb.add(2).cast()),
+    }
+}
+
+/// One micro-tile of `R` weight rows (at `w`, `s.w_stride` apart) by `T`
+/// tokens (at `a`, `s.a_stride` apart), written to `out` (`s.out_stride` apart).
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; the `R` weight rows and `T`
+/// activation rows of `s.nb` blocks must be readable, the `R x T` outputs
+/// writable, and `scales` must point at the converted scales of these rows
+/// and tokens (with four readable lanes from each token-tile start).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn micro<const F: u8, const R: usize, const T: usize>(
+    s: Shape,
+    w: *const u8,
+    a: *const u8,
+    out: *mut f32,
+    scales: TileScales,
+) {
+    let (w_bytes, a_bytes) = (weight_block_bytes(F), act_block_bytes(F));
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..s.nb {
+        let ab = a.add(b * a_bytes);
+        let a_d = scales.a_d.add(b * scales.a_step);
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wb = w.add(r * s.w_stride + b * w_bytes);
+            let dw = _mm256_broadcast_ss(&*scales.w_d.add(r * s.nb + b));
+            let qw = weight_levels::<F>(wb);
+            // Signed levels multiply as |qw| (unsigned) times qa with qw's sign.
+            let unsigned = if signed_weights(F) { _mm256_sign_epi8(qw, qw) } else { qw };
+            for (t, acc_rt) in acc_r.iter_mut().enumerate() {
+                let qa = _mm256_loadu_si256(ab.add(t * s.a_stride + act_quants_at(F)).cast());
+                let qa = if signed_weights(F) { _mm256_sign_epi8(qa, qw) } else { qa };
+                // The same f32 product d_w * d_a as the plain dot's scale.
+                let scale = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*a_d.add(t)));
+                *acc_rt = _mm256_fmadd_ps(scale, dot_u8_i8(unsigned, qa), *acc_rt);
+            }
+        }
+    }
+
+    // The minimum terms m_w * s_a, one FMA chain per pair as in the plain
+    // dot; lane t of `mins[r]` holds pair (r, t).
+    let mut mins = [[0.0f32; 4]; R];
+    if has_min(F) {
+        let mut chains = [_mm_setzero_ps(); R];
+        for b in 0..s.nb {
+            let sa = _mm_loadu_ps(scales.a_s.add(b * scales.a_step));
+            for (r, chain) in chains.iter_mut().enumerate() {
+                let mw = _mm_broadcast_ss(&*scales.w_m.add(r * s.nb + b));
+                *chain = _mm_fmadd_ps(mw, sa, *chain);
+            }
+        }
+        for (m, chain) in mins.iter_mut().zip(chains) {
+            _mm_storeu_ps(m.as_mut_ptr(), chain);
+        }
+    }
+
+    for r in 0..R {
+        for t in 0..T {
+            let mut v = hsum(acc[r][t]);
+            if has_min(F) {
+                v += mins[r][t];
+            }
+            *out.add(r * s.out_stride + t) = v;
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! Opening a sealed model with its key.
+
+use ring::{aead, hmac};
+
+use crate::format::{chunk_aad, chunk_nonce, name_digest, FileKeys, SealedHeader, CHUNK_TAG_LEN};
+use crate::{ModelKey, SealError};
+
+/// A sealed model whose header is authenticated with the model key. Chunks
+/// are opened independently with `&self`, from any number of threads.
+pub struct SealedModel {
+    header: SealedHeader,
+    chunk_key: aead::LessSafeKey,
+    /// SHA-256 of each tensor's name, computed once so that opening a chunk
+    /// allocates nothing.
+    name_digests: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for SealedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedModel")
+            .field("file_id", &self.header.file_id)
+            .field("chunks", &self.header.chunks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SealedModel {
+    /// Parses the header at the start of `header_bytes` (the file's first
+    /// `chunks_offset` bytes or more; see [`SealedHeader::read_prefix`]),
+    /// checks the key, then the header tag over everything before it.
+    pub fn open(header_bytes: &[u8], key: &ModelKey) -> Result<SealedModel, SealError> {
+        let header = SealedHeader::read(header_bytes)?;
+        let keys = FileKeys::derive(key, &header.file_id)?;
+        if !equal_in_constant_time(&keys.key_check[..], &header.key_check) {
+            return Err(SealError::WrongKey);
+        }
+        let tag_offset = header.tag_offset as usize;
+        let tag = &header_bytes[tag_offset..header.chunks_offset as usize];
+        hmac::verify(&keys.header_key, &header_bytes[..tag_offset], tag).map_err(|_| SealError::HeaderAuth)?;
+        let name_digests = header.gguf.tensors.iter().map(|t| name_digest(&t.name)).collect();
+        Ok(SealedModel { header, chunk_key: keys.chunk_key, name_digests })
+    }
+
+    /// The authenticated header.
+    pub fn header(&self) -> &SealedHeader {
+        &self.header
+    }
+
+    /// Decrypts chunk `index` from `ciphertext` (exactly the chunk's bytes on
+    /// file, ciphertext then tag) into `out` (exactly the plaintext length).
+    /// On any failure `out` is zeroed, so it never holds unauthenticated data.
+    pub fn open_chunk(&self, index: usize, ciphertext: &[u8], out: &mut [u8]) -> Result<(), SealError> {
+        let result = self.open_chunk_inner(index, ciphertext, out);
+        if result.is_err() {
+            out.fill(0);
+        }
+        result
+    }
+
+    fn open_chunk_inner(&self, index: usize, ciphertext: &[u8], out: &mut [u8]) -> Result<(), SealError> {
+        let count = self.header.chunks.len();
+        let chunk = *self.header.chunks.get(index).ok_or(SealError::ChunkIndex { index, count })?;
+        let len = chunk.len as usize;
+        let length_error = |what, got, expected| SealError::ChunkLength {
+            index,
+            tensor: self.header.chunk_tensor_name(index).to_owned(),
+            what,
+            got,
+            expected,
+        };
+        if ciphertext.len() != chunk.sealed_len() {
+            return Err(length_error("ciphertext", ciphertext.len(), chunk.sealed_len()));
+        }
+        if out.len() != len {
+            return Err(length_error("output buffer", out.len(), len));
+        }
+        let (body, tag) = ciphertext.split_at(len);
+        let tag: [u8; CHUNK_TAG_LEN] = tag.try_into().expect("16-byte tag");
+        out.copy_from_slice(body);
+        let aad =
+            chunk_aad(&self.header.file_id, index as u64, &chunk, &self.name_digests[chunk.tensor_index as usize]);
+        self.chunk_key
+            .open_in_place_separate_tag(chunk_nonce(index as u64), aead::Aad::from(aad), aead::Tag::from(tag), out, 0..)
+            .map_err(|_| SealError::ChunkAuth {
+                index,
+                tensor: self.header.chunk_tensor_name(index).to_owned(),
+                tensor_offset: chunk.tensor_offset,
+                tensor_end: chunk.tensor_offset + u64::from(chunk.len),
+            })?;
+        Ok(())
+    }
+}
+
+/// Compares without an early exit, so timing says nothing about where the
+/// values differ.
+fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    a.len() == b.len() && std::hint::black_box(diff) == 0
+}
