@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use flexserve_engine::generate::{GenerateOptions, Generator};
 use flexserve_engine::perplexity::perplexity;
+use flexserve_engine::weights::GgufSource;
 use flexserve_engine::{Model, SamplingParams, Session};
 use flexserve_gguf::{GgufFile, Value};
 use flexserve_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
@@ -66,6 +67,38 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// Create a model key (32 random bytes, hex) in a new file readable only by its owner.
+    Keygen {
+        /// Where to write the key.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Print this device's public key (creating the device key pair on first use).
+    DeviceKey {
+        #[command(flatten)]
+        keys: DeviceKeyArg,
+    },
+    /// Encrypt and authenticate a GGUF model's tensor data chunk by chunk (a sealed model, .fsm).
+    Seal {
+        /// The plain GGUF model.
+        #[arg(long)]
+        model: PathBuf,
+        /// Model key file (from `flexserve keygen`).
+        #[arg(long, conflicts_with = "to", required_unless_present = "to")]
+        key: Option<PathBuf>,
+        /// Seal for one device: its public key (hex, as `flexserve device-key` prints it) or a file holding it.
+        #[arg(long)]
+        to: Option<String>,
+        /// Where to write the sealed model.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Bytes of plaintext per chunk (4 KiB .. 64 MiB).
+        #[arg(long, default_value_t = flexserve_sealed::DEFAULT_CHUNK_SIZE)]
+        chunk_size: usize,
+        /// With --to: also write the generated model key here (the vendor's copy).
+        #[arg(long, requires = "to")]
+        key_out: Option<PathBuf>,
+    },
     /// Perplexity of a text file, scored as llama.cpp does (chunks of --ctx tokens, second halves).
     Perplexity {
         #[arg(long)]
@@ -77,7 +110,41 @@ enum Command {
         /// Worker threads (0 = one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        #[command(flatten)]
+        keys: KeyArgs,
     },
+}
+
+/// How to open a sealed model.
+#[derive(Args, Clone)]
+struct KeyArgs {
+    /// Model key file, for a sealed model (.fsm) sealed with a key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceKeyArg,
+}
+
+#[derive(Args, Clone)]
+struct DeviceKeyArg {
+    /// The device's private key file, for models sealed to this device
+    /// [default: $FLEXSERVE_HOME/device.key, FLEXSERVE_HOME defaulting to ~/.flexserve].
+    #[arg(long)]
+    device_key_file: Option<PathBuf>,
+}
+
+impl DeviceKeyArg {
+    fn path(&self) -> Result<PathBuf> {
+        if let Some(p) = &self.device_key_file {
+            return Ok(p.clone());
+        }
+        let home = match std::env::var_os("FLEXSERVE_HOME") {
+            Some(h) => PathBuf::from(h),
+            None => PathBuf::from(std::env::var_os("HOME").context("neither FLEXSERVE_HOME nor HOME is set")?)
+                .join(".flexserve"),
+        };
+        Ok(home.join("device.key"))
+    }
 }
 
 #[derive(Args)]
@@ -93,6 +160,8 @@ struct RunArgs {
     /// Context length (0 = the model's own).
     #[arg(long, default_value_t = 0)]
     ctx: usize,
+    #[command(flatten)]
+    keys: KeyArgs,
 }
 
 #[derive(Args)]
@@ -136,6 +205,10 @@ impl SamplingArgs {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
+        // A reader that went away (`| head`) is not an error.
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            return;
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -146,15 +219,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect { model, full } => inspect(&model, full),
         Command::Tokenize { model, text, file, no_parse_special } => {
             let text = read_text(text, file)?;
-            let gguf = open(&model)?;
-            let tok = Tokenizer::from_gguf(&gguf.header.metadata).with_context(|| format!("{}", model.display()))?;
+            // The vocabulary is public metadata, also in a sealed model.
+            let file = ModelFile::open(&model)?;
+            let tok = Tokenizer::from_gguf(file.metadata()).with_context(|| format!("{}", model.display()))?;
             let ids = tok.encode(&text, true, !no_parse_special);
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
         Command::Generate { run, prompt, prompt_file, sampling } => {
             let prompt = read_text(prompt, prompt_file)?;
-            let loaded = Loaded::open(&run.model, run.threads)?;
+            let loaded = Loaded::open(&run.model, run.threads, &run.keys)?;
             let ids = loaded.tokenizer.encode(&prompt, true, true);
             let session = Session::new(&loaded.model, run.ctx);
             let mut generator = Generator::new(session, &loaded.tokenizer);
@@ -171,9 +245,33 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Chat { run, prompt, system, sampling } => chat(run, prompt, system, sampling),
-        Command::Perplexity { model, file, ctx, threads } => {
+        Command::Keygen { output } => {
+            flexserve_sealed::ModelKey::generate().save(&output)?;
+            eprintln!("wrote a new model key to {} (mode 0600)", output.display());
+            Ok(())
+        }
+        Command::DeviceKey { keys } => {
+            let path = keys.path()?;
+            let secret = if path.exists() {
+                flexserve_sealed::DeviceSecretKey::load(&path)?
+            } else {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                }
+                let k = flexserve_sealed::DeviceSecretKey::generate();
+                k.save(&path)?;
+                eprintln!("created the device key pair in {}", path.display());
+                k
+            };
+            println!("{}", secret.public_key().to_hex());
+            Ok(())
+        }
+        Command::Seal { model, key, to, output, chunk_size, key_out } => {
+            seal(model, key, to, output, chunk_size, key_out)
+        }
+        Command::Perplexity { model, file, ctx, threads, keys } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let loaded = Loaded::open(&model, threads)?;
+            let loaded = Loaded::open(&model, threads, &keys)?;
             let tokens = loaded.tokenizer.encode(&text, true, false);
             // Models that start every text with BOS see it at the start of every chunk.
             let bos = if loaded.tokenizer.adds_bos() { loaded.tokenizer.bos() } else { None };
@@ -198,17 +296,26 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn open(path: &Path, threads: usize) -> Result<Self> {
+    fn open(path: &Path, threads: usize, keys: &KeyArgs) -> Result<Self> {
         let t0 = Instant::now();
-        let gguf = Arc::new(open(path)?);
-        let meta = &gguf.header.metadata;
+        let (source, sealed) = match ModelFile::open(path)? {
+            ModelFile::Plain(file) => (GgufSource::from_file(Arc::new(file)), false),
+            ModelFile::Sealed(header) => {
+                let key = model_key(path, &header, keys)?;
+                // Until the secure-world process exists, tensors are decrypted in this process.
+                let bytes = flexserve_sealed::unseal_to_gguf_bytes(path, &key)?;
+                (GgufSource::from_bytes(bytes).with_context(|| format!("decrypted {}", path.display()))?, true)
+            }
+        };
+        let meta = &source.header().metadata;
         let tokenizer = Tokenizer::from_gguf(meta).with_context(|| format!("tokenizer of {}", path.display()))?;
         let template = ChatTemplate::from_gguf(meta, &tokenizer)
             .with_context(|| format!("chat template of {}", path.display()))?;
-        let model = Model::from_gguf(gguf.clone(), threads).with_context(|| format!("loading {}", path.display()))?;
+        let model = Model::from_source(&source, threads).with_context(|| format!("loading {}", path.display()))?;
         eprintln!(
-            "loaded {} ({}, {} layers, {} threads) in {:.0} ms",
+            "loaded {}{} ({}, {} layers, {} threads) in {:.0} ms",
             path.display(),
+            if sealed { " (sealed, verified)" } else { "" },
             model.config.arch.name(),
             model.config.n_layer,
             model.threads(),
@@ -216,6 +323,108 @@ impl Loaded {
         );
         Ok(Self { tokenizer, template, model })
     }
+}
+
+/// A model file as found on disk: plain GGUF or sealed.
+enum ModelFile {
+    Plain(GgufFile),
+    Sealed(flexserve_sealed::SealedHeader),
+}
+
+impl ModelFile {
+    fn open(path: &Path) -> Result<Self> {
+        let mut f = std::fs::File::open(path).with_context(|| format!("opening model {}", path.display()))?;
+        let mut magic = [0u8; 8];
+        let n = std::io::Read::read(&mut f, &mut magic).with_context(|| format!("reading {}", path.display()))?;
+        if n == magic.len() && magic == flexserve_sealed::MAGIC {
+            let f = std::fs::File::open(path).with_context(|| format!("opening model {}", path.display()))?;
+            let prefix = flexserve_sealed::SealedHeader::read_prefix(std::io::BufReader::new(f))
+                .with_context(|| format!("sealed model {}", path.display()))?;
+            let header = flexserve_sealed::SealedHeader::read(&prefix)
+                .with_context(|| format!("sealed model {}", path.display()))?;
+            return Ok(ModelFile::Sealed(header));
+        }
+        Ok(ModelFile::Plain(open(path)?))
+    }
+
+    fn metadata(&self) -> &flexserve_gguf::Metadata {
+        match self {
+            ModelFile::Plain(f) => &f.header.metadata,
+            ModelFile::Sealed(h) => &h.gguf.metadata,
+        }
+    }
+}
+
+/// The key that opens a sealed model: unwrapped with this device's key when
+/// the model was sealed to a device, else read from --key.
+fn model_key(
+    path: &Path,
+    header: &flexserve_sealed::SealedHeader,
+    keys: &KeyArgs,
+) -> Result<flexserve_sealed::ModelKey> {
+    if header.wrapped_to_device().is_some() {
+        let dev_path = keys.device.path()?;
+        let device = flexserve_sealed::DeviceSecretKey::load(&dev_path).with_context(|| {
+            format!("{} is sealed to a device; its key {} could not be loaded", path.display(), dev_path.display())
+        })?;
+        return Ok(flexserve_sealed::ModelKey::unwrap_for_device(header, &device)?);
+    }
+    let key = keys
+        .key
+        .as_ref()
+        .with_context(|| format!("{} is a sealed model: pass its key with --key KEY", path.display()))?;
+    Ok(flexserve_sealed::ModelKey::load(key)?)
+}
+
+fn seal(
+    model: PathBuf,
+    key: Option<PathBuf>,
+    to: Option<String>,
+    output: PathBuf,
+    chunk_size: usize,
+    key_out: Option<PathBuf>,
+) -> Result<()> {
+    let (model_key, to_device) = match (key, to) {
+        (Some(k), _) => (flexserve_sealed::ModelKey::load(&k)?, None),
+        (None, Some(to)) => {
+            let pubkey = if Path::new(&to).is_file() {
+                flexserve_sealed::DevicePublicKey::load(&to)?
+            } else {
+                flexserve_sealed::DevicePublicKey::from_hex(&to)?
+            };
+            let k = flexserve_sealed::ModelKey::generate();
+            if let Some(out) = &key_out {
+                k.save(out)?;
+            }
+            (k, Some(pubkey))
+        }
+        (None, None) => bail!("give --key KEY or --to DEVICE_PUBKEY"),
+    };
+    let opts = flexserve_sealed::SealOptions { chunk_size, to_device, ..Default::default() };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
+            .expect("valid progress template")
+            .progress_chars("=> "),
+    );
+    bar.set_message("sealing");
+    let t0 = Instant::now();
+    let report = flexserve_sealed::seal_file(&model, &output, &model_key, &opts, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "sealed {} -> {}: {} tensors in {} chunks of up to {} bytes, {:.1} MiB in {:.2} s",
+        model.display(),
+        output.display(),
+        report.tensors,
+        report.chunks,
+        report.chunk_size,
+        report.sealed_bytes as f64 / (1 << 20) as f64,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn open(path: &Path) -> Result<GgufFile> {
@@ -244,7 +453,7 @@ fn report(stats: &flexserve_engine::GenerationStats) {
 }
 
 fn chat(run: RunArgs, prompt: Option<String>, system: Option<String>, sampling: SamplingArgs) -> Result<()> {
-    let loaded = Loaded::open(&run.model, run.threads)?;
+    let loaded = Loaded::open(&run.model, run.threads, &run.keys)?;
     let template = loaded
         .template
         .as_ref()
@@ -301,30 +510,50 @@ fn is_terminal_stdin() -> bool {
 }
 
 fn inspect(path: &Path, full: bool) -> Result<()> {
-    let gguf = open(path)?;
-    let h = &gguf.header;
-    println!("file: {}", path.display());
-    println!(
+    let file = ModelFile::open(path)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "file: {}", path.display())?;
+    let h = match &file {
+        ModelFile::Plain(f) => &f.header,
+        ModelFile::Sealed(s) => {
+            writeln!(
+                out,
+                "sealed model (format {}): {} chunks of up to {} bytes, file id {}, {}",
+                flexserve_sealed::FORMAT_VERSION,
+                s.chunks.len(),
+                s.chunk_size,
+                s.file_id.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                match s.wrapped_to_device() {
+                    Some(d) => format!("sealed to device {}", d.to_hex()),
+                    None => "opened with a model key".to_string(),
+                }
+            )?;
+            writeln!(out, "(the header below is public and not yet authenticated: opening the model checks it)")?;
+            &s.gguf
+        }
+    };
+    writeln!(
+        out,
         "GGUF version {}, {} metadata entries, {} tensors, alignment {}, data at byte {}",
         h.version,
-        h.metadata.len(),
+        file.metadata().len(),
         h.tensors.len(),
         h.alignment,
         h.data_offset
-    );
-    println!("\nmetadata:");
+    )?;
+    writeln!(out, "\nmetadata:")?;
     for (k, v) in h.metadata.iter() {
-        println!("  {k} = {}", show_value(v, full));
+        writeln!(out, "  {k} = {}", show_value(v, full))?;
     }
-    println!("\ntensors:");
-    println!("  {:<40} {:<6} {:<20} {:>12} {:>12}", "name", "type", "shape", "offset", "bytes");
+    writeln!(out, "\ntensors:")?;
+    writeln!(out, "  {:<40} {:<6} {:<20} {:>12} {:>12}", "name", "type", "shape", "offset", "bytes")?;
     let mut total = 0u64;
     for t in &h.tensors {
         let shape = format!("{:?}", t.dims);
-        println!("  {:<40} {:<6} {:<20} {:>12} {:>12}", t.name, t.ty.name(), shape, t.offset, t.byte_size());
+        writeln!(out, "  {:<40} {:<6} {:<20} {:>12} {:>12}", t.name, t.ty.name(), shape, t.offset, t.byte_size())?;
         total += t.byte_size();
     }
-    println!("\n{} tensors, {:.1} MiB of tensor data", h.tensors.len(), total as f64 / (1 << 20) as f64);
+    writeln!(out, "\n{} tensors, {:.1} MiB of tensor data", h.tensors.len(), total as f64 / (1 << 20) as f64)?;
     Ok(())
 }
 

@@ -105,8 +105,13 @@ impl Model {
 
     /// Loads a model from a GGUF file's metadata and tensors.
     pub fn from_gguf(file: Arc<GgufFile>, threads: usize) -> Result<Self, EngineError> {
-        let config = ModelConfig::from_metadata(&file.header.metadata)?;
-        let weights = Weights::load(&GgufSource(file), &config)?;
+        Self::from_source(&GgufSource::from_file(file), threads)
+    }
+
+    /// Loads a model from any GGUF image (a mapped file or decrypted bytes).
+    pub fn from_source(src: &GgufSource, threads: usize) -> Result<Self, EngineError> {
+        let config = ModelConfig::from_metadata(&src.header().metadata)?;
+        let weights = Weights::load(src, &config)?;
         Self::new(config, weights, threads)
     }
 

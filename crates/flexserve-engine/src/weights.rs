@@ -8,7 +8,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use flexserve_gguf::{GgmlType, GgufFile, TensorInfo};
+use flexserve_gguf::{GgmlType, GgufFile, GgufHeader, TensorInfo};
 
 use crate::EngineError;
 
@@ -66,18 +66,61 @@ pub trait TensorSource {
     fn bytes(&self, info: &TensorInfo) -> Result<TensorBytes, EngineError>;
 }
 
-/// A memory-mapped GGUF file as a tensor source.
-pub struct GgufSource(pub Arc<GgufFile>);
+/// Plaintext weights held in ordinary memory (a decrypted model), wiped
+/// when dropped so that no copy outlives the model.
+pub struct OwnedWeights(Vec<u8>);
+
+impl OwnedWeights {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+}
+
+impl WeightStorage for OwnedWeights {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for OwnedWeights {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+/// A GGUF image (header plus the bytes it describes) as a tensor source:
+/// a memory-mapped file, or a decrypted model in memory.
+pub struct GgufSource {
+    header: GgufHeader,
+    storage: Arc<dyn WeightStorage>,
+}
+
+impl GgufSource {
+    pub fn from_file(file: Arc<GgufFile>) -> Self {
+        Self { header: file.header.clone(), storage: file }
+    }
+
+    /// `bytes` holds a whole GGUF file; its header is parsed and every tensor
+    /// checked to lie inside it.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, EngineError> {
+        let storage = OwnedWeights::new(bytes);
+        let header = GgufHeader::parse(storage.bytes())?;
+        Ok(Self { header, storage: Arc::new(storage) })
+    }
+
+    pub fn header(&self) -> &GgufHeader {
+        &self.header
+    }
+}
 
 impl TensorSource for GgufSource {
     fn info(&self, name: &str) -> Option<&TensorInfo> {
-        self.0.header.tensor(name)
+        self.header.tensor(name)
     }
 
     fn bytes(&self, info: &TensorInfo) -> Result<TensorBytes, EngineError> {
-        let r = self.0.header.tensor_file_range(info);
-        let storage: Arc<dyn WeightStorage> = self.0.clone();
-        TensorBytes::new(storage, r.start as usize..r.end as usize)
+        let r = self.header.tensor_file_range(info);
+        TensorBytes::new(self.storage.clone(), r.start as usize..r.end as usize)
             .map_err(|e| EngineError::Weights(format!("tensor {}: {e}", info.name)))
     }
 }

@@ -1,0 +1,88 @@
+//! Sealed models through the command line: keys, sealing, inspecting, and
+//! generating exactly the plain model's tokens.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn model() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
+    p
+}
+
+fn run(args: &[&str], home: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flexserve")).args(args).env("FLEXSERVE_HOME", home).output().unwrap()
+}
+
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn err(o: Output) -> String {
+    assert!(!o.status.success(), "unexpected success");
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!e.contains("panicked"), "{e}");
+    e
+}
+
+fn generate(model: &Path, extra: &[&str], home: &Path) -> String {
+    let m = model.to_str().unwrap();
+    let mut args =
+        vec!["generate", "--model", m, "--prompt", "def fibonacci(n):", "--max-tokens", "24", "--temperature", "0"];
+    args.extend_from_slice(extra);
+    ok(run(&args, home))
+}
+
+#[test]
+fn sealed_model_generates_the_plain_models_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let key = home.join("model.key");
+    let sealed = home.join("model.fsm");
+    let (k, s) = (key.to_str().unwrap(), sealed.to_str().unwrap());
+    ok(run(&["keygen", "-o", k], home));
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    ok(run(&["seal", "--model", model().to_str().unwrap(), "--key", k, "-o", s, "--chunk-size", "262144"], home));
+
+    let info = ok(run(&["inspect", s], home));
+    assert!(info.contains("sealed model") && info.contains("token_embd.weight"), "{info}");
+
+    let plain = generate(&model(), &[], home);
+    assert!(!plain.is_empty());
+    assert_eq!(generate(&sealed, &["--key", k], home), plain);
+
+    // No key, a wrong key, a tampered chunk: each refused with a reason.
+    let e = err(run(&["generate", "--model", s, "--prompt", "hi"], home));
+    assert!(e.contains("--key"), "{e}");
+    let other = home.join("other.key");
+    ok(run(&["keygen", "-o", other.to_str().unwrap()], home));
+    let e = err(run(&["generate", "--model", s, "--key", other.to_str().unwrap(), "--prompt", "hi"], home));
+    assert!(e.contains("wrong model key"), "{e}");
+    let mut bytes = std::fs::read(&sealed).unwrap();
+    let n = bytes.len();
+    bytes[n - 1000] ^= 0x40;
+    let tampered = home.join("tampered.fsm");
+    std::fs::write(&tampered, &bytes).unwrap();
+    let e = err(run(&["generate", "--model", tampered.to_str().unwrap(), "--key", k, "--prompt", "hi"], home));
+    assert!(e.contains("chunk") && e.contains("tensor"), "{e}");
+}
+
+#[test]
+fn model_sealed_to_a_device_opens_only_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let pubkey = ok(run(&["device-key"], home)).trim().to_string();
+    assert_eq!(pubkey.len(), 64);
+    assert_eq!(ok(run(&["device-key"], home)).trim(), pubkey, "the device key persists");
+    let sealed = home.join("d.fsm");
+    let s = sealed.to_str().unwrap();
+    ok(run(&["seal", "--model", model().to_str().unwrap(), "--to", &pubkey, "-o", s], home));
+    assert_eq!(generate(&sealed, &[], home), generate(&model(), &[], home));
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    ok(run(&["device-key"], elsewhere.path()));
+    let e = err(run(&["generate", "--model", s, "--prompt", "hi"], elsewhere.path()));
+    assert!(e.to_lowercase().contains("device"), "{e}");
+}
