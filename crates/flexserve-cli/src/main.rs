@@ -328,7 +328,7 @@ impl Loaded {
 /// A model file as found on disk: plain GGUF or sealed.
 enum ModelFile {
     Plain(GgufFile),
-    Sealed(flexserve_sealed::SealedHeader),
+    Sealed(Box<flexserve_sealed::SealedHeader>),
 }
 
 impl ModelFile {
@@ -342,7 +342,7 @@ impl ModelFile {
                 .with_context(|| format!("sealed model {}", path.display()))?;
             let header = flexserve_sealed::SealedHeader::read(&prefix)
                 .with_context(|| format!("sealed model {}", path.display()))?;
-            return Ok(ModelFile::Sealed(header));
+            return Ok(ModelFile::Sealed(Box::new(header)));
         }
         Ok(ModelFile::Plain(open(path)?))
     }
@@ -400,7 +400,7 @@ fn seal(
         }
         (None, None) => bail!("give --key KEY or --to DEVICE_PUBKEY"),
     };
-    let opts = flexserve_sealed::SealOptions { chunk_size, to_device, ..Default::default() };
+    let opts = flexserve_sealed::SealOptions { chunk_size, to_device };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})")
