@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
-# The main job: fetch the real model and answer a prompt with it.
+# The main job: fetch the real model, seal it, and answer a prompt from the
+# sealed model, next to the plain one.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 model="$(scripts/fetch-model.sh)"
 cargo build --release --quiet -p flexserve-cli
 bin=target/release/flexserve
-prompt="${1:-Explain in two sentences why a phone should keep a language model's weights secret.}"
-echo "== chat (SmolLM2-135M-Instruct, chat template, greedy)"
-echo "user: $prompt"
-"$bin" chat --model "$model" --prompt "$prompt" --max-tokens 96 --temperature 0
+prompt="${1:-What is the capital of France?}"
+keys=.cache/keys
+sealed=.cache/models/SmolLM2-135M-Instruct.Q4_1.fsm
+mkdir -p "$keys"
+[ -s "$keys/model.key" ] || "$bin" keygen -o "$keys/model.key"
+[ -s "$sealed" ] || "$bin" seal --model "$model" --key "$keys/model.key" -o "$sealed"
+
+echo "== sealed model (tensor data encrypted and authenticated chunk by chunk)"
+"$bin" inspect "$sealed" | head -n 3
 echo
-echo "== raw continuation"
-"$bin" generate --model "$model" --prompt "The capital of France is" --max-tokens 32 --temperature 0
+echo "== chat from the sealed model (greedy): $prompt"
+"$bin" chat --model "$sealed" --key "$keys/model.key" --prompt "$prompt" --max-tokens 64 --temperature 0
+echo
+echo "== the same from the plain model (must be identical)"
+"$bin" chat --model "$model" --prompt "$prompt" --max-tokens 64 --temperature 0
+echo
+echo "== raw continuation from the sealed model"
+"$bin" generate --model "$sealed" --key "$keys/model.key" --prompt "The capital of France is" --max-tokens 32 --temperature 0
+echo

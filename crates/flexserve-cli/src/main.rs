@@ -1,5 +1,7 @@
 //! `flexserve`: the command line of the normal world.
 
+mod bench;
+
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -67,6 +69,27 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// Write a random-weight model with real shapes (for speed work), tokenizer copied from a real model.
+    Synth {
+        /// 1b, 3b, or LAYERS,HIDDEN,HEADS,KV_HEADS,FFN.
+        #[arg(long)]
+        shape: String,
+        /// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, Q4_K_M, F16, BF16 or F32.
+        #[arg(long)]
+        quant: String,
+        /// A GGUF model whose tokenizer the new model gets (so that llama.cpp loads it too).
+        #[arg(long)]
+        tokenizer_from: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Create a model key (32 random bytes, hex) in a new file readable only by its owner.
     Keygen {
         /// Where to write the key.
@@ -110,6 +133,31 @@ enum Command {
         /// Worker threads (0 = one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill and decode tokens per second (median and spread over repetitions, after a warm-up).
+    Engine {
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt lengths to prefill, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "16,128,512")]
+        prompt_tokens: Vec<usize>,
+        /// Tokens to decode.
+        #[arg(long, default_value_t = 32)]
+        gen_tokens: usize,
+        /// Worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, default_value_t = 5)]
+        repetitions: usize,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         keys: KeyArgs,
     },
@@ -245,6 +293,40 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Chat { run, prompt, system, sampling } => chat(run, prompt, system, sampling),
+        Command::Synth { shape, quant, tokenizer_from, seed, output } => {
+            let spec = flexserve_engine::synth::SynthSpec::from_shape(&shape, &quant, seed)?;
+            let tok = ModelFile::open(&tokenizer_from)?;
+            let t0 = Instant::now();
+            let writer = flexserve_engine::synth::synth_model(&spec, Some(tok.metadata()))?;
+            writer.write_file(&output).with_context(|| format!("writing {}", output.display()))?;
+            let size = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
+            eprintln!(
+                "wrote {} ({} layers, hidden {}, {}, {:.1} MiB) in {:.1} s",
+                output.display(),
+                spec.n_layer,
+                spec.n_embd,
+                quant.to_uppercase(),
+                size as f64 / (1 << 20) as f64,
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Bench {
+            what: BenchCommand::Engine { model, prompt_tokens, gen_tokens, threads, repetitions, json, keys },
+        } => {
+            if repetitions == 0 || prompt_tokens.contains(&0) {
+                bail!("--repetitions and every --prompt-tokens length must be at least 1");
+            }
+            let loaded = Loaded::open(&model, threads, &keys)?;
+            let spec = bench::EngineBench { prompt_tokens, gen_tokens, repetitions };
+            let r = bench::run(&loaded.model, &spec)?;
+            if json {
+                println!("{}", bench::to_json(&model.display().to_string(), loaded.model.threads(), &r));
+            } else {
+                bench::print_table(&r);
+            }
+            Ok(())
+        }
         Command::Keygen { output } => {
             flexserve_sealed::ModelKey::generate().save(&output)?;
             eprintln!("wrote a new model key to {} (mode 0600)", output.display());

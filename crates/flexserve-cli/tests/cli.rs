@@ -210,3 +210,63 @@ fn bad_input_gets_a_clear_error() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("context is full"));
 }
+
+#[test]
+fn synth_writes_a_runnable_model_and_bench_reports_json() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny.gguf");
+    let o = flexserve(&[
+        "synth",
+        "--shape",
+        "2,256,4,2,512",
+        "--quant",
+        "Q4_K_M",
+        "--tokenizer-from",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    stdout(&o);
+    let info = stdout(&flexserve(&["inspect", out.to_str().unwrap()]));
+    // The mix: Q6_K for the output and (layer 0 of 2) the value/down matrices, Q4_K elsewhere.
+    assert!(info.contains("output.weight") && info.contains("Q6_K") && info.contains("Q4_K"), "{info}");
+    assert!(info.contains("tokenizer.ggml.tokens"));
+
+    let json = stdout(&flexserve(&[
+        "bench",
+        "engine",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt-tokens",
+        "8,16",
+        "--gen-tokens",
+        "4",
+        "--repetitions",
+        "2",
+        "--threads",
+        "2",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(v["threads"], 2);
+    assert_eq!(v["prefill"].as_array().unwrap().len(), 2);
+    assert_eq!(v["prefill"][1]["n_tokens"], 16);
+    assert_eq!(v["prefill"][0]["tokens_per_s"].as_array().unwrap().len(), 2);
+    assert_eq!(v["decode"]["n_tokens"], 4);
+    assert!(v["decode"]["tokens_per_s"][0].as_f64().unwrap() > 0.0);
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+
+    let o = flexserve(&[
+        "synth",
+        "--shape",
+        "2,250,4,2,512",
+        "--quant",
+        "Q4_0",
+        "--tokenizer-from",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "250 columns are not whole Q4_0 blocks");
+}

@@ -4,6 +4,7 @@
 use flexserve_gguf::{GgmlType, GgufWriter, Metadata, Value};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 use crate::config::Arch;
 use crate::EngineError;
@@ -20,6 +21,8 @@ pub struct SynthSpec {
     pub n_ctx: usize,
     /// Type of the attention and feed-forward matrices.
     pub weight_type: GgmlType,
+    /// How types vary between tensors.
+    pub mix: QuantMix,
     /// Type of the token embedding (and of the output matrix when tied).
     pub embd_type: GgmlType,
     /// Share the embedding as the output matrix.
@@ -43,11 +46,93 @@ impl SynthSpec {
             n_vocab: 300,
             n_ctx: 128,
             weight_type,
+            mix: QuantMix::Uniform,
             embd_type: GgmlType::Q8_0,
             tied_output: true,
             rope_base: 10000.0,
             rope_freq_factors: false,
             seed: 1,
+        }
+    }
+}
+
+/// Per-tensor type choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantMix {
+    /// Every matrix in `weight_type`.
+    Uniform,
+    /// llama.cpp's Q4_K_M: Q4_K, with Q6_K for the value and feed-forward
+    /// down matrices of the first and last eighth of the layers and every
+    /// third layer between, and for the output matrix.
+    Q4KM,
+}
+
+impl SynthSpec {
+    /// A model with real shapes: `1b` (hidden 2048, 16 layers, 32 heads, 8 KV
+    /// heads, FFN 8192), `3b` (3072, 28, 24, 8, 8192), or
+    /// `LAYERS,HIDDEN,HEADS,KV_HEADS,FFN`; `quant` a type name or `Q4_K_M`.
+    pub fn from_shape(shape: &str, quant: &str, seed: u64) -> Result<Self, EngineError> {
+        let dims: Vec<usize> = match shape {
+            "1b" => vec![16, 2048, 32, 8, 8192],
+            "3b" => vec![28, 3072, 24, 8, 8192],
+            s => s.split(',').map(|d| d.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|_| {
+                EngineError::Other(format!("shape {s:?}: expected 1b, 3b or LAYERS,HIDDEN,HEADS,KV_HEADS,FFN"))
+            })?,
+        };
+        let [n_layer, n_embd, n_head, n_head_kv, n_ff] = dims[..] else {
+            return Err(EngineError::Other(format!(
+                "shape {shape:?}: expected five numbers LAYERS,HIDDEN,HEADS,KV_HEADS,FFN"
+            )));
+        };
+        if dims.contains(&0) || n_embd % n_head != 0 || n_head % n_head_kv != 0 || (n_embd / n_head) % 2 != 0 {
+            return Err(EngineError::Other(format!(
+                "shape {shape:?}: heads must divide the hidden size into even head dimensions and KV heads divide heads"
+            )));
+        }
+        let (weight_type, mix) = if quant.eq_ignore_ascii_case("q4_k_m") {
+            (GgmlType::Q4_K, QuantMix::Q4KM)
+        } else {
+            let ty = GgmlType::from_name(quant)
+                .ok_or_else(|| EngineError::Other(format!("unknown quantization type {quant:?}")))?;
+            (ty, QuantMix::Uniform)
+        };
+        Ok(Self {
+            arch: Arch::Llama,
+            n_layer,
+            n_embd,
+            n_head,
+            n_head_kv,
+            n_ff,
+            n_vocab: 32000,
+            n_ctx: 4096,
+            weight_type,
+            mix,
+            embd_type: weight_type,
+            tied_output: false,
+            rope_base: 500000.0,
+            rope_freq_factors: false,
+            seed,
+        })
+    }
+
+    /// The type of matrix `name` (`attn_q`, `ffn_down`, `output`, ...) in `layer`.
+    pub fn matrix_type(&self, name: &str, layer: usize) -> GgmlType {
+        let n = self.n_layer;
+        match self.mix {
+            QuantMix::Uniform
+                if name == "output" && self.weight_type != GgmlType::Q8_0 && self.weight_type.block_size() > 1 =>
+            {
+                GgmlType::Q6_K
+            }
+            QuantMix::Uniform => self.weight_type,
+            QuantMix::Q4KM => {
+                let more_bits = layer < n / 8 || layer >= 7 * n / 8 || (layer >= n / 8 && (layer - n / 8) % 3 == 2);
+                match name {
+                    "output" => GgmlType::Q6_K,
+                    "attn_v" | "ffn_down" if more_bits => GgmlType::Q6_K,
+                    _ => GgmlType::Q4_K,
+                }
+            }
         }
     }
 }
@@ -85,9 +170,17 @@ pub fn synth_model(spec: &SynthSpec, tokenizer: Option<&Metadata>) -> Result<Ggu
     let mut matrix = |w: &mut GgufWriter, name: &str, ty: GgmlType, cols: usize, rows: usize, scale: f32| {
         // Norm weights sit near 1, everything else near 0.
         let offset = if name.contains("norm") { 1.0 } else { 0.0 };
-        let data: Vec<f32> = (0..cols * rows).map(|_| offset + gaussian(&mut rng) * scale).collect();
-        let bytes = flexserve_quant::quantize_matrix(ty, &data, cols)
-            .map_err(|err| EngineError::Weights(format!("{name}: {err}")))?;
+        // One seed per tensor from the model's generator, rows filled in parallel
+        // from per-row generators: reproducible whatever the thread count.
+        let tensor_seed: u64 = rng.gen();
+        let mut data = vec![0f32; cols * rows];
+        data.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
+            let mut g = StdRng::seed_from_u64(tensor_seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for v in row.iter_mut() {
+                *v = offset + gaussian(&mut g) * scale;
+            }
+        });
+        let bytes = quantize_parallel(ty, &data, cols).map_err(|err| EngineError::Weights(format!("{name}: {err}")))?;
         w.add_tensor(name, ty, &[cols as u64, rows as u64], bytes)?;
         Ok::<(), EngineError>(())
     };
@@ -96,19 +189,19 @@ pub fn synth_model(spec: &SynthSpec, tokenizer: Option<&Metadata>) -> Result<Ggu
     for i in 0..spec.n_layer {
         let n = |s: &str| format!("blk.{i}.{s}");
         matrix(&mut w, &n("attn_norm.weight"), GgmlType::F32, e, 1, 0.1)?;
-        matrix(&mut w, &n("attn_q.weight"), spec.weight_type, e, q, std_in(e))?;
-        matrix(&mut w, &n("attn_k.weight"), spec.weight_type, e, kv, std_in(e))?;
-        matrix(&mut w, &n("attn_v.weight"), spec.weight_type, e, kv, std_in(e))?;
+        matrix(&mut w, &n("attn_q.weight"), spec.matrix_type("attn_q", i), e, q, std_in(e))?;
+        matrix(&mut w, &n("attn_k.weight"), spec.matrix_type("attn_k", i), e, kv, std_in(e))?;
+        matrix(&mut w, &n("attn_v.weight"), spec.matrix_type("attn_v", i), e, kv, std_in(e))?;
         if spec.arch == Arch::Qwen2 {
             matrix(&mut w, &n("attn_q.bias"), GgmlType::F32, q, 1, 0.1)?;
             matrix(&mut w, &n("attn_k.bias"), GgmlType::F32, kv, 1, 0.1)?;
             matrix(&mut w, &n("attn_v.bias"), GgmlType::F32, kv, 1, 0.1)?;
         }
-        matrix(&mut w, &n("attn_output.weight"), spec.weight_type, q, e, std_in(q))?;
+        matrix(&mut w, &n("attn_output.weight"), spec.matrix_type("attn_output", i), q, e, std_in(q))?;
         matrix(&mut w, &n("ffn_norm.weight"), GgmlType::F32, e, 1, 0.1)?;
-        matrix(&mut w, &n("ffn_gate.weight"), spec.weight_type, e, ff, std_in(e))?;
-        matrix(&mut w, &n("ffn_up.weight"), spec.weight_type, e, ff, std_in(e))?;
-        matrix(&mut w, &n("ffn_down.weight"), spec.weight_type, ff, e, std_in(ff))?;
+        matrix(&mut w, &n("ffn_gate.weight"), spec.matrix_type("ffn_gate", i), e, ff, std_in(e))?;
+        matrix(&mut w, &n("ffn_up.weight"), spec.matrix_type("ffn_up", i), e, ff, std_in(e))?;
+        matrix(&mut w, &n("ffn_down.weight"), spec.matrix_type("ffn_down", i), ff, e, std_in(ff))?;
     }
     matrix(&mut w, "output_norm.weight", GgmlType::F32, e, 1, 0.1)?;
     if spec.rope_freq_factors {
@@ -122,9 +215,21 @@ pub fn synth_model(spec: &SynthSpec, tokenizer: Option<&Metadata>) -> Result<Ggu
         )?;
     }
     if !spec.tied_output {
-        matrix(&mut w, "output.weight", spec.weight_type, e, n_vocab, std_in(e))?;
+        matrix(&mut w, "output.weight", spec.matrix_type("output", spec.n_layer), e, n_vocab, std_in(e))?;
     }
     Ok(w)
+}
+
+fn quantize_parallel(ty: GgmlType, data: &[f32], cols: usize) -> Result<Vec<u8>, flexserve_quant::QuantError> {
+    let k = flexserve_quant::kernels(ty)?;
+    let row_bytes = ty.row_size(cols as u64).ok_or(flexserve_quant::QuantError::NotBlockMultiple {
+        ty,
+        n: cols,
+        block: ty.block_size(),
+    })? as usize;
+    let mut out = vec![0u8; data.len() / cols * row_bytes];
+    out.par_chunks_mut(row_bytes).zip(data.par_chunks(cols)).for_each(|(d, s)| (k.quantize)(s, d));
+    Ok(out)
 }
 
 /// A standard normal sample (Box-Muller).

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use flexserve_gguf::GgufError;
 
+use crate::SignatureFailure;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
     #[error("{path}: {what}: {source}")]
@@ -55,6 +57,9 @@ pub enum SealError {
 
     #[error("cannot unwrap the model key: the key-wrap section was modified")]
     KeyUnwrap,
+
+    #[error("vendor signature check failed: {failure}")]
+    Signature { failure: SignatureFailure },
 
     #[error(
         "sealed header authentication failed: the preamble, GGUF header, tensor directory, \

@@ -7,7 +7,8 @@ use flexserve_gguf::GgufHeader;
 use ring::{aead, digest, hkdf, hmac};
 use zeroize::Zeroizing;
 
-use crate::{ModelKey, SealError};
+use crate::signature::{SignatureFailure, VendorSignature, SIGNATURE_SECTION_LEN};
+use crate::{ModelKey, SealError, VendorPublicKey};
 
 /// First eight bytes of every sealed file.
 pub const MAGIC: [u8; 8] = *b"FSMODEL1";
@@ -34,6 +35,8 @@ pub const MAX_PREFIX_LEN: u64 = 1 << 30;
 
 /// Flag bit: the file carries the model key wrapped to a device key.
 pub const FLAG_DEVICE_WRAPPED: u32 = 1;
+/// Flag bit: a vendor signature section follows the header tag.
+pub const FLAG_VENDOR_SIGNED: u32 = 2;
 /// Size of the key-wrap section when [`FLAG_DEVICE_WRAPPED`] is set: device
 /// public key, ephemeral public key, wrapped model key, GCM tag.
 pub const KEY_WRAP_LEN: usize = 32 + 32 + 32 + 16;
@@ -86,9 +89,13 @@ pub struct SealedHeader {
     pub gguf_header_offset: u64,
     /// Length of the GGUF header bytes (equal to the GGUF's `data_offset`).
     pub gguf_header_len: u64,
-    /// File offset of the header tag; everything before it is authenticated.
+    /// File offset of the header tag; everything before it is authenticated
+    /// (and, in a signed file, signed).
     pub tag_offset: u64,
-    /// Length of the authenticated prefix and tag: where the first chunk starts.
+    /// The vendor signature section, when the file is signed.
+    pub(crate) signature: Option<VendorSignature>,
+    /// Length of the header region, tag and signature section: where the
+    /// first chunk starts.
     pub chunks_offset: u64,
     /// Total sealed file length.
     pub file_len: u64,
@@ -164,7 +171,7 @@ impl Preamble {
             return Err(SealError::UnsupportedVersion(version));
         }
         let flags = f.u32("flags")?;
-        if flags & !FLAG_DEVICE_WRAPPED != 0 {
+        if flags & !(FLAG_DEVICE_WRAPPED | FLAG_VENDOR_SIGNED) != 0 {
             return Err(SealError::Malformed { field: "flags", reason: format!("unknown flags {flags:#x}") });
         }
         let file_id = f.array("file id")?;
@@ -182,6 +189,15 @@ impl Preamble {
             chunk_count: f.u64("chunk count")?,
         };
         Ok(p)
+    }
+
+    /// Length of the signature section after the header tag.
+    fn signature_len(&self) -> u64 {
+        if self.flags & FLAG_VENDOR_SIGNED != 0 {
+            SIGNATURE_SECTION_LEN as u64
+        } else {
+            0
+        }
     }
 
     /// Length of the authenticated prefix this preamble describes (up to the
@@ -247,7 +263,11 @@ impl SealedHeader {
 
         let table = f.take(p.chunk_count as usize * CHUNK_ENTRY_LEN, "chunk table")?;
         f.take(HEADER_TAG_LEN, "header tag")?;
-        let chunks_offset = tag_offset + HEADER_TAG_LEN as u64;
+        let signature = match p.signature_len() {
+            0 => None,
+            _ => Some(VendorSignature::parse(&f.array::<SIGNATURE_SECTION_LEN>("vendor signature section")?)),
+        };
+        let chunks_offset = tag_offset + HEADER_TAG_LEN as u64 + p.signature_len();
         debug_assert_eq!(f.pos as u64, chunks_offset);
 
         // Compare against the canonical chunking before allocating anything
@@ -303,6 +323,7 @@ impl SealedHeader {
             gguf_header_offset,
             gguf_header_len: p.gguf_header_len,
             tag_offset,
+            signature,
             chunks_offset,
             file_len: file_offset,
             chunk_starts,
@@ -318,7 +339,7 @@ impl SealedHeader {
         let got = read_up_to(&mut r, &mut preamble)?;
         let mut f = Fields { bytes: &preamble[..got], pos: 0 };
         let p = Preamble::decode(&mut f)?;
-        let total = p.prefix_len()? + HEADER_TAG_LEN as u64;
+        let total = p.prefix_len()? + HEADER_TAG_LEN as u64 + p.signature_len();
         let mut bytes = preamble.to_vec();
         r.take(total - PREAMBLE_LEN as u64).read_to_end(&mut bytes).map_err(|source| SealError::Io {
             path: "<sealed header reader>".into(),
@@ -348,6 +369,48 @@ impl SealedHeader {
     /// The device public key the model key is wrapped to, if any.
     pub fn wrapped_to_device(&self) -> Option<crate::DevicePublicKey> {
         self.key_wrap.map(|w| crate::DevicePublicKey::from_bytes(w[..32].try_into().expect("32 bytes")))
+    }
+
+    /// Whether the file carries a vendor signature.
+    pub fn is_signed(&self) -> bool {
+        self.signature.is_some()
+    }
+
+    /// The vendor public key the file claims to be signed by. Not trusted
+    /// until [`SealedHeader::verify_signature`] (or an open, which runs it)
+    /// has passed.
+    pub fn signed_by(&self) -> Option<VendorPublicKey> {
+        self.signature.map(|s| s.signer)
+    }
+
+    /// Checks the vendor signature over `header_bytes[..tag_offset]` (the
+    /// bytes this header was read from). With `required`, the file must be
+    /// signed by exactly that key; without, a signed file's signature must
+    /// verify under the key it names and an unsigned file passes. Needs no
+    /// model key, so the normal world can run it too.
+    pub fn verify_signature(&self, header_bytes: &[u8], required: Option<&VendorPublicKey>) -> Result<(), SealError> {
+        let fail = |failure| Err(SealError::Signature { failure });
+        let Some(sig) = self.signature else {
+            return match required {
+                Some(r) => fail(SignatureFailure::Missing { required: r.to_hex() }),
+                None => Ok(()),
+            };
+        };
+        if let Some(r) = required {
+            if *r != sig.signer {
+                return fail(SignatureFailure::OtherVendor { required: r.to_hex(), found: sig.signer.to_hex() });
+            }
+        }
+        let signed = header_bytes.get(..self.tag_offset as usize).ok_or(SealError::Truncated {
+            what: "signed header region",
+            start: 0,
+            end: self.tag_offset,
+            available: header_bytes.len() as u64,
+        })?;
+        if !sig.signer.verify(signed, &sig.signature) {
+            return fail(SignatureFailure::Invalid { signer: sig.signer.to_hex() });
+        }
+        Ok(())
     }
 
     /// Name of the tensor chunk `index` belongs to ("?" if out of range).

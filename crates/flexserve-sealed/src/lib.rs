@@ -11,6 +11,9 @@
 //!   [`SealedModel::open_chunk`] decrypts one chunk, from any thread.
 //! - [`SealOptions::to_device`] also wraps the model key to a device's X25519
 //!   key; the device recovers it with [`ModelKey::unwrap_for_device`].
+//! - [`seal_file_signed`] also signs the header region with a vendor's
+//!   Ed25519 key ([`VendorSigningKey`]); [`SealedModel::open_verified`]
+//!   requires a valid signature by a given [`VendorPublicKey`].
 
 mod device;
 mod error;
@@ -18,16 +21,21 @@ mod format;
 mod key;
 mod model;
 mod seal;
+mod signature;
 
 pub use device::{DevicePublicKey, DeviceSecretKey};
 pub use error::SealError;
 pub use format::{
-    ChunkInfo, SealedHeader, CHUNK_ENTRY_LEN, CHUNK_TAG_LEN, DEFAULT_CHUNK_SIZE, FLAG_DEVICE_WRAPPED, FORMAT_VERSION,
-    HEADER_TAG_LEN, KEY_WRAP_LEN, MAGIC, MAX_CHUNK_SIZE, MAX_PREFIX_LEN, MIN_CHUNK_SIZE, PREAMBLE_LEN,
+    ChunkInfo, SealedHeader, CHUNK_ENTRY_LEN, CHUNK_TAG_LEN, DEFAULT_CHUNK_SIZE, FLAG_DEVICE_WRAPPED,
+    FLAG_VENDOR_SIGNED, FORMAT_VERSION, HEADER_TAG_LEN, KEY_WRAP_LEN, MAGIC, MAX_CHUNK_SIZE, MAX_PREFIX_LEN,
+    MIN_CHUNK_SIZE, PREAMBLE_LEN,
 };
 pub use key::{ModelKey, MODEL_KEY_LEN};
 pub use model::SealedModel;
-pub use seal::{seal_file, unseal_to_gguf_bytes, SealOptions, SealReport};
+pub use seal::{seal_file, seal_file_signed, unseal_to_gguf_bytes, SealOptions, SealReport};
+pub use signature::{
+    SignatureFailure, VendorPublicKey, VendorSigningKey, SIGNATURE_LEN, SIGNATURE_SECTION_LEN, VENDOR_PUBLIC_KEY_LEN,
+};
 
 /// Maps an I/O error to [`SealError::Io`] naming `path`.
 pub(crate) fn io_error(path: &std::path::Path, what: &'static str) -> impl FnOnce(std::io::Error) -> SealError {
@@ -49,6 +57,7 @@ mod tests {
         assert_send_sync::<SealedModel>();
         assert_send_sync::<ModelKey>();
         assert_send_sync::<DeviceSecretKey>();
+        assert_send_sync::<VendorSigningKey>();
     }
 
     #[test]

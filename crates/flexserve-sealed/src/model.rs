@@ -2,8 +2,8 @@
 
 use ring::{aead, hmac};
 
-use crate::format::{chunk_aad, chunk_nonce, name_digest, FileKeys, SealedHeader, CHUNK_TAG_LEN};
-use crate::{ModelKey, SealError};
+use crate::format::{chunk_aad, chunk_nonce, name_digest, FileKeys, SealedHeader, CHUNK_TAG_LEN, HEADER_TAG_LEN};
+use crate::{ChunkInfo, ModelKey, SealError, VendorPublicKey};
 
 /// A sealed model whose header is authenticated with the model key. Chunks
 /// are opened independently with `&self`, from any number of threads.
@@ -27,15 +27,31 @@ impl std::fmt::Debug for SealedModel {
 impl SealedModel {
     /// Parses the header at the start of `header_bytes` (the file's first
     /// `chunks_offset` bytes or more; see [`SealedHeader::read_prefix`]),
-    /// checks the key, then the header tag over everything before it.
+    /// checks the key, then the header tag over everything before it. A
+    /// signed file's signature must verify under the vendor key it names;
+    /// unsigned files are accepted. To require a particular vendor, use
+    /// [`SealedModel::open_verified`].
     pub fn open(header_bytes: &[u8], key: &ModelKey) -> Result<SealedModel, SealError> {
+        SealedModel::open_verified(header_bytes, key, None)
+    }
+
+    /// Like [`SealedModel::open`], and with `vendor` the file must carry a
+    /// valid signature by exactly that key (else [`SealError::Signature`]:
+    /// missing, by another vendor, or not verifying). The signature is
+    /// checked before the model key and header tag.
+    pub fn open_verified(
+        header_bytes: &[u8],
+        key: &ModelKey,
+        vendor: Option<&VendorPublicKey>,
+    ) -> Result<SealedModel, SealError> {
         let header = SealedHeader::read(header_bytes)?;
+        header.verify_signature(header_bytes, vendor)?;
         let keys = FileKeys::derive(key, &header.file_id)?;
         if !equal_in_constant_time(&keys.key_check[..], &header.key_check) {
             return Err(SealError::WrongKey);
         }
         let tag_offset = header.tag_offset as usize;
-        let tag = &header_bytes[tag_offset..header.chunks_offset as usize];
+        let tag = &header_bytes[tag_offset..tag_offset + HEADER_TAG_LEN];
         hmac::verify(&keys.header_key, &header_bytes[..tag_offset], tag).map_err(|_| SealError::HeaderAuth)?;
         let name_digests = header.gguf.tensors.iter().map(|t| name_digest(&t.name)).collect();
         Ok(SealedModel { header, chunk_key: keys.chunk_key, name_digests })
@@ -57,10 +73,38 @@ impl SealedModel {
         result
     }
 
+    /// Decrypts chunk `index` in place: `sealed` holds exactly the chunk's
+    /// bytes on file (ciphertext then tag); on success its first `len` bytes
+    /// are the plaintext, returned as a slice. Saves the copy
+    /// [`SealedModel::open_chunk`] makes, for callers that read each chunk
+    /// into a staging buffer anyway. On any failure `sealed` is zeroed.
+    pub fn open_chunk_in_place<'a>(&self, index: usize, sealed: &'a mut [u8]) -> Result<&'a mut [u8], SealError> {
+        let result = self.checked_chunk(index, sealed.len(), None).and_then(|chunk| {
+            let (body, tag) = sealed.split_at_mut(chunk.len as usize);
+            let tag: [u8; CHUNK_TAG_LEN] = (&*tag).try_into().expect("16-byte tag");
+            self.decrypt(index, &chunk, tag, body)
+        });
+        match result {
+            Ok(len) => Ok(&mut sealed[..len]),
+            Err(e) => {
+                sealed.fill(0);
+                Err(e)
+            }
+        }
+    }
+
     fn open_chunk_inner(&self, index: usize, ciphertext: &[u8], out: &mut [u8]) -> Result<(), SealError> {
+        let chunk = self.checked_chunk(index, ciphertext.len(), Some(out.len()))?;
+        let (body, tag) = ciphertext.split_at(chunk.len as usize);
+        let tag: [u8; CHUNK_TAG_LEN] = tag.try_into().expect("16-byte tag");
+        out.copy_from_slice(body);
+        self.decrypt(index, &chunk, tag, out).map(|_| ())
+    }
+
+    /// Chunk `index`'s table entry, once the sealed and output lengths match it.
+    fn checked_chunk(&self, index: usize, sealed_len: usize, out_len: Option<usize>) -> Result<ChunkInfo, SealError> {
         let count = self.header.chunks.len();
         let chunk = *self.header.chunks.get(index).ok_or(SealError::ChunkIndex { index, count })?;
-        let len = chunk.len as usize;
         let length_error = |what, got, expected| SealError::ChunkLength {
             index,
             tensor: self.header.chunk_tensor_name(index).to_owned(),
@@ -68,26 +112,40 @@ impl SealedModel {
             got,
             expected,
         };
-        if ciphertext.len() != chunk.sealed_len() {
-            return Err(length_error("ciphertext", ciphertext.len(), chunk.sealed_len()));
+        if sealed_len != chunk.sealed_len() {
+            return Err(length_error("ciphertext", sealed_len, chunk.sealed_len()));
         }
-        if out.len() != len {
-            return Err(length_error("output buffer", out.len(), len));
+        match out_len {
+            Some(got) if got != chunk.len as usize => Err(length_error("output buffer", got, chunk.len as usize)),
+            _ => Ok(chunk),
         }
-        let (body, tag) = ciphertext.split_at(len);
-        let tag: [u8; CHUNK_TAG_LEN] = tag.try_into().expect("16-byte tag");
-        out.copy_from_slice(body);
-        let aad =
-            chunk_aad(&self.header.file_id, index as u64, &chunk, &self.name_digests[chunk.tensor_index as usize]);
+    }
+
+    /// Opens `body` (the chunk's ciphertext) in place with its tag; returns
+    /// the plaintext length.
+    fn decrypt(
+        &self,
+        index: usize,
+        chunk: &ChunkInfo,
+        tag: [u8; CHUNK_TAG_LEN],
+        body: &mut [u8],
+    ) -> Result<usize, SealError> {
+        let aad = chunk_aad(&self.header.file_id, index as u64, chunk, &self.name_digests[chunk.tensor_index as usize]);
         self.chunk_key
-            .open_in_place_separate_tag(chunk_nonce(index as u64), aead::Aad::from(aad), aead::Tag::from(tag), out, 0..)
+            .open_in_place_separate_tag(
+                chunk_nonce(index as u64),
+                aead::Aad::from(aad),
+                aead::Tag::from(tag),
+                body,
+                0..,
+            )
             .map_err(|_| SealError::ChunkAuth {
                 index,
                 tensor: self.header.chunk_tensor_name(index).to_owned(),
                 tensor_offset: chunk.tensor_offset,
                 tensor_end: chunk.tensor_offset + u64::from(chunk.len),
             })?;
-        Ok(())
+        Ok(body.len())
     }
 }
 

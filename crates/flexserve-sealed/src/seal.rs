@@ -12,14 +12,15 @@ use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
 use crate::device::wrap_model_key;
-use crate::format::FLAG_DEVICE_WRAPPED;
 use crate::format::{
     canonical_chunk_count, check_data_len_slack, chunk_aad, chunk_nonce, for_each_canonical_chunk, name_digest,
     FileKeys, Preamble, SealedHeader, CHUNK_ENTRY_LEN, CHUNK_TAG_LEN, DEFAULT_CHUNK_SIZE, HEADER_TAG_LEN,
     MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, PREAMBLE_LEN,
 };
+use crate::format::{FLAG_DEVICE_WRAPPED, FLAG_VENDOR_SIGNED};
 use crate::key::TempPath;
-use crate::{ChunkInfo, DevicePublicKey, ModelKey, SealError, SealedModel};
+use crate::signature::SIGNATURE_SECTION_LEN;
+use crate::{ChunkInfo, DevicePublicKey, ModelKey, SealError, SealedModel, VendorSigningKey};
 
 /// How to seal.
 #[derive(Debug, Clone)]
@@ -62,6 +63,20 @@ pub fn seal_file(
     opts: &SealOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<SealReport, SealError> {
+    seal_file_signed(input, output, key, opts, None, progress)
+}
+
+/// [`seal_file`], and with `sign_with` the header region (preamble,
+/// key-wrap section, GGUF header, chunk table) is signed with that vendor
+/// key; the signature section follows the header tag.
+pub fn seal_file_signed(
+    input: &Path,
+    output: &Path,
+    key: &ModelKey,
+    opts: &SealOptions,
+    sign_with: Option<&VendorSigningKey>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<SealReport, SealError> {
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&opts.chunk_size) {
         return Err(SealError::Options(format!(
             "chunk size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes",
@@ -96,7 +111,8 @@ pub fn seal_file(
     let key_wrap = opts.to_device.as_ref().map(|d| wrap_model_key(key, d, &file_id)).transpose()?;
     let key_wrap_len = key_wrap.as_ref().map_or(0, |w| w.len());
     let preamble = Preamble {
-        flags: if key_wrap.is_some() { FLAG_DEVICE_WRAPPED } else { 0 },
+        flags: if key_wrap.is_some() { FLAG_DEVICE_WRAPPED } else { 0 }
+            | if sign_with.is_some() { FLAG_VENDOR_SIGNED } else { 0 },
         key_wrap_len: key_wrap_len as u32,
         file_id,
         key_check: *keys.key_check,
@@ -106,7 +122,9 @@ pub fn seal_file(
         chunk_count,
     };
     let table_len = chunk_count as usize * CHUNK_ENTRY_LEN;
-    let chunks_offset = (PREAMBLE_LEN + key_wrap_len + header_len as usize + table_len + HEADER_TAG_LEN) as u64;
+    let signature_len = if sign_with.is_some() { SIGNATURE_SECTION_LEN } else { 0 };
+    let chunks_offset =
+        (PREAMBLE_LEN + key_wrap_len + header_len as usize + table_len + HEADER_TAG_LEN + signature_len) as u64;
     let mut prefix = Vec::with_capacity(chunks_offset as usize);
     prefix.extend_from_slice(&preamble.encode());
     prefix.extend_from_slice(key_wrap.as_ref().map_or(&[][..], |w| &w[..]));
@@ -124,9 +142,12 @@ pub fn seal_file(
         Ok(())
     })?;
     let tag = hmac::sign(&keys.header_key, &prefix);
+    let signature = sign_with.map(|vendor| vendor.sign_section(&prefix));
     prefix.extend_from_slice(tag.as_ref());
+    prefix.extend_from_slice(signature.as_ref().map_or(&[][..], |s| &s[..]));
     // Self-check: the reader accepts exactly what was written.
     let parsed = SealedHeader::read(&prefix)
+        .and_then(|h| h.verify_signature(&prefix, sign_with.map(|v| v.public_key()).as_ref()).map(|()| h))
         .map_err(|e| unsealable(format!("internal error: the sealed header does not read back: {e}")))?;
     debug_assert_eq!(parsed.file_len, file_offset);
 

@@ -541,3 +541,32 @@ fn real_model_round_trip() {
     let unsealed = unseal_to_gguf_bytes(&sealed, &key).unwrap();
     assert!(unsealed == original, "unsealed model differs from the original");
 }
+
+#[test]
+fn chunks_open_in_place_like_into_a_separate_buffer() {
+    let f = fixture();
+    let sealed = std::fs::read(&f.sealed).unwrap();
+    let model = SealedModel::open(&sealed, &f.key).unwrap();
+    for (index, c) in model.header().chunks.iter().enumerate() {
+        let range = c.file_offset as usize..c.file_offset as usize + c.sealed_len();
+        let mut expected = vec![0; c.len as usize];
+        model.open_chunk(index, &sealed[range.clone()], &mut expected).unwrap();
+        let mut buf = sealed[range.clone()].to_vec();
+        assert_eq!(model.open_chunk_in_place(index, &mut buf).unwrap(), &expected[..], "chunk {index}");
+
+        // A flipped bit or a chunk at the wrong index fails and zeroes the buffer.
+        let mut buf = sealed[range.clone()].to_vec();
+        let at = index % buf.len();
+        buf[at] ^= 4;
+        assert!(matches!(model.open_chunk_in_place(index, &mut buf), Err(SealError::ChunkAuth { .. })));
+        assert!(buf.iter().all(|&b| b == 0));
+        let other = (index + 1) % model.header().chunks.len();
+        let mut buf = sealed[range].to_vec();
+        assert!(model.open_chunk_in_place(other, &mut buf).is_err());
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+    let mut short = vec![1u8; 10];
+    assert!(matches!(model.open_chunk_in_place(0, &mut short), Err(SealError::ChunkLength { .. })));
+    assert!(short.iter().all(|&b| b == 0));
+    assert!(matches!(model.open_chunk_in_place(9999, &mut short), Err(SealError::ChunkIndex { .. })));
+}
