@@ -126,7 +126,7 @@ impl SynthSpec {
             }
             QuantMix::Uniform => self.weight_type,
             QuantMix::Q4KM => {
-                let more_bits = layer < n / 8 || layer >= 7 * n / 8 || (layer >= n / 8 && (layer - n / 8) % 3 == 2);
+                let more_bits = layer < n / 8 || layer >= 7 * n / 8 || (layer - n / 8) % 3 == 2;
                 match name {
                     "output" => GgmlType::Q6_K,
                     "attn_v" | "ffn_down" if more_bits => GgmlType::Q6_K,
