@@ -8,7 +8,8 @@
 //! - [`SealedHeader::read`] parses the public part (no key): tensor names,
 //!   shapes, and where each chunk lies in the file.
 //! - [`SealedModel::open`] authenticates the header with the key; then
-//!   [`SealedModel::open_chunk`] decrypts one chunk, from any thread.
+//!   [`SealedModel::open_chunk`] (or [`SealedModel::open_chunk_in_place`])
+//!   decrypts one chunk, from any thread.
 //! - [`SealOptions::to_device`] also wraps the model key to a device's X25519
 //!   key; the device recovers it with [`ModelKey::unwrap_for_device`].
 //! - [`seal_file_signed`] also signs the header region with a vendor's
