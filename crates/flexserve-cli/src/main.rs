@@ -121,6 +121,15 @@ enum Command {
         /// With --to: also write the generated model key here (the vendor's copy).
         #[arg(long, requires = "to")]
         key_out: Option<PathBuf>,
+        /// Sign the header with this vendor signing key (from `flexserve vendor-keygen`).
+        #[arg(long)]
+        sign: Option<PathBuf>,
+    },
+    /// Create a vendor signing key (Ed25519) and print its public key.
+    VendorKeygen {
+        /// Where to write the signing key (mode 0600).
+        #[arg(short, long)]
+        output: PathBuf,
     },
     /// Perplexity of a text file, scored as llama.cpp does (chunks of --ctx tokens, second halves).
     Perplexity {
@@ -169,6 +178,9 @@ struct KeyArgs {
     /// Model key file, for a sealed model (.fsm) sealed with a key.
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Accept a sealed model only if this vendor signed it (public key in hex, or a file holding it).
+    #[arg(long)]
+    vendor_pubkey: Option<String>,
     #[command(flatten)]
     device: DeviceKeyArg,
 }
@@ -348,8 +360,15 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", secret.public_key().to_hex());
             Ok(())
         }
-        Command::Seal { model, key, to, output, chunk_size, key_out } => {
-            seal(model, key, to, output, chunk_size, key_out)
+        Command::Seal { model, key, to, output, chunk_size, key_out, sign } => {
+            seal(model, key, to, output, chunk_size, key_out, sign)
+        }
+        Command::VendorKeygen { output } => {
+            let k = flexserve_sealed::VendorSigningKey::generate();
+            k.save(&output)?;
+            eprintln!("wrote a new vendor signing key to {} (mode 0600); its public key:", output.display());
+            println!("{}", k.public_key().to_hex());
+            Ok(())
         }
         Command::Perplexity { model, file, ctx, threads, keys } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -382,7 +401,15 @@ impl Loaded {
         let t0 = Instant::now();
         let (source, sealed) = match ModelFile::open(path)? {
             ModelFile::Plain(file) => (GgufSource::from_file(Arc::new(file)), false),
-            ModelFile::Sealed(header) => {
+            ModelFile::Sealed(header, prefix) => {
+                if let Some(v) = &keys.vendor_pubkey {
+                    let vendor = if Path::new(v).is_file() {
+                        flexserve_sealed::VendorPublicKey::load(v)?
+                    } else {
+                        flexserve_sealed::VendorPublicKey::from_hex(v)?
+                    };
+                    header.verify_signature(&prefix, Some(&vendor)).with_context(|| format!("{}", path.display()))?;
+                }
                 let key = model_key(path, &header, keys)?;
                 // Until the secure-world process exists, tensors are decrypted in this process.
                 let bytes = flexserve_sealed::unseal_to_gguf_bytes(path, &key)?;
@@ -410,7 +437,8 @@ impl Loaded {
 /// A model file as found on disk: plain GGUF or sealed.
 enum ModelFile {
     Plain(GgufFile),
-    Sealed(Box<flexserve_sealed::SealedHeader>),
+    /// The parsed public header and its raw bytes.
+    Sealed(Box<flexserve_sealed::SealedHeader>, Vec<u8>),
 }
 
 impl ModelFile {
@@ -424,7 +452,7 @@ impl ModelFile {
                 .with_context(|| format!("sealed model {}", path.display()))?;
             let header = flexserve_sealed::SealedHeader::read(&prefix)
                 .with_context(|| format!("sealed model {}", path.display()))?;
-            return Ok(ModelFile::Sealed(Box::new(header)));
+            return Ok(ModelFile::Sealed(Box::new(header), prefix));
         }
         Ok(ModelFile::Plain(open(path)?))
     }
@@ -432,7 +460,7 @@ impl ModelFile {
     fn metadata(&self) -> &flexserve_gguf::Metadata {
         match self {
             ModelFile::Plain(f) => &f.header.metadata,
-            ModelFile::Sealed(h) => &h.gguf.metadata,
+            ModelFile::Sealed(h, _) => &h.gguf.metadata,
         }
     }
 }
@@ -465,6 +493,7 @@ fn seal(
     output: PathBuf,
     chunk_size: usize,
     key_out: Option<PathBuf>,
+    sign: Option<PathBuf>,
 ) -> Result<()> {
     let (model_key, to_device) = match (key, to) {
         (Some(k), _) => (flexserve_sealed::ModelKey::load(&k)?, None),
@@ -491,10 +520,12 @@ fn seal(
     );
     bar.set_message("sealing");
     let t0 = Instant::now();
-    let report = flexserve_sealed::seal_file(&model, &output, &model_key, &opts, &mut |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    })?;
+    let signer = sign.map(flexserve_sealed::VendorSigningKey::load).transpose()?;
+    let report =
+        flexserve_sealed::seal_file_signed(&model, &output, &model_key, &opts, signer.as_ref(), &mut |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        })?;
     bar.finish_and_clear();
     eprintln!(
         "sealed {} -> {}: {} tensors in {} chunks of up to {} bytes, {:.1} MiB in {:.2} s",
@@ -597,7 +628,7 @@ fn inspect(path: &Path, full: bool) -> Result<()> {
     writeln!(out, "file: {}", path.display())?;
     let h = match &file {
         ModelFile::Plain(f) => &f.header,
-        ModelFile::Sealed(s) => {
+        ModelFile::Sealed(s, _) => {
             writeln!(
                 out,
                 "sealed model (format {}): {} chunks of up to {} bytes, file id {}, {}",
@@ -610,6 +641,9 @@ fn inspect(path: &Path, full: bool) -> Result<()> {
                     None => "opened with a model key".to_string(),
                 }
             )?;
+            if let Some(v) = s.signed_by() {
+                writeln!(out, "signed by vendor {} (checked when opened)", v.to_hex())?;
+            }
             writeln!(out, "(the header below is public and not yet authenticated: opening the model checks it)")?;
             &s.gguf
         }

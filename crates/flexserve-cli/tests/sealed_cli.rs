@@ -86,3 +86,46 @@ fn model_sealed_to_a_device_opens_only_there() {
     let e = err(run(&["generate", "--model", s, "--prompt", "hi"], elsewhere.path()));
     assert!(e.to_lowercase().contains("device"), "{e}");
 }
+
+#[test]
+fn vendor_signature_is_required_when_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let (vkey, key) = (home.join("vendor.key"), home.join("model.key"));
+    let vendor_pub = ok(run(&["vendor-keygen", "-o", vkey.to_str().unwrap()], home)).trim().to_string();
+    ok(run(&["keygen", "-o", key.to_str().unwrap()], home));
+    let (signed, unsigned) = (home.join("signed.fsm"), home.join("unsigned.fsm"));
+    let m = model();
+    let (m, k) = (m.to_str().unwrap(), key.to_str().unwrap());
+    ok(run(
+        &["seal", "--model", m, "--key", k, "-o", signed.to_str().unwrap(), "--sign", vkey.to_str().unwrap()],
+        home,
+    ));
+    ok(run(&["seal", "--model", m, "--key", k, "-o", unsigned.to_str().unwrap()], home));
+    assert!(ok(run(&["inspect", signed.to_str().unwrap()], home)).contains(&vendor_pub));
+
+    let gen = |file: &Path, vendor: &str| {
+        run(
+            &[
+                "generate",
+                "--model",
+                file.to_str().unwrap(),
+                "--key",
+                k,
+                "--vendor-pubkey",
+                vendor,
+                "--prompt",
+                "Hi",
+                "--max-tokens",
+                "2",
+            ],
+            home,
+        )
+    };
+    ok(gen(&signed, &vendor_pub));
+    let e = err(gen(&unsigned, &vendor_pub));
+    assert!(e.to_lowercase().contains("sign"), "{e}");
+    let other = ok(run(&["vendor-keygen", "-o", home.join("other.key").to_str().unwrap()], home)).trim().to_string();
+    let e = err(gen(&signed, &other));
+    assert!(e.to_lowercase().contains("vendor") || e.to_lowercase().contains("sign"), "{e}");
+}
