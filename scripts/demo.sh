@@ -6,7 +6,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 model="$(scripts/fetch-model.sh)"
 cargo build --release --quiet -p flexserve-cli
 bin=target/release/flexserve
-prompt="${1:-What is the capital of France?}"
+prompt="${1:-Give me three tips for staying healthy.}"
 keys=.cache/keys
 sealed=.cache/models/SmolLM2-135M-Instruct.Q4_1.fsm
 mkdir -p "$keys"
@@ -17,10 +17,10 @@ echo "== sealed model (tensor data encrypted and authenticated chunk by chunk)"
 "$bin" inspect "$sealed" | head -n 3
 echo
 echo "== chat from the sealed model (greedy): $prompt"
-"$bin" chat --model "$sealed" --key "$keys/model.key" --prompt "$prompt" --max-tokens 64 --temperature 0
+"$bin" chat --model "$sealed" --key "$keys/model.key" --prompt "$prompt" --max-tokens 96 --temperature 0
 echo
 echo "== the same from the plain model (must be identical)"
-"$bin" chat --model "$model" --prompt "$prompt" --max-tokens 64 --temperature 0
+"$bin" chat --model "$model" --prompt "$prompt" --max-tokens 96 --temperature 0
 echo
 echo "== raw continuation from the sealed model"
 "$bin" generate --model "$sealed" --key "$keys/model.key" --prompt "The capital of France is" --max-tokens 32 --temperature 0
