@@ -1,0 +1,124 @@
+//! Micro-benchmarks of every kernel, per type and ISA, so that a regression
+//! in one of them shows up on its own: `cargo bench -p flexserve-quant`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use flexserve_quant::{kernels_for, tile_kernel_for, GgmlType, Isa};
+use std::hint::black_box;
+
+const TYPES: [GgmlType; 11] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2654435761) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x as f32 / u32::MAX as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Portable];
+    if flexserve_quant::detected_isa() == Isa::Avx2 {
+        v.push(Isa::Avx2);
+    }
+    v
+}
+
+/// One row of 4096 elements: weight row against a quantized activation row.
+fn dot(c: &mut Criterion) {
+    const N: usize = 4096;
+    let mut g = c.benchmark_group("dot");
+    g.throughput(Throughput::Elements(N as u64));
+    for ty in TYPES {
+        for isa in isas() {
+            let k = kernels_for(ty, isa).unwrap();
+            let a = kernels_for(k.vec_dot_type, isa).unwrap();
+            let mut w = vec![0u8; ty.row_size(N as u64).unwrap() as usize];
+            let mut x = vec![0u8; k.vec_dot_type.row_size(N as u64).unwrap() as usize];
+            (k.quantize)(&values(N, 1), &mut w);
+            (a.quantize)(&values(N, 2), &mut x);
+            let dot = k.dot.unwrap();
+            g.bench_function(BenchmarkId::new(ty.name(), format!("{isa:?}")), |b| {
+                b.iter(|| dot(N, black_box(&w), black_box(&x)))
+            });
+        }
+    }
+    g.finish();
+}
+
+/// Activation quantization and weight dequantization of one 4096-element row.
+fn convert(c: &mut Criterion) {
+    const N: usize = 4096;
+    let src = values(N, 3);
+    let mut g = c.benchmark_group("convert");
+    g.throughput(Throughput::Elements(N as u64));
+    for ty in TYPES.iter().copied().chain([GgmlType::Q8_1, GgmlType::Q8_K]) {
+        for isa in isas() {
+            let k = kernels_for(ty, isa).unwrap();
+            let mut q = vec![0u8; ty.row_size(N as u64).unwrap() as usize];
+            let mut out = vec![0f32; N];
+            g.bench_function(BenchmarkId::new(format!("quantize/{}", ty.name()), format!("{isa:?}")), |b| {
+                b.iter(|| (k.quantize)(black_box(&src), &mut q))
+            });
+            (k.quantize)(&src, &mut q);
+            g.bench_function(BenchmarkId::new(format!("dequantize/{}", ty.name()), format!("{isa:?}")), |b| {
+                b.iter(|| (k.dequantize)(black_box(&q), &mut out))
+            });
+        }
+    }
+    g.finish();
+}
+
+/// A 64-row x 64-token tile over rows of 2048 elements (prefill).
+fn tile(c: &mut Criterion) {
+    const N: usize = 2048;
+    const ROWS: usize = 64;
+    const TOKS: usize = 64;
+    let mut g = c.benchmark_group("tile");
+    g.throughput(Throughput::Elements((N * ROWS * TOKS) as u64));
+    for ty in TYPES {
+        for isa in isas() {
+            let Some(tile) = tile_kernel_for(ty, isa) else { continue };
+            let k = kernels_for(ty, isa).unwrap();
+            let a = kernels_for(k.vec_dot_type, isa).unwrap();
+            let wrb = ty.row_size(N as u64).unwrap() as usize;
+            let arb = k.vec_dot_type.row_size(N as u64).unwrap() as usize;
+            let mut w = vec![0u8; wrb * ROWS];
+            let mut x = vec![0u8; arb * TOKS];
+            for (r, row) in w.chunks_exact_mut(wrb).enumerate() {
+                (k.quantize)(&values(N, 10 + r as u32), row);
+            }
+            for (t, row) in x.chunks_exact_mut(arb).enumerate() {
+                (a.quantize)(&values(N, 1000 + t as u32), row);
+            }
+            let mut out = vec![0f32; ROWS * TOKS];
+            g.bench_function(BenchmarkId::new(ty.name(), format!("{isa:?}")), |b| {
+                b.iter(|| tile(N, black_box(&w), wrb, ROWS, black_box(&x), arb, TOKS, &mut out, TOKS))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
+    targets = dot, convert, tile
+}
+criterion_main!(benches);
