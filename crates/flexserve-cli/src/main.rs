@@ -447,7 +447,7 @@ impl ModelFile {
         let mut magic = [0u8; 8];
         let n = std::io::Read::read(&mut f, &mut magic).with_context(|| format!("reading {}", path.display()))?;
         if n == magic.len() && magic == flexserve_sealed::MAGIC {
-            let f = std::fs::File::open(path).with_context(|| format!("opening model {}", path.display()))?;
+            std::io::Seek::rewind(&mut f).with_context(|| format!("reading {}", path.display()))?;
             let prefix = flexserve_sealed::SealedHeader::read_prefix(std::io::BufReader::new(f))
                 .with_context(|| format!("sealed model {}", path.display()))?;
             let header = flexserve_sealed::SealedHeader::read(&prefix)

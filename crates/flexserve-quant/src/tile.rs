@@ -22,6 +22,17 @@ mod kquants_avx2;
 
 use crate::{detected_isa, kernels_for, GgmlType, Isa};
 
+/// A tile's geometry as the SIMD kernels walk it: blocks per row (of the
+/// weight type's block size) and strides (bytes for rows, floats for the output).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Shape {
+    nb: usize,
+    w_stride: usize,
+    a_stride: usize,
+    out_stride: usize,
+}
+
 /// Computes `out[r * out_stride + t] = dot(w_rows[r], a_rows[t])` for
 /// `r < rows`, `t < toks`, where weight row `r` starts at `w[r * w_row_bytes]`
 /// and activation row `t` at `a[t * a_row_bytes]`; each row holds `n`

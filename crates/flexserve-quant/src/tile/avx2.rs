@@ -12,7 +12,7 @@
 //! (kept in L2) is swept by all token tiles of a chunk of tokens, whose
 //! activations are reused by every row tile from L1.
 
-use super::{check_tile, TileFn};
+use super::{check_tile, Shape, TileFn};
 use crate::legacy::avx2::{dot_u8_i8, hsum, load_bit_mask, load_f16, load_nibbles};
 use crate::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES, QK};
 use crate::GgmlType;
@@ -120,15 +120,6 @@ fn tile_wrapper<const F: u8>(
     // `toks` floats, lie within the slices at the given strides, which is
     // exactly what the kernel reads and writes.
     unsafe { tile_avx2::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr()) }
-}
-
-/// Block count and strides (bytes for rows, floats for the output).
-#[derive(Clone, Copy)]
-struct Shape {
-    nb: usize,
-    w_stride: usize,
-    a_stride: usize,
-    out_stride: usize,
 }
 
 /// The f32 block scales of a chunk of rows or tokens, converted from f16 once

@@ -8,7 +8,7 @@
 //! `d_a * d_w` (and `-d_a * dmin_w`) factors, the same FMAs and the same final
 //! reductions as the plain AVX2 dot, so results are bit-identical to it.
 
-use super::{check_tile, TileFn};
+use super::{check_tile, Shape, TileFn};
 use crate::kquants::avx2::{f16_at, hsum_128, hsum_256, load, min_products};
 use crate::kquants::{q4k, q6k, q8k, unpack_scales_mins, QK_K};
 use crate::GgmlType;
@@ -60,15 +60,6 @@ fn tile_wrapper<const F: u8>(
     // rows of `toks` floats, lie within the slices at the given strides, which
     // is exactly what the kernel reads and writes.
     unsafe { sweep::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr()) }
-}
-
-/// Super-block count and strides (bytes for rows, floats for the output).
-#[derive(Clone, Copy)]
-struct Shape {
-    nb: usize,
-    w_stride: usize,
-    a_stride: usize,
-    out_stride: usize,
 }
 
 /// Visits the whole `rows x toks` tile in cache-sized chunks of micro-tiles.
