@@ -1,6 +1,8 @@
 //! `flexserve`: the command line of the normal world.
 
 mod bench;
+mod bench_secure;
+mod secure;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -131,6 +133,19 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Start a secure world (loading a sealed model if given) and show its protection, memory and models.
+    Status {
+        /// A sealed model (.fsm) to load first.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[command(flatten)]
+        secure: secure::SecureArgs,
+    },
     /// Perplexity of a text file, scored as llama.cpp does (chunks of --ctx tokens, second halves).
     Perplexity {
         #[arg(long)]
@@ -167,6 +182,30 @@ enum BenchCommand {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+    /// Time to first token and decode speed: the plain engine next to the secure world
+    /// (flexible Flex-Mem, static carve-out, locked memory), alternating, as ratios.
+    Secure {
+        /// The sealed model (.fsm).
+        #[arg(long)]
+        model: PathBuf,
+        /// The same model, plain (the baseline).
+        #[arg(long)]
+        plain: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 32)]
+        gen_tokens: usize,
+        /// Worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, default_value_t = 5)]
+        repetitions: usize,
+        /// Secure memory budget, also the size of the static carve-out.
+        #[arg(long, default_value = "512M", value_parser = flexserve_normal::MemoryBudget::parse)]
+        secure_memory_limit: flexserve_normal::MemoryBudget,
         #[command(flatten)]
         keys: KeyArgs,
     },
@@ -222,6 +261,8 @@ struct RunArgs {
     ctx: usize,
     #[command(flatten)]
     keys: KeyArgs,
+    #[command(flatten)]
+    secure: secure::SecureArgs,
 }
 
 #[derive(Args)]
@@ -288,6 +329,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate { run, prompt, prompt_file, sampling } => {
             let prompt = read_text(prompt, prompt_file)?;
+            if is_sealed(&run.model)? {
+                return secure::generate(&run.model, prompt, &run, &sampling);
+            }
             let loaded = Loaded::open(&run.model, run.threads, &run.keys)?;
             let ids = loaded.tokenizer.encode(&prompt, true, true);
             let session = Session::new(&loaded.model, run.ctx);
@@ -304,7 +348,13 @@ fn run(cli: Cli) -> Result<()> {
             report(&stats);
             Ok(())
         }
-        Command::Chat { run, prompt, system, sampling } => chat(run, prompt, system, sampling),
+        Command::Chat { run, prompt, system, sampling } => {
+            if is_sealed(&run.model)? {
+                return secure::chat(&run.model, prompt, system, &run, &sampling);
+            }
+            chat(run, prompt, system, sampling)
+        }
+        Command::Status { model, json, keys, secure } => secure::status(model, &keys, &secure, json),
         Command::Synth { shape, quant, tokenizer_from, seed, output } => {
             let spec = flexserve_engine::synth::SynthSpec::from_shape(&shape, &quant, seed)?;
             let tok = ModelFile::open(&tokenizer_from)?;
@@ -338,6 +388,34 @@ fn run(cli: Cli) -> Result<()> {
                 bench::print_table(&r);
             }
             Ok(())
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Secure {
+                    model,
+                    plain,
+                    prompt_tokens,
+                    gen_tokens,
+                    threads,
+                    repetitions,
+                    secure_memory_limit,
+                    keys,
+                },
+        } => {
+            if repetitions == 0 || prompt_tokens == 0 || gen_tokens < 2 {
+                bail!("--repetitions and --prompt-tokens must be at least 1, --gen-tokens at least 2");
+            }
+            let threads = if threads == 0 { flexserve_engine::model::default_threads() } else { threads };
+            bench_secure::run(&bench_secure::SecureBench {
+                sealed: &model,
+                plain: &plain,
+                keys: &keys,
+                prompt_tokens,
+                gen_tokens,
+                threads,
+                repetitions,
+                budget: secure_memory_limit,
+            })
         }
         Command::Keygen { output } => {
             flexserve_sealed::ModelKey::generate().save(&output)?;
@@ -411,7 +489,13 @@ impl Loaded {
                     header.verify_signature(&prefix, Some(&vendor)).with_context(|| format!("{}", path.display()))?;
                 }
                 let key = model_key(path, &header, keys)?;
-                // Until the secure-world process exists, tensors are decrypted in this process.
+                // generate and chat run sealed models in the secure world; the
+                // measuring commands (perplexity, bench) still decrypt here.
+                eprintln!(
+                    "warning: {} is decrypted in this (normal-world) process: only generate and chat run \
+                     sealed models in the secure world so far",
+                    path.display()
+                );
                 let bytes = flexserve_sealed::unseal_to_gguf_bytes(path, &key)?;
                 (GgufSource::from_bytes(bytes).with_context(|| format!("decrypted {}", path.display()))?, true)
             }
@@ -432,6 +516,15 @@ impl Loaded {
         );
         Ok(Self { tokenizer, template, model })
     }
+}
+
+/// Whether `path` is a sealed model (by its magic).
+fn is_sealed(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let n = f.read(&mut magic).with_context(|| format!("reading {}", path.display()))?;
+    Ok(n == 8 && magic == flexserve_sealed::MAGIC)
 }
 
 /// A model file as found on disk: plain GGUF or sealed.

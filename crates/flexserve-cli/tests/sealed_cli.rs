@@ -1,9 +1,10 @@
 //! Sealed models through the command line: keys, sealing, inspecting, and
 //! generating exactly the plain model's tokens.
 
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 fn model() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -52,6 +53,27 @@ fn sealed_model_generates_the_plain_models_tokens() {
     let plain = generate(&model(), &[], home);
     assert!(!plain.is_empty());
     assert_eq!(generate(&sealed, &["--key", k], home), plain);
+
+    // A chat of two turns: the conversation and its KV cache stay in the
+    // secure world between turns, and the answers are the plain model's.
+    let chat = |file: &Path, extra: &[&str]| {
+        let mut args = vec!["chat", "--model", file.to_str().unwrap(), "--max-tokens", "20", "--temperature", "0"];
+        args.extend_from_slice(extra);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flexserve"))
+            .args(&args)
+            .env("FLEXSERVE_HOME", home)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"What is the capital of France?\nAnd of Italy?\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        ok(out)
+    };
+    let plain_chat = chat(&model(), &[]);
+    assert!(!plain_chat.trim().is_empty());
+    assert_eq!(chat(&sealed, &["--key", k]), plain_chat);
 
     // No key, a wrong key, a tampered chunk: each refused with a reason.
     let e = err(run(&["generate", "--model", s, "--prompt", "hi"], home));

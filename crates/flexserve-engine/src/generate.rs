@@ -71,6 +71,19 @@ impl<'m> Generator<'m> {
         Self { session, tokenizer, history: Vec::new() }
     }
 
+    /// Resumes a generator whose session state and history were saved by
+    /// [`Generator::into_parts`].
+    pub fn resume(session: Session<'m>, tokenizer: &'m Tokenizer, history: Vec<u32>) -> Self {
+        let mut history = history;
+        history.truncate(session.n_past());
+        Self { session, tokenizer, history }
+    }
+
+    /// The session (to save its state) and the token history its cache holds.
+    pub fn into_parts(self) -> (Session<'m>, Vec<u32>) {
+        (self.session, self.history)
+    }
+
     pub fn session(&self) -> &Session<'m> {
         &self.session
     }

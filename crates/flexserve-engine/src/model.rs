@@ -136,12 +136,13 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(c: &ModelConfig, n_ctx: usize) -> Self {
         let per_layer = n_ctx * c.kv_dim();
-        // Zeroed allocations stay virtual until a position is written.
+        // Room is reserved, not written: pages are touched only as positions
+        // fill, which matters where first touch is expensive (secure memory).
         Self {
             n_ctx,
             kv_dim: c.kv_dim(),
-            k: (0..c.n_layer).map(|_| vec![0u16; per_layer]).collect(),
-            v: (0..c.n_layer).map(|_| vec![0u16; per_layer]).collect(),
+            k: (0..c.n_layer).map(|_| Vec::with_capacity(per_layer)).collect(),
+            v: (0..c.n_layer).map(|_| Vec::with_capacity(per_layer)).collect(),
         }
     }
 
@@ -151,6 +152,12 @@ impl KvCache {
 
     fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let at = pos * self.kv_dim;
+        // Positions are written in order from the fill level (or rewritten below it).
+        for cache in [&mut self.k[layer], &mut self.v[layer]] {
+            if cache.len() < at + self.kv_dim {
+                cache.resize(at + self.kv_dim, 0);
+            }
+        }
         for (d, s) in self.k[layer][at..at + k.len()].iter_mut().zip(k) {
             *d = f16::from_f32(*s).to_bits();
         }
@@ -167,6 +174,12 @@ pub enum Logits {
     Last,
     /// Every token's from this index of the batch on (perplexity).
     From(usize),
+}
+
+/// A session's KV cache and fill level, detached from the model.
+pub struct SessionState {
+    kv: KvCache,
+    n_past: usize,
 }
 
 /// One conversation's state on a model: the KV cache and its fill level.
@@ -205,6 +218,28 @@ impl<'m> Session<'m> {
     pub fn new(model: &'m Model, n_ctx: usize) -> Self {
         let n_ctx = if n_ctx == 0 { model.config.n_ctx_train } else { n_ctx };
         Self { model, kv: KvCache::new(&model.config, n_ctx), n_past: 0, s: Scratch::default() }
+    }
+
+    /// Resumes a session from a state saved by [`Session::into_state`] (a
+    /// conversation kept between requests), checking that it fits this model.
+    pub fn resume(model: &'m Model, state: SessionState) -> Result<Self, EngineError> {
+        let c = &model.config;
+        let kv = state.kv;
+        if kv.kv_dim != c.kv_dim() || kv.k.len() != c.n_layer || state.n_past > kv.n_ctx {
+            return Err(EngineError::Weights(format!(
+                "saved session (kv dim {}, {} layers) does not fit the model (kv dim {}, {} layers)",
+                kv.kv_dim,
+                kv.k.len(),
+                c.kv_dim(),
+                c.n_layer
+            )));
+        }
+        Ok(Self { model, kv, n_past: state.n_past, s: Scratch::default() })
+    }
+
+    /// The session's cache and fill level, without the borrow of the model.
+    pub fn into_state(self) -> SessionState {
+        SessionState { kv: self.kv, n_past: self.n_past }
     }
 
     pub fn model(&self) -> &'m Model {

@@ -93,6 +93,25 @@ impl SealedModel {
         }
     }
 
+    /// Decrypts chunk `index` in place when its ciphertext and tag were
+    /// already copied apart: `body` (exactly the plaintext length) becomes the
+    /// plaintext. Lets a caller copy ciphertext straight into its final home
+    /// (secure memory) and decrypt it there. On any failure `body` is zeroed.
+    pub fn open_chunk_detached(
+        &self,
+        index: usize,
+        body: &mut [u8],
+        tag: [u8; CHUNK_TAG_LEN],
+    ) -> Result<(), SealError> {
+        let result = self
+            .checked_chunk(index, body.len() + CHUNK_TAG_LEN, None)
+            .and_then(|chunk| self.decrypt(index, &chunk, tag, body).map(|_| ()));
+        if result.is_err() {
+            body.fill(0);
+        }
+        result
+    }
+
     fn open_chunk_inner(&self, index: usize, ciphertext: &[u8], out: &mut [u8]) -> Result<(), SealError> {
         let chunk = self.checked_chunk(index, ciphertext.len(), Some(out.len()))?;
         let (body, tag) = ciphertext.split_at(chunk.len as usize);

@@ -1,0 +1,306 @@
+//! Sealed models run in the secure world: this module starts it, hands it the
+//! sealed file, and relays prompts and generated text. This process (the
+//! normal world) never decrypts anything and never tokenizes a prompt of a
+//! sealed model.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use flexserve_normal::{MemoryBudget, OpenedModel, PoolChoice, SecureWorld, SecureWorldOptions};
+use flexserve_protocol::{GenerateRequest, GenerationReport, Input, Sampling, StatusReport};
+
+use crate::{KeyArgs, SamplingArgs};
+
+/// How the secure world holds memory.
+#[derive(Args, Clone)]
+pub struct SecureArgs {
+    /// Most secure memory the secure world may hold (e.g. 512M, 4G, or auto = 3/4 of available memory).
+    #[arg(long, default_value = "auto", value_parser = MemoryBudget::parse)]
+    pub secure_memory_limit: MemoryBudget,
+    /// flexible (Flex-Mem: granted and recalled granule by granule) or carve-out (the whole limit
+    /// reserved and populated at start, never returned).
+    #[arg(long, default_value = "flexible", value_parser = parse_pool)]
+    pub secure_pool: PoolChoice,
+    /// Granule size in bytes (a multiple of 4096; 0 = 2 MiB).
+    #[arg(long, default_value_t = 0)]
+    pub granule_size: usize,
+    /// Protect secure memory by locking it instead of memfd_secret (for comparisons).
+    #[arg(long)]
+    pub locked_memory: bool,
+}
+
+fn parse_pool(s: &str) -> Result<PoolChoice, String> {
+    match s {
+        "flexible" => Ok(PoolChoice::Flexible),
+        "carve-out" | "static-carve-out" => Ok(PoolChoice::StaticCarveOut),
+        _ => Err(format!("{s:?}: expected flexible or carve-out")),
+    }
+}
+
+/// Starts a secure world holding the keys named by `keys`.
+pub fn spawn(keys: &KeyArgs, secure: &SecureArgs, threads: usize) -> Result<SecureWorld> {
+    let vendor_pubkey = match &keys.vendor_pubkey {
+        Some(v) if Path::new(v).is_file() => Some(flexserve_sealed::VendorPublicKey::load(v)?.to_hex()),
+        Some(v) => Some(flexserve_sealed::VendorPublicKey::from_hex(v)?.to_hex()),
+        None => None,
+    };
+    let opts = SecureWorldOptions {
+        device_key: Some(keys.device.path()?),
+        model_keys: keys.key.iter().cloned().collect(),
+        vendor_pubkey,
+        threads,
+        budget: secure.secure_memory_limit,
+        pool: secure.secure_pool,
+        granule_size: secure.granule_size,
+        force_locked_memory: secure.locked_memory,
+        ..SecureWorldOptions::default()
+    };
+    SecureWorld::spawn(&opts).context("starting the secure world")
+}
+
+/// Starts a secure world and makes the sealed model at `path` resident in it.
+pub fn open(path: &Path, keys: &KeyArgs, secure: &SecureArgs, threads: usize) -> Result<(SecureWorld, OpenedModel)> {
+    let t0 = Instant::now();
+    // The header is public: say what key is missing before starting anything.
+    let prefix = std::fs::File::open(path)
+        .map_err(anyhow::Error::from)
+        .and_then(|f| Ok(flexserve_sealed::SealedHeader::read_prefix(std::io::BufReader::new(f))?))
+        .with_context(|| format!("sealed model {}", path.display()))?;
+    let header =
+        flexserve_sealed::SealedHeader::read(&prefix).with_context(|| format!("sealed model {}", path.display()))?;
+    if header.wrapped_to_device().is_none() && keys.key.is_none() {
+        anyhow::bail!("{} is a sealed model: pass its key with --key KEY", path.display());
+    }
+    let mut world = spawn(keys, secure, threads)?;
+    let (model, load) =
+        world.open_model(path).with_context(|| format!("opening {} in the secure world", path.display()))?;
+    let info = world.info().clone();
+    eprintln!(
+        "loaded {} into the secure world (pid {}, {}, {} pool) in {:.0} ms: {} chunks, {:.1} MiB; \
+         grant {:.0} ms, read {:.0} ms, decrypt {:.0} ms",
+        path.display(),
+        info.pid,
+        info.protection,
+        info.pool_mode,
+        t0.elapsed().as_secs_f64() * 1e3,
+        load.chunks,
+        load.bytes as f64 / (1 << 20) as f64,
+        load.grant.as_secs_f64() * 1e3,
+        load.read.as_secs_f64() * 1e3,
+        load.decrypt.as_secs_f64() * 1e3,
+    );
+    Ok((world, model))
+}
+
+pub fn sampling(s: &SamplingArgs) -> Sampling {
+    Sampling {
+        temperature: s.temperature,
+        top_k: s.top_k as u32,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
+        seed: s.seed,
+        ..sampling_defaults()
+    }
+}
+
+pub fn greedy() -> Sampling {
+    Sampling { temperature: 0.0, ..sampling_defaults() }
+}
+
+fn sampling_defaults() -> Sampling {
+    let d = flexserve_engine::SamplingParams::default();
+    Sampling {
+        temperature: d.temperature,
+        top_k: d.top_k as u32,
+        top_p: d.top_p,
+        min_p: d.min_p,
+        repeat_penalty: d.repeat_penalty,
+        repeat_last_n: d.repeat_last_n as u32,
+        seed: d.seed,
+    }
+}
+
+pub fn report(r: &GenerationReport) {
+    let prefill = r.prefill_micros as f64 / 1e6;
+    let decode = r.decode_micros as f64 / 1e6;
+    eprintln!(
+        "prefill: {} tokens in {:.1} ms ({:.1} tok/s){} | decode: {} tokens, {:.1} tok/s | stop: {:?} (secure world)",
+        r.prompt_tokens,
+        prefill * 1e3,
+        r.prompt_tokens as f64 / prefill.max(1e-9),
+        if r.cached_tokens > 0 { format!(", {} cached", r.cached_tokens) } else { String::new() },
+        r.generated_tokens,
+        r.generated_tokens.saturating_sub(1) as f64 / decode.max(1e-9),
+        r.stop
+    );
+}
+
+/// `generate` on a sealed model.
+pub fn generate(path: &Path, prompt: String, run: &crate::RunArgs, sampling_args: &SamplingArgs) -> Result<()> {
+    let (mut world, model) = open(path, &run.keys, &run.secure, run.threads)?;
+    let request = GenerateRequest {
+        model: model.id,
+        conversation: 0,
+        input: Input::Raw { text: prompt },
+        max_tokens: run.max_tokens as u32,
+        n_ctx: run.ctx as u32,
+        sampling: sampling(sampling_args),
+        stop: sampling_args.stop.clone(),
+    };
+    let mut out = std::io::stdout().lock();
+    let r = world.generate(&model, request, |t| {
+        let _ = out.write_all(t.as_bytes());
+        let _ = out.flush();
+    })?;
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        writeln!(out)?;
+    }
+    report(&r);
+    world.shutdown()?;
+    Ok(())
+}
+
+/// `chat` on a sealed model: the conversation (messages, KV cache) stays in
+/// the secure world. Lines `/status` and `/recall N` talk to the secure world
+/// instead of the model.
+pub fn chat(
+    path: &Path,
+    prompt: Option<String>,
+    system: Option<String>,
+    run: &crate::RunArgs,
+    sampling_args: &SamplingArgs,
+) -> Result<()> {
+    let (mut world, model) = open(path, &run.keys, &run.secure, run.threads)?;
+    const CONVERSATION: u32 = 1;
+    let mut system = system;
+    let mut turn = |world: &mut SecureWorld, user: String| -> Result<()> {
+        let request = GenerateRequest {
+            model: model.id,
+            conversation: CONVERSATION,
+            input: Input::ChatTurn { system: system.take(), user },
+            max_tokens: run.max_tokens as u32,
+            n_ctx: run.ctx as u32,
+            sampling: sampling(sampling_args),
+            stop: sampling_args.stop.clone(),
+        };
+        let mut out = std::io::stdout().lock();
+        let r = world.generate(&model, request, |t| {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+        })?;
+        writeln!(out)?;
+        report(&r);
+        Ok(())
+    };
+    if let Some(p) = prompt {
+        turn(&mut world, p)?;
+        world.shutdown()?;
+        return Ok(());
+    }
+    let interactive = crate::is_terminal_stdin();
+    let stdin = std::io::stdin();
+    loop {
+        if interactive {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']).to_string();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "/status" {
+            print_status(&world.status()?, world.pid());
+            continue;
+        }
+        if let Some(n) = line.strip_prefix("/recall ") {
+            let n: u32 = n.trim().parse().with_context(|| format!("/recall {n}: expected a number of granules"))?;
+            let (released, evicted, took) = world.recall(n)?;
+            eprintln!(
+                "recalled {released} granules ({evicted} held model layers) in {:.1} ms",
+                took.as_secs_f64() * 1e3
+            );
+            continue;
+        }
+        turn(&mut world, line)?;
+    }
+    world.shutdown()?;
+    Ok(())
+}
+
+/// `status`: starts a secure world (loading a model if given) and shows its state.
+pub fn status(model: Option<PathBuf>, keys: &KeyArgs, secure: &SecureArgs, json: bool) -> Result<()> {
+    let (mut world, _model) = match &model {
+        Some(path) => {
+            let (w, m) = open(path, keys, secure, 0)?;
+            (w, Some(m))
+        }
+        None => (spawn(keys, secure, 0)?, None),
+    };
+    let s = world.status()?;
+    let pid = world.pid();
+    if json {
+        println!("{}", status_json(&s, pid, world.budget_granules()));
+    } else {
+        print_status(&s, pid);
+    }
+    world.shutdown()?;
+    Ok(())
+}
+
+fn print_status(s: &StatusReport, pid: u32) {
+    let mib = |granules: u32| granules as f64 * s.granule_size as f64 / (1 << 20) as f64;
+    println!("secure world pid {pid}");
+    println!("  protection: {}", s.protection);
+    println!("  pool: {} ({} KiB granules)", s.pool_mode, s.granule_size >> 10);
+    println!(
+        "  granules: {} granted ({:.1} MiB), {} prepared, {} in use ({:.1} MiB)",
+        s.granted,
+        mib(s.granted),
+        s.prepared,
+        s.in_use,
+        mib(s.in_use)
+    );
+    println!("  secure heap: {:.1} MiB reserved", s.heap_bytes as f64 / (1 << 20) as f64);
+    if s.models.is_empty() {
+        println!("  models: none");
+    }
+    for m in &s.models {
+        println!(
+            "  model {} {}: {}/{} layers, {}/{} chunks resident, {:.1} MiB of weights",
+            m.model,
+            m.name,
+            m.resident_layers,
+            m.layers,
+            m.resident_chunks,
+            m.chunks,
+            m.weight_bytes as f64 / (1 << 20) as f64
+        );
+    }
+}
+
+fn status_json(s: &StatusReport, pid: u32, budget_granules: u64) -> String {
+    let models: Vec<serde_json::Value> = s
+        .models
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "id": m.model, "name": m.name, "layers": m.layers, "resident_layers": m.resident_layers,
+                "chunks": m.chunks, "resident_chunks": m.resident_chunks, "weight_bytes": m.weight_bytes,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "pid": pid, "protection": s.protection, "pool_mode": s.pool_mode, "granule_size": s.granule_size,
+        "granted": s.granted, "prepared": s.prepared, "in_use": s.in_use, "budget_granules": budget_granules,
+        "heap_bytes": s.heap_bytes, "models": models,
+    })
+    .to_string()
+}

@@ -1,0 +1,576 @@
+//! The normal world's side of the world boundary.
+//!
+//! [`SecureWorld`] starts the secure-world process (`flexserve-secure`),
+//! connects it by a socket pair and a shared buffer, and drives it: it reads
+//! sealed headers and ciphertext chunks from storage into the shared buffer
+//! (the normal world does the I/O, never the decryption), grants secure
+//! memory within its budget ([`MemoryBudget`], the management right of
+//! Flex-Mem), recalls it, and relays generation requests. It never holds a
+//! key, a plaintext weight or a token id.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flexserve_protocol::{
+    BufferRange, ChunkRef, ErrorCode, GenerateRequest, GenerationReport, ProtocolError, Reply, Request, SharedBuffer,
+    StatusReport, PROTOCOL_VERSION,
+};
+use flexserve_sealed::SealedHeader;
+
+/// Name of the secure world's executable.
+pub const SECURE_BINARY: &str = "flexserve-secure";
+/// Shared buffer size unless a header needs more (chunks are at most 64 MiB).
+pub const DEFAULT_SHARED_LEN: usize = 80 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NormalError {
+    #[error("secure world executable not found: {0} (build the workspace with `cargo build --release`, or set FLEXSERVE_SECURE_BIN)")]
+    BinaryNotFound(PathBuf),
+    #[error("starting the secure world {path}: {source}")]
+    Spawn { path: PathBuf, source: std::io::Error },
+    #[error("the secure world terminated ({0}); the request was lost, a new request starts a new secure world")]
+    Died(String),
+    #[error("secure world: {message} [{code:?}]")]
+    Secure { code: ErrorCode, message: String },
+    #[error("the secure world answered {got} where {expected} was expected")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("secure memory limit: {0}")]
+    Budget(String),
+    #[error("{path}: {message}")]
+    Model { path: PathBuf, message: String },
+    #[error("world boundary: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, NormalError>;
+
+/// How much secure memory the normal world lets the secure world hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryBudget {
+    Bytes(u64),
+    /// Three quarters of the memory available when the secure world starts.
+    Auto,
+}
+
+impl MemoryBudget {
+    /// Parses `auto`, a number of bytes, or a number with K, M, G (binary units).
+    pub fn parse(text: &str) -> std::result::Result<MemoryBudget, String> {
+        let t = text.trim();
+        if t.eq_ignore_ascii_case("auto") {
+            return Ok(MemoryBudget::Auto);
+        }
+        let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit() && *c != '.') {
+            Some((i, _)) => t.split_at(i),
+            None => (t, ""),
+        };
+        let value: f64 = digits.parse().map_err(|_| format!("memory size {text:?}: expected e.g. 512M, 2G or auto"))?;
+        let scale = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+            "" => 1u64,
+            "K" => 1 << 10,
+            "M" => 1 << 20,
+            "G" => 1 << 30,
+            "T" => 1 << 40,
+            _ => return Err(format!("memory size {text:?}: unknown unit {unit:?} (use K, M, G)")),
+        };
+        Ok(MemoryBudget::Bytes((value * scale as f64) as u64))
+    }
+
+    fn bytes(self) -> u64 {
+        match self {
+            MemoryBudget::Bytes(b) => b,
+            MemoryBudget::Auto => available_memory().map_or(4 << 30, |a| a / 4 * 3),
+        }
+    }
+}
+
+/// How the secure world holds its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolChoice {
+    /// Flex-Mem: granted and recalled granule by granule.
+    Flexible,
+    /// The strawman: the whole budget reserved and populated at start, never returned.
+    StaticCarveOut,
+}
+
+/// How to start a secure world.
+#[derive(Debug, Clone)]
+pub struct SecureWorldOptions {
+    /// The `flexserve-secure` executable (default: $FLEXSERVE_SECURE_BIN, else
+    /// next to the running executable).
+    pub binary: Option<PathBuf>,
+    pub device_key: Option<PathBuf>,
+    pub model_keys: Vec<PathBuf>,
+    /// Hex public key of the vendor whose signature models must carry.
+    pub vendor_pubkey: Option<String>,
+    pub threads: usize,
+    pub budget: MemoryBudget,
+    pub pool: PoolChoice,
+    /// Granule size in bytes (0: the secure world's default).
+    pub granule_size: usize,
+    /// Use locked anonymous memory even where memfd_secret exists.
+    pub force_locked_memory: bool,
+    pub shared_len: usize,
+}
+
+impl Default for SecureWorldOptions {
+    fn default() -> Self {
+        Self {
+            binary: None,
+            device_key: None,
+            model_keys: Vec::new(),
+            vendor_pubkey: None,
+            threads: 0,
+            budget: MemoryBudget::Auto,
+            pool: PoolChoice::Flexible,
+            granule_size: 0,
+            force_locked_memory: false,
+            shared_len: DEFAULT_SHARED_LEN,
+        }
+    }
+}
+
+/// What the secure world said about itself on connecting.
+#[derive(Debug, Clone)]
+pub struct WorldInfo {
+    pub protection: String,
+    pub pool_mode: String,
+    pub granule_size: u64,
+    pub pid: u32,
+}
+
+/// A sealed model opened in the secure world.
+pub struct OpenedModel {
+    pub id: u32,
+    pub path: PathBuf,
+    pub chunks: u32,
+    pub granules_needed: u32,
+    header: SealedHeader,
+    file: File,
+}
+
+/// Timings of making a model resident.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub chunks: usize,
+    pub bytes: u64,
+    /// Granting (the secure world preparing protected granules).
+    pub grant: Duration,
+    /// Reading ciphertext into the shared buffer.
+    pub read: Duration,
+    /// The secure world copying, decrypting and verifying.
+    pub decrypt: Duration,
+    pub total: Duration,
+}
+
+/// A running secure world and the normal world's view of it.
+pub struct SecureWorld {
+    child: Child,
+    reader: BufReader<UnixStream>,
+    writer: BufWriter<UnixStream>,
+    shared: SharedBuffer,
+    info: WorldInfo,
+    budget_granules: u64,
+    granted: u64,
+}
+
+impl SecureWorld {
+    /// Starts the secure world and greets it.
+    pub fn spawn(opts: &SecureWorldOptions) -> Result<SecureWorld> {
+        let raw = spawn_process(opts)?;
+        let pid = raw.child.id();
+        let mut world = SecureWorld {
+            child: raw.child,
+            reader: BufReader::new(raw.socket.try_clone()?),
+            writer: BufWriter::new(raw.socket),
+            shared: raw.shared,
+            info: WorldInfo { protection: String::new(), pool_mode: String::new(), granule_size: 0, pid },
+            budget_granules: 0,
+            granted: 0,
+        };
+        match world.call(&Request::Hello { version: PROTOCOL_VERSION })? {
+            Reply::Hello { protection, pool_mode, granule_size, .. } => {
+                world.info = WorldInfo { protection, pool_mode, granule_size, pid };
+            }
+            other => return Err(unexpected("Hello", &other)),
+        }
+        world.budget_granules = raw.budget_bytes / world.info.granule_size.max(1);
+        Ok(world)
+    }
+
+    pub fn info(&self) -> &WorldInfo {
+        &self.info
+    }
+
+    /// Granules the normal world has granted so far.
+    pub fn granted(&self) -> u64 {
+        self.granted
+    }
+
+    pub fn budget_granules(&self) -> u64 {
+        self.budget_granules
+    }
+
+    /// Sends one request and reads one reply; an error reply becomes [`NormalError::Secure`].
+    pub fn call(&mut self, request: &Request) -> Result<Reply> {
+        self.send(request)?;
+        match self.receive()? {
+            Reply::Error { code, message } => Err(NormalError::Secure { code, message }),
+            r => Ok(r),
+        }
+    }
+
+    fn send(&mut self, request: &Request) -> Result<()> {
+        let sent = flexserve_protocol::write_request(&mut self.writer, request)
+            .and_then(|_| self.writer.flush().map_err(ProtocolError::Io));
+        sent.map_err(|e| self.explain(e))
+    }
+
+    fn receive(&mut self) -> Result<Reply> {
+        flexserve_protocol::read_reply(&mut self.reader).map_err(|e| self.explain(e))
+    }
+
+    /// A broken channel usually means the secure world died: say how.
+    fn explain(&mut self, e: ProtocolError) -> NormalError {
+        if matches!(e, ProtocolError::Closed | ProtocolError::Io(_)) {
+            // Give a dying process a moment to be reaped.
+            for _ in 0..50 {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    let how = match (status.code(), status.signal()) {
+                        (_, Some(sig)) => format!("killed by signal {sig}"),
+                        (Some(code), _) => format!("exit code {code}"),
+                        _ => status.to_string(),
+                    };
+                    return NormalError::Died(how);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return NormalError::Died(format!("channel closed: {e}"));
+        }
+        NormalError::Protocol(e)
+    }
+
+    /// Grants up to `granules` more (within the budget); returns how many were granted.
+    pub fn grant(&mut self, granules: u64) -> Result<u64> {
+        let room = self.budget_granules.saturating_sub(self.granted);
+        let n = granules.min(room);
+        if n == 0 {
+            return Ok(0);
+        }
+        match self.call(&Request::Grant { granules: n as u32 })? {
+            Reply::Granted { granted, .. } => {
+                self.granted = u64::from(granted);
+                Ok(n)
+            }
+            other => Err(unexpected("Granted", &other)),
+        }
+    }
+
+    /// Takes back `granules` granules; returns (released, of which evicted model memory, time).
+    pub fn recall(&mut self, granules: u32) -> Result<(u32, u32, Duration)> {
+        match self.call(&Request::Recall { granules })? {
+            Reply::Recalled { released, evicted, micros } => {
+                self.granted = self.granted.saturating_sub(u64::from(released));
+                Ok((released, evicted, Duration::from_micros(micros)))
+            }
+            other => Err(unexpected("Recalled", &other)),
+        }
+    }
+
+    pub fn status(&mut self) -> Result<StatusReport> {
+        match self.call(&Request::Status)? {
+            Reply::Status(s) => Ok(s),
+            other => Err(unexpected("Status", &other)),
+        }
+    }
+
+    /// Opens a sealed model: reads its header, has the secure world verify
+    /// it, grants the memory its weights need, and loads every chunk.
+    pub fn open_model(&mut self, path: &Path) -> Result<(OpenedModel, LoadReport)> {
+        let model_err = |message: String| NormalError::Model { path: path.to_path_buf(), message };
+        let file = File::open(path).map_err(|e| model_err(e.to_string()))?;
+        let prefix =
+            SealedHeader::read_prefix(BufReader::new(&file)).map_err(|e| model_err(format!("sealed header: {e}")))?;
+        let header = SealedHeader::read(&prefix).map_err(|e| model_err(format!("sealed header: {e}")))?;
+        if prefix.len() > self.shared.len() {
+            return Err(model_err(format!(
+                "header of {} bytes does not fit the {}-byte shared buffer",
+                prefix.len(),
+                self.shared.len()
+            )));
+        }
+        self.shared.copy_in(0, &prefix).map_err(|e| model_err(e.to_string()))?;
+        let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let range = BufferRange { offset: 0, len: prefix.len() as u64 };
+        let (id, chunks, granules_needed) = match self.call(&Request::OpenModel { name, header: range })? {
+            Reply::ModelOpened { model, chunks, granules_needed } => (model, chunks, granules_needed),
+            other => return Err(unexpected("ModelOpened", &other)),
+        };
+        let opened = OpenedModel { id, path: path.to_path_buf(), chunks, granules_needed, header, file };
+        let report = self.make_resident(&opened)?;
+        Ok((opened, report))
+    }
+
+    /// Loads whatever chunks of the model are not resident (never loaded, or
+    /// evicted by a recall), granting memory as needed within the budget.
+    pub fn make_resident(&mut self, model: &OpenedModel) -> Result<LoadReport> {
+        let t0 = Instant::now();
+        let mut report = LoadReport::default();
+        let missing: Vec<usize> = match self.call(&Request::MissingChunks { model: model.id })? {
+            Reply::Missing { chunks } => chunks.iter().flat_map(|s| s.start as usize..s.end as usize).collect(),
+            other => return Err(unexpected("Missing", &other)),
+        };
+        if missing.is_empty() {
+            return Ok(report);
+        }
+        // Grant what the model needs beyond the free granted granules, before
+        // loading, so that preparing them is not interleaved with the I/O.
+        let status = self.status()?;
+        let free = u64::from(status.prepared.saturating_sub(status.in_use));
+        let need = u64::from(model.granules_needed).saturating_sub(u64::from(status.in_use)).saturating_sub(free);
+        let tg = Instant::now();
+        self.grant(need)?;
+        report.grant += tg.elapsed();
+
+        let mut next = 0;
+        while next < missing.len() {
+            // Fill the shared buffer with as many whole chunks as fit.
+            let mut batch = Vec::new();
+            let mut offset = 0u64;
+            let tr = Instant::now();
+            while next < missing.len() {
+                let index = missing[next];
+                let info = model.header.chunks.get(index).copied().ok_or_else(|| NormalError::Model {
+                    path: model.path.clone(),
+                    message: format!("chunk {index} is not in the header"),
+                })?;
+                let len = info.sealed_len() as u64;
+                if offset + len > self.shared.len() as u64 {
+                    break;
+                }
+                let range = BufferRange { offset, len };
+                let dst = self.shared.range_mut(range).map_err(|e| NormalError::Budget(e.to_string()))?;
+                model.file.read_exact_at(dst, info.file_offset).map_err(|e| NormalError::Model {
+                    path: model.path.clone(),
+                    message: format!("reading chunk {index}: {e}"),
+                })?;
+                batch.push(ChunkRef { index: index as u32, at: range });
+                report.bytes += len;
+                offset += len;
+                next += 1;
+            }
+            report.read += tr.elapsed();
+            if batch.is_empty() {
+                return Err(NormalError::Model {
+                    path: model.path.clone(),
+                    message: "a chunk does not fit the shared buffer".into(),
+                });
+            }
+            let td = Instant::now();
+            let n = batch.len();
+            let request = Request::LoadChunks { model: model.id, chunks: batch };
+            loop {
+                match self.call(&request) {
+                    Ok(Reply::ChunksLoaded { .. }) => break,
+                    Ok(other) => return Err(unexpected("ChunksLoaded", &other)),
+                    Err(NormalError::Secure { code: ErrorCode::NoMemory, message }) => {
+                        // Layers are placed granule-aligned, so the estimate can fall
+                        // short: grant one more granule at a time within the budget.
+                        if self.grant(1)? == 0 {
+                            return Err(NormalError::Budget(format!(
+                                "{message}; the secure memory limit ({} granules of {} bytes) is reached",
+                                self.budget_granules, self.info.granule_size
+                            )));
+                        }
+                        // Chunks loaded before the failure are skipped when resent.
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            report.decrypt += td.elapsed();
+            report.chunks += n;
+        }
+        report.total = t0.elapsed();
+        Ok(report)
+    }
+
+    /// Generates, streaming each piece of text to `on_text`. If the model's
+    /// memory was recalled since, its missing chunks are loaded first.
+    pub fn generate(
+        &mut self,
+        model: &OpenedModel,
+        request: GenerateRequest,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<GenerationReport> {
+        self.make_resident(model)?;
+        self.send(&Request::Generate(request))?;
+        loop {
+            match self.receive()? {
+                Reply::Token { text } => on_text(&text),
+                Reply::Generated(report) => return Ok(report),
+                Reply::Error { code, message } => return Err(NormalError::Secure { code, message }),
+                other => return Err(unexpected("Token or Generated", &other)),
+            }
+        }
+    }
+
+    /// Asks the secure world to stop and waits for it.
+    pub fn shutdown(mut self) -> Result<()> {
+        let result = self.call(&Request::Shutdown).map(|_| ());
+        let _ = self.child.wait();
+        result
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.info.pid
+    }
+}
+
+impl Drop for SecureWorld {
+    fn drop(&mut self) {
+        // Closing the channel ends the secure world; reap it.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.writer.get_ref().shutdown(std::net::Shutdown::Both);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A started secure-world process before any message was exchanged: for
+/// callers that speak the protocol themselves (tests, fuzzing, measurements).
+pub struct RawSecureWorld {
+    pub child: Child,
+    pub socket: UnixStream,
+    pub shared: SharedBuffer,
+    /// The memory budget the options resolved to.
+    pub budget_bytes: u64,
+}
+
+/// Starts the secure-world process with a socket on its descriptor 3 and the
+/// shared buffer on 4.
+pub fn spawn_process(opts: &SecureWorldOptions) -> Result<RawSecureWorld> {
+    let binary = secure_binary(opts.binary.as_deref())?;
+    let shared = SharedBuffer::create(opts.shared_len.max(1 << 20))?;
+    let (ours, theirs) = UnixStream::pair()?;
+    let socket_fd: OwnedFd = theirs.into();
+    let shared_fd = shared.inheritable_fd()?;
+    let mut cmd = Command::new(&binary);
+    cmd.args(["--channel-fd", "3", "--shared-fd", "4"]);
+    if let Some(d) = &opts.device_key {
+        cmd.arg("--device-key").arg(d);
+    }
+    for k in &opts.model_keys {
+        cmd.arg("--model-key").arg(k);
+    }
+    if let Some(v) = &opts.vendor_pubkey {
+        cmd.args(["--vendor-pubkey", v]);
+    }
+    if opts.threads > 0 {
+        cmd.args(["--threads", &opts.threads.to_string()]);
+    }
+    if opts.granule_size > 0 {
+        cmd.args(["--granule-size", &opts.granule_size.to_string()]);
+    }
+    if opts.force_locked_memory {
+        cmd.arg("--locked-memory");
+    }
+    let budget_bytes = opts.budget.bytes();
+    if opts.pool == PoolChoice::StaticCarveOut {
+        cmd.args(["--carve-out", &budget_bytes.to_string()]);
+    }
+    let (sock_raw, shared_raw) = (socket_fd.as_raw_fd(), shared_fd.as_raw_fd());
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls the async-signal-safe fcntl and dup2 on descriptors it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move both out of the way first so that dup2 onto 3 and 4 cannot clobber either.
+            let s = libc::fcntl(sock_raw, libc::F_DUPFD, 10);
+            let m = libc::fcntl(shared_raw, libc::F_DUPFD, 10);
+            if s < 0 || m < 0 || libc::dup2(s, 3) < 0 || libc::dup2(m, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+    let child = cmd.spawn().map_err(|source| NormalError::Spawn { path: binary.clone(), source })?;
+    Ok(RawSecureWorld { child, socket: ours, shared, budget_bytes })
+}
+
+fn unexpected(expected: &'static str, got: &Reply) -> NormalError {
+    let got: String = format!("{got:?}").chars().take(200).collect();
+    NormalError::Unexpected { expected, got }
+}
+
+/// Finds the secure world's executable.
+pub fn secure_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    let candidate = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => match std::env::var_os("FLEXSERVE_SECURE_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let exe = std::env::current_exe()?;
+                let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+                // Test executables live one level down, in deps/.
+                let beside = dir.join(SECURE_BINARY);
+                if beside.is_file() || dir.file_name().map_or(true, |n| n != "deps") {
+                    beside
+                } else {
+                    dir.parent().map_or(beside.clone(), |p| p.join(SECURE_BINARY))
+                }
+            }
+        },
+    };
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(NormalError::BinaryNotFound(candidate))
+    }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Resident memory of a process, in bytes (VmRSS).
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_parse() {
+        assert_eq!(MemoryBudget::parse("auto"), Ok(MemoryBudget::Auto));
+        assert_eq!(MemoryBudget::parse("512M"), Ok(MemoryBudget::Bytes(512 << 20)));
+        assert_eq!(MemoryBudget::parse("2GiB"), Ok(MemoryBudget::Bytes(2 << 30)));
+        assert_eq!(MemoryBudget::parse("4096"), Ok(MemoryBudget::Bytes(4096)));
+        assert!(MemoryBudget::parse("lots").unwrap_err().contains("lots"));
+        assert!(MemoryBudget::parse("3Q").unwrap_err().contains("unit"));
+    }
+}

@@ -1,0 +1,253 @@
+//! The world boundary: the only way the normal world talks to the secure world.
+//!
+//! Control messages travel over a Unix stream socket as length-prefixed frames
+//! (see `codec`); bulk data (sealed headers and chunk ciphertext) travels
+//! through a shared-memory buffer (`shared`) that the normal world fills and
+//! the secure world copies out of before using. The command set is small,
+//! versioned and size-bounded so that the secure side can check every message
+//! completely before acting on it.
+//!
+//! Plaintext never crosses this boundary towards the normal world except the
+//! generated text itself (streamed as [`Reply::Token`]); token ids, weights,
+//! keys and the KV cache stay inside.
+
+mod codec;
+mod shared;
+
+pub use codec::{
+    decode_reply, decode_request, encode_reply, encode_request, read_reply, read_request, write_reply, write_request,
+    ProtocolError,
+};
+pub use shared::{RangeError, SharedBuffer};
+
+/// Version of this command set; both sides must agree (see [`Request::Hello`]).
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame (one message) either side accepts.
+pub const MAX_FRAME_LEN: usize = 4 << 20;
+/// Largest string in a message (prompts, pieces of text, names, error messages).
+pub const MAX_TEXT_LEN: usize = 2 << 20;
+/// Largest number of elements in a list field.
+pub const MAX_LIST_LEN: usize = 1 << 16;
+
+/// Bytes `offset .. offset + len` of the shared buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// A sealed chunk (ciphertext then tag, as on file) placed in the shared buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// The chunk's index in the sealed model's chunk table.
+    pub index: u32,
+    pub at: BufferRange,
+}
+
+/// Chunk indices `start .. end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkSpan {
+    pub start: u32,
+    pub end: u32,
+}
+
+/// Commands from the normal world.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// First message of a connection.
+    Hello {
+        version: u16,
+    },
+    /// Open a sealed model: its header region (file bytes `0 .. T + 32 [+ G]`)
+    /// lies in the shared buffer. `name` is for status displays only.
+    OpenModel {
+        name: String,
+        header: BufferRange,
+    },
+    /// Management right: the normal world raises the secure memory quota by
+    /// this many granules (the secure world prepares them at once).
+    Grant {
+        granules: u32,
+    },
+    /// Sealed chunks of an open model, placed in the shared buffer.
+    LoadChunks {
+        model: u32,
+        chunks: Vec<ChunkRef>,
+    },
+    /// Which chunks of the model are not resident (never loaded, or evicted).
+    MissingChunks {
+        model: u32,
+    },
+    /// Generate text; answered by zero or more [`Reply::Token`] then
+    /// [`Reply::Generated`] or [`Reply::Error`].
+    Generate(GenerateRequest),
+    /// Forget a conversation's history and KV cache.
+    EndConversation {
+        model: u32,
+        conversation: u32,
+    },
+    /// Close a model, scrubbing its memory (granules return to the free pool).
+    Unload {
+        model: u32,
+    },
+    /// Management right: take back this many granules; the secure world
+    /// picks which, scrubs and releases them, and says how many it gave.
+    Recall {
+        granules: u32,
+    },
+    Status,
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub model: u32,
+    /// 0: a one-off request. Otherwise the secure world keeps this
+    /// conversation's messages and KV cache for the next request with the same id.
+    pub conversation: u32,
+    pub input: Input,
+    pub max_tokens: u32,
+    /// Context length (0: the secure world's default for the model).
+    pub n_ctx: u32,
+    pub sampling: Sampling,
+    /// Generation ends when the text contains one of these.
+    pub stop: Vec<String>,
+}
+
+/// What to generate from. Templates and tokenization run in the secure world.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// Continue this text as is (no chat template).
+    Raw { text: String },
+    /// The next user turn of a chat (rendered with the model's template).
+    ChatTurn { system: Option<String>, user: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repeat_penalty: f32,
+    pub repeat_last_n: u32,
+    pub seed: u64,
+}
+
+/// Answers from the secure world.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Hello {
+        version: u16,
+        /// Memory protection in force ("memfd_secret" or "locked-anonymous").
+        protection: String,
+        /// "flexible" or "static-carve-out".
+        pool_mode: String,
+        granule_size: u64,
+    },
+    ModelOpened {
+        model: u32,
+        chunks: u32,
+        /// Granules the model's weights occupy when fully resident.
+        granules_needed: u32,
+    },
+    Granted {
+        /// Quota after this grant, in granules.
+        granted: u32,
+        /// Granules prepared (mapped, faulted, protected) by this grant.
+        prepared: u32,
+        micros: u64,
+    },
+    ChunksLoaded {
+        loaded: u32,
+    },
+    Missing {
+        chunks: Vec<ChunkSpan>,
+    },
+    /// A piece of generated text (complete UTF-8).
+    Token {
+        text: String,
+    },
+    Generated(GenerationReport),
+    Recalled {
+        /// Granules released to the operating system.
+        released: u32,
+        /// Of those, granules that held model layers (evicted).
+        evicted: u32,
+        micros: u64,
+    },
+    Status(StatusReport),
+    Ok,
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    EndOfGeneration,
+    MaxTokens,
+    StopString,
+    ContextFull,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationReport {
+    pub prompt_tokens: u32,
+    pub cached_tokens: u32,
+    pub generated_tokens: u32,
+    pub prefill_micros: u64,
+    pub decode_micros: u64,
+    pub stop: StopReason,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusReport {
+    pub protection: String,
+    pub pool_mode: String,
+    pub granule_size: u64,
+    /// Quota granted by the normal world.
+    pub granted: u32,
+    /// Granules mapped and protected (in use plus free).
+    pub prepared: u32,
+    pub in_use: u32,
+    /// Bytes of the secure heap (KV cache, activations, tokenizer, prompts).
+    pub heap_bytes: u64,
+    pub models: Vec<ModelStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelStatus {
+    pub model: u32,
+    pub name: String,
+    pub layers: u32,
+    pub resident_layers: u32,
+    pub chunks: u32,
+    pub resident_chunks: u32,
+    pub weight_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The message could not be decoded.
+    Malformed,
+    /// The message is valid but not expected now (e.g. before Hello).
+    OutOfOrder,
+    /// The peer speaks another protocol version.
+    Version,
+    /// No open model (or conversation) with that id.
+    NoSuchModel,
+    /// A header or chunk failed verification (wrong key, tampered data).
+    Verification,
+    /// Not enough granted secure memory.
+    NoMemory,
+    /// The model has chunks that are not resident; load them first.
+    NotResident,
+    /// A range outside the shared buffer, a chunk of the wrong size, ...
+    BadArgument,
+    /// The engine failed (context full, bad input).
+    Engine,
+    Internal,
+}

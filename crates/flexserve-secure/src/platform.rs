@@ -1,0 +1,186 @@
+//! The platform interface of the secure world, and its Linux implementation.
+//!
+//! Everything above this module (models, the command loop) is written against
+//! four things: secure memory in granules, a channel to the normal world, a
+//! key store, and compute. On Linux these are a Flex-Mem granule pool
+//! (`memfd_secret`), a Unix socket plus a memfd shared buffer, key files read
+//! once before the seccomp filter is installed, and CPU worker threads. A
+//! TrustZone/OP-TEE backend provides the same four.
+
+use std::io::{self, BufReader, BufWriter, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use flexserve_protocol::{BufferRange, ProtocolError, Reply, Request, SharedBuffer};
+use flexserve_sealed::{DeviceSecretKey, ModelKey, VendorPublicKey};
+use flexserve_secure_mem::{GranulePool, Region};
+
+/// Counters of a secure memory pool, in granules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub granted: usize,
+    pub prepared: usize,
+    pub in_use: usize,
+}
+
+/// Memory only the secure world can read, handed out in granules that the
+/// normal world grants and recalls (Flex-Mem).
+pub trait SecureMemory {
+    type Region: SecureRegion;
+    /// How the memory is protected ("memfd_secret", "locked-anonymous", ...).
+    fn protection(&self) -> &'static str;
+    /// "flexible" or "static-carve-out".
+    fn mode(&self) -> &'static str;
+    fn granule_size(&self) -> usize;
+    /// Raises the quota by `granules` and prepares them; returns how many were prepared.
+    fn grant(&self, granules: usize) -> Result<usize, String>;
+    /// A contiguous region of at least `bytes`, from free granted granules.
+    fn alloc(&self, bytes: usize) -> Result<Self::Region, String>;
+    /// Scrubs and returns up to `granules` free granules to the system; returns how many.
+    fn release(&self, granules: usize) -> usize;
+    fn stats(&self) -> MemoryStats;
+}
+
+/// A contiguous range of secure memory; dropping it scrubs it and gives its
+/// granules back to the pool's free list.
+pub trait SecureRegion: Send + Sync + 'static {
+    fn bytes(&self) -> &[u8];
+    fn bytes_mut(&mut self) -> &mut [u8];
+    fn granules(&self) -> usize;
+}
+
+/// The control channel and the shared bulk buffer to the normal world.
+pub trait Channel {
+    fn recv(&mut self) -> Result<Request, ProtocolError>;
+    fn send(&mut self, reply: &Reply) -> io::Result<()>;
+    /// Copies bytes out of the shared buffer (the normal world may change
+    /// them at any time, so they are copied before being checked or used).
+    fn copy_out(&self, range: BufferRange, dst: &mut [u8]) -> Result<(), String>;
+    fn shared_len(&self) -> u64;
+}
+
+/// Compute leased to the secure world (CPU worker threads today).
+pub trait Compute {
+    fn threads(&self) -> usize;
+}
+
+/// Keys the secure world holds: loaded once at start, never leaving it.
+#[derive(Default)]
+pub struct KeyStore {
+    pub device: Option<DeviceSecretKey>,
+    pub model_keys: Vec<ModelKey>,
+    /// When set, only models signed by this vendor are opened.
+    pub vendor: Option<VendorPublicKey>,
+}
+
+impl KeyStore {
+    /// Reads key files (before the seccomp filter forbids opening files).
+    pub fn load(
+        device: Option<&Path>,
+        model_keys: &[impl AsRef<Path>],
+        vendor_hex: Option<&str>,
+    ) -> Result<KeyStore, String> {
+        let device = match device {
+            Some(p) if p.exists() => {
+                Some(DeviceSecretKey::load(p).map_err(|e| format!("device key {}: {e}", p.display()))?)
+            }
+            _ => None,
+        };
+        let model_keys = model_keys
+            .iter()
+            .map(|p| ModelKey::load(p.as_ref()).map_err(|e| format!("model key {}: {e}", p.as_ref().display())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let vendor = vendor_hex
+            .map(|h| VendorPublicKey::from_hex(h).map_err(|e| format!("vendor public key: {e}")))
+            .transpose()?;
+        Ok(KeyStore { device, model_keys, vendor })
+    }
+}
+
+// ---------------------------------------------------------------- Linux
+
+impl SecureMemory for GranulePool {
+    type Region = Region;
+
+    fn protection(&self) -> &'static str {
+        self.protection().name()
+    }
+    fn mode(&self) -> &'static str {
+        self.mode().name()
+    }
+    fn granule_size(&self) -> usize {
+        GranulePool::granule_size(self)
+    }
+    fn grant(&self, granules: usize) -> Result<usize, String> {
+        GranulePool::grant(self, granules).map(|r| r.granules).map_err(|e| e.to_string())
+    }
+    fn alloc(&self, bytes: usize) -> Result<Region, String> {
+        GranulePool::alloc(self, bytes).map_err(|e| e.to_string())
+    }
+    fn release(&self, granules: usize) -> usize {
+        GranulePool::release(self, granules).granules
+    }
+    fn stats(&self) -> MemoryStats {
+        let s = GranulePool::stats(self);
+        MemoryStats { granted: s.granted, prepared: s.prepared, in_use: s.in_use }
+    }
+}
+
+impl SecureRegion for Region {
+    fn bytes(&self) -> &[u8] {
+        self.as_slice()
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+    fn granules(&self) -> usize {
+        Region::granules(self)
+    }
+}
+
+/// The Linux channel: a Unix stream socket and a memfd shared buffer.
+pub struct SocketChannel {
+    reader: BufReader<UnixStream>,
+    writer: BufWriter<UnixStream>,
+    shared: SharedBuffer,
+}
+
+impl SocketChannel {
+    pub fn new(socket: UnixStream, shared: SharedBuffer) -> io::Result<SocketChannel> {
+        let reader = BufReader::new(socket.try_clone()?);
+        Ok(SocketChannel { reader, writer: BufWriter::new(socket), shared })
+    }
+}
+
+impl Channel for SocketChannel {
+    fn recv(&mut self) -> Result<Request, ProtocolError> {
+        flexserve_protocol::read_request(&mut self.reader)
+    }
+    fn send(&mut self, reply: &Reply) -> io::Result<()> {
+        flexserve_protocol::write_reply(&mut self.writer, reply).map_err(|e| match e {
+            ProtocolError::Io(io) => io,
+            other => io::Error::other(other.to_string()),
+        })?;
+        self.writer.flush()
+    }
+    fn copy_out(&self, range: BufferRange, dst: &mut [u8]) -> Result<(), String> {
+        if range.len != dst.len() as u64 {
+            return Err(format!("shared range of {} bytes where {} are needed", range.len, dst.len()));
+        }
+        self.shared.copy_out(range.offset, dst).map_err(|e| e.to_string())
+    }
+    fn shared_len(&self) -> u64 {
+        self.shared.len() as u64
+    }
+}
+
+/// CPU worker threads.
+pub struct CpuCompute {
+    pub threads: usize,
+}
+
+impl Compute for CpuCompute {
+    fn threads(&self) -> usize {
+        self.threads
+    }
+}

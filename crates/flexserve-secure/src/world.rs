@@ -1,0 +1,387 @@
+//! The command loop: every request from the normal world is decoded and
+//! checked completely, answered with a reply or an error, and never crashes
+//! the secure world.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use flexserve_engine::{GenerateOptions, Generator, SamplingParams, Session};
+use flexserve_protocol::{
+    ChunkRef, ChunkSpan, ErrorCode, GenerateRequest, GenerationReport, Input, ModelStatus, ProtocolError, Reply,
+    Request, StatusReport, StopReason, PROTOCOL_VERSION,
+};
+use flexserve_sealed::{ModelKey, SealedHeader, SealedModel, CHUNK_TAG_LEN};
+use flexserve_tokenizer::ChatMessage;
+use zeroize::Zeroize;
+
+use crate::models::{Conversation, LoadError, ResidentModel};
+use crate::platform::{Channel, Compute, KeyStore, SecureMemory};
+
+/// Largest sealed header accepted (vocabularies of big models run to tens of MiB).
+const MAX_HEADER_LEN: u64 = 512 << 20;
+
+/// Why the loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The normal world asked to shut down.
+    Shutdown,
+    /// The normal world closed the channel.
+    PeerGone,
+    /// The channel can no longer be trusted to carry frames (oversized frame, I/O error).
+    Broken(String),
+}
+
+type Failure = (ErrorCode, String);
+
+pub struct SecureWorld<M: SecureMemory, C: Channel, X: Compute> {
+    memory: M,
+    channel: C,
+    compute: X,
+    keys: KeyStore,
+    /// Bytes of secure heap in use (KV cache, activations, ...), for status.
+    heap_bytes: fn() -> u64,
+    models: BTreeMap<u32, ResidentModel<M::Region>>,
+    next_model: u32,
+    greeted: bool,
+}
+
+impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
+    pub fn new(memory: M, channel: C, compute: X, keys: KeyStore, heap_bytes: fn() -> u64) -> Self {
+        Self { memory, channel, compute, keys, heap_bytes, models: BTreeMap::new(), next_model: 1, greeted: false }
+    }
+
+    /// Serves requests until the normal world shuts it down or goes away.
+    pub fn run(&mut self) -> Exit {
+        loop {
+            let request = match self.channel.recv() {
+                Ok(r) => r,
+                Err(ProtocolError::Closed) => return Exit::PeerGone,
+                Err(e) if e.stream_usable() => {
+                    if self.reply(Reply::Error { code: ErrorCode::Malformed, message: e.to_string() }).is_err() {
+                        return Exit::PeerGone;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    let _ = self.reply(Reply::Error { code: ErrorCode::Malformed, message: message.clone() });
+                    return Exit::Broken(message);
+                }
+            };
+            let shutdown = matches!(request, Request::Shutdown);
+            let reply = self.handle(request).unwrap_or_else(|(code, message)| Reply::Error { code, message });
+            if self.reply(reply).is_err() {
+                return Exit::PeerGone;
+            }
+            if shutdown {
+                return Exit::Shutdown;
+            }
+        }
+    }
+
+    fn reply(&mut self, reply: Reply) -> std::io::Result<()> {
+        self.channel.send(&reply)
+    }
+
+    fn handle(&mut self, request: Request) -> Result<Reply, Failure> {
+        if !self.greeted {
+            return match request {
+                Request::Hello { version } if version == PROTOCOL_VERSION => {
+                    self.greeted = true;
+                    Ok(Reply::Hello {
+                        version: PROTOCOL_VERSION,
+                        protection: self.memory.protection().to_string(),
+                        pool_mode: self.memory.mode().to_string(),
+                        granule_size: self.memory.granule_size() as u64,
+                    })
+                }
+                Request::Hello { version } => Err((
+                    ErrorCode::Version,
+                    format!(
+                        "protocol version {version} is not supported (this secure world speaks {PROTOCOL_VERSION})"
+                    ),
+                )),
+                other => Err((ErrorCode::OutOfOrder, format!("{} before Hello", request_name(&other)))),
+            };
+        }
+        match request {
+            Request::Hello { .. } => Err((ErrorCode::OutOfOrder, "Hello sent twice".to_string())),
+            Request::OpenModel { name, header } => self.open_model(name, header),
+            Request::Grant { granules } => {
+                let t0 = Instant::now();
+                let prepared = self.memory.grant(granules as usize).map_err(|e| (ErrorCode::NoMemory, e))?;
+                let granted = self.memory.stats().granted as u32;
+                Ok(Reply::Granted { granted, prepared: prepared as u32, micros: t0.elapsed().as_micros() as u64 })
+            }
+            Request::LoadChunks { model, chunks } => self.load_chunks(model, &chunks),
+            Request::MissingChunks { model } => {
+                let m = self.model(model)?;
+                let chunks =
+                    m.missing_chunks().into_iter().map(|r| ChunkSpan { start: r.start as u32, end: r.end as u32 });
+                Ok(Reply::Missing { chunks: chunks.collect() })
+            }
+            Request::Generate(g) => self.generate(g),
+            Request::EndConversation { model, conversation } => {
+                let m = self.models.get_mut(&model).ok_or_else(|| no_model(model))?;
+                m.conversations.remove(&conversation).map(|_| Reply::Ok).ok_or_else(|| {
+                    (ErrorCode::NoSuchModel, format!("model {model} has no conversation {conversation}"))
+                })
+            }
+            Request::Unload { model } => {
+                // Dropping the model scrubs its regions back into the free pool.
+                self.models.remove(&model).map(|_| Reply::Ok).ok_or_else(|| no_model(model))
+            }
+            Request::Recall { granules } => Ok(self.recall(granules as usize)),
+            Request::Status => Ok(Reply::Status(self.status())),
+            Request::Shutdown => {
+                self.models.clear();
+                Ok(Reply::Ok)
+            }
+        }
+    }
+
+    fn model(&self, id: u32) -> Result<&ResidentModel<M::Region>, Failure> {
+        self.models.get(&id).ok_or_else(|| no_model(id))
+    }
+
+    fn open_model(&mut self, name: String, range: flexserve_protocol::BufferRange) -> Result<Reply, Failure> {
+        if range.len > MAX_HEADER_LEN.min(self.channel.shared_len()) {
+            return Err((ErrorCode::BadArgument, format!("header of {} bytes is too large", range.len)));
+        }
+        let mut bytes = vec![0u8; range.len as usize];
+        self.channel.copy_out(range, &mut bytes).map_err(|e| (ErrorCode::BadArgument, e))?;
+        let verification = |e: flexserve_sealed::SealError| (ErrorCode::Verification, format!("model {name}: {e}"));
+        let header = SealedHeader::read(&bytes).map_err(verification)?;
+        let vendor = self.keys.vendor.as_ref();
+        let sealed = if header.wrapped_to_device().is_some() {
+            let device = self.keys.device.as_ref().ok_or_else(|| {
+                (
+                    ErrorCode::Verification,
+                    format!("model {name} is sealed to a device, and this secure world holds no device key"),
+                )
+            })?;
+            let key = ModelKey::unwrap_for_device(&header, device).map_err(verification)?;
+            SealedModel::open_verified(&bytes, &key, vendor).map_err(verification)?
+        } else {
+            let mut opened = None;
+            let mut last_error = None;
+            for key in &self.keys.model_keys {
+                match SealedModel::open_verified(&bytes, key, vendor) {
+                    Ok(m) => {
+                        opened = Some(m);
+                        break;
+                    }
+                    Err(e) => last_error = Some(e),
+                }
+            }
+            match (opened, last_error) {
+                (Some(m), _) => m,
+                (None, Some(e)) => return Err(verification(e)),
+                (None, None) => {
+                    return Err((
+                        ErrorCode::Verification,
+                        format!("model {name} is sealed with a model key, and this secure world holds none"),
+                    ))
+                }
+            }
+        };
+        let granule = self.memory.granule_size();
+        let model = ResidentModel::new(name, sealed, granule).map_err(|e| (ErrorCode::BadArgument, e))?;
+        let id = self.next_model;
+        self.next_model += 1;
+        let reply = Reply::ModelOpened {
+            model: id,
+            chunks: model.chunk_count() as u32,
+            granules_needed: model.granules_needed(granule) as u32,
+        };
+        self.models.insert(id, model);
+        Ok(reply)
+    }
+
+    fn load_chunks(&mut self, id: u32, chunks: &[ChunkRef]) -> Result<Reply, Failure> {
+        let memory = &self.memory;
+        let channel = &self.channel;
+        let model = self.models.get_mut(&id).ok_or_else(|| no_model(id))?;
+        for (n, c) in chunks.iter().enumerate() {
+            let at = c.at;
+            let copy = |body: &mut [u8], tag: &mut [u8; CHUNK_TAG_LEN]| {
+                let body_len = body.len() as u64;
+                channel.copy_out(flexserve_protocol::BufferRange { offset: at.offset, len: body_len }, body)?;
+                let tag_at = at.offset.checked_add(body_len).ok_or("chunk range overflows")?;
+                channel.copy_out(flexserve_protocol::BufferRange { offset: tag_at, len: CHUNK_TAG_LEN as u64 }, tag)
+            };
+            model.load_chunk(memory, c.index as usize, at.len as usize, copy).map_err(|e| {
+                let (code, msg) = match e {
+                    LoadError::BadArgument(m) => (ErrorCode::BadArgument, m),
+                    LoadError::NoMemory(m) => (ErrorCode::NoMemory, m),
+                    LoadError::Verification(m) => (ErrorCode::Verification, m),
+                };
+                (code, format!("{msg} ({n} of {} chunks of this request loaded)", chunks.len()))
+            })?;
+        }
+        Ok(Reply::ChunksLoaded { loaded: chunks.len() as u32 })
+    }
+
+    fn generate(&mut self, g: GenerateRequest) -> Result<Reply, Failure> {
+        let threads = self.compute.threads();
+        let channel = &mut self.channel;
+        let model = self.models.get_mut(&g.model).ok_or_else(|| no_model(g.model))?;
+        if !model.fully_resident() {
+            let missing = model.chunk_count() - model.resident_chunks();
+            return Err((
+                ErrorCode::NotResident,
+                format!("model {}: {missing} of {} chunks are not resident", g.model, model.chunk_count()),
+            ));
+        }
+        model.engine(threads).map_err(|e| (ErrorCode::Engine, e))?;
+        let (engine, tokenizer, template, conversations) = model.parts();
+        let engine = engine.expect("built above");
+        let mut conv = if g.conversation == 0 {
+            Conversation::default()
+        } else {
+            conversations.remove(&g.conversation).unwrap_or_default()
+        };
+        let chat = matches!(g.input, Input::ChatTurn { .. });
+        let mut text = match g.input {
+            Input::Raw { text } => text,
+            Input::ChatTurn { system, user } => {
+                let template =
+                    template.ok_or_else(|| (ErrorCode::Engine, format!("model {} has no chat template", g.model)))?;
+                if conv.messages.is_empty() {
+                    if let Some(s) = system {
+                        conv.messages.push(ChatMessage::new("system", s));
+                    }
+                }
+                conv.messages.push(ChatMessage::new("user", user));
+                template.render(&conv.messages, true).map_err(|e| (ErrorCode::Engine, e.to_string()))?
+            }
+        };
+        let mut ids = tokenizer.encode(&text, true, true);
+        text.zeroize();
+        let session = match conv.state.take() {
+            Some(state) => Session::resume(engine, state).map_err(|e| (ErrorCode::Engine, e.to_string()))?,
+            None => Session::new(engine, g.n_ctx as usize),
+        };
+        let mut generator = Generator::resume(session, tokenizer, std::mem::take(&mut conv.history));
+        let s = g.sampling;
+        let opts = GenerateOptions {
+            max_tokens: g.max_tokens as usize,
+            sampling: SamplingParams {
+                temperature: s.temperature,
+                top_k: s.top_k as usize,
+                top_p: s.top_p,
+                min_p: s.min_p,
+                repeat_penalty: s.repeat_penalty,
+                repeat_last_n: s.repeat_last_n as usize,
+                seed: s.seed,
+            },
+            stop: g.stop,
+        };
+        let mut answer = String::new();
+        let mut peer_gone = false;
+        let result = generator.generate(&ids, &opts, |piece| {
+            answer.push_str(piece);
+            if !peer_gone && channel.send(&Reply::Token { text: piece.to_string() }).is_err() {
+                peer_gone = true;
+            }
+        });
+        ids.zeroize();
+        let (session, history) = generator.into_parts();
+        conv.state = Some(session.into_state());
+        conv.history = history;
+        let stats = match result {
+            Ok(s) => s,
+            Err(e) => {
+                answer.zeroize();
+                return Err((ErrorCode::Engine, e.to_string()));
+            }
+        };
+        if chat {
+            conv.messages.push(ChatMessage::new("assistant", answer.trim()));
+        }
+        answer.zeroize();
+        if g.conversation != 0 {
+            conversations.insert(g.conversation, conv);
+        }
+        Ok(Reply::Generated(GenerationReport {
+            prompt_tokens: stats.prompt_tokens as u32,
+            cached_tokens: stats.cached_tokens as u32,
+            generated_tokens: stats.generated_tokens as u32,
+            prefill_micros: (stats.prefill_secs * 1e6) as u64,
+            decode_micros: (stats.decode_secs * 1e6) as u64,
+            stop: match stats.stop {
+                flexserve_engine::StopReason::EndOfGeneration => StopReason::EndOfGeneration,
+                flexserve_engine::StopReason::MaxTokens => StopReason::MaxTokens,
+                flexserve_engine::StopReason::StopString => StopReason::StopString,
+                flexserve_engine::StopReason::ContextFull => StopReason::ContextFull,
+            },
+        }))
+    }
+
+    /// Gives back `wanted` granules: free ones first, then layers of the least
+    /// recently used models, later layers before earlier ones.
+    fn recall(&mut self, wanted: usize) -> Reply {
+        let t0 = Instant::now();
+        let mut released = self.memory.release(wanted);
+        let mut evicted = 0;
+        // A static carve-out never returns memory: evicting would free nothing.
+        while released < wanted && self.memory.mode() != "static-carve-out" {
+            let victim = self
+                .models
+                .iter()
+                .filter_map(|(&id, m)| m.eviction_candidates().first().map(|&(g, _)| (m.last_used, id, g)))
+                .min();
+            let Some((_, id, group)) = victim else { break };
+            let model = self.models.get_mut(&id).expect("victim exists");
+            evicted += model.evict(group);
+            released += self.memory.release(wanted - released);
+        }
+        Reply::Recalled { released: released as u32, evicted: evicted as u32, micros: t0.elapsed().as_micros() as u64 }
+    }
+
+    fn status(&self) -> StatusReport {
+        let s = self.memory.stats();
+        StatusReport {
+            protection: self.memory.protection().to_string(),
+            pool_mode: self.memory.mode().to_string(),
+            granule_size: self.memory.granule_size() as u64,
+            granted: s.granted as u32,
+            prepared: s.prepared as u32,
+            in_use: s.in_use as u32,
+            heap_bytes: (self.heap_bytes)(),
+            models: self
+                .models
+                .iter()
+                .map(|(&id, m)| ModelStatus {
+                    model: id,
+                    name: m.name.clone(),
+                    layers: m.layer_count() as u32,
+                    resident_layers: m.resident_layers() as u32,
+                    chunks: m.chunk_count() as u32,
+                    resident_chunks: m.resident_chunks() as u32,
+                    weight_bytes: m.weight_bytes(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn no_model(id: u32) -> Failure {
+    (ErrorCode::NoSuchModel, format!("no open model {id}"))
+}
+
+fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::Hello { .. } => "Hello",
+        Request::OpenModel { .. } => "OpenModel",
+        Request::Grant { .. } => "Grant",
+        Request::LoadChunks { .. } => "LoadChunks",
+        Request::MissingChunks { .. } => "MissingChunks",
+        Request::Generate(_) => "Generate",
+        Request::EndConversation { .. } => "EndConversation",
+        Request::Unload { .. } => "Unload",
+        Request::Recall { .. } => "Recall",
+        Request::Status => "Status",
+        Request::Shutdown => "Shutdown",
+    }
+}

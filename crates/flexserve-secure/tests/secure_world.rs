@@ -1,0 +1,223 @@
+//! The secure world as a process: seccomp, memory modes, recall, crashes.
+//! Each test starts real `flexserve-secure` processes on the real model.
+
+use std::path::{Path, PathBuf};
+
+use flexserve_normal::{
+    resident_bytes, MemoryBudget, NormalError, OpenedModel, PoolChoice, SecureWorld, SecureWorldOptions,
+};
+use flexserve_protocol::{ErrorCode, GenerateRequest, Input, Sampling};
+use flexserve_sealed::{ModelKey, SealOptions};
+
+fn plain_model() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
+    p
+}
+
+/// The real model sealed with a fresh key, in a temporary directory.
+struct Sealed {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    key: PathBuf,
+}
+
+fn sealed() -> Sealed {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, key) = (dir.path().join("m.fsm"), dir.path().join("m.key"));
+    let k = ModelKey::generate();
+    k.save(&key).unwrap();
+    flexserve_sealed::seal_file(&plain_model(), &model, &k, &SealOptions::default(), &mut |_, _| {}).unwrap();
+    Sealed { _dir: dir, model, key }
+}
+
+fn options(s: &Sealed) -> SecureWorldOptions {
+    SecureWorldOptions {
+        binary: Some(env!("CARGO_BIN_EXE_flexserve-secure").into()),
+        model_keys: vec![s.key.clone()],
+        threads: 2,
+        budget: MemoryBudget::Bytes(1 << 30),
+        ..SecureWorldOptions::default()
+    }
+}
+
+fn request(model: &OpenedModel, prompt: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        model: model.id,
+        conversation: 0,
+        input: Input::Raw { text: prompt.to_string() },
+        max_tokens,
+        n_ctx: 512,
+        sampling: Sampling {
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        },
+        stop: vec![],
+    }
+}
+
+fn generate(world: &mut SecureWorld, model: &OpenedModel, prompt: &str, max_tokens: u32) -> String {
+    let mut text = String::new();
+    let report = world.generate(model, request(model, prompt, max_tokens), |t| text.push_str(t)).unwrap();
+    assert!(report.generated_tokens > 0);
+    text
+}
+
+/// What the plain model generates in this process (the reference).
+fn plain_generate(prompt: &str, max_tokens: usize) -> String {
+    use flexserve_engine::{GenerateOptions, Generator, Model, SamplingParams, Session};
+    let file = std::sync::Arc::new(flexserve_gguf::GgufFile::open(plain_model()).unwrap());
+    let tok = flexserve_tokenizer::Tokenizer::from_gguf(&file.header.metadata).unwrap();
+    let model = Model::from_gguf(file, 2).unwrap();
+    let mut g = Generator::new(Session::new(&model, 512), &tok);
+    let opts = GenerateOptions { max_tokens, sampling: SamplingParams::greedy(), stop: vec![] };
+    let mut text = String::new();
+    g.generate(&tok.encode(prompt, true, true), &opts, |t| text.push_str(t)).unwrap();
+    text
+}
+
+#[test]
+fn seccomp_forbids_files_exec_sockets_tracing_and_forks_but_not_threads() {
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_flexserve-secure")).arg("--self-test-seccomp").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(report.contains("thread ok"), "{report}");
+    for call in ["open", "socket", "execve", "ptrace", "prctl(PR_SET_DUMPABLE)", "fork"] {
+        let line = report.lines().find(|l| l.starts_with(&format!("{call} "))).unwrap_or_default();
+        assert_eq!(line, format!("{call} errno {}", libc_eperm()), "{report}");
+    }
+}
+
+fn libc_eperm() -> i32 {
+    1
+}
+
+#[test]
+fn recall_returns_memory_and_evicted_layers_reload_to_the_same_tokens() {
+    let s = sealed();
+    let prompt = "The three primary colors are";
+    let expected = plain_generate(prompt, 12);
+    let mut world = SecureWorld::spawn(&options(&s)).unwrap();
+    assert_eq!(world.info().protection, "memfd_secret");
+    let (model, load) = world.open_model(&s.model).unwrap();
+    assert_eq!(load.chunks as u32, model.chunks);
+    assert_eq!(generate(&mut world, &model, prompt, 12), expected);
+
+    let before = world.status().unwrap();
+    assert_eq!(before.models[0].resident_layers, 30);
+    let granule = before.granule_size;
+    let rss_before = resident_bytes(world.pid()).unwrap();
+    // Take back more than half of what the model holds: free granules first, then layers.
+    let want = before.in_use * 2 / 3;
+    let (released, evicted, _) = world.recall(want).unwrap();
+    assert_eq!(released, want, "the secure world gives back what is asked while it has layers to evict");
+    assert!(evicted > 0);
+    let after = world.status().unwrap();
+    assert!(after.models[0].resident_layers < 30, "{after:?}");
+    let rss_after = resident_bytes(world.pid()).unwrap();
+    let dropped = rss_before.saturating_sub(rss_after);
+    assert!(
+        dropped as f64 >= 0.9 * (released as u64 * granule) as f64,
+        "resident memory fell by {dropped} bytes after releasing {released} granules of {granule}"
+    );
+
+    // The evicted layers come back from the sealed file; the tokens do not change.
+    assert_eq!(generate(&mut world, &model, prompt, 12), expected);
+    let again = world.status().unwrap();
+    assert_eq!(again.models[0].resident_layers, 30);
+    world.shutdown().unwrap();
+}
+
+#[test]
+fn a_killed_secure_world_is_a_clear_error_and_the_next_one_works() {
+    let s = sealed();
+    let mut world = SecureWorld::spawn(&options(&s)).unwrap();
+    let (model, _) = world.open_model(&s.model).unwrap();
+    let pid = world.pid() as i32;
+    let mut pieces = 0;
+    let result = world.generate(&model, request(&model, "Once upon a time", 400), |_| {
+        pieces += 1;
+        if pieces == 3 {
+            // Mid-generation, as a crash or an out-of-memory kill would.
+            std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        }
+    });
+    match result {
+        Err(NormalError::Died(how)) => assert!(how.contains("signal 9"), "{how}"),
+        other => panic!("expected a clear error about the secure world's death, got {other:?}"),
+    }
+    let message = NormalError::Died("killed by signal 9".into()).to_string();
+    assert!(message.contains("terminated") && message.contains("new secure world"), "{message}");
+
+    let mut world = SecureWorld::spawn(&options(&s)).unwrap();
+    let (model, _) = world.open_model(&s.model).unwrap();
+    assert_eq!(generate(&mut world, &model, "Once upon a time", 4), plain_generate("Once upon a time", 4));
+}
+
+#[test]
+fn static_carve_out_and_locked_memory_modes_give_the_same_tokens() {
+    let s = sealed();
+    let prompt = "def add(a, b):";
+    let expected = plain_generate(prompt, 8);
+
+    let carve =
+        SecureWorldOptions { pool: PoolChoice::StaticCarveOut, budget: MemoryBudget::Bytes(256 << 20), ..options(&s) };
+    let mut world = SecureWorld::spawn(&carve).unwrap();
+    assert_eq!(world.info().pool_mode, "static-carve-out");
+    let st = world.status().unwrap();
+    assert_eq!(st.granted as u64 * st.granule_size, 256 << 20, "the whole carve-out is reserved at start");
+    let (model, _) = world.open_model(&s.model).unwrap();
+    assert_eq!(generate(&mut world, &model, prompt, 8), expected);
+    let (released, _, _) = world.recall(10).unwrap();
+    assert_eq!(released, 0, "a static carve-out never returns memory");
+    world.shutdown().unwrap();
+
+    let locked = SecureWorldOptions { force_locked_memory: true, ..options(&s) };
+    let mut world = SecureWorld::spawn(&locked).unwrap();
+    assert_eq!(world.info().protection, "locked-anonymous");
+    let (model, _) = world.open_model(&s.model).unwrap();
+    assert_eq!(generate(&mut world, &model, prompt, 8), expected);
+    world.shutdown().unwrap();
+}
+
+#[test]
+fn limits_and_keys_are_enforced_with_clear_errors() {
+    let s = sealed();
+    // A budget smaller than the model.
+    let small = SecureWorldOptions { budget: MemoryBudget::Bytes(32 << 20), ..options(&s) };
+    let mut world = SecureWorld::spawn(&small).unwrap();
+    let e = world.open_model(&s.model).err().expect("the model does not fit 32 MiB");
+    let text = e.to_string();
+    assert!(text.contains("limit") && text.contains("granules"), "{text}");
+
+    // A secure world holding another key cannot open the model.
+    let other = tempfile::tempdir().unwrap();
+    let other_key = other.path().join("other.key");
+    ModelKey::generate().save(&other_key).unwrap();
+    let wrong = SecureWorldOptions { model_keys: vec![other_key], ..options(&s) };
+    let mut world = SecureWorld::spawn(&wrong).unwrap();
+    match world.open_model(&s.model) {
+        Err(NormalError::Secure { code: ErrorCode::Verification, message }) => {
+            assert!(message.contains("key"), "{message}")
+        }
+        Err(e) => panic!("expected a verification error, got {e}"),
+        Ok(_) => panic!("opened with the wrong key"),
+    }
+
+    // Status names the protection, the pool and the models.
+    let mut world = SecureWorld::spawn(&options(&s)).unwrap();
+    let (model, _) = world.open_model(&s.model).unwrap();
+    let st = world.status().unwrap();
+    assert_eq!((st.protection.as_str(), st.pool_mode.as_str()), ("memfd_secret", "flexible"));
+    assert_eq!(st.models.len(), 1);
+    assert_eq!(st.models[0].model, model.id);
+    assert_eq!(st.models[0].resident_chunks, model.chunks);
+    assert!(st.in_use as u64 >= u64::from(model.granules_needed));
+    assert!(st.heap_bytes > 0);
+}
