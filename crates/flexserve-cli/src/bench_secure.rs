@@ -141,6 +141,7 @@ fn secure_once(b: &SecureBench, prompt: &str, design: &str) -> Result<Sample> {
         secure_pool: if design == "secure-carve-out" { PoolChoice::StaticCarveOut } else { PoolChoice::Flexible },
         granule_size: 0,
         locked_memory: design == "secure-locked",
+        memory_floor: 0,
     };
     let t0 = Instant::now();
     let mut world = crate::secure::spawn(b.keys, &secure, b.threads)?;

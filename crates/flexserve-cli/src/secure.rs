@@ -24,12 +24,36 @@ pub struct SecureArgs {
     /// reserved and populated at start, never returned).
     #[arg(long, default_value = "flexible", value_parser = parse_pool)]
     pub secure_pool: PoolChoice,
-    /// Granule size in bytes (a multiple of 4096; 0 = 2 MiB).
+    /// Granule size in bytes (a multiple of 4096; 0 = the secure world's default, 256 KiB).
     #[arg(long, default_value_t = 0)]
     pub granule_size: usize,
     /// Protect secure memory by locking it instead of memfd_secret (for comparisons).
     #[arg(long)]
     pub locked_memory: bool,
+    /// Memory pressure: between chat turns, when the system's available memory is below this
+    /// (e.g. 1G), recall secure memory to restore it (0 = never).
+    #[arg(long, default_value = "0", value_parser = parse_bytes)]
+    pub memory_floor: u64,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    match MemoryBudget::parse(s)? {
+        MemoryBudget::Bytes(b) => Ok(b),
+        MemoryBudget::Auto => Err("expected a size such as 1G".into()),
+    }
+}
+
+/// The governor's pressure check while the secure world is idle.
+fn relieve_pressure(world: &mut SecureWorld, secure: &SecureArgs) -> Result<()> {
+    if secure.memory_floor > 0 {
+        if let Some((released, evicted, took)) = world.relieve_pressure(secure.memory_floor)? {
+            eprintln!(
+                "memory pressure: recalled {released} granules ({evicted} held model layers) in {:.1} ms",
+                took.as_secs_f64() * 1e3
+            );
+        }
+    }
+    Ok(())
 }
 
 fn parse_pool(s: &str) -> Result<PoolChoice, String> {
@@ -230,6 +254,9 @@ pub fn chat(
             continue;
         }
         turn(&mut world, line)?;
+        // Between turns the model is idle: the time to give memory back under
+        // pressure (evicted layers reload at the next turn).
+        relieve_pressure(&mut world, &run.secure)?;
     }
     world.shutdown()?;
     Ok(())

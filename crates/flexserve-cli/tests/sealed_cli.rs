@@ -56,7 +56,7 @@ fn sealed_model_generates_the_plain_models_tokens() {
 
     // A chat of two turns: the conversation and its KV cache stay in the
     // secure world between turns, and the answers are the plain model's.
-    let chat = |file: &Path, extra: &[&str]| {
+    let chat = |file: &Path, extra: &[&str], input: &str| {
         let mut args = vec!["chat", "--model", file.to_str().unwrap(), "--max-tokens", "20", "--temperature", "0"];
         args.extend_from_slice(extra);
         let mut child = Command::new(env!("CARGO_BIN_EXE_flexserve"))
@@ -67,13 +67,31 @@ fn sealed_model_generates_the_plain_models_tokens() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(b"What is the capital of France?\nAnd of Italy?\n").unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
-        ok(out)
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (ok(out), stderr)
     };
-    let plain_chat = chat(&model(), &[]);
+    let turns = "What is the capital of France?\nAnd of Italy?\n";
+    let (plain_chat, _) = chat(&model(), &[], turns);
     assert!(!plain_chat.trim().is_empty());
-    assert_eq!(chat(&sealed, &["--key", k]), plain_chat);
+    assert_eq!(chat(&sealed, &["--key", k], turns).0, plain_chat);
+
+    // Between turns: the secure world's status and a recall; evicted layers
+    // reload at the next turn and the answers do not change.
+    let answers = |out: &str| -> String {
+        out.lines().filter(|l| !l.starts_with(' ') && !l.starts_with("secure world")).collect()
+    };
+    let with_recall = "What is the capital of France?\n/status\n/recall 40\nAnd of Italy?\n";
+    let (out, stderr) = chat(&sealed, &["--key", k], with_recall);
+    assert!(out.contains("protection: memfd_secret") && out.contains("30/30 layers"), "{out}");
+    assert!(stderr.contains("recalled 40 granules"), "{stderr}");
+    assert_eq!(answers(&out), answers(&plain_chat));
+    // The governor under memory pressure (a floor no machine meets): all secure
+    // memory goes back after each turn, and comes back for the next.
+    let (out, stderr) = chat(&sealed, &["--key", k, "--memory-floor", "1000T"], turns);
+    assert!(stderr.contains("memory pressure: recalled"), "{stderr}");
+    assert_eq!(out, plain_chat);
 
     // No key, a wrong key, a tampered chunk: each refused with a reason.
     let e = err(run(&["generate", "--model", s, "--prompt", "hi"], home));

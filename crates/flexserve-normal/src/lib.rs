@@ -285,6 +285,18 @@ impl SecureWorld {
         }
     }
 
+    /// The governor's answer to memory pressure: when the system's available
+    /// memory is below `floor` bytes, recall enough granules to restore it
+    /// (as far as the secure world holds any). Returns what was recalled.
+    pub fn relieve_pressure(&mut self, floor: u64) -> Result<Option<(u32, u32, Duration)>> {
+        let Some(available) = available_memory() else { return Ok(None) };
+        let n = pressure_recall_granules(available, floor, self.info.granule_size, self.granted);
+        if n == 0 {
+            return Ok(None);
+        }
+        self.recall(n).map(Some)
+    }
+
     pub fn status(&mut self) -> Result<StatusReport> {
         match self.call(&Request::Status)? {
             Reply::Status(s) => Ok(s),
@@ -544,6 +556,15 @@ pub fn secure_binary(explicit: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
+/// Granules to recall so that `available` bytes rise back to `floor`, at
+/// most the `granted` ones.
+pub fn pressure_recall_granules(available: u64, floor: u64, granule_size: u64, granted: u64) -> u32 {
+    if available >= floor || granule_size == 0 {
+        return 0;
+    }
+    (floor - available).div_ceil(granule_size).min(granted).min(u64::from(u32::MAX)) as u32
+}
+
 /// MemAvailable from /proc/meminfo, in bytes.
 pub fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -563,6 +584,16 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pressure_recalls_what_the_floor_needs_and_no_more_than_granted() {
+        let g = 256 << 10;
+        assert_eq!(pressure_recall_granules(2 << 30, 1 << 30, g, 100), 0);
+        assert_eq!(pressure_recall_granules((1 << 30) - 1, 1 << 30, g, 100), 1);
+        assert_eq!(pressure_recall_granules((1 << 30) - 3 * g, 1 << 30, g, 100), 3);
+        assert_eq!(pressure_recall_granules(0, 1 << 30, g, 100), 100);
+        assert_eq!(pressure_recall_granules(0, 1 << 30, 0, 100), 0);
+    }
 
     #[test]
     fn budgets_parse() {

@@ -1,0 +1,476 @@
+//! No plaintext outside the secure world: while a sealed model generates
+//! through `flexserve generate`, the memory of that normal-world process holds
+//! neither plaintext tensor data nor the prompt's token ids.
+//!
+//! The scan reads every readable mapping of the CLI process (not of this test
+//! process) through /proc/PID/mem while the process is stopped. A positive
+//! control runs the same scan against `flexserve generate` on the plain model,
+//! whose memory must hold both (its mmap of the GGUF file and its own token
+//! ids), so the sealed run cannot pass because the scanner sees nothing.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use flexserve_gguf::GgufFile;
+use flexserve_tokenizer::Tokenizer;
+
+/// A long, varied prompt (well over 30 tokens) that invites a long continuation.
+const PROMPT: &str = "The following is a detailed travel diary kept by a botanist who walked from Lisbon to Krakow \
+in the spring of 1891, describing rivers, markets, weather, meals and the wild orchids she pressed along the way. \
+Day one: we left the harbour at dawn and";
+const TENSOR_NEEDLES: usize = 64;
+const NEEDLE_LEN: usize = 32;
+/// Shortest run of consecutive prompt token ids searched for.
+const ID_RUN: usize = 8;
+
+fn model() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
+    p
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A byte pattern whose presence in the normal world would be a leak.
+struct Needle {
+    bytes: Vec<u8>,
+    what: String,
+    kind: NeedleKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum NeedleKind {
+    Tensor,
+    IdsU32,
+    IdsU64,
+}
+
+/// Windows with few distinct bytes (zeros, padding, repeated values) could
+/// occur anywhere by chance; real quantized or float data has many.
+fn high_entropy(window: &[u8]) -> bool {
+    let mut seen = [false; 256];
+    window.iter().for_each(|&b| seen[b as usize] = true);
+    seen.iter().filter(|&&s| s).count() >= 12
+}
+
+/// Tensors sampled: every type in the model (F32 norms, the Q8_0 embedding,
+/// Q4_1 matrices) from layers spread over the whole depth.
+const SAMPLED_TENSORS: [&str; 10] = [
+    "blk.15.attn_norm.weight",
+    "output_norm.weight",
+    "token_embd.weight",
+    "blk.0.attn_q.weight",
+    "blk.0.ffn_down.weight",
+    "blk.7.attn_k.weight",
+    "blk.12.ffn_gate.weight",
+    "blk.18.attn_v.weight",
+    "blk.24.attn_output.weight",
+    "blk.29.ffn_up.weight",
+];
+
+/// `TENSOR_NEEDLES` windows of `NEEDLE_LEN` bytes from [`SAMPLED_TENSORS`],
+/// at deterministic pseudo-random offsets. A tensor with too few
+/// high-entropy windows (a norm close to all ones) leaves its share to the next.
+fn tensor_needles(gguf: &GgufFile) -> Vec<Needle> {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut needles = Vec::new();
+    let mut shares = Vec::new();
+    for (i, name) in SAMPLED_TENSORS.iter().enumerate() {
+        let tensor = gguf.header.tensor(name).unwrap_or_else(|| panic!("the model has no tensor {name}"));
+        let data = gguf.tensor_data(name).expect("tensor data in range");
+        let want = (TENSOR_NEEDLES - needles.len()).div_ceil(SAMPLED_TENSORS.len() - i);
+        let mut taken = 0;
+        for _ in 0..want * 64 {
+            if taken == want {
+                break;
+            }
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let at = (state as usize) % (data.len() - NEEDLE_LEN);
+            let window = &data[at..at + NEEDLE_LEN];
+            if high_entropy(window) {
+                needles.push(Needle {
+                    bytes: window.to_vec(),
+                    what: format!("{name} ({}) bytes {at}..{}", tensor.ty.name(), at + NEEDLE_LEN),
+                    kind: NeedleKind::Tensor,
+                });
+                taken += 1;
+            }
+        }
+        shares.push(format!("{name} {}: {taken}", tensor.ty.name()));
+    }
+    eprintln!("tensor needles: {}", shares.join(", "));
+    assert_eq!(needles.len(), TENSOR_NEEDLES, "too few high-entropy windows in the sampled tensors");
+    needles
+}
+
+/// Every run of `ID_RUN` consecutive prompt token ids, as little-endian u32
+/// and as u64 (usize) arrays.
+fn id_needles(ids: &[u32]) -> Vec<Needle> {
+    let mut needles = Vec::new();
+    for (start, run) in ids.windows(ID_RUN).enumerate() {
+        let as_u32: Vec<u8> = run.iter().flat_map(|id| id.to_le_bytes()).collect();
+        let as_u64: Vec<u8> = run.iter().flat_map(|&id| u64::from(id).to_le_bytes()).collect();
+        let what = |width| format!("prompt token ids {start}..{} as {width}", start + ID_RUN);
+        needles.push(Needle { bytes: as_u32, what: what("u32"), kind: NeedleKind::IdsU32 });
+        needles.push(Needle { bytes: as_u64, what: what("u64"), kind: NeedleKind::IdsU64 });
+    }
+    needles
+}
+
+/// Finds many needles in one pass: a bitmap over a hash of each needle's
+/// first 8 bytes filters positions before an exact comparison.
+struct Matcher {
+    needles: Vec<Needle>,
+    filter: Vec<u64>,
+    by_prefix: HashMap<u64, Vec<usize>>,
+    longest: usize,
+}
+
+const FILTER_BITS: u32 = 24;
+
+fn filter_slot(prefix: u64) -> usize {
+    (prefix.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FILTER_BITS)) as usize
+}
+
+impl Matcher {
+    fn new(needles: Vec<Needle>) -> Matcher {
+        let mut filter = vec![0u64; (1 << FILTER_BITS) / 64];
+        let mut by_prefix: HashMap<u64, Vec<usize>> = HashMap::new();
+        for (i, n) in needles.iter().enumerate() {
+            let prefix = u64::from_le_bytes(n.bytes[..8].try_into().unwrap());
+            let slot = filter_slot(prefix);
+            filter[slot / 64] |= 1 << (slot % 64);
+            by_prefix.entry(prefix).or_default().push(i);
+        }
+        let longest = needles.iter().map(|n| n.bytes.len()).max().unwrap_or(8);
+        Matcher { needles, filter, by_prefix, longest }
+    }
+
+    fn scan(&self, data: &[u8], found: &mut [bool]) {
+        if data.len() < 8 {
+            return;
+        }
+        for at in 0..=data.len() - 8 {
+            let prefix = u64::from_le_bytes(data[at..at + 8].try_into().unwrap());
+            let slot = filter_slot(prefix);
+            if self.filter[slot / 64] & (1 << (slot % 64)) == 0 {
+                continue;
+            }
+            if let Some(candidates) = self.by_prefix.get(&prefix) {
+                for &i in candidates {
+                    if data[at..].starts_with(&self.needles[i].bytes) {
+                        found[i] = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a scan of one process saw.
+struct Scan {
+    found: Vec<bool>,
+    mappings: usize,
+    bytes_read: u64,
+    bytes_unreadable: u64,
+    /// Command names of the process's children (the secure world, for a sealed model).
+    children: Vec<String>,
+}
+
+/// Reads every readable mapping of `pid` through /proc/PID/mem and searches it.
+/// Unreadable pages (guard pages, [vvar], ...) are counted and skipped.
+fn scan_process(pid: u32, matcher: &Matcher) -> std::io::Result<Scan> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mem = File::open(format!("/proc/{pid}/mem"))?;
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let children = children
+        .split_whitespace()
+        .map(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default().trim().to_owned())
+        .collect();
+    let mut scan =
+        Scan { found: vec![false; matcher.needles.len()], mappings: 0, bytes_read: 0, bytes_unreadable: 0, children };
+    const CHUNK: u64 = 4 << 20;
+    const PAGE: u64 = 4096;
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
+        let name = fields.nth(3).unwrap_or("");
+        if !perms.starts_with('r') || name.starts_with("[vvar") || name == "[vsyscall]" {
+            continue;
+        }
+        let (start, end) = range.split_once('-').expect("maps range");
+        let (start, end) = (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
+        scan.mappings += 1;
+        // Bytes carried over from the previous chunk, so that needles across a chunk boundary are found.
+        let mut carry: Vec<u8> = Vec::new();
+        let mut at = start;
+        while at < end {
+            let len = CHUNK.min(end - at) as usize;
+            let mut buf = vec![0u8; len];
+            let got = read_fully(&mem, &mut buf, at);
+            if got < len {
+                // Fall back to page by page for the rest of this chunk.
+                let mut page_at = at + got as u64;
+                let mut filled = got;
+                buf.truncate(got);
+                while page_at < at + len as u64 {
+                    let mut page = vec![0u8; PAGE as usize];
+                    let n = read_fully(&mem, &mut page, page_at);
+                    if n == page.len() {
+                        buf.extend_from_slice(&page);
+                        filled += n;
+                    } else {
+                        // An unreadable page ends the contiguous run.
+                        scan_with_carry(matcher, &mut carry, &buf, &mut scan.found);
+                        carry.clear();
+                        buf.clear();
+                        scan.bytes_unreadable += PAGE;
+                    }
+                    page_at += PAGE;
+                }
+                scan.bytes_read += filled as u64;
+            } else {
+                scan.bytes_read += len as u64;
+            }
+            scan_with_carry(matcher, &mut carry, &buf, &mut scan.found);
+            at += len as u64;
+        }
+    }
+    Ok(scan)
+}
+
+fn scan_with_carry(matcher: &Matcher, carry: &mut Vec<u8>, data: &[u8], found: &mut [bool]) {
+    if data.is_empty() {
+        return;
+    }
+    let mut joined = std::mem::take(carry);
+    joined.extend_from_slice(data);
+    matcher.scan(&joined, found);
+    let keep = (matcher.longest - 1).min(joined.len());
+    *carry = joined[joined.len() - keep..].to_vec();
+}
+
+/// pread until `buf` is full or a read fails; returns the bytes read.
+fn read_fully(file: &File, buf: &mut [u8], offset: u64) -> usize {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => done += n,
+        }
+    }
+    done
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill only sends a signal to our own child process.
+    let r = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(r, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+}
+
+/// Waits until /proc/PID/stat says the process is stopped.
+fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the parenthesised command name.
+        let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+        if state == Some('T') || state == Some('t') {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not stop (state {state:?})");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A running `flexserve generate` and its output so far.
+struct Generation {
+    child: Child,
+    first_output: mpsc::Receiver<Vec<u8>>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+fn start_generation(model: &Path, key: Option<&Path>, home: &Path) -> Generation {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flexserve"));
+    cmd.args(["generate", "--model"]).arg(model);
+    if let Some(k) = key {
+        cmd.arg("--key").arg(k);
+    }
+    cmd.args(["--prompt", PROMPT, "--max-tokens", "200", "--temperature", "0", "--threads", "2"]);
+    cmd.env("FLEXSERVE_HOME", home).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("starting flexserve");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, first_output) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        // Only the first piece matters; keep draining so the child never blocks on a full pipe.
+        let mut sent = false;
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if !sent {
+                let _ = tx.send(buf[..n].to_vec());
+                sent = true;
+            }
+        }
+    });
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    Generation { child, first_output, stderr }
+}
+
+enum Outcome {
+    Scanned(Scan),
+    /// The process ended before generating anything: its stderr.
+    NoOutput(String),
+    /// /proc/PID/mem could not be opened.
+    Unreadable(std::io::Error),
+}
+
+/// Starts a generation, waits for its first output bytes, stops the process,
+/// scans its memory, then ends it.
+fn scan_during_generation(model: &Path, key: Option<&Path>, home: &Path, matcher: &Matcher) -> Outcome {
+    let mut generation = start_generation(model, key, home);
+    let pid = generation.child.id();
+    let first = generation.first_output.recv_timeout(Duration::from_secs(120));
+    if first.is_err() {
+        let _ = generation.child.kill();
+        let _ = generation.child.wait();
+        return Outcome::NoOutput(generation.stderr.join().unwrap_or_default());
+    }
+    signal(pid, libc::SIGSTOP);
+    wait_stopped(pid);
+    let scan = scan_process(pid, matcher);
+    signal(pid, libc::SIGCONT);
+    // The scan is what matters; ending the CLI closes the channel, which ends its secure world.
+    let _ = generation.child.kill();
+    let _ = generation.child.wait();
+    match scan {
+        Ok(scan) => Outcome::Scanned(scan),
+        Err(e) => Outcome::Unreadable(e),
+    }
+}
+
+fn report(found: &[bool], matcher: &Matcher, kind: NeedleKind) -> (usize, usize, Vec<String>) {
+    let of_kind: Vec<usize> = (0..found.len()).filter(|&i| matcher.needles[i].kind == kind).collect();
+    let hits: Vec<String> = of_kind.iter().filter(|&&i| found[i]).map(|&i| matcher.needles[i].what.clone()).collect();
+    (hits.len(), of_kind.len(), hits)
+}
+
+fn secure_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLEXSERVE_SECURE_BIN") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_BIN_EXE_flexserve")).with_file_name("flexserve-secure")
+}
+
+#[test]
+fn no_plaintext_weights_or_token_ids_in_the_normal_world() {
+    let secure = secure_binary();
+    assert!(
+        secure.is_file(),
+        "{} does not exist: the CLI runs sealed models in it. Build it in the same target directory, e.g. \
+         `cargo test --workspace` or `cargo build -p flexserve-secure` before `cargo test -p flexserve-cli`",
+        secure.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let key_path = home.join("model.key");
+    let sealed = home.join("model.fsm");
+    let key = flexserve_sealed::ModelKey::generate();
+    key.save(&key_path).unwrap();
+    flexserve_sealed::seal_file(&model(), &sealed, &key, &flexserve_sealed::SealOptions::default(), &mut |_, _| {})
+        .unwrap();
+
+    let gguf = GgufFile::open(model()).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&gguf.header.metadata).unwrap();
+    let ids = tokenizer.encode(PROMPT, true, true);
+    assert!(ids.len() >= 30, "the prompt should be at least 30 tokens, it is {}", ids.len());
+    let mut needles = tensor_needles(&gguf);
+    assert_eq!(needles.len(), TENSOR_NEEDLES);
+    needles.extend(id_needles(&ids));
+    let matcher = Matcher::new(needles);
+    drop(gguf);
+
+    // Positive control: the plain model runs in the CLI process itself.
+    let plain = match scan_during_generation(&model(), None, home, &matcher) {
+        Outcome::Scanned(scan) => scan,
+        Outcome::NoOutput(stderr) => panic!("flexserve generate on the plain model produced no output:\n{stderr}"),
+        Outcome::Unreadable(e) if !is_root() => {
+            eprintln!("skipping: cannot read another process's memory as a non-root user here ({e})");
+            return;
+        }
+        Outcome::Unreadable(e) => panic!("reading the plain CLI's memory: {e}"),
+    };
+    let (tensor_hits, tensors, _) = report(&plain.found, &matcher, NeedleKind::Tensor);
+    let (u32_hits, u32_runs, _) = report(&plain.found, &matcher, NeedleKind::IdsU32);
+    eprintln!(
+        "plain model (control): {} mappings, {:.1} MiB read, {:.1} MiB unreadable; tensor needles {tensor_hits}/{tensors}, \
+         u32 id runs {u32_hits}/{u32_runs}",
+        plain.mappings,
+        plain.bytes_read as f64 / (1 << 20) as f64,
+        plain.bytes_unreadable as f64 / (1 << 20) as f64
+    );
+    assert_eq!(
+        tensor_hits, tensors,
+        "control: the plain CLI maps the GGUF file, so every tensor needle must be found in its memory; \
+         the scanner is broken"
+    );
+    assert!(
+        u32_hits > 0,
+        "control: the plain CLI tokenizes the prompt itself, so its token ids (u32) must be in its memory; \
+         the scanner is broken"
+    );
+
+    // The sealed model: the CLI is the normal world, the secure world is its child.
+    let sealed_scan = match scan_during_generation(&sealed, Some(&key_path), home, &matcher) {
+        Outcome::Scanned(scan) => scan,
+        Outcome::NoOutput(stderr) if !is_root() => {
+            eprintln!("skipping: the secure world did not run as a non-root user here:\n{stderr}");
+            return;
+        }
+        Outcome::NoOutput(stderr) => panic!("flexserve generate on the sealed model produced no output:\n{stderr}"),
+        Outcome::Unreadable(e) => panic!("reading the sealed CLI's memory: {e}"),
+    };
+    let (tensor_hits, _, tensor_leaks) = report(&sealed_scan.found, &matcher, NeedleKind::Tensor);
+    let (u32_hits, _, u32_leaks) = report(&sealed_scan.found, &matcher, NeedleKind::IdsU32);
+    let (u64_hits, _, u64_leaks) = report(&sealed_scan.found, &matcher, NeedleKind::IdsU64);
+    eprintln!(
+        "sealed model: {} mappings, {:.1} MiB read, {:.1} MiB unreadable; tensor needles {tensor_hits}, \
+         u32 id runs {u32_hits}, u64 id runs {u64_hits}",
+        sealed_scan.mappings,
+        sealed_scan.bytes_read as f64 / (1 << 20) as f64,
+        sealed_scan.bytes_unreadable as f64 / (1 << 20) as f64
+    );
+    // comm is cut to 15 bytes.
+    assert!(
+        sealed_scan.children.iter().any(|c| "flexserve-secure".starts_with(c.as_str()) && !c.is_empty()),
+        "the sealed model must run in a flexserve-secure child of the CLI; children: {:?}",
+        sealed_scan.children
+    );
+    // Ciphertext reaches the secure world through the shared buffer, which this process maps: the scan covers it.
+    assert!(
+        sealed_scan.bytes_read >= flexserve_normal::DEFAULT_SHARED_LEN as u64,
+        "the scan of the sealed CLI read only {} bytes, less than its shared buffer",
+        sealed_scan.bytes_read
+    );
+    assert!(tensor_leaks.is_empty(), "plaintext tensor data in the normal-world process: {tensor_leaks:#?}");
+    assert!(u32_leaks.is_empty(), "prompt token ids (u32) in the normal-world process: {u32_leaks:#?}");
+    assert!(u64_leaks.is_empty(), "prompt token ids (u64) in the normal-world process: {u64_leaks:#?}");
+}
