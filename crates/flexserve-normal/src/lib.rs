@@ -503,6 +503,7 @@ pub fn spawn_process(opts: &SecureWorldOptions) -> Result<RawSecureWorld> {
         cmd.arg("--locked-memory");
     }
     let budget_bytes = opts.budget.bytes();
+    cmd.args(["--memory-limit", &budget_bytes.to_string()]);
     if opts.pool == PoolChoice::StaticCarveOut {
         cmd.args(["--carve-out", &budget_bytes.to_string()]);
     }

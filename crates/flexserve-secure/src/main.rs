@@ -26,7 +26,7 @@ const DEFAULT_GRANULE_SIZE: usize = 256 << 10;
 
 const USAGE: &str = "usage: flexserve-secure --channel-fd FD --shared-fd FD [--device-key FILE] \
 [--model-key FILE]... [--vendor-pubkey HEX] [--threads N] [--granule-size BYTES] [--carve-out BYTES] \
-[--locked-memory]\n       flexserve-secure --self-test-seccomp";
+[--memory-limit BYTES] [--locked-memory]\n       flexserve-secure --self-test-seccomp";
 
 #[derive(Default)]
 struct Args {
@@ -38,6 +38,7 @@ struct Args {
     threads: usize,
     granule_size: usize,
     carve_out_bytes: Option<u64>,
+    memory_limit: Option<u64>,
     locked_memory: bool,
     self_test_seccomp: bool,
 }
@@ -60,6 +61,7 @@ fn parse_args() -> Result<Args, String> {
             "--threads" => a.threads = number(value()?)? as usize,
             "--granule-size" => a.granule_size = number(value()?)? as usize,
             "--carve-out" => a.carve_out_bytes = Some(number(value()?)?),
+            "--memory-limit" => a.memory_limit = Some(number(value()?)?),
             "--locked-memory" => a.locked_memory = true,
             "--self-test-seccomp" => a.self_test_seccomp = true,
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -103,14 +105,29 @@ fn main() {
     let (socket, shared) = unsafe { (UnixStream::from_raw_fd(channel_fd), OwnedFd::from_raw_fd(shared_fd)) };
     let shared = SharedBuffer::from_fd(shared).unwrap_or_else(|e| fail(&format!("shared buffer: {e}")));
     let channel = SocketChannel::new(socket, shared).unwrap_or_else(|e| fail(&format!("channel: {e}")));
+    // Grants beyond the budget the normal world started us with, or beyond
+    // the machine's memory, are refused rather than attempted.
+    let physical = physical_memory();
+    let max_memory = args.memory_limit.map_or(physical, |l| l.min(physical));
     let threads = if args.threads == 0 { flexserve_engine::model::default_threads() } else { args.threads };
     if let Err(e) = harden::install_seccomp() {
         fail(&e);
     }
-    let mut world = SecureWorld::new(pool, channel, CpuCompute { threads }, keys, heap_bytes);
+    let mut world = SecureWorld::new(pool, channel, CpuCompute { threads }, keys, heap_bytes, max_memory);
     match world.run() {
         Exit::Shutdown | Exit::PeerGone => std::process::exit(0),
         Exit::Broken(why) => fail(&format!("channel broken: {why}")),
+    }
+}
+
+/// Bytes of physical memory (read before the seccomp filter).
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf only reads system configuration.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if pages > 0 && size > 0 {
+        pages as u64 * size as u64
+    } else {
+        u64::MAX
     }
 }
 

@@ -43,11 +43,32 @@ pub struct SecureWorld<M: SecureMemory, C: Channel, X: Compute> {
     models: BTreeMap<u32, ResidentModel<M::Region>>,
     next_model: u32,
     greeted: bool,
+    /// Most granules the secure world accepts in all (the budget it was started
+    /// with, at most the machine's memory): a grant beyond it is refused.
+    max_granules: usize,
 }
 
 impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
-    pub fn new(memory: M, channel: C, compute: X, keys: KeyStore, heap_bytes: fn() -> u64) -> Self {
-        Self { memory, channel, compute, keys, heap_bytes, models: BTreeMap::new(), next_model: 1, greeted: false }
+    pub fn new(
+        memory: M,
+        channel: C,
+        compute: X,
+        keys: KeyStore,
+        heap_bytes: fn() -> u64,
+        max_memory_bytes: u64,
+    ) -> Self {
+        let max_granules = (max_memory_bytes / memory.granule_size().max(1) as u64) as usize;
+        Self {
+            memory,
+            channel,
+            compute,
+            keys,
+            heap_bytes,
+            models: BTreeMap::new(),
+            next_model: 1,
+            greeted: false,
+            max_granules,
+        }
     }
 
     /// Serves requests until the normal world shuts it down or goes away.
@@ -70,10 +91,12 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             };
             let shutdown = matches!(request, Request::Shutdown);
             let reply = self.handle(request).unwrap_or_else(|(code, message)| Reply::Error { code, message });
+            // Only a Shutdown that was accepted (not one refused before Hello) ends the loop.
+            let accepted = matches!(reply, Reply::Ok);
             if self.reply(reply).is_err() {
                 return Exit::PeerGone;
             }
-            if shutdown {
+            if shutdown && accepted {
                 return Exit::Shutdown;
             }
         }
@@ -108,6 +131,18 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             Request::Hello { .. } => Err((ErrorCode::OutOfOrder, "Hello sent twice".to_string())),
             Request::OpenModel { name, header } => self.open_model(name, header),
             Request::Grant { granules } => {
+                let granted = self.memory.stats().granted;
+                let most = self.max_granules.saturating_sub(granted);
+                if granules as usize > most {
+                    return Err((
+                        ErrorCode::NoMemory,
+                        format!(
+                            "a grant of {granules} granules exceeds this secure world's limit of {} granules \
+                             ({granted} already granted)",
+                            self.max_granules
+                        ),
+                    ));
+                }
                 let t0 = Instant::now();
                 let prepared = self.memory.grant(granules as usize).map_err(|e| (ErrorCode::NoMemory, e))?;
                 let granted = self.memory.stats().granted as u32;
