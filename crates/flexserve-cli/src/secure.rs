@@ -99,12 +99,13 @@ pub fn open(path: &Path, keys: &KeyArgs, secure: &SecureArgs, threads: usize) ->
         anyhow::bail!("{} is a sealed model: pass its key with --key KEY", path.display());
     }
     let mut world = spawn(keys, secure, threads)?;
+    let started = t0.elapsed();
     let (model, load) =
         world.open_model(path).with_context(|| format!("opening {} in the secure world", path.display()))?;
     let info = world.info().clone();
     eprintln!(
         "loaded {} into the secure world (pid {}, {}, {} pool) in {:.0} ms: {} chunks, {:.1} MiB; \
-         grant {:.0} ms, read {:.0} ms, decrypt {:.0} ms",
+         start {:.0} ms, open {:.0} ms, grant {:.0} ms, read {:.0} ms, decrypt {:.0} ms",
         path.display(),
         info.pid,
         info.protection,
@@ -112,6 +113,8 @@ pub fn open(path: &Path, keys: &KeyArgs, secure: &SecureArgs, threads: usize) ->
         t0.elapsed().as_secs_f64() * 1e3,
         load.chunks,
         load.bytes as f64 / (1 << 20) as f64,
+        started.as_secs_f64() * 1e3,
+        load.open.as_secs_f64() * 1e3,
         load.grant.as_secs_f64() * 1e3,
         load.read.as_secs_f64() * 1e3,
         load.decrypt.as_secs_f64() * 1e3,

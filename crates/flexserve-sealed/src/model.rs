@@ -3,7 +3,7 @@
 use ring::{aead, hmac};
 
 use crate::format::{chunk_aad, chunk_nonce, name_digest, FileKeys, SealedHeader, CHUNK_TAG_LEN, HEADER_TAG_LEN};
-use crate::{ChunkInfo, ModelKey, SealError, VendorPublicKey};
+use crate::{ChunkInfo, DeviceSecretKey, ModelKey, SealError, VendorPublicKey};
 
 /// A sealed model whose header is authenticated with the model key. Chunks
 /// are opened independently with `&self`, from any number of threads.
@@ -44,7 +44,45 @@ impl SealedModel {
         key: &ModelKey,
         vendor: Option<&VendorPublicKey>,
     ) -> Result<SealedModel, SealError> {
+        SealedModel::open_header(SealedHeader::read(header_bytes)?, header_bytes, key, vendor)
+    }
+
+    /// Opens with whichever key fits, parsing the header once (a large
+    /// vocabulary makes parsing cost): the device key when the file is wrapped
+    /// to a device, else the first of `model_keys` whose key check matches.
+    /// Fails with the device key's error, or [`SealError::WrongKey`] when no
+    /// key fits.
+    pub fn open_with_keys(
+        header_bytes: &[u8],
+        device: Option<&DeviceSecretKey>,
+        model_keys: &[ModelKey],
+        vendor: Option<&VendorPublicKey>,
+    ) -> Result<SealedModel, SealError> {
         let header = SealedHeader::read(header_bytes)?;
+        if header.wrapped_to_device().is_some() {
+            if let Some(device) = device {
+                let key = ModelKey::unwrap_for_device(&header, device)?;
+                return SealedModel::open_header(header, header_bytes, &key, vendor);
+            }
+        }
+        let fitting = model_keys.iter().find(|k| {
+            FileKeys::derive(k, &header.file_id)
+                .map(|keys| equal_in_constant_time(&keys.key_check[..], &header.key_check))
+                .unwrap_or(false)
+        });
+        match fitting {
+            Some(key) => SealedModel::open_header(header, header_bytes, key, vendor),
+            None => Err(SealError::WrongKey),
+        }
+    }
+
+    /// The rest of opening, on a header parsed from exactly `header_bytes`.
+    fn open_header(
+        header: SealedHeader,
+        header_bytes: &[u8],
+        key: &ModelKey,
+        vendor: Option<&VendorPublicKey>,
+    ) -> Result<SealedModel, SealError> {
         header.verify_signature(header_bytes, vendor)?;
         let keys = FileKeys::derive(key, &header.file_id)?;
         if !equal_in_constant_time(&keys.key_check[..], &header.key_check) {

@@ -110,3 +110,26 @@ fn device_keys_round_trip_through_files() {
     let err = seal_file(&gguf, &dir2.path().join("x.fsm"), &ModelKey::generate(), &opts, &mut |_, _| {}).unwrap_err();
     assert!(matches!(err, SealError::InvalidKey(_)), "{err}");
 }
+
+#[test]
+fn open_with_keys_picks_the_key_that_fits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (device, vendor_key) = (DeviceSecretKey::generate(), ModelKey::generate());
+    let (_, sealed) = seal_to(dir.path(), &device, &vendor_key);
+    let bytes = std::fs::read(&sealed).unwrap();
+    let others = [ModelKey::generate(), ModelKey::generate()];
+    // The device key, the vendor's model key among others, each opens it.
+    SealedModel::open_with_keys(&bytes, Some(&device), &[], None).unwrap();
+    let with_vendor = [ModelKey::generate(), vendor_key];
+    SealedModel::open_with_keys(&bytes, None, &with_vendor, None).unwrap();
+    // Keys that do not fit are named as such.
+    let e = SealedModel::open_with_keys(&bytes, None, &others, None).err().unwrap();
+    assert!(matches!(e, SealError::WrongKey), "{e}");
+    let e = SealedModel::open_with_keys(&bytes, Some(&DeviceSecretKey::generate()), &others, None).err().unwrap();
+    assert!(matches!(e, SealError::WrongDevice { .. }), "{e}");
+    // A tampered header is refused whichever key fits.
+    let mut bad = bytes.clone();
+    bad[PREAMBLE_LEN + KEY_WRAP_LEN + 40] ^= 1;
+    assert!(SealedModel::open_with_keys(&bad, Some(&device), &[], None).is_err());
+    assert!(SealedModel::open_with_keys(&bad, None, &with_vendor, None).is_err());
+}

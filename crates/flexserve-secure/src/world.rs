@@ -10,7 +10,7 @@ use flexserve_protocol::{
     ChunkRef, ChunkSpan, ErrorCode, GenerateRequest, GenerationReport, Input, ModelStatus, ProtocolError, Reply,
     Request, StatusReport, StopReason, PROTOCOL_VERSION,
 };
-use flexserve_sealed::{ModelKey, SealedHeader, SealedModel, CHUNK_TAG_LEN};
+use flexserve_sealed::{SealedModel, CHUNK_TAG_LEN};
 use flexserve_tokenizer::ChatMessage;
 use zeroize::Zeroize;
 
@@ -143,6 +143,9 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                         ),
                     ));
                 }
+                // Prepared now, in parallel threads: on a machine with idle
+                // cores this could run behind the next request, but here the
+                // page faults compete with it for the same two cores.
                 let t0 = Instant::now();
                 let prepared = self.memory.grant(granules as usize).map_err(|e| (ErrorCode::NoMemory, e))?;
                 let granted = self.memory.stats().granted as u32;
@@ -185,41 +188,12 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         }
         let mut bytes = vec![0u8; range.len as usize];
         self.channel.copy_out(range, &mut bytes).map_err(|e| (ErrorCode::BadArgument, e))?;
-        let verification = |e: flexserve_sealed::SealError| (ErrorCode::Verification, format!("model {name}: {e}"));
-        let header = SealedHeader::read(&bytes).map_err(verification)?;
-        let vendor = self.keys.vendor.as_ref();
-        let sealed = if header.wrapped_to_device().is_some() {
-            let device = self.keys.device.as_ref().ok_or_else(|| {
-                (
-                    ErrorCode::Verification,
-                    format!("model {name} is sealed to a device, and this secure world holds no device key"),
-                )
-            })?;
-            let key = ModelKey::unwrap_for_device(&header, device).map_err(verification)?;
-            SealedModel::open_verified(&bytes, &key, vendor).map_err(verification)?
-        } else {
-            let mut opened = None;
-            let mut last_error = None;
-            for key in &self.keys.model_keys {
-                match SealedModel::open_verified(&bytes, key, vendor) {
-                    Ok(m) => {
-                        opened = Some(m);
-                        break;
-                    }
-                    Err(e) => last_error = Some(e),
-                }
-            }
-            match (opened, last_error) {
-                (Some(m), _) => m,
-                (None, Some(e)) => return Err(verification(e)),
-                (None, None) => {
-                    return Err((
-                        ErrorCode::Verification,
-                        format!("model {name} is sealed with a model key, and this secure world holds none"),
-                    ))
-                }
-            }
-        };
+        let keys = &self.keys;
+        if keys.device.is_none() && keys.model_keys.is_empty() {
+            return Err((ErrorCode::Verification, format!("model {name}: this secure world holds no key")));
+        }
+        let sealed = SealedModel::open_with_keys(&bytes, keys.device.as_ref(), &keys.model_keys, keys.vendor.as_ref())
+            .map_err(|e| (ErrorCode::Verification, format!("model {name}: {e}")))?;
         let granule = self.memory.granule_size();
         let model = ResidentModel::new(name, sealed, granule).map_err(|e| (ErrorCode::BadArgument, e))?;
         let id = self.next_model;
