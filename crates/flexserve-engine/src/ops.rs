@@ -157,10 +157,18 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut V
     let per_task = rows.div_ceil(tasks).max(16);
     if n_tok == 1 {
         let a = acts.row(0);
+        // GEMV kernels walk several rows at once; tasks cover whole groups of rows.
+        let per_task = per_task.next_multiple_of(8);
+        let gemv = flexserve_quant::gemv_kernel(w.ty);
         out.par_chunks_mut(per_task).enumerate().for_each(|(c, chunk)| {
             let base = c * per_task;
-            for (i, o) in chunk.iter_mut().enumerate() {
-                *o = dot(n, w.row(base + i), a);
+            match gemv {
+                Some(gemv) => gemv(n, &w.bytes()[base * w.row_bytes..], w.row_bytes, chunk.len(), a, chunk),
+                None => {
+                    for (i, o) in chunk.iter_mut().enumerate() {
+                        *o = dot(n, w.row(base + i), a);
+                    }
+                }
             }
         });
         return Ok(());

@@ -2,7 +2,7 @@
 //! in one of them shows up on its own: `cargo bench -p flexserve-quant`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use flexserve_quant::{kernels_for, tile_kernel_for, GgmlType, Isa};
+use flexserve_quant::{gemv_kernel_for, kernels_for, tile_kernel_for, GgmlType, Isa};
 use std::hint::black_box;
 
 const TYPES: [GgmlType; 11] = [
@@ -116,9 +116,45 @@ fn tile(c: &mut Criterion) {
     g.finish();
 }
 
+/// 64 rows of 2048 elements against one activation row (decode): the GEMV
+/// kernel, and the plain dot looped over the rows for comparison.
+fn gemv(c: &mut Criterion) {
+    const N: usize = 2048;
+    const ROWS: usize = 64;
+    let mut g = c.benchmark_group("gemv");
+    g.throughput(Throughput::Elements((N * ROWS) as u64));
+    for ty in TYPES {
+        for isa in isas() {
+            let Some(gemv) = gemv_kernel_for(ty, isa) else { continue };
+            let k = kernels_for(ty, isa).unwrap();
+            let a = kernels_for(k.vec_dot_type, isa).unwrap();
+            let wrb = ty.row_size(N as u64).unwrap() as usize;
+            let mut w = vec![0u8; wrb * ROWS];
+            let mut x = vec![0u8; k.vec_dot_type.row_size(N as u64).unwrap() as usize];
+            for (r, row) in w.chunks_exact_mut(wrb).enumerate() {
+                (k.quantize)(&values(N, 10 + r as u32), row);
+            }
+            (a.quantize)(&values(N, 2), &mut x);
+            let mut out = vec![0f32; ROWS];
+            g.bench_function(BenchmarkId::new(ty.name(), format!("{isa:?}")), |b| {
+                b.iter(|| gemv(N, black_box(&w), wrb, ROWS, black_box(&x), &mut out))
+            });
+            let dot = k.dot.unwrap();
+            g.bench_function(BenchmarkId::new(ty.name(), format!("{isa:?} dot loop")), |b| {
+                b.iter(|| {
+                    for (row, o) in w.chunks_exact(wrb).zip(out.iter_mut()) {
+                        *o = dot(N, black_box(row), black_box(&x));
+                    }
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = dot, convert, tile
+    targets = dot, convert, gemv, tile
 }
 criterion_main!(benches);

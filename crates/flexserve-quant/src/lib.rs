@@ -19,11 +19,13 @@ pub use flexserve_gguf::GgmlType;
 
 mod f16acc;
 mod float;
+mod gemv;
 mod kquants;
 mod legacy;
 mod tile;
 
 pub use f16acc::{f16_acc, f16_acc_for, F16Acc};
+pub use gemv::{gemv_kernel, gemv_kernel_for, GemvFn};
 pub use tile::{tile_kernel, tile_kernel_for, TileFn};
 
 /// `dst[i] = dequant(src)[i]`; `src.len()` must be the row size of `dst.len()` elements.

@@ -6,7 +6,9 @@
 //! them. The per-pair work — integer lane sums, `d_w * d_a` scale, FMA into
 //! the pair's accumulator, one reduction at the end, and for the formats
 //! with a minimum the separate `m_w * s_a` FMA chain — is the same as in the
-//! plain AVX2 dot, so every result is bit-identical to it.
+//! plain AVX2 dot, so every result is bit-identical to it. Q4_0 has its own
+//! micro-tile (`micro_q4_0`) that reaches the same integer sums with fewer
+//! instructions per pair.
 //!
 //! Micro-tiles are visited in cache-sized chunks: a chunk of weight rows
 //! (kept in L2) is swept by all token tiles of a chunk of tokens, whose
@@ -173,9 +175,10 @@ impl ChunkScales {
 /// Pointers to the scales of one micro-tile.
 #[derive(Clone, Copy)]
 struct TileScales {
-    /// Weight `d` and `m` of the first row, `[row * nb + block]`.
+    /// Weight `d` and `m` of the first row, `[block * w_step + row]`.
     w_d: *const f32,
     w_m: *const f32,
+    w_step: usize,
     /// Activation `d` and `s` of the first token, `[block * a_step + token]`.
     a_d: *const f32,
     a_s: *const f32,
@@ -203,17 +206,19 @@ unsafe fn tile_avx2<const F: u8>(shape: Shape, w: *const u8, rows: usize, a: *co
         for r_chunk in (0..rows).step_by(row_chunk) {
             let r_chunk_end = rows.min(r_chunk + row_chunk);
             let w_chunk = w.add(r_chunk * shape.w_stride);
-            w_scales.fill::<F>(w_chunk, shape.w_stride, r_chunk_end - r_chunk, nb, w_bytes, nb, 1);
+            let rc = r_chunk_end - r_chunk;
+            w_scales.fill::<F>(w_chunk, shape.w_stride, rc, nb, w_bytes, 1, rc);
             for t in (t_chunk..t_chunk_end).step_by(TOKS) {
                 let tt = TOKS.min(t_chunk_end - t);
                 for r in (r_chunk..r_chunk_end).step_by(ROWS) {
                     let rr = ROWS.min(r_chunk_end - r);
                     let (w, a) = (w.add(r * shape.w_stride), a.add(t * shape.a_stride));
                     let out = out.add(r * shape.out_stride + t);
-                    let w_at = (r - r_chunk) * nb;
+                    let w_at = r - r_chunk;
                     let scales = TileScales {
                         w_d: w_scales.d.as_ptr().add(w_at),
                         w_m: w_scales.second.as_ptr().wrapping_add(w_at),
+                        w_step: rc,
                         a_d: a_scales.d.as_ptr().add(t - t_chunk),
                         a_s: a_scales.second.as_ptr().wrapping_add(t - t_chunk),
                         a_step: tc,
@@ -310,6 +315,9 @@ unsafe fn micro<const F: u8, const R: usize, const T: usize>(
     out: *mut f32,
     scales: TileScales,
 ) {
+    if F == Q4_0 {
+        return micro_q4_0::<R, T>(s, w, a, out, scales);
+    }
     let (w_bytes, a_bytes) = (weight_block_bytes(F), act_block_bytes(F));
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for b in 0..s.nb {
@@ -317,7 +325,7 @@ unsafe fn micro<const F: u8, const R: usize, const T: usize>(
         let a_d = scales.a_d.add(b * scales.a_step);
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let wb = w.add(r * s.w_stride + b * w_bytes);
-            let dw = _mm256_broadcast_ss(&*scales.w_d.add(r * s.nb + b));
+            let dw = _mm256_broadcast_ss(&*scales.w_d.add(b * scales.w_step + r));
             let qw = weight_levels::<F>(wb);
             // Signed levels multiply as |qw| (unsigned) times qa with qw's sign.
             let unsigned = if signed_weights(F) { _mm256_sign_epi8(qw, qw) } else { qw };
@@ -339,7 +347,7 @@ unsafe fn micro<const F: u8, const R: usize, const T: usize>(
         for b in 0..s.nb {
             let sa = _mm_loadu_ps(scales.a_s.add(b * scales.a_step));
             for (r, chain) in chains.iter_mut().enumerate() {
-                let mw = _mm_broadcast_ss(&*scales.w_m.add(r * s.nb + b));
+                let mw = _mm_broadcast_ss(&*scales.w_m.add(b * scales.w_step + r));
                 *chain = _mm_fmadd_ps(mw, sa, *chain);
             }
         }
@@ -355,6 +363,53 @@ unsafe fn micro<const F: u8, const R: usize, const T: usize>(
                 v += mins[r][t];
             }
             *out.add(r * s.out_stride + t) = v;
+        }
+    }
+}
+
+/// The Q4_0 micro-tile: as `micro`, but per block the `R` weight blocks are
+/// decoded into registers first and each token's quants are then loaded once
+/// for all of them. The levels `q - 8` are not formed: the unsigned nibbles
+/// `q` are multiplied and `8 * sum(a)` subtracted per lane (computed once per
+/// token and block), the same integer lane sums as the plain dot's with fewer
+/// instructions per pair than moving signs.
+///
+/// # Safety
+/// As for `micro`.
+#[inline]
+#[allow(clippy::needless_range_loop)] // (row, token) indices read clearest here
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn micro_q4_0<const R: usize, const T: usize>(
+    s: Shape,
+    w: *const u8,
+    a: *const u8,
+    out: *mut f32,
+    scales: TileScales,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..s.nb {
+        let ab = a.add(b * Q8_0_BYTES);
+        let a_d = scales.a_d.add(b * scales.a_step);
+        let mut q = [_mm256_setzero_si256(); R];
+        for (r, q_r) in q.iter_mut().enumerate() {
+            *q_r = load_nibbles(w.add(r * s.w_stride + b * Q4_0_BYTES + 2));
+        }
+        for t in 0..T {
+            let qa = _mm256_loadu_si256(ab.add(t * s.a_stride + 2).cast());
+            let da = _mm256_broadcast_ss(&*a_d.add(t));
+            let correction = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), qa), ones);
+            for r in 0..R {
+                let sums = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q[r], qa), ones), correction);
+                // The same f32 product d_w * d_a as the plain dot's scale.
+                let scale = _mm256_mul_ps(_mm256_broadcast_ss(&*scales.w_d.add(b * scales.w_step + r)), da);
+                acc[r][t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[r][t]);
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            *out.add(r * s.out_stride + t) = hsum(acc[r][t]);
         }
     }
 }

@@ -1,0 +1,208 @@
+//! AVX2 + FMA + F16C GEMV kernels for the 32-element block formats.
+//!
+//! Rows are taken four at a time. Per block, the activation quants and scale
+//! are loaded once; the four weight scales are converted together and
+//! multiplied by the activation scale in one instruction (the same f32
+//! products `d_w * d_a` as the plain dot's); each row's integer lane sums are
+//! converted and fused-multiply-added into that row's accumulator.
+//!
+//! The integer lane sums equal the plain dot's exactly. For Q4_0 and Q5_0,
+//! whose levels are `q - 8` and `q - 16`, the kernels multiply the unsigned
+//! `q` and subtract `8 * sum(a)` (`16 * sum(a)`) per lane, computed once per
+//! activation block, instead of moving signs per row: the same integers with
+//! fewer instructions per row.
+
+use super::{check_gemv, GemvFn};
+use crate::legacy::avx2::{hsum, load_bit_mask, load_nibbles};
+use crate::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES, QK};
+use crate::GgmlType;
+use std::arch::x86_64::*;
+
+/// Rows per pass.
+const ROWS: usize = 4;
+
+// Format ids, used as a const generic so that each kernel is compiled per format.
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q5_0: u8 = 2;
+const Q5_1: u8 = 3;
+const Q8_0: u8 = 4;
+
+/// The AVX2 GEMV kernel of `ty`, if there is one.
+pub(super) fn gemv(ty: GgmlType) -> Option<GemvFn> {
+    match ty {
+        GgmlType::Q4_0 => Some(gemv_wrapper::<Q4_0>),
+        GgmlType::Q4_1 => Some(gemv_wrapper::<Q4_1>),
+        GgmlType::Q5_0 => Some(gemv_wrapper::<Q5_0>),
+        GgmlType::Q5_1 => Some(gemv_wrapper::<Q5_1>),
+        GgmlType::Q8_0 => Some(gemv_wrapper::<Q8_0>),
+        _ => None,
+    }
+}
+
+const fn weight_type(f: u8) -> GgmlType {
+    match f {
+        Q4_0 => GgmlType::Q4_0,
+        Q4_1 => GgmlType::Q4_1,
+        Q5_0 => GgmlType::Q5_0,
+        Q5_1 => GgmlType::Q5_1,
+        _ => GgmlType::Q8_0,
+    }
+}
+
+const fn weight_block_bytes(f: u8) -> usize {
+    match f {
+        Q4_0 => Q4_0_BYTES,
+        Q4_1 => Q4_1_BYTES,
+        Q5_0 => Q5_0_BYTES,
+        Q5_1 => Q5_1_BYTES,
+        _ => Q8_0_BYTES,
+    }
+}
+
+/// Formats with a minimum `m` pair with Q8_1 activations (scale, sum, quants).
+const fn has_min(f: u8) -> bool {
+    matches!(f, Q4_1 | Q5_1)
+}
+
+/// The offset subtracted from the unsigned level `q` (0 where levels are used as stored).
+const fn level_offset(f: u8) -> i8 {
+    match f {
+        Q4_0 => 8,
+        Q5_0 => 16,
+        _ => 0,
+    }
+}
+
+fn gemv_wrapper<const F: u8>(n: usize, w: &[u8], w_row_bytes: usize, rows: usize, a: &[u8], out: &mut [f32]) {
+    let act_ty = if has_min(F) { GgmlType::Q8_1 } else { GgmlType::Q8_0 };
+    check_gemv(weight_type(F), act_ty, n, w, w_row_bytes, rows, a, out);
+    let nb = n / QK;
+    let full = rows / ROWS * ROWS;
+    // SAFETY (all calls): the wrapper is only handed out after the CPU was
+    // found to support AVX2, FMA and F16C; `check_gemv` verified that `rows`
+    // weight rows of `nb` blocks at stride `w_row_bytes`, one activation row
+    // of `nb` blocks and `rows` outputs lie within the slices, and each call
+    // reads and writes a subset of those.
+    for r in (0..full).step_by(ROWS) {
+        // SAFETY: see above; rows `r..r + 4` lie within the checked `rows`.
+        unsafe {
+            rows_avx2::<F, ROWS>(nb, w.as_ptr().add(r * w_row_bytes), w_row_bytes, a.as_ptr(), out.as_mut_ptr().add(r))
+        }
+    }
+    if rows == full {
+        return;
+    }
+    let (w_rest, out_rest) = (w[full * w_row_bytes..].as_ptr(), out[full..].as_mut_ptr());
+    // SAFETY: as above, for the remaining `rows - full` (1 to 3) rows.
+    unsafe {
+        match rows - full {
+            1 => rows_avx2::<F, 1>(nb, w_rest, w_row_bytes, a.as_ptr(), out_rest),
+            2 => rows_avx2::<F, 2>(nb, w_rest, w_row_bytes, a.as_ptr(), out_rest),
+            3 => rows_avx2::<F, 3>(nb, w_rest, w_row_bytes, a.as_ptr(), out_rest),
+            _ => {}
+        }
+    }
+}
+
+/// The f16 at `p` (any alignment) as raw bits.
+///
+/// # Safety
+/// Two bytes at `p` must be readable.
+#[inline(always)]
+unsafe fn f16_bits(p: *const u8) -> u64 {
+    u16::from_le_bytes(p.cast::<[u8; 2]>().read_unaligned()) as u64
+}
+
+/// Lane `r` of `v` in all eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lane(v: __m128, r: usize) -> __m256 {
+    _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set1_epi32(r as i32))
+}
+
+/// `R` (at most 4) rows at `w`, `stride` bytes apart, against the activation row at `a`.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `R` weight rows and one activation
+/// row of `nb` blocks must be readable, `R` floats at `out` writable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_avx2<const F: u8, const R: usize>(nb: usize, w: *const u8, stride: usize, a: *const u8, out: *mut f32) {
+    let (w_bytes, a_bytes) = (weight_block_bytes(F), if has_min(F) { Q8_1_BYTES } else { Q8_0_BYTES });
+    let a_quants = if has_min(F) { 4 } else { 2 };
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); R];
+    // Lane r: the minimum terms m_w * s_a of row r, one FMA chain as in the plain dot.
+    let mut offsets = _mm_setzero_ps();
+    for b in 0..nb {
+        let ab = a.add(b * a_bytes);
+        let qa = _mm256_loadu_si256(ab.add(a_quants).cast());
+        let mut d_bits = 0u64;
+        let mut m_bits = 0u64;
+        for r in 0..R {
+            let wb = w.add(r * stride + b * w_bytes);
+            d_bits |= f16_bits(wb) << (16 * r);
+            if has_min(F) {
+                m_bits |= f16_bits(wb.add(2)) << (16 * r);
+            }
+        }
+        let d_a = _mm_cvtph_ps(_mm_cvtsi32_si128(f16_bits(ab) as i32));
+        let scales = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi64_si128(d_bits as i64)), _mm_broadcastss_ps(d_a));
+        if has_min(F) {
+            let s_a = _mm_cvtph_ps(_mm_cvtsi32_si128(f16_bits(ab.add(2)) as i32));
+            let m_w = _mm_cvtph_ps(_mm_cvtsi64_si128(m_bits as i64));
+            offsets = _mm_fmadd_ps(m_w, _mm_broadcastss_ps(s_a), offsets);
+        }
+        // level_offset * (sum of each lane's four activation quants).
+        let correction = if level_offset(F) != 0 {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(level_offset(F)), qa), ones)
+        } else {
+            _mm256_setzero_si256()
+        };
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wb = w.add(r * stride + b * w_bytes);
+            // Decoding streams weights from memory: fetch the same place of
+            // the row one pass ahead (past the last row the hint is dropped;
+            // prefetches never fault).
+            _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(ROWS * stride).cast());
+            let sums = match F {
+                Q8_0 => {
+                    let qw = _mm256_loadu_si256(wb.add(2).cast());
+                    let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qa, qw));
+                    _mm256_madd_epi16(pairs, ones)
+                }
+                _ => {
+                    let q = match F {
+                        Q4_0 => load_nibbles(wb.add(2)),
+                        Q4_1 => load_nibbles(wb.add(4)),
+                        Q5_0 => _mm256_or_si256(
+                            load_nibbles(wb.add(6)),
+                            _mm256_and_si256(load_bit_mask(wb.add(2)), _mm256_set1_epi8(0x10)),
+                        ),
+                        _ => _mm256_or_si256(
+                            load_nibbles(wb.add(8)),
+                            _mm256_and_si256(load_bit_mask(wb.add(4)), _mm256_set1_epi8(0x10)),
+                        ),
+                    };
+                    let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, qa), ones);
+                    if level_offset(F) != 0 {
+                        _mm256_sub_epi32(sums, correction)
+                    } else {
+                        sums
+                    }
+                }
+            };
+            *acc_r = _mm256_fmadd_ps(lane(scales, r), _mm256_cvtepi32_ps(sums), *acc_r);
+        }
+    }
+    let mut mins = [0f32; 4];
+    _mm_storeu_ps(mins.as_mut_ptr(), offsets);
+    for (r, acc_r) in acc.iter().enumerate() {
+        let mut v = hsum(*acc_r);
+        if has_min(F) {
+            v += mins[r];
+        }
+        *out.add(r) = v;
+    }
+}
