@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use flexserve_gguf::Metadata;
 
 use crate::config::{keys, ModelKind, TokenType, TokenizerConfig};
-use crate::merge;
+use crate::merge::{Merger, RankedMerges, ScoredMerges};
 use crate::pretokenize::PreTokenizerKind;
 use crate::unicode::ByteMap;
 use crate::TokenizerError;
@@ -70,11 +70,13 @@ pub struct Tokenizer {
     pre: PreTokenizerKind,
     tokens: Vec<String>,
     attrs: Vec<u8>,
-    scores: Vec<f32>,
     token_to_id: HashMap<String, u32>,
-    /// Each distinct merge part gets a small id so ranks key on a pair of integers.
-    merge_parts: HashMap<String, u32>,
-    merge_ranks: HashMap<(u32, u32), u32>,
+    /// Byte-level BPE merges (empty for SentencePiece).
+    ranked: RankedMerges,
+    /// SentencePiece merges (empty for byte-level BPE).
+    scored: ScoredMerges,
+    /// The token of each raw byte in SentencePiece byte fallback.
+    spm_byte_tokens: [Option<u32>; 256],
     byte_map: ByteMap,
     /// Decoded bytes of every token, special tokens rendered as their text.
     pieces: Vec<Box<[u8]>>,
@@ -151,19 +153,12 @@ impl Tokenizer {
             }
         }
 
-        let mut merge_parts: HashMap<String, u32> = HashMap::new();
-        let mut merge_ranks = HashMap::with_capacity(config.merges.len());
-        for (rank, (left, right)) in config.merges.into_iter().enumerate() {
-            let mut part_id = |part: String| {
-                let next = merge_parts.len() as u32;
-                *merge_parts.entry(part).or_insert(next)
-            };
-            let pair = (part_id(left), part_id(right));
-            // A repeated merge keeps its first (best) rank.
-            merge_ranks.entry(pair).or_insert(rank as u32);
-        }
-
         let spm = config.model == ModelKind::Spm;
+        let byte_map = ByteMap::new();
+        let token_id = |text: &str| token_to_id.get(text).copied();
+        let ranked = RankedMerges::new(byte_map.chars(), if spm { Vec::new() } else { config.merges }, token_id);
+        let scored =
+            if spm { ScoredMerges::new(&tokens, &scores, token_id) } else { ScoredMerges::new(&[], &[], token_id) };
         let in_vocab = |key: &'static str, id: Option<u32>| match id {
             Some(id) if id as usize >= n_vocab => Err(TokenizerError::IdOutOfRange { key, id, n_vocab }),
             _ => Ok(id),
@@ -238,22 +233,21 @@ impl Tokenizer {
             .collect();
         special_tokens.sort_by(|&a, &b| tokens[b as usize].len().cmp(&tokens[a as usize].len()).then(a.cmp(&b)));
 
-        let byte_map = ByteMap::new();
         let pieces = tokens
             .iter()
             .zip(&attrs)
             .map(|(text, &a)| render_piece(config.model, &byte_map, text, a).into_boxed_slice())
             .collect();
 
-        Ok(Tokenizer {
+        let mut tok = Tokenizer {
             model: config.model,
             pre: config.pre,
             tokens,
             attrs,
-            scores,
             token_to_id,
-            merge_parts,
-            merge_ranks,
+            ranked,
+            scored,
+            spm_byte_tokens: [None; 256],
             byte_map,
             pieces,
             special_tokens,
@@ -268,7 +262,9 @@ impl Tokenizer {
             add_eos,
             add_space_prefix,
             ignore_merges: !spm && config.pre == PreTokenizerKind::Llama3,
-        })
+        };
+        tok.spm_byte_tokens = std::array::from_fn(|b| tok.byte_token(b as u8));
+        Ok(tok)
     }
 
     /// Token ids for `text`.
@@ -279,6 +275,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
         let fragments = self.split_special(text, parse_special);
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
+        let mut merger = Merger::default();
         if add_special && self.add_bos {
             out.extend(self.bos);
         }
@@ -286,17 +283,16 @@ impl Tokenizer {
             ModelKind::Spm => {
                 // The space prefix goes on text at the start and after every special token.
                 let mut after_special = true;
+                let mut escaped = Vec::new();
                 for fragment in fragments {
                     match fragment {
                         Fragment::Text(text) => {
-                            let mut escaped = String::with_capacity(text.len() + 3);
+                            escaped.clear();
                             if self.add_space_prefix && after_special {
                                 escaped.push('\u{2581}');
                             }
-                            for c in text.chars() {
-                                escaped.push(if c == ' ' { '\u{2581}' } else { c });
-                            }
-                            self.encode_spm(&escaped, &mut out);
+                            escaped.extend(text.chars().map(|c| if c == ' ' { '\u{2581}' } else { c }));
+                            self.encode_spm(&mut merger, &escaped, &mut out);
                             after_special = false;
                         }
                         Fragment::Token(id) => {
@@ -307,14 +303,11 @@ impl Tokenizer {
                 }
             }
             ModelKind::Bpe => {
-                let mut mapped = String::new();
                 for fragment in fragments {
                     match fragment {
                         Fragment::Text(text) => {
                             for word in self.pre.split(text) {
-                                mapped.clear();
-                                self.byte_map.encode_into(word.as_bytes(), &mut mapped);
-                                self.encode_bpe_word(&mapped, &mut out);
+                                self.encode_bpe_word(&mut merger, word.as_bytes(), &mut out);
                             }
                         }
                         Fragment::Token(id) => out.push(id),
@@ -367,46 +360,37 @@ impl Tokenizer {
         fragments
     }
 
-    fn merge_rank(&self, left: &str, right: &str) -> Option<u32> {
-        let l = *self.merge_parts.get(left)?;
-        let r = *self.merge_parts.get(right)?;
-        self.merge_ranks.get(&(l, r)).copied()
-    }
-
-    /// One pre-tokenized word, already in the byte-map alphabet.
-    fn encode_bpe_word(&self, word: &str, out: &mut Vec<u32>) {
+    /// One pre-tokenized word (raw bytes).
+    fn encode_bpe_word(&self, merger: &mut Merger, word: &[u8], out: &mut Vec<u32>) {
         if self.ignore_merges {
-            if let Some(&id) = self.token_to_id.get(word) {
+            let mut mapped = String::with_capacity(word.len() * 2);
+            self.byte_map.encode_into(word, &mut mapped);
+            if let Some(&id) = self.token_to_id.get(&mapped) {
                 out.push(id);
                 return;
             }
         }
-        for piece in merge::ranked(word, |l, r| self.merge_rank(l, r)) {
-            match self.token_to_id.get(piece) {
-                Some(&id) => out.push(id),
-                // Not in the vocabulary: fall back to its single-byte characters
-                // that are tokens; the rest is dropped.
-                None => out.extend(piece.chars().filter(char::is_ascii).filter_map(|c| {
-                    let mut buf = [0u8; 4];
-                    self.token_to_id.get(&*c.encode_utf8(&mut buf)).copied()
-                })),
-            }
-        }
+        self.ranked.merge(merger, word, |bytes, token| match token {
+            Some(id) => out.push(id),
+            // Not in the vocabulary: fall back to the tokens of its bytes whose
+            // characters are ASCII (printable ASCII maps to itself); the rest is dropped.
+            None => out.extend(
+                bytes.iter().filter(|&&b| (0x21..=0x7E).contains(&b)).filter_map(|&b| self.ranked.byte_token(b)),
+            ),
+        });
     }
 
-    /// SentencePiece BPE over text whose spaces are already `▁`.
-    fn encode_spm(&self, text: &str, out: &mut Vec<u32>) {
-        let score = |t: &str| self.token_to_id.get(t).map(|&id| self.scores[id as usize]);
-        for piece in merge::scored(text, score) {
-            match self.token_to_id.get(piece) {
-                Some(&id) => out.push(id),
-                None => {
-                    for &b in piece.as_bytes() {
-                        out.extend(self.byte_token(b));
-                    }
+    /// SentencePiece BPE over characters whose spaces are already `▁`.
+    fn encode_spm(&self, merger: &mut Merger, chars: &[char], out: &mut Vec<u32>) {
+        self.scored.merge(merger, chars, |c, token| match token {
+            Some(id) => out.push(id),
+            None => {
+                let mut buf = [0u8; 4];
+                for &b in c.encode_utf8(&mut buf).as_bytes() {
+                    out.extend(self.spm_byte_tokens[usize::from(b)]);
                 }
             }
-        }
+        });
     }
 
     /// The token for a raw byte: `<0xXX>`, else the byte as a one-character token,
@@ -574,3 +558,6 @@ impl<'a> DecodeState<'a> {
         piece
     }
 }
+
+#[cfg(test)]
+mod equivalence;

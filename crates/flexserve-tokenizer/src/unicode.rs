@@ -122,6 +122,11 @@ impl ByteMap {
         ByteMap { to_char, to_byte }
     }
 
+    /// The character of every byte, in byte order.
+    pub(crate) fn chars(&self) -> &[char; 256] {
+        &self.to_char
+    }
+
     /// Appends the mapped form of `bytes` to `out`.
     pub(crate) fn encode_into(&self, bytes: &[u8], out: &mut String) {
         out.extend(bytes.iter().map(|&b| self.to_char[b as usize]));
