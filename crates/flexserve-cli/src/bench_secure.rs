@@ -5,8 +5,9 @@
 //! - plain: map the GGUF, build the model, prefill, first token;
 //! - secure (flexible): start the secure world, verify the header, grant and
 //!   prepare granules, read and decrypt every chunk into them, prefill, first token;
-//! - secure (static carve-out): the same with the whole budget reserved and
-//!   populated when the secure world starts (the strawman's memory);
+//! - secure (static carve-out): the same with a region sized for the model's
+//!   weights reserved and populated when the secure world starts (the
+//!   strawman's memory), so there is nothing to grant;
 //! - secure (locked memory): flexible, protected by locking instead of memfd_secret.
 //!
 //! This design loads the whole model before computing; the pipelined design
@@ -136,9 +137,21 @@ fn plain_once(b: &SecureBench, prompt: &str) -> Result<Sample> {
 }
 
 fn secure_once(b: &SecureBench, prompt: &str, design: &str) -> Result<Sample> {
+    // The strawman's carve-out is sized for the model: what its weights take
+    // in granules (from the public header), reserved and populated at start.
+    let carve_out = design == "secure-carve-out";
+    let budget = if carve_out {
+        let prefix =
+            flexserve_sealed::SealedHeader::read_prefix(std::io::BufReader::new(std::fs::File::open(b.sealed)?))?;
+        let header = flexserve_sealed::SealedHeader::read(&prefix)?;
+        let g = flexserve_normal::DEFAULT_GRANULE_SIZE as u64;
+        MemoryBudget::Bytes(flexserve_normal::weight_granules(&header.gguf, g) * g)
+    } else {
+        b.budget
+    };
     let secure = SecureArgs {
-        secure_memory_limit: b.budget,
-        secure_pool: if design == "secure-carve-out" { PoolChoice::StaticCarveOut } else { PoolChoice::Flexible },
+        secure_memory_limit: budget,
+        secure_pool: if carve_out { PoolChoice::StaticCarveOut } else { PoolChoice::Flexible },
         granule_size: 0,
         locked_memory: design == "secure-locked",
         memory_floor: 0,

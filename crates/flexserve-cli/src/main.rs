@@ -203,7 +203,7 @@ enum BenchCommand {
         threads: usize,
         #[arg(long, default_value_t = 5)]
         repetitions: usize,
-        /// Secure memory budget, also the size of the static carve-out.
+        /// Secure memory budget of the flexible designs (the carve-out is sized for the model).
         #[arg(long, default_value = "512M", value_parser = flexserve_normal::MemoryBudget::parse)]
         secure_memory_limit: flexserve_normal::MemoryBudget,
         #[command(flatten)]

@@ -17,11 +17,8 @@ use flexserve_secure_mem::{GranulePool, PoolConfig, ProtectionPolicy, SecureHeap
 #[global_allocator]
 static HEAP: SecureHeap = SecureHeap::new();
 
-/// Granule size unless told otherwise. Each layer is one region of whole
-/// granules, and a small model's layers are a few MiB: 2 MiB granules waste
-/// up to a third of the memory there, 256 KiB granules about 5%, while the
-/// per-granule cost (a few system calls) stays small next to protecting
-/// the pages themselves.
+/// Granule size unless told otherwise (the normal world always says; see
+/// `flexserve_normal::DEFAULT_GRANULE_SIZE` for the choice).
 const DEFAULT_GRANULE_SIZE: usize = 256 << 10;
 
 const USAGE: &str = "usage: flexserve-secure --channel-fd FD --shared-fd FD [--device-key FILE] \
