@@ -30,8 +30,9 @@ pub struct SecureArgs {
     /// Protect secure memory by locking it instead of memfd_secret (for comparisons).
     #[arg(long)]
     pub locked_memory: bool,
-    /// Memory pressure: between chat turns, when the system's available memory is below this
-    /// (e.g. 1G), recall secure memory to restore it (0 = never).
+    /// Memory pressure: when the system's available memory is below this (e.g. 1G), recall secure
+    /// memory to restore it: free granules at once, even mid-generation; model layers between
+    /// chat turns (0 = never).
     #[arg(long, default_value = "0", value_parser = parse_bytes)]
     pub memory_floor: u64,
 }
@@ -43,8 +44,22 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     }
 }
 
+/// Says what the pressure watch recalled during the last generation.
+fn report_recalls(world: &mut SecureWorld) {
+    for r in world.take_recalls() {
+        eprintln!(
+            "memory pressure: recalled {} of {} granules{} in {:.1} ms",
+            r.released,
+            r.requested,
+            if r.during_generation { " while generating (free granules only)" } else { "" },
+            r.took.as_secs_f64() * 1e3
+        );
+    }
+}
+
 /// The governor's pressure check while the secure world is idle.
 fn relieve_pressure(world: &mut SecureWorld, secure: &SecureArgs) -> Result<()> {
+    report_recalls(world);
     if secure.memory_floor > 0 {
         if let Some((released, evicted, took)) = world.relieve_pressure(secure.memory_floor)? {
             eprintln!(
@@ -99,6 +114,9 @@ pub fn open(path: &Path, keys: &KeyArgs, secure: &SecureArgs, threads: usize) ->
         anyhow::bail!("{} is a sealed model: pass its key with --key KEY", path.display());
     }
     let mut world = spawn(keys, secure, threads)?;
+    if secure.memory_floor > 0 {
+        world.set_memory_floor(Some(secure.memory_floor));
+    }
     let started = t0.elapsed();
     let (model, load) =
         world.open_model(path).with_context(|| format!("opening {} in the secure world", path.display()))?;
@@ -187,6 +205,7 @@ pub fn generate(path: &Path, prompt: String, run: &crate::RunArgs, sampling_args
         writeln!(out)?;
     }
     report(&r);
+    report_recalls(&mut world);
     world.shutdown()?;
     Ok(())
 }

@@ -194,7 +194,26 @@ pub struct SecureWorld {
     info: WorldInfo,
     budget_granules: u64,
     granted: u64,
+    /// Memory pressure watch during generations: the floor of available
+    /// memory, and when it was last checked.
+    pressure: Option<(u64, Instant)>,
+    recalls: Vec<Recall>,
 }
+
+/// A recall the governor made, and what it got back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recall {
+    pub requested: u32,
+    pub released: u32,
+    /// Of those, granules that held model layers.
+    pub evicted: u32,
+    pub took: Duration,
+    /// Made while a generation was running (only free granules come back then).
+    pub during_generation: bool,
+}
+
+/// How often available memory is checked while a generation runs.
+const PRESSURE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 impl SecureWorld {
     /// Starts the secure world and greets it.
@@ -209,6 +228,8 @@ impl SecureWorld {
             info: WorldInfo { protection: String::new(), pool_mode: String::new(), granule_size: 0, pid },
             budget_granules: 0,
             granted: 0,
+            pressure: None,
+            recalls: Vec::new(),
         };
         match world.call(&Request::Hello { version: PROTOCOL_VERSION })? {
             Reply::Hello { protection, pool_mode, granule_size, .. } => {
@@ -302,6 +323,19 @@ impl SecureWorld {
     /// The governor's answer to memory pressure: when the system's available
     /// memory is below `floor` bytes, recall enough granules to restore it
     /// (as far as the secure world holds any). Returns what was recalled.
+    /// Watch memory pressure while generations run: when available memory is
+    /// below `floor` bytes (checked every 50 ms, between tokens), recall what
+    /// restores it. The secure world answers between two tokens with the
+    /// granules it can give at once (the free ones); see [`SecureWorld::take_recalls`].
+    pub fn set_memory_floor(&mut self, floor: Option<u64>) {
+        self.pressure = floor.map(|f| (f, Instant::now() - PRESSURE_CHECK_INTERVAL));
+    }
+
+    /// Recalls made by the pressure watch since the last call.
+    pub fn take_recalls(&mut self) -> Vec<Recall> {
+        std::mem::take(&mut self.recalls)
+    }
+
     pub fn relieve_pressure(&mut self, floor: u64) -> Result<Option<(u32, u32, Duration)>> {
         let Some(available) = available_memory() else { return Ok(None) };
         let n = pressure_recall_granules(available, floor, self.info.granule_size, self.granted);
@@ -508,14 +542,53 @@ impl SecureWorld {
     ) -> Result<GenerationReport> {
         self.make_resident(model)?;
         self.send(&Request::Generate(request))?;
+        // Recalls sent during the generation, oldest first: (granules, sent at).
+        let mut in_flight: std::collections::VecDeque<(u32, Instant)> = std::collections::VecDeque::new();
+        let mut result = None;
         loop {
             match self.receive()? {
-                Reply::Token { text } => on_text(&text),
-                Reply::Generated(report) => return Ok(report),
-                Reply::Error { code, message } => return Err(NormalError::Secure { code, message }),
+                Reply::Token { text } => {
+                    on_text(&text);
+                    if in_flight.is_empty() {
+                        if let Some(n) = self.pressure_due() {
+                            self.send(&Request::Recall { granules: n })?;
+                            in_flight.push_back((n, Instant::now()));
+                        }
+                    }
+                }
+                Reply::Recalled { released, evicted, micros } => {
+                    let Some((requested, sent)) = in_flight.pop_front() else {
+                        return Err(unexpected("Token or Generated", &Reply::Recalled { released, evicted, micros }));
+                    };
+                    self.note_recall(requested, released, evicted, sent.elapsed(), result.is_none());
+                }
+                Reply::Generated(report) => result = Some(Ok(report)),
+                Reply::Error { code, message } => result = Some(Err(NormalError::Secure { code, message })),
                 other => return Err(unexpected("Token or Generated", &other)),
             }
+            // A recall sent as the generation ended is answered after it.
+            if in_flight.is_empty() {
+                if let Some(r) = result {
+                    return r;
+                }
+            }
         }
+    }
+
+    /// Granules to recall now, if the pressure watch is on and due.
+    fn pressure_due(&mut self) -> Option<u32> {
+        let (floor, last) = self.pressure?;
+        if last.elapsed() < PRESSURE_CHECK_INTERVAL {
+            return None;
+        }
+        self.pressure = Some((floor, Instant::now()));
+        let n = pressure_recall_granules(available_memory()?, floor, self.info.granule_size, self.granted);
+        (n > 0).then_some(n)
+    }
+
+    fn note_recall(&mut self, requested: u32, released: u32, evicted: u32, took: Duration, during: bool) {
+        self.granted = self.granted.saturating_sub(u64::from(released));
+        self.recalls.push(Recall { requested, released, evicted, took, during_generation: during });
     }
 
     /// Asks the secure world to stop and waits for it.

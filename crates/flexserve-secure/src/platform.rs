@@ -8,6 +8,7 @@
 //! TrustZone/OP-TEE backend provides the same four.
 
 use std::io::{self, BufReader, BufWriter, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
@@ -52,6 +53,8 @@ pub trait SecureRegion: Send + Sync + 'static {
 /// The control channel and the shared bulk buffer to the normal world.
 pub trait Channel {
     fn recv(&mut self) -> Result<Request, ProtocolError>;
+    /// A request if one has arrived, without waiting for one.
+    fn poll_request(&mut self) -> Option<Result<Request, ProtocolError>>;
     fn send(&mut self, reply: &Reply) -> io::Result<()>;
     /// Copies bytes out of the shared buffer (the normal world may change
     /// them at any time, so they are copied before being checked or used).
@@ -156,6 +159,18 @@ impl Channel for SocketChannel {
     fn recv(&mut self) -> Result<Request, ProtocolError> {
         flexserve_protocol::read_request(&mut self.reader)
     }
+    fn poll_request(&mut self) -> Option<Result<Request, ProtocolError>> {
+        if self.reader.buffer().is_empty() {
+            let mut fd = libc::pollfd { fd: self.reader.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll reads and writes the one pollfd we own; a zero timeout never blocks.
+            let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+            if ready <= 0 || fd.revents & libc::POLLIN == 0 {
+                return None;
+            }
+        }
+        Some(self.recv())
+    }
+
     fn send(&mut self, reply: &Reply) -> io::Result<()> {
         flexserve_protocol::write_reply(&mut self.writer, reply).map_err(|e| match e {
             ProtocolError::Io(io) => io,

@@ -234,6 +234,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
     fn generate(&mut self, g: GenerateRequest) -> Result<Reply, Failure> {
         let threads = self.compute.threads();
         let channel = &mut self.channel;
+        let memory = &self.memory;
         let model = self.models.get_mut(&g.model).ok_or_else(|| no_model(g.model))?;
         if !model.fully_resident() {
             let missing = model.chunk_count() - model.resident_chunks();
@@ -292,6 +293,14 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             answer.push_str(piece);
             if !peer_gone && channel.send(&Reply::Token { text: piece.to_string() }).is_err() {
                 peer_gone = true;
+            }
+            // A recall does not wait for the generation to end: between tokens
+            // the free granules go back at once (the layers in use stay; the
+            // normal world can ask again once the generation is over).
+            if !peer_gone {
+                if let Some(reply) = serve_during_generation(channel, memory) {
+                    peer_gone = channel.send(&reply).is_err();
+                }
             }
         });
         ids.zeroize();
@@ -372,6 +381,24 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 })
                 .collect(),
         }
+    }
+}
+
+/// Serves a request that arrived while a generation runs: a recall gives
+/// back free granules at once; anything else waits for the generation's end
+/// and is refused now.
+fn serve_during_generation<M: SecureMemory, C: Channel>(channel: &mut C, memory: &M) -> Option<Reply> {
+    match channel.poll_request()? {
+        Ok(Request::Recall { granules }) => {
+            let t0 = Instant::now();
+            let released = memory.release(granules as usize) as u32;
+            Some(Reply::Recalled { released, evicted: 0, micros: t0.elapsed().as_micros() as u64 })
+        }
+        Ok(other) => Some(Reply::Error {
+            code: ErrorCode::OutOfOrder,
+            message: format!("{} while a generation runs (only Recall is served then)", request_name(&other)),
+        }),
+        Err(e) => Some(Reply::Error { code: ErrorCode::Malformed, message: e.to_string() }),
     }
 }
 

@@ -221,3 +221,39 @@ fn limits_and_keys_are_enforced_with_clear_errors() {
     assert!(st.in_use as u64 >= u64::from(model.granules_needed));
     assert!(st.heap_bytes > 0);
 }
+
+#[test]
+fn memory_pressure_during_a_generation_gets_free_granules_back_between_tokens() {
+    let s = sealed();
+    let prompt = "Here is a long story about a lighthouse keeper:";
+    let expected = plain_generate(prompt, 48);
+    let mut world = SecureWorld::spawn(&options(&s)).unwrap();
+    let (model, _) = world.open_model(&s.model).unwrap();
+    // A first generation touches the heap (KV cache, scratch) that the second reuses.
+    assert_eq!(generate(&mut world, &model, prompt, 48), expected);
+    // Free granules beyond what the model uses: what a recall can take at once.
+    assert_eq!(world.grant(40).unwrap(), 40);
+    let before = world.status().unwrap();
+    let free = before.prepared - before.in_use;
+    assert!(free >= 40, "{before:?}");
+    let rss_before = resident_bytes(world.pid()).unwrap();
+
+    // A floor no machine meets: the watch recalls at the first token it checks.
+    world.set_memory_floor(Some(u64::MAX / 2));
+    assert_eq!(generate(&mut world, &model, prompt, 48), expected);
+    let recalls = world.take_recalls();
+    assert!(!recalls.is_empty(), "the pressure watch never recalled");
+    let during: Vec<_> = recalls.iter().filter(|r| r.during_generation).collect();
+    assert!(!during.is_empty(), "{recalls:?}");
+    assert_eq!(during[0].released, free, "every free granule, and only those, come back mid-generation");
+    assert_eq!(during[0].evicted, 0);
+    let after = world.status().unwrap();
+    assert_eq!(after.prepared, after.in_use, "{after:?}");
+    assert_eq!(after.models[0].resident_layers, 30, "layers in use stay while generating");
+    let dropped = rss_before.saturating_sub(resident_bytes(world.pid()).unwrap());
+    assert!(
+        dropped as f64 >= 0.9 * (free as u64 * before.granule_size) as f64,
+        "resident memory fell by {dropped} bytes after {free} granules went back"
+    );
+    world.shutdown().unwrap();
+}
