@@ -159,6 +159,8 @@ enum Command {
         threads: usize,
         #[command(flatten)]
         keys: KeyArgs,
+        #[command(flatten)]
+        secure: secure::SecureArgs,
     },
 }
 
@@ -182,8 +184,6 @@ enum BenchCommand {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        keys: KeyArgs,
     },
     /// Time to first token and decode speed: the plain engine next to the secure world
     /// (flexible Flex-Mem, static carve-out, locked memory), alternating, as ratios.
@@ -332,7 +332,7 @@ fn run(cli: Cli) -> Result<()> {
             if is_sealed(&run.model)? {
                 return secure::generate(&run.model, prompt, &run, &sampling);
             }
-            let loaded = Loaded::open(&run.model, run.threads, &run.keys)?;
+            let loaded = Loaded::open(&run.model, run.threads)?;
             let ids = loaded.tokenizer.encode(&prompt, true, true);
             let session = Session::new(&loaded.model, run.ctx);
             let mut generator = Generator::new(session, &loaded.tokenizer);
@@ -374,12 +374,19 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench {
-            what: BenchCommand::Engine { model, prompt_tokens, gen_tokens, threads, repetitions, json, keys },
+            what: BenchCommand::Engine { model, prompt_tokens, gen_tokens, threads, repetitions, json },
         } => {
             if repetitions == 0 || prompt_tokens.contains(&0) {
                 bail!("--repetitions and every --prompt-tokens length must be at least 1");
             }
-            let loaded = Loaded::open(&model, threads, &keys)?;
+            if is_sealed(&model)? {
+                bail!(
+                    "{}: bench engine measures the engine on a plain model (the normal world never decrypts a \
+                     sealed one); `bench secure` measures sealed models in the secure world",
+                    model.display()
+                );
+            }
+            let loaded = Loaded::open(&model, threads)?;
             let spec = bench::EngineBench { prompt_tokens, gen_tokens, repetitions };
             let r = bench::run(&loaded.model, &spec)?;
             if json {
@@ -448,9 +455,12 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", k.public_key().to_hex());
             Ok(())
         }
-        Command::Perplexity { model, file, ctx, threads, keys } => {
+        Command::Perplexity { model, file, ctx, threads, keys, secure } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let loaded = Loaded::open(&model, threads, &keys)?;
+            if is_sealed(&model)? {
+                return secure::perplexity(&model, text, ctx, threads, &keys, &secure);
+            }
+            let loaded = Loaded::open(&model, threads)?;
             let tokens = loaded.tokenizer.encode(&text, true, false);
             // Models that start every text with BOS see it at the start of every chunk.
             let bos = if loaded.tokenizer.adds_bos() { loaded.tokenizer.bos() } else { None };
@@ -475,30 +485,13 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn open(path: &Path, threads: usize, keys: &KeyArgs) -> Result<Self> {
+    /// Opens a plain GGUF model. Sealed models never come here: they run in
+    /// the secure world, and this (normal-world) process never decrypts one.
+    fn open(path: &Path, threads: usize) -> Result<Self> {
         let t0 = Instant::now();
-        let (source, sealed) = match ModelFile::open(path)? {
-            ModelFile::Plain(file) => (GgufSource::from_file(Arc::new(file)), false),
-            ModelFile::Sealed(header, prefix) => {
-                if let Some(v) = &keys.vendor_pubkey {
-                    let vendor = if Path::new(v).is_file() {
-                        flexserve_sealed::VendorPublicKey::load(v)?
-                    } else {
-                        flexserve_sealed::VendorPublicKey::from_hex(v)?
-                    };
-                    header.verify_signature(&prefix, Some(&vendor)).with_context(|| format!("{}", path.display()))?;
-                }
-                let key = model_key(path, &header, keys)?;
-                // generate and chat run sealed models in the secure world; the
-                // measuring commands (perplexity, bench) still decrypt here.
-                eprintln!(
-                    "warning: {} is decrypted in this (normal-world) process: only generate and chat run \
-                     sealed models in the secure world so far",
-                    path.display()
-                );
-                let bytes = flexserve_sealed::unseal_to_gguf_bytes(path, &key)?;
-                (GgufSource::from_bytes(bytes).with_context(|| format!("decrypted {}", path.display()))?, true)
-            }
+        let source = match ModelFile::open(path)? {
+            ModelFile::Plain(file) => GgufSource::from_file(Arc::new(file)),
+            ModelFile::Sealed(_) => bail!("{} is sealed: it runs only in the secure world", path.display()),
         };
         let meta = &source.header().metadata;
         let tokenizer = Tokenizer::from_gguf(meta).with_context(|| format!("tokenizer of {}", path.display()))?;
@@ -506,9 +499,8 @@ impl Loaded {
             .with_context(|| format!("chat template of {}", path.display()))?;
         let model = Model::from_source(&source, threads).with_context(|| format!("loading {}", path.display()))?;
         eprintln!(
-            "loaded {}{} ({}, {} layers, {} threads) in {:.0} ms",
+            "loaded {} ({}, {} layers, {} threads) in {:.0} ms",
             path.display(),
-            if sealed { " (sealed, verified)" } else { "" },
             model.config.arch.name(),
             model.config.n_layer,
             model.threads(),
@@ -530,8 +522,8 @@ fn is_sealed(path: &Path) -> Result<bool> {
 /// A model file as found on disk: plain GGUF or sealed.
 enum ModelFile {
     Plain(GgufFile),
-    /// The parsed public header and its raw bytes.
-    Sealed(Box<flexserve_sealed::SealedHeader>, Vec<u8>),
+    /// The parsed public header.
+    Sealed(Box<flexserve_sealed::SealedHeader>),
 }
 
 impl ModelFile {
@@ -545,7 +537,7 @@ impl ModelFile {
                 .with_context(|| format!("sealed model {}", path.display()))?;
             let header = flexserve_sealed::SealedHeader::read(&prefix)
                 .with_context(|| format!("sealed model {}", path.display()))?;
-            return Ok(ModelFile::Sealed(Box::new(header), prefix));
+            return Ok(ModelFile::Sealed(Box::new(header)));
         }
         Ok(ModelFile::Plain(open(path)?))
     }
@@ -553,32 +545,13 @@ impl ModelFile {
     fn metadata(&self) -> &flexserve_gguf::Metadata {
         match self {
             ModelFile::Plain(f) => &f.header.metadata,
-            ModelFile::Sealed(h, _) => &h.gguf.metadata,
+            ModelFile::Sealed(h) => &h.gguf.metadata,
         }
     }
 }
 
 /// The key that opens a sealed model: unwrapped with this device's key when
 /// the model was sealed to a device, else read from --key.
-fn model_key(
-    path: &Path,
-    header: &flexserve_sealed::SealedHeader,
-    keys: &KeyArgs,
-) -> Result<flexserve_sealed::ModelKey> {
-    if header.wrapped_to_device().is_some() {
-        let dev_path = keys.device.path()?;
-        let device = flexserve_sealed::DeviceSecretKey::load(&dev_path).with_context(|| {
-            format!("{} is sealed to a device; its key {} could not be loaded", path.display(), dev_path.display())
-        })?;
-        return Ok(flexserve_sealed::ModelKey::unwrap_for_device(header, &device)?);
-    }
-    let key = keys
-        .key
-        .as_ref()
-        .with_context(|| format!("{} is a sealed model: pass its key with --key KEY", path.display()))?;
-    Ok(flexserve_sealed::ModelKey::load(key)?)
-}
-
 fn seal(
     model: PathBuf,
     key: Option<PathBuf>,
@@ -659,7 +632,7 @@ fn report(stats: &flexserve_engine::GenerationStats) {
 }
 
 fn chat(run: RunArgs, prompt: Option<String>, system: Option<String>, sampling: SamplingArgs) -> Result<()> {
-    let loaded = Loaded::open(&run.model, run.threads, &run.keys)?;
+    let loaded = Loaded::open(&run.model, run.threads)?;
     let template = loaded
         .template
         .as_ref()
@@ -721,7 +694,7 @@ fn inspect(path: &Path, full: bool) -> Result<()> {
     writeln!(out, "file: {}", path.display())?;
     let h = match &file {
         ModelFile::Plain(f) => &f.header,
-        ModelFile::Sealed(s, _) => {
+        ModelFile::Sealed(s) => {
             writeln!(
                 out,
                 "sealed model (format {}): {} chunks of up to {} bytes, file id {}, {}",

@@ -353,3 +353,25 @@ fn status_json(s: &StatusReport, pid: u32, budget_granules: u64) -> String {
     })
     .to_string()
 }
+
+/// `perplexity` on a sealed model: scored in the secure world, only the figure comes out.
+pub fn perplexity(
+    path: &Path,
+    text: String,
+    ctx: usize,
+    threads: usize,
+    keys: &KeyArgs,
+    secure: &SecureArgs,
+) -> Result<()> {
+    let (mut world, model) = open(path, keys, secure, threads)?;
+    let t0 = Instant::now();
+    let (tokens, chunks, ppl, err) = world.perplexity(&model, text, ctx as u32)?;
+    eprintln!(
+        "perplexity: {tokens} tokens, {chunks} chunks of {ctx}, {:.1} s (secure world)",
+        t0.elapsed().as_secs_f64()
+    );
+    println!("Final estimate: PPL = {ppl:.4} +/- {err:.5}");
+    println!("PPL = {ppl:.4}");
+    world.shutdown()?;
+    Ok(())
+}

@@ -93,6 +93,22 @@ fn sealed_model_generates_the_plain_models_tokens() {
     assert!(stderr.contains("memory pressure: recalled"), "{stderr}");
     assert_eq!(out, plain_chat);
 
+    // Perplexity is scored in the secure world, to the plain model's figure;
+    // the engine benchmark refuses a sealed model (this process never decrypts).
+    let text = home.join("text.txt");
+    std::fs::write(&text, "The quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    let t = text.to_str().unwrap();
+    let ppl = |file: &Path, extra: &[&str]| {
+        let mut args = vec!["perplexity", "--model", file.to_str().unwrap(), "--file", t, "--ctx", "64"];
+        args.extend_from_slice(extra);
+        ok(run(&args, home)).lines().last().unwrap().to_string()
+    };
+    let plain_ppl = ppl(&model(), &[]);
+    assert!(plain_ppl.starts_with("PPL = "), "{plain_ppl}");
+    assert_eq!(ppl(&sealed, &["--key", k]), plain_ppl);
+    let e = err(run(&["bench", "engine", "--model", s, "--repetitions", "1"], home));
+    assert!(e.contains("bench secure"), "{e}");
+
     // No key, a wrong key, a tampered chunk: each refused with a reason.
     let e = err(run(&["generate", "--model", s, "--prompt", "hi"], home));
     assert!(e.contains("--key"), "{e}");

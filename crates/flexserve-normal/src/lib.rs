@@ -591,6 +591,16 @@ impl SecureWorld {
         self.recalls.push(Recall { requested, released, evicted, took, during_generation: during });
     }
 
+    /// Perplexity of `text` under the model, scored in the secure world:
+    /// (tokens, chunks, perplexity, its standard error).
+    pub fn perplexity(&mut self, model: &OpenedModel, text: String, n_ctx: u32) -> Result<(u32, u32, f64, f64)> {
+        self.make_resident(model)?;
+        match self.call(&Request::Perplexity { model: model.id, text, n_ctx })? {
+            Reply::Perplexity { tokens, chunks, ppl, ppl_err } => Ok((tokens, chunks, ppl, ppl_err)),
+            other => Err(unexpected("Perplexity", &other)),
+        }
+    }
+
     /// Asks the secure world to stop and waits for it.
     pub fn shutdown(mut self) -> Result<()> {
         let result = self.call(&Request::Shutdown).map(|_| ());

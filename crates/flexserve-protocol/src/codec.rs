@@ -34,6 +34,7 @@
 //! | `Recall`          | 0x09 | `Status`      | 0x89 |
 //! | `Status`          | 0x0a | `Ok`          | 0x8a |
 //! | `Shutdown`        | 0x0b | `Error`       | 0x8b |
+//! | `Perplexity`      | 0x0c | `Perplexity`  | 0x8c |
 //!
 //! Requests and replies use disjoint tags so that a message sent the wrong way
 //! is rejected at once.
@@ -119,6 +120,7 @@ mod tag {
     pub const REQ_RECALL: u8 = 0x09;
     pub const REQ_STATUS: u8 = 0x0a;
     pub const REQ_SHUTDOWN: u8 = 0x0b;
+    pub const REQ_PERPLEXITY: u8 = 0x0c;
 
     pub const REP_HELLO: u8 = 0x81;
     pub const REP_MODEL_OPENED: u8 = 0x82;
@@ -131,6 +133,7 @@ mod tag {
     pub const REP_STATUS: u8 = 0x89;
     pub const REP_OK: u8 = 0x8a;
     pub const REP_ERROR: u8 = 0x8b;
+    pub const REP_PERPLEXITY: u8 = 0x8c;
 
     pub const INPUT_RAW: u8 = 0;
     pub const INPUT_CHAT_TURN: u8 = 1;
@@ -198,6 +201,7 @@ impl Request {
             Request::Recall { .. } => "Request::Recall",
             Request::Status => "Request::Status",
             Request::Shutdown => "Request::Shutdown",
+            Request::Perplexity { .. } => "Request::Perplexity",
         }
     }
 }
@@ -217,6 +221,7 @@ impl Reply {
             Reply::Status(_) => "Reply::Status",
             Reply::Ok => "Reply::Ok",
             Reply::Error { .. } => "Reply::Error",
+            Reply::Perplexity { .. } => "Reply::Perplexity",
         }
     }
 }
@@ -365,6 +370,12 @@ impl Encoder {
             }
             Request::Status => self.u8(tag::REQ_STATUS),
             Request::Shutdown => self.u8(tag::REQ_SHUTDOWN),
+            Request::Perplexity { model, text, n_ctx } => {
+                self.u8(tag::REQ_PERPLEXITY);
+                self.u32(*model);
+                self.string(text, &"Request::Perplexity.text")?;
+                self.u32(*n_ctx);
+            }
         }
         Ok(())
     }
@@ -458,6 +469,14 @@ impl Encoder {
                 self.u8(tag::REP_ERROR);
                 self.u8(error_code_tag(*code));
                 self.string(message, &"Reply::Error.message")?;
+            }
+            Reply::Perplexity { tokens, chunks, ppl, ppl_err } => {
+                self.u8(tag::REP_PERPLEXITY);
+                self.u32(*tokens);
+                self.u32(*chunks);
+                // f64 as its bits, like f32: exact both ways.
+                self.u64(ppl.to_bits());
+                self.u64(ppl_err.to_bits());
             }
         }
         Ok(())
@@ -655,6 +674,11 @@ impl<'a> Decoder<'a> {
             tag::REQ_RECALL => Request::Recall { granules: self.u32(&"Request::Recall.granules")? },
             tag::REQ_STATUS => Request::Status,
             tag::REQ_SHUTDOWN => Request::Shutdown,
+            tag::REQ_PERPLEXITY => Request::Perplexity {
+                model: self.u32(&"Request::Perplexity.model")?,
+                text: self.string(&"Request::Perplexity.text")?,
+                n_ctx: self.u32(&"Request::Perplexity.n_ctx")?,
+            },
             other => return Err(malformed(format!("unknown Request tag {other:#04x}"))),
         };
         Ok(request)
@@ -741,6 +765,12 @@ impl<'a> Decoder<'a> {
                     .ok_or_else(|| malformed(format!("unknown Reply::Error.code tag {t:#04x}")))?;
                 Reply::Error { code, message: self.string(&"Reply::Error.message")? }
             }
+            tag::REP_PERPLEXITY => Reply::Perplexity {
+                tokens: self.u32(&"Reply::Perplexity.tokens")?,
+                chunks: self.u32(&"Reply::Perplexity.chunks")?,
+                ppl: f64::from_bits(self.u64(&"Reply::Perplexity.ppl")?),
+                ppl_err: f64::from_bits(self.u64(&"Reply::Perplexity.ppl_err")?),
+            },
             other => return Err(malformed(format!("unknown Reply tag {other:#04x}"))),
         };
         Ok(reply)

@@ -97,6 +97,14 @@ pub enum Request {
     },
     Status,
     Shutdown,
+    /// Perplexity of a text (scored in chunks of `n_ctx` tokens, second
+    /// halves), answered by [`Reply::Perplexity`]: how well a sealed model
+    /// predicts it, without the normal world decrypting anything.
+    Perplexity {
+        model: u32,
+        text: String,
+        n_ctx: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,6 +190,13 @@ pub enum Reply {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    Perplexity {
+        tokens: u32,
+        chunks: u32,
+        ppl: f64,
+        /// Standard error of the estimate.
+        ppl_err: f64,
     },
 }
 

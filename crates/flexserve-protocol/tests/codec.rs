@@ -77,6 +77,8 @@ fn all_requests() -> Vec<Request> {
         Request::Recall { granules: 12 },
         Request::Status,
         Request::Shutdown,
+        Request::Perplexity { model: 1, text: "Some text to score.".into(), n_ctx: 512 },
+        Request::Perplexity { model: u32::MAX, text: String::new(), n_ctx: 0 },
     ]
 }
 
@@ -162,6 +164,8 @@ fn all_replies() -> Vec<Reply> {
             models: vec![model_status(1, "planner"), model_status(2, "")],
         }),
         Reply::Ok,
+        Reply::Perplexity { tokens: 5120, chunks: 10, ppl: 14.934_2, ppl_err: 0.145_6 },
+        Reply::Perplexity { tokens: 0, chunks: 0, ppl: f64::MAX, ppl_err: f64::INFINITY },
         Reply::Error { code: ErrorCode::Malformed, message: "bad".into() },
         Reply::Error { code: ErrorCode::OutOfOrder, message: String::new() },
         Reply::Error { code: ErrorCode::Version, message: "v".into() },

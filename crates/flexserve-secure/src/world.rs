@@ -159,6 +159,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 Ok(Reply::Missing { chunks: chunks.collect() })
             }
             Request::Generate(g) => self.generate(g),
+            Request::Perplexity { model, text, n_ctx } => self.perplexity(model, text, n_ctx as usize),
             Request::EndConversation { model, conversation } => {
                 let m = self.models.get_mut(&model).ok_or_else(|| no_model(model))?;
                 m.conversations.remove(&conversation).map(|_| Reply::Ok).ok_or_else(|| {
@@ -336,6 +337,37 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         }))
     }
 
+    /// Scores a text as llama.cpp's perplexity tool does; only the figure
+    /// leaves the secure world.
+    fn perplexity(&mut self, id: u32, mut text: String, n_ctx: usize) -> Result<Reply, Failure> {
+        let threads = self.compute.threads();
+        let model = self.models.get_mut(&id).ok_or_else(|| no_model(id))?;
+        if !model.fully_resident() {
+            return Err((ErrorCode::NotResident, format!("model {id} has chunks that are not resident")));
+        }
+        // Scoring writes logits for half of every chunk: bound the chunk by
+        // the model's own context so a request cannot ask for gigabytes.
+        let n_ctx_train = model.config.n_ctx_train;
+        if n_ctx > n_ctx_train {
+            return Err((
+                ErrorCode::BadArgument,
+                format!("perplexity context {n_ctx} exceeds the model's context of {n_ctx_train}"),
+            ));
+        }
+        model.engine(threads).map_err(|e| (ErrorCode::Engine, e))?;
+        let (engine, tokenizer, _, _) = model.parts();
+        let engine = engine.expect("built above");
+        let mut tokens = tokenizer.encode(&text, true, false);
+        text.zeroize();
+        // Models that start every text with BOS see it at the start of every chunk.
+        let bos = if tokenizer.adds_bos() { tokenizer.bos() } else { None };
+        let result = flexserve_engine::perplexity::perplexity(engine, &tokens, n_ctx, bos, |_, _, _| {});
+        let count = tokens.len() as u32;
+        tokens.zeroize();
+        let r = result.map_err(|e| (ErrorCode::Engine, e.to_string()))?;
+        Ok(Reply::Perplexity { tokens: count, chunks: r.n_chunks as u32, ppl: r.ppl, ppl_err: r.ppl_err })
+    }
+
     /// Gives back `wanted` granules: free ones first, then layers of the least
     /// recently used models, later layers before earlier ones.
     fn recall(&mut self, wanted: usize) -> Reply {
@@ -419,5 +451,6 @@ fn request_name(r: &Request) -> &'static str {
         Request::Recall { .. } => "Recall",
         Request::Status => "Status",
         Request::Shutdown => "Shutdown",
+        Request::Perplexity { .. } => "Perplexity",
     }
 }

@@ -438,6 +438,10 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                 Request::Generate(_) => {
                     matches!(code, ErrorCode::NoSuchModel | ErrorCode::NotResident | ErrorCode::Engine)
                 }
+                Request::Perplexity { .. } => matches!(
+                    code,
+                    ErrorCode::NoSuchModel | ErrorCode::NotResident | ErrorCode::Engine | ErrorCode::BadArgument
+                ),
                 Request::Recall { .. } | Request::Status | Request::Shutdown => false,
             };
             assert!(plausible, "{context}: {} answered with error {code:?}: {message}", short(r));
@@ -452,6 +456,7 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                     | (Request::EndConversation { .. } | Request::Unload { .. }, Reply::Ok)
                     | (Request::Recall { .. }, Reply::Recalled { .. })
                     | (Request::Status, Reply::Status(_))
+                    | (Request::Perplexity { .. }, Reply::Perplexity { .. })
             );
             assert!(fits, "{context}: {} answered {}", short(r), short(reply));
         }
