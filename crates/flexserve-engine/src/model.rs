@@ -50,6 +50,22 @@ impl Layer {
     }
 }
 
+/// Whether loading rearranges the tensor called `name` for the grouped
+/// matrix kernels (when its type and shape allow it, see
+/// `flexserve_quant::repackable`): the layer matrices and an untied output,
+/// never the embeddings. A source that rearranges in place must pick exactly
+/// these ([`Weights::load`] follows the same rule).
+pub fn rearranged_by_load(name: &str) -> bool {
+    const LAYER_MATRICES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+    if name == "output.weight" {
+        return true;
+    }
+    let Some(rest) = name.strip_prefix("blk.") else { return false };
+    let mut parts = rest.splitn(2, '.');
+    let (Some(layer), Some(tensor)) = (parts.next(), parts.next()) else { return false };
+    layer.parse::<usize>().is_ok() && tensor.strip_suffix(".weight").is_some_and(|t| LAYER_MATRICES.contains(&t))
+}
+
 /// All weights of a model.
 pub struct Weights {
     pub token_embd: Tensor,
@@ -64,8 +80,22 @@ pub struct Weights {
 impl Weights {
     pub fn load(src: &dyn TensorSource, c: &ModelConfig) -> Result<Self, EngineError> {
         let token_embd = Tensor::load(src, "token_embd.weight", c.n_embd, c.n_vocab)?;
-        let output = Tensor::load_opt(src, "output.weight", c.n_embd, c.n_vocab)?.unwrap_or_else(|| token_embd.clone());
-        let layers = (0..c.n_layer).map(|i| Layer::load(src, c, i)).collect::<Result<Vec<_>, _>>()?;
+        // As llama.cpp: matrix-product weights are rearranged where its kernels
+        // would be (the embedding matrix, and so a tied output, is not).
+        let output = match Tensor::load_opt(src, "output.weight", c.n_embd, c.n_vocab)? {
+            Some(mut t) => {
+                t.repack_for_matmul()?;
+                t
+            }
+            None => token_embd.clone(),
+        };
+        let mut layers = (0..c.n_layer).map(|i| Layer::load(src, c, i)).collect::<Result<Vec<_>, _>>()?;
+        for l in &mut layers {
+            for t in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
+                debug_assert!(rearranged_by_load(&t.name), "{}", t.name);
+                t.repack_for_matmul()?;
+            }
+        }
         Ok(Self {
             token_embd,
             layers,
@@ -518,4 +548,19 @@ fn attention_f32(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rearranged_by_load;
+
+    #[test]
+    fn the_matrices_rearranged_at_load() {
+        for yes in ["blk.0.attn_q.weight", "blk.17.ffn_down.weight", "blk.3.attn_output.weight", "output.weight"] {
+            assert!(rearranged_by_load(yes), "{yes}");
+        }
+        for no in ["token_embd.weight", "blk.0.attn_norm.weight", "blk.0.attn_q.bias", "blk.x.attn_q.weight", "blk."] {
+            assert!(!rearranged_by_load(no), "{no}");
+        }
+    }
 }

@@ -5,7 +5,7 @@ use flexserve_gguf::GgmlType;
 use flexserve_quant::Kernels;
 use rayon::prelude::*;
 
-use crate::weights::Tensor;
+use crate::weights::{Layout, Tensor};
 use crate::EngineError;
 
 /// `out = x / rms(x) * w` per row of `w.len()` values.
@@ -146,6 +146,9 @@ pub fn dot_kernel(w: &Tensor) -> Result<(flexserve_quant::DotFn, GgmlType), Engi
 /// `out` is token-major: `acts.n_rows` rows of `w.rows` values. `scratch`
 /// holds the row-major (weight-row-major) intermediate for multi-token batches.
 pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut Vec<f32>) -> Result<(), EngineError> {
+    if w.layout == Layout::Q4_0x8 {
+        return matmul_q4_0x8(w, acts, out, scratch);
+    }
     let (dot, act_ty) = dot_kernel(w)?;
     debug_assert_eq!(act_ty, acts.ty);
     let n_tok = acts.n_rows;
@@ -208,6 +211,46 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut V
     out.par_chunks_mut(rows).enumerate().for_each(|(t, orow)| {
         for (o, v) in orow.iter_mut().enumerate() {
             *v = scratch[o * n_tok + t];
+        }
+    });
+    Ok(())
+}
+
+/// [`matmul`] for Q4_0 weights rearranged in groups of eight rows. Tasks
+/// cover whole groups; for several tokens each task writes its rows
+/// token-major into its own part of `scratch`, then the parts are copied
+/// into place.
+fn matmul_q4_0x8(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut Vec<f32>) -> Result<(), EngineError> {
+    if acts.ty != GgmlType::Q8_0 {
+        return Err(EngineError::Weights(format!(
+            "tensor {}: rearranged Q4_0 weights need Q8_0 activations, got {}",
+            w.name, acts.ty
+        )));
+    }
+    let kernel = flexserve_quant::q4_0x8_kernel();
+    let (n, rows, n_tok) = (w.cols, w.rows, acts.n_rows);
+    debug_assert_eq!(out.len(), n_tok * rows);
+    let tasks = rayon::current_num_threads() * 8;
+    let per_task = rows.div_ceil(tasks).max(16).next_multiple_of(flexserve_quant::REPACK_ROWS);
+    let w_bytes = w.bytes();
+    if n_tok == 1 {
+        out.par_chunks_mut(per_task).enumerate().for_each(|(c, chunk)| {
+            let w_task = &w_bytes[c * per_task * w.row_bytes..];
+            kernel(n, w_task, chunk.len(), &acts.data, acts.row_bytes, 1, chunk, chunk.len());
+        });
+        return Ok(());
+    }
+    scratch.resize(rows * n_tok, 0.0);
+    scratch.par_chunks_mut(per_task * n_tok).enumerate().for_each(|(c, chunk)| {
+        let nrows = chunk.len() / n_tok;
+        let w_task = &w_bytes[c * per_task * w.row_bytes..];
+        kernel(n, w_task, nrows, &acts.data, acts.row_bytes, n_tok, chunk, nrows);
+    });
+    let scratch = &scratch[..];
+    out.par_chunks_mut(rows).enumerate().for_each(|(t, orow)| {
+        for (c, dst) in orow.chunks_mut(per_task).enumerate() {
+            let part = c * per_task * n_tok;
+            dst.copy_from_slice(&scratch[part + t * dst.len()..][..dst.len()]);
         }
     });
     Ok(())

@@ -15,11 +15,18 @@ use crate::EngineError;
 /// Memory holding tensor bytes.
 pub trait WeightStorage: Send + Sync {
     fn bytes(&self) -> &[u8];
+    /// `range` is no longer needed in memory (its tensor was copied into
+    /// another layout); storage that can give the pages back does.
+    fn release(&self, _range: Range<usize>) {}
 }
 
 impl WeightStorage for GgufFile {
     fn bytes(&self) -> &[u8] {
         GgufFile::bytes(self)
+    }
+
+    fn release(&self, range: Range<usize>) {
+        self.drop_resident(range);
     }
 }
 
@@ -64,6 +71,11 @@ impl TensorBytes {
 pub trait TensorSource {
     fn info(&self, name: &str) -> Option<&TensorInfo>;
     fn bytes(&self, info: &TensorInfo) -> Result<TensorBytes, EngineError>;
+    /// How the source holds the tensor's bytes: a source that rearranged
+    /// them in place already (secure memory, to hold one copy) says so.
+    fn layout(&self, _info: &TensorInfo) -> Layout {
+        Layout::Rows
+    }
 }
 
 /// Plaintext weights held in ordinary memory (a decrypted model), wiped
@@ -125,6 +137,15 @@ impl TensorSource for GgufSource {
     }
 }
 
+/// How a tensor's bytes are arranged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Row after row, as in the file.
+    Rows,
+    /// Q4_0 rows interleaved in groups of eight (`flexserve_quant::repack_q4_0x8`).
+    Q4_0x8,
+}
+
 /// A 2-D weight matrix: `rows` rows of `cols` elements, each row encoded in `ty`.
 #[derive(Clone)]
 pub struct Tensor {
@@ -133,6 +154,7 @@ pub struct Tensor {
     pub rows: usize,
     pub cols: usize,
     pub row_bytes: usize,
+    pub layout: Layout,
     pub data: TensorBytes,
 }
 
@@ -142,9 +164,30 @@ impl Tensor {
         self.data.as_slice()
     }
 
+    /// Row `i` of a tensor in [`Layout::Rows`] (rearranged tensors have no
+    /// contiguous rows: a caller bug).
     #[inline]
     pub fn row(&self, i: usize) -> &[u8] {
+        assert_eq!(self.layout, Layout::Rows, "tensor {}: rows of a rearranged tensor are not contiguous", self.name);
         &self.bytes()[i * self.row_bytes..(i + 1) * self.row_bytes]
+    }
+
+    /// Rearranges a matrix-product weight for the grouped kernels where
+    /// llama.cpp's default CPU path does so (Q4_0 with a multiple of 8 rows),
+    /// so that products agree with it bit for bit; other tensors are left
+    /// as they are. The rearranged bytes go to a new buffer (wiped on drop)
+    /// and the tensor lets go of the original ones.
+    pub fn repack_for_matmul(&mut self) -> Result<(), EngineError> {
+        if self.layout != Layout::Rows || !flexserve_quant::repackable(self.ty, self.rows, self.cols) {
+            return Ok(());
+        }
+        let packed = flexserve_quant::repack_q4_0x8(self.bytes(), self.rows, self.cols)
+            .map_err(|e| EngineError::Weights(format!("tensor {}: {e}", self.name)))?;
+        // A mapped file's pages of the original layout are not needed any more.
+        self.data.storage.release(self.data.range.clone());
+        self.data = TensorBytes::new(Arc::new(OwnedWeights::new(packed)), 0..self.rows * self.row_bytes)?;
+        self.layout = Layout::Q4_0x8;
+        Ok(())
     }
 
     /// Loads `name`, requiring the shape `[cols, rows]` (file order: ne0 first).
@@ -185,11 +228,21 @@ impl Tensor {
                 row_bytes * rows
             )));
         }
-        Ok(Self { name: name.clone(), ty: info.ty, rows, cols, row_bytes, data })
+        let layout = src.layout(info);
+        if layout == Layout::Q4_0x8 && !flexserve_quant::repackable(info.ty, rows, cols) {
+            return Err(EngineError::Weights(format!(
+                "tensor {name}: a {} [{cols}, {rows}] cannot be Q4_0x8",
+                info.ty
+            )));
+        }
+        Ok(Self { name: name.clone(), ty: info.ty, rows, cols, row_bytes, layout, data })
     }
 
     /// Dequantizes the whole tensor (for small vectors: norms, biases).
     pub fn to_f32(&self) -> Result<Vec<f32>, EngineError> {
+        if self.layout != Layout::Rows {
+            return Err(EngineError::Weights(format!("tensor {}: cannot dequantize a rearranged tensor", self.name)));
+        }
         let k = flexserve_quant::kernels(self.ty)
             .map_err(|e| EngineError::Weights(format!("tensor {}: {e}", self.name)))?;
         let mut out = vec![0f32; self.rows * self.cols];

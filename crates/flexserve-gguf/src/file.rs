@@ -64,6 +64,22 @@ impl GgufFile {
         &self.map
     }
 
+    /// Lets the kernel drop the resident pages of `range` (whole pages inside
+    /// it) from this process, for bytes no longer needed in memory (a tensor
+    /// copied into another layout). Touching them again reads them back from
+    /// the file, so nothing changes for a reader; only resident memory falls.
+    pub fn drop_resident(&self, range: std::ops::Range<usize>) {
+        let page = 4096;
+        let start = range.start.next_multiple_of(page);
+        let end = range.end.min(self.map.len()) / page * page;
+        if end > start {
+            // SAFETY: the map is a read-only shared mapping of a file, so
+            // MADV_DONTNEED only discards clean pages that are re-read from
+            // the file on the next access: no reader can see other contents.
+            let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -22,10 +22,12 @@ mod float;
 mod gemv;
 mod kquants;
 mod legacy;
+mod repack;
 mod tile;
 
 pub use f16acc::{f16_acc, f16_acc_for, F16Acc};
 pub use gemv::{gemv_kernel, gemv_kernel_for, GemvFn};
+pub use repack::{q4_0x8_kernel, q4_0x8_kernel_for, repack_q4_0x8, repackable, RepackedMatmulFn, REPACK_ROWS};
 pub use tile::{tile_kernel, tile_kernel_for, TileFn};
 
 /// `dst[i] = dequant(src)[i]`; `src.len()` must be the row size of `dst.len()` elements.
@@ -54,6 +56,8 @@ pub enum QuantError {
     Unsupported(GgmlType),
     #[error("row of {n} elements is not a multiple of the {ty} block size {block}")]
     NotBlockMultiple { ty: GgmlType, n: usize, block: usize },
+    #[error("{ty} matrix of {rows} rows cannot be interleaved in groups of {group}")]
+    RowsNotGroupMultiple { ty: GgmlType, rows: usize, group: usize },
     #[error("{ty} row of {n} elements needs {expected} bytes, got {got}")]
     BadLength { ty: GgmlType, n: usize, expected: usize, got: usize },
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use flexserve_engine::weights::{TensorBytes, TensorSource, WeightStorage};
+use flexserve_engine::weights::{Layout, TensorBytes, TensorSource, WeightStorage};
 use flexserve_engine::{EngineError, Model, ModelConfig, SessionState};
 use flexserve_gguf::{GgufHeader, TensorInfo};
 use flexserve_sealed::{SealedModel, CHUNK_TAG_LEN};
@@ -57,6 +57,8 @@ pub struct ResidentModel<R: SecureRegion> {
     /// Per tensor (directory order): its group and offset inside the group's region.
     placement: Vec<(usize, usize)>,
     chunk_loaded: Vec<bool>,
+    /// Per tensor: its bytes were rearranged in place for the grouped kernels.
+    rearranged: Vec<bool>,
     engine: Option<Model>,
     pub conversations: HashMap<u32, Conversation>,
     pub last_used: Instant,
@@ -95,6 +97,7 @@ impl<R: SecureRegion> ResidentModel<R> {
         }
         let _ = granule_size;
         let chunk_loaded = vec![false; sealed.header().chunks.len()];
+        let rearranged = vec![false; header.tensors.len()];
         Ok(Self {
             name,
             sealed,
@@ -104,6 +107,7 @@ impl<R: SecureRegion> ResidentModel<R> {
             groups,
             placement,
             chunk_loaded,
+            rearranged,
             engine: None,
             conversations: HashMap::new(),
             last_used: Instant::now(),
@@ -209,6 +213,7 @@ impl<R: SecureRegion> ResidentModel<R> {
                 let missing = self.chunk_loaded.len() - self.resident_chunks();
                 return Err(format!("model {}: {missing} chunks are not resident", self.name));
             }
+            self.rearrange_in_place().map_err(|e| format!("model {}: {e}", self.name))?;
             let source = ResidentSource { model: self };
             let weights = flexserve_engine::model::Weights::load(&source, &self.config)
                 .map_err(|e| format!("model {}: {e}", self.name))?;
@@ -218,6 +223,37 @@ impl<R: SecureRegion> ResidentModel<R> {
         }
         self.last_used = Instant::now();
         Ok(self.engine.as_ref().expect("just built"))
+    }
+
+    /// Rearranges, in their regions, the matrices the engine would otherwise
+    /// copy into a rearranged buffer at load (same size), so that the weights
+    /// stay in secure memory once, inside the granted granules.
+    fn rearrange_in_place(&mut self) -> Result<(), String> {
+        let header = &self.sealed.header().gguf;
+        for (i, t) in header.tensors.iter().enumerate() {
+            let cols = *t.dims.first().unwrap_or(&1) as usize;
+            let rows = t.dims.iter().skip(1).product::<u64>() as usize;
+            if self.rearranged[i]
+                || !flexserve_engine::model::rearranged_by_load(&t.name)
+                || !flexserve_quant::repackable(t.ty, rows, cols)
+            {
+                continue;
+            }
+            let (g, at) = self.placement[i];
+            let len = tensor_len(header, t);
+            let region = self.groups[g]
+                .region
+                .as_mut()
+                .and_then(Arc::get_mut)
+                .ok_or_else(|| format!("tensor {}: its region is not resident or is in use", t.name))?;
+            let bytes = &mut region.0.bytes_mut()[at..at + len];
+            let mut packed =
+                flexserve_quant::repack_q4_0x8(bytes, rows, cols).map_err(|e| format!("{}: {e}", t.name))?;
+            bytes.copy_from_slice(&packed);
+            zeroize::Zeroize::zeroize(&mut packed);
+            self.rearranged[i] = true;
+        }
+        Ok(())
     }
 
     /// The engine (if built), the tokenizer and the template, borrowed apart
@@ -250,6 +286,11 @@ impl<R: SecureRegion> ResidentModel<R> {
         for &c in &g.chunks {
             self.chunk_loaded[c] = false;
         }
+        for (i, &(tg, _)) in self.placement.iter().enumerate() {
+            if tg == group {
+                self.rearranged[i] = false;
+            }
+        }
         g.loaded = 0;
         granules
     }
@@ -279,6 +320,14 @@ impl<R: SecureRegion> TensorSource for ResidentSource<'_, R> {
             .ok_or_else(|| EngineError::Weights(format!("tensor {} is not resident", info.name)))?;
         let storage: Arc<dyn WeightStorage> = region;
         TensorBytes::new(storage, at..at + tensor_len(header, info))
+    }
+
+    fn layout(&self, info: &TensorInfo) -> Layout {
+        let index = self.model.sealed.header().gguf.tensors.iter().position(|t| t.name == info.name);
+        match index {
+            Some(i) if self.model.rearranged[i] => Layout::Q4_0x8,
+            _ => Layout::Rows,
+        }
     }
 }
 

@@ -257,3 +257,57 @@ fn memory_pressure_during_a_generation_gets_free_granules_back_between_tokens() 
     );
     world.shutdown().unwrap();
 }
+
+/// Q4_0 matrices are rearranged for the grouped kernels at load; the secure
+/// world does it in place, in the granted granules, so the weights are held
+/// once and the tokens are the plain engine's.
+#[test]
+fn q4_0_models_are_rearranged_in_place_and_give_the_plain_tokens() {
+    use flexserve_engine::{GenerateOptions, Generator, Model, SamplingParams, Session};
+    let dir = tempfile::tempdir().unwrap();
+    let real = flexserve_gguf::GgufFile::open(plain_model()).unwrap();
+    let spec = flexserve_engine::synth::SynthSpec::from_shape("4,1024,8,4,4096", "Q4_0", 7).unwrap();
+    let plain = dir.path().join("q4_0.gguf");
+    flexserve_engine::synth::synth_model(&spec, Some(&real.header.metadata)).unwrap().write_file(&plain).unwrap();
+    let (sealed_path, key_path) = (dir.path().join("q4_0.fsm"), dir.path().join("k.key"));
+    let key = ModelKey::generate();
+    key.save(&key_path).unwrap();
+    flexserve_sealed::seal_file(&plain, &sealed_path, &key, &SealOptions::default(), &mut |_, _| {}).unwrap();
+
+    let prompt = "Random weights still give a definite greedy answer:";
+    let file = std::sync::Arc::new(flexserve_gguf::GgufFile::open(&plain).unwrap());
+    let tok = flexserve_tokenizer::Tokenizer::from_gguf(&file.header.metadata).unwrap();
+    let reference = Model::from_gguf(file, 2).unwrap();
+    assert!(reference.weights.layers[0].w_up.layout == flexserve_engine::weights::Layout::Q4_0x8);
+    let mut g = Generator::new(Session::new(&reference, 512), &tok);
+    let opts = GenerateOptions { max_tokens: 12, sampling: SamplingParams::greedy(), stop: vec![] };
+    let mut expected = String::new();
+    g.generate(&tok.encode(prompt, true, true), &opts, |t| expected.push_str(t)).unwrap();
+
+    let s = Sealed { _dir: tempfile::tempdir().unwrap(), model: sealed_path, key: key_path };
+    let mut world = SecureWorld::spawn(&options(&s)).unwrap();
+    let (model, _) = world.open_model(&s.model).unwrap();
+    let heap_before = world.status().unwrap().heap_bytes;
+    assert_eq!(generate(&mut world, &model, prompt, 12), expected);
+    let st = world.status().unwrap();
+    // A second copy of the rearranged matrices would have grown the secure
+    // heap by their size (it grows in arenas of 8 MiB).
+    let header = &flexserve_gguf::GgufFile::open(&plain).unwrap().header;
+    let rearranged: u64 = header
+        .tensors
+        .iter()
+        .filter(|t| {
+            let rows = t.dims.iter().skip(1).product::<u64>() as usize;
+            flexserve_engine::model::rearranged_by_load(&t.name)
+                && flexserve_quant::repackable(t.ty, rows, t.dims[0] as usize)
+        })
+        .map(|t| t.byte_size())
+        .sum();
+    assert!(rearranged > 24 << 20, "{rearranged}");
+    let grown = st.heap_bytes.saturating_sub(heap_before);
+    assert!(
+        grown < rearranged / 2,
+        "the secure heap grew by {grown} bytes for {rearranged} bytes of rearranged weights"
+    );
+    drop(dir);
+}
