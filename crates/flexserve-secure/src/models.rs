@@ -74,7 +74,7 @@ pub enum LoadError {
 impl<R: SecureRegion> ResidentModel<R> {
     /// Prepares a model from its authenticated header: tokenizer, template,
     /// configuration and the placement of every tensor. Loads no weights.
-    pub fn new(name: String, sealed: SealedModel, granule_size: usize) -> Result<Self, String> {
+    pub fn new(name: String, sealed: SealedModel) -> Result<Self, String> {
         let header = &sealed.header().gguf;
         let meta = &header.metadata;
         let config = ModelConfig::from_metadata(meta).map_err(|e| format!("model {name}: {e}"))?;
@@ -95,7 +95,6 @@ impl<R: SecureRegion> ResidentModel<R> {
         for (i, c) in sealed.header().chunks.iter().enumerate() {
             groups[placement[c.tensor_index as usize].0].chunks.push(i);
         }
-        let _ = granule_size;
         let chunk_loaded = vec![false; sealed.header().chunks.len()];
         let rearranged = vec![false; header.tensors.len()];
         Ok(Self {

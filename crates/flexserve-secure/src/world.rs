@@ -196,7 +196,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         let sealed = SealedModel::open_with_keys(&bytes, keys.device.as_ref(), &keys.model_keys, keys.vendor.as_ref())
             .map_err(|e| (ErrorCode::Verification, format!("model {name}: {e}")))?;
         let granule = self.memory.granule_size();
-        let model = ResidentModel::new(name, sealed, granule).map_err(|e| (ErrorCode::BadArgument, e))?;
+        let model = ResidentModel::new(name, sealed).map_err(|e| (ErrorCode::BadArgument, e))?;
         let id = self.next_model;
         self.next_model += 1;
         let reply = Reply::ModelOpened {
