@@ -246,10 +246,9 @@ fn memory_pressure_during_a_generation_gets_free_granules_back_between_tokens() 
     let during: Vec<_> = recalls.iter().filter(|r| r.during_generation).collect();
     assert!(!during.is_empty(), "{recalls:?}");
     assert_eq!(during[0].released, free, "every free granule, and only those, come back mid-generation");
-    assert_eq!(during[0].evicted, 0);
-    let after = world.status().unwrap();
-    assert_eq!(after.prepared, after.in_use, "{after:?}");
-    assert_eq!(after.models[0].resident_layers, 30, "layers in use stay while generating");
+    // Layers in use stay while generating; a recall that arrives as the
+    // generation ends is served in full afterwards and may evict layers.
+    assert!(during.iter().all(|r| r.evicted == 0), "{recalls:?}");
     let dropped = rss_before.saturating_sub(resident_bytes(world.pid()).unwrap());
     assert!(
         dropped as f64 >= 0.9 * (free as u64 * before.granule_size) as f64,
