@@ -664,23 +664,29 @@ fn chat(run: RunArgs, prompt: Option<String>, system: Option<String>, sampling: 
     if let Some(p) = prompt {
         return turn(&mut messages, p);
     }
-    let stdin = std::io::stdin();
+    while let Some(line) = read_turn(interactive)? {
+        turn(&mut messages, line)?;
+    }
+    Ok(())
+}
+
+/// The next non-empty line of stdin (a user turn), prompting on a terminal;
+/// `None` at the end of input.
+fn read_turn(interactive: bool) -> Result<Option<String>> {
     loop {
         if interactive {
             eprint!("> ");
             let _ = std::io::stderr().flush();
         }
         let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            break;
+        if std::io::stdin().lock().read_line(&mut line)? == 0 {
+            return Ok(None);
         }
-        let line = line.trim_end_matches(['\n', '\r']).to_string();
-        if line.is_empty() {
-            continue;
+        let line = line.trim_end_matches(['\n', '\r']);
+        if !line.is_empty() {
+            return Ok(Some(line.to_string()));
         }
-        turn(&mut messages, line)?;
     }
-    Ok(())
 }
 
 fn is_terminal_stdin() -> bool {

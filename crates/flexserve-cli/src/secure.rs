@@ -3,7 +3,7 @@
 //! normal world) never decrypts anything and never tokenizes a prompt of a
 //! sealed model.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -184,23 +184,43 @@ pub fn report(r: &GenerationReport) {
     );
 }
 
+/// A generation request with the command line's settings.
+fn request(
+    model: &OpenedModel,
+    conversation: u32,
+    input: Input,
+    run: &crate::RunArgs,
+    s: &SamplingArgs,
+) -> GenerateRequest {
+    GenerateRequest {
+        model: model.id,
+        conversation,
+        input,
+        max_tokens: run.max_tokens as u32,
+        n_ctx: run.ctx as u32,
+        sampling: sampling(s),
+        stop: s.stop.clone(),
+    }
+}
+
+/// Runs a request, printing the text as it streams.
+fn stream(
+    world: &mut SecureWorld,
+    model: &OpenedModel,
+    request: GenerateRequest,
+    out: &mut impl Write,
+) -> Result<GenerationReport> {
+    Ok(world.generate(model, request, |t| {
+        let _ = out.write_all(t.as_bytes());
+        let _ = out.flush();
+    })?)
+}
+
 /// `generate` on a sealed model.
 pub fn generate(path: &Path, prompt: String, run: &crate::RunArgs, sampling_args: &SamplingArgs) -> Result<()> {
     let (mut world, model) = open(path, &run.keys, &run.secure, run.threads)?;
-    let request = GenerateRequest {
-        model: model.id,
-        conversation: 0,
-        input: Input::Raw { text: prompt },
-        max_tokens: run.max_tokens as u32,
-        n_ctx: run.ctx as u32,
-        sampling: sampling(sampling_args),
-        stop: sampling_args.stop.clone(),
-    };
     let mut out = std::io::stdout().lock();
-    let r = world.generate(&model, request, |t| {
-        let _ = out.write_all(t.as_bytes());
-        let _ = out.flush();
-    })?;
+    let r = stream(&mut world, &model, request(&model, 0, Input::Raw { text: prompt }, run, sampling_args), &mut out)?;
     if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         writeln!(out)?;
     }
@@ -224,20 +244,9 @@ pub fn chat(
     const CONVERSATION: u32 = 1;
     let mut system = system;
     let mut turn = |world: &mut SecureWorld, user: String| -> Result<()> {
-        let request = GenerateRequest {
-            model: model.id,
-            conversation: CONVERSATION,
-            input: Input::ChatTurn { system: system.take(), user },
-            max_tokens: run.max_tokens as u32,
-            n_ctx: run.ctx as u32,
-            sampling: sampling(sampling_args),
-            stop: sampling_args.stop.clone(),
-        };
+        let input = Input::ChatTurn { system: system.take(), user };
         let mut out = std::io::stdout().lock();
-        let r = world.generate(&model, request, |t| {
-            let _ = out.write_all(t.as_bytes());
-            let _ = out.flush();
-        })?;
+        let r = stream(world, &model, request(&model, CONVERSATION, input, run, sampling_args), &mut out)?;
         writeln!(out)?;
         report(&r);
         Ok(())
@@ -248,20 +257,7 @@ pub fn chat(
         return Ok(());
     }
     let interactive = crate::is_terminal_stdin();
-    let stdin = std::io::stdin();
-    loop {
-        if interactive {
-            eprint!("> ");
-            let _ = std::io::stderr().flush();
-        }
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            break;
-        }
-        let line = line.trim_end_matches(['\n', '\r']).to_string();
-        if line.is_empty() {
-            continue;
-        }
+    while let Some(line) = crate::read_turn(interactive)? {
         if line == "/status" {
             print_status(&world.status()?, world.pid());
             continue;

@@ -438,19 +438,7 @@ fn no_model(id: u32) -> Failure {
     (ErrorCode::NoSuchModel, format!("no open model {id}"))
 }
 
+/// The request's name without the type prefix, for messages.
 fn request_name(r: &Request) -> &'static str {
-    match r {
-        Request::Hello { .. } => "Hello",
-        Request::OpenModel { .. } => "OpenModel",
-        Request::Grant { .. } => "Grant",
-        Request::LoadChunks { .. } => "LoadChunks",
-        Request::MissingChunks { .. } => "MissingChunks",
-        Request::Generate(_) => "Generate",
-        Request::EndConversation { .. } => "EndConversation",
-        Request::Unload { .. } => "Unload",
-        Request::Recall { .. } => "Recall",
-        Request::Status => "Status",
-        Request::Shutdown => "Shutdown",
-        Request::Perplexity { .. } => "Perplexity",
-    }
+    r.name().trim_start_matches("Request::")
 }
