@@ -146,6 +146,22 @@ enum Command {
         #[command(flatten)]
         secure: secure::SecureArgs,
     },
+    /// Take secure memory back from running sessions (the normal world's management right): each
+    /// secure world gives free granules first, then model layers, then idle KV caches.
+    Recall {
+        /// Granules to take back.
+        #[arg(long, required_unless_present = "memory", conflicts_with = "memory")]
+        granules: Option<u32>,
+        /// Memory to take back (e.g. 64M, 1G).
+        #[arg(long, value_parser = secure::parse_bytes)]
+        memory: Option<u64>,
+        /// Only the session of this process (default: every running session).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Seconds to wait for each session's answer.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// Perplexity of a text file, scored as llama.cpp does (chunks of --ctx tokens, second halves).
     Perplexity {
         #[arg(long)]
@@ -355,6 +371,15 @@ fn run(cli: Cli) -> Result<()> {
             chat(run, prompt, system, sampling)
         }
         Command::Status { model, json, keys, secure } => secure::status(model, &keys, &secure, json),
+        Command::Recall { granules, memory, pid, timeout } => {
+            use flexserve_normal::control::RecallAmount;
+            let amount = match (granules, memory) {
+                (Some(n), _) => RecallAmount::Granules(n),
+                (None, Some(b)) => RecallAmount::Bytes(b),
+                (None, None) => anyhow::bail!("say how much to recall: --granules N or --memory SIZE"),
+            };
+            secure::recall(amount, pid, timeout)
+        }
         Command::Synth { shape, quant, tokenizer_from, seed, output } => {
             let spec = flexserve_engine::synth::SynthSpec::from_shape(&shape, &quant, seed)?;
             let tok = ModelFile::open(&tokenizer_from)?;

@@ -37,18 +37,19 @@ pub struct SecureArgs {
     pub memory_floor: u64,
 }
 
-fn parse_bytes(s: &str) -> Result<u64, String> {
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
     match MemoryBudget::parse(s)? {
         MemoryBudget::Bytes(b) => Ok(b),
         MemoryBudget::Auto => Err("expected a size such as 1G".into()),
     }
 }
 
-/// Says what the pressure watch recalled during the last generation.
+/// Says what the pressure watch (or `flexserve recall`) took back since the last report.
 fn report_recalls(world: &mut SecureWorld) {
     for r in world.take_recalls() {
         eprintln!(
-            "memory pressure: recalled {} of {} granules{} in {:.1} ms",
+            "{}: recalled {} of {} granules{} in {:.1} ms",
+            if r.by_client { "flexserve recall" } else { "memory pressure" },
             r.released,
             r.requested,
             if r.during_generation { " while generating (free granules only)" } else { "" },
@@ -63,7 +64,7 @@ fn relieve_pressure(world: &mut SecureWorld, secure: &SecureArgs) -> Result<()> 
     if secure.memory_floor > 0 {
         if let Some((released, evicted, took)) = world.relieve_pressure(secure.memory_floor)? {
             eprintln!(
-                "memory pressure: recalled {released} granules ({evicted} held model layers) in {:.1} ms",
+                "memory pressure: recalled {released} granules ({evicted} held model layers or KV caches) in {:.1} ms",
                 took.as_secs_f64() * 1e3
             );
         }
@@ -98,6 +99,14 @@ pub fn spawn(keys: &KeyArgs, secure: &SecureArgs, threads: usize) -> Result<Secu
         ..SecureWorldOptions::default()
     };
     SecureWorld::spawn(&opts).context("starting the secure world")
+}
+
+/// Lets `flexserve recall` reach this process's memory governor.
+fn listen_for_recalls(world: &mut SecureWorld) {
+    let dir = flexserve_normal::control::runtime_dir();
+    if let Err(e) = world.listen(&dir) {
+        eprintln!("warning: `flexserve recall` cannot reach this session (control socket in {}: {e})", dir.display());
+    }
 }
 
 /// Starts a secure world and makes the sealed model at `path` resident in it.
@@ -219,12 +228,14 @@ fn stream(
 /// `generate` on a sealed model.
 pub fn generate(path: &Path, prompt: String, run: &crate::RunArgs, sampling_args: &SamplingArgs) -> Result<()> {
     let (mut world, model) = open(path, &run.keys, &run.secure, run.threads)?;
+    listen_for_recalls(&mut world);
     let mut out = std::io::stdout().lock();
     let r = stream(&mut world, &model, request(&model, 0, Input::Raw { text: prompt }, run, sampling_args), &mut out)?;
     if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         writeln!(out)?;
     }
     report(&r);
+    world.serve_control()?;
     report_recalls(&mut world);
     world.shutdown()?;
     Ok(())
@@ -256,8 +267,27 @@ pub fn chat(
         world.shutdown()?;
         return Ok(());
     }
+    listen_for_recalls(&mut world);
     let interactive = crate::is_terminal_stdin();
-    while let Some(line) = crate::read_turn(interactive)? {
+    let turns = turn_reader();
+    loop {
+        if interactive {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+        }
+        // While the user types, the governor serves `flexserve recall` in full.
+        let line = loop {
+            match turns.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(line) => break line?,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if world.serve_control()? > 0 {
+                        report_recalls(&mut world);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break None,
+            }
+        };
+        let Some(line) = line else { break };
         if line == "/status" {
             print_status(&world.status()?, world.pid());
             continue;
@@ -266,7 +296,7 @@ pub fn chat(
             let n: u32 = n.trim().parse().with_context(|| format!("/recall {n}: expected a number of granules"))?;
             let (released, evicted, took) = world.recall(n)?;
             eprintln!(
-                "recalled {released} granules ({evicted} held model layers) in {:.1} ms",
+                "recalled {released} granules ({evicted} held model layers or KV caches) in {:.1} ms",
                 took.as_secs_f64() * 1e3
             );
             continue;
@@ -277,6 +307,60 @@ pub fn chat(
         relieve_pressure(&mut world, &run.secure)?;
     }
     world.shutdown()?;
+    Ok(())
+}
+
+/// Reads user turns on a thread, so that the main thread can serve the
+/// governor's requests while it waits for one.
+fn turn_reader() -> std::sync::mpsc::Receiver<Result<Option<String>>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || loop {
+        let line = crate::read_turn(false);
+        let last = !matches!(line, Ok(Some(_)));
+        if tx.send(line).is_err() || last {
+            return;
+        }
+    });
+    rx
+}
+
+/// `recall`: asks running sessions' governors to take secure memory back.
+pub fn recall(amount: flexserve_normal::control::RecallAmount, pid: Option<u32>, timeout_s: u64) -> Result<()> {
+    use flexserve_normal::control;
+    let dir = control::runtime_dir();
+    let sockets = match control::list_sockets(&dir) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    let sockets: Vec<_> = sockets.into_iter().filter(|(p, _)| pid.map_or(true, |want| *p == want)).collect();
+    if sockets.is_empty() {
+        match pid {
+            Some(p) => anyhow::bail!("no FlexServe session of pid {p} is listening in {}", dir.display()),
+            None => anyhow::bail!("no FlexServe session with a secure world is running (looked in {})", dir.display()),
+        }
+    }
+    let mut failures = 0;
+    for (pid, socket) in sockets {
+        match control::request_recall(&socket, amount, std::time::Duration::from_secs(timeout_s)) {
+            Ok(a) => println!(
+                "session {pid} (secure world {}): released {} granules ({:.1} MiB), {} of them held model layers \
+                 or KV caches, in {:.1} ms",
+                a.secure_pid,
+                a.released,
+                a.released as f64 * a.granule_size as f64 / (1 << 20) as f64,
+                a.evicted,
+                a.micros as f64 / 1e3
+            ),
+            Err(e) => {
+                failures += 1;
+                eprintln!("session {pid}: {e}");
+            }
+        }
+    }
+    if failures > 0 {
+        anyhow::bail!("{failures} session(s) did not answer");
+    }
     Ok(())
 }
 
@@ -319,14 +403,17 @@ fn print_status(s: &StatusReport, pid: u32) {
     }
     for m in &s.models {
         println!(
-            "  model {} {}: {}/{} layers, {}/{} chunks resident, {:.1} MiB of weights",
+            "  model {} {}: {}/{} layers, {}/{} chunks resident, {:.1} MiB of weights, KV caches in {} granules \
+             ({:.1} MiB)",
             m.model,
             m.name,
             m.resident_layers,
             m.layers,
             m.resident_chunks,
             m.chunks,
-            m.weight_bytes as f64 / (1 << 20) as f64
+            m.weight_bytes as f64 / (1 << 20) as f64,
+            m.kv_granules,
+            mib(m.kv_granules)
         );
     }
 }
@@ -339,6 +426,7 @@ fn status_json(s: &StatusReport, pid: u32, budget_granules: u64) -> String {
             serde_json::json!({
                 "id": m.model, "name": m.name, "layers": m.layers, "resident_layers": m.resident_layers,
                 "chunks": m.chunks, "resident_chunks": m.resident_chunks, "weight_bytes": m.weight_bytes,
+                "kv_granules": m.kv_granules,
             })
         })
         .collect();

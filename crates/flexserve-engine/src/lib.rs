@@ -13,7 +13,7 @@ pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use generate::{GenerateOptions, GenerationStats, Generator, StopReason};
-pub use model::{Logits, Model, Session, SessionState};
+pub use model::{KvCache, KvMemory, Logits, Model, Session, SessionState};
 pub use sampling::{Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]

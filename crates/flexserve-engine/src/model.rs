@@ -155,45 +155,135 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// Keys and values of every past position, per layer, stored as f16.
+/// Memory that holds a session's KV cache. Sessions use heap memory by
+/// default; the secure world passes regions of its granted granules so that
+/// the cache lives in Flex-Mem.
+pub trait KvMemory: Send + Sync {
+    fn bytes(&self) -> &[u8];
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
+/// Heap memory for a cache. Allocated zeroed, so that large blocks come as
+/// untouched pages from the OS: pages are touched only as positions fill.
+struct HeapKv(Vec<u16>);
+
+impl KvMemory for HeapKv {
+    fn bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(&mut self.0)
+    }
+}
+
+/// Keys and values of every past position, per layer, stored as f16: layer
+/// `l`'s keys, then its values, each `n_ctx * kv_dim` values, in one block of
+/// memory.
 pub struct KvCache {
     n_ctx: usize,
     kv_dim: usize,
-    k: Vec<Vec<u16>>,
-    v: Vec<Vec<u16>>,
+    n_layer: usize,
+    mem: Box<dyn KvMemory>,
 }
 
 impl KvCache {
     pub fn new(c: &ModelConfig, n_ctx: usize) -> Self {
-        let per_layer = n_ctx * c.kv_dim();
-        // Room is reserved, not written: pages are touched only as positions
-        // fill, which matters where first touch is expensive (secure memory).
-        Self {
-            n_ctx,
-            kv_dim: c.kv_dim(),
-            k: (0..c.n_layer).map(|_| Vec::with_capacity(per_layer)).collect(),
-            v: (0..c.n_layer).map(|_| Vec::with_capacity(per_layer)).collect(),
+        let values = 2 * c.n_layer * n_ctx * c.kv_dim();
+        Self { n_ctx, kv_dim: c.kv_dim(), n_layer: c.n_layer, mem: Box::new(HeapKv(vec![0u16; values])) }
+    }
+
+    /// Bytes one position takes across all layers (keys and values, f16).
+    pub fn bytes_per_position(c: &ModelConfig) -> usize {
+        2 * c.n_layer * c.kv_dim() * std::mem::size_of::<u16>()
+    }
+
+    /// A cache in memory the caller provides, holding as many positions as
+    /// fit (at most `max_ctx`).
+    pub fn in_memory(c: &ModelConfig, max_ctx: usize, mem: Box<dyn KvMemory>) -> Result<Self, EngineError> {
+        Self::in_memory_shaped(c.n_layer, c.kv_dim(), max_ctx, mem)
+    }
+
+    fn in_memory_shaped(
+        n_layer: usize,
+        kv_dim: usize,
+        max_ctx: usize,
+        mem: Box<dyn KvMemory>,
+    ) -> Result<Self, EngineError> {
+        let bytes = mem.bytes();
+        if bytes.as_ptr().align_offset(std::mem::align_of::<u16>()) != 0 {
+            return Err(EngineError::Other("KV cache memory is not aligned for f16 values".into()));
         }
+        let per_position = (2 * n_layer * kv_dim * std::mem::size_of::<u16>()).max(1);
+        let n_ctx = (bytes.len() / per_position).min(max_ctx);
+        if n_ctx == 0 {
+            return Err(EngineError::Other(format!(
+                "KV cache memory of {} bytes holds no position ({per_position} bytes each)",
+                bytes.len()
+            )));
+        }
+        Ok(Self { n_ctx, kv_dim, n_layer, mem })
     }
 
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
     }
 
+    fn per_buffer(&self) -> usize {
+        self.n_ctx * self.kv_dim
+    }
+
+    fn values(&self) -> &[u16] {
+        let bytes = self.mem.bytes();
+        bytemuck::cast_slice(&bytes[..bytes.len() & !1])
+    }
+
+    fn values_mut(&mut self) -> &mut [u16] {
+        let bytes = self.mem.bytes_mut();
+        let even = bytes.len() & !1;
+        bytemuck::cast_slice_mut(&mut bytes[..even])
+    }
+
+    /// Keys of `layer`, all `n_ctx` positions.
+    fn k(&self, layer: usize) -> &[u16] {
+        let per = self.per_buffer();
+        &self.values()[2 * layer * per..(2 * layer + 1) * per]
+    }
+
+    /// Values of `layer`, all `n_ctx` positions.
+    fn v(&self, layer: usize) -> &[u16] {
+        let per = self.per_buffer();
+        &self.values()[(2 * layer + 1) * per..(2 * layer + 2) * per]
+    }
+
     fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let per = self.per_buffer();
         let at = pos * self.kv_dim;
-        // Positions are written in order from the fill level (or rewritten below it).
-        for cache in [&mut self.k[layer], &mut self.v[layer]] {
-            if cache.len() < at + self.kv_dim {
-                cache.resize(at + self.kv_dim, 0);
+        let values = self.values_mut();
+        for (buffer, src) in [(2 * layer, k), (2 * layer + 1, v)] {
+            let dst = &mut values[buffer * per + at..buffer * per + at + src.len()];
+            for (d, s) in dst.iter_mut().zip(src) {
+                *d = f16::from_f32(*s).to_bits();
             }
         }
-        for (d, s) in self.k[layer][at..at + k.len()].iter_mut().zip(k) {
-            *d = f16::from_f32(*s).to_bits();
+    }
+
+    /// The first `keep` positions moved into a cache in `mem` (which may
+    /// hold more or fewer positions than this one, but at least `keep`).
+    pub fn moved_to(self, keep: usize, max_ctx: usize, mem: Box<dyn KvMemory>) -> Result<KvCache, EngineError> {
+        let mut to = KvCache::in_memory_shaped(self.n_layer, self.kv_dim, max_ctx, mem)?;
+        if keep > self.n_ctx || keep > to.n_ctx {
+            return Err(EngineError::Other(format!(
+                "cannot move {keep} cached positions from a cache of {} into one of {}",
+                self.n_ctx, to.n_ctx
+            )));
         }
-        for (d, s) in self.v[layer][at..at + v.len()].iter_mut().zip(v) {
-            *d = f16::from_f32(*s).to_bits();
+        let (from_per, to_per, n) = (self.per_buffer(), to.per_buffer(), keep * self.kv_dim);
+        let src = self.values();
+        let dst = to.values_mut();
+        for buffer in 0..2 * self.n_layer {
+            dst[buffer * to_per..buffer * to_per + n].copy_from_slice(&src[buffer * from_per..buffer * from_per + n]);
         }
+        Ok(to)
     }
 }
 
@@ -210,6 +300,25 @@ pub enum Logits {
 pub struct SessionState {
     kv: KvCache,
     n_past: usize,
+}
+
+impl SessionState {
+    /// Positions filled.
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    /// Positions the cache holds.
+    pub fn n_ctx(&self) -> usize {
+        self.kv.n_ctx()
+    }
+
+    /// The same state with its cache moved into `mem` (to grow it, or to
+    /// move it between memories), holding at most `max_ctx` positions.
+    pub fn moved_to(self, max_ctx: usize, mem: Box<dyn KvMemory>) -> Result<SessionState, EngineError> {
+        let n_past = self.n_past;
+        Ok(SessionState { kv: self.kv.moved_to(n_past, max_ctx, mem)?, n_past })
+    }
 }
 
 /// One conversation's state on a model: the KV cache and its fill level.
@@ -250,16 +359,21 @@ impl<'m> Session<'m> {
         Self { model, kv: KvCache::new(&model.config, n_ctx), n_past: 0, s: Scratch::default() }
     }
 
+    /// A session whose KV cache lives in memory the caller provides.
+    pub fn with_cache(model: &'m Model, kv: KvCache) -> Result<Self, EngineError> {
+        Self::resume(model, SessionState { kv, n_past: 0 })
+    }
+
     /// Resumes a session from a state saved by [`Session::into_state`] (a
     /// conversation kept between requests), checking that it fits this model.
     pub fn resume(model: &'m Model, state: SessionState) -> Result<Self, EngineError> {
         let c = &model.config;
         let kv = state.kv;
-        if kv.kv_dim != c.kv_dim() || kv.k.len() != c.n_layer || state.n_past > kv.n_ctx {
+        if kv.kv_dim != c.kv_dim() || kv.n_layer != c.n_layer || state.n_past > kv.n_ctx {
             return Err(EngineError::Weights(format!(
                 "saved session (kv dim {}, {} layers) does not fit the model (kv dim {}, {} layers)",
                 kv.kv_dim,
-                kv.k.len(),
+                kv.n_layer,
                 c.kv_dim(),
                 c.n_layer
             )));
@@ -461,8 +575,8 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
     let f16k = ops::kernels(flexserve_gguf::GgmlType::F16).expect("F16 kernels are always present");
     let dot = f16k.dot.expect("F16 has a dot product");
     let to_f16 = f16k.quantize;
-    let kc = &kv.k[layer];
-    let vc = &kv.v[layer];
+    let kc = kv.k(layer);
+    let vc = kv.v(layer);
     let acc = flexserve_quant::f16_acc();
     out.par_chunks_mut(hd).enumerate().for_each_init(
         || vec![0u8; hd * 2],
@@ -523,8 +637,8 @@ fn attention_f32(
     let (k32, v32) = kv32;
     k32.resize(n_pos * kvd, 0.0);
     v32.resize(n_pos * kvd, 0.0);
-    let kh: &[f16] = bytemuck::cast_slice(&kv.k[layer][..n_pos * kvd]);
-    let vh: &[f16] = bytemuck::cast_slice(&kv.v[layer][..n_pos * kvd]);
+    let kh: &[f16] = bytemuck::cast_slice(&kv.k(layer)[..n_pos * kvd]);
+    let vh: &[f16] = bytemuck::cast_slice(&kv.v(layer)[..n_pos * kvd]);
     kh.convert_to_f32_slice(k32);
     vh.convert_to_f32_slice(v32);
     let (k32, v32) = (&*k32, &*v32);

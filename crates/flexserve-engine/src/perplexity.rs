@@ -23,8 +23,23 @@ pub fn perplexity(
     tokens: &[u32],
     n_ctx: usize,
     bos: Option<u32>,
+    on_chunk: impl FnMut(usize, usize, f64),
+) -> Result<PerplexityResult, EngineError> {
+    perplexity_in(&mut Session::new(model, n_ctx), tokens, n_ctx, bos, on_chunk)
+}
+
+/// [`perplexity`] in a session the caller provides (whose cache holds at
+/// least `n_ctx` positions; its contents are overwritten).
+pub fn perplexity_in(
+    session: &mut Session<'_>,
+    tokens: &[u32],
+    n_ctx: usize,
+    bos: Option<u32>,
     mut on_chunk: impl FnMut(usize, usize, f64),
 ) -> Result<PerplexityResult, EngineError> {
+    if session.n_ctx() < n_ctx {
+        return Err(EngineError::ContextFull { n_ctx: session.n_ctx(), needed: n_ctx });
+    }
     if n_ctx < 4 {
         return Err(EngineError::Other(format!("context of {n_ctx} tokens is too small to score")));
     }
@@ -36,8 +51,7 @@ pub fn perplexity(
         )));
     }
     let first = n_ctx / 2;
-    let n_vocab = model.config.n_vocab;
-    let mut session = Session::new(model, n_ctx);
+    let n_vocab = session.model().config.n_vocab;
     let mut nll_sum = 0f64;
     let mut nll2_sum = 0f64;
     let mut count = 0usize;

@@ -246,3 +246,67 @@ fn context_overflow_is_a_clear_error() {
     let err = s.eval(&[1000], Logits::Last).unwrap_err().to_string();
     assert!(err.contains("1000"), "{err}");
 }
+
+/// Caller-provided KV memory (as the secure world's granules), byte-backed.
+struct ByteKv(Vec<u64>);
+
+impl flexserve_engine::KvMemory for ByteKv {
+    fn bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(&mut self.0)
+    }
+}
+
+fn byte_kv(bytes: usize) -> Box<ByteKv> {
+    Box::new(ByteKv(vec![0u64; bytes.div_ceil(8)]))
+}
+
+#[test]
+fn caches_in_caller_memory_and_moved_between_memories_give_the_same_logits() {
+    use flexserve_engine::KvCache;
+    let spec = SynthSpec::tiny(Arch::Llama, GgmlType::Q4_1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    synth_model(&spec, None).unwrap().write_file(&path).unwrap();
+    let model = Model::from_gguf(Arc::new(GgufFile::open(&path).unwrap()), 2).unwrap();
+    let per_position = KvCache::bytes_per_position(&model.config);
+    let prompt: Vec<u32> = (0..9u32).map(|i| (i * 13 + 5) % 300).collect();
+    let next = [17u32, 42, 99];
+
+    let mut heap = Session::new(&model, 64);
+    let mut want = vec![heap.eval(&prompt, Logits::Last).unwrap()];
+    for &t in &next {
+        want.push(heap.eval(&[t], Logits::Last).unwrap());
+    }
+
+    // Room for exactly the prompt plus one position (a few spare bytes do not make another).
+    let kv = KvCache::in_memory(&model.config, 64, byte_kv(10 * per_position + per_position / 2)).unwrap();
+    assert_eq!(kv.n_ctx(), 10);
+    let mut s = Session::with_cache(&model, kv).unwrap();
+    let mut got = vec![s.eval(&prompt, Logits::Last).unwrap()];
+    got.push(s.eval(&next[..1], Logits::Last).unwrap());
+    let err = s.eval(&next[1..2], Logits::Last).unwrap_err().to_string();
+    assert!(err.contains("context is full"), "{err}");
+
+    // Grow: the filled positions move into a larger memory, capped by max_ctx.
+    let state = s.into_state();
+    assert_eq!((state.n_past(), state.n_ctx()), (10, 10));
+    let err = state.moved_to(64, byte_kv(4 * per_position)).err().unwrap().to_string();
+    assert!(err.contains("10 cached positions"), "{err}");
+    let mut s = Session::with_cache(&model, KvCache::in_memory(&model.config, 64, byte_kv(12 * per_position)).unwrap())
+        .unwrap();
+    got = vec![s.eval(&prompt, Logits::Last).unwrap()];
+    got.push(s.eval(&next[..1], Logits::Last).unwrap());
+    let grown = s.into_state().moved_to(16, byte_kv(100 * per_position)).unwrap();
+    assert_eq!(grown.n_ctx(), 16, "capped by max_ctx");
+    let mut s = Session::resume(&model, grown).unwrap();
+    for &t in &next[1..] {
+        got.push(s.eval(&[t], Logits::Last).unwrap());
+    }
+    assert_eq!(got, want, "the cache in caller memory, grown once, gives the heap session's logits exactly");
+
+    let err = KvCache::in_memory(&model.config, 64, byte_kv(per_position - 8)).err().unwrap().to_string();
+    assert!(err.contains("holds no position"), "{err}");
+}

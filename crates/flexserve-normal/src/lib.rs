@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod control;
+
 use flexserve_protocol::{
     BufferRange, ChunkRef, ErrorCode, GenerateRequest, GenerationReport, ProtocolError, Reply, Request, SharedBuffer,
     StatusReport, PROTOCOL_VERSION,
@@ -198,6 +200,8 @@ pub struct SecureWorld {
     /// memory, and when it was last checked.
     pressure: Option<(u64, Instant)>,
     recalls: Vec<Recall>,
+    /// Where `flexserve recall` reaches this governor, once listening.
+    control: Option<control::ControlSocket>,
 }
 
 /// A recall the governor made, and what it got back.
@@ -205,11 +209,13 @@ pub struct SecureWorld {
 pub struct Recall {
     pub requested: u32,
     pub released: u32,
-    /// Of those, granules that held model layers.
+    /// Of those, granules that held model layers or KV caches.
     pub evicted: u32,
     pub took: Duration,
     /// Made while a generation was running (only free granules come back then).
     pub during_generation: bool,
+    /// Asked for through the control socket (`flexserve recall`), not by the pressure watch.
+    pub by_client: bool,
 }
 
 /// How often available memory is checked while a generation runs.
@@ -230,6 +236,7 @@ impl SecureWorld {
             granted: 0,
             pressure: None,
             recalls: Vec::new(),
+            control: None,
         };
         match world.call(&Request::Hello { version: PROTOCOL_VERSION })? {
             Reply::Hello { protection, pool_mode, granule_size, .. } => {
@@ -331,7 +338,7 @@ impl SecureWorld {
         self.pressure = floor.map(|f| (f, Instant::now() - PRESSURE_CHECK_INTERVAL));
     }
 
-    /// Recalls made by the pressure watch since the last call.
+    /// Recalls made by the pressure watch or asked through the control socket since the last call.
     pub fn take_recalls(&mut self) -> Vec<Recall> {
         std::mem::take(&mut self.recalls)
     }
@@ -541,26 +548,44 @@ impl SecureWorld {
         mut on_text: impl FnMut(&str),
     ) -> Result<GenerationReport> {
         self.make_resident(model)?;
-        self.send(&Request::Generate(request))?;
+        let request = Request::Generate(request);
+        self.send(&request)?;
         // Recalls sent during the generation, oldest first: (granules, sent at).
-        let mut in_flight: std::collections::VecDeque<(u32, Instant)> = std::collections::VecDeque::new();
+        type InFlight = (u32, Instant, Option<control::PendingRecall>);
+        let mut in_flight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
         let mut result = None;
         loop {
             match self.receive()? {
+                // Before any token: the KV cache needs more granules; grant, ask again.
+                Reply::MemoryNeeded { granules } if result.is_none() => {
+                    self.grant_for_kv_cache(granules)?;
+                    self.send(&request)?;
+                }
                 Reply::Token { text } => {
                     on_text(&text);
                     if in_flight.is_empty() {
-                        if let Some(n) = self.pressure_due() {
+                        // Between two tokens: memory pressure first, then a `flexserve recall`.
+                        let due = match self.pressure_due() {
+                            Some(n) => Some((n, None)),
+                            None => {
+                                self.control_pending().map(|p| (p.amount.granules(self.info.granule_size), Some(p)))
+                            }
+                        };
+                        if let Some((n, asker)) = due {
                             self.send(&Request::Recall { granules: n })?;
-                            in_flight.push_back((n, Instant::now()));
+                            in_flight.push_back((n, Instant::now(), asker));
                         }
                     }
                 }
                 Reply::Recalled { released, evicted, micros } => {
-                    let Some((requested, sent)) = in_flight.pop_front() else {
+                    let Some((requested, sent, asker)) = in_flight.pop_front() else {
                         return Err(unexpected("Token or Generated", &Reply::Recalled { released, evicted, micros }));
                     };
-                    self.note_recall(requested, released, evicted, sent.elapsed(), result.is_none());
+                    let during = result.is_none();
+                    self.note_recall(requested, released, evicted, sent.elapsed(), during, asker.is_some());
+                    if let Some(asker) = asker {
+                        asker.answer(Ok(self.answer(released, evicted, micros)));
+                    }
                 }
                 Reply::Generated(report) => result = Some(Ok(report)),
                 Reply::Error { code, message } => result = Some(Err(NormalError::Secure { code, message })),
@@ -575,6 +600,60 @@ impl SecureWorld {
         }
     }
 
+    /// Listens for `flexserve recall` on a control socket in `dir` (see
+    /// [`control`]); requests are served between tokens of a generation and
+    /// by [`SecureWorld::serve_control`] when idle. Returns the socket's path.
+    pub fn listen(&mut self, dir: &Path) -> std::io::Result<PathBuf> {
+        let socket = control::ControlSocket::bind(dir)?;
+        let path = socket.path().to_path_buf();
+        self.control = Some(socket);
+        Ok(path)
+    }
+
+    fn control_pending(&self) -> Option<control::PendingRecall> {
+        self.control.as_ref()?.next_pending()
+    }
+
+    fn answer(&self, released: u32, evicted: u32, micros: u64) -> control::RecallAnswer {
+        control::RecallAnswer {
+            released,
+            evicted,
+            micros,
+            granule_size: self.info.granule_size,
+            secure_pid: self.pid(),
+        }
+    }
+
+    /// Serves the `flexserve recall` requests waiting (in full: free
+    /// granules, then layers, then idle KV caches); returns how many.
+    pub fn serve_control(&mut self) -> Result<usize> {
+        let mut served = 0;
+        while let Some(asker) = self.control_pending() {
+            let n = asker.amount.granules(self.info.granule_size);
+            let t0 = Instant::now();
+            match self.recall(n) {
+                Ok((released, evicted, took)) => {
+                    let took_all = t0.elapsed();
+                    self.recalls.push(Recall {
+                        requested: n,
+                        released,
+                        evicted,
+                        took: took_all,
+                        during_generation: false,
+                        by_client: true,
+                    });
+                    asker.answer(Ok(self.answer(released, evicted, took.as_micros() as u64)));
+                }
+                Err(e) => {
+                    asker.answer(Err(e.to_string()));
+                    return Err(e);
+                }
+            }
+            served += 1;
+        }
+        Ok(served)
+    }
+
     /// Granules to recall now, if the pressure watch is on and due.
     fn pressure_due(&mut self) -> Option<u32> {
         let (floor, last) = self.pressure?;
@@ -586,19 +665,36 @@ impl SecureWorld {
         (n > 0).then_some(n)
     }
 
-    fn note_recall(&mut self, requested: u32, released: u32, evicted: u32, took: Duration, during: bool) {
+    fn note_recall(&mut self, requested: u32, released: u32, evicted: u32, took: Duration, during: bool, client: bool) {
         self.granted = self.granted.saturating_sub(u64::from(released));
-        self.recalls.push(Recall { requested, released, evicted, took, during_generation: during });
+        self.recalls.push(Recall { requested, released, evicted, took, during_generation: during, by_client: client });
     }
 
     /// Perplexity of `text` under the model, scored in the secure world:
     /// (tokens, chunks, perplexity, its standard error).
     pub fn perplexity(&mut self, model: &OpenedModel, text: String, n_ctx: u32) -> Result<(u32, u32, f64, f64)> {
         self.make_resident(model)?;
-        match self.call(&Request::Perplexity { model: model.id, text, n_ctx })? {
-            Reply::Perplexity { tokens, chunks, ppl, ppl_err } => Ok((tokens, chunks, ppl, ppl_err)),
-            other => Err(unexpected("Perplexity", &other)),
+        let request = Request::Perplexity { model: model.id, text, n_ctx };
+        loop {
+            match self.call(&request)? {
+                Reply::Perplexity { tokens, chunks, ppl, ppl_err } => return Ok((tokens, chunks, ppl, ppl_err)),
+                Reply::MemoryNeeded { granules } => self.grant_for_kv_cache(granules)?,
+                other => return Err(unexpected("Perplexity", &other)),
+            }
         }
+    }
+
+    /// Grants what a KV cache needs, all of it or a budget error.
+    fn grant_for_kv_cache(&mut self, granules: u32) -> Result<()> {
+        let granted = self.grant(u64::from(granules))?;
+        if granted < u64::from(granules) {
+            return Err(NormalError::Budget(format!(
+                "the KV cache needs {granules} more granules of {} bytes; the secure memory limit ({} granules) \
+                 is reached",
+                self.info.granule_size, self.budget_granules
+            )));
+        }
+        Ok(())
     }
 
     /// Asks the secure world to stop and waits for it.

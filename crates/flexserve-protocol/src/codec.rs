@@ -35,6 +35,7 @@
 //! | `Status`          | 0x0a | `Ok`          | 0x8a |
 //! | `Shutdown`        | 0x0b | `Error`       | 0x8b |
 //! | `Perplexity`      | 0x0c | `Perplexity`  | 0x8c |
+//! |                   |      | `MemoryNeeded`| 0x8d |
 //!
 //! Requests and replies use disjoint tags so that a message sent the wrong way
 //! is rejected at once.
@@ -134,6 +135,7 @@ mod tag {
     pub const REP_OK: u8 = 0x8a;
     pub const REP_ERROR: u8 = 0x8b;
     pub const REP_PERPLEXITY: u8 = 0x8c;
+    pub const REP_MEMORY_NEEDED: u8 = 0x8d;
 
     pub const INPUT_RAW: u8 = 0;
     pub const INPUT_CHAT_TURN: u8 = 1;
@@ -144,7 +146,7 @@ mod tag {
 const MIN_STRING_LEN: usize = 4;
 const CHUNK_REF_LEN: usize = 4 + 8 + 8;
 const CHUNK_SPAN_LEN: usize = 4 + 4;
-const MIN_MODEL_STATUS_LEN: usize = 4 + MIN_STRING_LEN + 4 * 4 + 8;
+const MIN_MODEL_STATUS_LEN: usize = 4 + MIN_STRING_LEN + 4 * 4 + 8 + 4;
 
 const STOP_REASONS: [StopReason; 4] =
     [StopReason::EndOfGeneration, StopReason::MaxTokens, StopReason::StopString, StopReason::ContextFull];
@@ -222,6 +224,7 @@ impl Reply {
             Reply::Ok => "Reply::Ok",
             Reply::Error { .. } => "Reply::Error",
             Reply::Perplexity { .. } => "Reply::Perplexity",
+            Reply::MemoryNeeded { .. } => "Reply::MemoryNeeded",
         }
     }
 }
@@ -478,6 +481,10 @@ impl Encoder {
                 self.u64(ppl.to_bits());
                 self.u64(ppl_err.to_bits());
             }
+            Reply::MemoryNeeded { granules } => {
+                self.u8(tag::REP_MEMORY_NEEDED);
+                self.u32(*granules);
+            }
         }
         Ok(())
     }
@@ -498,6 +505,7 @@ impl Encoder {
             e.u32(m.chunks);
             e.u32(m.resident_chunks);
             e.u64(m.weight_bytes);
+            e.u32(m.kv_granules);
             Ok(())
         })
     }
@@ -771,6 +779,7 @@ impl<'a> Decoder<'a> {
                 ppl: f64::from_bits(self.u64(&"Reply::Perplexity.ppl")?),
                 ppl_err: f64::from_bits(self.u64(&"Reply::Perplexity.ppl_err")?),
             },
+            tag::REP_MEMORY_NEEDED => Reply::MemoryNeeded { granules: self.u32(&"Reply::MemoryNeeded.granules")? },
             other => return Err(malformed(format!("unknown Reply tag {other:#04x}"))),
         };
         Ok(reply)
@@ -794,6 +803,7 @@ impl<'a> Decoder<'a> {
                     chunks: d.u32(&format_args!("{what}.chunks"))?,
                     resident_chunks: d.u32(&format_args!("{what}.resident_chunks"))?,
                     weight_bytes: d.u64(&format_args!("{what}.weight_bytes"))?,
+                    kv_granules: d.u32(&format_args!("{what}.kv_granules"))?,
                 })
             })?,
         })

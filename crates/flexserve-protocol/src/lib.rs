@@ -79,7 +79,8 @@ pub enum Request {
         model: u32,
     },
     /// Generate text; answered by zero or more [`Reply::Token`] then
-    /// [`Reply::Generated`] or [`Reply::Error`].
+    /// [`Reply::Generated`] or [`Reply::Error`], or at once by
+    /// [`Reply::MemoryNeeded`] when the KV cache does not fit the free granules.
     Generate(GenerateRequest),
     /// Forget a conversation's history and KV cache.
     EndConversation {
@@ -98,8 +99,9 @@ pub enum Request {
     Status,
     Shutdown,
     /// Perplexity of a text (scored in chunks of `n_ctx` tokens, second
-    /// halves), answered by [`Reply::Perplexity`]: how well a sealed model
-    /// predicts it, without the normal world decrypting anything.
+    /// halves), answered by [`Reply::Perplexity`] (or [`Reply::MemoryNeeded`]
+    /// for its KV cache): how well a sealed model predicts it, without the
+    /// normal world decrypting anything.
     Perplexity {
         model: u32,
         text: String,
@@ -181,7 +183,7 @@ pub enum Reply {
     Recalled {
         /// Granules released to the operating system.
         released: u32,
-        /// Of those, granules that held model layers (evicted).
+        /// Of those, granules that held model layers or KV caches (evicted).
         evicted: u32,
         micros: u64,
     },
@@ -197,6 +199,12 @@ pub enum Reply {
         ppl: f64,
         /// Standard error of the estimate.
         ppl_err: f64,
+    },
+    /// The request needs this many more granules granted (for a KV cache)
+    /// before it can run; nothing was done. The normal world grants them
+    /// (within its budget) and sends the request again.
+    MemoryNeeded {
+        granules: u32,
     },
 }
 
@@ -228,7 +236,7 @@ pub struct StatusReport {
     /// Granules mapped and protected (in use plus free).
     pub prepared: u32,
     pub in_use: u32,
-    /// Bytes of the secure heap (KV cache, activations, tokenizer, prompts).
+    /// Bytes of the secure heap (activations, tokenizer, prompts, messages).
     pub heap_bytes: u64,
     pub models: Vec<ModelStatus>,
 }
@@ -242,6 +250,8 @@ pub struct ModelStatus {
     pub chunks: u32,
     pub resident_chunks: u32,
     pub weight_bytes: u64,
+    /// Granules holding the KV caches of this model's conversations.
+    pub kv_granules: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -91,6 +91,7 @@ fn model_status(model: u32, name: &str) -> ModelStatus {
         chunks: 31,
         resident_chunks: 13,
         weight_bytes: 90_000_000,
+        kv_granules: 3,
     }
 }
 
@@ -166,6 +167,7 @@ fn all_replies() -> Vec<Reply> {
         Reply::Ok,
         Reply::Perplexity { tokens: 5120, chunks: 10, ppl: 14.934_2, ppl_err: 0.145_6 },
         Reply::Perplexity { tokens: 0, chunks: 0, ppl: f64::MAX, ppl_err: f64::INFINITY },
+        Reply::MemoryNeeded { granules: 17 },
         Reply::Error { code: ErrorCode::Malformed, message: "bad".into() },
         Reply::Error { code: ErrorCode::OutOfOrder, message: String::new() },
         Reply::Error { code: ErrorCode::Version, message: "v".into() },

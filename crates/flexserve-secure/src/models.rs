@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flexserve_engine::weights::{Layout, TensorBytes, TensorSource, WeightStorage};
-use flexserve_engine::{EngineError, Model, ModelConfig, SessionState};
+use flexserve_engine::{EngineError, KvMemory, Model, ModelConfig, SessionState};
 use flexserve_gguf::{GgufHeader, TensorInfo};
 use flexserve_sealed::{SealedModel, CHUNK_TAG_LEN};
 use flexserve_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
@@ -40,11 +40,42 @@ struct Group<R> {
 }
 
 /// A conversation kept between requests: its messages and KV cache.
-#[derive(Default)]
 pub struct Conversation {
     pub messages: Vec<ChatMessage>,
     pub history: Vec<u32>,
+    /// The KV cache (in a region of granules, see [`KvRegion`]) and its fill.
     pub state: Option<SessionState>,
+    /// Granules the cache's region holds.
+    pub kv_granules: usize,
+    pub last_used: Instant,
+}
+
+impl Default for Conversation {
+    fn default() -> Self {
+        Self { messages: Vec::new(), history: Vec::new(), state: None, kv_granules: 0, last_used: Instant::now() }
+    }
+}
+
+impl Conversation {
+    /// Drops the KV cache (its region is scrubbed and its granules freed);
+    /// the messages stay, so the next turn recomputes the cache from them.
+    pub fn drop_cache(&mut self) -> usize {
+        self.state = None;
+        std::mem::take(&mut self.kv_granules)
+    }
+}
+
+/// A KV cache's memory: a region of granted granules, so that the cache
+/// lives in Flex-Mem like the weights.
+pub struct KvRegion<R>(pub R);
+
+impl<R: SecureRegion> KvMemory for KvRegion<R> {
+    fn bytes(&self) -> &[u8] {
+        self.0.bytes()
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.0.bytes_mut()
+    }
 }
 
 pub struct ResidentModel<R: SecureRegion> {
@@ -259,6 +290,11 @@ impl<R: SecureRegion> ResidentModel<R> {
     /// from the conversations.
     pub fn parts(&mut self) -> (Option<&Model>, &Tokenizer, Option<&ChatTemplate>, &mut HashMap<u32, Conversation>) {
         (self.engine.as_ref(), &self.tokenizer, self.template.as_ref(), &mut self.conversations)
+    }
+
+    /// Granules held by the KV caches of this model's conversations.
+    pub fn kv_granules(&self) -> usize {
+        self.conversations.values().map(|c| c.kv_granules).sum()
     }
 
     /// Groups that hold memory, as eviction candidates: (group index, granules).

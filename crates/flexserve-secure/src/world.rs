@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use flexserve_engine::{GenerateOptions, Generator, SamplingParams, Session};
+use flexserve_engine::{
+    EngineError, GenerateOptions, Generator, KvCache, Model, SamplingParams, Session, SessionState,
+};
 use flexserve_protocol::{
     ChunkRef, ChunkSpan, ErrorCode, GenerateRequest, GenerationReport, Input, ModelStatus, ProtocolError, Reply,
     Request, StatusReport, StopReason, PROTOCOL_VERSION,
@@ -14,8 +16,8 @@ use flexserve_sealed::{SealedModel, CHUNK_TAG_LEN};
 use flexserve_tokenizer::ChatMessage;
 use zeroize::Zeroize;
 
-use crate::models::{Conversation, LoadError, ResidentModel};
-use crate::platform::{Channel, Compute, KeyStore, SecureMemory};
+use crate::models::{Conversation, KvRegion, LoadError, ResidentModel};
+use crate::platform::{Channel, Compute, KeyStore, SecureMemory, SecureRegion};
 
 /// Largest sealed header accepted (vocabularies of big models run to tens of MiB).
 const MAX_HEADER_LEN: u64 = 512 << 20;
@@ -252,26 +254,64 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         } else {
             conversations.remove(&g.conversation).unwrap_or_default()
         };
+        conv.last_used = Instant::now();
         let chat = matches!(g.input, Input::ChatTurn { .. });
-        let mut text = match g.input {
-            Input::Raw { text } => text,
-            Input::ChatTurn { system, user } => {
-                let template =
-                    template.ok_or_else(|| (ErrorCode::Engine, format!("model {} has no chat template", g.model)))?;
-                if conv.messages.is_empty() {
-                    if let Some(s) = system {
-                        conv.messages.push(ChatMessage::new("system", s));
+        // Messages of this turn join the conversation only if the turn runs.
+        let kept_messages = conv.messages.len();
+        let rendered = match g.input {
+            Input::Raw { text } => Ok(text),
+            Input::ChatTurn { system, user } => match template {
+                None => Err((ErrorCode::Engine, format!("model {} has no chat template", g.model))),
+                Some(template) => {
+                    if conv.messages.is_empty() {
+                        if let Some(s) = system {
+                            conv.messages.push(ChatMessage::new("system", s));
+                        }
                     }
+                    conv.messages.push(ChatMessage::new("user", user));
+                    template.render(&conv.messages, true).map_err(|e| (ErrorCode::Engine, e.to_string()))
                 }
-                conv.messages.push(ChatMessage::new("user", user));
-                template.render(&conv.messages, true).map_err(|e| (ErrorCode::Engine, e.to_string()))?
+            },
+        };
+        let mut text = match rendered {
+            Ok(text) => text,
+            Err(failure) => {
+                conv.messages.truncate(kept_messages);
+                if g.conversation != 0 {
+                    conversations.insert(g.conversation, conv);
+                }
+                return Err(failure);
             }
         };
         let mut ids = tokenizer.encode(&text, true, true);
         text.zeroize();
-        let session = match conv.state.take() {
-            Some(state) => Session::resume(engine, state).map_err(|e| (ErrorCode::Engine, e.to_string()))?,
-            None => Session::new(engine, g.n_ctx as usize),
+        // The cache holds the prompt and what may be generated, within the context.
+        let limit = if g.n_ctx == 0 { engine.config.n_ctx_train } else { g.n_ctx as usize };
+        let room = g.max_tokens as usize;
+        let positions = ids.len().saturating_add(room).min(limit).max(1);
+        // A prompt the context cannot hold fails as the engine would, before any memory is asked for.
+        let overflow = (ids.len() > limit).then_some(EngineError::ContextFull { n_ctx: limit, needed: ids.len() });
+        let prepared = match overflow {
+            Some(e) => Err(Box::new(KvShortfall { state: conv.state.take(), reply: Err(engine_failure(e)) })),
+            None => kv_session(memory, engine, conv.state.take(), positions, limit),
+        };
+        let session = match prepared {
+            Ok((session, granules)) => {
+                if let Some(granules) = granules {
+                    conv.kv_granules = granules;
+                }
+                session
+            }
+            Err(shortfall) => {
+                let KvShortfall { state, reply } = *shortfall;
+                ids.zeroize();
+                conv.state = state;
+                conv.messages.truncate(kept_messages);
+                if g.conversation != 0 {
+                    conversations.insert(g.conversation, conv);
+                }
+                return reply;
+            }
         };
         let mut generator = Generator::resume(session, tokenizer, std::mem::take(&mut conv.history));
         let s = g.sampling;
@@ -357,11 +397,15 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         model.engine(threads).map_err(|e| (ErrorCode::Engine, e))?;
         let (engine, tokenizer, _, _) = model.parts();
         let engine = engine.expect("built above");
+        let mut session = match kv_session(&self.memory, engine, None, n_ctx.max(1), n_ctx.max(1)) {
+            Ok((session, _)) => session,
+            Err(shortfall) => return shortfall.reply,
+        };
         let mut tokens = tokenizer.encode(&text, true, false);
         text.zeroize();
         // Models that start every text with BOS see it at the start of every chunk.
         let bos = if tokenizer.adds_bos() { tokenizer.bos() } else { None };
-        let result = flexserve_engine::perplexity::perplexity(engine, &tokens, n_ctx, bos, |_, _, _| {});
+        let result = flexserve_engine::perplexity::perplexity_in(&mut session, &tokens, n_ctx, bos, |_, _, _| {});
         let count = tokens.len() as u32;
         tokens.zeroize();
         let r = result.map_err(|e| (ErrorCode::Engine, e.to_string()))?;
@@ -369,13 +413,15 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
     }
 
     /// Gives back `wanted` granules: free ones first, then layers of the least
-    /// recently used models, later layers before earlier ones.
+    /// recently used models, later layers before earlier ones, then the KV
+    /// caches of idle conversations.
     fn recall(&mut self, wanted: usize) -> Reply {
         let t0 = Instant::now();
         let mut released = self.memory.release(wanted);
         let mut evicted = 0;
         // A static carve-out never returns memory: evicting would free nothing.
-        while released < wanted && self.memory.mode() != "static-carve-out" {
+        let flexible = self.memory.mode() != "static-carve-out";
+        while released < wanted && flexible {
             let victim = self
                 .models
                 .iter()
@@ -384,6 +430,21 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             let Some((_, id, group)) = victim else { break };
             let model = self.models.get_mut(&id).expect("victim exists");
             evicted += model.evict(group);
+            released += self.memory.release(wanted - released);
+        }
+        // Last, the KV caches of idle conversations, least recently used
+        // first. The next turn recomputes one from the conversation's
+        // messages, but in one batch rather than token by token, which can
+        // round differently; evicted layers reload bit for bit.
+        while released < wanted && flexible {
+            let victim = self
+                .models
+                .iter_mut()
+                .flat_map(|(_, m)| m.conversations.values_mut())
+                .filter(|c| c.kv_granules > 0)
+                .min_by_key(|c| c.last_used);
+            let Some(conversation) = victim else { break };
+            evicted += conversation.drop_cache();
             released += self.memory.release(wanted - released);
         }
         Reply::Recalled { released: released as u32, evicted: evicted as u32, micros: t0.elapsed().as_micros() as u64 }
@@ -410,6 +471,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                     chunks: m.chunk_count() as u32,
                     resident_chunks: m.resident_chunks() as u32,
                     weight_bytes: m.weight_bytes(),
+                    kv_granules: m.kv_granules() as u32,
                 })
                 .collect(),
         }
@@ -432,6 +494,70 @@ fn serve_during_generation<M: SecureMemory, C: Channel>(channel: &mut C, memory:
         }),
         Err(e) => Some(Reply::Error { code: ErrorCode::Malformed, message: e.to_string() }),
     }
+}
+
+/// A KV cache that does not fit the free granules: the state given back
+/// untouched, and the reply to send (what to grant, or why not).
+struct KvShortfall {
+    state: Option<SessionState>,
+    reply: Result<Reply, Failure>,
+}
+
+/// A session on `engine` whose KV cache lives in granted granules and holds
+/// at least `positions` positions (at most `limit`): `state` as it is when it
+/// has the room, else moved into (or started in) a new region; the region's
+/// granules are returned when one was taken.
+fn kv_session<'m, M: SecureMemory>(
+    memory: &M,
+    engine: &'m Model,
+    state: Option<SessionState>,
+    positions: usize,
+    limit: usize,
+) -> Result<(Session<'m>, Option<usize>), Box<KvShortfall>> {
+    let state = match state {
+        Some(state) if state.n_ctx() >= positions => {
+            return Session::resume(engine, state)
+                .map(|s| (s, None))
+                .map_err(|e| Box::new(KvShortfall { state: None, reply: Err(engine_failure(e)) }));
+        }
+        other => other,
+    };
+    let granule = memory.granule_size().max(1);
+    let per_position = KvCache::bytes_per_position(&engine.config);
+    // Whole granules: the slack of the last one holds more positions.
+    let Some(granules) =
+        positions.checked_mul(per_position).and_then(|b| b.checked_add(granule)).map(|b| (b - 1) / granule)
+    else {
+        let message = format!("a KV cache of {positions} positions is too large");
+        return Err(Box::new(KvShortfall { state, reply: Err((ErrorCode::BadArgument, message)) }));
+    };
+    let s = memory.stats();
+    let missing = granules.saturating_sub(s.granted.saturating_sub(s.in_use));
+    if missing > 0 {
+        let reply = match u32::try_from(missing) {
+            Ok(granules) => Ok(Reply::MemoryNeeded { granules }),
+            Err(_) => Err((ErrorCode::BadArgument, format!("a KV cache of {positions} positions is too large"))),
+        };
+        return Err(Box::new(KvShortfall { state, reply }));
+    }
+    let region = match memory.alloc(granules * granule) {
+        Ok(region) => region,
+        Err(e) => {
+            let message = format!("KV cache of {positions} positions: {e}");
+            return Err(Box::new(KvShortfall { state, reply: Err((ErrorCode::NoMemory, message)) }));
+        }
+    };
+    let held = region.granules();
+    let mem = Box::new(KvRegion(region));
+    let session = match state {
+        Some(old) => old.moved_to(limit, mem).and_then(|s| Session::resume(engine, s)),
+        None => KvCache::in_memory(&engine.config, limit, mem).and_then(|kv| Session::with_cache(engine, kv)),
+    };
+    session.map(|s| (s, Some(held))).map_err(|e| Box::new(KvShortfall { state: None, reply: Err(engine_failure(e)) }))
+}
+
+fn engine_failure(e: EngineError) -> Failure {
+    (ErrorCode::Engine, e.to_string())
 }
 
 fn no_model(id: u32) -> Failure {

@@ -339,8 +339,8 @@ fn other_processes_cannot_read_the_secure_worlds_memory() {
     let core: Vec<&str> = core["Max core file size".len()..].split_whitespace().collect();
     assert_eq!(&core[..2], ["0", "0"], "core dumps must be off (soft and hard RLIMIT_CORE 0): {core:?}");
 
-    // The mappings: pool granules (each its own memfd_secret file, granule-sized) hold the weights,
-    // larger secret mappings are heap arenas (KV cache, activations, tokenizer, prompt).
+    // The mappings: pool granules (each its own memfd_secret file, granule-sized) hold the weights and
+    // KV caches; larger secret mappings are heap arenas (activations, tokenizer, prompt).
     let granule = world.info().granule_size;
     assert_eq!(granule, GRANULE as u64, "the secure world must use the granule size it was given");
     let maps = mappings(pid);

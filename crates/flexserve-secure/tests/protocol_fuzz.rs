@@ -457,6 +457,7 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                     | (Request::Recall { .. }, Reply::Recalled { .. })
                     | (Request::Status, Reply::Status(_))
                     | (Request::Perplexity { .. }, Reply::Perplexity { .. })
+                    | (Request::Generate(_) | Request::Perplexity { .. }, Reply::MemoryNeeded { .. })
             );
             assert!(fits, "{context}: {} answered {}", short(r), short(reply));
         }
@@ -654,6 +655,11 @@ fn healthy_real_flow(peer: &mut Peer, real: &SealedFile) -> String {
                 assert_eq!(report.generated_tokens, HEALTHY_TOKENS, "{report:?}");
                 return text;
             }
+            // The KV cache's granules: granted, then the request again.
+            Reply::MemoryNeeded { granules } if text.is_empty() => {
+                peer.grant(granules);
+                peer.send_payload(&encode_request(&request).unwrap());
+            }
             other => panic!("healthy Generate: {}", short(&other)),
         }
     }
@@ -825,6 +831,11 @@ fn hostile_requests(peer: &mut Peer, fx: &Fixture, real: &SealedFile, refs: &[Ch
         matches!(peer.call(&Request::MissingChunks { model: tiny }), Reply::Missing { chunks } if chunks.is_empty())
     );
 
+    // A KV cache needs granules beyond the weights': asked for, then granted.
+    match peer.call(&generate(tiny, "Once upon a time", 4, 32)) {
+        Reply::MemoryNeeded { granules } => peer.grant(granules),
+        other => panic!("a first generation without free granules: {}", short(&other)),
+    }
     // Generate on the resident model with hostile parameters.
     peer.expect_error(&generate(tiny, "Once upon a time", 4, 1), Engine);
     peer.expect_error(&generate(tiny, &"word ".repeat(100), 4, 16), Engine);

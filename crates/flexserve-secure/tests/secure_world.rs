@@ -81,6 +81,14 @@ fn plain_generate(prompt: &str, max_tokens: usize) -> String {
     text
 }
 
+/// Granules a KV cache of `positions` positions of the real model takes.
+fn kv_granules(positions: usize, granule_size: u64) -> u32 {
+    let file = flexserve_gguf::GgufFile::open(plain_model()).unwrap();
+    let config = flexserve_engine::ModelConfig::from_metadata(&file.header.metadata).unwrap();
+    let bytes = positions * flexserve_engine::KvCache::bytes_per_position(&config);
+    bytes.div_ceil(granule_size as usize) as u32
+}
+
 #[test]
 fn seccomp_forbids_files_exec_sockets_tracing_and_forks_but_not_threads() {
     let out =
@@ -240,19 +248,24 @@ fn memory_pressure_during_a_generation_gets_free_granules_back_between_tokens() 
 
     // A floor no machine meets: the watch recalls at the first token it checks.
     world.set_memory_floor(Some(u64::MAX / 2));
-    assert_eq!(generate(&mut world, &model, prompt, 48), expected);
+    let mut text = String::new();
+    let report = world.generate(&model, request(&model, prompt, 48), |t| text.push_str(t)).unwrap();
+    assert_eq!(text, expected);
     let recalls = world.take_recalls();
     assert!(!recalls.is_empty(), "the pressure watch never recalled");
     let during: Vec<_> = recalls.iter().filter(|r| r.during_generation).collect();
     assert!(!during.is_empty(), "{recalls:?}");
-    assert_eq!(during[0].released, free, "every free granule, and only those, come back mid-generation");
+    // The generation's KV cache took its granules from the free ones first.
+    let kv = kv_granules(report.prompt_tokens as usize + 48, before.granule_size);
+    assert_eq!(during[0].released, free - kv, "every free granule, and only those, come back mid-generation");
     // Layers in use stay while generating; a recall that arrives as the
     // generation ends is served in full afterwards and may evict layers.
     assert!(during.iter().all(|r| r.evicted == 0), "{recalls:?}");
     let dropped = rss_before.saturating_sub(resident_bytes(world.pid()).unwrap());
+    let back = free - kv;
     assert!(
-        dropped as f64 >= 0.9 * (free as u64 * before.granule_size) as f64,
-        "resident memory fell by {dropped} bytes after {free} granules went back"
+        dropped as f64 >= 0.9 * (back as u64 * before.granule_size) as f64,
+        "resident memory fell by {dropped} bytes after {back} granules went back"
     );
     world.shutdown().unwrap();
 }
@@ -309,4 +322,67 @@ fn q4_0_models_are_rearranged_in_place_and_give_the_plain_tokens() {
         "the secure heap grew by {grown} bytes for {rearranged} bytes of rearranged weights"
     );
     drop(dir);
+}
+
+/// A chat's KV cache lives in granted granules: a turn that needs one asks
+/// for the granules first; status counts them; a recall takes the caches of
+/// idle conversations after the layers, and the next turn recomputes its
+/// cache from the messages, giving what a fresh evaluation of the whole
+/// conversation gives.
+#[test]
+fn kv_caches_live_in_granted_granules_and_a_recalled_one_is_recomputed() {
+    use flexserve_engine::{GenerateOptions, Generator, Model, SamplingParams, Session};
+    use flexserve_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+    let s = sealed();
+    let mut world = SecureWorld::spawn(&options(&s)).unwrap();
+    let (model, _) = world.open_model(&s.model).unwrap();
+    let weights = world.status().unwrap();
+    assert_eq!(weights.granted, weights.in_use, "only the weights' granules are granted before the first turn");
+    let turn = |world: &mut SecureWorld, user: &str| {
+        let mut r = request(&model, "", 24);
+        r.conversation = 7;
+        r.input = Input::ChatTurn { system: None, user: user.to_string() };
+        let mut text = String::new();
+        let report = world.generate(&model, r, |t| text.push_str(t)).unwrap();
+        (text, report)
+    };
+    let (first, report) = turn(&mut world, "Name a color.");
+    let st = world.status().unwrap();
+    let kv = st.models[0].kv_granules;
+    assert_eq!(kv, kv_granules(report.prompt_tokens as usize + 24, st.granule_size), "{st:?}");
+    assert_eq!(st.in_use, weights.in_use + kv, "the cache is held in granted granules: {st:?}");
+    assert_eq!(st.granted, st.in_use, "the normal world granted what the cache needed, no more");
+
+    // Layers go before caches (they reload bit for bit): a recall of the
+    // layers' worth leaves the cache, one of everything takes it too.
+    let (released, _, _) = world.recall(st.in_use - kv).unwrap();
+    assert_eq!(released, st.in_use - kv);
+    let mid = world.status().unwrap();
+    assert_eq!((mid.models[0].kv_granules, mid.models[0].resident_layers), (kv, 0), "{mid:?}");
+    let (released, evicted, _) = world.recall(kv).unwrap();
+    assert_eq!((released, evicted), (kv, kv));
+    let st = world.status().unwrap();
+    assert_eq!((st.models[0].kv_granules, st.in_use), (0, 0), "{st:?}");
+
+    let (second, report) = turn(&mut world, "Another one?");
+    assert_eq!(report.cached_tokens, 0, "the whole conversation is evaluated again");
+    assert!(world.status().unwrap().models[0].kv_granules > 0);
+
+    // The reference: the plain model evaluating the whole conversation at once.
+    let file = std::sync::Arc::new(flexserve_gguf::GgufFile::open(plain_model()).unwrap());
+    let tok = Tokenizer::from_gguf(&file.header.metadata).unwrap();
+    let template = ChatTemplate::from_gguf(&file.header.metadata, &tok).unwrap().unwrap();
+    let messages = [
+        ChatMessage::new("user", "Name a color."),
+        ChatMessage::new("assistant", first.trim()),
+        ChatMessage::new("user", "Another one?"),
+    ];
+    let ids = tok.encode(&template.render(&messages, true).unwrap(), true, true);
+    let plain = Model::from_gguf(file, 2).unwrap();
+    let mut g = Generator::new(Session::new(&plain, 512), &tok);
+    let opts = GenerateOptions { max_tokens: 24, sampling: SamplingParams::greedy(), stop: vec![] };
+    let mut expected = String::new();
+    g.generate(&ids, &opts, |t| expected.push_str(t)).unwrap();
+    assert_eq!(second, expected);
+    world.shutdown().unwrap();
 }
