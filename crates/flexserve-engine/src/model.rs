@@ -60,10 +60,10 @@ pub fn rearranged_by_load(name: &str) -> bool {
     if name == "output.weight" {
         return true;
     }
-    let Some(rest) = name.strip_prefix("blk.") else { return false };
-    let mut parts = rest.splitn(2, '.');
-    let (Some(layer), Some(tensor)) = (parts.next(), parts.next()) else { return false };
-    layer.parse::<usize>().is_ok() && tensor.strip_suffix(".weight").is_some_and(|t| LAYER_MATRICES.contains(&t))
+    let Some(layer) = flexserve_gguf::layer_of(name) else { return false };
+    // The names the engine loads (`blk.{layer}.attn_q.weight`, ...), nothing spelt otherwise.
+    let tensor = name.strip_prefix(&format!("blk.{layer}.")).and_then(|t| t.strip_suffix(".weight"));
+    tensor.is_some_and(|t| LAYER_MATRICES.contains(&t))
 }
 
 /// All weights of a model.

@@ -13,7 +13,7 @@ mod writer;
 
 pub use error::GgufError;
 pub use file::GgufFile;
-pub use reader::{limits, GgufHeader, TensorInfo, DEFAULT_ALIGNMENT, MAGIC, MAX_DIMS, VERSION};
+pub use reader::{layer_of, limits, GgufHeader, TensorInfo, DEFAULT_ALIGNMENT, MAGIC, MAX_DIMS, VERSION};
 pub use types::GgmlType;
 pub use types::ALL as ALL_TYPES;
 pub use value::{Array, Metadata, Value, ValueType, ALIGNMENT_KEY, ARCHITECTURE_KEY};

@@ -62,7 +62,17 @@ pub struct TensorInfo {
     pub offset: u64,
 }
 
+/// The transformer layer a tensor name belongs to (`blk.N.…`), if any.
+pub fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
 impl TensorInfo {
+    /// The transformer layer this tensor belongs to (`blk.N.…`), if any.
+    pub fn layer(&self) -> Option<usize> {
+        layer_of(&self.name)
+    }
+
     /// Number of elements (saturating; exact for tensors that passed validation).
     pub fn n_elements(&self) -> u64 {
         self.dims.iter().fold(1u64, |n, &d| n.saturating_mul(d))
@@ -559,4 +569,17 @@ pub(crate) fn alignment_of(metadata: &Metadata) -> Result<u64, GgufError> {
 /// Rounds `pos` up to a multiple of `alignment` (a power of two).
 pub(crate) fn align_up(pos: u64, alignment: u64) -> Option<u64> {
     Some(pos.checked_add(alignment - 1)? & !(alignment - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layer_of;
+
+    #[test]
+    fn layer_names() {
+        assert_eq!(layer_of("blk.12.attn_q.weight"), Some(12));
+        assert_eq!(layer_of("token_embd.weight"), None);
+        assert_eq!(layer_of("blk.x.attn_q.weight"), None);
+        assert_eq!(layer_of("blk."), None);
+    }
 }

@@ -823,11 +823,10 @@ pub fn secure_binary(explicit: Option<&Path>) -> Result<PathBuf> {
 /// granules per transformer layer (`blk.N.*`) and one for the other tensors,
 /// tensors 64-byte aligned inside a region.
 pub fn weight_granules(header: &flexserve_gguf::GgufHeader, granule_size: u64) -> u64 {
-    let mut groups: std::collections::BTreeMap<Option<u64>, u64> = std::collections::BTreeMap::new();
+    let mut groups: std::collections::BTreeMap<Option<usize>, u64> = std::collections::BTreeMap::new();
     for t in &header.tensors {
-        let layer = t.name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse().ok());
         let range = header.tensor_file_range(t);
-        let bytes = groups.entry(layer).or_default();
+        let bytes = groups.entry(t.layer()).or_default();
         *bytes = bytes.next_multiple_of(64) + (range.end - range.start);
     }
     groups.values().map(|b| b.div_ceil(granule_size.max(1))).sum()

@@ -117,7 +117,7 @@ impl<R: SecureRegion> ResidentModel<R> {
             (0..n_groups).map(|_| Group { bytes: 0, chunks: Vec::new(), loaded: 0, region: None }).collect();
         let mut placement = Vec::with_capacity(header.tensors.len());
         for t in &header.tensors {
-            let g = layer_of(&t.name).filter(|&l| l < config.n_layer).unwrap_or(config.n_layer);
+            let g = t.layer().filter(|&l| l < config.n_layer).unwrap_or(config.n_layer);
             let size = tensor_len(header, t);
             let at = groups[g].bytes.next_multiple_of(TENSOR_ALIGN);
             groups[g].bytes = at + size;
@@ -371,27 +371,10 @@ fn tensor_len(header: &GgufHeader, t: &TensorInfo) -> usize {
     (r.end - r.start) as usize
 }
 
-/// `blk.N.` names a layer.
-fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
-}
-
 fn group_name(g: usize, n_layer: usize) -> String {
     if g == n_layer {
         "embeddings and output".to_string()
     } else {
         format!("layer {g}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layer_names() {
-        assert_eq!(layer_of("blk.12.attn_q.weight"), Some(12));
-        assert_eq!(layer_of("token_embd.weight"), None);
-        assert_eq!(layer_of("blk.x.attn_q.weight"), None);
     }
 }
