@@ -397,7 +397,13 @@ fn print_status(s: &StatusReport, pid: u32) {
         s.in_use,
         mib(s.in_use)
     );
-    println!("  secure heap: {:.1} MiB reserved", s.heap_bytes as f64 / (1 << 20) as f64);
+    let heap_mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "  secure heap: {:.1} MiB reserved, {:.1} MiB allocated, at most {:.1} MiB during the last request",
+        heap_mib(s.heap_bytes),
+        heap_mib(s.heap_allocated),
+        heap_mib(s.heap_peak)
+    );
     if s.models.is_empty() {
         println!("  models: none");
     }
@@ -433,7 +439,7 @@ fn status_json(s: &StatusReport, pid: u32, budget_granules: u64) -> String {
     serde_json::json!({
         "pid": pid, "protection": s.protection, "pool_mode": s.pool_mode, "granule_size": s.granule_size,
         "granted": s.granted, "prepared": s.prepared, "in_use": s.in_use, "budget_granules": budget_granules,
-        "heap_bytes": s.heap_bytes, "models": models,
+        "heap_bytes": s.heap_bytes, "heap_allocated": s.heap_allocated, "heap_peak": s.heap_peak, "models": models,
     })
     .to_string()
 }

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod generate;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod perplexity;
@@ -13,7 +14,8 @@ pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use generate::{GenerateOptions, GenerationStats, Generator, StopReason};
-pub use model::{KvCache, KvMemory, Logits, Model, Session, SessionState};
+pub use memory::{MemoryBlock, ScratchSource};
+pub use model::{KvCache, Logits, Model, ScratchPlan, Session, SessionState};
 pub use sampling::{Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]

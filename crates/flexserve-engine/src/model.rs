@@ -8,6 +8,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::memory::{heap_scratch, Buf, HeapBlock, MemoryBlock, ScratchSource};
 use crate::ops::{self, QuantizedActs};
 use crate::weights::{load_vector, load_vector_opt, GgufSource, Tensor, TensorSource};
 use crate::EngineError;
@@ -145,6 +146,49 @@ impl Model {
         Self::new(config, weights, threads)
     }
 
+    /// What a session's scratch buffers take for batches of up to `batch` tokens
+    /// (at most the engine's largest batch) over up to `n_pos` positions,
+    /// with logits for up to `logit_rows` positions of a batch.
+    pub fn scratch_plan(&self, batch: usize, n_pos: usize, logit_rows: usize) -> ScratchPlan {
+        let c = &self.config;
+        let w = &self.weights;
+        let n = batch.clamp(1, MAX_BATCH);
+        let f = std::mem::size_of::<f32>();
+        let (e, qd, kvd, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
+        // Quantized activations: the largest of the rows each matrix reads.
+        let acts_row = |t: &Tensor| -> usize {
+            let ty = flexserve_quant::kernels(t.ty).map(|k| k.vec_dot_type).unwrap_or(t.ty);
+            ty.row_size(t.cols as u64).unwrap_or(0) as usize
+        };
+        let mut acts = n * acts_row(&w.output);
+        let mut staging = if logit_rows > 1 { w.output.rows * logit_rows.min(n) } else { 0 };
+        for l in &w.layers {
+            for t in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                acts = acts.max(n * acts_row(t));
+                if n > 1 {
+                    staging = staging.max(t.rows * n);
+                }
+            }
+        }
+        let kv32 = if n >= F32_ATTENTION_MIN_BATCH { n_pos.max(n) * kvd * f } else { 0 };
+        ScratchPlan {
+            buffers: [
+                n * e * f,
+                n * e * f,
+                n * qd * f,
+                n * kvd * f,
+                n * kvd * f,
+                n * qd * f,
+                n * ff * f,
+                n * ff * f,
+                acts,
+                staging * f,
+                kv32,
+                kv32,
+            ],
+        }
+    }
+
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
     }
@@ -155,27 +199,6 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// Memory that holds a session's KV cache. Sessions use heap memory by
-/// default; the secure world passes regions of its granted granules so that
-/// the cache lives in Flex-Mem.
-pub trait KvMemory: Send + Sync {
-    fn bytes(&self) -> &[u8];
-    fn bytes_mut(&mut self) -> &mut [u8];
-}
-
-/// Heap memory for a cache. Allocated zeroed, so that large blocks come as
-/// untouched pages from the OS: pages are touched only as positions fill.
-struct HeapKv(Vec<u16>);
-
-impl KvMemory for HeapKv {
-    fn bytes(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.0)
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        bytemuck::cast_slice_mut(&mut self.0)
-    }
-}
-
 /// Keys and values of every past position, per layer, stored as f16: layer
 /// `l`'s keys, then its values, each `n_ctx * kv_dim` values, in one block of
 /// memory.
@@ -183,13 +206,13 @@ pub struct KvCache {
     n_ctx: usize,
     kv_dim: usize,
     n_layer: usize,
-    mem: Box<dyn KvMemory>,
+    mem: Box<dyn MemoryBlock>,
 }
 
 impl KvCache {
     pub fn new(c: &ModelConfig, n_ctx: usize) -> Self {
         let values = 2 * c.n_layer * n_ctx * c.kv_dim();
-        Self { n_ctx, kv_dim: c.kv_dim(), n_layer: c.n_layer, mem: Box::new(HeapKv(vec![0u16; values])) }
+        Self { n_ctx, kv_dim: c.kv_dim(), n_layer: c.n_layer, mem: Box::new(HeapBlock::new(values * 2)) }
     }
 
     /// Bytes one position takes across all layers (keys and values, f16).
@@ -199,7 +222,7 @@ impl KvCache {
 
     /// A cache in memory the caller provides, holding as many positions as
     /// fit (at most `max_ctx`).
-    pub fn in_memory(c: &ModelConfig, max_ctx: usize, mem: Box<dyn KvMemory>) -> Result<Self, EngineError> {
+    pub fn in_memory(c: &ModelConfig, max_ctx: usize, mem: Box<dyn MemoryBlock>) -> Result<Self, EngineError> {
         Self::in_memory_shaped(c.n_layer, c.kv_dim(), max_ctx, mem)
     }
 
@@ -207,7 +230,7 @@ impl KvCache {
         n_layer: usize,
         kv_dim: usize,
         max_ctx: usize,
-        mem: Box<dyn KvMemory>,
+        mem: Box<dyn MemoryBlock>,
     ) -> Result<Self, EngineError> {
         let bytes = mem.bytes();
         if bytes.as_ptr().align_offset(std::mem::align_of::<u16>()) != 0 {
@@ -269,7 +292,7 @@ impl KvCache {
 
     /// The first `keep` positions moved into a cache in `mem` (which may
     /// hold more or fewer positions than this one, but at least `keep`).
-    pub fn moved_to(self, keep: usize, max_ctx: usize, mem: Box<dyn KvMemory>) -> Result<KvCache, EngineError> {
+    pub fn moved_to(self, keep: usize, max_ctx: usize, mem: Box<dyn MemoryBlock>) -> Result<KvCache, EngineError> {
         let mut to = KvCache::in_memory_shaped(self.n_layer, self.kv_dim, max_ctx, mem)?;
         if keep > self.n_ctx || keep > to.n_ctx {
             return Err(EngineError::Other(format!(
@@ -315,7 +338,7 @@ impl SessionState {
 
     /// The same state with its cache moved into `mem` (to grow it, or to
     /// move it between memories), holding at most `max_ctx` positions.
-    pub fn moved_to(self, max_ctx: usize, mem: Box<dyn KvMemory>) -> Result<SessionState, EngineError> {
+    pub fn moved_to(self, max_ctx: usize, mem: Box<dyn MemoryBlock>) -> Result<SessionState, EngineError> {
         let n_past = self.n_past;
         Ok(SessionState { kv: self.kv.moved_to(n_past, max_ctx, mem)?, n_past })
     }
@@ -329,20 +352,55 @@ pub struct Session<'m> {
     s: Scratch,
 }
 
-#[derive(Default)]
+/// A session's activations: buffers sized for the current batch, in blocks
+/// from the session's [`ScratchSource`].
 struct Scratch {
-    x: Vec<f32>,
-    h: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    att: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    x: Buf<f32>,
+    h: Buf<f32>,
+    q: Buf<f32>,
+    k: Buf<f32>,
+    v: Buf<f32>,
+    att: Buf<f32>,
+    gate: Buf<f32>,
+    up: Buf<f32>,
     acts: QuantizedActs,
-    mm: Vec<f32>,
+    mm: Buf<f32>,
     angles: Vec<Vec<(f32, f32)>>,
-    kv32: (Vec<f32>, Vec<f32>),
+    kv32: (Buf<f32>, Buf<f32>),
+}
+
+impl Scratch {
+    fn new(source: Arc<dyn ScratchSource>) -> Self {
+        let buf = || Buf::new(source.clone());
+        Scratch {
+            x: buf(),
+            h: buf(),
+            q: buf(),
+            k: buf(),
+            v: buf(),
+            att: buf(),
+            gate: buf(),
+            up: buf(),
+            acts: QuantizedActs::new(source.clone()),
+            mm: buf(),
+            angles: Vec::new(),
+            kv32: (buf(), buf()),
+        }
+    }
+}
+
+/// Bytes of each scratch buffer a batch needs (see [`Model::scratch_plan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScratchPlan {
+    /// Per buffer: x, h, q, k, v, att, gate, up, quantized activations,
+    /// matmul staging, f32 keys, f32 values.
+    pub buffers: [usize; 12],
+}
+
+impl ScratchPlan {
+    pub fn total(&self) -> usize {
+        self.buffers.iter().sum()
+    }
 }
 
 /// Batches of at least this many tokens take the f32 attention path, as
@@ -356,7 +414,7 @@ impl<'m> Session<'m> {
     /// A session with room for `n_ctx` positions (0 = the model's training context).
     pub fn new(model: &'m Model, n_ctx: usize) -> Self {
         let n_ctx = if n_ctx == 0 { model.config.n_ctx_train } else { n_ctx };
-        Self { model, kv: KvCache::new(&model.config, n_ctx), n_past: 0, s: Scratch::default() }
+        Self { model, kv: KvCache::new(&model.config, n_ctx), n_past: 0, s: Scratch::new(heap_scratch()) }
     }
 
     /// A session whose KV cache lives in memory the caller provides.
@@ -378,7 +436,37 @@ impl<'m> Session<'m> {
                 c.n_layer
             )));
         }
-        Ok(Self { model, kv, n_past: state.n_past, s: Scratch::default() })
+        Ok(Self { model, kv, n_past: state.n_past, s: Scratch::new(heap_scratch()) })
+    }
+
+    /// Takes the activations' memory from `source` from now on (buffers
+    /// already taken are dropped).
+    pub fn set_scratch_source(&mut self, source: Arc<dyn ScratchSource>) {
+        self.s = Scratch::new(source);
+    }
+
+    /// Takes every scratch buffer's memory for `plan` at once, so that no
+    /// block is taken (or outgrown) while the batches run.
+    pub fn reserve_scratch(&mut self, plan: &ScratchPlan) -> Result<(), EngineError> {
+        let s = &mut self.s;
+        let [x, h, q, k, v, att, gate, up, acts, mm, k32, v32] = plan.buffers;
+        let f = std::mem::size_of::<f32>();
+        for (buf, bytes) in [
+            (&mut s.x, x),
+            (&mut s.h, h),
+            (&mut s.q, q),
+            (&mut s.k, k),
+            (&mut s.v, v),
+            (&mut s.att, att),
+            (&mut s.gate, gate),
+            (&mut s.up, up),
+            (&mut s.mm, mm),
+            (&mut s.kv32.0, k32),
+            (&mut s.kv32.1, v32),
+        ] {
+            buf.reserve(bytes / f)?;
+        }
+        s.acts.data.reserve(acts)
     }
 
     /// The session's cache and fill level, without the borrow of the model.
@@ -443,14 +531,14 @@ impl<'m> Session<'m> {
         let s = &mut self.s;
         let (e, qd, kvd, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
 
-        s.x.resize(n * e, 0.0);
-        s.h.resize(n * e, 0.0);
-        s.q.resize(n * qd, 0.0);
-        s.k.resize(n * kvd, 0.0);
-        s.v.resize(n * kvd, 0.0);
-        s.att.resize(n * qd, 0.0);
-        s.gate.resize(n * c.n_ff, 0.0);
-        s.up.resize(n * c.n_ff, 0.0);
+        s.x.resize(n * e, 0.0)?;
+        s.h.resize(n * e, 0.0)?;
+        s.q.resize(n * qd, 0.0)?;
+        s.k.resize(n * kvd, 0.0)?;
+        s.v.resize(n * kvd, 0.0)?;
+        s.att.resize(n * qd, 0.0)?;
+        s.gate.resize(n * c.n_ff, 0.0)?;
+        s.up.resize(n * c.n_ff, 0.0)?;
 
         let embd = ops::kernels(w.token_embd.ty)?;
         for (t, &tok) in tokens.iter().enumerate() {
@@ -492,7 +580,7 @@ impl<'m> Session<'m> {
             }
 
             if n >= F32_ATTENTION_MIN_BATCH {
-                attention_f32(c, &self.kv, li, pos0, &s.q, &mut s.att, &mut s.kv32);
+                attention_f32(c, &self.kv, li, pos0, &s.q, &mut s.att, &mut s.kv32)?;
             } else {
                 attention(c, &self.kv, li, pos0, &s.q, &mut s.att);
             }
@@ -625,8 +713,8 @@ fn attention_f32(
     pos0: usize,
     q: &[f32],
     out: &mut [f32],
-    kv32: &mut (Vec<f32>, Vec<f32>),
-) {
+    kv32: &mut (Buf<f32>, Buf<f32>),
+) -> Result<(), EngineError> {
     use half::slice::HalfFloatSliceExt;
     let hd = c.head_dim;
     let n_head = c.n_head;
@@ -635,8 +723,8 @@ fn attention_f32(
     let n_pos = pos0 + out.len() / c.q_dim();
     let scale = 1.0 / (hd as f32).sqrt();
     let (k32, v32) = kv32;
-    k32.resize(n_pos * kvd, 0.0);
-    v32.resize(n_pos * kvd, 0.0);
+    k32.resize(n_pos * kvd, 0.0)?;
+    v32.resize(n_pos * kvd, 0.0)?;
     let kh: &[f16] = bytemuck::cast_slice(&kv.k(layer)[..n_pos * kvd]);
     let vh: &[f16] = bytemuck::cast_slice(&kv.v(layer)[..n_pos * kvd]);
     kh.convert_to_f32_slice(k32);
@@ -644,24 +732,32 @@ fn attention_f32(
     let (k32, v32) = (&*k32, &*v32);
     let dot =
         ops::kernels(flexserve_gguf::GgmlType::F32).expect("F32 kernels are always present").dot.expect("F32 dot");
-    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::<f32>::new, |scores, (i, o)| {
-        let t = i / n_head;
-        let kvh = (i % n_head) / group;
-        let qrow: &[u8] = bytemuck::cast_slice(&q[i * hd..(i + 1) * hd]);
-        scores.clear();
-        for j in 0..=pos0 + t {
-            let at = j * kvd + kvh * hd;
-            scores.push(dot(hd, qrow, bytemuck::cast_slice(&k32[at..at + hd])));
-        }
-        ops::softmax_scaled(scores, scale);
-        o.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            let at = j * kvd + kvh * hd;
-            for (ov, &vv) in o.iter_mut().zip(&v32[at..at + hd]) {
-                *ov += p * vv;
+    thread_local! {
+        // One scores row per worker thread, kept between calls: allocating
+        // one per parallel split would churn the heap thousands of times a layer.
+        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+        SCORES.with_borrow_mut(|scores| {
+            let t = i / n_head;
+            let kvh = (i % n_head) / group;
+            let qrow: &[u8] = bytemuck::cast_slice(&q[i * hd..(i + 1) * hd]);
+            scores.clear();
+            for j in 0..=pos0 + t {
+                let at = j * kvd + kvh * hd;
+                scores.push(dot(hd, qrow, bytemuck::cast_slice(&k32[at..at + hd])));
             }
-        }
+            ops::softmax_scaled(scores, scale);
+            o.fill(0.0);
+            for (j, &p) in scores.iter().enumerate() {
+                let at = j * kvd + kvh * hd;
+                for (ov, &vv) in o.iter_mut().zip(&v32[at..at + hd]) {
+                    *ov += p * vv;
+                }
+            }
+        })
     });
+    Ok(())
 }
 
 #[cfg(test)]

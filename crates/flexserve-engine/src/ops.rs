@@ -5,6 +5,9 @@ use flexserve_gguf::GgmlType;
 use flexserve_quant::Kernels;
 use rayon::prelude::*;
 
+use std::sync::Arc;
+
+use crate::memory::{Buf, ScratchSource};
 use crate::weights::{Layout, Tensor};
 use crate::EngineError;
 
@@ -86,12 +89,13 @@ pub struct QuantizedActs {
     pub ty: GgmlType,
     pub row_bytes: usize,
     pub n_rows: usize,
-    pub data: Vec<u8>,
+    pub data: Buf<u8>,
 }
 
 impl QuantizedActs {
-    pub fn new() -> Self {
-        Self { ty: GgmlType::F32, row_bytes: 0, n_rows: 0, data: Vec::new() }
+    /// Empty, taking memory from `source` as it grows.
+    pub fn new(source: Arc<dyn ScratchSource>) -> Self {
+        Self { ty: GgmlType::F32, row_bytes: 0, n_rows: 0, data: Buf::new(source) }
     }
 
     /// Quantizes `n_rows` rows of `cols` values from `x` to `ty`.
@@ -102,7 +106,7 @@ impl QuantizedActs {
             .ok_or_else(|| EngineError::Weights(format!("{cols} columns is not a whole number of {ty} blocks")))?
             as usize;
         let n_rows = x.len() / cols;
-        self.data.resize(n_rows * row_bytes, 0);
+        self.data.resize(n_rows * row_bytes, 0)?;
         let quant = k.quantize;
         if n_rows > 1 {
             self.data.par_chunks_mut(row_bytes).zip(x.par_chunks(cols)).for_each(|(d, s)| quant(s, d));
@@ -124,8 +128,9 @@ impl QuantizedActs {
 }
 
 impl Default for QuantizedActs {
+    /// On the heap.
     fn default() -> Self {
-        Self::new()
+        Self::new(crate::memory::heap_scratch())
     }
 }
 
@@ -145,7 +150,7 @@ pub fn dot_kernel(w: &Tensor) -> Result<(flexserve_quant::DotFn, GgmlType), Engi
 /// `out[t][o] = dot(w.row(o), acts.row(t))` for all tokens t and output rows o.
 /// `out` is token-major: `acts.n_rows` rows of `w.rows` values. `scratch`
 /// holds the row-major (weight-row-major) intermediate for multi-token batches.
-pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut Vec<f32>) -> Result<(), EngineError> {
+pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut Buf<f32>) -> Result<(), EngineError> {
     if w.layout == Layout::Q4_0x8 {
         return matmul_q4_0x8(w, acts, out, scratch);
     }
@@ -176,7 +181,7 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut V
         });
         return Ok(());
     }
-    scratch.resize(rows * n_tok, 0.0);
+    scratch.resize(rows * n_tok, 0.0)?;
     // Tile kernels reuse each activation block across several weight rows;
     // tasks cover whole micro-tiles (multiples of 4 rows).
     let per_task = per_task.next_multiple_of(4);
@@ -208,6 +213,7 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut V
         }
     });
     // Transpose to token-major.
+    let scratch: &[f32] = scratch;
     out.par_chunks_mut(rows).enumerate().for_each(|(t, orow)| {
         for (o, v) in orow.iter_mut().enumerate() {
             *v = scratch[o * n_tok + t];
@@ -220,7 +226,7 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut V
 /// cover whole groups; for several tokens each task writes its rows
 /// token-major into its own part of `scratch`, then the parts are copied
 /// into place.
-fn matmul_q4_0x8(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut Vec<f32>) -> Result<(), EngineError> {
+fn matmul_q4_0x8(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut Buf<f32>) -> Result<(), EngineError> {
     if acts.ty != GgmlType::Q8_0 {
         return Err(EngineError::Weights(format!(
             "tensor {}: rearranged Q4_0 weights need Q8_0 activations, got {}",
@@ -240,7 +246,7 @@ fn matmul_q4_0x8(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mu
         });
         return Ok(());
     }
-    scratch.resize(rows * n_tok, 0.0);
+    scratch.resize(rows * n_tok, 0.0)?;
     scratch.par_chunks_mut(per_task * n_tok).enumerate().for_each(|(c, chunk)| {
         let nrows = chunk.len() / n_tok;
         let w_task = &w_bytes[c * per_task * w.row_bytes..];

@@ -250,7 +250,7 @@ fn context_overflow_is_a_clear_error() {
 /// Caller-provided KV memory (as the secure world's granules), byte-backed.
 struct ByteKv(Vec<u64>);
 
-impl flexserve_engine::KvMemory for ByteKv {
+impl flexserve_engine::MemoryBlock for ByteKv {
     fn bytes(&self) -> &[u8] {
         bytemuck::cast_slice(&self.0)
     }
@@ -309,4 +309,46 @@ fn caches_in_caller_memory_and_moved_between_memories_give_the_same_logits() {
 
     let err = KvCache::in_memory(&model.config, 64, byte_kv(per_position - 8)).err().unwrap().to_string();
     assert!(err.contains("holds no position"), "{err}");
+}
+
+/// A scratch source that counts the blocks it hands out.
+struct CountingScratch(std::sync::atomic::AtomicUsize);
+
+impl flexserve_engine::ScratchSource for CountingScratch {
+    fn block(&self, bytes: usize) -> Result<Box<dyn flexserve_engine::MemoryBlock>, flexserve_engine::EngineError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(byte_kv(bytes))
+    }
+}
+
+#[test]
+fn activations_in_caller_memory_reserved_by_plan_take_no_block_while_running() {
+    use std::sync::atomic::Ordering;
+    let tokens: Vec<u32> = (0..75u32).map(|i| (i * 29 + 3) % 300).collect();
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q8_0] {
+        let spec = SynthSpec::tiny(Arch::Llama, ty);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        synth_model(&spec, None).unwrap().write_file(&path).unwrap();
+        let model = Model::from_gguf(Arc::new(GgufFile::open(&path).unwrap()), 2).unwrap();
+        let run = |s: &mut Session| {
+            // A long batch (f32 attention, staged matmuls, logits of every position), then decoding.
+            let mut out = s.eval(&tokens[..70], Logits::From(0)).unwrap();
+            for &t in &tokens[70..] {
+                out.extend(s.eval(&[t], Logits::Last).unwrap());
+            }
+            out
+        };
+        let want = run(&mut Session::new(&model, 128));
+
+        let source = Arc::new(CountingScratch(Default::default()));
+        let mut s = Session::new(&model, 128);
+        s.set_scratch_source(source.clone());
+        let plan = model.scratch_plan(70, 75, 70);
+        s.reserve_scratch(&plan).unwrap();
+        let taken = source.0.load(Ordering::Relaxed);
+        assert!(taken >= 10, "{ty}: {taken} blocks for {plan:?}");
+        assert_eq!(run(&mut s), want, "{ty}: activations in caller memory change nothing");
+        assert_eq!(source.0.load(Ordering::Relaxed), taken, "{ty}: a buffer outgrew its plan: {plan:?}");
+    }
 }

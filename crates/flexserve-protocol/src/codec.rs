@@ -497,6 +497,8 @@ impl Encoder {
         self.u32(s.prepared);
         self.u32(s.in_use);
         self.u64(s.heap_bytes);
+        self.u64(s.heap_allocated);
+        self.u64(s.heap_peak);
         self.list(&s.models, &"StatusReport.models", |e, m, what| {
             e.u32(m.model);
             e.string(&m.name, &format_args!("{what}.name"))?;
@@ -794,6 +796,8 @@ impl<'a> Decoder<'a> {
             prepared: self.u32(&"StatusReport.prepared")?,
             in_use: self.u32(&"StatusReport.in_use")?,
             heap_bytes: self.u64(&"StatusReport.heap_bytes")?,
+            heap_allocated: self.u64(&"StatusReport.heap_allocated")?,
+            heap_peak: self.u64(&"StatusReport.heap_peak")?,
             models: self.list(&"StatusReport.models", MIN_MODEL_STATUS_LEN, |d, what| {
                 Ok(ModelStatus {
                     model: d.u32(&format_args!("{what}.model"))?,

@@ -236,8 +236,14 @@ pub struct StatusReport {
     /// Granules mapped and protected (in use plus free).
     pub prepared: u32,
     pub in_use: u32,
-    /// Bytes of the secure heap (activations, tokenizer, prompts, messages).
+    /// Bytes of the secure heap (tokenizer, prompts, messages).
     pub heap_bytes: u64,
+    /// Bytes allocated from the secure heap now.
+    pub heap_allocated: u64,
+    /// Most bytes allocated from the secure heap at once since the last
+    /// `Generate` or `Perplexity` began (what a request needs beside its
+    /// granules).
+    pub heap_peak: u64,
     pub models: Vec<ModelStatus>,
 }
 

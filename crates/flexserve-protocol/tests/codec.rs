@@ -152,6 +152,8 @@ fn all_replies() -> Vec<Reply> {
             prepared: 32,
             in_use: 30,
             heap_bytes: 1 << 24,
+            heap_allocated: 5 << 20,
+            heap_peak: 5 << 30,
             models: vec![],
         }),
         Reply::Status(StatusReport {
@@ -162,6 +164,8 @@ fn all_replies() -> Vec<Reply> {
             prepared: 32,
             in_use: 30,
             heap_bytes: 1 << 24,
+            heap_allocated: 5 << 20,
+            heap_peak: 5 << 30,
             models: vec![model_status(1, "planner"), model_status(2, "")],
         }),
         Reply::Ok,
@@ -407,6 +411,8 @@ fn invalid_utf8_is_named_with_its_position() {
         prepared: 1,
         in_use: 1,
         heap_bytes: 1,
+        heap_allocated: 2,
+        heap_peak: 3,
         models: vec![model_status(1, "one"), model_status(2, "two")],
     }))
     .unwrap();

@@ -59,6 +59,11 @@ pub struct HeapStats {
     pub arenas: usize,
     /// Protection of the arenas; `None` until the first allocation.
     pub protection: Option<Protection>,
+    /// Bytes allocated now.
+    pub allocated_bytes: usize,
+    /// Most bytes allocated at once since the heap started or since the last
+    /// [`SecureHeap::reset_peak`].
+    pub peak_allocated_bytes: usize,
 }
 
 impl SecureHeap {
@@ -76,11 +81,21 @@ impl SecureHeap {
     /// Reserved bytes, arena count and the protection in force.
     pub fn stats(&self) -> HeapStats {
         let talc = self.lock();
+        let counters = talc.counters();
         HeapStats {
             reserved_bytes: talc.source.reserved_bytes,
             arenas: talc.source.arenas,
             protection: talc.source.protection,
+            allocated_bytes: counters.allocated_bytes,
+            peak_allocated_bytes: talc.source.peak_allocated.max(counters.allocated_bytes),
         }
+    }
+
+    /// Starts measuring the peak again from what is allocated now (so that
+    /// the peak of one piece of work can be read after it).
+    pub fn reset_peak(&self) {
+        let mut talc = self.lock();
+        talc.source.peak_allocated = talc.counters().allocated_bytes;
     }
 
     fn lock(&self) -> MutexGuard<'_, Talc<ArenaSource, DefaultBinning>> {
@@ -100,8 +115,11 @@ impl Default for SecureHeap {
 // alignment from arenas owned by this heap; all access to talc goes through one mutex.
 unsafe impl GlobalAlloc for SecureHeap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let mut talc = self.lock();
         // GlobalAlloc callers never pass a zero size.
-        self.lock().allocate(layout).map_or(ptr::null_mut(), NonNull::as_ptr)
+        let block = talc.allocate(layout).map_or(ptr::null_mut(), NonNull::as_ptr);
+        note_peak(&mut talc);
+        block
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -111,6 +129,7 @@ unsafe impl GlobalAlloc for SecureHeap {
     unsafe fn realloc(&self, ptr: *mut u8, old_layout: Layout, new_size: usize) -> *mut u8 {
         let mut talc = self.lock();
         if talc.try_realloc_in_place(ptr, old_layout, new_size) {
+            note_peak(&mut talc);
             return ptr;
         }
         // Growing in place failed (shrinking always succeeds), so new_size > old size.
@@ -118,6 +137,7 @@ unsafe impl GlobalAlloc for SecureHeap {
         let Some(new_ptr) = talc.allocate(new_layout) else {
             return ptr::null_mut();
         };
+        note_peak(&mut talc);
         let new_ptr = new_ptr.as_ptr();
         if old_layout.size() > UNLOCKED_COPY_THRESHOLD {
             // Both blocks are owned by the caller for now; let other threads allocate during a long copy.
@@ -132,12 +152,22 @@ unsafe impl GlobalAlloc for SecureHeap {
     }
 }
 
+/// Raises the recorded peak to what is allocated now (under the heap's lock).
+fn note_peak<B: Binning>(talc: &mut Talc<ArenaSource, B>) {
+    let now = talc.counters().allocated_bytes;
+    if now > talc.source.peak_allocated {
+        talc.source.peak_allocated = now;
+    }
+}
+
 /// Where talc gets memory from: secure arenas mapped on demand. Holds no heap data, only bookkeeping.
 #[derive(Debug)]
 struct ArenaSource {
     policy: ProtectionPolicy,
     protection: Option<Protection>,
     reserved_bytes: usize,
+    /// Most bytes allocated at once since the last reset (kept here, under the heap's lock).
+    peak_allocated: usize,
     arenas: usize,
     /// The heap the next arena tries to extend: talc's end of it, and the end of its mapping.
     last_heap: Option<LastHeap>,
@@ -154,7 +184,7 @@ unsafe impl Send for ArenaSource {}
 
 impl ArenaSource {
     const fn new(policy: ProtectionPolicy) -> Self {
-        Self { policy, protection: None, reserved_bytes: 0, arenas: 0, last_heap: None }
+        Self { policy, protection: None, reserved_bytes: 0, peak_allocated: 0, arenas: 0, last_heap: None }
     }
 
     /// The protection in force, chosen on first use.

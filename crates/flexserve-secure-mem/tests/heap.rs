@@ -73,3 +73,14 @@ fn exhaustion_is_reported_not_hidden() {
     let small = vec![3u8; 1 << 20];
     assert!(small.iter().all(|&b| b == 3));
 }
+
+#[test]
+fn the_peak_counts_what_was_allocated_at_once_and_outlives_the_block() {
+    // Other tests of this binary allocate in parallel: bounds, not equalities.
+    HEAP.reset_peak();
+    let block = vec![1u8; 5 << 20];
+    let live = HEAP.stats();
+    assert!(live.allocated_bytes >= 5 << 20 && live.peak_allocated_bytes >= live.allocated_bytes, "{live:?}");
+    drop(block);
+    assert!(HEAP.stats().peak_allocated_bytes >= 5 << 20, "the peak outlives the block");
+}

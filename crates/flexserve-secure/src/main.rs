@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use flexserve_protocol::SharedBuffer;
 use flexserve_secure::harden;
 use flexserve_secure::platform::{CpuCompute, KeyStore, SocketChannel};
-use flexserve_secure::world::{Exit, SecureWorld};
+use flexserve_secure::world::{Exit, HeapFigures, HeapProbe, SecureWorld};
 use flexserve_secure_mem::{GranulePool, PoolConfig, ProtectionPolicy, SecureHeap};
 
 // Every heap allocation of this process (KV cache, activations, tokenizer,
@@ -110,7 +110,7 @@ fn main() {
     if let Err(e) = harden::install_seccomp() {
         fail(&e);
     }
-    let mut world = SecureWorld::new(pool, channel, CpuCompute { threads }, keys, heap_bytes, max_memory);
+    let mut world = SecureWorld::new(pool, channel, CpuCompute { threads }, keys, heap_probe(), max_memory);
     match world.run() {
         Exit::Shutdown | Exit::PeerGone => std::process::exit(0),
         Exit::Broken(why) => fail(&format!("channel broken: {why}")),
@@ -128,8 +128,17 @@ fn physical_memory() -> u64 {
     }
 }
 
-fn heap_bytes() -> u64 {
-    HEAP.stats().reserved_bytes as u64
+fn heap_probe() -> HeapProbe {
+    HeapProbe { figures: heap_figures, reset_peak: || HEAP.reset_peak() }
+}
+
+fn heap_figures() -> HeapFigures {
+    let s = HEAP.stats();
+    HeapFigures {
+        reserved: s.reserved_bytes as u64,
+        allocated: s.allocated_bytes as u64,
+        peak: s.peak_allocated_bytes as u64,
+    }
 }
 
 fn fail(message: &str) -> ! {

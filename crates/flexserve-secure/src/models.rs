@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flexserve_engine::weights::{Layout, TensorBytes, TensorSource, WeightStorage};
-use flexserve_engine::{EngineError, KvMemory, Model, ModelConfig, SessionState};
+use flexserve_engine::{EngineError, MemoryBlock, Model, ModelConfig, ScratchSource, SessionState};
 use flexserve_gguf::{GgufHeader, TensorInfo};
 use flexserve_sealed::{SealedModel, CHUNK_TAG_LEN};
 use flexserve_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
@@ -43,7 +43,7 @@ struct Group<R> {
 pub struct Conversation {
     pub messages: Vec<ChatMessage>,
     pub history: Vec<u32>,
-    /// The KV cache (in a region of granules, see [`KvRegion`]) and its fill.
+    /// The KV cache (in a region of granules, see [`RegionBlock`]) and its fill.
     pub state: Option<SessionState>,
     /// Granules the cache's region holds.
     pub kv_granules: usize,
@@ -65,16 +65,30 @@ impl Conversation {
     }
 }
 
-/// A KV cache's memory: a region of granted granules, so that the cache
-/// lives in Flex-Mem like the weights.
-pub struct KvRegion<R>(pub R);
+/// Memory for the engine (a KV cache, activations): a region of granted
+/// granules, so that it lives in Flex-Mem like the weights.
+pub struct RegionBlock<R>(pub R);
 
-impl<R: SecureRegion> KvMemory for KvRegion<R> {
+impl<R: SecureRegion> MemoryBlock for RegionBlock<R> {
     fn bytes(&self) -> &[u8] {
         self.0.bytes()
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
         self.0.bytes_mut()
+    }
+}
+
+/// The engine's activations in granted granules: each scratch buffer is a
+/// region, taken when a session reserves its plan and returned (scrubbed,
+/// to the free list) when the session ends.
+pub struct GrantedScratch<M>(pub M);
+
+impl<M: SecureMemory> ScratchSource for GrantedScratch<M> {
+    fn block(&self, bytes: usize) -> Result<Box<dyn MemoryBlock>, EngineError> {
+        let granule = self.0.granule_size().max(1);
+        let whole = bytes.div_ceil(granule).max(1) * granule;
+        let region = self.0.alloc(whole).map_err(|e| EngineError::Other(format!("activations: {e}")))?;
+        Ok(Box::new(RegionBlock(region)))
     }
 }
 

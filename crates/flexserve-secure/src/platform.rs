@@ -25,8 +25,8 @@ pub struct MemoryStats {
 }
 
 /// Memory only the secure world can read, handed out in granules that the
-/// normal world grants and recalls (Flex-Mem).
-pub trait SecureMemory {
+/// normal world grants and recalls (Flex-Mem). Clones share one pool.
+pub trait SecureMemory: Clone + Send + Sync + 'static {
     type Region: SecureRegion;
     /// How the memory is protected ("memfd_secret", "locked-anonymous", ...).
     fn protection(&self) -> &'static str;

@@ -3,10 +3,11 @@
 //! the secure world.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use flexserve_engine::{
-    EngineError, GenerateOptions, Generator, KvCache, Model, SamplingParams, Session, SessionState,
+    EngineError, GenerateOptions, Generator, KvCache, Model, SamplingParams, ScratchPlan, Session, SessionState,
 };
 use flexserve_protocol::{
     ChunkRef, ChunkSpan, ErrorCode, GenerateRequest, GenerationReport, Input, ModelStatus, ProtocolError, Reply,
@@ -16,7 +17,7 @@ use flexserve_sealed::{SealedModel, CHUNK_TAG_LEN};
 use flexserve_tokenizer::ChatMessage;
 use zeroize::Zeroize;
 
-use crate::models::{Conversation, KvRegion, LoadError, ResidentModel};
+use crate::models::{Conversation, GrantedScratch, LoadError, RegionBlock, ResidentModel};
 use crate::platform::{Channel, Compute, KeyStore, SecureMemory, SecureRegion};
 
 /// Largest sealed header accepted (vocabularies of big models run to tens of MiB).
@@ -35,13 +36,27 @@ pub enum Exit {
 
 type Failure = (ErrorCode, String);
 
+/// The secure heap's figures in bytes.
+pub struct HeapFigures {
+    pub reserved: u64,
+    pub allocated: u64,
+    /// Most allocated at once since the last reset.
+    pub peak: u64,
+}
+
+/// How the command loop reads the secure heap (the process's global allocator).
+pub struct HeapProbe {
+    pub figures: fn() -> HeapFigures,
+    pub reset_peak: fn(),
+}
+
 pub struct SecureWorld<M: SecureMemory, C: Channel, X: Compute> {
     memory: M,
     channel: C,
     compute: X,
     keys: KeyStore,
-    /// Bytes of secure heap in use (KV cache, activations, ...), for status.
-    heap_bytes: fn() -> u64,
+    /// The secure heap's figures, for status.
+    heap: HeapProbe,
     models: BTreeMap<u32, ResidentModel<M::Region>>,
     next_model: u32,
     greeted: bool,
@@ -51,21 +66,14 @@ pub struct SecureWorld<M: SecureMemory, C: Channel, X: Compute> {
 }
 
 impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
-    pub fn new(
-        memory: M,
-        channel: C,
-        compute: X,
-        keys: KeyStore,
-        heap_bytes: fn() -> u64,
-        max_memory_bytes: u64,
-    ) -> Self {
+    pub fn new(memory: M, channel: C, compute: X, keys: KeyStore, heap: HeapProbe, max_memory_bytes: u64) -> Self {
         let max_granules = (max_memory_bytes / memory.granule_size().max(1) as u64) as usize;
         Self {
             memory,
             channel,
             compute,
             keys,
-            heap_bytes,
+            heap,
             models: BTreeMap::new(),
             next_model: 1,
             greeted: false,
@@ -160,8 +168,14 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                     m.missing_chunks().into_iter().map(|r| ChunkSpan { start: r.start as u32, end: r.end as u32 });
                 Ok(Reply::Missing { chunks: chunks.collect() })
             }
-            Request::Generate(g) => self.generate(g),
-            Request::Perplexity { model, text, n_ctx } => self.perplexity(model, text, n_ctx as usize),
+            Request::Generate(g) => {
+                (self.heap.reset_peak)();
+                self.generate(g)
+            }
+            Request::Perplexity { model, text, n_ctx } => {
+                (self.heap.reset_peak)();
+                self.perplexity(model, text, n_ctx as usize)
+            }
             Request::EndConversation { model, conversation } => {
                 let m = self.models.get_mut(&model).ok_or_else(|| no_model(model))?;
                 m.conversations.remove(&conversation).map(|_| Reply::Ok).ok_or_else(|| {
@@ -291,9 +305,14 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         let positions = ids.len().saturating_add(room).min(limit).max(1);
         // A prompt the context cannot hold fails as the engine would, before any memory is asked for.
         let overflow = (ids.len() > limit).then_some(EngineError::ContextFull { n_ctx: limit, needed: ids.len() });
+        // Activations for the tokens to evaluate: those after the prefix the cache already holds.
+        let cached =
+            if conv.state.is_some() { conv.history.iter().zip(&ids).take_while(|(a, b)| a == b).count() } else { 0 };
+        let batch = ids.len() - cached.min(ids.len().saturating_sub(1));
+        let plan = engine.scratch_plan(batch, positions, 1);
         let prepared = match overflow {
             Some(e) => Err(Box::new(KvShortfall { state: conv.state.take(), reply: Err(engine_failure(e)) })),
-            None => kv_session(memory, engine, conv.state.take(), positions, limit),
+            None => kv_session(memory, engine, conv.state.take(), positions, limit, &plan),
         };
         let session = match prepared {
             Ok((session, granules)) => {
@@ -397,7 +416,9 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         model.engine(threads).map_err(|e| (ErrorCode::Engine, e))?;
         let (engine, tokenizer, _, _) = model.parts();
         let engine = engine.expect("built above");
-        let mut session = match kv_session(&self.memory, engine, None, n_ctx.max(1), n_ctx.max(1)) {
+        let batch = n_ctx.clamp(1, 512);
+        let plan = engine.scratch_plan(batch, n_ctx, batch);
+        let mut session = match kv_session(&self.memory, engine, None, n_ctx.max(1), n_ctx.max(1), &plan) {
             Ok((session, _)) => session,
             Err(shortfall) => return shortfall.reply,
         };
@@ -452,6 +473,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
 
     fn status(&self) -> StatusReport {
         let s = self.memory.stats();
+        let heap = (self.heap.figures)();
         StatusReport {
             protection: self.memory.protection().to_string(),
             pool_mode: self.memory.mode().to_string(),
@@ -459,7 +481,9 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             granted: s.granted as u32,
             prepared: s.prepared as u32,
             in_use: s.in_use as u32,
-            heap_bytes: (self.heap_bytes)(),
+            heap_bytes: heap.reserved,
+            heap_allocated: heap.allocated,
+            heap_peak: heap.peak,
             models: self
                 .models
                 .iter()
@@ -496,64 +520,76 @@ fn serve_during_generation<M: SecureMemory, C: Channel>(channel: &mut C, memory:
     }
 }
 
-/// A KV cache that does not fit the free granules: the state given back
-/// untouched, and the reply to send (what to grant, or why not).
+/// Memory for a request that the free granules cannot hold: the state given
+/// back untouched, and the reply to send (what to grant, or why not).
 struct KvShortfall {
     state: Option<SessionState>,
     reply: Result<Reply, Failure>,
 }
 
-/// A session on `engine` whose KV cache lives in granted granules and holds
-/// at least `positions` positions (at most `limit`): `state` as it is when it
-/// has the room, else moved into (or started in) a new region; the region's
-/// granules are returned when one was taken.
+/// A session on `engine` whose KV cache and activations live in granted
+/// granules: the cache holds at least `positions` positions (at most
+/// `limit`), `state` as it is when it has the room, else moved into (or
+/// started in) a new region; the activations take the regions of `plan`.
+/// Everything is checked against the free granules before anything is
+/// taken. Returns the session and, when a new cache region was taken, its
+/// granules.
 fn kv_session<'m, M: SecureMemory>(
     memory: &M,
     engine: &'m Model,
     state: Option<SessionState>,
     positions: usize,
     limit: usize,
+    plan: &ScratchPlan,
 ) -> Result<(Session<'m>, Option<usize>), Box<KvShortfall>> {
-    let state = match state {
-        Some(state) if state.n_ctx() >= positions => {
-            return Session::resume(engine, state)
-                .map(|s| (s, None))
-                .map_err(|e| Box::new(KvShortfall { state: None, reply: Err(engine_failure(e)) }));
-        }
-        other => other,
-    };
+    let shortfall = |state, reply| Box::new(KvShortfall { state, reply });
     let granule = memory.granule_size().max(1);
-    let per_position = KvCache::bytes_per_position(&engine.config);
+    let too_large = || Err((ErrorCode::BadArgument, format!("a KV cache of {positions} positions is too large")));
+    let keep = state.as_ref().is_some_and(|s| s.n_ctx() >= positions);
     // Whole granules: the slack of the last one holds more positions.
-    let Some(granules) =
-        positions.checked_mul(per_position).and_then(|b| b.checked_add(granule)).map(|b| (b - 1) / granule)
-    else {
-        let message = format!("a KV cache of {positions} positions is too large");
-        return Err(Box::new(KvShortfall { state, reply: Err((ErrorCode::BadArgument, message)) }));
+    let kv_granules = if keep {
+        0
+    } else {
+        match positions.checked_mul(KvCache::bytes_per_position(&engine.config)) {
+            Some(bytes) => bytes.div_ceil(granule),
+            None => return Err(shortfall(state, too_large())),
+        }
     };
+    let scratch_granules: usize = plan.buffers.iter().map(|b| b.div_ceil(granule)).sum();
     let s = memory.stats();
-    let missing = granules.saturating_sub(s.granted.saturating_sub(s.in_use));
+    let missing = (kv_granules + scratch_granules).saturating_sub(s.granted.saturating_sub(s.in_use));
     if missing > 0 {
         let reply = match u32::try_from(missing) {
             Ok(granules) => Ok(Reply::MemoryNeeded { granules }),
-            Err(_) => Err((ErrorCode::BadArgument, format!("a KV cache of {positions} positions is too large"))),
+            Err(_) => too_large(),
         };
-        return Err(Box::new(KvShortfall { state, reply }));
+        return Err(shortfall(state, reply));
     }
-    let region = match memory.alloc(granules * granule) {
-        Ok(region) => region,
-        Err(e) => {
-            let message = format!("KV cache of {positions} positions: {e}");
-            return Err(Box::new(KvShortfall { state, reply: Err((ErrorCode::NoMemory, message)) }));
+    let mut taken = None;
+    let session = match state {
+        Some(state) if keep => Session::resume(engine, state),
+        state => {
+            let region = match memory.alloc(kv_granules * granule) {
+                Ok(region) => region,
+                Err(e) => {
+                    let message = format!("KV cache of {positions} positions: {e}");
+                    return Err(shortfall(state, Err((ErrorCode::NoMemory, message))));
+                }
+            };
+            taken = Some(region.granules());
+            let block = Box::new(RegionBlock(region));
+            match state {
+                Some(old) => old.moved_to(limit, block).and_then(|s| Session::resume(engine, s)),
+                None => KvCache::in_memory(&engine.config, limit, block).and_then(|kv| Session::with_cache(engine, kv)),
+            }
         }
     };
-    let held = region.granules();
-    let mem = Box::new(KvRegion(region));
-    let session = match state {
-        Some(old) => old.moved_to(limit, mem).and_then(|s| Session::resume(engine, s)),
-        None => KvCache::in_memory(&engine.config, limit, mem).and_then(|kv| Session::with_cache(engine, kv)),
-    };
-    session.map(|s| (s, Some(held))).map_err(|e| Box::new(KvShortfall { state: None, reply: Err(engine_failure(e)) }))
+    let mut session = session.map_err(|e| shortfall(None, Err(engine_failure(e))))?;
+    session.set_scratch_source(Arc::new(GrantedScratch(memory.clone())));
+    // On failure the session (and the cache just moved into it) is lost, as
+    // for any engine error; the conversation's messages remain.
+    session.reserve_scratch(plan).map_err(|e| shortfall(None, Err((ErrorCode::NoMemory, e.to_string()))))?;
+    Ok((session, taken))
 }
 
 fn engine_failure(e: EngineError) -> Failure {

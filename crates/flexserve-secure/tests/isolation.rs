@@ -2,7 +2,7 @@
 //!
 //! A secure world is started through flexserve-normal, a sealed model is
 //! loaded and a few tokens generated, so that weights (pool granules), the
-//! heap (KV cache, activations) and the stack are all in use. Then three ways
+//! KV cache and activations (granules), the heap and the stack are all in use. Then three ways
 //! of reading another process's memory are tried: /proc/PID/mem (open +
 //! pread), process_vm_readv(2), and ptrace(2) (PTRACE_SEIZE, PTRACE_INTERRUPT,
 //! PTRACE_PEEKDATA, PTRACE_DETACH), as root and as user nobody, against
@@ -340,7 +340,7 @@ fn other_processes_cannot_read_the_secure_worlds_memory() {
     assert_eq!(&core[..2], ["0", "0"], "core dumps must be off (soft and hard RLIMIT_CORE 0): {core:?}");
 
     // The mappings: pool granules (each its own memfd_secret file, granule-sized) hold the weights and
-    // KV caches; larger secret mappings are heap arenas (activations, tokenizer, prompt).
+    // KV caches and activations; larger secret mappings are heap arenas (tokenizer, prompt).
     let granule = world.info().granule_size;
     assert_eq!(granule, GRANULE as u64, "the secure world must use the granule size it was given");
     let maps = mappings(pid);

@@ -89,6 +89,16 @@ fn kv_granules(positions: usize, granule_size: u64) -> u32 {
     bytes.div_ceil(granule_size as usize) as u32
 }
 
+/// The activations' plan of the real model for a generation that evaluates
+/// `batch` prompt tokens with a cache of `positions`: (granules, bytes).
+fn scratch_granules(batch: usize, positions: usize, granule_size: u64) -> (u32, usize) {
+    let file = std::sync::Arc::new(flexserve_gguf::GgufFile::open(plain_model()).unwrap());
+    let model = flexserve_engine::Model::from_gguf(file, 1).unwrap();
+    let plan = model.scratch_plan(batch, positions, 1);
+    let granules = plan.buffers.iter().map(|b| b.div_ceil(granule_size as usize) as u32).sum();
+    (granules, plan.total())
+}
+
 #[test]
 fn seccomp_forbids_files_exec_sockets_tracing_and_forks_but_not_threads() {
     let out =
@@ -255,8 +265,10 @@ fn memory_pressure_during_a_generation_gets_free_granules_back_between_tokens() 
     assert!(!recalls.is_empty(), "the pressure watch never recalled");
     let during: Vec<_> = recalls.iter().filter(|r| r.during_generation).collect();
     assert!(!during.is_empty(), "{recalls:?}");
-    // The generation's KV cache took its granules from the free ones first.
-    let kv = kv_granules(report.prompt_tokens as usize + 48, before.granule_size);
+    // The generation's KV cache and activations took their granules from the free ones first.
+    let positions = report.prompt_tokens as usize + 48;
+    let kv = kv_granules(positions, before.granule_size)
+        + scratch_granules(report.prompt_tokens as usize, positions, before.granule_size).0;
     assert_eq!(during[0].released, free - kv, "every free granule, and only those, come back mid-generation");
     // Layers in use stay while generating; a recall that arrives as the
     // generation ends is served in full afterwards and may evict layers.
@@ -349,14 +361,19 @@ fn kv_caches_live_in_granted_granules_and_a_recalled_one_is_recomputed() {
     let (first, report) = turn(&mut world, "Name a color.");
     let st = world.status().unwrap();
     let kv = st.models[0].kv_granules;
-    assert_eq!(kv, kv_granules(report.prompt_tokens as usize + 24, st.granule_size), "{st:?}");
+    let positions = report.prompt_tokens as usize + 24;
+    assert_eq!(kv, kv_granules(positions, st.granule_size), "{st:?}");
     assert_eq!(st.in_use, weights.in_use + kv, "the cache is held in granted granules: {st:?}");
-    assert_eq!(st.granted, st.in_use, "the normal world granted what the cache needed, no more");
+    // The activations took granted granules too, for the turn only.
+    let (scratch, _) = scratch_granules(report.prompt_tokens as usize, positions, st.granule_size);
+    assert!(scratch > 0);
+    assert_eq!(st.granted, st.in_use + scratch, "the normal world granted what cache and activations needed");
 
     // Layers go before caches (they reload bit for bit): a recall of the
-    // layers' worth leaves the cache, one of everything takes it too.
-    let (released, _, _) = world.recall(st.in_use - kv).unwrap();
-    assert_eq!(released, st.in_use - kv);
+    // free granules and the layers' worth leaves the cache, one of
+    // everything takes it too.
+    let (released, _, _) = world.recall(st.granted - kv).unwrap();
+    assert_eq!(released, st.granted - kv);
     let mid = world.status().unwrap();
     assert_eq!((mid.models[0].kv_granules, mid.models[0].resident_layers), (kv, 0), "{mid:?}");
     let (released, evicted, _) = world.recall(kv).unwrap();
@@ -367,6 +384,23 @@ fn kv_caches_live_in_granted_granules_and_a_recalled_one_is_recomputed() {
     let (second, report) = turn(&mut world, "Another one?");
     assert_eq!(report.cached_tokens, 0, "the whole conversation is evaluated again");
     assert!(world.status().unwrap().models[0].kv_granules > 0);
+
+    // A long prompt's activations (megabytes) do not grow the secure heap:
+    // they are in granules, returned when the generation ends.
+    let heap_before = world.status().unwrap().heap_allocated;
+    let long = "The lighthouse keeper counted the ships that passed. ".repeat(40);
+    let mut text = String::new();
+    let report = world.generate(&model, request(&model, &long, 4), |t| text.push_str(t)).unwrap();
+    let after = world.status().unwrap();
+    let (_, scratch_bytes) = scratch_granules(report.prompt_tokens as usize, report.prompt_tokens as usize + 4, 1);
+    assert!(report.prompt_tokens > 300 && scratch_bytes > 8 << 20, "{report:?}: {scratch_bytes}");
+    // What the request held in the heap at most: tokens, text, logits, kernel scales (a few MiB at most).
+    let from_heap = after.heap_peak.saturating_sub(heap_before);
+    assert!(
+        from_heap < scratch_bytes as u64 / 4,
+        "the request held up to {from_heap} heap bytes beside {scratch_bytes} bytes of activations"
+    );
+    eprintln!("long prompt: {from_heap} bytes of heap at most beside {scratch_bytes} bytes of activations in granules");
 
     // The reference: the plain model evaluating the whole conversation at once.
     let file = std::sync::Arc::new(flexserve_gguf::GgufFile::open(plain_model()).unwrap());
