@@ -98,7 +98,19 @@ impl<'m> Generator<'m> {
         &mut self,
         prompt: &[u32],
         opts: &GenerateOptions,
+        on_text: impl FnMut(&str),
+    ) -> Result<GenerationStats, EngineError> {
+        self.generate_with(prompt, opts, on_text, &mut || {})
+    }
+
+    /// [`Generator::generate`], calling `during_prefill` between the layers
+    /// of the prompt's evaluation (see [`Session::eval_with`]).
+    pub fn generate_with(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
         mut on_text: impl FnMut(&str),
+        during_prefill: &mut (dyn FnMut() + Send),
     ) -> Result<GenerationStats, EngineError> {
         if prompt.is_empty() {
             return Err(EngineError::EmptyInput);
@@ -117,7 +129,7 @@ impl<'m> Generator<'m> {
         let mut sampler = Sampler::new(opts.sampling.clone());
         sampler.observe(prompt);
         let t0 = Instant::now();
-        let mut logits = self.session.eval(todo, Logits::Last)?;
+        let mut logits = self.session.eval_with(todo, Logits::Last, during_prefill)?;
         self.history.extend_from_slice(todo);
         let prefill_secs = t0.elapsed().as_secs_f64();
 

@@ -495,6 +495,18 @@ impl<'m> Session<'m> {
     /// Runs `tokens` through the model after the cached positions and returns
     /// logits (`n_vocab` per requested position, in order).
     pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, EngineError> {
+        self.eval_with(tokens, logits, &mut || {})
+    }
+
+    /// [`Session::eval`], calling `between_layers` after every layer of every
+    /// batch (on a worker thread): a long prefill can serve other work, such
+    /// as a memory recall, at bounded intervals.
+    pub fn eval_with(
+        &mut self,
+        tokens: &[u32],
+        logits: Logits,
+        between_layers: &mut (dyn FnMut() + Send),
+    ) -> Result<Vec<f32>, EngineError> {
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
         }
@@ -516,13 +528,18 @@ impl<'m> Session<'m> {
                 Logits::From(f) if f < start + batch.len() => Some(f.saturating_sub(start)),
                 Logits::From(_) => None,
             };
-            let l = model.pool.install(|| self.eval_batch(batch, want))?;
+            let l = model.pool.install(|| self.eval_batch(batch, want, &mut *between_layers))?;
             out.extend_from_slice(&l);
         }
         Ok(out)
     }
 
-    fn eval_batch(&mut self, tokens: &[u32], logits_from: Option<usize>) -> Result<Vec<f32>, EngineError> {
+    fn eval_batch(
+        &mut self,
+        tokens: &[u32],
+        logits_from: Option<usize>,
+        between_layers: &mut (dyn FnMut() + Send),
+    ) -> Result<Vec<f32>, EngineError> {
         let m = self.model;
         let c = &m.config;
         let w = &m.weights;
@@ -602,6 +619,7 @@ impl<'m> Session<'m> {
             quantize_for(&mut s.acts, &s.gate, c.n_ff, &layer.w_down)?;
             ops::matmul(&layer.w_down, &s.acts, &mut s.h, &mut s.mm)?;
             add_into(&mut s.x, &s.h);
+            between_layers();
         }
         self.n_past += n;
 

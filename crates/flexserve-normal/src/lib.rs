@@ -555,23 +555,35 @@ impl SecureWorld {
         let mut in_flight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
         let mut result = None;
         loop {
+            // A long prefill sends nothing for a while: the watch goes on meanwhile.
+            while in_flight.is_empty() && result.is_none() && !self.reply_ready(PRESSURE_CHECK_INTERVAL) {
+                if let Some((n, asker)) = self.recall_due() {
+                    self.send(&Request::Recall { granules: n })?;
+                    in_flight.push_back((n, Instant::now(), asker));
+                }
+            }
             match self.receive()? {
                 // Before any token: the KV cache needs more granules; grant, ask again.
                 Reply::MemoryNeeded { granules } if result.is_none() => {
+                    // A recall sent meanwhile is answered next, as a request of its own.
+                    while let Some((requested, sent, asker)) = in_flight.pop_front() {
+                        match self.receive()? {
+                            Reply::Recalled { released, evicted, micros } => {
+                                self.note_recall(requested, released, evicted, sent.elapsed(), false, asker.is_some());
+                                if let Some(asker) = asker {
+                                    asker.answer(Ok(self.answer(released, evicted, micros)));
+                                }
+                            }
+                            other => return Err(unexpected("Recalled", &other)),
+                        }
+                    }
                     self.grant_for_kv_cache(granules)?;
                     self.send(&request)?;
                 }
                 Reply::Token { text } => {
                     on_text(&text);
                     if in_flight.is_empty() {
-                        // Between two tokens: memory pressure first, then a `flexserve recall`.
-                        let due = match self.pressure_due() {
-                            Some(n) => Some((n, None)),
-                            None => {
-                                self.control_pending().map(|p| (p.amount.granules(self.info.granule_size), Some(p)))
-                            }
-                        };
-                        if let Some((n, asker)) = due {
+                        if let Some((n, asker)) = self.recall_due() {
                             self.send(&Request::Recall { granules: n })?;
                             in_flight.push_back((n, Instant::now(), asker));
                         }
@@ -652,6 +664,26 @@ impl SecureWorld {
             served += 1;
         }
         Ok(served)
+    }
+
+    /// A recall to send now: memory pressure first, then a `flexserve recall`.
+    fn recall_due(&mut self) -> Option<(u32, Option<control::PendingRecall>)> {
+        match self.pressure_due() {
+            Some(n) => Some((n, None)),
+            None => self.control_pending().map(|p| (p.amount.granules(self.info.granule_size), Some(p))),
+        }
+    }
+
+    /// Whether a reply can be read without waiting more than `timeout`.
+    fn reply_ready(&self, timeout: Duration) -> bool {
+        if !self.reader.buffer().is_empty() {
+            return true;
+        }
+        let mut fd = libc::pollfd { fd: self.reader.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll reads and writes the one pollfd we own for at most `timeout`.
+        let ready = unsafe { libc::poll(&mut fd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+        // Errors and hang-ups count as ready: the read that follows reports them.
+        ready != 0
     }
 
     /// Granules to recall now, if the pressure watch is on and due.

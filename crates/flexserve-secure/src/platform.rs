@@ -51,7 +51,7 @@ pub trait SecureRegion: Send + Sync + 'static {
 }
 
 /// The control channel and the shared bulk buffer to the normal world.
-pub trait Channel {
+pub trait Channel: Send {
     fn recv(&mut self) -> Result<Request, ProtocolError>;
     /// A request if one has arrived, without waiting for one.
     fn poll_request(&mut self) -> Option<Result<Request, ProtocolError>>;

@@ -3,6 +3,7 @@
 //! the secure world.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -348,21 +349,40 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             stop: g.stop,
         };
         let mut answer = String::new();
-        let mut peer_gone = false;
-        let result = generator.generate(&ids, &opts, |piece| {
-            answer.push_str(piece);
-            if !peer_gone && channel.send(&Reply::Token { text: piece.to_string() }).is_err() {
-                peer_gone = true;
-            }
-            // A recall does not wait for the generation to end: between tokens
-            // the free granules go back at once (the layers in use stay; the
-            // normal world can ask again once the generation is over).
-            if !peer_gone {
+        // The channel is shared by the token stream and the prefill's layer
+        // hook (which runs on a worker thread).
+        let channel = std::sync::Mutex::new(channel);
+        let peer_gone = std::sync::atomic::AtomicBool::new(false);
+        // A recall does not wait for the generation to end: between layers
+        // of the prefill and between tokens the free granules go back at once
+        // (the layers in use stay; the normal world can ask again once the
+        // generation is over).
+        let serve_recall = |channel: &mut C| {
+            if !peer_gone.load(Ordering::Relaxed) {
                 if let Some(reply) = serve_during_generation(channel, memory) {
-                    peer_gone = channel.send(&reply).is_err();
+                    if channel.send(&reply).is_err() {
+                        peer_gone.store(true, Ordering::Relaxed);
+                    }
                 }
             }
-        });
+        };
+        let lock = || channel.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut between_layers = || serve_recall(&mut lock());
+        let result = generator.generate_with(
+            &ids,
+            &opts,
+            |piece| {
+                answer.push_str(piece);
+                let mut channel = lock();
+                if !peer_gone.load(Ordering::Relaxed)
+                    && channel.send(&Reply::Token { text: piece.to_string() }).is_err()
+                {
+                    peer_gone.store(true, Ordering::Relaxed);
+                }
+                serve_recall(&mut channel);
+            },
+            &mut between_layers,
+        );
         ids.zeroize();
         let (session, history) = generator.into_parts();
         conv.state = Some(session.into_state());

@@ -1153,3 +1153,44 @@ fn grant_of_u32_max_granules_fails_cleanly() {
     assert_eq!((status.granted, status.prepared), (2, 2), "{status:?}");
     peer.close();
 }
+
+/// A recall sent right behind a long prompt is served between two layers of
+/// its prefill: the answer (free granules only) comes before the first token.
+#[test]
+fn a_recall_during_a_long_prefill_is_answered_before_the_first_token() {
+    let fx = fixture();
+    let mut peer = spawn(vec![fx.key_path.clone()], SHARED_LEN);
+    peer.hello();
+    let real = SealedFile::read(&fx.real_sealed);
+    peer.shared.copy_in(REAL_HEADER_AT, real.prefix()).unwrap();
+    healthy_real_flow(&mut peer, &real);
+    let model = peer.status().models[0].model;
+    let long = generate(model, &"The lighthouse keeper counted the ships that passed. ".repeat(40), 2, 1024);
+    let encoded = encode_request(&long).unwrap();
+    // Grant what the prompt needs, and 6 granules more for the recall to take.
+    peer.send_payload(&encoded);
+    let extra = match peer.reply(&"long Generate") {
+        Reply::MemoryNeeded { granules } => granules + 6,
+        other => panic!("expected MemoryNeeded for the long prompt's cache and activations, got {}", short(&other)),
+    };
+    peer.grant(extra);
+    peer.send_payload(&encoded);
+    peer.send_payload(&encode_request(&Request::Recall { granules: 6 }).unwrap());
+    match peer.reply(&"reply to a recall sent during the prefill") {
+        Reply::Recalled { released: 6, evicted: 0, .. } => {}
+        other => panic!("the recall must be answered before the first token, got {}", short(&other)),
+    }
+    let mut tokens = 0;
+    loop {
+        match peer.reply(&"long Generate") {
+            Reply::Token { .. } => tokens += 1,
+            Reply::Generated(report) => {
+                assert!(report.prompt_tokens > 300 && report.generated_tokens == 2, "{report:?}");
+                break;
+            }
+            other => panic!("long Generate: {}", short(&other)),
+        }
+    }
+    assert!(tokens > 0);
+    assert!(matches!(peer.call(&Request::Shutdown), Reply::Ok));
+}
