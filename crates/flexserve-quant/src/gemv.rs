@@ -13,6 +13,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod kquants_avx2;
 
 use crate::{detected_isa, kernels_for, GgmlType, Isa};
 
@@ -39,7 +41,7 @@ pub fn gemv_kernel_for(ty: GgmlType, isa: Isa) -> Option<GemvFn> {
     match isa {
         Isa::Portable => Some(portable),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => Some(avx2::gemv(ty).unwrap_or(portable)),
+        Isa::Avx2 => Some(avx2::gemv(ty).or_else(|| kquants_avx2::gemv(ty)).unwrap_or(portable)),
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 => Some(portable),
     }
@@ -110,4 +112,6 @@ portable_gemvs!(
     Q5_0 => portable_q5_0,
     Q5_1 => portable_q5_1,
     Q8_0 => portable_q8_0,
+    Q4_K => portable_q4_k,
+    Q6_K => portable_q6_k,
 );

@@ -8,9 +8,11 @@ use common::*;
 use flexserve_quant::{detected_isa, gemv_kernel, gemv_kernel_for, GemvFn, GgmlType, Isa, Kernels};
 use rand::Rng;
 
-const GEMV_TYPES: [GgmlType; 5] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
+const GEMV_TYPES: [GgmlType; 7] =
+    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K];
 const ROW_COUNTS: [usize; 9] = [0, 1, 2, 3, 4, 5, 7, 8, 13];
-const LENGTHS: [usize; 3] = [32, 7 * 32, 576];
+/// Row lengths in blocks of the weight type.
+const LENGTHS_IN_BLOCKS: [usize; 3] = [1, 7, 18];
 
 /// `count` rows of `n` random values quantized with `k`, `stride` bytes apart,
 /// starting at an odd address offset (the returned start).
@@ -20,7 +22,7 @@ fn quantized_rows(k: &Kernels, n: usize, count: usize, stride: usize, seed: u64)
     let mut bytes = vec![0xA5u8; count.max(1) * stride];
     for r in 0..count {
         // Per-row scale over a few decades and an offset, so that the minimum
-        // terms of Q4_1 / Q5_1 matter.
+        // terms of Q4_1 / Q5_1 / Q4_K matter.
         let scale = 10f32.powf(rng.gen_range(-2.0..1.0));
         let offset = rng.gen_range(-0.5..0.5) * scale;
         let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0) * scale + offset).collect();
@@ -94,7 +96,7 @@ fn gemv_kernels_exist_for_the_block_formats_only() {
         }
         assert!(gemv_kernel(ty).is_some(), "{ty}");
     }
-    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_1, GgmlType::Q4_K, GgmlType::Q8_K] {
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_1, GgmlType::Q5_K, GgmlType::Q8_K] {
         assert!(gemv_kernel(ty).is_none(), "{ty}");
     }
 }
@@ -103,7 +105,8 @@ fn gemv_kernels_exist_for_the_block_formats_only() {
 fn simd_gemv_equals_the_simd_dot_bit_for_bit() {
     for (i, ty) in GEMV_TYPES.into_iter().enumerate() {
         let dot = simd(ty).dot.expect("weight type has a dot");
-        for (j, n) in LENGTHS.into_iter().enumerate() {
+        for (j, blocks) in LENGTHS_IN_BLOCKS.into_iter().enumerate() {
+            let n = blocks * ty.block_size();
             for pad in [0, 3] {
                 let case = Case::new(ty, n, 13, pad, (i * 10 + j) as u64);
                 for rows in ROW_COUNTS {
@@ -131,7 +134,7 @@ fn simd_gemv_agrees_with_portable_gemv() {
         eprintln!("no AVX2 on this CPU: both kernels are the portable one");
     }
     for (i, ty) in GEMV_TYPES.into_iter().enumerate() {
-        for n in LENGTHS {
+        for n in LENGTHS_IN_BLOCKS.map(|blocks| blocks * ty.block_size()) {
             let case = Case::new(ty, n, 13, 1, 200 + i as u64);
             let simd_out = case.run(gemv_for(ty, Isa::Avx2), 13);
             let portable_out = case.run(gemv_for(ty, Isa::Portable), 13);
@@ -175,14 +178,15 @@ fn padded_rows_need_no_padding_after_the_last_row() {
     for isa in [Isa::Portable, Isa::Avx2] {
         for ty in GEMV_TYPES {
             let dot = simd(ty).dot.expect("weight type has a dot");
-            let case = Case::new(ty, 64, 8, 5, 600);
+            let n = 2 * ty.block_size();
+            let case = Case::new(ty, n, 8, 5, 600);
             for rows in [3, 4, 8] {
-                let end = case.w_start + (rows - 1) * case.w_stride + row_bytes(ty, 64);
+                let end = case.w_start + (rows - 1) * case.w_stride + row_bytes(ty, n);
                 let mut out = vec![f32::NAN; rows];
-                gemv_for(ty, isa)(64, &case.w[case.w_start..end], case.w_stride, rows, case.a_row(), &mut out);
+                gemv_for(ty, isa)(n, &case.w[case.w_start..end], case.w_stride, rows, case.a_row(), &mut out);
                 for (r, got) in out.iter().enumerate() {
                     let expected = if isa == Isa::Avx2 { dot } else { portable(ty).dot.expect("dot") };
-                    let expected = expected(64, case.w_row(r), case.a_row());
+                    let expected = expected(n, case.w_row(r), case.a_row());
                     assert_eq!(got.to_bits(), expected.to_bits(), "{ty} {isa:?} {rows} rows, row {r}");
                 }
             }

@@ -135,7 +135,21 @@ unsafe fn rows_avx2<const F: u8, const R: usize>(nb: usize, w: *const u8, stride
     let mut acc = [_mm256_setzero_ps(); R];
     // Lane r: the minimum terms m_w * s_a of row r, one FMA chain as in the plain dot.
     let mut offsets = _mm_setzero_ps();
+    // Decoding streams weights from memory, and four rows walked side by
+    // side are four short streams that the hardware prefetcher follows
+    // poorly. The next pass's rows usually form one contiguous span of
+    // `ROWS * stride` bytes: each block fetches its equal share of it, in
+    // order, so that many misses are in flight in one sequential stream.
+    // Only hint addresses are computed here (wrapping arithmetic keeps an
+    // absurd single-row stride from overflowing); past the last row the
+    // hints are dropped, and prefetches never fault.
+    let next_pass = w.wrapping_add(ROWS.wrapping_mul(stride));
+    let per_block = ROWS.wrapping_mul(stride) / nb.max(1);
     for b in 0..nb {
+        let share = next_pass.wrapping_add(b.wrapping_mul(per_block));
+        for line in 0..(ROWS * w_bytes).div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(share.wrapping_add(64 * line).cast());
+        }
         let ab = a.add(b * a_bytes);
         let qa = _mm256_loadu_si256(ab.add(a_quants).cast());
         let mut d_bits = 0u64;
@@ -162,10 +176,6 @@ unsafe fn rows_avx2<const F: u8, const R: usize>(nb: usize, w: *const u8, stride
         };
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let wb = w.add(r * stride + b * w_bytes);
-            // Decoding streams weights from memory: fetch the same place of
-            // the row one pass ahead (past the last row the hint is dropped;
-            // prefetches never fault).
-            _mm_prefetch::<_MM_HINT_T0>(wb.wrapping_add(ROWS * stride).cast());
             let sums = match F {
                 Q8_0 => {
                     let qw = _mm256_loadu_si256(wb.add(2).cast());

@@ -6,9 +6,9 @@
 //! them. The per-pair work — integer lane sums, `d_w * d_a` scale, FMA into
 //! the pair's accumulator, one reduction at the end, and for the formats
 //! with a minimum the separate `m_w * s_a` FMA chain — is the same as in the
-//! plain AVX2 dot, so every result is bit-identical to it. Q4_0 has its own
-//! micro-tile (`micro_q4_0`) that reaches the same integer sums with fewer
-//! instructions per pair.
+//! plain AVX2 dot, so every result is bit-identical to it. Q4_0 and Q8_0
+//! have their own micro-tiles (`micro_q4_0`, `micro_q8_0`) that reach the
+//! same integer sums and scale products with fewer instructions per pair.
 //!
 //! Micro-tiles are visited in cache-sized chunks: a chunk of weight rows
 //! (kept in L2) is swept by all token tiles of a chunk of tokens, whose
@@ -26,6 +26,22 @@ const ROWS: usize = 4;
 /// but measured faster on this project's Zen 3 host than 4 x 3, 3 x 3, 4 x 2
 /// or 2 x 4: the extra reuse outweighs the accumulator spills.
 const TOKS: usize = 4;
+/// Weight rows and tokens per Q8_0 micro-tile. With its per-pair work cut
+/// down (see `micro_q8_0`), the 16 accumulators of 4 x 4 spill and cost more
+/// than the reuse gains: 2 x 4 measured fastest on the Zen 3 host, ahead of
+/// 1 x 4, 3 x 4 and 4 x 4. The token count is fixed at 4 (one `__m128` of
+/// scale products per row).
+const Q8_ROWS: usize = 2;
+const Q8_TOKS: usize = 4;
+
+/// The micro-tile of format `f`: weight rows by tokens, at most `ROWS x TOKS`.
+const fn micro_tile(f: u8) -> (usize, usize) {
+    match f {
+        Q8_0 => (Q8_ROWS, Q8_TOKS),
+        _ => (ROWS, TOKS),
+    }
+}
+
 /// Bytes of weight rows swept by one chunk of tokens (fits in L2).
 const ROW_CHUNK_BYTES: usize = 64 * 1024;
 /// Bytes of activation rows in one chunk of tokens (fits in L2 beside the weights).
@@ -183,6 +199,9 @@ struct TileScales {
     a_d: *const f32,
     a_s: *const f32,
     a_step: usize,
+    /// Room for the `d_w * d_a` products of one micro-tile, rows times
+    /// tokens per block (see `fill_products`).
+    products: *mut f32,
 }
 
 /// Visits the whole `rows x toks` tile in cache-sized chunks of micro-tiles.
@@ -194,11 +213,14 @@ struct TileScales {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_avx2<const F: u8>(shape: Shape, w: *const u8, rows: usize, a: *const u8, toks: usize, out: *mut f32) {
     let nb = shape.nb;
-    let row_chunk = (ROW_CHUNK_BYTES / shape.w_stride.max(1)).max(1).div_ceil(ROWS) * ROWS;
-    let tok_chunk = (TOK_CHUNK_BYTES / shape.a_stride.max(1)).max(1).div_ceil(TOKS) * TOKS;
+    let (tile_rows, tile_toks) = micro_tile(F);
+    let row_chunk = (ROW_CHUNK_BYTES / shape.w_stride.max(1)).max(1).div_ceil(tile_rows) * tile_rows;
+    let tok_chunk = (TOK_CHUNK_BYTES / shape.a_stride.max(1)).max(1).div_ceil(tile_toks) * tile_toks;
     let mut w_scales = ChunkScales::new::<F>(row_chunk.min(rows), nb);
     let mut a_scales = ChunkScales::new::<F>(tok_chunk.min(toks), nb);
     let (w_bytes, a_bytes) = (weight_block_bytes(F), act_block_bytes(F));
+    let products_per_block = if F == Q8_0 { Q8_ROWS * Q8_TOKS } else { ROWS * TOKS };
+    let mut products = vec![0f32; nb * products_per_block];
     for t_chunk in (0..toks).step_by(tok_chunk) {
         let t_chunk_end = toks.min(t_chunk + tok_chunk);
         let tc = t_chunk_end - t_chunk;
@@ -208,10 +230,10 @@ unsafe fn tile_avx2<const F: u8>(shape: Shape, w: *const u8, rows: usize, a: *co
             let w_chunk = w.add(r_chunk * shape.w_stride);
             let rc = r_chunk_end - r_chunk;
             w_scales.fill::<F>(w_chunk, shape.w_stride, rc, nb, w_bytes, 1, rc);
-            for t in (t_chunk..t_chunk_end).step_by(TOKS) {
-                let tt = TOKS.min(t_chunk_end - t);
-                for r in (r_chunk..r_chunk_end).step_by(ROWS) {
-                    let rr = ROWS.min(r_chunk_end - r);
+            for t in (t_chunk..t_chunk_end).step_by(tile_toks) {
+                let tt = tile_toks.min(t_chunk_end - t);
+                for r in (r_chunk..r_chunk_end).step_by(tile_rows) {
+                    let rr = tile_rows.min(r_chunk_end - r);
                     let (w, a) = (w.add(r * shape.w_stride), a.add(t * shape.a_stride));
                     let out = out.add(r * shape.out_stride + t);
                     let w_at = r - r_chunk;
@@ -222,6 +244,7 @@ unsafe fn tile_avx2<const F: u8>(shape: Shape, w: *const u8, rows: usize, a: *co
                         a_d: a_scales.d.as_ptr().add(t - t_chunk),
                         a_s: a_scales.second.as_ptr().wrapping_add(t - t_chunk),
                         a_step: tc,
+                        products: products.as_mut_ptr(),
                     };
                     micro_any::<F>(rr, tt, shape, w, a, out, scales);
                 }
@@ -245,6 +268,18 @@ unsafe fn micro_any<const F: u8>(
     out: *mut f32,
     scales: TileScales,
 ) {
+    if F == Q8_0 {
+        const { assert!(Q8_ROWS == 2 && Q8_TOKS == 4, "the Q8_0 dispatch below lists the 2 x 4 sizes") };
+        macro_rules! dispatch_q8_0 {
+            ($(($r:literal, $t:literal)),*) => {
+                match (rr, tt) {
+                    $(($r, $t) => micro_q8_0::<$r, $t>(s, w, a, out, scales),)*
+                    _ => unreachable!("micro-tile of {rr} x {tt} is larger than {Q8_ROWS} x {Q8_TOKS}"),
+                }
+            };
+        }
+        return dispatch_q8_0!((2, 4), (2, 3), (2, 2), (2, 1), (1, 4), (1, 3), (1, 2), (1, 1));
+    }
     macro_rules! dispatch {
         ($(($r:literal, $t:literal)),*) => {
             match (rr, tt) {
@@ -318,22 +353,25 @@ unsafe fn micro<const F: u8, const R: usize, const T: usize>(
     if F == Q4_0 {
         return micro_q4_0::<R, T>(s, w, a, out, scales);
     }
+    if F == Q8_0 {
+        unreachable!("Q8_0 micro-tiles run in micro_q8_0");
+    }
+    const { assert!(TOKS == 4 && R <= ROWS && T <= TOKS) };
+    fill_products::<R>(s.nb, scales, ROWS);
     let (w_bytes, a_bytes) = (weight_block_bytes(F), act_block_bytes(F));
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for b in 0..s.nb {
         let ab = a.add(b * a_bytes);
-        let a_d = scales.a_d.add(b * scales.a_step);
+        let products = scales.products.add(b * ROWS * TOKS);
         for (r, acc_r) in acc.iter_mut().enumerate() {
             let wb = w.add(r * s.w_stride + b * w_bytes);
-            let dw = _mm256_broadcast_ss(&*scales.w_d.add(b * scales.w_step + r));
             let qw = weight_levels::<F>(wb);
             // Signed levels multiply as |qw| (unsigned) times qa with qw's sign.
             let unsigned = if signed_weights(F) { _mm256_sign_epi8(qw, qw) } else { qw };
             for (t, acc_rt) in acc_r.iter_mut().enumerate() {
                 let qa = _mm256_loadu_si256(ab.add(t * s.a_stride + act_quants_at(F)).cast());
                 let qa = if signed_weights(F) { _mm256_sign_epi8(qa, qw) } else { qa };
-                // The same f32 product d_w * d_a as the plain dot's scale.
-                let scale = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*a_d.add(t)));
+                let scale = _mm256_broadcast_ss(&*products.add(r * TOKS + t));
                 *acc_rt = _mm256_fmadd_ps(scale, dot_u8_i8(unsigned, qa), *acc_rt);
             }
         }
@@ -367,6 +405,29 @@ unsafe fn micro<const F: u8, const R: usize, const T: usize>(
     }
 }
 
+/// Stores the `d_w * d_a` products of the first `R` rows and four tokens of
+/// a micro-tile (the same f32 products as the plain dot's scales) at
+/// `scales.products`: `rows_per_block * 4` floats per block, row `r`'s four
+/// tokens at `r * 4`. Four tokens take one multiply; the kernels then
+/// broadcast each product with a plain load, where a product of two
+/// broadcasts would cost a multiply and a shuffle per pair.
+///
+/// # Safety
+/// AVX and FMA must be available; `scales` must point at the converted
+/// scales of `R` rows and four tokens (the chunk scales have slack for the
+/// last token tile) and `scales.products` have room for `nb * rows_per_block * 4` floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fill_products<const R: usize>(nb: usize, scales: TileScales, rows_per_block: usize) {
+    for b in 0..nb {
+        let a_d = _mm_loadu_ps(scales.a_d.add(b * scales.a_step));
+        for r in 0..R {
+            let d_w = _mm_broadcast_ss(&*scales.w_d.add(b * scales.w_step + r));
+            _mm_storeu_ps(scales.products.add((b * rows_per_block + r) * 4), _mm_mul_ps(d_w, a_d));
+        }
+    }
+}
+
 /// The Q4_0 micro-tile: as `micro`, but per block the `R` weight blocks are
 /// decoded into registers first and each token's quants are then loaded once
 /// for all of them. The levels `q - 8` are not formed: the unsigned nibbles
@@ -386,24 +447,71 @@ unsafe fn micro_q4_0<const R: usize, const T: usize>(
     out: *mut f32,
     scales: TileScales,
 ) {
+    const { assert!(TOKS == 4 && R <= ROWS && T <= TOKS) };
+    fill_products::<R>(s.nb, scales, ROWS);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for b in 0..s.nb {
         let ab = a.add(b * Q8_0_BYTES);
-        let a_d = scales.a_d.add(b * scales.a_step);
+        let products = scales.products.add(b * ROWS * TOKS);
         let mut q = [_mm256_setzero_si256(); R];
         for (r, q_r) in q.iter_mut().enumerate() {
             *q_r = load_nibbles(w.add(r * s.w_stride + b * Q4_0_BYTES + 2));
         }
         for t in 0..T {
             let qa = _mm256_loadu_si256(ab.add(t * s.a_stride + 2).cast());
-            let da = _mm256_broadcast_ss(&*a_d.add(t));
             let correction = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), qa), ones);
             for r in 0..R {
                 let sums = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(q[r], qa), ones), correction);
-                // The same f32 product d_w * d_a as the plain dot's scale.
-                let scale = _mm256_mul_ps(_mm256_broadcast_ss(&*scales.w_d.add(b * scales.w_step + r)), da);
+                let scale = _mm256_broadcast_ss(&*products.add(r * TOKS + t));
                 acc[r][t] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[r][t]);
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            *out.add(r * s.out_stride + t) = hsum(acc[r][t]);
+        }
+    }
+}
+
+/// The Q8_0 micro-tile: as `micro`, with two changes in how the work is
+/// arranged, not in what is computed. The `d_w * d_a` products of all pairs
+/// and blocks are computed first, four tokens per multiply, into
+/// `scales.products`, from where each is broadcast by a plain load (a
+/// product of two broadcasts would cost a multiply and a shuffle per pair).
+/// And each row's weight quants and their magnitudes are kept in registers
+/// while the tokens' quants are loaded per pair, so that the per-pair work is
+/// the sign move, `maddubs`, `madd`, conversion and FMA alone.
+///
+/// # Safety
+/// As for `micro`, with `R <= Q8_ROWS` and `T <= Q8_TOKS`; `scales.products`
+/// must have room for `s.nb * Q8_ROWS * Q8_TOKS` floats.
+#[inline]
+#[allow(clippy::needless_range_loop)] // (row, token) indices read clearest here
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn micro_q8_0<const R: usize, const T: usize>(
+    s: Shape,
+    w: *const u8,
+    a: *const u8,
+    out: *mut f32,
+    scales: TileScales,
+) {
+    const PER_BLOCK: usize = Q8_ROWS * Q8_TOKS;
+    const { assert!(Q8_TOKS == 4 && R <= Q8_ROWS && T <= Q8_TOKS) };
+    fill_products::<R>(s.nb, scales, Q8_ROWS);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..s.nb {
+        let ab = a.add(b * Q8_0_BYTES);
+        let products = scales.products.add(b * PER_BLOCK);
+        for r in 0..R {
+            let qw = _mm256_loadu_si256(w.add(r * s.w_stride + b * Q8_0_BYTES + 2).cast());
+            // Signed levels multiply as |qw| (unsigned) times qa with qw's sign.
+            let unsigned = _mm256_sign_epi8(qw, qw);
+            for t in 0..T {
+                let qa = _mm256_loadu_si256(ab.add(t * s.a_stride + 2).cast());
+                let scale = _mm256_broadcast_ss(&*products.add(r * Q8_TOKS + t));
+                acc[r][t] = _mm256_fmadd_ps(scale, dot_u8_i8(unsigned, _mm256_sign_epi8(qa, qw)), acc[r][t]);
             }
         }
     }
