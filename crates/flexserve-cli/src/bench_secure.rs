@@ -5,9 +5,10 @@
 //! - plain: map the GGUF, build the model, prefill, first token;
 //! - secure (flexible): start the secure world, verify the header, grant and
 //!   prepare granules, read and decrypt every chunk into them, prefill, first token;
-//! - secure (static carve-out): the same with a region sized for the model's
-//!   weights reserved and populated when the secure world starts (the
-//!   strawman's memory), so there is nothing to grant;
+//! - secure (static carve-out): the same with a region sized for the run
+//!   (weights, KV cache, activations: what the flexible design was granted)
+//!   reserved and populated when the secure world starts (the strawman's
+//!   memory), so there is nothing to grant;
 //! - secure (locked memory): flexible, protected by locking instead of memfd_secret.
 //!
 //! This design loads the whole model before computing; the pipelined design
@@ -53,11 +54,14 @@ const DESIGNS: [&str; 4] = ["plain", "secure-flexible", "secure-carve-out", "sec
 pub fn run(b: &SecureBench) -> Result<()> {
     let prompt = prompt_text(b.plain, b.prompt_tokens)?;
     let mut runs = vec![Run::default(); DESIGNS.len()];
+    // Granules the flexible design was granted for the run (weights, KV cache,
+    // activations): the carve-out that follows it is sized to hold the same.
+    let workload = std::cell::Cell::new(None);
     for rep in 0..=b.repetitions {
         for (d, name) in DESIGNS.iter().enumerate() {
             let (ttft, load, prefill, tps, text) = match *name {
                 "plain" => plain_once(b, &prompt)?,
-                _ => secure_once(b, &prompt, name)?,
+                _ => secure_once(b, &prompt, name, &workload)?,
             };
             if rep == 0 {
                 eprintln!(
@@ -136,16 +140,15 @@ fn plain_once(b: &SecureBench, prompt: &str) -> Result<Sample> {
     Ok((ttft, load, stats.prefill_secs, stats.decode_tokens_per_s(), text))
 }
 
-fn secure_once(b: &SecureBench, prompt: &str, design: &str) -> Result<Sample> {
-    // The strawman's carve-out is sized for the model: what its weights take
-    // in granules (from the public header), reserved and populated at start.
+fn secure_once(b: &SecureBench, prompt: &str, design: &str, workload: &std::cell::Cell<Option<u64>>) -> Result<Sample> {
+    // The strawman's carve-out is sized for the workload: the granules the
+    // flexible design was granted for the same run (weights from the public
+    // header, then the KV cache and activations), reserved and populated at start.
     let carve_out = design == "secure-carve-out";
+    let g = flexserve_normal::DEFAULT_GRANULE_SIZE as u64;
     let budget = if carve_out {
-        let prefix =
-            flexserve_sealed::SealedHeader::read_prefix(std::io::BufReader::new(std::fs::File::open(b.sealed)?))?;
-        let header = flexserve_sealed::SealedHeader::read(&prefix)?;
-        let g = flexserve_normal::DEFAULT_GRANULE_SIZE as u64;
-        MemoryBudget::Bytes(flexserve_normal::weight_granules(&header.gguf, g) * g)
+        let granules = workload.get().context("the flexible design runs before the carve-out")?;
+        MemoryBudget::Bytes(granules * g)
     } else {
         b.budget
     };
@@ -176,6 +179,9 @@ fn secure_once(b: &SecureBench, prompt: &str, design: &str) -> Result<Sample> {
         text.push_str(t);
     })?;
     let ttft = first.unwrap_or_else(|| t0.elapsed().as_secs_f64());
+    if design == "secure-flexible" {
+        workload.set(Some(world.granted()));
+    }
     world.shutdown()?;
     let decode = r.decode_micros as f64 / 1e6;
     let tps = r.generated_tokens.saturating_sub(1) as f64 / decode.max(1e-9);
