@@ -115,6 +115,30 @@ fn sealed_model_generates_the_plain_models_tokens() {
     assert_eq!(ppl(&sealed, &["--key", k]), plain_ppl);
     let e = err(run(&["bench", "engine", "--model", s, "--repetitions", "1"], home));
     assert!(e.contains("bench secure"), "{e}");
+    // The designs side by side (one short repetition): every design answers.
+    let m = model();
+    let table = ok(run(
+        &[
+            "bench",
+            "secure",
+            "--model",
+            s,
+            "--plain",
+            m.to_str().unwrap(),
+            "--key",
+            k,
+            "--prompt-tokens",
+            "16",
+            "--gen-tokens",
+            "4",
+            "--repetitions",
+            "1",
+        ],
+        home,
+    ));
+    for design in ["plain", "secure-flexible", "secure-carve-out", "secure-locked"] {
+        assert!(table.lines().any(|l| l.starts_with(design)), "{design} missing from\n{table}");
+    }
 
     // No key, a wrong key, a tampered chunk: each refused with a reason.
     let e = err(run(&["generate", "--model", s, "--prompt", "hi"], home));
