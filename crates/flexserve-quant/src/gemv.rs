@@ -47,6 +47,47 @@ pub fn gemv_kernel_for(ty: GgmlType, isa: Isa) -> Option<GemvFn> {
     }
 }
 
+/// A SIMD kernel for a fixed number of rows: `(nb, w, w_row_bytes, a, out)`
+/// with `nb` blocks per row, the first row at `w`, one activation row at `a`
+/// and one output per row at `out`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) type RowsKernel = unsafe fn(usize, *const u8, usize, *const u8, *mut f32);
+
+/// Runs `by_count[3]` (the four-row kernel) over every group of four rows,
+/// then the kernel for the one to three rows left.
+///
+/// # Safety
+/// `check_gemv` must have accepted the slices for `rows` rows of `nb` blocks
+/// at `w_row_bytes`, and the CPU must have what the kernels need.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn in_groups_of_four(
+    by_count: [RowsKernel; 4],
+    nb: usize,
+    w: &[u8],
+    w_row_bytes: usize,
+    rows: usize,
+    a: &[u8],
+    out: &mut [f32],
+) {
+    let full = rows / 4 * 4;
+    for r in (0..full).step_by(4) {
+        // SAFETY: the caller's guarantee; rows `r..r + 4` lie within the checked `rows`.
+        unsafe { by_count[3](nb, w.as_ptr().add(r * w_row_bytes), w_row_bytes, a.as_ptr(), out.as_mut_ptr().add(r)) }
+    }
+    if rows > full {
+        // SAFETY: as above, for the remaining `rows - full` (1 to 3) rows.
+        unsafe {
+            by_count[rows - full - 1](
+                nb,
+                w[full * w_row_bytes..].as_ptr(),
+                w_row_bytes,
+                a.as_ptr(),
+                out[full..].as_mut_ptr(),
+            )
+        }
+    }
+}
+
 /// Panics with a clear message unless the slices hold the shape described.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_gemv(

@@ -12,7 +12,7 @@
 //! activation block, instead of moving signs per row: the same integers with
 //! fewer instructions per row.
 
-use super::{check_gemv, GemvFn};
+use super::{check_gemv, in_groups_of_four, GemvFn};
 use crate::legacy::avx2::{hsum, load_bit_mask, load_nibbles};
 use crate::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES, QK};
 use crate::GgmlType;
@@ -78,30 +78,18 @@ fn gemv_wrapper<const F: u8>(n: usize, w: &[u8], w_row_bytes: usize, rows: usize
     let act_ty = if has_min(F) { GgmlType::Q8_1 } else { GgmlType::Q8_0 };
     check_gemv(weight_type(F), act_ty, n, w, w_row_bytes, rows, a, out);
     let nb = n / QK;
-    let full = rows / ROWS * ROWS;
-    // SAFETY (all calls): the wrapper is only handed out after the CPU was
-    // found to support AVX2, FMA and F16C; `check_gemv` verified that `rows`
-    // weight rows of `nb` blocks at stride `w_row_bytes`, one activation row
-    // of `nb` blocks and `rows` outputs lie within the slices, and each call
-    // reads and writes a subset of those.
-    for r in (0..full).step_by(ROWS) {
-        // SAFETY: see above; rows `r..r + 4` lie within the checked `rows`.
-        unsafe {
-            rows_avx2::<F, ROWS>(nb, w.as_ptr().add(r * w_row_bytes), w_row_bytes, a.as_ptr(), out.as_mut_ptr().add(r))
-        }
-    }
-    if rows == full {
-        return;
-    }
-    let (w_rest, out_rest) = (w[full * w_row_bytes..].as_ptr(), out[full..].as_mut_ptr());
-    // SAFETY: as above, for the remaining `rows - full` (1 to 3) rows.
+    // SAFETY: the wrapper is only handed out after the CPU was found to
+    // support AVX2, FMA and F16C, and `check_gemv` accepted the slices.
     unsafe {
-        match rows - full {
-            1 => rows_avx2::<F, 1>(nb, w_rest, w_row_bytes, a.as_ptr(), out_rest),
-            2 => rows_avx2::<F, 2>(nb, w_rest, w_row_bytes, a.as_ptr(), out_rest),
-            3 => rows_avx2::<F, 3>(nb, w_rest, w_row_bytes, a.as_ptr(), out_rest),
-            _ => {}
-        }
+        in_groups_of_four(
+            [rows_avx2::<F, 1>, rows_avx2::<F, 2>, rows_avx2::<F, 3>, rows_avx2::<F, ROWS>],
+            nb,
+            w,
+            w_row_bytes,
+            rows,
+            a,
+            out,
+        )
     }
 }
 

@@ -20,7 +20,7 @@
 //! Decoding streams the weights from memory; see `prefetch_next_pass` for how
 //! the kernels keep the memory busy.
 
-use super::{check_gemv, GemvFn};
+use super::{check_gemv, in_groups_of_four, GemvFn};
 use crate::kquants::avx2::{hsum_128, hsum_256, load};
 use crate::kquants::{q4k, q6k, q8k, QK_K};
 use crate::GgmlType;
@@ -45,30 +45,18 @@ fn gemv_wrapper<const F: u8>(n: usize, w: &[u8], w_row_bytes: usize, rows: usize
     let ty = if F == Q4K { GgmlType::Q4_K } else { GgmlType::Q6_K };
     check_gemv(ty, GgmlType::Q8_K, n, w, w_row_bytes, rows, a, out);
     let nb = n / QK_K;
-    let full = rows / ROWS * ROWS;
-    // SAFETY (all calls): the wrapper is only handed out after the CPU was
-    // found to support AVX2, FMA and F16C; `check_gemv` verified that `rows`
-    // weight rows of `nb` super-blocks at stride `w_row_bytes`, one activation
-    // row of `nb` Q8_K blocks and `rows` outputs lie within the slices, and
-    // each call reads and writes a subset of those.
-    for r in (0..full).step_by(ROWS) {
-        // SAFETY: see above; rows `r..r + 4` lie within the checked `rows`.
-        unsafe {
-            rows_avx2::<F, ROWS>(nb, w.as_ptr().add(r * w_row_bytes), w_row_bytes, a.as_ptr(), out.as_mut_ptr().add(r))
-        }
-    }
-    if rows == full {
-        return;
-    }
-    let (w_rest, out_rest) = (w[full * w_row_bytes..].as_ptr(), out[full..].as_mut_ptr());
-    // SAFETY: as above, for the remaining `rows - full` (1 to 3) rows.
+    // SAFETY: the wrapper is only handed out after the CPU was found to
+    // support AVX2, FMA and F16C, and `check_gemv` accepted the slices.
     unsafe {
-        match rows - full {
-            1 => rows_avx2::<F, 1>(nb, w_rest, w_row_bytes, a.as_ptr(), out_rest),
-            2 => rows_avx2::<F, 2>(nb, w_rest, w_row_bytes, a.as_ptr(), out_rest),
-            3 => rows_avx2::<F, 3>(nb, w_rest, w_row_bytes, a.as_ptr(), out_rest),
-            _ => {}
-        }
+        in_groups_of_four(
+            [rows_avx2::<F, 1>, rows_avx2::<F, 2>, rows_avx2::<F, 3>, rows_avx2::<F, ROWS>],
+            nb,
+            w,
+            w_row_bytes,
+            rows,
+            a,
+            out,
+        )
     }
 }
 
