@@ -189,6 +189,19 @@ fn chunked_sweeps_cover_every_pair() {
 }
 
 #[test]
+fn long_rows_match_the_dot() {
+    // Rows of many super-blocks: a micro-tile's activation rows outgrow L1
+    // and every pair's accumulators run over many blocks.
+    for (i, ty) in [GgmlType::Q4_K, GgmlType::Q6_K].into_iter().enumerate() {
+        let dot = simd(ty).dot.expect("weight type has a dot");
+        let case = Case::new(ty, 15 * ty.block_size(), 5, 11, 2, 350 + i as u64);
+        for (rows, toks) in [(5, 11), (4, 8), (1, 3)] {
+            assert_matches_dot(&case, tile_for(ty, Isa::Avx2), dot, rows, toks, "long rows");
+        }
+    }
+}
+
+#[test]
 fn empty_tiles_write_nothing() {
     for ty in TILE_TYPES {
         let case = Case::new(ty, ty.block_size(), 1, 1, 0, 400);
@@ -248,7 +261,8 @@ fn partial_blocks_are_rejected() {
 }
 
 /// Throughput of the tile kernel against the per-pair dot loop on the shape of
-/// a 600-token prefill's FFN down matrix (576 rows of 1536, Q4_1, 512 tokens).
+/// a 600-token prefill's FFN down matrix (576 rows of 1536, Q4_1, 512 tokens)
+/// and on K-quant shapes of small models.
 /// Informational only: `cargo test --release -p flexserve-quant --test
 /// tile_kernels -- --ignored --nocapture`.
 #[test]
@@ -261,6 +275,9 @@ fn tile_throughput() {
         (GgmlType::Q8_0, 576, 1536),
         (GgmlType::Q4_K, 512, 1536),
         (GgmlType::Q6_K, 512, 1536),
+        // A 1B model's FFN down matrix: activation rows too long for several to stay in L1.
+        (GgmlType::Q4_K, 256, 5632),
+        (GgmlType::Q6_K, 256, 5632),
     ] {
         let toks = 512;
         let wk = simd(ty);

@@ -1,24 +1,28 @@
 //! AVX2 + FMA + F16C tile kernels for Q4_K and Q6_K weights against Q8_K
 //! activations.
 //!
-//! Per super-block, each weight row's scales are unpacked and its levels
-//! decoded once, then multiplied with the activation quants of every token of
-//! the micro-tile. Each (row, token) pair keeps its own i32 super-block sum
-//! and f32 accumulators, built with the same integer products, the same
-//! `d_a * d_w` (and `-d_a * dmin_w`) factors, the same FMAs and the same final
-//! reductions as the plain AVX2 dot, so results are bit-identical to it.
+//! Per super-block, each weight row's levels are decoded once and multiplied
+//! with the activation quants of every token of the micro-tile, accumulating
+//! `R x T` i32 sums in registers. Q4_K's packed 6-bit scales and mins are
+//! unpacked once per chunk of tokens (not per micro-tile), and the minimum
+//! terms of two tokens share one vector. Each (row, token) pair keeps its own
+//! i32 super-block sum and f32 accumulators, built with the same integer
+//! products (lane for lane), the same `d_a * d_w` (and `-d_a * dmin_w`)
+//! factors, the same FMAs and the same final reductions as the plain AVX2
+//! dot, so results are bit-identical to it.
 
 use super::{check_tile, Shape, TileFn};
-use crate::kquants::avx2::{f16_at, hsum_128, hsum_256, load, min_products};
+use crate::kquants::avx2::{f16_at, hsum_128, hsum_256, load};
 use crate::kquants::{q4k, q6k, q8k, unpack_scales_mins, QK_K};
 use crate::GgmlType;
 use std::arch::x86_64::*;
 
-/// Weight rows per micro-tile.
-const ROWS: usize = 2;
-/// Tokens per micro-tile: the 2 x 4 i32 super-block sums stay in registers
-/// beside one row's decoded levels and scales.
-const TOKS: usize = 4;
+/// Weight rows and tokens of a Q4_K micro-tile: the 2 x 4 i32 super-block
+/// sums stay in registers beside one row's levels and scales.
+const Q4K_TILE: (usize, usize) = (2, 4);
+/// Weight rows and tokens of a Q6_K micro-tile: decoding its levels costs
+/// more than Q4_K's, so each decoded row is used for more tokens.
+const Q6K_TILE: (usize, usize) = (1, 8);
 /// Bytes of weight rows swept by one chunk of tokens (fits in L2).
 const ROW_CHUNK_BYTES: usize = 64 * 1024;
 /// Bytes of activation rows in one chunk of tokens.
@@ -65,183 +69,316 @@ fn tile_wrapper<const F: u8>(
 /// Visits the whole `rows x toks` tile in cache-sized chunks of micro-tiles.
 ///
 /// # Safety
-/// As for `micro`, for all `rows` and `toks`.
+/// As for `q4k_micro`, for all `rows` and `toks`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn sweep<const F: u8>(s: Shape, w: *const u8, rows: usize, a: *const u8, toks: usize, out: *mut f32) {
-    let row_chunk = (ROW_CHUNK_BYTES / s.w_stride.max(1)).max(1).div_ceil(ROWS) * ROWS;
-    let tok_chunk = (TOK_CHUNK_BYTES / s.a_stride.max(1)).max(1).div_ceil(TOKS) * TOKS;
+    let (tile_rows, tile_toks) = if F == Q4K { Q4K_TILE } else { Q6K_TILE };
+    let row_chunk = (ROW_CHUNK_BYTES / s.w_stride.max(1)).max(1).div_ceil(tile_rows) * tile_rows;
+    let tok_chunk = (TOK_CHUNK_BYTES / s.a_stride.max(1)).max(1).div_ceil(tile_toks) * tile_toks;
+    // The unpacked factors of every Q4_K block of the current row chunk:
+    // unpacked once per chunk of tokens instead of once per micro-tile.
+    let mut unpacked = if F == Q4K { vec![Q4kFactors::zero(); row_chunk.min(rows) * s.nb] } else { Vec::new() };
     for t_chunk in (0..toks).step_by(tok_chunk) {
         let t_chunk_end = toks.min(t_chunk + tok_chunk);
         for r_chunk in (0..rows).step_by(row_chunk) {
             let r_chunk_end = rows.min(r_chunk + row_chunk);
-            for t in (t_chunk..t_chunk_end).step_by(TOKS) {
-                let tt = TOKS.min(t_chunk_end - t);
-                for r in (r_chunk..r_chunk_end).step_by(ROWS) {
-                    let rr = ROWS.min(r_chunk_end - r);
-                    let (w, a, out) = (w.add(r * s.w_stride), a.add(t * s.a_stride), out.add(r * s.out_stride + t));
-                    macro_rules! dispatch {
-                        ($(($r:literal, $t:literal)),*) => {
-                            match (rr, tt) {
-                                $(($r, $t) => micro::<F, $r, $t>(s, w, a, out),)*
-                                _ => unreachable!("micro-tile of {rr} x {tt} is larger than {ROWS} x {TOKS}"),
-                            }
-                        };
+            if F == Q4K {
+                for (i, factors) in unpacked.chunks_exact_mut(s.nb).take(r_chunk_end - r_chunk).enumerate() {
+                    let row = w.add((r_chunk + i) * s.w_stride);
+                    for (b, f) in factors.iter_mut().enumerate() {
+                        *f = q4k_factors(row.add(b * q4k::BYTES));
                     }
-                    dispatch!((2, 4), (2, 3), (2, 2), (2, 1), (1, 4), (1, 3), (1, 2), (1, 1));
+                }
+            }
+            for t in (t_chunk..t_chunk_end).step_by(tile_toks) {
+                let tt = tile_toks.min(t_chunk_end - t);
+                for r in (r_chunk..r_chunk_end).step_by(tile_rows) {
+                    let rr = tile_rows.min(r_chunk_end - r);
+                    let (w, a, out) = (w.add(r * s.w_stride), a.add(t * s.a_stride), out.add(r * s.out_stride + t));
+                    if F == Q4K {
+                        let factors = unpacked.as_ptr().add((r - r_chunk) * s.nb);
+                        dispatch!(
+                            rr,
+                            tt,
+                            q4k_micro(s, w, a, out, factors),
+                            (2, 4),
+                            (2, 3),
+                            (2, 2),
+                            (2, 1),
+                            (1, 4),
+                            (1, 3),
+                            (1, 2),
+                            (1, 1)
+                        );
+                    } else {
+                        dispatch!(
+                            rr,
+                            tt,
+                            q6k_micro(s, w, a, out),
+                            (1, 8),
+                            (1, 7),
+                            (1, 6),
+                            (1, 5),
+                            (1, 4),
+                            (1, 3),
+                            (1, 2),
+                            (1, 1)
+                        );
+                    }
                 }
             }
         }
     }
 }
 
-/// The whole Q8_K block at `p` as a slice.
-///
-/// # Safety
-/// `p` must point to a readable Q8_K block.
-#[inline(always)]
-unsafe fn q8k_block<'a>(p: *const u8) -> &'a [u8] {
-    std::slice::from_raw_parts(p, q8k::BYTES)
+/// Calls the micro-tile kernel `$micro` instantiated for `$rr x $tt`, one of
+/// the listed shapes.
+macro_rules! dispatch {
+    ($rr:expr, $tt:expr, $micro:ident $args:tt, $(($r:literal, $t:literal)),*) => {
+        match ($rr, $tt) {
+            $(($r, $t) => $micro::<$r, $t> $args,)*
+            (rr, tt) => unreachable!("no {rr} x {tt} micro-tile"),
+        }
+    };
+}
+use dispatch;
+
+/// The row-side factors of one Q4_K block, unpacked.
+#[derive(Clone, Copy)]
+struct Q4kFactors {
+    /// The eight sub-block scales as i16, in both 128-bit lanes.
+    scales: __m256i,
+    /// The eight sub-block mins as i16, in both 128-bit lanes.
+    mins: __m256i,
+    d: f32,
+    neg_dmin: f32,
 }
 
-/// One micro-tile of `R` weight rows (at `w`, `s.w_stride` apart) by `T`
-/// tokens (at `a`, `s.a_stride` apart), written to `out` (`s.out_stride` apart).
+impl Q4kFactors {
+    fn zero() -> Q4kFactors {
+        // SAFETY: all-zero bits are a valid value of every field.
+        unsafe { std::mem::zeroed() }
+    }
+}
+
+/// Unpacks the factors of the Q4_K block at `p`.
+///
+/// # Safety
+/// AVX2 and F16C must be available and `p` must point to a readable Q4_K block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_factors(p: *const u8) -> Q4kFactors {
+    let block = std::slice::from_raw_parts(p, q4k::BYTES);
+    let (scales, mins) = unpack_scales_mins(&block[q4k::SCALES..q4k::QS]);
+    Q4kFactors { scales: widen(scales), mins: widen(mins), d: f16_at(block, 0), neg_dmin: -f16_at(block, 2) }
+}
+
+/// Eight bytes as i16, in both 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn widen(bytes: [u8; 8]) -> __m256i {
+    _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi64x(0, u64::from_le_bytes(bytes) as i64)))
+}
+
+/// The block scale `d` of the Q8_K block at `p`, in every lane.
+///
+/// # Safety
+/// AVX must be available and `p` must point to a readable Q8_K block.
+#[inline(always)]
+unsafe fn q8k_scale(p: *const u8) -> __m256 {
+    _mm256_set1_ps(p.cast::<f32>().read_unaligned())
+}
+
+/// Keeps `sums` in registers at this point and stops the compiler from moving
+/// loads across it, so that the unrolled inner loops keep their order: left
+/// free, it hoists and interleaves them into far more live vectors than
+/// there are registers, and spills.
+///
+/// # Safety
+/// AVX must be available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pin<const T: usize>(sums: &mut [__m256i; T]) {
+    for v in sums.iter_mut() {
+        // SAFETY: an empty instruction template; the operand only tells the
+        // compiler that `v` is read and written in a register here.
+        std::arch::asm!("/* {0} */", inout(ymm_reg) * v, options(nostack, preserves_flags));
+    }
+}
+
+/// The Q4_K micro-tile of `R` weight rows (at `w`, `s.w_stride` apart) by
+/// `T` tokens (at `a`, `s.a_stride` apart), written to `out` (`s.out_stride`
+/// apart), with the rows' unpacked factors at `factors` (`s.nb` per row).
+/// Per super-block each token's scale and group sums are prepared once; the
+/// inner loop is then only loads, shuffles of the scales, `maddubs`, `madd`
+/// and adds on `R x T` i32 sums held in registers. The minimum terms of two
+/// tokens share one vector (low and high half).
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; the `R` weight rows and `T`
-/// activation rows of `s.nb` super-blocks must be readable and the `R x T`
-/// outputs writable.
+/// activation rows of `s.nb` super-blocks and the `R * s.nb` factors must be
+/// readable and the `R x T` outputs writable.
+// The loops walk several per-row and per-token arrays in step.
+#[allow(clippy::needless_range_loop)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn micro<const F: u8, const R: usize, const T: usize>(s: Shape, w: *const u8, a: *const u8, out: *mut f32) {
-    let w_bytes = if F == Q4K { q4k::BYTES } else { q6k::BYTES };
+unsafe fn q4k_micro<const R: usize, const T: usize>(
+    s: Shape,
+    w: *const u8,
+    a: *const u8,
+    out: *mut f32,
+    factors: *const Q4kFactors,
+) {
+    const PAIRS: usize = Q4K_TILE.1.div_ceil(2);
+    let nibble = _mm256_set1_epi8(0x0F);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let mut acc_min = [[_mm_setzero_ps(); T]; R];
+    let mut acc_min = [[_mm256_setzero_ps(); PAIRS]; R];
     for b in 0..s.nb {
         let mut ab = [a; T];
-        let mut d_a = [0.0f32; T];
+        let mut d_a = [_mm256_setzero_ps(); T];
         for t in 0..T {
             ab[t] = a.add(t * s.a_stride + b * q8k::BYTES);
-            d_a[t] = q8k::block_scale(q8k_block(ab[t]));
+            d_a[t] = q8k_scale(ab[t]);
+        }
+        // Tokens 2i and 2i + 1 (2i again past an odd end) side by side: their
+        // 16-element group sums added in pairs (one i16 per sub-block), and scales.
+        let mut pair_sums = [_mm256_setzero_si256(); PAIRS];
+        let mut d_a2 = [_mm256_setzero_ps(); PAIRS];
+        for i in 0..T.div_ceil(2) {
+            let (t0, t1) = (2 * i, (2 * i + 1).min(T - 1));
+            let sums = _mm256_hadd_epi16(load(ab[t0].add(q8k::BSUMS)), load(ab[t1].add(q8k::BSUMS)));
+            pair_sums[i] = _mm256_permute4x64_epi64::<0b11_01_10_00>(sums);
+            d_a2[i] = _mm256_permute2f128_ps::<0x20>(d_a[t0], d_a[t1]);
+        }
+        for r in 0..R {
+            let f = &*factors.add(r * s.nb + b);
+            let neg_dmin = _mm256_set1_ps(f.neg_dmin);
+            for i in 0..T.div_ceil(2) {
+                // `-d_a * dmin` as the dot forms it: negation is exact, so the product is the same.
+                let min_sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(f.mins, pair_sums[i]));
+                acc_min[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(d_a2[i], neg_dmin), min_sums, acc_min[r][i]);
+            }
+        }
+        let mut sumi = [[_mm256_setzero_si256(); T]; R];
+        // The four 64-level chunks written out rather than looped: straight-line
+        // code runs at the same speed wherever the linker happens to place it.
+        macro_rules! chunk {
+            ($c:literal) => {
+                for r in 0..R {
+                    let f = &*factors.add(r * s.nb + b);
+                    // Scales 2c and 2c + 1 in every i16 lane.
+                    let s_lo = _mm256_shuffle_epi8(f.scales, _mm256_set1_epi16(0x0100 + 0x0404 * $c));
+                    let s_hi = _mm256_shuffle_epi8(f.scales, _mm256_set1_epi16(0x0302 + 0x0404 * $c));
+                    let bits = load(w.add(r * s.w_stride + b * q4k::BYTES + q4k::QS + 32 * $c));
+                    let lo = _mm256_and_si256(bits, nibble);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), nibble);
+                    for t in 0..T {
+                        let q8 = ab[t].add(q8k::QS + 64 * $c);
+                        let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(q8)), s_lo);
+                        let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(q8.add(32))), s_hi);
+                        sumi[r][t] = _mm256_add_epi32(sumi[r][t], _mm256_add_epi32(p_lo, p_hi));
+                    }
+                    pin(&mut sumi[r]);
+                }
+            };
+        }
+        chunk!(0);
+        chunk!(1);
+        chunk!(2);
+        chunk!(3);
+        for r in 0..R {
+            let d_w = _mm256_set1_ps((*factors.add(r * s.nb + b)).d);
+            for t in 0..T {
+                acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(d_a[t], d_w), _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            let pair = acc_min[r][t / 2];
+            let min = if t % 2 == 0 { _mm256_castps256_ps128(pair) } else { _mm256_extractf128_ps::<1>(pair) };
+            *out.add(r * s.out_stride + t) = hsum_256(acc[r][t]) + hsum_128(min);
+        }
+    }
+}
+
+/// The Q6_K micro-tile (arguments as for `q4k_micro`, without factors).
+/// Per super-block and group of 32 levels, each row's levels are decoded
+/// once (with the offset of 32 taken off) and multiplied with every token's
+/// quants: the sign of the quants moved onto the levels makes the product
+/// fit one `maddubs`.
+///
+/// # Safety
+/// As for `q4k_micro`, without factors.
+// The loops walk several per-row and per-token arrays in step.
+#[allow(clippy::needless_range_loop)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *const u8, out: *mut f32) {
+    let nibble = _mm256_set1_epi8(0x0F);
+    let two_bits = _mm256_set1_epi8(0x30);
+    let offset = _mm256_set1_epi8(32);
+    // Byte pattern selecting scale s for the low 16 lanes and s + 1 for the high 16.
+    let scale_pair = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..s.nb {
+        let mut ab = [a; T];
+        let mut d_a = [_mm256_setzero_ps(); T];
+        for t in 0..T {
+            ab[t] = a.add(t * s.a_stride + b * q8k::BYTES);
+            d_a[t] = q8k_scale(ab[t]);
         }
         let mut wb = [w; R];
-        for (r, wb_r) in wb.iter_mut().enumerate() {
-            *wb_r = w.add(r * s.w_stride + b * w_bytes);
+        let mut d_w = [_mm256_setzero_ps(); R];
+        let mut scales = [_mm_setzero_si128(); R];
+        for r in 0..R {
+            wb[r] = w.add(r * s.w_stride + b * q6k::BYTES);
+            d_w[r] = _mm256_set1_ps(f16_at(std::slice::from_raw_parts(wb[r], q6k::BYTES), q6k::D));
+            scales[r] = _mm_loadu_si128(wb[r].add(q6k::SCALES).cast());
         }
-        let (sumi, d_w) =
-            if F == Q4K { q4k_sums::<R, T>(&wb, &ab, &d_a, &mut acc_min) } else { q6k_sums::<R, T>(&wb, &ab) };
+        let mut sumi = [[_mm256_setzero_si256(); T]; R];
+        for half in 0..2 {
+            for k in 0..4 {
+                for r in 0..R {
+                    // Level group k of this half: the low or high nibbles of the
+                    // first or second 32 `ql` bytes, with bit pair k of `qh` on top.
+                    let low = load(wb[r].add(64 * half + 32 * (k % 2)));
+                    let high = load(wb[r].add(q6k::QH + 32 * half));
+                    let low = if k < 2 { low } else { _mm256_srli_epi16::<4>(low) };
+                    let high = match k {
+                        0 => _mm256_slli_epi16::<4>(high),
+                        1 => _mm256_slli_epi16::<2>(high),
+                        2 => high,
+                        _ => _mm256_srli_epi16::<2>(high),
+                    };
+                    let q = _mm256_or_si256(_mm256_and_si256(low, nibble), _mm256_and_si256(high, two_bits));
+                    let q = _mm256_sub_epi8(q, offset);
+                    let step = (8 * half + 2 * k) as i8;
+                    let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(
+                        scales[r],
+                        _mm_add_epi8(scale_pair, _mm_set1_epi8(step)),
+                    ));
+                    for t in 0..T {
+                        let a8 = load(ab[t].add(q8k::QS + 128 * half + 32 * k));
+                        // (q - 32) * a as |a| * ((q - 32) with a's sign): the same
+                        // i16 pair sums as the dot's q * a - 32 * a, in one multiply.
+                        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(a8), _mm256_sign_epi8(q, a8));
+                        sumi[r][t] = _mm256_add_epi32(sumi[r][t], _mm256_madd_epi16(sc, p));
+                    }
+                    pin(&mut sumi[r]);
+                }
+            }
+        }
         for r in 0..R {
             for t in 0..T {
-                let d = _mm256_set1_ps(d_a[t] * d_w[r]);
+                let d = _mm256_mul_ps(d_a[t], d_w[r]);
                 acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
             }
         }
     }
     for r in 0..R {
         for t in 0..T {
-            let mut v = hsum_256(acc[r][t]);
-            if F == Q4K {
-                v += hsum_128(acc_min[r][t]);
-            }
-            *out.add(r * s.out_stride + t) = v;
+            *out.add(r * s.out_stride + t) = hsum_256(acc[r][t]);
         }
     }
-}
-
-/// The i32 super-block sums of one Q4_K block per pair, and each row's `d`;
-/// adds the pairs' minimum terms to `acc_min`.
-///
-/// # Safety
-/// As for `micro`, for the blocks at `wb` and `ab`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4k_sums<const R: usize, const T: usize>(
-    wb: &[*const u8; R],
-    ab: &[*const u8; T],
-    d_a: &[f32; T],
-    acc_min: &mut [[__m128; T]; R],
-) -> ([[__m256i; T]; R], [f32; R]) {
-    let nibble = _mm256_set1_epi8(0x0F);
-    let mut d_w = [0.0f32; R];
-    let mut scales = [[0u8; 8]; R];
-    for r in 0..R {
-        let block = std::slice::from_raw_parts(wb[r], q4k::BYTES);
-        d_w[r] = f16_at(block, 0);
-        let dmin = f16_at(block, 2);
-        let (sc, mins) = unpack_scales_mins(&block[q4k::SCALES..q4k::QS]);
-        scales[r] = sc;
-        for t in 0..T {
-            let neg_dmin = -d_a[t] * dmin;
-            let mins_i32 = _mm_cvtepi32_ps(min_products(&mins, q8k_block(ab[t])));
-            acc_min[r][t] = _mm_fmadd_ps(_mm_set1_ps(neg_dmin), mins_i32, acc_min[r][t]);
-        }
-    }
-    let mut sumi = [[_mm256_setzero_si256(); T]; R];
-    for c in 0..4 {
-        for r in 0..R {
-            let bits = load(wb[r].add(q4k::QS + 32 * c));
-            let lo = _mm256_and_si256(bits, nibble);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), nibble);
-            let s_lo = _mm256_set1_epi16(scales[r][2 * c] as i16);
-            let s_hi = _mm256_set1_epi16(scales[r][2 * c + 1] as i16);
-            for t in 0..T {
-                let q8 = ab[t].add(q8k::QS + 64 * c);
-                let p_lo = _mm256_madd_epi16(s_lo, _mm256_maddubs_epi16(lo, load(q8)));
-                let p_hi = _mm256_madd_epi16(s_hi, _mm256_maddubs_epi16(hi, load(q8.add(32))));
-                sumi[r][t] = _mm256_add_epi32(sumi[r][t], _mm256_add_epi32(p_lo, p_hi));
-            }
-        }
-    }
-    (sumi, d_w)
-}
-
-/// The i32 super-block sums of one Q6_K block per pair, and each row's `d`.
-///
-/// # Safety
-/// As for `micro`, for the blocks at `wb` and `ab`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_sums<const R: usize, const T: usize>(
-    wb: &[*const u8; R],
-    ab: &[*const u8; T],
-) -> ([[__m256i; T]; R], [f32; R]) {
-    let nibble = _mm256_set1_epi8(0x0F);
-    let two_bits = _mm256_set1_epi8(0x30);
-    let offset = _mm256_set1_epi8(32);
-    // Byte pattern selecting scale s for the low 16 lanes and s + 1 for the high 16.
-    let scale_pair = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    let mut d_w = [0.0f32; R];
-    let mut scales = [_mm_setzero_si128(); R];
-    for r in 0..R {
-        d_w[r] = f16_at(std::slice::from_raw_parts(wb[r], q6k::BYTES), q6k::D);
-        scales[r] = _mm_loadu_si128(wb[r].add(q6k::SCALES).cast());
-    }
-    let mut sumi = [[_mm256_setzero_si256(); T]; R];
-    for half in 0..2 {
-        for k in 0..4 {
-            for r in 0..R {
-                // Level group k of this half: the low or high nibbles of the
-                // first or second 32 `ql` bytes, with bit pair k of `qh` on top.
-                let low = load(wb[r].add(64 * half + 32 * (k % 2)));
-                let high = load(wb[r].add(q6k::QH + 32 * half));
-                let low = if k < 2 { low } else { _mm256_srli_epi16::<4>(low) };
-                let high = match k {
-                    0 => _mm256_slli_epi16::<4>(high),
-                    1 => _mm256_slli_epi16::<2>(high),
-                    2 => high,
-                    _ => _mm256_srli_epi16::<2>(high),
-                };
-                let q = _mm256_or_si256(_mm256_and_si256(low, nibble), _mm256_and_si256(high, two_bits));
-                let step = (8 * half + 2 * k) as i8;
-                let sc =
-                    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales[r], _mm_add_epi8(scale_pair, _mm_set1_epi8(step))));
-                for t in 0..T {
-                    let a8 = load(ab[t].add(q8k::QS + 128 * half + 32 * k));
-                    // (q - 32) * a as q * a - 32 * a: both products fit i16 pair sums.
-                    let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, a8), _mm256_maddubs_epi16(offset, a8));
-                    sumi[r][t] = _mm256_add_epi32(sumi[r][t], _mm256_madd_epi16(sc, p));
-                }
-            }
-        }
-    }
-    (sumi, d_w)
 }
