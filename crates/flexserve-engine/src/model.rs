@@ -722,8 +722,11 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
 
 /// Causal grouped-query attention in f32 for large batches (prompt
 /// processing): queries stay f32, keys and values are widened from the f16
-/// cache once per layer, and each query takes an exact softmax over its
-/// positions.
+/// cache once per layer into one block per KV head (its positions back to
+/// back), and each query takes an exact softmax over its positions. The
+/// query heads that share a KV head are taken together, so each key and
+/// value row is read once for all of them (long batches are bound by these
+/// reads, not by the arithmetic).
 fn attention_f32(
     c: &ModelConfig,
     kv: &KvCache,
@@ -736,41 +739,59 @@ fn attention_f32(
     use half::slice::HalfFloatSliceExt;
     let hd = c.head_dim;
     let n_head = c.n_head;
-    let group = c.n_head / c.n_head_kv;
+    let n_head_kv = c.n_head_kv;
+    let group = n_head / n_head_kv;
     let kvd = c.kv_dim();
     let n_pos = pos0 + out.len() / c.q_dim();
     let scale = 1.0 / (hd as f32).sqrt();
     let (k32, v32) = kv32;
     k32.resize(n_pos * kvd, 0.0)?;
     v32.resize(n_pos * kvd, 0.0)?;
-    let kh: &[f16] = bytemuck::cast_slice(&kv.k(layer)[..n_pos * kvd]);
-    let vh: &[f16] = bytemuck::cast_slice(&kv.v(layer)[..n_pos * kvd]);
-    kh.convert_to_f32_slice(k32);
-    vh.convert_to_f32_slice(v32);
+    // Head-major: row `j` of KV head `h` at `(h * n_pos + j) * hd`.
+    let widen = |cache: &[u16], dst: &mut [f32]| {
+        let cache: &[f16] = bytemuck::cast_slice(&cache[..n_pos * kvd]);
+        dst.par_chunks_mut(n_pos * hd).enumerate().for_each(|(h, block)| {
+            for (j, row) in block.chunks_exact_mut(hd).enumerate() {
+                cache[j * kvd + h * hd..j * kvd + (h + 1) * hd].convert_to_f32_slice(row);
+            }
+        });
+    };
+    widen(kv.k(layer), k32);
+    widen(kv.v(layer), v32);
     let (k32, v32) = (&*k32, &*v32);
     let dot =
         ops::kernels(flexserve_gguf::GgmlType::F32).expect("F32 kernels are always present").dot.expect("F32 dot");
     thread_local! {
-        // One scores row per worker thread, kept between calls: allocating
-        // one per parallel split would churn the heap thousands of times a layer.
+        // Scores rows per worker thread, kept between calls: allocating them
+        // per parallel split would churn the heap thousands of times a layer.
         static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+    // One task per (token, KV head): its query heads' outputs are adjacent.
+    out.par_chunks_mut(group * hd).enumerate().for_each(|(i, o)| {
         SCORES.with_borrow_mut(|scores| {
-            let t = i / n_head;
-            let kvh = (i % n_head) / group;
-            let qrow: &[u8] = bytemuck::cast_slice(&q[i * hd..(i + 1) * hd]);
+            let (t, kvh) = (i / n_head_kv, i % n_head_kv);
+            let n_keys = pos0 + t + 1;
+            let keys = &k32[kvh * n_pos * hd..][..n_keys * hd];
+            let values = &v32[kvh * n_pos * hd..][..n_keys * hd];
+            let queries = &q[(t * n_head + kvh * group) * hd..][..group * hd];
             scores.clear();
-            for j in 0..=pos0 + t {
-                let at = j * kvd + kvh * hd;
-                scores.push(dot(hd, qrow, bytemuck::cast_slice(&k32[at..at + hd])));
+            scores.resize(group * n_keys, 0.0);
+            for (j, krow) in keys.chunks_exact(hd).enumerate() {
+                let krow: &[u8] = bytemuck::cast_slice(krow);
+                for (g, qrow) in queries.chunks_exact(hd).enumerate() {
+                    scores[g * n_keys + j] = dot(hd, bytemuck::cast_slice(qrow), krow);
+                }
             }
-            ops::softmax_scaled(scores, scale);
+            for row in scores.chunks_exact_mut(n_keys) {
+                ops::softmax_scaled(row, scale);
+            }
             o.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let at = j * kvd + kvh * hd;
-                for (ov, &vv) in o.iter_mut().zip(&v32[at..at + hd]) {
-                    *ov += p * vv;
+            for (j, vrow) in values.chunks_exact(hd).enumerate() {
+                for (g, og) in o.chunks_exact_mut(hd).enumerate() {
+                    let p = scores[g * n_keys + j];
+                    for (ov, &vv) in og.iter_mut().zip(vrow) {
+                        *ov += p * vv;
+                    }
                 }
             }
         })
