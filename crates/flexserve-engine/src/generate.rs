@@ -57,6 +57,14 @@ impl GenerationStats {
     }
 }
 
+/// How many leading tokens of `prompt` a cache holding `history` already has
+/// evaluated: their common prefix, leaving at least the last prompt token to
+/// evaluate so that there are logits to sample from.
+pub fn reusable_prefix(history: &[u32], prompt: &[u32]) -> usize {
+    let common = history.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    common.min(prompt.len().saturating_sub(1))
+}
+
 /// A session plus the token history that its cache holds, so that a new
 /// prompt sharing a prefix with the history (the next turn of a chat) only
 /// evaluates what is new.
@@ -115,10 +123,7 @@ impl<'m> Generator<'m> {
         if prompt.is_empty() {
             return Err(EngineError::EmptyInput);
         }
-        // Reuse the cached prefix; always evaluate at least the last prompt token
-        // so that there are logits to sample from.
-        let common = self.history.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        let reuse = common.min(prompt.len() - 1);
+        let reuse = reusable_prefix(&self.history, prompt);
         self.session.truncate(reuse);
         self.history.truncate(reuse);
         let todo = &prompt[reuse..];

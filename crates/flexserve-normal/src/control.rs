@@ -107,14 +107,18 @@ pub struct PendingRecall {
 
 impl PendingRecall {
     /// Tells the client what came back (or why nothing did).
-    pub fn answer(mut self, result: Result<RecallAnswer, String>) {
-        let line = match result {
-            Ok(a) => format_answer(&a),
-            Err(e) => format!("error {}", e.replace('\n', " ")),
-        };
-        // A client that went away is no one's concern.
-        let _ = writeln!(self.client, "{line}");
+    pub fn answer(self, result: Result<RecallAnswer, String>) {
+        answer_client(self.client, result)
     }
+}
+
+fn answer_client(mut client: UnixStream, result: Result<RecallAnswer, String>) {
+    let line = match result {
+        Ok(a) => format_answer(&a),
+        Err(e) => format!("error {}", e.replace('\n', " ")),
+    };
+    // A client that went away is no one's concern.
+    let _ = writeln!(client, "{line}");
 }
 
 /// The directory of control sockets: `$FLEXSERVE_RUNTIME_DIR`, else
@@ -204,7 +208,7 @@ fn accept_loop(listener: UnixListener, tx: mpsc::Sender<PendingRecall>) {
                     return; // The owner is gone.
                 }
             }
-            Err(e) => PendingRecall { amount: RecallAmount::Granules(0), client }.answer(Err(e)),
+            Err(e) => answer_client(client, Err(e)),
         }
     }
 }

@@ -8,6 +8,7 @@
 //! Flex-Mem), recalls it, and relays generation requests. It never holds a
 //! key, a plaintext weight or a token id.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -216,6 +217,14 @@ pub struct Recall {
     pub during_generation: bool,
     /// Asked for through the control socket (`flexserve recall`), not by the pressure watch.
     pub by_client: bool,
+}
+
+/// A recall sent while a generation runs, waiting for its answer.
+struct InFlightRecall {
+    requested: u32,
+    sent: Instant,
+    /// The `flexserve recall` client that asked for it, if one did.
+    asker: Option<control::PendingRecall>,
 }
 
 /// How often available memory is checked while a generation runs.
@@ -550,29 +559,22 @@ impl SecureWorld {
         self.make_resident(model)?;
         let request = Request::Generate(request);
         self.send(&request)?;
-        // Recalls sent during the generation, oldest first: (granules, sent at).
-        type InFlight = (u32, Instant, Option<control::PendingRecall>);
-        let mut in_flight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
+        // Recalls sent during the generation, oldest first.
+        let mut in_flight: VecDeque<InFlightRecall> = VecDeque::new();
         let mut result = None;
         loop {
             // A long prefill sends nothing for a while: the watch goes on meanwhile.
             while in_flight.is_empty() && result.is_none() && !self.reply_ready(PRESSURE_CHECK_INTERVAL) {
-                if let Some((n, asker)) = self.recall_due() {
-                    self.send(&Request::Recall { granules: n })?;
-                    in_flight.push_back((n, Instant::now(), asker));
-                }
+                self.send_due_recall(&mut in_flight)?;
             }
             match self.receive()? {
                 // Before any token: the KV cache needs more granules; grant, ask again.
                 Reply::MemoryNeeded { granules } if result.is_none() => {
                     // A recall sent meanwhile is answered next, as a request of its own.
-                    while let Some((requested, sent, asker)) = in_flight.pop_front() {
+                    while let Some(recall) = in_flight.pop_front() {
                         match self.receive()? {
                             Reply::Recalled { released, evicted, micros } => {
-                                self.note_recall(requested, released, evicted, sent.elapsed(), false, asker.is_some());
-                                if let Some(asker) = asker {
-                                    asker.answer(Ok(self.answer(released, evicted, micros)));
-                                }
+                                self.recall_answered(recall, released, evicted, micros, false)
                             }
                             other => return Err(unexpected("Recalled", &other)),
                         }
@@ -583,21 +585,14 @@ impl SecureWorld {
                 Reply::Token { text } => {
                     on_text(&text);
                     if in_flight.is_empty() {
-                        if let Some((n, asker)) = self.recall_due() {
-                            self.send(&Request::Recall { granules: n })?;
-                            in_flight.push_back((n, Instant::now(), asker));
-                        }
+                        self.send_due_recall(&mut in_flight)?;
                     }
                 }
                 Reply::Recalled { released, evicted, micros } => {
-                    let Some((requested, sent, asker)) = in_flight.pop_front() else {
+                    let Some(recall) = in_flight.pop_front() else {
                         return Err(unexpected("Token or Generated", &Reply::Recalled { released, evicted, micros }));
                     };
-                    let during = result.is_none();
-                    self.note_recall(requested, released, evicted, sent.elapsed(), during, asker.is_some());
-                    if let Some(asker) = asker {
-                        asker.answer(Ok(self.answer(released, evicted, micros)));
-                    }
+                    self.recall_answered(recall, released, evicted, micros, result.is_none());
                 }
                 Reply::Generated(report) => result = Some(Ok(report)),
                 Reply::Error { code, message } => result = Some(Err(NormalError::Secure { code, message })),
@@ -609,6 +604,31 @@ impl SecureWorld {
                     return r;
                 }
             }
+        }
+    }
+
+    /// Sends the recall that is due (memory pressure first, then a
+    /// `flexserve recall`), if any, and notes it as in flight.
+    fn send_due_recall(&mut self, in_flight: &mut VecDeque<InFlightRecall>) -> Result<()> {
+        let (requested, asker) = match self.pressure_due() {
+            Some(n) => (n, None),
+            None => match self.control_pending() {
+                Some(p) => (p.amount.granules(self.info.granule_size), Some(p)),
+                None => return Ok(()),
+            },
+        };
+        self.send(&Request::Recall { granules: requested })?;
+        in_flight.push_back(InFlightRecall { requested, sent: Instant::now(), asker });
+        Ok(())
+    }
+
+    /// Notes what a recall sent during a generation got back, and tells the
+    /// client that asked for it, if one did.
+    fn recall_answered(&mut self, recall: InFlightRecall, released: u32, evicted: u32, micros: u64, during: bool) {
+        let took = recall.sent.elapsed();
+        self.note_recall(recall.requested, released, evicted, took, during, recall.asker.is_some());
+        if let Some(asker) = recall.asker {
+            asker.answer(Ok(self.answer(released, evicted, micros)));
         }
     }
 
@@ -664,14 +684,6 @@ impl SecureWorld {
             served += 1;
         }
         Ok(served)
-    }
-
-    /// A recall to send now: memory pressure first, then a `flexserve recall`.
-    fn recall_due(&mut self) -> Option<(u32, Option<control::PendingRecall>)> {
-        match self.pressure_due() {
-            Some(n) => Some((n, None)),
-            None => self.control_pending().map(|p| (p.amount.granules(self.info.granule_size), Some(p))),
-        }
     }
 
     /// Whether a reply can be read without waiting more than `timeout`.

@@ -53,25 +53,31 @@ pub fn gemv_kernel_for(ty: GgmlType, isa: Isa) -> Option<GemvFn> {
 #[cfg(target_arch = "x86_64")]
 pub(crate) type RowsKernel = unsafe fn(usize, *const u8, usize, *const u8, *mut f32);
 
-/// Runs `by_count[3]` (the four-row kernel) over every group of four rows,
-/// then the kernel for the one to three rows left.
+/// Checks the slices for `rows` rows of weight type `ty` against one row of
+/// `act_ty` activations, then runs `by_count[3]` (the four-row kernel) over
+/// every group of four rows and the kernel for the one to three rows left.
 ///
 /// # Safety
-/// `check_gemv` must have accepted the slices for `rows` rows of `nb` blocks
-/// at `w_row_bytes`, and the CPU must have what the kernels need.
+/// The CPU must have what the kernels need.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn in_groups_of_four(
+    ty: GgmlType,
+    act_ty: GgmlType,
     by_count: [RowsKernel; 4],
-    nb: usize,
+    n: usize,
     w: &[u8],
     w_row_bytes: usize,
     rows: usize,
     a: &[u8],
     out: &mut [f32],
 ) {
+    check_gemv(ty, act_ty, n, w, w_row_bytes, rows, a, out);
+    let nb = n / ty.block_size();
     let full = rows / 4 * 4;
     for r in (0..full).step_by(4) {
-        // SAFETY: the caller's guarantee; rows `r..r + 4` lie within the checked `rows`.
+        // SAFETY: the caller's guarantee for the CPU; `check_gemv` accepted
+        // the slices, and rows `r..r + 4` lie within the checked `rows`.
         unsafe { by_count[3](nb, w.as_ptr().add(r * w_row_bytes), w_row_bytes, a.as_ptr(), out.as_mut_ptr().add(r)) }
     }
     if rows > full {

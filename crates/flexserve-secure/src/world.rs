@@ -307,9 +307,8 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         // A prompt the context cannot hold fails as the engine would, before any memory is asked for.
         let overflow = (ids.len() > limit).then_some(EngineError::ContextFull { n_ctx: limit, needed: ids.len() });
         // Activations for the tokens to evaluate: those after the prefix the cache already holds.
-        let cached =
-            if conv.state.is_some() { conv.history.iter().zip(&ids).take_while(|(a, b)| a == b).count() } else { 0 };
-        let batch = ids.len() - cached.min(ids.len().saturating_sub(1));
+        let cached = if conv.state.is_some() { flexserve_engine::reusable_prefix(&conv.history, &ids) } else { 0 };
+        let batch = ids.len() - cached;
         let plan = engine.scratch_plan(batch, positions, 1);
         let prepared = match overflow {
             Some(e) => Err(Box::new(KvShortfall { state: conv.state.take(), reply: Err(engine_failure(e)) })),
@@ -436,8 +435,8 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         model.engine(threads).map_err(|e| (ErrorCode::Engine, e))?;
         let (engine, tokenizer, _, _) = model.parts();
         let engine = engine.expect("built above");
-        let batch = n_ctx.clamp(1, 512);
-        let plan = engine.scratch_plan(batch, n_ctx, batch);
+        // Every chunk is one batch (the engine splits longer ones) with logits for its scored half.
+        let plan = engine.scratch_plan(n_ctx, n_ctx, n_ctx);
         let mut session = match kv_session(&self.memory, engine, None, n_ctx.max(1), n_ctx.max(1), &plan) {
             Ok((session, _)) => session,
             Err(shortfall) => return shortfall.reply,

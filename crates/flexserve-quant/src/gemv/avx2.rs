@@ -12,9 +12,9 @@
 //! activation block, instead of moving signs per row: the same integers with
 //! fewer instructions per row.
 
-use super::{check_gemv, in_groups_of_four, GemvFn};
+use super::{in_groups_of_four, GemvFn};
 use crate::legacy::avx2::{hsum, load_bit_mask, load_nibbles};
-use crate::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES, QK};
+use crate::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
 use crate::GgmlType;
 use std::arch::x86_64::*;
 
@@ -75,22 +75,11 @@ const fn level_offset(f: u8) -> i8 {
 }
 
 fn gemv_wrapper<const F: u8>(n: usize, w: &[u8], w_row_bytes: usize, rows: usize, a: &[u8], out: &mut [f32]) {
-    let act_ty = if has_min(F) { GgmlType::Q8_1 } else { GgmlType::Q8_0 };
-    check_gemv(weight_type(F), act_ty, n, w, w_row_bytes, rows, a, out);
-    let nb = n / QK;
+    let (ty, act_ty) = (weight_type(F), if has_min(F) { GgmlType::Q8_1 } else { GgmlType::Q8_0 });
+    let kernels = [rows_avx2::<F, 1>, rows_avx2::<F, 2>, rows_avx2::<F, 3>, rows_avx2::<F, ROWS>];
     // SAFETY: the wrapper is only handed out after the CPU was found to
-    // support AVX2, FMA and F16C, and `check_gemv` accepted the slices.
-    unsafe {
-        in_groups_of_four(
-            [rows_avx2::<F, 1>, rows_avx2::<F, 2>, rows_avx2::<F, 3>, rows_avx2::<F, ROWS>],
-            nb,
-            w,
-            w_row_bytes,
-            rows,
-            a,
-            out,
-        )
-    }
+    // support AVX2, FMA and F16C.
+    unsafe { in_groups_of_four(ty, act_ty, kernels, n, w, w_row_bytes, rows, a, out) }
 }
 
 /// The f16 at `p` (any alignment) as raw bits.

@@ -20,9 +20,9 @@
 //! Decoding streams the weights from memory; see `prefetch_next_pass` for how
 //! the kernels keep the memory busy.
 
-use super::{check_gemv, in_groups_of_four, GemvFn};
+use super::{in_groups_of_four, GemvFn};
 use crate::kquants::avx2::{hsum_128, hsum_256, load};
-use crate::kquants::{q4k, q6k, q8k, QK_K};
+use crate::kquants::{q4k, q6k, q8k};
 use crate::GgmlType;
 use std::arch::x86_64::*;
 
@@ -42,22 +42,11 @@ pub(super) fn gemv(ty: GgmlType) -> Option<GemvFn> {
 }
 
 fn gemv_wrapper<const F: u8>(n: usize, w: &[u8], w_row_bytes: usize, rows: usize, a: &[u8], out: &mut [f32]) {
-    let ty = if F == Q4K { GgmlType::Q4_K } else { GgmlType::Q6_K };
-    check_gemv(ty, GgmlType::Q8_K, n, w, w_row_bytes, rows, a, out);
-    let nb = n / QK_K;
+    let (ty, act_ty) = (if F == Q4K { GgmlType::Q4_K } else { GgmlType::Q6_K }, GgmlType::Q8_K);
+    let kernels = [rows_avx2::<F, 1>, rows_avx2::<F, 2>, rows_avx2::<F, 3>, rows_avx2::<F, ROWS>];
     // SAFETY: the wrapper is only handed out after the CPU was found to
-    // support AVX2, FMA and F16C, and `check_gemv` accepted the slices.
-    unsafe {
-        in_groups_of_four(
-            [rows_avx2::<F, 1>, rows_avx2::<F, 2>, rows_avx2::<F, 3>, rows_avx2::<F, ROWS>],
-            nb,
-            w,
-            w_row_bytes,
-            rows,
-            a,
-            out,
-        )
-    }
+    // support AVX2, FMA and F16C.
+    unsafe { in_groups_of_four(ty, act_ty, kernels, n, w, w_row_bytes, rows, a, out) }
 }
 
 /// # Safety
