@@ -53,7 +53,7 @@ impl Layer {
 
 /// Whether loading rearranges the tensor called `name` for the grouped
 /// matrix kernels (when its type and shape allow it, see
-/// `flexserve_quant::repackable`): the layer matrices and an untied output,
+/// `flexserve_quant::Repacked::for_matrix`): the layer matrices and an untied output,
 /// never the embeddings. A source that rearranges in place must pick exactly
 /// these ([`Weights::load`] follows the same rule).
 pub fn rearranged_by_load(name: &str) -> bool {
@@ -81,8 +81,9 @@ pub struct Weights {
 impl Weights {
     pub fn load(src: &dyn TensorSource, c: &ModelConfig) -> Result<Self, EngineError> {
         let token_embd = Tensor::load(src, "token_embd.weight", c.n_embd, c.n_vocab)?;
-        // As llama.cpp: matrix-product weights are rearranged where its kernels
-        // would be (the embedding matrix, and so a tied output, is not).
+        // Matrix-product weights are rearranged for the grouped kernels where
+        // their type allows (Q4_0 as llama.cpp does, and Q8_0); the embedding
+        // matrix, and so a tied output, is not (its rows are looked up).
         let output = match Tensor::load_opt(src, "output.weight", c.n_embd, c.n_vocab)? {
             Some(mut t) => {
                 t.repack_for_matmul()?;

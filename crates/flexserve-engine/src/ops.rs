@@ -2,7 +2,7 @@
 //! functions and the quantized matrix multiplication.
 
 use flexserve_gguf::GgmlType;
-use flexserve_quant::Kernels;
+use flexserve_quant::{Kernels, Repacked};
 use rayon::prelude::*;
 
 use std::sync::Arc;
@@ -151,8 +151,8 @@ pub fn dot_kernel(w: &Tensor) -> Result<(flexserve_quant::DotFn, GgmlType), Engi
 /// `out` is token-major: `acts.n_rows` rows of `w.rows` values. `scratch`
 /// holds the row-major (weight-row-major) intermediate for multi-token batches.
 pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut Buf<f32>) -> Result<(), EngineError> {
-    if w.layout == Layout::Q4_0x8 {
-        return matmul_q4_0x8(w, acts, out, scratch);
+    if let Layout::Packed(packing) = w.layout {
+        return matmul_packed(w, packing, acts, out, scratch);
     }
     let (dot, act_ty) = dot_kernel(w)?;
     debug_assert_eq!(act_ty, acts.ty);
@@ -222,18 +222,23 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut B
     Ok(())
 }
 
-/// [`matmul`] for Q4_0 weights rearranged in groups of eight rows. Tasks
-/// cover whole groups; for several tokens each task writes its rows
-/// token-major into its own part of `scratch`, then the parts are copied
-/// into place.
-fn matmul_q4_0x8(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut Buf<f32>) -> Result<(), EngineError> {
+/// [`matmul`] for weights rearranged in groups of eight rows. Tasks cover
+/// whole groups; for several tokens each task writes its rows token-major
+/// into its own part of `scratch`, then the parts are copied into place.
+fn matmul_packed(
+    w: &Tensor,
+    packing: Repacked,
+    acts: &QuantizedActs,
+    out: &mut [f32],
+    scratch: &mut Buf<f32>,
+) -> Result<(), EngineError> {
     if acts.ty != GgmlType::Q8_0 {
         return Err(EngineError::Weights(format!(
-            "tensor {}: rearranged Q4_0 weights need Q8_0 activations, got {}",
-            w.name, acts.ty
+            "tensor {}: rearranged {} weights need Q8_0 activations, got {}",
+            w.name, w.ty, acts.ty
         )));
     }
-    let kernel = flexserve_quant::q4_0x8_kernel();
+    let kernel = packing.kernel();
     let (n, rows, n_tok) = (w.cols, w.rows, acts.n_rows);
     debug_assert_eq!(out.len(), n_tok * rows);
     let tasks = rayon::current_num_threads() * 8;

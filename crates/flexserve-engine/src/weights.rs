@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use flexserve_gguf::{GgmlType, GgufFile, GgufHeader, TensorInfo};
+pub use flexserve_quant::Repacked;
 
 use crate::EngineError;
 
@@ -142,8 +143,9 @@ impl TensorSource for GgufSource {
 pub enum Layout {
     /// Row after row, as in the file.
     Rows,
-    /// Q4_0 rows interleaved in groups of eight (`flexserve_quant::repack_q4_0x8`).
-    Q4_0x8,
+    /// Rows interleaved in groups of eight for the grouped matrix kernels
+    /// (`flexserve_quant::Repacked`).
+    Packed(Repacked),
 }
 
 /// A 2-D weight matrix: `rows` rows of `cols` elements, each row encoded in `ty`.
@@ -172,21 +174,24 @@ impl Tensor {
         &self.bytes()[i * self.row_bytes..(i + 1) * self.row_bytes]
     }
 
-    /// Rearranges a matrix-product weight for the grouped kernels where
-    /// llama.cpp's default CPU path does so (Q4_0 with a multiple of 8 rows),
-    /// so that products agree with it bit for bit; other tensors are left
-    /// as they are. The rearranged bytes go to a new buffer (wiped on drop)
-    /// and the tensor lets go of the original ones.
+    /// Rearranges a matrix-product weight for the grouped kernels where its
+    /// type and shape allow it (`Repacked::for_matrix`: Q4_0, as llama.cpp's
+    /// default CPU path does, so that products agree with it bit for bit; and
+    /// Q8_0, whose grouped product is faster than the row tiles); other
+    /// tensors are left as they are. The rearranged bytes go to a new buffer
+    /// (wiped on drop) and the tensor lets go of the original ones.
     pub fn repack_for_matmul(&mut self) -> Result<(), EngineError> {
-        if self.layout != Layout::Rows || !flexserve_quant::repackable(self.ty, self.rows, self.cols) {
+        let packing = Repacked::for_matrix(self.ty, self.rows, self.cols);
+        let (Layout::Rows, Some(packing)) = (self.layout, packing) else {
             return Ok(());
-        }
-        let packed = flexserve_quant::repack_q4_0x8(self.bytes(), self.rows, self.cols)
+        };
+        let packed = packing
+            .repack(self.bytes(), self.rows, self.cols)
             .map_err(|e| EngineError::Weights(format!("tensor {}: {e}", self.name)))?;
         // A mapped file's pages of the original layout are not needed any more.
         self.data.storage.release(self.data.range.clone());
         self.data = TensorBytes::new(Arc::new(OwnedWeights::new(packed)), 0..self.rows * self.row_bytes)?;
-        self.layout = Layout::Q4_0x8;
+        self.layout = Layout::Packed(packing);
         Ok(())
     }
 
@@ -229,11 +234,13 @@ impl Tensor {
             )));
         }
         let layout = src.layout(info);
-        if layout == Layout::Q4_0x8 && !flexserve_quant::repackable(info.ty, rows, cols) {
-            return Err(EngineError::Weights(format!(
-                "tensor {name}: a {} [{cols}, {rows}] cannot be Q4_0x8",
-                info.ty
-            )));
+        if let Layout::Packed(packing) = layout {
+            if Repacked::for_matrix(info.ty, rows, cols) != Some(packing) {
+                return Err(EngineError::Weights(format!(
+                    "tensor {name}: a {} [{cols}, {rows}] cannot be {packing:?}",
+                    info.ty
+                )));
+            }
         }
         Ok(Self { name: name.clone(), ty: info.ty, rows, cols, row_bytes, layout, data })
     }

@@ -2,7 +2,7 @@
 //! in one of them shows up on its own: `cargo bench -p flexserve-quant`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use flexserve_quant::{gemv_kernel_for, kernels_for, tile_kernel_for, GgmlType, Isa};
+use flexserve_quant::{gemv_kernel_for, kernels_for, tile_kernel_for, GgmlType, Isa, Repacked};
 use std::hint::black_box;
 
 const TYPES: [GgmlType; 11] = [
@@ -116,6 +116,41 @@ fn tile(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same 64 x 64 product on weights rearranged in groups of eight rows
+/// (the layout the engine gives Q4_0 and Q8_0 matrices), for 64 tokens
+/// (prefill) and one (decode).
+fn packed(c: &mut Criterion) {
+    const N: usize = 2048;
+    const ROWS: usize = 64;
+    let mut g = c.benchmark_group("packed");
+    for layout in [Repacked::Q4_0x8, Repacked::Q8_0x8] {
+        let ty = layout.ty();
+        let k = kernels_for(ty, Isa::Portable).unwrap();
+        let a = kernels_for(GgmlType::Q8_0, Isa::Portable).unwrap();
+        let (wrb, arb) = (ty.row_size(N as u64).unwrap() as usize, GgmlType::Q8_0.row_size(N as u64).unwrap() as usize);
+        let mut w = vec![0u8; wrb * ROWS];
+        for (r, row) in w.chunks_exact_mut(wrb).enumerate() {
+            (k.quantize)(&values(N, 10 + r as u32), row);
+        }
+        let w = layout.repack(&w, ROWS, N).unwrap();
+        for toks in [64, 1] {
+            let mut x = vec![0u8; arb * toks];
+            for (t, row) in x.chunks_exact_mut(arb).enumerate() {
+                (a.quantize)(&values(N, 1000 + t as u32), row);
+            }
+            let mut out = vec![0f32; ROWS * toks];
+            g.throughput(Throughput::Elements((N * ROWS * toks) as u64));
+            for isa in isas() {
+                let kernel = layout.kernel_for(isa);
+                g.bench_function(BenchmarkId::new(format!("{layout:?} x{toks}"), format!("{isa:?}")), |b| {
+                    b.iter(|| kernel(N, black_box(&w), ROWS, black_box(&x), arb, toks, &mut out, ROWS))
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
 /// 64 rows of 2048 elements against one activation row (decode): the GEMV
 /// kernel, and the plain dot looped over the rows for comparison.
 fn gemv(c: &mut Criterion) {
@@ -155,6 +190,6 @@ fn gemv(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = dot, convert, gemv, tile
+    targets = dot, convert, gemv, tile, packed
 }
 criterion_main!(benches);

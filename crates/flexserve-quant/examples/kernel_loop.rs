@@ -4,10 +4,12 @@
 //! `perf stat -e cycles:u,instructions:u target/release/examples/kernel_loop tile Q4_0 [portable]`
 //!
 //! Kinds: `gemv` (256 rows x 2048 against one activation row), `dots` (the
-//! same with the plain dot per row), `tile` (256 rows x 64 tokens). Prints
+//! same with the plain dot per row), `tile` (256 rows x 64 tokens), `packed`
+//! (the same product on weights rearranged in groups of eight rows, for the
+//! types that have such a layout). Prints
 //! the elements processed so that cycles per element can be worked out.
 
-use flexserve_quant::{gemv_kernel_for, kernels_for, tile_kernel_for, GgmlType, Isa};
+use flexserve_quant::{gemv_kernel_for, kernels_for, tile_kernel_for, GgmlType, Isa, Repacked};
 use std::hint::black_box;
 
 const N: usize = 2048;
@@ -28,7 +30,7 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: kernel_loop gemv|dots|tile TYPE [portable] [ITERATIONS]";
+    let usage = "usage: kernel_loop gemv|dots|tile|packed TYPE [portable] [ITERATIONS]";
     let kind = args.get(1).expect(usage).as_str();
     let name = args.get(2).expect(usage);
     let ty = [
@@ -79,6 +81,15 @@ fn main() {
             let tile = tile_kernel_for(ty, isa).expect("type has a tile kernel");
             for _ in 0..iterations {
                 tile(N, black_box(&w), wrb, ROWS, black_box(&a), arb, TOKS, &mut out, TOKS);
+            }
+            N * ROWS * TOKS
+        }
+        "packed" => {
+            let layout = Repacked::for_matrix(ty, ROWS, N).expect("type has a rearranged layout");
+            let packed = layout.repack(&w, ROWS, N).expect("whole groups");
+            let kernel = layout.kernel_for(isa);
+            for _ in 0..iterations {
+                kernel(N, black_box(&packed), ROWS, black_box(&a), arb, TOKS, &mut out, ROWS);
             }
             N * ROWS * TOKS
         }

@@ -29,6 +29,17 @@
 //! `4 * m + i`, its high nibble element `16 + 4 * m + i`. A 32-byte load thus
 //! gives, per 32-bit lane `r`, four consecutive elements of row `r`. The
 //! rearranged matrix has exactly the size of the original.
+//!
+//! # Layout (`Q8_0x8`)
+//!
+//! The same grouping for Q8_0 rows, which llama.cpp keeps row by row. A group
+//! holds, per block column `b`, 272 bytes: the eight rows' f16 scales, then
+//! 256 quant bytes where byte `32 * k + 4 * r + i` (`k < 8`, `r < 8`, `i < 4`)
+//! is quant `4 * k + i` of row `r`'s block. The products use the same grouped
+//! arithmetic as `Q4_0x8` (exact integer block sums, one FMA per block with the
+//! rounded scale product), so each row's result is the chained sum
+//! `sum_b f32(isum_b) * (d_w * d_a)`; the plain dot keeps eight partial sums
+//! instead and differs from it in the last bits.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -40,27 +51,83 @@ use crate::{detected_isa, GgmlType, Isa, QuantError};
 pub const REPACK_ROWS: usize = 8;
 /// Bytes of one block column of a group: eight f16 scales and 128 quant bytes.
 const GROUP_BLOCK_BYTES: usize = REPACK_ROWS * Q4_0_BYTES;
+/// Bytes of one block column of a `Q8_0x8` group: eight f16 scales and 256 quant bytes.
+const Q8_GROUP_BLOCK_BYTES: usize = REPACK_ROWS * Q8_0_BYTES;
 /// Offset of the quant bytes inside a group block.
 const GROUP_QUANTS: usize = 2 * REPACK_ROWS;
 
-/// Whether llama.cpp would rearrange a `ty` matrix of `rows` rows (and so
-/// whether [`repack_q4_0x8`] accepts it).
-pub fn repackable(ty: GgmlType, rows: usize, cols: usize) -> bool {
-    ty == GgmlType::Q4_0 && rows > 0 && rows % REPACK_ROWS == 0 && cols > 0 && cols % QK == 0
+/// A rearranged layout of eight-row groups, with its matrix product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repacked {
+    /// Q4_0 rows, four levels of a row per 32-bit lane (see the module docs).
+    Q4_0x8,
+    /// Q8_0 rows, four quants of a row per 32-bit lane (see the module docs).
+    Q8_0x8,
 }
 
-/// Rearranges a row-major Q4_0 matrix of `rows x cols` into the `Q4_0x8`
-/// layout (same size). `rows` must be a multiple of 8.
-pub fn repack_q4_0x8(src: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
-    let ty = GgmlType::Q4_0;
+impl Repacked {
+    /// The layout a `ty` matrix of `rows x cols` is rearranged into for the
+    /// matrix products, if any: Q4_0 and Q8_0 matrices whose rows come in
+    /// whole groups of eight.
+    pub fn for_matrix(ty: GgmlType, rows: usize, cols: usize) -> Option<Repacked> {
+        if rows == 0 || rows % REPACK_ROWS != 0 || cols == 0 || cols % QK != 0 {
+            return None;
+        }
+        match ty {
+            GgmlType::Q4_0 => Some(Repacked::Q4_0x8),
+            GgmlType::Q8_0 => Some(Repacked::Q8_0x8),
+            _ => None,
+        }
+    }
+
+    /// The block type of the original rows.
+    pub fn ty(self) -> GgmlType {
+        match self {
+            Repacked::Q4_0x8 => GgmlType::Q4_0,
+            Repacked::Q8_0x8 => GgmlType::Q8_0,
+        }
+    }
+
+    /// Rearranges a row-major matrix of `rows x cols` (same size).
+    pub fn repack(self, src: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
+        repack_groups(self, src, rows, cols)
+    }
+
+    /// The matrix product for the best ISA of this CPU.
+    pub fn kernel(self) -> RepackedMatmulFn {
+        self.kernel_for(detected_isa())
+    }
+
+    /// The matrix product restricted to `isa` (an ISA the CPU lacks gives the
+    /// portable kernel).
+    pub fn kernel_for(self, isa: Isa) -> RepackedMatmulFn {
+        let simd = isa == Isa::Avx2 && detected_isa() == Isa::Avx2;
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Repacked::Q4_0x8 if simd => avx2::q4_0x8,
+            Repacked::Q4_0x8 => portable_q4_0x8,
+            #[cfg(target_arch = "x86_64")]
+            Repacked::Q8_0x8 if simd => avx2::q8_0x8,
+            Repacked::Q8_0x8 => portable_q8_0x8,
+        }
+    }
+}
+
+/// Rearranges a row-major matrix of `rows x cols` blocks of `layout.ty()`
+/// (a multiple of 8 rows) into `layout` (same size): per group and block
+/// column, the eight scales, then each row's quant bytes four at a time,
+/// row after row for each run of four.
+fn repack_groups(layout: Repacked, src: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
+    let ty = layout.ty();
     if cols % QK != 0 {
         return Err(QuantError::NotBlockMultiple { ty, n: cols, block: QK });
     }
     if rows % REPACK_ROWS != 0 {
         return Err(QuantError::RowsNotGroupMultiple { ty, rows, group: REPACK_ROWS });
     }
+    let block_bytes = ty.type_size();
     let nb = cols / QK;
-    let row_bytes = nb * Q4_0_BYTES;
+    let row_bytes = nb * block_bytes;
     let expected = rows * row_bytes;
     if src.len() != expected {
         return Err(QuantError::BadLength { ty, n: rows * cols, expected, got: src.len() });
@@ -69,13 +136,13 @@ pub fn repack_q4_0x8(src: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, Qu
     for (group_src, group_dst) in
         src.chunks_exact(REPACK_ROWS * row_bytes).zip(out.chunks_exact_mut(REPACK_ROWS * row_bytes))
     {
-        for (b, dst) in group_dst.chunks_exact_mut(GROUP_BLOCK_BYTES).enumerate() {
+        for (b, dst) in group_dst.chunks_exact_mut(REPACK_ROWS * block_bytes).enumerate() {
             for r in 0..REPACK_ROWS {
-                let block = &group_src[r * row_bytes + b * Q4_0_BYTES..][..Q4_0_BYTES];
+                let block = &group_src[r * row_bytes + b * block_bytes..][..block_bytes];
                 dst[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
-                for m in 0..4 {
-                    let to = GROUP_QUANTS + 32 * m + 4 * r;
-                    dst[to..to + 4].copy_from_slice(&block[2 + 4 * m..2 + 4 * m + 4]);
+                for (j, four) in block[2..].chunks_exact(4).enumerate() {
+                    let to = GROUP_QUANTS + 32 * j + 4 * r;
+                    dst[to..to + 4].copy_from_slice(four);
                 }
             }
         }
@@ -95,24 +162,10 @@ pub fn repack_q4_0x8(src: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, Qu
 pub type RepackedMatmulFn =
     fn(n: usize, w: &[u8], rows: usize, a: &[u8], a_row_bytes: usize, n_tok: usize, out: &mut [f32], out_stride: usize);
 
-/// The `Q4_0x8` kernel for the best ISA of this CPU.
-pub fn q4_0x8_kernel() -> RepackedMatmulFn {
-    q4_0x8_kernel_for(detected_isa())
-}
-
-/// The `Q4_0x8` kernel restricted to `isa` (an ISA the CPU lacks gives the
-/// portable kernel).
-pub fn q4_0x8_kernel_for(isa: Isa) -> RepackedMatmulFn {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if detected_isa() == Isa::Avx2 => avx2::q4_0x8,
-        _ => portable_q4_0x8,
-    }
-}
-
 /// Panics with a clear message unless the slices hold the shape described.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn check_q4_0x8(
+pub(crate) fn check_repacked(
+    layout: Repacked,
     n: usize,
     w: &[u8],
     rows: usize,
@@ -122,29 +175,55 @@ pub(crate) fn check_q4_0x8(
     out: &[f32],
     out_stride: usize,
 ) {
-    assert!(n % QK == 0, "Q4_0x8 product: {n} elements is not a multiple of the block size {QK}");
-    assert!(rows % REPACK_ROWS == 0, "Q4_0x8 product: {rows} rows is not a multiple of {REPACK_ROWS}");
+    assert!(n % QK == 0, "{layout:?} product: {n} elements is not a multiple of the block size {QK}");
+    assert!(rows % REPACK_ROWS == 0, "{layout:?} product: {rows} rows is not a multiple of {REPACK_ROWS}");
     let nb = n / QK;
-    assert!(w.len() >= rows * nb * Q4_0_BYTES, "Q4_0x8 product: {rows} rows of {n} need more than {} bytes", w.len());
+    assert!(
+        w.len() >= rows * nb * layout.ty().type_size(),
+        "{layout:?} product: {rows} rows of {n} need more than {} bytes",
+        w.len()
+    );
     if n_tok == 0 {
         return;
     }
-    assert!(a_row_bytes >= nb * Q8_0_BYTES, "Q4_0x8 product: activation stride {a_row_bytes} is below one row");
+    assert!(a_row_bytes >= nb * Q8_0_BYTES, "{layout:?} product: activation stride {a_row_bytes} is below one row");
     assert!(
         a.len() >= (n_tok - 1) * a_row_bytes + nb * Q8_0_BYTES,
-        "Q4_0x8 product: {n_tok} activation rows need more than {} bytes",
+        "{layout:?} product: {n_tok} activation rows need more than {} bytes",
         a.len()
     );
     assert!(
         rows == 0 || (out_stride >= rows && out.len() >= (n_tok - 1) * out_stride + rows),
-        "Q4_0x8 product: {n_tok} output rows of {rows} (stride {out_stride}) need more than {} floats",
+        "{layout:?} product: {n_tok} output rows of {rows} (stride {out_stride}) need more than {} floats",
         out.len()
     );
 }
 
-/// Portable kernel: the same arithmetic as the AVX2 one, lane by lane.
+/// The exact integer dot of row `r`'s block in the group block `blk` with
+/// the activation quants `qa`.
+fn row_block_isum(layout: Repacked, blk: &[u8], r: usize, qa: &[u8]) -> i32 {
+    let mut isum = 0i32;
+    // Run `j` of four quant bytes of row `r`.
+    let runs = (layout.ty().type_size() - 2) / 4;
+    for j in 0..runs {
+        for i in 0..4 {
+            let byte = blk[GROUP_QUANTS + 32 * j + 4 * r + i];
+            isum += match layout {
+                Repacked::Q4_0x8 => {
+                    let (lo, hi) = ((byte & 0x0F) as i32 - 8, (byte >> 4) as i32 - 8);
+                    lo * qa[4 * j + i] as i8 as i32 + hi * qa[16 + 4 * j + i] as i8 as i32
+                }
+                Repacked::Q8_0x8 => byte as i8 as i32 * qa[4 * j + i] as i8 as i32,
+            };
+        }
+    }
+    isum
+}
+
+/// Portable kernel: the same arithmetic as the AVX2 ones, lane by lane.
 #[allow(clippy::too_many_arguments)]
-fn portable_q4_0x8(
+fn portable_groups(
+    layout: Repacked,
     n: usize,
     w: &[u8],
     rows: usize,
@@ -154,26 +233,18 @@ fn portable_q4_0x8(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    check_q4_0x8(n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+    check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
     let nb = n / QK;
-    for (g, group) in w.chunks_exact(nb * GROUP_BLOCK_BYTES).take(rows / REPACK_ROWS).enumerate() {
+    let group_block_bytes = REPACK_ROWS * layout.ty().type_size();
+    for (g, group) in w.chunks_exact(nb * group_block_bytes).take(rows / REPACK_ROWS).enumerate() {
         for t in 0..n_tok {
             let act = &a[t * a_row_bytes..];
             let mut acc = [0f32; REPACK_ROWS];
-            for (b, blk) in group.chunks_exact(GROUP_BLOCK_BYTES).enumerate() {
+            for (b, blk) in group.chunks_exact(group_block_bytes).enumerate() {
                 let ab = &act[b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
                 let d_a = crate::legacy::read_f16(ab, 0);
-                let qa = &ab[2..];
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let mut isum = 0i32;
-                    for m in 0..4 {
-                        for i in 0..4 {
-                            let byte = blk[GROUP_QUANTS + 32 * m + 4 * r + i];
-                            let lo = (byte & 0x0F) as i32 - 8;
-                            let hi = (byte >> 4) as i32 - 8;
-                            isum += lo * qa[4 * m + i] as i8 as i32 + hi * qa[16 + 4 * m + i] as i8 as i32;
-                        }
-                    }
+                    let isum = row_block_isum(layout, blk, r, &ab[2..]);
                     let scale = crate::legacy::read_f16(blk, 2 * r) * d_a;
                     *acc_r = (isum as f32).mul_add(scale, *acc_r);
                 }
@@ -182,3 +253,25 @@ fn portable_q4_0x8(
         }
     }
 }
+
+macro_rules! portable_kernels {
+    ($($layout:ident => $name:ident),*) => {
+        $(
+            #[allow(clippy::too_many_arguments)]
+            fn $name(
+                n: usize,
+                w: &[u8],
+                rows: usize,
+                a: &[u8],
+                a_row_bytes: usize,
+                n_tok: usize,
+                out: &mut [f32],
+                out_stride: usize,
+            ) {
+                portable_groups(Repacked::$layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride)
+            }
+        )*
+    };
+}
+
+portable_kernels!(Q4_0x8 => portable_q4_0x8, Q8_0x8 => portable_q8_0x8);

@@ -1,24 +1,22 @@
-//! Rearranged (`Q4_0x8`) weights: the kernels against a straightforward
-//! scalar model of llama.cpp's grouped arithmetic computed from the original
-//! rows (bit for bit), AVX2 against portable (bit for bit), closeness to the
-//! plain dot, and argument checks.
+//! Rearranged (`Q4_0x8`, `Q8_0x8`) weights: the kernels against a
+//! straightforward scalar model of the grouped arithmetic computed from the
+//! original rows (bit for bit), AVX2 against portable (bit for bit), closeness
+//! to the plain dot, which matrices are rearranged, and argument checks.
 
 mod common;
 
 use common::*;
-use flexserve_quant::{
-    detected_isa, kernels_for, q4_0x8_kernel_for, repack_q4_0x8, repackable, GgmlType, Isa, QuantError,
-    RepackedMatmulFn,
-};
+use flexserve_quant::{detected_isa, kernels_for, GgmlType, Isa, QuantError, Repacked, RepackedMatmulFn};
 use half::f16;
 use rand::Rng;
 
-const Q4_0_BYTES: usize = 18;
 const Q8_0_BYTES: usize = 34;
+const LAYOUTS: [Repacked; 2] = [Repacked::Q4_0x8, Repacked::Q8_0x8];
 
-/// `rows` Q4_0 rows of `n` random values, each row with its own scale.
-fn weights(n: usize, rows: usize, seed: u64) -> Vec<u8> {
-    let k = portable(GgmlType::Q4_0);
+/// `rows` rows of `n` random values quantized to the layout's type, each
+/// row with its own scale.
+fn weights(layout: Repacked, n: usize, rows: usize, seed: u64) -> Vec<u8> {
+    let k = portable(layout.ty());
     let mut rng = rng(seed);
     let mut out = Vec::new();
     for _ in 0..rows {
@@ -30,16 +28,20 @@ fn weights(n: usize, rows: usize, seed: u64) -> Vec<u8> {
 }
 
 /// `n_tok` Q8_0 rows of `n` values: quantized activations, or raw random
-/// quants (down to -128) with random scales when `raw`.
-fn activations(n: usize, n_tok: usize, seed: u64, raw: bool) -> Vec<u8> {
+/// quants with random scales when `raw`. Raw quants reach -128 for `Q4_0x8`,
+/// whose weights are unsigned nibbles; for `Q8_0x8` they stay in -127..=127,
+/// the quantizer's range, which the sign move of the signed product (as in
+/// the plain Q8_0 dot) relies on.
+fn activations(layout: Repacked, n: usize, n_tok: usize, seed: u64, raw: bool) -> Vec<u8> {
     let k = portable(GgmlType::Q8_0);
     let mut rng = rng(seed);
+    let lowest = if layout == Repacked::Q4_0x8 { i8::MIN } else { -127 };
     let mut out = Vec::new();
     for _ in 0..n_tok {
         if raw {
             for _ in 0..n / 32 {
                 out.extend(f16::from_f32(rng.gen_range(-0.1f32..0.1)).to_le_bytes());
-                out.extend((0..32).map(|_| rng.gen::<u8>()));
+                out.extend((0..32).map(|_| rng.gen_range(lowest..=i8::MAX) as u8));
             }
         } else {
             let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
@@ -53,18 +55,26 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
-/// llama.cpp's grouped arithmetic from the original row and activation row:
-/// per block, the exact integer dot, the f32 scale product, one FMA.
-fn model_dot(n: usize, w_row: &[u8], a_row: &[u8]) -> f32 {
+/// The weight levels of one original block.
+fn levels(layout: Repacked, block: &[u8]) -> Vec<i32> {
+    match layout {
+        Repacked::Q4_0x8 => {
+            let q = &block[2..18];
+            q.iter().map(|&b| (b & 0x0F) as i32 - 8).chain(q.iter().map(|&b| (b >> 4) as i32 - 8)).collect()
+        }
+        Repacked::Q8_0x8 => block[2..34].iter().map(|&b| b as i8 as i32).collect(),
+    }
+}
+
+/// The grouped arithmetic from the original row and activation row: per
+/// block, the exact integer dot, the f32 scale product, one FMA.
+fn model_dot(layout: Repacked, n: usize, w_row: &[u8], a_row: &[u8]) -> f32 {
+    let w_bytes = layout.ty().type_size();
     let mut acc = 0f32;
     for b in 0..n / 32 {
-        let wb = &w_row[b * Q4_0_BYTES..(b + 1) * Q4_0_BYTES];
+        let wb = &w_row[b * w_bytes..(b + 1) * w_bytes];
         let ab = &a_row[b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
-        let mut isum = 0i32;
-        for j in 0..16 {
-            let (lo, hi) = ((wb[2 + j] & 0x0F) as i32 - 8, (wb[2 + j] >> 4) as i32 - 8);
-            isum += lo * ab[2 + j] as i8 as i32 + hi * ab[2 + 16 + j] as i8 as i32;
-        }
+        let isum: i32 = levels(layout, wb).iter().zip(&ab[2..]).map(|(&w, &a)| w * a as i8 as i32).sum();
         acc = (isum as f32).mul_add(f16_at(wb, 0) * f16_at(ab, 0), acc);
     }
     acc
@@ -95,32 +105,35 @@ fn isas() -> Vec<Isa> {
 #[test]
 fn kernels_match_the_scalar_model_bit_for_bit() {
     let mut seed = 1;
-    for n in [32, 7 * 32, 576] {
-        for rows in [8, 16, 40] {
-            for n_tok in [1, 2, 3, 4, 5, 9] {
-                for raw in [false, true] {
-                    seed += 1;
-                    let w = weights(n, rows, seed);
-                    let a = activations(n, n_tok, seed + 1000, raw);
-                    let packed = repack_q4_0x8(&w, rows, n).unwrap();
-                    assert_eq!(packed.len(), w.len());
-                    let stride = rows + 3;
-                    let row_bytes = n / 32 * Q4_0_BYTES;
-                    let a_bytes = n / 32 * Q8_0_BYTES;
-                    for isa in isas() {
-                        let got = run(q4_0x8_kernel_for(isa), n, &packed, rows, &a, n_tok, stride);
-                        for t in 0..n_tok {
-                            for r in 0..rows {
-                                let want = model_dot(n, &w[r * row_bytes..][..row_bytes], &a[t * a_bytes..][..a_bytes]);
-                                let g = got[t * stride + r];
-                                assert_eq!(
-                                    g.to_bits(),
-                                    want.to_bits(),
-                                    "{isa:?} n {n} rows {rows} token {t} row {r}: {g} vs {want}"
-                                );
+    for layout in LAYOUTS {
+        let row_bytes = |n: usize| n / 32 * layout.ty().type_size();
+        for n in [32, 7 * 32, 576] {
+            for rows in [8, 16, 40] {
+                for n_tok in [1, 2, 3, 4, 5, 9] {
+                    for raw in [false, true] {
+                        seed += 1;
+                        let w = weights(layout, n, rows, seed);
+                        let a = activations(layout, n, n_tok, seed + 1000, raw);
+                        let packed = layout.repack(&w, rows, n).unwrap();
+                        assert_eq!(packed.len(), w.len());
+                        let stride = rows + 3;
+                        let a_bytes = n / 32 * Q8_0_BYTES;
+                        for isa in isas() {
+                            let got = run(layout.kernel_for(isa), n, &packed, rows, &a, n_tok, stride);
+                            for t in 0..n_tok {
+                                for r in 0..rows {
+                                    let w_row = &w[r * row_bytes(n)..][..row_bytes(n)];
+                                    let want = model_dot(layout, n, w_row, &a[t * a_bytes..][..a_bytes]);
+                                    let g = got[t * stride + r];
+                                    assert_eq!(
+                                        g.to_bits(),
+                                        want.to_bits(),
+                                        "{layout:?} {isa:?} n {n} rows {rows} token {t} row {r}: {g} vs {want}"
+                                    );
+                                }
+                                // Outputs beyond `rows` in each stride are left alone.
+                                assert!(got[t * stride + rows..(t + 1) * stride].iter().all(|v| v.is_nan()));
                             }
-                            // Outputs beyond `rows` in each stride are left alone.
-                            assert!(got[t * stride + rows..(t + 1) * stride].iter().all(|v| v.is_nan()));
                         }
                     }
                 }
@@ -131,66 +144,87 @@ fn kernels_match_the_scalar_model_bit_for_bit() {
 
 #[test]
 fn avx2_matches_portable_on_random_bytes() {
-    // Arbitrary quant bytes and scales (not from a quantizer), many shapes.
+    // Arbitrary quant bytes and scales (not from a quantizer), many shapes;
+    // Q8_0 weights reach -128.
     let mut rng = rng(77);
-    for case in 0..40 {
-        let n = 32 * rng.gen_range(1..20);
-        let rows = 8 * rng.gen_range(1..5);
-        let n_tok = rng.gen_range(1..11);
-        let mut w = vec![0u8; rows * n / 32 * Q4_0_BYTES];
-        rng.fill(&mut w[..]);
-        for blk in w.chunks_exact_mut(Q4_0_BYTES) {
-            blk[..2].copy_from_slice(&f16::from_f32(rng.gen_range(-0.05f32..0.05)).to_le_bytes());
+    for layout in LAYOUTS {
+        let block_bytes = layout.ty().type_size();
+        for case in 0..40 {
+            let n = 32 * rng.gen_range(1..20);
+            let rows = 8 * rng.gen_range(1..5);
+            let n_tok = rng.gen_range(1..11);
+            let mut w = vec![0u8; rows * n / 32 * block_bytes];
+            rng.fill(&mut w[..]);
+            for blk in w.chunks_exact_mut(block_bytes) {
+                blk[..2].copy_from_slice(&f16::from_f32(rng.gen_range(-0.05f32..0.05)).to_le_bytes());
+            }
+            let a = activations(layout, n, n_tok, case, true);
+            let packed = layout.repack(&w, rows, n).unwrap();
+            let p = run(layout.kernel_for(Isa::Portable), n, &packed, rows, &a, n_tok, rows);
+            let s = run(layout.kernel_for(detected_isa()), n, &packed, rows, &a, n_tok, rows);
+            let (pb, sb): (Vec<u32>, Vec<u32>) =
+                (p.iter().map(|v| v.to_bits()).collect(), s.iter().map(|v| v.to_bits()).collect());
+            assert_eq!(pb, sb, "{layout:?} case {case}: n {n} rows {rows} tokens {n_tok}");
         }
-        let a = activations(n, n_tok, case, true);
-        let packed = repack_q4_0x8(&w, rows, n).unwrap();
-        let p = run(q4_0x8_kernel_for(Isa::Portable), n, &packed, rows, &a, n_tok, rows);
-        let s = run(q4_0x8_kernel_for(detected_isa()), n, &packed, rows, &a, n_tok, rows);
-        let (pb, sb): (Vec<u32>, Vec<u32>) =
-            (p.iter().map(|v| v.to_bits()).collect(), s.iter().map(|v| v.to_bits()).collect());
-        assert_eq!(pb, sb, "case {case}: n {n} rows {rows} tokens {n_tok}");
     }
 }
 
 #[test]
 fn results_are_close_to_the_plain_dot() {
     let (n, rows, n_tok) = (256, 16, 3);
-    let w = weights(n, rows, 5);
-    let a = activations(n, n_tok, 6, false);
-    let packed = repack_q4_0x8(&w, rows, n).unwrap();
-    let dot = kernels_for(GgmlType::Q4_0, Isa::Portable).unwrap().dot.unwrap();
-    let got = run(q4_0x8_kernel_for(detected_isa()), n, &packed, rows, &a, n_tok, rows);
-    let (row_bytes, a_bytes) = (n / 32 * Q4_0_BYTES, n / 32 * Q8_0_BYTES);
-    for t in 0..n_tok {
-        for r in 0..rows {
-            let want = dot(n, &w[r * row_bytes..][..row_bytes], &a[t * a_bytes..][..a_bytes]);
-            let g = got[t * rows + r];
-            assert!((g - want).abs() <= 1e-5 * want.abs().max(1.0), "token {t} row {r}: {g} vs {want}");
+    for layout in LAYOUTS {
+        let w = weights(layout, n, rows, 5);
+        let a = activations(layout, n, n_tok, 6, false);
+        let packed = layout.repack(&w, rows, n).unwrap();
+        let dot = kernels_for(layout.ty(), Isa::Portable).unwrap().dot.unwrap();
+        let got = run(layout.kernel(), n, &packed, rows, &a, n_tok, rows);
+        let (row_bytes, a_bytes) = (n / 32 * layout.ty().type_size(), n / 32 * Q8_0_BYTES);
+        for t in 0..n_tok {
+            for r in 0..rows {
+                let want = dot(n, &w[r * row_bytes..][..row_bytes], &a[t * a_bytes..][..a_bytes]);
+                let g = got[t * rows + r];
+                assert!((g - want).abs() <= 1e-5 * want.abs().max(1.0), "{layout:?} token {t} row {r}: {g} vs {want}");
+            }
         }
     }
 }
 
 #[test]
-fn repack_rejects_bad_shapes() {
-    let w = weights(64, 8, 9);
-    assert!(matches!(repack_q4_0x8(&w[..w.len() - 1], 8, 64), Err(QuantError::BadLength { .. })));
-    assert!(matches!(repack_q4_0x8(&w, 8, 48), Err(QuantError::NotBlockMultiple { .. })));
-    let w12 = weights(64, 12, 9);
-    let err = repack_q4_0x8(&w12, 12, 64).unwrap_err();
-    assert!(matches!(err, QuantError::RowsNotGroupMultiple { rows: 12, group: 8, .. }), "{err}");
-    assert!(repackable(GgmlType::Q4_0, 16, 64));
-    assert!(!repackable(GgmlType::Q4_0, 12, 64));
-    assert!(!repackable(GgmlType::Q4_0, 0, 64));
-    assert!(!repackable(GgmlType::Q4_1, 16, 64));
-    assert!(!repackable(GgmlType::Q8_0, 16, 64));
+fn layouts_are_chosen_by_type_and_shape() {
+    assert_eq!(Repacked::for_matrix(GgmlType::Q4_0, 16, 64), Some(Repacked::Q4_0x8));
+    assert_eq!(Repacked::for_matrix(GgmlType::Q8_0, 16, 64), Some(Repacked::Q8_0x8));
+    assert_eq!(Repacked::for_matrix(GgmlType::Q4_0, 12, 64), None);
+    assert_eq!(Repacked::for_matrix(GgmlType::Q8_0, 0, 64), None);
+    assert_eq!(Repacked::for_matrix(GgmlType::Q8_0, 16, 48), None);
+    for ty in [GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::F16] {
+        assert_eq!(Repacked::for_matrix(ty, 16, 256), None, "{ty}");
+    }
 }
 
 #[test]
-#[should_panic(expected = "activation rows need more than")]
+fn repack_rejects_bad_shapes() {
+    for layout in LAYOUTS {
+        let w = weights(layout, 64, 8, 9);
+        assert!(matches!(layout.repack(&w[..w.len() - 1], 8, 64), Err(QuantError::BadLength { .. })));
+        assert!(matches!(layout.repack(&w, 8, 48), Err(QuantError::NotBlockMultiple { .. })));
+        let w12 = weights(layout, 64, 12, 9);
+        let err = layout.repack(&w12, 12, 64).unwrap_err();
+        assert!(matches!(err, QuantError::RowsNotGroupMultiple { rows: 12, group: 8, .. }), "{err}");
+    }
+}
+
+#[test]
 fn short_activations_panic_clearly() {
-    let w = weights(64, 8, 3);
-    let packed = repack_q4_0x8(&w, 8, 64).unwrap();
-    let a = activations(64, 1, 4, false);
-    let mut out = vec![0f32; 16];
-    (q4_0x8_kernel_for(detected_isa()))(64, &packed, 8, &a, a.len(), 2, &mut out, 8);
+    for layout in LAYOUTS {
+        let w = weights(layout, 64, 8, 3);
+        let packed = layout.repack(&w, 8, 64).unwrap();
+        let a = activations(layout, 64, 1, 4, false);
+        let caught = std::panic::catch_unwind(|| {
+            let mut out = vec![0f32; 16];
+            (layout.kernel())(64, &packed, 8, &a, a.len(), 2, &mut out, 8);
+        });
+        let message = caught.expect_err("two tokens from one activation row must panic");
+        let text = message.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(text.contains("activation rows need more than"), "{layout:?}: {text}");
+    }
 }

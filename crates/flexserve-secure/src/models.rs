@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use flexserve_engine::weights::{Layout, TensorBytes, TensorSource, WeightStorage};
+use flexserve_engine::weights::{Layout, Repacked, TensorBytes, TensorSource, WeightStorage};
 use flexserve_engine::{EngineError, MemoryBlock, Model, ModelConfig, ScratchSource, SessionState};
 use flexserve_gguf::{GgufHeader, TensorInfo};
 use flexserve_sealed::{SealedModel, CHUNK_TAG_LEN};
@@ -102,8 +102,9 @@ pub struct ResidentModel<R: SecureRegion> {
     /// Per tensor (directory order): its group and offset inside the group's region.
     placement: Vec<(usize, usize)>,
     chunk_loaded: Vec<bool>,
-    /// Per tensor: its bytes were rearranged in place for the grouped kernels.
-    rearranged: Vec<bool>,
+    /// Per tensor: the layout its bytes were rearranged into in place for the
+    /// grouped kernels, if they were.
+    rearranged: Vec<Option<Repacked>>,
     engine: Option<Model>,
     pub conversations: HashMap<u32, Conversation>,
     pub last_used: Instant,
@@ -141,7 +142,7 @@ impl<R: SecureRegion> ResidentModel<R> {
             groups[placement[c.tensor_index as usize].0].chunks.push(i);
         }
         let chunk_loaded = vec![false; sealed.header().chunks.len()];
-        let rearranged = vec![false; header.tensors.len()];
+        let rearranged = vec![None; header.tensors.len()];
         Ok(Self {
             name,
             sealed,
@@ -277,12 +278,10 @@ impl<R: SecureRegion> ResidentModel<R> {
         for (i, t) in header.tensors.iter().enumerate() {
             let cols = *t.dims.first().unwrap_or(&1) as usize;
             let rows = t.dims.iter().skip(1).product::<u64>() as usize;
-            if self.rearranged[i]
-                || !flexserve_engine::model::rearranged_by_load(&t.name)
-                || !flexserve_quant::repackable(t.ty, rows, cols)
-            {
-                continue;
-            }
+            let packing = match Repacked::for_matrix(t.ty, rows, cols) {
+                Some(p) if self.rearranged[i].is_none() && flexserve_engine::model::rearranged_by_load(&t.name) => p,
+                _ => continue,
+            };
             let (g, at) = self.placement[i];
             let len = tensor_len(header, t);
             let region = self.groups[g]
@@ -291,11 +290,10 @@ impl<R: SecureRegion> ResidentModel<R> {
                 .and_then(Arc::get_mut)
                 .ok_or_else(|| format!("tensor {}: its region is not resident or is in use", t.name))?;
             let bytes = &mut region.0.bytes_mut()[at..at + len];
-            let mut packed =
-                flexserve_quant::repack_q4_0x8(bytes, rows, cols).map_err(|e| format!("{}: {e}", t.name))?;
+            let mut packed = packing.repack(bytes, rows, cols).map_err(|e| format!("{}: {e}", t.name))?;
             bytes.copy_from_slice(&packed);
             zeroize::Zeroize::zeroize(&mut packed);
-            self.rearranged[i] = true;
+            self.rearranged[i] = Some(packing);
         }
         Ok(())
     }
@@ -337,7 +335,7 @@ impl<R: SecureRegion> ResidentModel<R> {
         }
         for (i, &(tg, _)) in self.placement.iter().enumerate() {
             if tg == group {
-                self.rearranged[i] = false;
+                self.rearranged[i] = None;
             }
         }
         g.loaded = 0;
@@ -374,8 +372,8 @@ impl<R: SecureRegion> TensorSource for ResidentSource<'_, R> {
     fn layout(&self, info: &TensorInfo) -> Layout {
         let index = self.model.sealed.header().gguf.tensors.iter().position(|t| t.name == info.name);
         match index {
-            Some(i) if self.model.rearranged[i] => Layout::Q4_0x8,
-            _ => Layout::Rows,
+            Some(i) => self.model.rearranged[i].map_or(Layout::Rows, Layout::Packed),
+            None => Layout::Rows,
         }
     }
 }

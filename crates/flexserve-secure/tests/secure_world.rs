@@ -302,7 +302,10 @@ fn q4_0_models_are_rearranged_in_place_and_give_the_plain_tokens() {
     let file = std::sync::Arc::new(flexserve_gguf::GgufFile::open(&plain).unwrap());
     let tok = flexserve_tokenizer::Tokenizer::from_gguf(&file.header.metadata).unwrap();
     let reference = Model::from_gguf(file, 2).unwrap();
-    assert!(reference.weights.layers[0].w_up.layout == flexserve_engine::weights::Layout::Q4_0x8);
+    assert!(
+        reference.weights.layers[0].w_up.layout
+            == flexserve_engine::weights::Layout::Packed(flexserve_engine::weights::Repacked::Q4_0x8)
+    );
     let mut g = Generator::new(Session::new(&reference, 512), &tok);
     let opts = GenerateOptions { max_tokens: 12, sampling: SamplingParams::greedy(), stop: vec![] };
     let mut expected = String::new();
@@ -323,7 +326,7 @@ fn q4_0_models_are_rearranged_in_place_and_give_the_plain_tokens() {
         .filter(|t| {
             let rows = t.dims.iter().skip(1).product::<u64>() as usize;
             flexserve_engine::model::rearranged_by_load(&t.name)
-                && flexserve_quant::repackable(t.ty, rows, t.dims[0] as usize)
+                && flexserve_quant::Repacked::for_matrix(t.ty, rows, t.dims[0] as usize).is_some()
         })
         .map(|t| t.byte_size())
         .sum();

@@ -10,14 +10,35 @@
 //! eight rows follow, with the scale product `d_w * d_a` rounded first, as in
 //! llama.cpp's grouped kernels.
 
-use super::{check_q4_0x8, GROUP_BLOCK_BYTES, GROUP_QUANTS, REPACK_ROWS};
-use crate::legacy::avx2::load_f16;
+use super::{check_repacked, Repacked, GROUP_BLOCK_BYTES, GROUP_QUANTS, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
+use crate::legacy::avx2::{load_f16, pin};
 use crate::legacy::{Q8_0_BYTES, QK};
 use std::arch::x86_64::*;
 
-/// Activation rows per pass: each group block's unpacked weights serve this many.
+/// Activation rows per pass: each group block's unpacked weights serve this
+/// many. For `Q8_0x8` four measured fastest on the Zen 3 host, ahead of five,
+/// six and eight.
 const TOKENS: usize = 4;
 
+/// Bytes of groups swept by every pass of tokens before the next groups are
+/// taken (kept in L2 while the activations stream past).
+const CHUNK_BYTES: usize = 192 * 1024;
+
+/// Calls `pass(g, t0, tn)` for every group `g` and every pass of `tn <=
+/// TOKENS` activation rows from `t0`, a chunk of groups at a time.
+fn sweep(groups: usize, group_bytes: usize, n_tok: usize, mut pass: impl FnMut(usize, usize, usize)) {
+    let chunk = (CHUNK_BYTES / group_bytes.max(1)).max(1);
+    for g_chunk in (0..groups).step_by(chunk) {
+        for t0 in (0..n_tok).step_by(TOKENS) {
+            let tn = (n_tok - t0).min(TOKENS);
+            for g in g_chunk..groups.min(g_chunk + chunk) {
+                pass(g, t0, tn);
+            }
+        }
+    }
+}
+
+/// The `Q4_0x8` product (see the module docs).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn q4_0x8(
     n: usize,
@@ -29,43 +50,39 @@ pub(super) fn q4_0x8(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    check_q4_0x8(n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+    check_repacked(Repacked::Q4_0x8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
     if rows == 0 || n_tok == 0 {
         return;
     }
     let nb = n / QK;
     let group_bytes = nb * GROUP_BLOCK_BYTES;
-    // 8 * (sum of the block's activation quants), per pass token and block.
-    let mut corrections = vec![0i32; TOKENS * nb];
-    for t0 in (0..n_tok).step_by(TOKENS) {
-        let tn = (n_tok - t0).min(TOKENS);
-        for t in 0..tn {
-            let row = &a[(t0 + t) * a_row_bytes..];
-            for (b, c) in corrections[t * nb..(t + 1) * nb].iter_mut().enumerate() {
-                let qa = &row[b * Q8_0_BYTES + 2..(b + 1) * Q8_0_BYTES];
-                *c = 8 * qa.iter().map(|&v| v as i8 as i32).sum::<i32>();
-            }
-        }
+    // 8 * (sum of the block's activation quants), per token and block.
+    let corrections: Vec<i32> = (0..n_tok)
+        .flat_map(|t| (0..nb).map(move |b| (t, b)))
+        .map(|(t, b)| {
+            let qa = &a[t * a_row_bytes + b * Q8_0_BYTES + 2..t * a_row_bytes + (b + 1) * Q8_0_BYTES];
+            8 * qa.iter().map(|&v| v as i8 as i32).sum::<i32>()
+        })
+        .collect();
+    sweep(rows / REPACK_ROWS, group_bytes, n_tok, |g, t0, tn| {
+        let wg = w[g * group_bytes..].as_ptr();
         let a_pass = a[t0 * a_row_bytes..].as_ptr();
-        for g in 0..rows / REPACK_ROWS {
-            let wg = w[g * group_bytes..].as_ptr();
-            let o = out[t0 * out_stride + g * REPACK_ROWS..].as_mut_ptr();
-            let c = corrections.as_ptr();
-            // SAFETY: the kernel is only handed out after the CPU was found to
-            // support AVX2, FMA and F16C; `check_q4_0x8` verified that every
-            // group of `nb` blocks, the `tn` activation rows of this pass and
-            // their outputs (eight floats per token at `out_stride`) lie within
-            // the slices; `corrections` holds `tn * nb` values.
-            unsafe {
-                match tn {
-                    4 => group::<4>(nb, wg, a_pass, a_row_bytes, c, o, out_stride),
-                    3 => group::<3>(nb, wg, a_pass, a_row_bytes, c, o, out_stride),
-                    2 => group::<2>(nb, wg, a_pass, a_row_bytes, c, o, out_stride),
-                    _ => group::<1>(nb, wg, a_pass, a_row_bytes, c, o, out_stride),
-                }
+        let c = corrections[t0 * nb..].as_ptr();
+        let o = out[t0 * out_stride + g * REPACK_ROWS..].as_mut_ptr();
+        // SAFETY: the kernel is only handed out after the CPU was found to
+        // support AVX2, FMA and F16C; `check_repacked` verified that every
+        // group of `nb` blocks, the `tn` activation rows of this pass and
+        // their outputs (eight floats per token at `out_stride`) lie within
+        // the slices; `corrections` holds `nb` values per token.
+        unsafe {
+            match tn {
+                4 => group::<4>(nb, wg, a_pass, a_row_bytes, c, o, out_stride),
+                3 => group::<3>(nb, wg, a_pass, a_row_bytes, c, o, out_stride),
+                2 => group::<2>(nb, wg, a_pass, a_row_bytes, c, o, out_stride),
+                _ => group::<1>(nb, wg, a_pass, a_row_bytes, c, o, out_stride),
             }
         }
-    }
+    });
 }
 
 /// One group of eight rows at `w` against `T` activation rows at `a`.
@@ -90,25 +107,114 @@ unsafe fn group<const T: usize>(
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let blk = w.add(b * GROUP_BLOCK_BYTES);
-        let d_w = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
-        // q[k], lane r: levels 4k..4k+3 of row r.
-        let mut q = [_mm256_setzero_si256(); 8];
+        // Per quant vector m, lane r holds levels 4m..4m+3 of row r in its low
+        // nibbles and 16+4m..16+4m+3 in its high ones; one weight vector is
+        // live at a time while every token's 16-bit sums take it in.
+        let mut s16 = [_mm256_setzero_si256(); T];
         for m in 0..4 {
             let raw = _mm256_loadu_si256(blk.add(GROUP_QUANTS + 32 * m).cast());
-            q[m] = _mm256_and_si256(raw, low);
-            q[m + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
-        }
-        for (t, acc_t) in acc.iter_mut().enumerate() {
-            let ab = a.add(t * a_stride + b * Q8_0_BYTES);
-            let qa = ab.add(2);
-            let quad = |k: usize| _mm256_set1_epi32(qa.add(4 * k).cast::<i32>().read_unaligned());
-            let mut s16 = _mm256_maddubs_epi16(q[0], quad(0));
-            for (k, qk) in q.iter().enumerate().skip(1) {
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*qk, quad(k)));
+            let (lo, hi) = (_mm256_and_si256(raw, low), _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low));
+            for (t, s16_t) in s16.iter_mut().enumerate() {
+                let qa = a.add(t * a_stride + b * Q8_0_BYTES + 2);
+                let quad = |k: usize| _mm256_set1_epi32(qa.add(4 * k).cast::<i32>().read_unaligned());
+                let both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, quad(m)), _mm256_maddubs_epi16(hi, quad(m + 4)));
+                *s16_t = _mm256_add_epi16(*s16_t, both);
             }
+            pin(&mut s16);
+        }
+        let d_w = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
+        for (t, (acc_t, s16)) in acc.iter_mut().zip(s16).enumerate() {
+            let ab = a.add(t * a_stride + b * Q8_0_BYTES);
             let sums = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(*corrections.add(t * nb + b)));
             let scale = _mm256_mul_ps(d_w, _mm256_set1_ps(load_f16(ab)));
             *acc_t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *acc_t);
+        }
+    }
+    for (t, acc_t) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(t * out_stride), *acc_t);
+    }
+}
+
+/// The `Q8_0x8` product. Per group, block and token, the eight 32-byte
+/// vectors of quants (lane `r`: four quants of row `r`) are multiplied with
+/// the matching four activation quants broadcast to every lane, the sign of
+/// the weight moved onto the activation so that `maddubs` sees `|w|`; each
+/// product is widened to 32 bits and summed, giving every row's exact block
+/// sum in its lane. One conversion and one FMA per eight rows follow.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn q8_0x8(
+    n: usize,
+    w: &[u8],
+    rows: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    check_repacked(Repacked::Q8_0x8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+    if rows == 0 || n_tok == 0 {
+        return;
+    }
+    let nb = n / QK;
+    let group_bytes = nb * Q8_GROUP_BLOCK_BYTES;
+    sweep(rows / REPACK_ROWS, group_bytes, n_tok, |g, t0, tn| {
+        let wg = w[g * group_bytes..].as_ptr();
+        let a_pass = a[t0 * a_row_bytes..].as_ptr();
+        let o = out[t0 * out_stride + g * REPACK_ROWS..].as_mut_ptr();
+        // SAFETY: the kernel is only handed out after the CPU was found to
+        // support AVX2, FMA and F16C; `check_repacked` verified that every
+        // group of `nb` blocks, the `tn` activation rows of this pass and
+        // their outputs (eight floats per token at `out_stride`) lie within
+        // the slices.
+        unsafe {
+            match tn {
+                4 => group_q8::<4>(nb, wg, a_pass, a_row_bytes, o, out_stride),
+                3 => group_q8::<3>(nb, wg, a_pass, a_row_bytes, o, out_stride),
+                2 => group_q8::<2>(nb, wg, a_pass, a_row_bytes, o, out_stride),
+                _ => group_q8::<1>(nb, wg, a_pass, a_row_bytes, o, out_stride),
+            }
+        }
+    });
+}
+
+/// One `Q8_0x8` group of eight rows at `w` against `T` activation rows at `a`.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `nb` group blocks at `w` and `T`
+/// rows of `nb` Q8_0 blocks at `a` (`a_stride` apart) must be readable, eight
+/// floats at `out + t * out_stride` writable for `t < T`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_q8<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    a: *const u8,
+    a_stride: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let blk = w.add(b * Q8_GROUP_BLOCK_BYTES);
+        let mut sums = [_mm256_setzero_si256(); T];
+        for k in 0..8 {
+            let wk = _mm256_loadu_si256(blk.add(GROUP_QUANTS + 32 * k).cast());
+            let magnitudes = _mm256_abs_epi8(wk);
+            for (t, sum) in sums.iter_mut().enumerate() {
+                let quad = a.add(t * a_stride + b * Q8_0_BYTES + 2 + 4 * k);
+                let quad = _mm256_set1_epi32(quad.cast::<i32>().read_unaligned());
+                let pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(quad, wk));
+                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+            }
+            // One weight vector live at a time (see `pin`).
+            pin(&mut sums);
+        }
+        let d_w = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
+        for (t, (acc_t, sum)) in acc.iter_mut().zip(sums).enumerate() {
+            let scale = _mm256_mul_ps(d_w, _mm256_set1_ps(load_f16(a.add(t * a_stride + b * Q8_0_BYTES))));
+            *acc_t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), scale, *acc_t);
         }
     }
     for (t, acc_t) in acc.iter().enumerate() {

@@ -151,15 +151,16 @@ struct ChunkScales {
 }
 
 impl ChunkScales {
-    /// Room for `count` rows of `nb` blocks, plus one vector of slack so that
-    /// four-lane loads at the end stay in bounds.
-    fn new<const F: u8>(count: usize, nb: usize) -> ChunkScales {
-        let len = count * nb + 4;
+    /// Room for `count` rows of `nb` blocks in groups of `group`, plus one
+    /// vector of slack so that four-lane loads at the end stay in bounds.
+    fn new<const F: u8>(count: usize, nb: usize, group: usize) -> ChunkScales {
+        let len = count.div_ceil(group) * group * nb + 4;
         ChunkScales { d: vec![0.0; len], second: if has_min(F) { vec![0.0; len] } else { Vec::new() } }
     }
 
     /// Converts the scales of `count` rows at `p` (`stride` apart, blocks of
-    /// `block_bytes`) into `[i * item_step + b * block_step]`.
+    /// `block_bytes`) into `[i / group][b][i % group]`: the scales one
+    /// micro-tile reads lie together, in the order it reads them.
     ///
     /// # Safety
     /// F16C must be available; the rows must be readable.
@@ -172,13 +173,12 @@ impl ChunkScales {
         count: usize,
         nb: usize,
         block_bytes: usize,
-        item_step: usize,
-        block_step: usize,
+        group: usize,
     ) {
         for i in 0..count {
             for b in 0..nb {
                 let block = p.add(i * stride + b * block_bytes);
-                let at = i * item_step + b * block_step;
+                let at = (i / group * nb + b) * group + i % group;
                 self.d[at] = load_f16(block);
                 if has_min(F) {
                     self.second[at] = load_f16(block.add(2));
@@ -216,34 +216,35 @@ unsafe fn tile_avx2<const F: u8>(shape: Shape, w: *const u8, rows: usize, a: *co
     let (tile_rows, tile_toks) = micro_tile(F);
     let row_chunk = (ROW_CHUNK_BYTES / shape.w_stride.max(1)).max(1).div_ceil(tile_rows) * tile_rows;
     let tok_chunk = (TOK_CHUNK_BYTES / shape.a_stride.max(1)).max(1).div_ceil(tile_toks) * tile_toks;
-    let mut w_scales = ChunkScales::new::<F>(row_chunk.min(rows), nb);
-    let mut a_scales = ChunkScales::new::<F>(tok_chunk.min(toks), nb);
+    let mut w_scales = ChunkScales::new::<F>(row_chunk.min(rows), nb, tile_rows);
+    let mut a_scales = ChunkScales::new::<F>(tok_chunk.min(toks), nb, tile_toks);
     let (w_bytes, a_bytes) = (weight_block_bytes(F), act_block_bytes(F));
     let products_per_block = if F == Q8_0 { Q8_ROWS * Q8_TOKS } else { ROWS * TOKS };
     let mut products = vec![0f32; nb * products_per_block];
     for t_chunk in (0..toks).step_by(tok_chunk) {
         let t_chunk_end = toks.min(t_chunk + tok_chunk);
         let tc = t_chunk_end - t_chunk;
-        a_scales.fill::<F>(a.add(t_chunk * shape.a_stride), shape.a_stride, tc, nb, a_bytes, 1, tc);
+        a_scales.fill::<F>(a.add(t_chunk * shape.a_stride), shape.a_stride, tc, nb, a_bytes, tile_toks);
         for r_chunk in (0..rows).step_by(row_chunk) {
             let r_chunk_end = rows.min(r_chunk + row_chunk);
             let w_chunk = w.add(r_chunk * shape.w_stride);
             let rc = r_chunk_end - r_chunk;
-            w_scales.fill::<F>(w_chunk, shape.w_stride, rc, nb, w_bytes, 1, rc);
+            w_scales.fill::<F>(w_chunk, shape.w_stride, rc, nb, w_bytes, tile_rows);
             for t in (t_chunk..t_chunk_end).step_by(tile_toks) {
                 let tt = tile_toks.min(t_chunk_end - t);
                 for r in (r_chunk..r_chunk_end).step_by(tile_rows) {
                     let rr = tile_rows.min(r_chunk_end - r);
                     let (w, a) = (w.add(r * shape.w_stride), a.add(t * shape.a_stride));
                     let out = out.add(r * shape.out_stride + t);
-                    let w_at = r - r_chunk;
+                    // Each tile's scales are a group of its own (see `ChunkScales::fill`).
+                    let (w_at, a_at) = ((r - r_chunk) * nb, (t - t_chunk) * nb);
                     let scales = TileScales {
                         w_d: w_scales.d.as_ptr().add(w_at),
                         w_m: w_scales.second.as_ptr().wrapping_add(w_at),
-                        w_step: rc,
-                        a_d: a_scales.d.as_ptr().add(t - t_chunk),
-                        a_s: a_scales.second.as_ptr().wrapping_add(t - t_chunk),
-                        a_step: tc,
+                        w_step: tile_rows,
+                        a_d: a_scales.d.as_ptr().add(a_at),
+                        a_s: a_scales.second.as_ptr().wrapping_add(a_at),
+                        a_step: tile_toks,
                         products: products.as_mut_ptr(),
                     };
                     micro_any::<F>(rr, tt, shape, w, a, out, scales);

@@ -14,6 +14,7 @@
 use super::{check_tile, Shape, TileFn};
 use crate::kquants::avx2::{f16_at, hsum_128, hsum_256, load};
 use crate::kquants::{q4k, q6k, q8k, unpack_scales_mins, QK_K};
+use crate::legacy::avx2::pin;
 use crate::GgmlType;
 use std::arch::x86_64::*;
 
@@ -187,23 +188,6 @@ fn widen(bytes: [u8; 8]) -> __m256i {
 #[inline(always)]
 unsafe fn q8k_scale(p: *const u8) -> __m256 {
     _mm256_set1_ps(p.cast::<f32>().read_unaligned())
-}
-
-/// Keeps `sums` in registers at this point and stops the compiler from moving
-/// loads across it, so that the unrolled inner loops keep their order: left
-/// free, it hoists and interleaves them into far more live vectors than
-/// there are registers, and spills.
-///
-/// # Safety
-/// AVX must be available.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pin<const T: usize>(sums: &mut [__m256i; T]) {
-    for v in sums.iter_mut() {
-        // SAFETY: an empty instruction template; the operand only tells the
-        // compiler that `v` is read and written in a register here.
-        std::arch::asm!("/* {0} */", inout(ymm_reg) * v, options(nostack, preserves_flags));
-    }
 }
 
 /// The Q4_K micro-tile of `R` weight rows (at `w`, `s.w_stride` apart) by
