@@ -7,7 +7,7 @@
 //! the AVX2 ones use four 8-lane f32 FMA accumulators as llama.cpp's do.
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 
 use crate::{DequantizeFn, DotFn, GgmlType, Isa, Kernels, QuantizeFn};
 use half::{bf16, f16, slice::HalfFloatSliceExt};

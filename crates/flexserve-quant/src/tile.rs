@@ -18,6 +18,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod float_avx2;
+#[cfg(target_arch = "x86_64")]
 mod kquants_avx2;
 
 use crate::{detected_isa, kernels_for, GgmlType, Isa};
@@ -68,7 +70,9 @@ pub fn tile_kernel_for(ty: GgmlType, isa: Isa) -> Option<TileFn> {
     match isa {
         Isa::Portable => Some(portable),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => Some(avx2::tile(ty).or_else(|| kquants_avx2::tile(ty)).unwrap_or(portable)),
+        Isa::Avx2 => {
+            Some(avx2::tile(ty).or_else(|| kquants_avx2::tile(ty)).or_else(|| float_avx2::tile(ty)).unwrap_or(portable))
+        }
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 => Some(portable),
     }
@@ -192,4 +196,7 @@ portable_tiles!(
     Q8_0 => portable_q8_0,
     Q4_K => portable_q4_k,
     Q6_K => portable_q6_k,
+    F32 => portable_f32,
+    F16 => portable_f16,
+    BF16 => portable_bf16,
 );

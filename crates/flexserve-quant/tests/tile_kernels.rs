@@ -8,17 +8,28 @@ use common::*;
 use flexserve_quant::{detected_isa, tile_kernel, tile_kernel_for, GgmlType, Isa, Kernels, TileFn};
 use rand::Rng;
 
-const TILE_TYPES: [GgmlType; 7] =
-    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K];
+const TILE_TYPES: [GgmlType; 10] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+];
 const ROW_COUNTS: [usize; 8] = [1, 2, 3, 4, 5, 7, 8, 13];
 const TOK_COUNTS: [usize; 6] = [1, 2, 3, 4, 5, 9];
 /// One block, several blocks, and the real model's row length (for the
-/// 256-element K-quant blocks: one, two and three super-blocks).
+/// 256-element K-quant blocks: one, two and three super-blocks; for the float
+/// types, lengths that leave a tail after the dot's 32-element steps).
 fn lengths(ty: GgmlType) -> [usize; 3] {
-    if ty.block_size() == 32 {
-        [32, 7 * 32, 576]
-    } else {
-        [256, 512, 768]
+    match ty.block_size() {
+        32 => [32, 7 * 32, 576],
+        1 => [7, 40, 581],
+        _ => [256, 512, 768],
     }
 }
 
@@ -116,14 +127,14 @@ fn assert_matches_dot(case: &Case, tile: TileFn, dot: flexserve_quant::DotFn, ro
 }
 
 #[test]
-fn tile_kernels_exist_for_the_block_formats_only() {
+fn tile_kernels_exist_for_the_matrix_formats_only() {
     for ty in TILE_TYPES {
         for isa in [Isa::Portable, Isa::Avx2] {
             assert!(tile_kernel_for(ty, isa).is_some(), "{ty} {isa:?}");
         }
         assert!(tile_kernel(ty).is_some(), "{ty}");
     }
-    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_1, GgmlType::Q5_K, GgmlType::Q8_K] {
+    for ty in [GgmlType::Q8_1, GgmlType::Q5_K, GgmlType::Q8_K] {
         assert!(tile_kernel(ty).is_none(), "{ty}");
     }
 }
@@ -278,6 +289,8 @@ fn tile_throughput() {
         // A 1B model's FFN down matrix: activation rows too long for several to stay in L1.
         (GgmlType::Q4_K, 256, 5632),
         (GgmlType::Q6_K, 256, 5632),
+        (GgmlType::F16, 1024, 1024),
+        (GgmlType::F16, 1024, 4096),
     ] {
         let toks = 512;
         let wk = simd(ty);

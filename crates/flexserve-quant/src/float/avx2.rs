@@ -79,7 +79,7 @@ fn quantize_f16(src: &[f32], dst: &mut [u8]) {
 /// Folds four accumulators into one f32 (see the module comment).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn reduce4(acc: [__m256; 4]) -> f32 {
+pub(crate) unsafe fn reduce4(acc: [__m256; 4]) -> f32 {
     let pair0 = _mm256_add_ps(acc[0], acc[2]);
     let pair1 = _mm256_add_ps(acc[1], acc[3]);
     let all = _mm256_add_ps(pair0, pair1);
@@ -90,27 +90,27 @@ unsafe fn reduce4(acc: [__m256; 4]) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_f16x8(p: *const u8) -> __m256 {
+pub(crate) unsafe fn load_f16x8(p: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_bf16x8(p: *const u8) -> __m256 {
+pub(crate) unsafe fn load_bf16x8(p: *const u8) -> __m256 {
     let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
     _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn read_f16(p: *const u8) -> f32 {
+pub(crate) unsafe fn read_f16(p: *const u8) -> f32 {
     let bits = u16::from_le_bytes(p.cast::<[u8; 2]>().read_unaligned());
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn read_bf16(p: *const u8) -> f32 {
+pub(crate) unsafe fn read_bf16(p: *const u8) -> f32 {
     let bits = u16::from_le_bytes(p.cast::<[u8; 2]>().read_unaligned());
     f32::from_bits((bits as u32) << 16)
 }

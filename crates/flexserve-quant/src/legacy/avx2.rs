@@ -197,6 +197,20 @@ pub(crate) unsafe fn pin<const T: usize>(sums: &mut [__m256i; T]) {
     }
 }
 
+/// `pin` for float vectors.
+///
+/// # Safety
+/// AVX must be available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn pin_ps<const T: usize>(sums: &mut [__m256; T]) {
+    for v in sums.iter_mut() {
+        // SAFETY: an empty instruction template; the operand only tells the
+        // compiler that `v` is read and written in a register here.
+        std::arch::asm!("/* {0} */", inout(ymm_reg) * v, options(nostack, preserves_flags));
+    }
+}
+
 /// As `dot_u8_i8` for two signed operands: the sign of `x` moves onto `y` so
 /// that `maddubs` sees `|x|` as unsigned. Exact while `y` avoids -128, which
 /// the activation quantizer guarantees (its values lie in -127..=127).
