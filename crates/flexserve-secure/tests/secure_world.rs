@@ -282,18 +282,27 @@ fn memory_pressure_during_a_generation_gets_free_granules_back_between_tokens() 
     world.shutdown().unwrap();
 }
 
-/// Q4_0 matrices are rearranged for the grouped kernels at load; the secure
-/// world does it in place, in the granted granules, so the weights are held
-/// once and the tokens are the plain engine's.
+/// Q4_0 and Q8_0 matrices are rearranged for the grouped kernels at load; the
+/// secure world does it in place, in the granted granules, so the weights are
+/// held once and the tokens are the plain engine's.
 #[test]
 fn q4_0_models_are_rearranged_in_place_and_give_the_plain_tokens() {
+    rearranged_in_place_with_the_plain_tokens("Q4_0", flexserve_engine::weights::Repacked::Q4_0x8);
+}
+
+#[test]
+fn q8_0_models_are_rearranged_in_place_and_give_the_plain_tokens() {
+    rearranged_in_place_with_the_plain_tokens("Q8_0", flexserve_engine::weights::Repacked::Q8_0x8);
+}
+
+fn rearranged_in_place_with_the_plain_tokens(quant: &str, layout: flexserve_engine::weights::Repacked) {
     use flexserve_engine::{GenerateOptions, Generator, Model, SamplingParams, Session};
     let dir = tempfile::tempdir().unwrap();
     let real = flexserve_gguf::GgufFile::open(plain_model()).unwrap();
-    let spec = flexserve_engine::synth::SynthSpec::from_shape("4,1024,8,4,4096", "Q4_0", 7).unwrap();
-    let plain = dir.path().join("q4_0.gguf");
+    let spec = flexserve_engine::synth::SynthSpec::from_shape("4,1024,8,4,4096", quant, 7).unwrap();
+    let plain = dir.path().join("synth.gguf");
     flexserve_engine::synth::synth_model(&spec, Some(&real.header.metadata)).unwrap().write_file(&plain).unwrap();
-    let (sealed_path, key_path) = (dir.path().join("q4_0.fsm"), dir.path().join("k.key"));
+    let (sealed_path, key_path) = (dir.path().join("synth.fsm"), dir.path().join("k.key"));
     let key = ModelKey::generate();
     key.save(&key_path).unwrap();
     flexserve_sealed::seal_file(&plain, &sealed_path, &key, &SealOptions::default(), &mut |_, _| {}).unwrap();
@@ -302,10 +311,7 @@ fn q4_0_models_are_rearranged_in_place_and_give_the_plain_tokens() {
     let file = std::sync::Arc::new(flexserve_gguf::GgufFile::open(&plain).unwrap());
     let tok = flexserve_tokenizer::Tokenizer::from_gguf(&file.header.metadata).unwrap();
     let reference = Model::from_gguf(file, 2).unwrap();
-    assert!(
-        reference.weights.layers[0].w_up.layout
-            == flexserve_engine::weights::Layout::Packed(flexserve_engine::weights::Repacked::Q4_0x8)
-    );
+    assert!(reference.weights.layers[0].w_up.layout == flexserve_engine::weights::Layout::Packed(layout));
     let mut g = Generator::new(Session::new(&reference, 512), &tok);
     let opts = GenerateOptions { max_tokens: 12, sampling: SamplingParams::greedy(), stop: vec![] };
     let mut expected = String::new();
