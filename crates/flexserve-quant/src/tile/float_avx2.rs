@@ -83,16 +83,10 @@ fn tile_wrapper<const F: u8>(
     }
 }
 
-/// Visits the whole `rows x toks` tile in chunks of rows and tokens. Within
-/// a chunk, rows are taken a span of `SPAN` elements at a time for every
-/// micro-tile (tokens outer, so that a token tile's span stays in L1 while
-/// the rows pass), the pairs' four accumulators parked in `parts` between
-/// spans; each pair's sum is finished once its last span is done.
+/// Runs [`sweep`] with this thread's buffers.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; `rows` weight rows and `toks`
-/// activation rows of `n` elements must be readable at their strides, and
-/// `rows` output rows of `toks` floats writable.
+/// As for [`sweep`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_avx2<const F: u8>(
@@ -106,15 +100,76 @@ unsafe fn tile_avx2<const F: u8>(
     out: *mut f32,
     out_stride: usize,
 ) {
-    let main = n - n % 32;
     // Widened rows one cache line longer than they need be: rows a power of
     // two apart would map the tokens' loads of a step to the same L1 banks.
     let wide_stride = n.next_multiple_of(16) + 16;
     let (row_chunk, tok_chunk) = (ROW_CHUNK.min(rows), TOK_CHUNK.min(toks));
-    let mut wide = vec![0f32; tok_chunk * wide_stride];
+    // Per-thread buffers, kept between calls: a matmul calls the kernel once
+    // per task, and fresh buffers of this size would be mapped and faulted
+    // in every time.
+    SCRATCH.with_borrow_mut(|scratch| {
+        let (wide, parts) = scratch.take(tok_chunk * wide_stride, row_chunk * tok_chunk * 32);
+        // SAFETY: as for this function; the buffers have the chunk sizes
+        // `sweep` derives from the same constants.
+        unsafe { sweep::<F>(n, w, w_stride, rows, a, a_stride, toks, out, out_stride, wide, wide_stride, parts) }
+    })
+}
+
+/// The float tiles' per-thread buffers: widened activations and parked accumulators.
+#[derive(Default)]
+struct Scratch {
+    wide: Vec<f32>,
+    parts: Vec<f32>,
+}
+
+impl Scratch {
+    /// The two buffers with at least the lengths given (contents unspecified).
+    fn take(&mut self, wide: usize, parts: usize) -> (&mut [f32], &mut [f32]) {
+        for (buf, len) in [(&mut self.wide, wide), (&mut self.parts, parts)] {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+        }
+        (&mut self.wide[..wide], &mut self.parts[..parts])
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Visits the whole `rows x toks` tile in chunks of rows and tokens. Within
+/// a chunk, rows are taken a span of `SPAN` elements at a time for every
+/// micro-tile (tokens outer, so that a token tile's span stays in L1 while
+/// the rows pass), the pairs' four accumulators parked in `parts` between
+/// spans; each pair's sum is finished once its last span is done.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `rows` weight rows and `toks`
+/// activation rows of `n` elements must be readable at their strides, and
+/// `rows` output rows of `toks` floats writable; `wide` must hold a chunk of
+/// widened activation rows `wide_stride` apart, `parts` a chunk's parked
+/// accumulators (32 floats per pair).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sweep<const F: u8>(
+    n: usize,
+    w: *const u8,
+    w_stride: usize,
+    rows: usize,
+    a: *const u8,
+    a_stride: usize,
+    toks: usize,
+    out: *mut f32,
+    out_stride: usize,
+    wide: &mut [f32],
+    wide_stride: usize,
+    parts: &mut [f32],
+) {
+    let main = n - n % 32;
+    let (row_chunk, tok_chunk) = (ROW_CHUNK.min(rows), TOK_CHUNK.min(toks));
     // Per pair of a chunk (row-major), its four accumulators of eight lanes.
     let pair_floats = 4 * 8;
-    let mut parts = vec![0f32; row_chunk * tok_chunk * pair_floats];
     for t_chunk in (0..toks).step_by(tok_chunk) {
         let tc = tok_chunk.min(toks - t_chunk);
         for t in 0..tc {
@@ -123,7 +178,6 @@ unsafe fn tile_avx2<const F: u8>(
         let parts_row = tc * pair_floats;
         for r_chunk in (0..rows).step_by(row_chunk) {
             let rc = row_chunk.min(rows - r_chunk);
-            parts[..rc * parts_row].fill(0.0);
             for k0 in (0..main).step_by(SPAN) {
                 let span = k0..main.min(k0 + SPAN);
                 for t in (0..tc).step_by(TOKS) {
@@ -162,7 +216,12 @@ unsafe fn tile_avx2<const F: u8>(
                 let w_row = w.add((r_chunk + r) * w_stride);
                 for t in 0..tc {
                     let p = parts.as_ptr().add(r * parts_row + t * pair_floats);
-                    let acc = [0, 1, 2, 3].map(|j| _mm256_loadu_ps(p.add(8 * j)));
+                    // Rows shorter than one step of 32 ran no span: their sum is all tail.
+                    let acc = if main == 0 {
+                        [_mm256_setzero_ps(); 4]
+                    } else {
+                        [0, 1, 2, 3].map(|j| _mm256_loadu_ps(p.add(8 * j)))
+                    };
                     let a_row = wide.as_ptr().add(t * wide_stride);
                     *out.add((r_chunk + r) * out_stride + t_chunk + t) = finish::<F>(acc, main, n, w_row, a_row);
                 }
@@ -249,7 +308,8 @@ unsafe fn weights8<const F: u8>(p: *const u8, i: usize) -> __m256 {
 /// One span of a micro-tile: `R` weight rows (at `w`, `w_stride` bytes
 /// apart) by `T` widened activation rows (at `a`, `a_stride` floats apart),
 /// over the elements of `span` (whole steps of 32), adding into the pairs'
-/// parked accumulators at `parts` (pair `(r, t)` at `r * parts_row + 32 * t`).
+/// parked accumulators at `parts` (pair `(r, t)` at `r * parts_row + 32 * t`),
+/// or starting them when the span is a row's first.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; the rows must hold the span's
@@ -270,9 +330,11 @@ unsafe fn micro<const F: u8, const R: usize, const T: usize>(
     // One pass per accumulator of the dot, taking exactly its elements.
     for j in 0..4 {
         let mut acc = [[_mm256_setzero_ps(); T]; R];
-        for r in 0..R {
-            for t in 0..T {
-                acc[r][t] = _mm256_loadu_ps(part(r, t, j));
+        if span.start > 0 {
+            for r in 0..R {
+                for t in 0..T {
+                    acc[r][t] = _mm256_loadu_ps(part(r, t, j));
+                }
             }
         }
         for i in (span.start + 8 * j..span.end).step_by(32) {
