@@ -180,35 +180,33 @@ pub(crate) unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
 }
 
-/// Keeps `sums` in registers at this point and stops the compiler from moving
-/// loads across it, so that the unrolled inner loops keep their order: left
-/// free, it hoists and interleaves them into far more live vectors than
-/// there are registers, and spills.
-///
-/// # Safety
-/// AVX must be available.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn pin<const T: usize>(sums: &mut [__m256i; T]) {
-    for v in sums.iter_mut() {
-        // SAFETY: an empty instruction template; the operand only tells the
-        // compiler that `v` is read and written in a register here.
-        std::arch::asm!("/* {0} */", inout(ymm_reg) * v, options(nostack, preserves_flags));
-    }
+/// Defines a `pin` function per vector type (see `pin`).
+macro_rules! pins {
+    ($($(#[$doc:meta])* $name:ident: $vector:ty;)*) => {$(
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// AVX must be available.
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(crate) unsafe fn $name<const T: usize>(vectors: &mut [$vector; T]) {
+            for v in vectors.iter_mut() {
+                // SAFETY: an empty instruction template; the operand only tells
+                // the compiler that `v` is read and written in a register here.
+                std::arch::asm!("/* {0} */", inout(ymm_reg) * v, options(nostack, preserves_flags));
+            }
+        }
+    )*};
 }
 
-/// `pin` for float vectors.
-///
-/// # Safety
-/// AVX must be available.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn pin_ps<const T: usize>(sums: &mut [__m256; T]) {
-    for v in sums.iter_mut() {
-        // SAFETY: an empty instruction template; the operand only tells the
-        // compiler that `v` is read and written in a register here.
-        std::arch::asm!("/* {0} */", inout(ymm_reg) * v, options(nostack, preserves_flags));
-    }
+pins! {
+    /// Keeps `vectors` in registers at this point and stops the compiler from
+    /// moving loads across it, so that the unrolled inner loops keep their
+    /// order: left free, it hoists and interleaves them into far more live
+    /// vectors than there are registers, and spills.
+    pin: __m256i;
+    /// `pin` for float vectors.
+    pin_ps: __m256;
 }
 
 /// As `dot_u8_i8` for two signed operands: the sign of `x` moves onto `y` so
