@@ -92,11 +92,18 @@ impl Weights {
             None => token_embd.clone(),
         };
         let mut layers = (0..c.n_layer).map(|i| Layer::load(src, c, i)).collect::<Result<Vec<_>, _>>()?;
+        // Tensors are rearranged side by side on the current thread pool:
+        // the copies' fresh pages cost more to fault in than to fill.
+        let mut matrices: Vec<&mut Tensor> = Vec::new();
         for l in &mut layers {
-            for t in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
-                debug_assert!(rearranged_by_load(&t.name), "{}", t.name);
-                t.repack_for_matmul()?;
-            }
+            matrices.extend([&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down]);
+        }
+        debug_assert!(matrices.iter().all(|t| rearranged_by_load(&t.name)));
+        // A source that rearranged in place leaves nothing to do, and no
+        // thread pool is touched.
+        matrices.retain(|t| t.repack_pending());
+        if !matrices.is_empty() {
+            matrices.into_par_iter().try_for_each(|t| t.repack_for_matmul())?;
         }
         Ok(Self {
             token_embd,
@@ -115,8 +122,22 @@ pub struct Model {
     pool: rayon::ThreadPool,
 }
 
+/// The engine's worker threads (`threads == 0`: one per core).
+fn worker_pool(threads: usize) -> Result<rayon::ThreadPool, EngineError> {
+    let threads = if threads == 0 { default_threads() } else { threads };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("flexserve-worker-{i}"))
+        .build()
+        .map_err(|e| EngineError::Threads(e.to_string()))
+}
+
 impl Model {
     pub fn new(config: ModelConfig, weights: Weights, threads: usize) -> Result<Self, EngineError> {
+        Self::with_pool(config, weights, worker_pool(threads)?)
+    }
+
+    fn with_pool(config: ModelConfig, weights: Weights, pool: rayon::ThreadPool) -> Result<Self, EngineError> {
         // Check every weight type has kernels before the first token.
         let mut all: Vec<&Tensor> = vec![&weights.output];
         for l in &weights.layers {
@@ -126,12 +147,6 @@ impl Model {
             ops::dot_kernel(t)?;
         }
         ops::kernels(weights.token_embd.ty)?;
-        let threads = if threads == 0 { default_threads() } else { threads };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("flexserve-worker-{i}"))
-            .build()
-            .map_err(|e| EngineError::Threads(e.to_string()))?;
         Ok(Self { config, weights, pool })
     }
 
@@ -143,8 +158,9 @@ impl Model {
     /// Loads a model from any GGUF image (a mapped file or decrypted bytes).
     pub fn from_source(src: &GgufSource, threads: usize) -> Result<Self, EngineError> {
         let config = ModelConfig::from_metadata(&src.header().metadata)?;
-        let weights = Weights::load(src, &config)?;
-        Self::new(config, weights, threads)
+        let pool = worker_pool(threads)?;
+        let weights = pool.install(|| Weights::load(src, &config))?;
+        Self::with_pool(config, weights, pool)
     }
 
     /// What a session's scratch buffers take for batches of up to `batch` tokens

@@ -79,8 +79,9 @@ pub trait TensorSource {
     }
 }
 
-/// Plaintext weights held in ordinary memory (a decrypted model), wiped
-/// when dropped so that no copy outlives the model.
+/// Plaintext weights held in ordinary memory (a decrypted model, or a
+/// rearranged copy of a tensor), wiped when dropped so that no copy outlives
+/// the model.
 pub struct OwnedWeights(Vec<u8>);
 
 impl OwnedWeights {
@@ -97,7 +98,15 @@ impl WeightStorage for OwnedWeights {
 
 impl Drop for OwnedWeights {
     fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.0);
+        // Eight bytes per volatile write where the length allows: wiping a
+        // model-sized copy byte by byte took a visible share of a short run.
+        let words = self.0.len() / 8 * 8;
+        let (head, tail) = self.0.split_at_mut(words);
+        match bytemuck::try_cast_slice_mut::<u8, u64>(head) {
+            Ok(words) => zeroize::Zeroize::zeroize(words),
+            Err(_) => zeroize::Zeroize::zeroize(head),
+        }
+        zeroize::Zeroize::zeroize(tail);
     }
 }
 
@@ -172,6 +181,11 @@ impl Tensor {
     pub fn row(&self, i: usize) -> &[u8] {
         assert_eq!(self.layout, Layout::Rows, "tensor {}: rows of a rearranged tensor are not contiguous", self.name);
         &self.bytes()[i * self.row_bytes..(i + 1) * self.row_bytes]
+    }
+
+    /// Whether [`Tensor::repack_for_matmul`] would rearrange this tensor.
+    pub fn repack_pending(&self) -> bool {
+        self.layout == Layout::Rows && Repacked::for_matrix(self.ty, self.rows, self.cols).is_some()
     }
 
     /// Rearranges a matrix-product weight for the grouped kernels where its
