@@ -98,16 +98,18 @@ impl WeightStorage for OwnedWeights {
 
 impl Drop for OwnedWeights {
     fn drop(&mut self) {
-        // Eight bytes per volatile write where the length allows: wiping a
-        // model-sized copy byte by byte took a visible share of a short run.
-        let words = self.0.len() / 8 * 8;
-        let (head, tail) = self.0.split_at_mut(words);
-        match bytemuck::try_cast_slice_mut::<u8, u64>(head) {
-            Ok(words) => zeroize::Zeroize::zeroize(words),
-            Err(_) => zeroize::Zeroize::zeroize(head),
-        }
-        zeroize::Zeroize::zeroize(tail);
+        wipe(&mut self.0);
     }
+}
+
+/// Zeroizes `bytes` (volatile writes the compiler cannot drop), eight bytes
+/// per write where the alignment allows: wiping a model-sized buffer byte by
+/// byte took a visible share of a short run.
+pub fn wipe(bytes: &mut [u8]) {
+    let (head, words, tail) = bytemuck::pod_align_to_mut::<u8, u64>(bytes);
+    zeroize::Zeroize::zeroize(head);
+    zeroize::Zeroize::zeroize(words);
+    zeroize::Zeroize::zeroize(tail);
 }
 
 /// A GGUF image (header plus the bytes it describes) as a tensor source:

@@ -292,7 +292,7 @@ impl<R: SecureRegion> ResidentModel<R> {
             let bytes = &mut region.0.bytes_mut()[at..at + len];
             let mut packed = packing.repack(bytes, rows, cols).map_err(|e| format!("{}: {e}", t.name))?;
             bytes.copy_from_slice(&packed);
-            zeroize::Zeroize::zeroize(&mut packed);
+            flexserve_engine::weights::wipe(&mut packed);
             self.rearranged[i] = Some(packing);
         }
         Ok(())
