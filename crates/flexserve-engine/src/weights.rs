@@ -287,3 +287,18 @@ pub fn load_vector_opt(src: &dyn TensorSource, name: &str, n: usize) -> Result<O
         None => Ok(None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::wipe;
+
+    #[test]
+    fn wipe_zeroes_exactly_the_slice_at_any_alignment() {
+        for (start, len) in [(0, 0), (0, 64), (3, 5), (3, 100), (7, 1)] {
+            let mut v = vec![0xA5u8; start + len + 9];
+            wipe(&mut v[start..start + len]);
+            assert!(v[start..start + len].iter().all(|&b| b == 0), "{start} {len}");
+            assert!(v[..start].iter().chain(&v[start + len..]).all(|&b| b == 0xA5), "{start} {len}");
+        }
+    }
+}
