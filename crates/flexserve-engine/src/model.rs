@@ -81,30 +81,24 @@ pub struct Weights {
 impl Weights {
     pub fn load(src: &dyn TensorSource, c: &ModelConfig) -> Result<Self, EngineError> {
         let token_embd = Tensor::load(src, "token_embd.weight", c.n_embd, c.n_vocab)?;
+        let mut output = Tensor::load_opt(src, "output.weight", c.n_embd, c.n_vocab)?;
+        let mut layers = (0..c.n_layer).map(|i| Layer::load(src, c, i)).collect::<Result<Vec<_>, _>>()?;
         // Matrix-product weights are rearranged for the grouped kernels where
         // their type allows (Q4_0 as llama.cpp does, and Q8_0); the embedding
         // matrix, and so a tied output, is not (its rows are looked up).
-        let output = match Tensor::load_opt(src, "output.weight", c.n_embd, c.n_vocab)? {
-            Some(mut t) => {
-                t.repack_for_matmul()?;
-                t
-            }
-            None => token_embd.clone(),
-        };
-        let mut layers = (0..c.n_layer).map(|i| Layer::load(src, c, i)).collect::<Result<Vec<_>, _>>()?;
-        // Tensors are rearranged side by side on the current thread pool:
-        // the copies' fresh pages cost more to fault in than to fill.
-        let mut matrices: Vec<&mut Tensor> = Vec::new();
+        let mut matrices: Vec<&mut Tensor> = output.iter_mut().collect();
         for l in &mut layers {
             matrices.extend([&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down]);
         }
         debug_assert!(matrices.iter().all(|t| rearranged_by_load(&t.name)));
-        // A source that rearranged in place leaves nothing to do, and no
-        // thread pool is touched.
-        matrices.retain(|t| t.repack_pending());
+        // Side by side on the current thread pool: the copies' fresh pages
+        // cost more to fault in than to fill. A source that rearranged in
+        // place leaves nothing to do, and no thread pool is touched.
+        matrices.retain(|t| t.pending_repack().is_some());
         if !matrices.is_empty() {
             matrices.into_par_iter().try_for_each(|t| t.repack_for_matmul())?;
         }
+        let output = output.unwrap_or_else(|| token_embd.clone());
         Ok(Self {
             token_embd,
             layers,

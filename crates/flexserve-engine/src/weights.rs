@@ -185,9 +185,13 @@ impl Tensor {
         &self.bytes()[i * self.row_bytes..(i + 1) * self.row_bytes]
     }
 
-    /// Whether [`Tensor::repack_for_matmul`] would rearrange this tensor.
-    pub fn repack_pending(&self) -> bool {
-        self.layout == Layout::Rows && Repacked::for_matrix(self.ty, self.rows, self.cols).is_some()
+    /// The layout [`Tensor::repack_for_matmul`] would rearrange this tensor
+    /// into, if any.
+    pub fn pending_repack(&self) -> Option<Repacked> {
+        match self.layout {
+            Layout::Rows => Repacked::for_matrix(self.ty, self.rows, self.cols),
+            Layout::Packed(_) => None,
+        }
     }
 
     /// Rearranges a matrix-product weight for the grouped kernels where its
@@ -197,8 +201,7 @@ impl Tensor {
     /// tensors are left as they are. The rearranged bytes go to a new buffer
     /// (wiped on drop) and the tensor lets go of the original ones.
     pub fn repack_for_matmul(&mut self) -> Result<(), EngineError> {
-        let packing = Repacked::for_matrix(self.ty, self.rows, self.cols);
-        let (Layout::Rows, Some(packing)) = (self.layout, packing) else {
+        let Some(packing) = self.pending_repack() else {
             return Ok(());
         };
         let packed = packing

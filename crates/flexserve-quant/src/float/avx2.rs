@@ -88,6 +88,19 @@ pub(crate) unsafe fn reduce4(acc: [__m256; 4]) -> f32 {
     _mm_cvtss_f32(_mm_hadd_ps(dual, dual))
 }
 
+/// Adds the products of the elements past the last step of 32 to the folded
+/// sum one by one, as the dots end (and the tiles, which must agree with them
+/// bit for bit): in f32 for F32 rows, in f64 for the 16-bit formats, as their
+/// portable kernels sum throughout.
+#[inline]
+pub(crate) fn add_tail(folded: f32, in_f64: bool, products: impl Iterator<Item = f32>) -> f32 {
+    if in_f64 {
+        products.fold(folded as f64, |sum, p| sum + p as f64) as f32
+    } else {
+        products.fold(folded, |sum, p| sum + p)
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn load_f16x8(p: *const u8) -> __m256 {
@@ -126,11 +139,8 @@ unsafe fn dot_f32_avx2(n: usize, w: *const u8, a: *const u8) -> f32 {
             *acc_j = _mm256_fmadd_ps(wv, av, *acc_j);
         }
     }
-    let mut sum = reduce4(acc);
-    for i in main..n {
-        sum += w.add(i).read_unaligned() * a.add(i).read_unaligned();
-    }
-    sum
+    let tail = (main..n).map(|i| w.add(i).read_unaligned() * a.add(i).read_unaligned());
+    add_tail(reduce4(acc), false, tail)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -143,12 +153,8 @@ unsafe fn dot_f16_avx2(n: usize, w: *const u8, a: *const u8) -> f32 {
             *acc_j = _mm256_fmadd_ps(load_f16x8(w.add(at)), load_f16x8(a.add(at)), *acc_j);
         }
     }
-    // The tail is summed in f64, as the portable kernel does throughout.
-    let mut sum = reduce4(acc) as f64;
-    for i in main..n {
-        sum += (read_f16(w.add(2 * i)) * read_f16(a.add(2 * i))) as f64;
-    }
-    sum as f32
+    let tail = (main..n).map(|i| read_f16(w.add(2 * i)) * read_f16(a.add(2 * i)));
+    add_tail(reduce4(acc), true, tail)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -161,11 +167,8 @@ unsafe fn dot_bf16_avx2(n: usize, w: *const u8, a: *const u8) -> f32 {
             *acc_j = _mm256_fmadd_ps(load_bf16x8(w.add(at)), load_bf16x8(a.add(at)), *acc_j);
         }
     }
-    let mut sum = reduce4(acc) as f64;
-    for i in main..n {
-        sum += (read_bf16(w.add(2 * i)) * read_bf16(a.add(2 * i))) as f64;
-    }
-    sum as f32
+    let tail = (main..n).map(|i| read_bf16(w.add(2 * i)) * read_bf16(a.add(2 * i)));
+    add_tail(reduce4(acc), true, tail)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

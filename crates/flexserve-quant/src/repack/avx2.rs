@@ -1,6 +1,6 @@
-//! AVX2 + FMA + F16C kernel for `Q4_0x8` weights.
+//! AVX2 + FMA + F16C kernels for `Q4_0x8` and `Q8_0x8` weights.
 //!
-//! Per group of eight rows and block, the 128 quant bytes are split into
+//! `Q4_0x8`: per group of eight rows and block, the 128 quant bytes are split into
 //! eight vectors whose 32-bit lane `r` holds four consecutive levels of row
 //! `r` (unsigned, 0..15). Each is multiplied with the matching four
 //! activation quants broadcast to every lane (`maddubs`); the eight 16-bit
@@ -24,15 +24,59 @@ const TOKENS: usize = 4;
 /// taken (kept in L2 while the activations stream past).
 const CHUNK_BYTES: usize = 192 * 1024;
 
-/// Calls `pass(g, t0, tn)` for every group `g` and every pass of `tn <=
-/// TOKENS` activation rows from `t0`, a chunk of groups at a time.
-fn sweep(groups: usize, group_bytes: usize, n_tok: usize, mut pass: impl FnMut(usize, usize, usize)) {
+/// One pass: a group's weights against up to `TOKENS` activation rows.
+struct Pass {
+    /// Blocks per row.
+    nb: usize,
+    /// The group's first block.
+    w: *const u8,
+    /// The pass's first activation row and the stride between rows.
+    a: *const u8,
+    a_stride: usize,
+    /// Index of the pass's first token.
+    t0: usize,
+    /// Tokens in the pass (1 to `TOKENS`).
+    tn: usize,
+    /// Where the first token's eight results go, and the stride between tokens.
+    out: *mut f32,
+    out_stride: usize,
+}
+
+/// Calls `group` for every group of eight rows and every pass of up to
+/// `TOKENS` activation rows, sweeping a chunk of groups (`CHUNK_BYTES`) with
+/// all passes before taking the next. The caller has checked the shapes
+/// (`check_repacked`).
+#[allow(clippy::too_many_arguments)]
+fn sweep(
+    layout: Repacked,
+    n: usize,
+    w: &[u8],
+    rows: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    mut group: impl FnMut(Pass),
+) {
+    let nb = n / QK;
+    let group_bytes = nb * REPACK_ROWS * layout.ty().type_size();
+    let groups = rows / REPACK_ROWS;
     let chunk = (CHUNK_BYTES / group_bytes.max(1)).max(1);
     for g_chunk in (0..groups).step_by(chunk) {
         for t0 in (0..n_tok).step_by(TOKENS) {
             let tn = (n_tok - t0).min(TOKENS);
             for g in g_chunk..groups.min(g_chunk + chunk) {
-                pass(g, t0, tn);
+                group(Pass {
+                    nb,
+                    w: w[g * group_bytes..].as_ptr(),
+                    a: a[t0 * a_row_bytes..].as_ptr(),
+                    a_stride: a_row_bytes,
+                    t0,
+                    tn,
+                    out: out[t0 * out_stride + g * REPACK_ROWS..].as_mut_ptr(),
+                    out_stride,
+                });
             }
         }
     }
@@ -51,35 +95,25 @@ pub(super) fn q4_0x8(
     out_stride: usize,
 ) {
     check_repacked(Repacked::Q4_0x8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
-    if rows == 0 || n_tok == 0 {
-        return;
-    }
     let nb = n / QK;
-    let group_bytes = nb * GROUP_BLOCK_BYTES;
     // 8 * (sum of the block's activation quants), per token and block.
     let corrections: Vec<i32> = (0..n_tok)
-        .flat_map(|t| (0..nb).map(move |b| (t, b)))
-        .map(|(t, b)| {
-            let qa = &a[t * a_row_bytes + b * Q8_0_BYTES + 2..t * a_row_bytes + (b + 1) * Q8_0_BYTES];
-            8 * qa.iter().map(|&v| v as i8 as i32).sum::<i32>()
-        })
+        .flat_map(|t| (0..nb).map(move |b| t * a_row_bytes + b * Q8_0_BYTES))
+        .map(|at| 8 * a[at + 2..at + Q8_0_BYTES].iter().map(|&v| v as i8 as i32).sum::<i32>())
         .collect();
-    sweep(rows / REPACK_ROWS, group_bytes, n_tok, |g, t0, tn| {
-        let wg = w[g * group_bytes..].as_ptr();
-        let a_pass = a[t0 * a_row_bytes..].as_ptr();
-        let c = corrections[t0 * nb..].as_ptr();
-        let o = out[t0 * out_stride + g * REPACK_ROWS..].as_mut_ptr();
+    sweep(Repacked::Q4_0x8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p| {
+        let c = corrections[p.t0 * nb..].as_ptr();
         // SAFETY: the kernel is only handed out after the CPU was found to
-        // support AVX2, FMA and F16C; `check_repacked` verified that every
-        // group of `nb` blocks, the `tn` activation rows of this pass and
-        // their outputs (eight floats per token at `out_stride`) lie within
-        // the slices; `corrections` holds `nb` values per token.
+        // support AVX2, FMA and F16C; `check_repacked` verified that every group of
+        // `nb` blocks, the pass's activation rows and their outputs (eight
+        // floats per token at `out_stride`) lie within the slices;
+        // `corrections` holds `nb` values per token.
         unsafe {
-            match tn {
-                4 => group::<4>(nb, wg, a_pass, a_row_bytes, c, o, out_stride),
-                3 => group::<3>(nb, wg, a_pass, a_row_bytes, c, o, out_stride),
-                2 => group::<2>(nb, wg, a_pass, a_row_bytes, c, o, out_stride),
-                _ => group::<1>(nb, wg, a_pass, a_row_bytes, c, o, out_stride),
+            match p.tn {
+                4 => group::<4>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
+                3 => group::<3>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
+                2 => group::<2>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
+                _ => group::<1>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
             }
         }
     });
@@ -153,26 +187,17 @@ pub(super) fn q8_0x8(
     out_stride: usize,
 ) {
     check_repacked(Repacked::Q8_0x8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
-    if rows == 0 || n_tok == 0 {
-        return;
-    }
-    let nb = n / QK;
-    let group_bytes = nb * Q8_GROUP_BLOCK_BYTES;
-    sweep(rows / REPACK_ROWS, group_bytes, n_tok, |g, t0, tn| {
-        let wg = w[g * group_bytes..].as_ptr();
-        let a_pass = a[t0 * a_row_bytes..].as_ptr();
-        let o = out[t0 * out_stride + g * REPACK_ROWS..].as_mut_ptr();
+    sweep(Repacked::Q8_0x8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p| {
         // SAFETY: the kernel is only handed out after the CPU was found to
-        // support AVX2, FMA and F16C; `check_repacked` verified that every
-        // group of `nb` blocks, the `tn` activation rows of this pass and
-        // their outputs (eight floats per token at `out_stride`) lie within
-        // the slices.
+        // support AVX2, FMA and F16C; `check_repacked` verified that every group of
+        // `nb` blocks, the pass's activation rows and their outputs (eight
+        // floats per token at `out_stride`) lie within the slices.
         unsafe {
-            match tn {
-                4 => group_q8::<4>(nb, wg, a_pass, a_row_bytes, o, out_stride),
-                3 => group_q8::<3>(nb, wg, a_pass, a_row_bytes, o, out_stride),
-                2 => group_q8::<2>(nb, wg, a_pass, a_row_bytes, o, out_stride),
-                _ => group_q8::<1>(nb, wg, a_pass, a_row_bytes, o, out_stride),
+            match p.tn {
+                4 => group_q8::<4>(p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride),
+                3 => group_q8::<3>(p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride),
+                2 => group_q8::<2>(p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride),
+                _ => group_q8::<1>(p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride),
             }
         }
     });

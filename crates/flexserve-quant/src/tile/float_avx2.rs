@@ -15,13 +15,13 @@
 //! widens only its weight vectors and reads the activations as they are.
 
 use super::{check_tile, TileFn};
-use crate::float::avx2::{load_bf16x8, load_f16x8, read_bf16, read_f16, reduce4};
+use crate::float::avx2::{add_tail, load_bf16x8, load_f16x8, read_bf16, read_f16, reduce4};
 use crate::legacy::avx2::pin_ps;
 use crate::GgmlType;
 use std::arch::x86_64::*;
 
-/// Weight rows and tokens per micro-tile: 12 accumulators beside one weight
-/// vector, the activations read from memory by the FMAs.
+/// Weight rows and tokens per micro-tile: 12 accumulators beside the three
+/// tokens' activation vectors and one weight vector.
 const ROWS: usize = 4;
 const TOKS: usize = 3;
 /// Elements of a row taken in one go by a micro-tile's four passes (a
@@ -31,6 +31,9 @@ const SPAN: usize = 1024;
 /// and the pairs' parked accumulators (128 bytes each) stay in L2.
 const ROW_CHUNK: usize = 64;
 const TOK_CHUNK: usize = 48;
+/// Floats parked per pair of a chunk (row-major): its four accumulators of
+/// eight lanes.
+const PAIR_FLOATS: usize = 4 * 8;
 
 // Format ids, used as a const generic so that each kernel is compiled per format.
 const F32: u8 = 0;
@@ -73,33 +76,6 @@ fn tile_wrapper<const F: u8>(
     if rows == 0 || toks == 0 {
         return;
     }
-    // SAFETY: the kernel is only handed out after the CPU was found to
-    // support AVX2, FMA and F16C; `check_tile` verified that `rows` weight
-    // rows and `toks` activation rows of `n` elements lie within `w` and `a`
-    // at their strides, and that `rows` output rows of `toks` floats lie
-    // within `out`.
-    unsafe {
-        tile_avx2::<F>(n, w.as_ptr(), w_row_bytes, rows, a.as_ptr(), a_row_bytes, toks, out.as_mut_ptr(), out_stride)
-    }
-}
-
-/// Runs [`sweep`] with this thread's buffers.
-///
-/// # Safety
-/// As for [`sweep`].
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<const F: u8>(
-    n: usize,
-    w: *const u8,
-    w_stride: usize,
-    rows: usize,
-    a: *const u8,
-    a_stride: usize,
-    toks: usize,
-    out: *mut f32,
-    out_stride: usize,
-) {
     // Widened rows one cache line longer than they need be: rows a power of
     // two apart would map the tokens' loads of a step to the same L1 banks.
     let wide_stride = n.next_multiple_of(16) + 16;
@@ -108,10 +84,17 @@ unsafe fn tile_avx2<const F: u8>(
     // per task, and fresh buffers of this size would be mapped and faulted
     // in every time.
     SCRATCH.with_borrow_mut(|scratch| {
-        let (wide, parts) = scratch.take(tok_chunk * wide_stride, row_chunk * tok_chunk * 32);
-        // SAFETY: as for this function; the buffers have the chunk sizes
-        // `sweep` derives from the same constants.
-        unsafe { sweep::<F>(n, w, w_stride, rows, a, a_stride, toks, out, out_stride, wide, wide_stride, parts) }
+        let (wide, parts) = scratch.take(tok_chunk * wide_stride, row_chunk * tok_chunk * PAIR_FLOATS);
+        // SAFETY: the kernel is only handed out after the CPU was found to
+        // support AVX2, FMA and F16C; `check_tile` verified that `rows`
+        // weight rows and `toks` activation rows of `n` elements lie within
+        // `w` and `a` at their strides, and that `rows` output rows of `toks`
+        // floats lie within `out`; the buffers have the sizes `sweep` derives
+        // from the same chunk constants.
+        unsafe {
+            let (w, a, out) = (w.as_ptr(), a.as_ptr(), out.as_mut_ptr());
+            sweep::<F>(n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride, wide, wide_stride, parts)
+        }
     })
 }
 
@@ -149,7 +132,7 @@ thread_local! {
 /// activation rows of `n` elements must be readable at their strides, and
 /// `rows` output rows of `toks` floats writable; `wide` must hold a chunk of
 /// widened activation rows `wide_stride` apart, `parts` a chunk's parked
-/// accumulators (32 floats per pair).
+/// accumulators (`PAIR_FLOATS` per pair).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn sweep<const F: u8>(
@@ -168,14 +151,12 @@ unsafe fn sweep<const F: u8>(
 ) {
     let main = n - n % 32;
     let (row_chunk, tok_chunk) = (ROW_CHUNK.min(rows), TOK_CHUNK.min(toks));
-    // Per pair of a chunk (row-major), its four accumulators of eight lanes.
-    let pair_floats = 4 * 8;
     for t_chunk in (0..toks).step_by(tok_chunk) {
         let tc = tok_chunk.min(toks - t_chunk);
         for t in 0..tc {
             widen::<F>(n, a.add((t_chunk + t) * a_stride), wide.as_mut_ptr().add(t * wide_stride));
         }
-        let parts_row = tc * pair_floats;
+        let parts_row = tc * PAIR_FLOATS;
         for r_chunk in (0..rows).step_by(row_chunk) {
             let rc = row_chunk.min(rows - r_chunk);
             for k0 in (0..main).step_by(SPAN) {
@@ -186,7 +167,7 @@ unsafe fn sweep<const F: u8>(
                         let rr = ROWS.min(rc - r);
                         let w = w.add((r_chunk + r) * w_stride);
                         let a = wide.as_ptr().add(t * wide_stride);
-                        let p = parts.as_mut_ptr().add(r * parts_row + t * pair_floats);
+                        let p = parts.as_mut_ptr().add(r * parts_row + t * PAIR_FLOATS);
                         macro_rules! dispatch {
                             ($(($r:literal, $t:literal)),*) => {
                                 match (rr, tt) {
@@ -215,7 +196,7 @@ unsafe fn sweep<const F: u8>(
             for r in 0..rc {
                 let w_row = w.add((r_chunk + r) * w_stride);
                 for t in 0..tc {
-                    let p = parts.as_ptr().add(r * parts_row + t * pair_floats);
+                    let p = parts.as_ptr().add(r * parts_row + t * PAIR_FLOATS);
                     // Rows shorter than one step of 32 ran no span: their sum is all tail.
                     let acc = if main == 0 {
                         [_mm256_setzero_ps(); 4]
@@ -223,35 +204,11 @@ unsafe fn sweep<const F: u8>(
                         [0, 1, 2, 3].map(|j| _mm256_loadu_ps(p.add(8 * j)))
                     };
                     let a_row = wide.as_ptr().add(t * wide_stride);
-                    *out.add((r_chunk + r) * out_stride + t_chunk + t) = finish::<F>(acc, main, n, w_row, a_row);
+                    let tail = (main..n).map(|i| element::<F>(w_row, i) * *a_row.add(i));
+                    *out.add((r_chunk + r) * out_stride + t_chunk + t) = add_tail(reduce4(acc), F != F32, tail);
                 }
             }
         }
-    }
-}
-
-/// The dot's end: the four accumulators folded and reduced, then the tail
-/// from element `main` on added as the dot adds it (in f32 for F32, in f64
-/// otherwise).
-///
-/// # Safety
-/// AVX2, FMA and F16C must be available; both rows must hold `n` elements.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn finish<const F: u8>(acc: [__m256; 4], main: usize, n: usize, w_row: *const u8, a_row: *const f32) -> f32 {
-    let folded = reduce4(acc);
-    if F == F32 {
-        let mut sum = folded;
-        for i in main..n {
-            sum += element::<F>(w_row, i) * *a_row.add(i);
-        }
-        sum
-    } else {
-        let mut sum = folded as f64;
-        for i in main..n {
-            sum += (element::<F>(w_row, i) * *a_row.add(i)) as f64;
-        }
-        sum as f32
     }
 }
 
@@ -265,12 +222,7 @@ unsafe fn finish<const F: u8>(acc: [__m256; 4], main: usize, n: usize, w_row: *c
 unsafe fn widen<const F: u8>(n: usize, src: *const u8, dst: *mut f32) {
     let main = n - n % 8;
     for i in (0..main).step_by(8) {
-        let v = match F {
-            F32 => _mm256_loadu_ps(src.add(4 * i).cast()),
-            F16 => load_f16x8(src.add(2 * i)),
-            _ => load_bf16x8(src.add(2 * i)),
-        };
-        _mm256_storeu_ps(dst.add(i), v);
+        _mm256_storeu_ps(dst.add(i), eight::<F>(src, i));
     }
     for i in main..n {
         *dst.add(i) = element::<F>(src, i);
@@ -291,13 +243,13 @@ unsafe fn element<const F: u8>(p: *const u8, i: usize) -> f32 {
     }
 }
 
-/// Eight weights from element `i` of the row at `p`, as f32.
+/// Eight elements from element `i` of a row of format `F` at `p`, as f32.
 ///
 /// # Safety
 /// AVX2 and F16C must be available; eight elements from `i` must be readable.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weights8<const F: u8>(p: *const u8, i: usize) -> __m256 {
+unsafe fn eight<const F: u8>(p: *const u8, i: usize) -> __m256 {
     match F {
         F32 => _mm256_loadu_ps(p.add(4 * i).cast()),
         F16 => load_f16x8(p.add(2 * i)),
@@ -308,7 +260,7 @@ unsafe fn weights8<const F: u8>(p: *const u8, i: usize) -> __m256 {
 /// One span of a micro-tile: `R` weight rows (at `w`, `w_stride` bytes
 /// apart) by `T` widened activation rows (at `a`, `a_stride` floats apart),
 /// over the elements of `span` (whole steps of 32), adding into the pairs'
-/// parked accumulators at `parts` (pair `(r, t)` at `r * parts_row + 32 * t`),
+/// parked accumulators at `parts` (pair `(r, t)` at `r * parts_row + PAIR_FLOATS * t`),
 /// or starting them when the span is a row's first.
 ///
 /// # Safety
@@ -326,7 +278,7 @@ unsafe fn micro<const F: u8, const R: usize, const T: usize>(
     parts: *mut f32,
     parts_row: usize,
 ) {
-    let part = |r: usize, t: usize, j: usize| parts.add(r * parts_row + 32 * t + 8 * j);
+    let part = |r: usize, t: usize, j: usize| parts.add(r * parts_row + PAIR_FLOATS * t + 8 * j);
     // One pass per accumulator of the dot, taking exactly its elements.
     for j in 0..4 {
         let mut acc = [[_mm256_setzero_ps(); T]; R];
@@ -343,7 +295,7 @@ unsafe fn micro<const F: u8, const R: usize, const T: usize>(
                 *v = _mm256_loadu_ps(a.add(t * a_stride + i));
             }
             for r in 0..R {
-                let wv = weights8::<F>(w.add(r * w_stride), i);
+                let wv = eight::<F>(w.add(r * w_stride), i);
                 for t in 0..T {
                     acc[r][t] = _mm256_fmadd_ps(wv, av[t], acc[r][t]);
                 }
