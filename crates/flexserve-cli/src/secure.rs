@@ -333,7 +333,7 @@ pub fn recall(amount: flexserve_normal::control::RecallAmount, pid: Option<u32>,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
     };
-    let sockets: Vec<_> = sockets.into_iter().filter(|(p, _)| pid.map_or(true, |want| *p == want)).collect();
+    let sockets: Vec<_> = sockets.into_iter().filter(|(p, _)| pid.is_none_or(|want| *p == want)).collect();
     if sockets.is_empty() {
         match pid {
             Some(p) => anyhow::bail!("no FlexServe session of pid {p} is listening in {}", dir.display()),

@@ -111,7 +111,7 @@ pub(crate) fn check_shape(ty: GgmlType, dims: &[u64]) -> Result<u64, String> {
         .try_fold(1u64, |n, &d| n.checked_mul(d).filter(|&n| n <= i64::MAX as u64))
         .ok_or_else(|| format!("element count of dims {dims:?} overflows"))?;
     let block = ty.block_size() as u64;
-    if dims[0] % block != 0 {
+    if !dims[0].is_multiple_of(block) {
         return Err(format!("row length {} is not a multiple of the {ty} block size {block}", dims[0]));
     }
     (n_elements / block)

@@ -848,7 +848,7 @@ pub fn secure_binary(explicit: Option<&Path>) -> Result<PathBuf> {
                 let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
                 // Test executables live one level down, in deps/.
                 let beside = dir.join(SECURE_BINARY);
-                if beside.is_file() || dir.file_name().map_or(true, |n| n != "deps") {
+                if beside.is_file() || dir.file_name().is_none_or(|n| n != "deps") {
                     beside
                 } else {
                     dir.parent().map_or(beside.clone(), |p| p.join(SECURE_BINARY))

@@ -33,11 +33,7 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
 }
 
 fn isas() -> Vec<Isa> {
-    let mut v = vec![Isa::Portable];
-    if flexserve_quant::detected_isa() == Isa::Avx2 {
-        v.push(Isa::Avx2);
-    }
-    v
+    flexserve_quant::usable_isas()
 }
 
 /// One row of 4096 elements: weight row against a quantized activation row.

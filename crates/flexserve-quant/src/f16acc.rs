@@ -26,7 +26,7 @@ pub struct F16Acc {
 /// The accumulation kernels for `isa` (portable where the CPU lacks it).
 pub fn f16_acc_for(isa: Isa) -> F16Acc {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && crate::detected_isa() == Isa::Avx2 {
+    if isa.usable() >= Isa::Avx2 {
         return F16Acc { mad: mad_avx2, scale: scale_avx2 };
     }
     let _ = isa;

@@ -14,12 +14,12 @@ use half::{bf16, f16, slice::HalfFloatSliceExt};
 
 pub(crate) fn kernels(ty: GgmlType, isa: Isa) -> Option<Kernels> {
     let portable = portable_kernels(ty)?;
-    match isa {
+    match isa.usable() {
         Isa::Portable => Some(portable),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => Some(avx2::kernels(portable)),
+        Isa::Avx2 | Isa::Avx512 => Some(avx2::kernels(portable)),
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 => Some(portable),
+        _ => Some(portable),
     }
 }
 

@@ -36,14 +36,13 @@ pub fn gemv_kernel(ty: GgmlType) -> Option<GemvFn> {
 /// kernel does not depend on `isa`: the portable variant loops the portable
 /// dot. Asking for an ISA the CPU lacks gives the portable variant.
 pub fn gemv_kernel_for(ty: GgmlType, isa: Isa) -> Option<GemvFn> {
-    let isa = if isa == Isa::Avx2 && detected_isa() != Isa::Avx2 { Isa::Portable } else { isa };
     let portable = portable_gemv(ty)?;
-    match isa {
+    match isa.usable() {
         Isa::Portable => Some(portable),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => Some(avx2::gemv(ty).or_else(|| kquants_avx2::gemv(ty)).unwrap_or(portable)),
+        Isa::Avx2 | Isa::Avx512 => Some(avx2::gemv(ty).or_else(|| kquants_avx2::gemv(ty)).unwrap_or(portable)),
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 => Some(portable),
+        _ => Some(portable),
     }
 }
 
@@ -107,7 +106,7 @@ pub(crate) fn check_gemv(
     out: &[f32],
 ) {
     let block = ty.block_size();
-    assert!(n % block == 0, "gemv of {ty} rows: {n} elements is not a multiple of the block size {block}");
+    assert!(n.is_multiple_of(block), "gemv of {ty} rows: {n} elements is not a multiple of the block size {block}");
     let w_bytes = n / block * ty.type_size();
     let a_bytes = n / vec_dot_type.block_size() * vec_dot_type.type_size();
     assert!(w_row_bytes >= w_bytes, "gemv of {ty} rows: row stride {w_row_bytes} is below the row size {w_bytes}");

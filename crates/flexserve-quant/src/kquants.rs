@@ -42,7 +42,7 @@ pub(crate) const QK_K: usize = 256;
 const K_SCALE_SIZE: usize = 12;
 
 pub(crate) fn kernels(ty: GgmlType, isa: Isa) -> Option<Kernels> {
-    let simd = isa == Isa::Avx2 && crate::detected_isa() == Isa::Avx2;
+    let simd = isa.usable() >= Isa::Avx2;
     let weight = |dequantize, quantize, dot: DotFn| Kernels {
         ty,
         vec_dot_type: GgmlType::Q8_K,

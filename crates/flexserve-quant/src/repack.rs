@@ -43,6 +43,10 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod sweep;
 
 use crate::legacy::{Q4_0_BYTES, Q8_0_BYTES, QK};
 use crate::{detected_isa, GgmlType, Isa, QuantError};
@@ -70,7 +74,7 @@ impl Repacked {
     /// matrix products, if any: Q4_0 and Q8_0 matrices whose rows come in
     /// whole groups of eight.
     pub fn for_matrix(ty: GgmlType, rows: usize, cols: usize) -> Option<Repacked> {
-        if rows == 0 || rows % REPACK_ROWS != 0 || cols == 0 || cols % QK != 0 {
+        if rows == 0 || !rows.is_multiple_of(REPACK_ROWS) || cols == 0 || !cols.is_multiple_of(QK) {
             return None;
         }
         match ty {
@@ -101,14 +105,17 @@ impl Repacked {
     /// The matrix product restricted to `isa` (an ISA the CPU lacks gives the
     /// portable kernel).
     pub fn kernel_for(self, isa: Isa) -> RepackedMatmulFn {
-        let simd = isa == Isa::Avx2 && detected_isa() == Isa::Avx2;
-        match self {
+        match (self, isa.usable()) {
             #[cfg(target_arch = "x86_64")]
-            Repacked::Q4_0x8 if simd => avx2::q4_0x8,
-            Repacked::Q4_0x8 => portable_q4_0x8,
+            (Repacked::Q4_0x8, Isa::Avx512) => avx512::q4_0x8,
             #[cfg(target_arch = "x86_64")]
-            Repacked::Q8_0x8 if simd => avx2::q8_0x8,
-            Repacked::Q8_0x8 => portable_q8_0x8,
+            (Repacked::Q4_0x8, Isa::Avx2) => avx2::q4_0x8,
+            #[cfg(target_arch = "x86_64")]
+            (Repacked::Q8_0x8, Isa::Avx512) => avx512::q8_0x8,
+            #[cfg(target_arch = "x86_64")]
+            (Repacked::Q8_0x8, Isa::Avx2) => avx2::q8_0x8,
+            (Repacked::Q4_0x8, _) => portable_q4_0x8,
+            (Repacked::Q8_0x8, _) => portable_q8_0x8,
         }
     }
 }
@@ -119,10 +126,10 @@ impl Repacked {
 /// row after row for each run of four.
 fn repack_groups(layout: Repacked, src: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
     let ty = layout.ty();
-    if cols % QK != 0 {
+    if !cols.is_multiple_of(QK) {
         return Err(QuantError::NotBlockMultiple { ty, n: cols, block: QK });
     }
-    if rows % REPACK_ROWS != 0 {
+    if !rows.is_multiple_of(REPACK_ROWS) {
         return Err(QuantError::RowsNotGroupMultiple { ty, rows, group: REPACK_ROWS });
     }
     let block_bytes = ty.type_size();
@@ -175,8 +182,8 @@ pub(crate) fn check_repacked(
     out: &[f32],
     out_stride: usize,
 ) {
-    assert!(n % QK == 0, "{layout:?} product: {n} elements is not a multiple of the block size {QK}");
-    assert!(rows % REPACK_ROWS == 0, "{layout:?} product: {rows} rows is not a multiple of {REPACK_ROWS}");
+    assert!(n.is_multiple_of(QK), "{layout:?} product: {n} elements is not a multiple of the block size {QK}");
+    assert!(rows.is_multiple_of(REPACK_ROWS), "{layout:?} product: {rows} rows is not a multiple of {REPACK_ROWS}");
     let nb = n / QK;
     assert!(
         w.len() >= rows * nb * layout.ty().type_size(),

@@ -130,7 +130,7 @@ fn portable_gemv_equals_the_portable_dot_bit_for_bit() {
 
 #[test]
 fn simd_gemv_agrees_with_portable_gemv() {
-    if detected_isa() != Isa::Avx2 {
+    if detected_isa() < Isa::Avx2 {
         eprintln!("no AVX2 on this CPU: both kernels are the portable one");
     }
     for (i, ty) in GEMV_TYPES.into_iter().enumerate() {

@@ -1,12 +1,13 @@
 //! Rearranged (`Q4_0x8`, `Q8_0x8`) weights: the kernels against a
 //! straightforward scalar model of the grouped arithmetic computed from the
-//! original rows (bit for bit), AVX2 against portable (bit for bit), closeness
-//! to the plain dot, which matrices are rearranged, and argument checks.
+//! original rows (bit for bit), every SIMD tier the CPU runs against portable
+//! (bit for bit), closeness to the plain dot, which matrices are rearranged,
+//! and argument checks.
 
 mod common;
 
 use common::*;
-use flexserve_quant::{detected_isa, kernels_for, GgmlType, Isa, QuantError, Repacked, RepackedMatmulFn};
+use flexserve_quant::{kernels_for, usable_isas, GgmlType, Isa, QuantError, Repacked, RepackedMatmulFn};
 use half::f16;
 use rand::Rng;
 
@@ -94,14 +95,6 @@ fn run(
     out
 }
 
-fn isas() -> Vec<Isa> {
-    let mut v = vec![Isa::Portable];
-    if detected_isa() == Isa::Avx2 {
-        v.push(Isa::Avx2);
-    }
-    v
-}
-
 #[test]
 fn kernels_match_the_scalar_model_bit_for_bit() {
     let mut seed = 1;
@@ -118,7 +111,7 @@ fn kernels_match_the_scalar_model_bit_for_bit() {
                         assert_eq!(packed.len(), w.len());
                         let stride = rows + 3;
                         let a_bytes = n / 32 * Q8_0_BYTES;
-                        for isa in isas() {
+                        for isa in usable_isas() {
                             let got = run(layout.kernel_for(isa), n, &packed, rows, &a, n_tok, stride);
                             for t in 0..n_tok {
                                 for r in 0..rows {
@@ -143,7 +136,7 @@ fn kernels_match_the_scalar_model_bit_for_bit() {
 }
 
 #[test]
-fn avx2_matches_portable_on_random_bytes() {
+fn simd_matches_portable_on_random_bytes() {
     // Arbitrary quant bytes and scales (not from a quantizer), many shapes;
     // Q8_0 weights reach -128.
     let mut rng = rng(77);
@@ -160,11 +153,16 @@ fn avx2_matches_portable_on_random_bytes() {
             }
             let a = activations(layout, n, n_tok, case, true);
             let packed = layout.repack(&w, rows, n).unwrap();
-            let p = run(layout.kernel_for(Isa::Portable), n, &packed, rows, &a, n_tok, rows);
-            let s = run(layout.kernel_for(detected_isa()), n, &packed, rows, &a, n_tok, rows);
-            let (pb, sb): (Vec<u32>, Vec<u32>) =
-                (p.iter().map(|v| v.to_bits()).collect(), s.iter().map(|v| v.to_bits()).collect());
-            assert_eq!(pb, sb, "{layout:?} case {case}: n {n} rows {rows} tokens {n_tok}");
+            let bits = |isa| {
+                run(layout.kernel_for(isa), n, &packed, rows, &a, n_tok, rows)
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<u32>>()
+            };
+            let want = bits(Isa::Portable);
+            for isa in usable_isas() {
+                assert_eq!(bits(isa), want, "{layout:?} {isa:?} case {case}: n {n} rows {rows} tokens {n_tok}");
+            }
         }
     }
 }

@@ -169,7 +169,7 @@ fn portable_tiles_equal_the_portable_dot_bit_for_bit() {
 
 #[test]
 fn simd_tiles_agree_with_portable_tiles() {
-    if detected_isa() != Isa::Avx2 {
+    if detected_isa() < Isa::Avx2 {
         eprintln!("no AVX2 on this CPU: both tiles are the portable one");
     }
     for (i, ty) in TILE_TYPES.into_iter().enumerate() {

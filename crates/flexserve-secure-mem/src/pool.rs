@@ -168,7 +168,7 @@ impl GranulePool {
     /// here, in full.
     pub fn new(config: PoolConfig) -> Result<Self, MemError> {
         let page = sys::page_size();
-        if config.granule_size == 0 || config.granule_size % page != 0 {
+        if config.granule_size == 0 || !config.granule_size.is_multiple_of(page) {
             return Err(MemError::InvalidConfig(format!(
                 "granule_size {} is not a non-zero multiple of the {page}-byte page",
                 config.granule_size

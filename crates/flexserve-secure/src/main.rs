@@ -87,7 +87,7 @@ fn main() {
         .unwrap_or_else(|e| fail(&e));
     let protection = if args.locked_memory { ProtectionPolicy::LockedAnonymous } else { ProtectionPolicy::Auto };
     let granule = args.granule_size;
-    if granule == 0 || granule % 4096 != 0 {
+    if granule == 0 || !granule.is_multiple_of(4096) {
         fail(&format!("--granule-size {granule}: must be a positive multiple of 4096"));
     }
     let config = match args.carve_out_bytes {

@@ -66,7 +66,7 @@ fn spm_tokenizer() -> Tokenizer {
     pieces.dedup();
     let n_pieces = pieces.len();
     tokens.extend(pieces);
-    types.extend(std::iter::repeat(TokenType::Normal).take(n_pieces));
+    types.extend(std::iter::repeat_n(TokenType::Normal, n_pieces));
     let scores = (0..tokens.len()).map(|i| -((i % 7) as f32)).collect();
     let mut config = TokenizerConfig::new(ModelKind::Spm, tokens);
     config.token_types = Some(types);

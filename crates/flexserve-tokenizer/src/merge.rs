@@ -240,7 +240,7 @@ impl Bucket {
             self.run.clear();
             self.head = 0;
         }
-        if self.run.last().map_or(true, |&last| last <= position) {
+        if self.run.last().is_none_or(|&last| last <= position) {
             self.run.push(position);
         } else {
             self.late.push(Reverse(position));

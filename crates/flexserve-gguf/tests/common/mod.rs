@@ -52,7 +52,7 @@ impl Raw {
 
     /// Zero padding up to `alignment`, then `data_len` bytes of data.
     pub fn pad_and_data(&mut self, alignment: usize, data_len: usize) -> &mut Self {
-        while self.0.len() % alignment != 0 {
+        while !self.0.len().is_multiple_of(alignment) {
             self.0.push(0);
         }
         self.0.resize(self.0.len() + data_len, 0xAB);

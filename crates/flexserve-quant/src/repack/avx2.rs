@@ -10,77 +10,11 @@
 //! eight rows follow, with the scale product `d_w * d_a` rounded first, as in
 //! llama.cpp's grouped kernels.
 
-use super::{check_repacked, Repacked, GROUP_BLOCK_BYTES, GROUP_QUANTS, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
+use super::sweep::{block_sums, sweep};
+use super::{check_repacked, Repacked, GROUP_BLOCK_BYTES, GROUP_QUANTS, Q8_GROUP_BLOCK_BYTES};
 use crate::legacy::avx2::{load_f16, pin};
 use crate::legacy::{Q8_0_BYTES, QK};
 use std::arch::x86_64::*;
-
-/// Activation rows per pass: each group block's unpacked weights serve this
-/// many. For `Q8_0x8` four measured fastest on the Zen 3 host, ahead of five,
-/// six and eight.
-const TOKENS: usize = 4;
-
-/// Bytes of groups swept by every pass of tokens before the next groups are
-/// taken (kept in L2 while the activations stream past).
-const CHUNK_BYTES: usize = 192 * 1024;
-
-/// One pass: a group's weights against up to `TOKENS` activation rows.
-struct Pass {
-    /// Blocks per row.
-    nb: usize,
-    /// The group's first block.
-    w: *const u8,
-    /// The pass's first activation row and the stride between rows.
-    a: *const u8,
-    a_stride: usize,
-    /// Index of the pass's first token.
-    t0: usize,
-    /// Tokens in the pass (1 to `TOKENS`).
-    tn: usize,
-    /// Where the first token's eight results go, and the stride between tokens.
-    out: *mut f32,
-    out_stride: usize,
-}
-
-/// Calls `group` for every group of eight rows and every pass of up to
-/// `TOKENS` activation rows, sweeping a chunk of groups (`CHUNK_BYTES`) with
-/// all passes before taking the next. The caller has checked the shapes
-/// (`check_repacked`).
-#[allow(clippy::too_many_arguments)]
-fn sweep(
-    layout: Repacked,
-    n: usize,
-    w: &[u8],
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    n_tok: usize,
-    out: &mut [f32],
-    out_stride: usize,
-    mut group: impl FnMut(Pass),
-) {
-    let nb = n / QK;
-    let group_bytes = nb * REPACK_ROWS * layout.ty().type_size();
-    let groups = rows / REPACK_ROWS;
-    let chunk = (CHUNK_BYTES / group_bytes.max(1)).max(1);
-    for g_chunk in (0..groups).step_by(chunk) {
-        for t0 in (0..n_tok).step_by(TOKENS) {
-            let tn = (n_tok - t0).min(TOKENS);
-            for g in g_chunk..groups.min(g_chunk + chunk) {
-                group(Pass {
-                    nb,
-                    w: w[g * group_bytes..].as_ptr(),
-                    a: a[t0 * a_row_bytes..].as_ptr(),
-                    a_stride: a_row_bytes,
-                    t0,
-                    tn,
-                    out: out[t0 * out_stride + g * REPACK_ROWS..].as_mut_ptr(),
-                    out_stride,
-                });
-            }
-        }
-    }
-}
 
 /// The `Q4_0x8` product (see the module docs).
 #[allow(clippy::too_many_arguments)]
@@ -96,12 +30,9 @@ pub(super) fn q4_0x8(
 ) {
     check_repacked(Repacked::Q4_0x8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
     let nb = n / QK;
-    // 8 * (sum of the block's activation quants), per token and block.
-    let corrections: Vec<i32> = (0..n_tok)
-        .flat_map(|t| (0..nb).map(move |b| t * a_row_bytes + b * Q8_0_BYTES))
-        .map(|at| 8 * a[at + 2..at + Q8_0_BYTES].iter().map(|&v| v as i8 as i32).sum::<i32>())
-        .collect();
-    sweep(Repacked::Q4_0x8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p| {
+    // The levels' offset of 8 times each block's activation sum.
+    let corrections = block_sums(8, nb, a, a_row_bytes, n_tok);
+    sweep(Repacked::Q4_0x8, 1, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p| {
         let c = corrections[p.t0 * nb..].as_ptr();
         // SAFETY: the kernel is only handed out after the CPU was found to
         // support AVX2, FMA and F16C; `check_repacked` verified that every group of
@@ -187,7 +118,7 @@ pub(super) fn q8_0x8(
     out_stride: usize,
 ) {
     check_repacked(Repacked::Q8_0x8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
-    sweep(Repacked::Q8_0x8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p| {
+    sweep(Repacked::Q8_0x8, 1, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p| {
         // SAFETY: the kernel is only handed out after the CPU was found to
         // support AVX2, FMA and F16C; `check_repacked` verified that every group of
         // `nb` blocks, the pass's activation rows and their outputs (eight

@@ -37,7 +37,7 @@ pub fn dequantize(k: &Kernels, bytes: &[u8], n: usize) -> Vec<f32> {
 /// A copy of `bytes` that starts at an odd address, to catch aligned loads.
 pub fn misaligned(bytes: &[u8]) -> (Vec<u8>, usize) {
     let mut buf = vec![0u8; bytes.len() + 1];
-    let offset = if buf.as_ptr() as usize % 2 == 0 { 1 } else { 0 };
+    let offset = if (buf.as_ptr() as usize).is_multiple_of(2) { 1 } else { 0 };
     buf[offset..offset + bytes.len()].copy_from_slice(bytes);
     (buf, offset)
 }

@@ -1,0 +1,92 @@
+//! The loop order shared by the SIMD kernels of rearranged weights: which
+//! groups of rows meet which activation rows, in what order.
+
+use super::{Repacked, REPACK_ROWS};
+use crate::legacy::{Q8_0_BYTES, QK};
+
+/// Activation rows per pass: each group block's unpacked weights serve this
+/// many. For `Q8_0x8` four measured fastest on the Zen 3 host, ahead of five,
+/// six and eight.
+pub(super) const TOKENS: usize = 4;
+
+/// Bytes of groups swept by every pass of tokens before the next groups are
+/// taken (kept in L2 while the activations stream past).
+const CHUNK_BYTES: usize = 192 * 1024;
+
+/// One pass: up to `groups_per_pass` neighbouring groups against up to
+/// `TOKENS` activation rows.
+pub(super) struct Pass {
+    /// Blocks per row.
+    pub nb: usize,
+    /// The first group's first block.
+    pub w: *const u8,
+    /// Groups in the pass (1 up to the sweep's `groups_per_pass`; fewer only
+    /// at the matrix's end), `group_bytes` apart.
+    pub groups: usize,
+    pub group_bytes: usize,
+    /// The pass's first activation row and the stride between rows.
+    pub a: *const u8,
+    pub a_stride: usize,
+    /// Index of the pass's first token.
+    pub t0: usize,
+    /// Tokens in the pass (1 to `TOKENS`).
+    pub tn: usize,
+    /// Where the first token's results go (eight per group), and the stride
+    /// between tokens.
+    pub out: *mut f32,
+    pub out_stride: usize,
+}
+
+/// Calls `pass` for every run of `groups_per_pass` groups of eight rows and
+/// every run of up to `TOKENS` activation rows, sweeping a chunk of groups
+/// (`CHUNK_BYTES`) with all tokens before taking the next. The caller has
+/// checked the shapes (`check_repacked`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn sweep(
+    layout: Repacked,
+    groups_per_pass: usize,
+    n: usize,
+    w: &[u8],
+    rows: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    mut pass: impl FnMut(Pass),
+) {
+    let nb = n / QK;
+    let group_bytes = nb * REPACK_ROWS * layout.ty().type_size();
+    let groups = rows / REPACK_ROWS;
+    let chunk = (CHUNK_BYTES / group_bytes.max(1)).max(1).next_multiple_of(groups_per_pass);
+    for g_chunk in (0..groups).step_by(chunk) {
+        let g_end = groups.min(g_chunk + chunk);
+        for t0 in (0..n_tok).step_by(TOKENS) {
+            let tn = (n_tok - t0).min(TOKENS);
+            for g in (g_chunk..g_end).step_by(groups_per_pass) {
+                pass(Pass {
+                    nb,
+                    w: w[g * group_bytes..].as_ptr(),
+                    groups: (g_end - g).min(groups_per_pass),
+                    group_bytes,
+                    a: a[t0 * a_row_bytes..].as_ptr(),
+                    a_stride: a_row_bytes,
+                    t0,
+                    tn,
+                    out: out[t0 * out_stride + g * REPACK_ROWS..].as_mut_ptr(),
+                    out_stride,
+                });
+            }
+        }
+    }
+}
+
+/// `factor` times the sum of each block's activation quants, per token and
+/// block (`nb` per token): what an unsigned view of the weights adds to the
+/// exact block sums, to be taken off again.
+pub(super) fn block_sums(factor: i32, nb: usize, a: &[u8], a_row_bytes: usize, n_tok: usize) -> Vec<i32> {
+    (0..n_tok)
+        .flat_map(|t| (0..nb).map(move |b| t * a_row_bytes + b * Q8_0_BYTES))
+        .map(|at| factor * a[at + 2..at + Q8_0_BYTES].iter().map(|&v| v as i8 as i32).sum::<i32>())
+        .collect()
+}
