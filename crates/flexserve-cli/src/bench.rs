@@ -17,6 +17,8 @@ pub struct Series {
 }
 
 pub struct EngineResult {
+    /// The kernels' instruction-set tier on this CPU.
+    pub kernels: flexserve_quant::Isa,
     pub prefill: Vec<Series>,
     pub decode: Series,
     pub peak_rss_bytes: u64,
@@ -61,6 +63,7 @@ pub fn run(model: &Model, b: &EngineBench) -> Result<EngineResult> {
         speeds.push(b.gen_tokens as f64 / t0.elapsed().as_secs_f64());
     }
     Ok(EngineResult {
+        kernels: flexserve_quant::detected_isa(),
         prefill,
         decode: Series { n_tokens: b.gen_tokens, tokens_per_s: speeds },
         peak_rss_bytes: peak_rss_bytes(),
@@ -97,6 +100,7 @@ pub fn to_json(model_path: &str, threads: usize, r: &EngineResult) -> serde_json
         "prefill": r.prefill.iter().map(|s| serde_json::json!({"n_tokens": s.n_tokens, "tokens_per_s": s.tokens_per_s})).collect::<Vec<_>>(),
         "decode": {"n_tokens": r.decode.n_tokens, "tokens_per_s": r.decode.tokens_per_s},
         "peak_rss_bytes": r.peak_rss_bytes,
+        "kernels": r.kernels.name(),
     })
 }
 
@@ -112,11 +116,30 @@ pub fn print_table(r: &EngineResult) {
     }
     row(format!("tg{}", r.decode.n_tokens), &r.decode);
     println!("peak RSS: {:.1} MiB", r.peak_rss_bytes as f64 / (1 << 20) as f64);
+    println!("kernels: {}", r.kernels.name());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_has_the_documented_fields_and_the_kernel_tier() {
+        let r = EngineResult {
+            kernels: flexserve_quant::Isa::Avx2,
+            prefill: vec![Series { n_tokens: 128, tokens_per_s: vec![10.0, 12.0] }],
+            decode: Series { n_tokens: 32, tokens_per_s: vec![5.0] },
+            peak_rss_bytes: 1 << 20,
+        };
+        let j = to_json("m.gguf", 2, &r);
+        assert_eq!(j["model"], "m.gguf");
+        assert_eq!(j["threads"], 2);
+        assert_eq!(j["prefill"][0]["n_tokens"], 128);
+        assert_eq!(j["prefill"][0]["tokens_per_s"][1], 12.0);
+        assert_eq!(j["decode"]["n_tokens"], 32);
+        assert_eq!(j["peak_rss_bytes"], 1 << 20);
+        assert_eq!(j["kernels"], "avx2");
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

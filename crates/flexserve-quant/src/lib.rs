@@ -75,6 +75,15 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Lower-case name, as reports print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
     /// `self`, lowered to the best tier this CPU runs: tests and benchmarks
     /// ask for a tier, and a CPU without it gets the best one it has.
     pub fn usable(self) -> Isa {
