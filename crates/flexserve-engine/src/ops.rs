@@ -232,10 +232,13 @@ fn matmul_packed(
     out: &mut [f32],
     scratch: &mut Buf<f32>,
 ) -> Result<(), EngineError> {
-    if acts.ty != GgmlType::Q8_0 {
+    if acts.ty != packing.activation_type() {
         return Err(EngineError::Weights(format!(
-            "tensor {}: rearranged {} weights need Q8_0 activations, got {}",
-            w.name, w.ty, acts.ty
+            "tensor {}: rearranged {} weights need {} activations, got {}",
+            w.name,
+            w.ty,
+            packing.activation_type(),
+            acts.ty
         )));
     }
     let kernel = packing.kernel();

@@ -113,17 +113,17 @@ fn tile(c: &mut Criterion) {
 }
 
 /// The same 64 x 64 product on weights rearranged in groups of eight rows
-/// (the layout the engine gives Q4_0 and Q8_0 matrices), for 64 tokens
-/// (prefill) and one (decode).
+/// (the layout the engine gives Q4_0, Q4_1 and Q8_0 matrices), for 64
+/// tokens (prefill) and one (decode).
 fn packed(c: &mut Criterion) {
     const N: usize = 2048;
     const ROWS: usize = 64;
     let mut g = c.benchmark_group("packed");
-    for layout in [Repacked::Q4_0x8, Repacked::Q8_0x8] {
-        let ty = layout.ty();
+    for layout in [Repacked::Q4_0x8, Repacked::Q4_1x8, Repacked::Q8_0x8] {
+        let (ty, act) = (layout.ty(), layout.activation_type());
         let k = kernels_for(ty, Isa::Portable).unwrap();
-        let a = kernels_for(GgmlType::Q8_0, Isa::Portable).unwrap();
-        let (wrb, arb) = (ty.row_size(N as u64).unwrap() as usize, GgmlType::Q8_0.row_size(N as u64).unwrap() as usize);
+        let a = kernels_for(act, Isa::Portable).unwrap();
+        let (wrb, arb) = (ty.row_size(N as u64).unwrap() as usize, act.row_size(N as u64).unwrap() as usize);
         let mut w = vec![0u8; wrb * ROWS];
         for (r, row) in w.chunks_exact_mut(wrb).enumerate() {
             (k.quantize)(&values(N, 10 + r as u32), row);

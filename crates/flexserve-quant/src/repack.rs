@@ -40,6 +40,17 @@
 //! rounded scale product), so each row's result is the chained sum
 //! `sum_b f32(isum_b) * (d_w * d_a)`; the plain dot keeps eight partial sums
 //! instead and differs from it in the last bits.
+//!
+//! # Layout (`Q4_1x8`)
+//!
+//! Q4_1 rows (level `q` in 0..15 stands for `d * q + m`), grouped like Q4_0:
+//! per block column, 160 bytes: the eight rows' f16 scales `d`, the eight f16
+//! minimums `m`, then the 128 quant bytes in the `Q4_0x8` order. Activations
+//! are Q8_1, whose blocks carry `s = d_a * sum(a)`. Per block, each row takes
+//! `acc = fma(f32(isum_b), d_w * d_a, acc)` and then `acc = fma(m_w, s_a, acc)`
+//! (`isum_b` the exact integer dot of the unsigned levels with the activation
+//! quants); the plain dot keeps the minimum terms in a chain of their own and
+//! differs from it in the last bits.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -48,17 +59,13 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod sweep;
 
-use crate::legacy::{Q4_0_BYTES, Q8_0_BYTES, QK};
+use crate::legacy::{Q8_0_BYTES, QK};
 use crate::{detected_isa, GgmlType, Isa, QuantError};
 
 /// Rows per interleaved group.
 pub const REPACK_ROWS: usize = 8;
-/// Bytes of one block column of a group: eight f16 scales and 128 quant bytes.
-const GROUP_BLOCK_BYTES: usize = REPACK_ROWS * Q4_0_BYTES;
 /// Bytes of one block column of a `Q8_0x8` group: eight f16 scales and 256 quant bytes.
 const Q8_GROUP_BLOCK_BYTES: usize = REPACK_ROWS * Q8_0_BYTES;
-/// Offset of the quant bytes inside a group block.
-const GROUP_QUANTS: usize = 2 * REPACK_ROWS;
 
 /// A rearranged layout of eight-row groups, with its matrix product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,12 +74,14 @@ pub enum Repacked {
     Q4_0x8,
     /// Q8_0 rows, four quants of a row per 32-bit lane (see the module docs).
     Q8_0x8,
+    /// Q4_1 rows, laid out as `Q4_0x8` with the minimums after the scales.
+    Q4_1x8,
 }
 
 impl Repacked {
     /// The layout a `ty` matrix of `rows x cols` is rearranged into for the
-    /// matrix products, if any: Q4_0 and Q8_0 matrices whose rows come in
-    /// whole groups of eight.
+    /// matrix products, if any: Q4_0, Q4_1 and Q8_0 matrices whose rows come
+    /// in whole groups of eight.
     pub fn for_matrix(ty: GgmlType, rows: usize, cols: usize) -> Option<Repacked> {
         if rows == 0 || !rows.is_multiple_of(REPACK_ROWS) || cols == 0 || !cols.is_multiple_of(QK) {
             return None;
@@ -80,6 +89,7 @@ impl Repacked {
         match ty {
             GgmlType::Q4_0 => Some(Repacked::Q4_0x8),
             GgmlType::Q8_0 => Some(Repacked::Q8_0x8),
+            GgmlType::Q4_1 => Some(Repacked::Q4_1x8),
             _ => None,
         }
     }
@@ -89,7 +99,35 @@ impl Repacked {
         match self {
             Repacked::Q4_0x8 => GgmlType::Q4_0,
             Repacked::Q8_0x8 => GgmlType::Q8_0,
+            Repacked::Q4_1x8 => GgmlType::Q4_1,
         }
+    }
+
+    /// The block type of the activation rows the product takes (the
+    /// original type's `vec_dot_type`): Q8_1 for `Q4_1x8`, else Q8_0.
+    pub fn activation_type(self) -> GgmlType {
+        match self {
+            Repacked::Q4_1x8 => GgmlType::Q8_1,
+            _ => GgmlType::Q8_0,
+        }
+    }
+
+    /// Bytes of f16 factors at the start of each original block (`d`, and `m` for Q4_1).
+    fn header_bytes(self) -> usize {
+        match self {
+            Repacked::Q4_1x8 => 4,
+            _ => 2,
+        }
+    }
+
+    /// Offset of the quant bytes inside a group block: the eight rows' factors come first.
+    pub(crate) fn group_quants(self) -> usize {
+        REPACK_ROWS * self.header_bytes()
+    }
+
+    /// Offset of the quants inside an activation block (after `d`, and `s` for Q8_1).
+    pub(crate) fn act_quants(self) -> usize {
+        self.activation_type().type_size() - QK
     }
 
     /// Rearranges a row-major matrix of `rows x cols` (same size).
@@ -114,16 +152,21 @@ impl Repacked {
             (Repacked::Q8_0x8, Isa::Avx512) => avx512::q8_0x8,
             #[cfg(target_arch = "x86_64")]
             (Repacked::Q8_0x8, Isa::Avx2) => avx2::q8_0x8,
+            #[cfg(target_arch = "x86_64")]
+            (Repacked::Q4_1x8, Isa::Avx512) => avx512::q4_1x8,
+            #[cfg(target_arch = "x86_64")]
+            (Repacked::Q4_1x8, Isa::Avx2) => avx2::q4_1x8,
             (Repacked::Q4_0x8, _) => portable_q4_0x8,
             (Repacked::Q8_0x8, _) => portable_q8_0x8,
+            (Repacked::Q4_1x8, _) => portable_q4_1x8,
         }
     }
 }
 
 /// Rearranges a row-major matrix of `rows x cols` blocks of `layout.ty()`
 /// (a multiple of 8 rows) into `layout` (same size): per group and block
-/// column, the eight scales, then each row's quant bytes four at a time,
-/// row after row for each run of four.
+/// column, the eight scales (then the eight minimums for Q4_1), then each
+/// row's quant bytes four at a time, row after row for each run of four.
 fn repack_groups(layout: Repacked, src: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
     let ty = layout.ty();
     if !cols.is_multiple_of(QK) {
@@ -144,11 +187,16 @@ fn repack_groups(layout: Repacked, src: &[u8], rows: usize, cols: usize) -> Resu
         src.chunks_exact(REPACK_ROWS * row_bytes).zip(out.chunks_exact_mut(REPACK_ROWS * row_bytes))
     {
         for (b, dst) in group_dst.chunks_exact_mut(REPACK_ROWS * block_bytes).enumerate() {
+            let (header, quants_at) = (layout.header_bytes(), layout.group_quants());
             for r in 0..REPACK_ROWS {
                 let block = &group_src[r * row_bytes + b * block_bytes..][..block_bytes];
-                dst[2 * r..2 * r + 2].copy_from_slice(&block[..2]);
-                for (j, four) in block[2..].chunks_exact(4).enumerate() {
-                    let to = GROUP_QUANTS + 32 * j + 4 * r;
+                // Factor h (d, then m) of row r goes to the h-th run of eight.
+                for h in 0..header / 2 {
+                    let to = 2 * (h * REPACK_ROWS + r);
+                    dst[to..to + 2].copy_from_slice(&block[2 * h..2 * h + 2]);
+                }
+                for (j, four) in block[header..].chunks_exact(4).enumerate() {
+                    let to = quants_at + 32 * j + 4 * r;
                     dst[to..to + 4].copy_from_slice(four);
                 }
             }
@@ -157,7 +205,8 @@ fn repack_groups(layout: Repacked, src: &[u8], rows: usize, cols: usize) -> Resu
     Ok(out)
 }
 
-/// Matrix product of rearranged weights with Q8_0 activation rows:
+/// Matrix product of rearranged weights with activation rows of the
+/// layout's `activation_type` (Q8_0, or Q8_1 for `Q4_1x8`):
 /// `out[t * out_stride + r] = dot(weight row r, activation row t)` for
 /// `r < rows` and `t < n_tok`, with llama.cpp's grouped arithmetic.
 ///
@@ -193,9 +242,10 @@ pub(crate) fn check_repacked(
     if n_tok == 0 {
         return;
     }
-    assert!(a_row_bytes >= nb * Q8_0_BYTES, "{layout:?} product: activation stride {a_row_bytes} is below one row");
+    let act_row = nb * layout.activation_type().type_size();
+    assert!(a_row_bytes >= act_row, "{layout:?} product: activation stride {a_row_bytes} is below one row");
     assert!(
-        a.len() >= (n_tok - 1) * a_row_bytes + nb * Q8_0_BYTES,
+        a.len() >= (n_tok - 1) * a_row_bytes + act_row,
         "{layout:?} product: {n_tok} activation rows need more than {} bytes",
         a.len()
     );
@@ -211,16 +261,17 @@ pub(crate) fn check_repacked(
 fn row_block_isum(layout: Repacked, blk: &[u8], r: usize, qa: &[u8]) -> i32 {
     let mut isum = 0i32;
     // Run `j` of four quant bytes of row `r`.
-    let runs = (layout.ty().type_size() - 2) / 4;
+    let runs = (layout.ty().type_size() - layout.header_bytes()) / 4;
     for j in 0..runs {
         for i in 0..4 {
-            let byte = blk[GROUP_QUANTS + 32 * j + 4 * r + i];
+            let byte = blk[layout.group_quants() + 32 * j + 4 * r + i];
+            let a = |k: usize| qa[k] as i8 as i32;
             isum += match layout {
                 Repacked::Q4_0x8 => {
-                    let (lo, hi) = ((byte & 0x0F) as i32 - 8, (byte >> 4) as i32 - 8);
-                    lo * qa[4 * j + i] as i8 as i32 + hi * qa[16 + 4 * j + i] as i8 as i32
+                    ((byte & 0x0F) as i32 - 8) * a(4 * j + i) + ((byte >> 4) as i32 - 8) * a(16 + 4 * j + i)
                 }
-                Repacked::Q8_0x8 => byte as i8 as i32 * qa[4 * j + i] as i8 as i32,
+                Repacked::Q4_1x8 => (byte & 0x0F) as i32 * a(4 * j + i) + (byte >> 4) as i32 * a(16 + 4 * j + i),
+                Repacked::Q8_0x8 => byte as i8 as i32 * a(4 * j + i),
             };
         }
     }
@@ -243,17 +294,23 @@ fn portable_groups(
     check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
     let nb = n / QK;
     let group_block_bytes = REPACK_ROWS * layout.ty().type_size();
+    let act_block_bytes = layout.activation_type().type_size();
     for (g, group) in w.chunks_exact(nb * group_block_bytes).take(rows / REPACK_ROWS).enumerate() {
         for t in 0..n_tok {
             let act = &a[t * a_row_bytes..];
             let mut acc = [0f32; REPACK_ROWS];
             for (b, blk) in group.chunks_exact(group_block_bytes).enumerate() {
-                let ab = &act[b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
+                let ab = &act[b * act_block_bytes..(b + 1) * act_block_bytes];
                 let d_a = crate::legacy::read_f16(ab, 0);
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let isum = row_block_isum(layout, blk, r, &ab[2..]);
+                    let isum = row_block_isum(layout, blk, r, &ab[layout.act_quants()..]);
                     let scale = crate::legacy::read_f16(blk, 2 * r) * d_a;
                     *acc_r = (isum as f32).mul_add(scale, *acc_r);
+                    if layout == Repacked::Q4_1x8 {
+                        let (m_w, s_a) =
+                            (crate::legacy::read_f16(blk, 2 * (REPACK_ROWS + r)), crate::legacy::read_f16(ab, 2));
+                        *acc_r = m_w.mul_add(s_a, *acc_r);
+                    }
                 }
             }
             out[t * out_stride + g * REPACK_ROWS..][..REPACK_ROWS].copy_from_slice(&acc);
@@ -281,4 +338,4 @@ macro_rules! portable_kernels {
     };
 }
 
-portable_kernels!(Q4_0x8 => portable_q4_0x8, Q8_0x8 => portable_q8_0x8);
+portable_kernels!(Q4_0x8 => portable_q4_0x8, Q8_0x8 => portable_q8_0x8, Q4_1x8 => portable_q4_1x8);

@@ -1,4 +1,4 @@
-//! Rearranged (`Q4_0x8`, `Q8_0x8`) weights: the kernels against a
+//! Rearranged (`Q4_0x8`, `Q4_1x8`, `Q8_0x8`) weights: the kernels against a
 //! straightforward scalar model of the grouped arithmetic computed from the
 //! original rows (bit for bit), every SIMD tier the CPU runs against portable
 //! (bit for bit), closeness to the plain dot, which matrices are rearranged,
@@ -11,8 +11,12 @@ use flexserve_quant::{kernels_for, usable_isas, GgmlType, Isa, QuantError, Repac
 use half::f16;
 use rand::Rng;
 
-const Q8_0_BYTES: usize = 34;
-const LAYOUTS: [Repacked; 2] = [Repacked::Q4_0x8, Repacked::Q8_0x8];
+const LAYOUTS: [Repacked; 3] = [Repacked::Q4_0x8, Repacked::Q4_1x8, Repacked::Q8_0x8];
+
+/// Bytes of one activation block of the layout (Q8_0, or Q8_1 for `Q4_1x8`).
+fn act_block(layout: Repacked) -> usize {
+    layout.activation_type().type_size()
+}
 
 /// `rows` rows of `n` random values quantized to the layout's type, each
 /// row with its own scale.
@@ -28,20 +32,23 @@ fn weights(layout: Repacked, n: usize, rows: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// `n_tok` Q8_0 rows of `n` values: quantized activations, or raw random
-/// quants with random scales when `raw`. Raw quants reach -128 for `Q4_0x8`,
-/// whose weights are unsigned nibbles; for `Q8_0x8` they stay in -127..=127,
-/// the quantizer's range, which the sign move of the signed product (as in
-/// the plain Q8_0 dot) relies on.
+/// `n_tok` activation rows of `n` values (Q8_0, or Q8_1 for `Q4_1x8`):
+/// quantized activations, or raw random quants with random scales (and sums)
+/// when `raw`. Raw quants reach -128 for the nibble layouts, whose weights
+/// are unsigned; for `Q8_0x8` they stay in -127..=127, the quantizer's range,
+/// which the sign move of the signed product (as in the plain Q8_0 dot) relies on.
 fn activations(layout: Repacked, n: usize, n_tok: usize, seed: u64, raw: bool) -> Vec<u8> {
-    let k = portable(GgmlType::Q8_0);
+    let k = portable(layout.activation_type());
     let mut rng = rng(seed);
-    let lowest = if layout == Repacked::Q4_0x8 { i8::MIN } else { -127 };
+    let lowest = if layout == Repacked::Q8_0x8 { -127 } else { i8::MIN };
     let mut out = Vec::new();
     for _ in 0..n_tok {
         if raw {
             for _ in 0..n / 32 {
                 out.extend(f16::from_f32(rng.gen_range(-0.1f32..0.1)).to_le_bytes());
+                if layout == Repacked::Q4_1x8 {
+                    out.extend(f16::from_f32(rng.gen_range(-3.0f32..3.0)).to_le_bytes());
+                }
                 out.extend((0..32).map(|_| rng.gen_range(lowest..=i8::MAX) as u8));
             }
         } else {
@@ -63,25 +70,36 @@ fn levels(layout: Repacked, block: &[u8]) -> Vec<i32> {
             let q = &block[2..18];
             q.iter().map(|&b| (b & 0x0F) as i32 - 8).chain(q.iter().map(|&b| (b >> 4) as i32 - 8)).collect()
         }
+        Repacked::Q4_1x8 => {
+            let q = &block[4..20];
+            q.iter().map(|&b| (b & 0x0F) as i32).chain(q.iter().map(|&b| (b >> 4) as i32)).collect()
+        }
         Repacked::Q8_0x8 => block[2..34].iter().map(|&b| b as i8 as i32).collect(),
     }
 }
 
 /// The grouped arithmetic from the original row and activation row: per
-/// block, the exact integer dot, the f32 scale product, one FMA.
+/// block, the exact integer dot, the f32 scale product, one FMA (and for
+/// Q4_1 a second one, of the minimum and the activation sum).
 fn model_dot(layout: Repacked, n: usize, w_row: &[u8], a_row: &[u8]) -> f32 {
-    let w_bytes = layout.ty().type_size();
+    let (w_bytes, a_bytes) = (layout.ty().type_size(), act_block(layout));
     let mut acc = 0f32;
     for b in 0..n / 32 {
         let wb = &w_row[b * w_bytes..(b + 1) * w_bytes];
-        let ab = &a_row[b * Q8_0_BYTES..(b + 1) * Q8_0_BYTES];
-        let isum: i32 = levels(layout, wb).iter().zip(&ab[2..]).map(|(&w, &a)| w * a as i8 as i32).sum();
+        let ab = &a_row[b * a_bytes..(b + 1) * a_bytes];
+        let quants = &ab[a_bytes - 32..];
+        let isum: i32 = levels(layout, wb).iter().zip(quants).map(|(&w, &a)| w * a as i8 as i32).sum();
         acc = (isum as f32).mul_add(f16_at(wb, 0) * f16_at(ab, 0), acc);
+        if layout == Repacked::Q4_1x8 {
+            acc = f16_at(wb, 2).mul_add(f16_at(ab, 2), acc);
+        }
     }
     acc
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
+    layout: Repacked,
     kernel: RepackedMatmulFn,
     n: usize,
     packed: &[u8],
@@ -91,7 +109,7 @@ fn run(
     stride: usize,
 ) -> Vec<f32> {
     let mut out = vec![f32::NAN; n_tok.max(1) * stride];
-    kernel(n, packed, rows, a, n / 32 * Q8_0_BYTES, n_tok, &mut out, stride);
+    kernel(n, packed, rows, a, n / 32 * act_block(layout), n_tok, &mut out, stride);
     out
 }
 
@@ -110,9 +128,9 @@ fn kernels_match_the_scalar_model_bit_for_bit() {
                         let packed = layout.repack(&w, rows, n).unwrap();
                         assert_eq!(packed.len(), w.len());
                         let stride = rows + 3;
-                        let a_bytes = n / 32 * Q8_0_BYTES;
+                        let a_bytes = n / 32 * act_block(layout);
                         for isa in usable_isas() {
-                            let got = run(layout.kernel_for(isa), n, &packed, rows, &a, n_tok, stride);
+                            let got = run(layout, layout.kernel_for(isa), n, &packed, rows, &a, n_tok, stride);
                             for t in 0..n_tok {
                                 for r in 0..rows {
                                     let w_row = &w[r * row_bytes(n)..][..row_bytes(n)];
@@ -154,7 +172,7 @@ fn simd_matches_portable_on_random_bytes() {
             let a = activations(layout, n, n_tok, case, true);
             let packed = layout.repack(&w, rows, n).unwrap();
             let bits = |isa| {
-                run(layout.kernel_for(isa), n, &packed, rows, &a, n_tok, rows)
+                run(layout, layout.kernel_for(isa), n, &packed, rows, &a, n_tok, rows)
                     .iter()
                     .map(|v| v.to_bits())
                     .collect::<Vec<u32>>()
@@ -175,8 +193,8 @@ fn results_are_close_to_the_plain_dot() {
         let a = activations(layout, n, n_tok, 6, false);
         let packed = layout.repack(&w, rows, n).unwrap();
         let dot = kernels_for(layout.ty(), Isa::Portable).unwrap().dot.unwrap();
-        let got = run(layout.kernel(), n, &packed, rows, &a, n_tok, rows);
-        let (row_bytes, a_bytes) = (n / 32 * layout.ty().type_size(), n / 32 * Q8_0_BYTES);
+        let got = run(layout, layout.kernel(), n, &packed, rows, &a, n_tok, rows);
+        let (row_bytes, a_bytes) = (n / 32 * layout.ty().type_size(), n / 32 * act_block(layout));
         for t in 0..n_tok {
             for r in 0..rows {
                 let want = dot(n, &w[r * row_bytes..][..row_bytes], &a[t * a_bytes..][..a_bytes]);
@@ -191,10 +209,12 @@ fn results_are_close_to_the_plain_dot() {
 fn layouts_are_chosen_by_type_and_shape() {
     assert_eq!(Repacked::for_matrix(GgmlType::Q4_0, 16, 64), Some(Repacked::Q4_0x8));
     assert_eq!(Repacked::for_matrix(GgmlType::Q8_0, 16, 64), Some(Repacked::Q8_0x8));
+    assert_eq!(Repacked::for_matrix(GgmlType::Q4_1, 16, 64), Some(Repacked::Q4_1x8));
+    assert_eq!(Repacked::Q4_1x8.activation_type(), GgmlType::Q8_1);
     assert_eq!(Repacked::for_matrix(GgmlType::Q4_0, 12, 64), None);
     assert_eq!(Repacked::for_matrix(GgmlType::Q8_0, 0, 64), None);
     assert_eq!(Repacked::for_matrix(GgmlType::Q8_0, 16, 48), None);
-    for ty in [GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::F16] {
+    for ty in [GgmlType::Q5_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::F16] {
         assert_eq!(Repacked::for_matrix(ty, 16, 256), None, "{ty}");
     }
 }

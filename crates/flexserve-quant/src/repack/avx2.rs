@@ -1,4 +1,4 @@
-//! AVX2 + FMA + F16C kernels for `Q4_0x8` and `Q8_0x8` weights.
+//! AVX2 + FMA + F16C kernels for `Q4_0x8`, `Q4_1x8` and `Q8_0x8` weights.
 //!
 //! `Q4_0x8`: per group of eight rows and block, the 128 quant bytes are split into
 //! eight vectors whose 32-bit lane `r` holds four consecutive levels of row
@@ -8,10 +8,11 @@
 //! widened to 32 bits once, and `8 * sum(a)` is subtracted, which gives each
 //! row's exact `sum((q - 8) * a)` in its lane. One conversion and one FMA per
 //! eight rows follow, with the scale product `d_w * d_a` rounded first, as in
-//! llama.cpp's grouped kernels.
+//! llama.cpp's grouped kernels. `Q4_1x8` runs the same loop on the Q8_1
+//! activations without the offset, then adds `m_w * s_a` with a second FMA.
 
 use super::sweep::{block_sums, sweep};
-use super::{check_repacked, Repacked, GROUP_BLOCK_BYTES, GROUP_QUANTS, Q8_GROUP_BLOCK_BYTES};
+use super::{check_repacked, Repacked, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
 use crate::legacy::avx2::{load_f16, pin};
 use crate::legacy::{Q8_0_BYTES, QK};
 use std::arch::x86_64::*;
@@ -28,11 +29,42 @@ pub(super) fn q4_0x8(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    check_repacked(Repacked::Q4_0x8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+    nibbles::<false>(n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+}
+
+/// The `Q4_1x8` product (see the module docs).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn q4_1x8(
+    n: usize,
+    w: &[u8],
+    rows: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    nibbles::<true>(n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+}
+
+/// The products on nibble layouts: `Q4_1x8` when `MINS`, else `Q4_0x8`.
+#[allow(clippy::too_many_arguments)]
+fn nibbles<const MINS: bool>(
+    n: usize,
+    w: &[u8],
+    rows: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let layout = if MINS { Repacked::Q4_1x8 } else { Repacked::Q4_0x8 };
+    check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
     let nb = n / QK;
-    // The levels' offset of 8 times each block's activation sum.
-    let corrections = block_sums(8, nb, a, a_row_bytes, n_tok);
-    sweep(Repacked::Q4_0x8, 1, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p| {
+    // Q4_0: the levels' offset of 8 times each block's activation sum.
+    let corrections = block_sums(layout, if MINS { 0 } else { 8 }, nb, a, a_row_bytes, n_tok);
+    sweep(layout, 1, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p| {
         let c = corrections[p.t0 * nb..].as_ptr();
         // SAFETY: the kernel is only handed out after the CPU was found to
         // support AVX2, FMA and F16C; `check_repacked` verified that every group of
@@ -41,24 +73,25 @@ pub(super) fn q4_0x8(
         // `corrections` holds `nb` values per token.
         unsafe {
             match p.tn {
-                4 => group::<4>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
-                3 => group::<3>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
-                2 => group::<2>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
-                _ => group::<1>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
+                4 => group::<4, MINS>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
+                3 => group::<3, MINS>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
+                2 => group::<2, MINS>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
+                _ => group::<1, MINS>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
             }
         }
     });
 }
 
-/// One group of eight rows at `w` against `T` activation rows at `a`.
+/// One group of eight rows at `w` against `T` activation rows at `a`
+/// (`Q4_1x8` and Q8_1 activations when `MINS`, else `Q4_0x8` and Q8_0).
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `nb` group blocks at `w`, `T` rows
-/// of `nb` Q8_0 blocks at `a` (`a_stride` apart) and `T * nb` corrections
+/// of `nb` activation blocks at `a` (`a_stride` apart) and `T * nb` corrections
 /// must be readable, eight floats at `out + t * out_stride` writable for `t < T`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group<const T: usize>(
+unsafe fn group<const T: usize, const MINS: bool>(
     nb: usize,
     w: *const u8,
     a: *const u8,
@@ -67,20 +100,23 @@ unsafe fn group<const T: usize>(
     out: *mut f32,
     out_stride: usize,
 ) {
+    let layout = if MINS { Repacked::Q4_1x8 } else { Repacked::Q4_0x8 };
+    let (block_bytes, quants_at) = (REPACK_ROWS * layout.ty().type_size(), layout.group_quants());
+    let (act_bytes, act_quants) = (layout.activation_type().type_size(), layout.act_quants());
     let low = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
-        let blk = w.add(b * GROUP_BLOCK_BYTES);
+        let blk = w.add(b * block_bytes);
         // Per quant vector m, lane r holds levels 4m..4m+3 of row r in its low
         // nibbles and 16+4m..16+4m+3 in its high ones; one weight vector is
         // live at a time while every token's 16-bit sums take it in.
         let mut s16 = [_mm256_setzero_si256(); T];
         for m in 0..4 {
-            let raw = _mm256_loadu_si256(blk.add(GROUP_QUANTS + 32 * m).cast());
+            let raw = _mm256_loadu_si256(blk.add(quants_at + 32 * m).cast());
             let (lo, hi) = (_mm256_and_si256(raw, low), _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low));
             for (t, s16_t) in s16.iter_mut().enumerate() {
-                let qa = a.add(t * a_stride + b * Q8_0_BYTES + 2);
+                let qa = a.add(t * a_stride + b * act_bytes + act_quants);
                 let quad = |k: usize| _mm256_set1_epi32(qa.add(4 * k).cast::<i32>().read_unaligned());
                 let both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, quad(m)), _mm256_maddubs_epi16(hi, quad(m + 4)));
                 *s16_t = _mm256_add_epi16(*s16_t, both);
@@ -89,10 +125,17 @@ unsafe fn group<const T: usize>(
         }
         let d_w = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
         for (t, (acc_t, s16)) in acc.iter_mut().zip(s16).enumerate() {
-            let ab = a.add(t * a_stride + b * Q8_0_BYTES);
-            let sums = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(*corrections.add(t * nb + b)));
+            let ab = a.add(t * a_stride + b * act_bytes);
+            let mut sums = _mm256_madd_epi16(s16, ones);
+            if !MINS {
+                sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(*corrections.add(t * nb + b)));
+            }
             let scale = _mm256_mul_ps(d_w, _mm256_set1_ps(load_f16(ab)));
             *acc_t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *acc_t);
+            if MINS {
+                let m_w = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(2 * REPACK_ROWS).cast()));
+                *acc_t = _mm256_fmadd_ps(m_w, _mm256_set1_ps(load_f16(ab.add(2))), *acc_t);
+            }
         }
     }
     for (t, acc_t) in acc.iter().enumerate() {
@@ -151,12 +194,13 @@ unsafe fn group_q8<const T: usize>(
     out_stride: usize,
 ) {
     let ones = _mm256_set1_epi16(1);
+    let quants_at = Repacked::Q8_0x8.group_quants();
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let blk = w.add(b * Q8_GROUP_BLOCK_BYTES);
         let mut sums = [_mm256_setzero_si256(); T];
         for k in 0..8 {
-            let wk = _mm256_loadu_si256(blk.add(GROUP_QUANTS + 32 * k).cast());
+            let wk = _mm256_loadu_si256(blk.add(quants_at + 32 * k).cast());
             let magnitudes = _mm256_abs_epi8(wk);
             for (t, sum) in sums.iter_mut().enumerate() {
                 let quad = a.add(t * a_stride + b * Q8_0_BYTES + 2 + 4 * k);

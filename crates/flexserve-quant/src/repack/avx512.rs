@@ -1,4 +1,4 @@
-//! AVX-512 (F, BW, VL, VNNI) kernels for `Q4_0x8` and `Q8_0x8` weights.
+//! AVX-512 (F, BW, VL, VNNI) kernels for `Q4_0x8`, `Q4_1x8` and `Q8_0x8` weights.
 //!
 //! A 512-bit vector holds two neighbouring groups: lanes 0..8 the first
 //! group's eight rows, lanes 8..16 the second's, each lane four consecutive
@@ -9,18 +9,42 @@
 //! are the nibbles (0..15, the offset of 8 taken off afterwards as
 //! `8 * sum(a)`), Q8_0 quants are flipped to `q + 128` (0..255, taken off as
 //! `128 * sum(a)`), so every block sum is the exact integer dot and even
-//! quants of -128 on either side need no care. Then, as in every kernel for
-//! these layouts, one conversion and one FMA with the rounded scale product
-//! per block: results are bit-identical to the portable kernel.
+//! quants of -128 on either side need no care; Q4_1 levels are unsigned as
+//! they stand. Then, as in every kernel for these layouts, one conversion and
+//! one FMA with the rounded scale product per block (and for Q4_1 one FMA of
+//! the minimums): results are bit-identical to the portable kernel.
 
 use super::sweep::{block_sums, sweep, Pass};
-use super::{check_repacked, Repacked, GROUP_QUANTS, REPACK_ROWS};
+use super::{check_repacked, Repacked, REPACK_ROWS};
 use crate::legacy::avx2::load_f16;
-use crate::legacy::{Q8_0_BYTES, QK};
+use crate::legacy::QK;
 use std::arch::x86_64::*;
 
 /// Groups per pass: one 512-bit vector covers two groups of eight rows.
 const GROUPS: usize = 2;
+
+/// The layouts, as const parameters of the shared kernel.
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q8_0: u8 = 2;
+
+const fn layout(l: u8) -> Repacked {
+    match l {
+        Q4_0 => Repacked::Q4_0x8,
+        Q4_1 => Repacked::Q4_1x8,
+        _ => Repacked::Q8_0x8,
+    }
+}
+
+/// What the unsigned view adds to each weight quant, times the activation
+/// sum, to be taken off each block sum.
+const fn offset(l: u8) -> i32 {
+    match l {
+        Q4_0 => 8,
+        Q4_1 => 0,
+        _ => 128,
+    }
+}
 
 /// The `Q4_0x8` product (see the module docs).
 #[allow(clippy::too_many_arguments)]
@@ -34,7 +58,22 @@ pub(super) fn q4_0x8(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    products::<false>(Repacked::Q4_0x8, 8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+    products::<Q4_0>(n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+}
+
+/// The `Q4_1x8` product (see the module docs).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn q4_1x8(
+    n: usize,
+    w: &[u8],
+    rows: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    products::<Q4_1>(n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
 }
 
 /// The `Q8_0x8` product (see the module docs).
@@ -49,15 +88,12 @@ pub(super) fn q8_0x8(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    products::<true>(Repacked::Q8_0x8, 128, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+    products::<Q8_0>(n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
 }
 
-/// Both products: `Q8` selects the layout, `offset` is what the unsigned view
-/// adds to each weight quant.
+/// The products of every layout (`L`).
 #[allow(clippy::too_many_arguments)]
-fn products<const Q8: bool>(
-    layout: Repacked,
-    offset: i32,
+fn products<const L: u8>(
     n: usize,
     w: &[u8],
     rows: usize,
@@ -67,10 +103,10 @@ fn products<const Q8: bool>(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+    check_repacked(layout(L), n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
     let nb = n / QK;
-    let corrections = block_sums(offset, nb, a, a_row_bytes, n_tok);
-    sweep(layout, GROUPS, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p: Pass| {
+    let corrections = block_sums(layout(L), offset(L), nb, a, a_row_bytes, n_tok);
+    sweep(layout(L), GROUPS, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p: Pass| {
         let c = corrections[p.t0 * nb..].as_ptr();
         // A lone last group reads itself twice and stores only its own lanes.
         let (second, lanes) =
@@ -83,10 +119,10 @@ fn products<const Q8: bool>(
         // `corrections` holds `nb` values per token.
         unsafe {
             match p.tn {
-                4 => pair::<4, Q8>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes),
-                3 => pair::<3, Q8>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes),
-                2 => pair::<2, Q8>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes),
-                _ => pair::<1, Q8>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes),
+                4 => pair::<4, L>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes),
+                3 => pair::<3, L>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes),
+                2 => pair::<2, L>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes),
+                _ => pair::<1, L>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes),
             }
         }
     });
@@ -103,7 +139,7 @@ fn products<const Q8: bool>(
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn pair<const T: usize, const Q8: bool>(
+unsafe fn pair<const T: usize, const L: u8>(
     nb: usize,
     w0: *const u8,
     w1: *const u8,
@@ -114,26 +150,28 @@ unsafe fn pair<const T: usize, const Q8: bool>(
     out_stride: usize,
     lanes: __mmask16,
 ) {
-    let block_bytes = REPACK_ROWS * if Q8 { Q8_0_BYTES } else { crate::legacy::Q4_0_BYTES };
+    let layout = layout(L);
+    let (block_bytes, quants_at) = (REPACK_ROWS * layout.ty().type_size(), layout.group_quants());
+    let (act_bytes, act_quants) = (layout.activation_type().type_size(), layout.act_quants());
     let low = _mm512_set1_epi8(0x0F);
     let flip = _mm512_set1_epi8(i8::MIN);
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {
         let (b0, b1) = (w0.add(b * block_bytes), w1.add(b * block_bytes));
         let quads = |t: usize, k: usize| {
-            let quad = a.add(t * a_stride + b * Q8_0_BYTES + 2 + 4 * k);
+            let quad = a.add(t * a_stride + b * act_bytes + act_quants + 4 * k);
             _mm512_set1_epi32(quad.cast::<i32>().read_unaligned())
         };
         let mut sums = [_mm512_setzero_si512(); T];
-        // Q8_0: eight vectors of four quants per lane; Q4_0: four, each
+        // Q8_0: eight vectors of four quants per lane; Q4_0 and Q4_1: four, each
         // holding levels 4m.. in its low nibbles and 16+4m.. in its high ones.
-        for m in 0..if Q8 { 8 } else { 4 } {
-            let at = GROUP_QUANTS + 32 * m;
+        for m in 0..if L == Q8_0 { 8 } else { 4 } {
+            let at = quants_at + 32 * m;
             let raw = _mm512_inserti64x4::<1>(
                 _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(at).cast())),
                 _mm256_loadu_si256(b1.add(at).cast()),
             );
-            if Q8 {
+            if L == Q8_0 {
                 let unsigned = _mm512_xor_si512(raw, flip);
                 for (t, sum) in sums.iter_mut().enumerate() {
                     *sum = _mm512_dpbusd_epi32(*sum, unsigned, quads(t, m));
@@ -155,9 +193,18 @@ unsafe fn pair<const T: usize, const Q8: bool>(
         );
         let d_w = _mm512_cvtph_ps(scales);
         for (t, (acc_t, sum)) in acc.iter_mut().zip(sums).enumerate() {
-            let exact = _mm512_sub_epi32(sum, _mm512_set1_epi32(*corrections.add(t * nb + b)));
-            let scale = _mm512_mul_ps(d_w, _mm512_set1_ps(load_f16(a.add(t * a_stride + b * Q8_0_BYTES))));
+            let ab = a.add(t * a_stride + b * act_bytes);
+            let exact =
+                if L == Q4_1 { sum } else { _mm512_sub_epi32(sum, _mm512_set1_epi32(*corrections.add(t * nb + b))) };
+            let scale = _mm512_mul_ps(d_w, _mm512_set1_ps(load_f16(ab)));
             *acc_t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), scale, *acc_t);
+            if L == Q4_1 {
+                let mins = _mm256_inserti128_si256::<1>(
+                    _mm256_castsi128_si256(_mm_loadu_si128(b0.add(2 * REPACK_ROWS).cast())),
+                    _mm_loadu_si128(b1.add(2 * REPACK_ROWS).cast()),
+                );
+                *acc_t = _mm512_fmadd_ps(_mm512_cvtph_ps(mins), _mm512_set1_ps(load_f16(ab.add(2))), *acc_t);
+            }
         }
     }
     for (t, acc_t) in acc.iter().enumerate() {

@@ -2,7 +2,7 @@
 //! groups of rows meet which activation rows, in what order.
 
 use super::{Repacked, REPACK_ROWS};
-use crate::legacy::{Q8_0_BYTES, QK};
+use crate::legacy::QK;
 
 /// Activation rows per pass: each group block's unpacked weights serve this
 /// many. For `Q8_0x8` four measured fastest on the Zen 3 host, ahead of five,
@@ -81,12 +81,23 @@ pub(super) fn sweep(
     }
 }
 
-/// `factor` times the sum of each block's activation quants, per token and
-/// block (`nb` per token): what an unsigned view of the weights adds to the
-/// exact block sums, to be taken off again.
-pub(super) fn block_sums(factor: i32, nb: usize, a: &[u8], a_row_bytes: usize, n_tok: usize) -> Vec<i32> {
+/// `factor` times the sum of each block's activation quants (the layout's
+/// activation type), per token and block (`nb` per token): what an unsigned
+/// view of the weights adds to the exact block sums, to be taken off again.
+pub(super) fn block_sums(
+    layout: Repacked,
+    factor: i32,
+    nb: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    n_tok: usize,
+) -> Vec<i32> {
+    if factor == 0 {
+        return vec![0; nb * n_tok];
+    }
+    let (block, quants) = (layout.activation_type().type_size(), layout.act_quants());
     (0..n_tok)
-        .flat_map(|t| (0..nb).map(move |b| t * a_row_bytes + b * Q8_0_BYTES))
-        .map(|at| factor * a[at + 2..at + Q8_0_BYTES].iter().map(|&v| v as i8 as i32).sum::<i32>())
+        .flat_map(|t| (0..nb).map(move |b| t * a_row_bytes + b * block))
+        .map(|at| factor * a[at + quants..at + block].iter().map(|&v| v as i8 as i32).sum::<i32>())
         .collect()
 }
