@@ -580,6 +580,8 @@ impl SecureWorld {
                         }
                     }
                     self.grant_for_kv_cache(granules)?;
+                    // A recall answered meanwhile may have evicted layers.
+                    self.make_resident(model)?;
                     self.send(&request)?;
                 }
                 Reply::Token { text } => {

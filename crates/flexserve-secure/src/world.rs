@@ -64,6 +64,10 @@ pub struct SecureWorld<M: SecureMemory, C: Channel, X: Compute> {
     /// Most granules the secure world accepts in all (the budget it was started
     /// with, at most the machine's memory): a grant beyond it is refused.
     max_granules: usize,
+    /// The model whose generation (or scoring) was answered `MemoryNeeded`
+    /// and is coming again once granted: a recall meanwhile leaves its layers,
+    /// as it does during a generation, or the retry would find them gone.
+    awaiting_memory: Option<u32>,
 }
 
 impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
@@ -79,6 +83,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             next_model: 1,
             greeted: false,
             max_granules,
+            awaiting_memory: None,
         }
     }
 
@@ -101,7 +106,22 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 }
             };
             let shutdown = matches!(request, Request::Shutdown);
+            let asks_for_model = match &request {
+                Request::Generate(g) => Some(g.model),
+                Request::Perplexity { model, .. } => Some(*model),
+                _ => None,
+            };
+            // Between `MemoryNeeded` and the retry come grants, recalls and status.
+            if !matches!(
+                request,
+                Request::Grant { .. } | Request::Recall { .. } | Request::Status | Request::MissingChunks { .. }
+            ) {
+                self.awaiting_memory = None;
+            }
             let reply = self.handle(request).unwrap_or_else(|(code, message)| Reply::Error { code, message });
+            if matches!(reply, Reply::MemoryNeeded { .. }) {
+                self.awaiting_memory = asks_for_model;
+            }
             // Only a Shutdown that was accepted (not one refused before Hello) ends the loop.
             let accepted = matches!(reply, Reply::Ok);
             if self.reply(reply).is_err() {
@@ -465,6 +485,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             let victim = self
                 .models
                 .iter()
+                .filter(|&(&id, _)| self.awaiting_memory != Some(id))
                 .filter_map(|(&id, m)| m.eviction_candidates().first().map(|&(g, _)| (m.last_used, id, g)))
                 .min();
             let Some((_, id, group)) = victim else { break };

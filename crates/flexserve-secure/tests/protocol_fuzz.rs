@@ -1194,3 +1194,55 @@ fn a_recall_during_a_long_prefill_is_answered_before_the_first_token() {
     assert!(tokens > 0);
     assert!(matches!(peer.call(&Request::Shutdown), Reply::Ok));
 }
+
+/// A generation answered `MemoryNeeded` comes again once its memory is
+/// granted; a recall in between (a pressure watch fires while the secure
+/// world prepares the request) gives back what it can but leaves that
+/// model's layers, or the retry would find them gone. Once another request
+/// has come, a recall evicts layers again.
+#[test]
+fn a_recall_between_memory_needed_and_the_retry_leaves_the_models_layers() {
+    let fx = fixture();
+    let mut peer = spawn(vec![fx.key_path.clone()], SHARED_LEN);
+    peer.hello();
+    let real = SealedFile::read(&fx.real_sealed);
+    peer.shared.copy_in(REAL_HEADER_AT, real.prefix()).unwrap();
+    healthy_real_flow(&mut peer, &real);
+    let model = peer.status().models[0].model;
+    let in_use = peer.status().in_use;
+    let long = generate(model, &"The lighthouse keeper counted the ships that passed. ".repeat(40), 2, 1024);
+    let encoded = encode_request(&long).unwrap();
+    peer.send_payload(&encoded);
+    let needed = match peer.reply(&"long Generate") {
+        Reply::MemoryNeeded { granules } => granules,
+        other => panic!("expected MemoryNeeded for the long prompt's cache and activations, got {}", short(&other)),
+    };
+    match peer.call(&Request::Recall { granules: in_use }) {
+        Reply::Recalled { evicted: 0, .. } => {}
+        other => panic!("a recall before the retry must leave the layers, got {}", short(&other)),
+    }
+    assert_eq!(peer.status().models[0].resident_layers, 30);
+    // The recall took free granules too: the retry may ask for more again.
+    peer.grant(needed);
+    peer.send_payload(&encoded);
+    let mut tokens = 0;
+    loop {
+        match peer.reply(&"long Generate, again") {
+            Reply::Token { .. } => tokens += 1,
+            Reply::MemoryNeeded { granules } if tokens == 0 => {
+                peer.grant(granules);
+                peer.send_payload(&encoded);
+            }
+            Reply::Generated(report) => {
+                assert_eq!(report.generated_tokens, 2, "{report:?}");
+                break;
+            }
+            other => panic!("the retried Generate must run, got {}", short(&other)),
+        }
+    }
+    match peer.call(&Request::Recall { granules: in_use }) {
+        Reply::Recalled { evicted, .. } => assert!(evicted > 0, "an idle model's layers are evicted again"),
+        other => panic!("Recall: {}", short(&other)),
+    }
+    assert!(matches!(peer.call(&Request::Shutdown), Reply::Ok));
+}
