@@ -318,6 +318,30 @@ fn portable_groups(
     }
 }
 
+/// Defines entry points of the `RepackedMatmulFn` shape that hand their
+/// arguments to `$driver::<$param>` (the SIMD modules' shared drivers).
+#[cfg(target_arch = "x86_64")]
+macro_rules! entry_points {
+    ($($(#[$doc:meta])* $name:ident => $driver:ident::<$param:tt>;)*) => {$(
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn $name(
+            n: usize,
+            w: &[u8],
+            rows: usize,
+            a: &[u8],
+            a_row_bytes: usize,
+            n_tok: usize,
+            out: &mut [f32],
+            out_stride: usize,
+        ) {
+            $driver::<$param>(n, w, rows, a, a_row_bytes, n_tok, out, out_stride)
+        }
+    )*};
+}
+#[cfg(target_arch = "x86_64")]
+use entry_points;
+
 macro_rules! portable_kernels {
     ($($layout:ident => $name:ident),*) => {
         $(

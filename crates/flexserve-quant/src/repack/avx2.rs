@@ -12,39 +12,16 @@
 //! activations without the offset, then adds `m_w * s_a` with a second FMA.
 
 use super::sweep::{block_sums, sweep};
-use super::{check_repacked, Repacked, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
+use super::{check_repacked, entry_points, Repacked, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
 use crate::legacy::avx2::{load_f16, pin};
 use crate::legacy::{Q8_0_BYTES, QK};
 use std::arch::x86_64::*;
 
-/// The `Q4_0x8` product (see the module docs).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn q4_0x8(
-    n: usize,
-    w: &[u8],
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    n_tok: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    nibbles::<false>(n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
-}
-
-/// The `Q4_1x8` product (see the module docs).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn q4_1x8(
-    n: usize,
-    w: &[u8],
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    n_tok: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    nibbles::<true>(n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+entry_points! {
+    /// The `Q4_0x8` product (see the module docs).
+    q4_0x8 => nibbles::<false>;
+    /// The `Q4_1x8` product (see the module docs).
+    q4_1x8 => nibbles::<true>;
 }
 
 /// The products on nibble layouts: `Q4_1x8` when `MINS`, else `Q4_0x8`.

@@ -15,7 +15,7 @@
 //! the minimums): results are bit-identical to the portable kernel.
 
 use super::sweep::{block_sums, sweep, Pass};
-use super::{check_repacked, Repacked, REPACK_ROWS};
+use super::{check_repacked, entry_points, Repacked, REPACK_ROWS};
 use crate::legacy::avx2::load_f16;
 use crate::legacy::QK;
 use std::arch::x86_64::*;
@@ -46,49 +46,13 @@ const fn offset(l: u8) -> i32 {
     }
 }
 
-/// The `Q4_0x8` product (see the module docs).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn q4_0x8(
-    n: usize,
-    w: &[u8],
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    n_tok: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    products::<Q4_0>(n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
-}
-
-/// The `Q4_1x8` product (see the module docs).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn q4_1x8(
-    n: usize,
-    w: &[u8],
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    n_tok: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    products::<Q4_1>(n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
-}
-
-/// The `Q8_0x8` product (see the module docs).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn q8_0x8(
-    n: usize,
-    w: &[u8],
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    n_tok: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    products::<Q8_0>(n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+entry_points! {
+    /// The `Q4_0x8` product (see the module docs).
+    q4_0x8 => products::<Q4_0>;
+    /// The `Q4_1x8` product (see the module docs).
+    q4_1x8 => products::<Q4_1>;
+    /// The `Q8_0x8` product (see the module docs).
+    q8_0x8 => products::<Q8_0>;
 }
 
 /// The products of every layout (`L`).
