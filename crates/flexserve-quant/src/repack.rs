@@ -67,6 +67,20 @@ pub const REPACK_ROWS: usize = 8;
 /// Bytes of one block column of a `Q8_0x8` group: eight f16 scales and 256 quant bytes.
 const Q8_GROUP_BLOCK_BYTES: usize = REPACK_ROWS * Q8_0_BYTES;
 
+/// The layouts as const parameters of the kernels shared between them.
+pub(crate) const Q4_0: u8 = 0;
+pub(crate) const Q4_1: u8 = 1;
+pub(crate) const Q8_0: u8 = 2;
+
+/// The layout of a const parameter code.
+pub(crate) const fn layout(code: u8) -> Repacked {
+    match code {
+        Q4_0 => Repacked::Q4_0x8,
+        Q4_1 => Repacked::Q4_1x8,
+        _ => Repacked::Q8_0x8,
+    }
+}
+
 /// A rearranged layout of eight-row groups, with its matrix product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Repacked {
@@ -278,10 +292,9 @@ fn row_block_isum(layout: Repacked, blk: &[u8], r: usize, qa: &[u8]) -> i32 {
     isum
 }
 
-/// Portable kernel: the same arithmetic as the AVX2 ones, lane by lane.
+/// Portable kernel of layout `L`: the same arithmetic as the SIMD ones, lane by lane.
 #[allow(clippy::too_many_arguments)]
-fn portable_groups(
-    layout: Repacked,
+fn portable_groups<const L: u8>(
     n: usize,
     w: &[u8],
     rows: usize,
@@ -291,6 +304,7 @@ fn portable_groups(
     out: &mut [f32],
     out_stride: usize,
 ) {
+    let layout = layout(L);
     check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
     let nb = n / QK;
     let group_block_bytes = REPACK_ROWS * layout.ty().type_size();
@@ -319,8 +333,7 @@ fn portable_groups(
 }
 
 /// Defines entry points of the `RepackedMatmulFn` shape that hand their
-/// arguments to `$driver::<$param>` (the SIMD modules' shared drivers).
-#[cfg(target_arch = "x86_64")]
+/// arguments to `$driver::<$param>` (each ISA's driver shared by the layouts).
 macro_rules! entry_points {
     ($($(#[$doc:meta])* $name:ident => $driver:ident::<$param:tt>;)*) => {$(
         $(#[$doc])*
@@ -339,27 +352,10 @@ macro_rules! entry_points {
         }
     )*};
 }
-#[cfg(target_arch = "x86_64")]
 use entry_points;
 
-macro_rules! portable_kernels {
-    ($($layout:ident => $name:ident),*) => {
-        $(
-            #[allow(clippy::too_many_arguments)]
-            fn $name(
-                n: usize,
-                w: &[u8],
-                rows: usize,
-                a: &[u8],
-                a_row_bytes: usize,
-                n_tok: usize,
-                out: &mut [f32],
-                out_stride: usize,
-            ) {
-                portable_groups(Repacked::$layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride)
-            }
-        )*
-    };
+entry_points! {
+    portable_q4_0x8 => portable_groups::<Q4_0>;
+    portable_q4_1x8 => portable_groups::<Q4_1>;
+    portable_q8_0x8 => portable_groups::<Q8_0>;
 }
-
-portable_kernels!(Q4_0x8 => portable_q4_0x8, Q8_0x8 => portable_q8_0x8, Q4_1x8 => portable_q4_1x8);

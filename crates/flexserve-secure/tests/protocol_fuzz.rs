@@ -1156,8 +1156,10 @@ fn grant_of_u32_max_granules_fails_cleanly() {
 
 /// A recall sent right behind a long prompt is served between two layers of
 /// its prefill: the answer (free granules only) comes before the first token.
-#[test]
-fn a_recall_during_a_long_prefill_is_answered_before_the_first_token() {
+/// A secure world with the real model resident, and a Generate of a
+/// 361-token prompt sent and answered `MemoryNeeded`: the peer, the encoded
+/// request and the granules it needs.
+fn long_generate_awaiting_memory() -> (Peer, Vec<u8>, u32) {
     let fx = fixture();
     let mut peer = spawn(vec![fx.key_path.clone()], SHARED_LEN);
     peer.hello();
@@ -1167,13 +1169,18 @@ fn a_recall_during_a_long_prefill_is_answered_before_the_first_token() {
     let model = peer.status().models[0].model;
     let long = generate(model, &"The lighthouse keeper counted the ships that passed. ".repeat(40), 2, 1024);
     let encoded = encode_request(&long).unwrap();
-    // Grant what the prompt needs, and 6 granules more for the recall to take.
     peer.send_payload(&encoded);
-    let extra = match peer.reply(&"long Generate") {
-        Reply::MemoryNeeded { granules } => granules + 6,
+    match peer.reply(&"long Generate") {
+        Reply::MemoryNeeded { granules } => (peer, encoded, granules),
         other => panic!("expected MemoryNeeded for the long prompt's cache and activations, got {}", short(&other)),
-    };
-    peer.grant(extra);
+    }
+}
+
+#[test]
+fn a_recall_during_a_long_prefill_is_answered_before_the_first_token() {
+    let (mut peer, encoded, needed) = long_generate_awaiting_memory();
+    // Grant what the prompt needs, and 6 granules more for the recall to take.
+    peer.grant(needed + 6);
     peer.send_payload(&encoded);
     peer.send_payload(&encode_request(&Request::Recall { granules: 6 }).unwrap());
     match peer.reply(&"reply to a recall sent during the prefill") {
@@ -1202,21 +1209,8 @@ fn a_recall_during_a_long_prefill_is_answered_before_the_first_token() {
 /// has come, a recall evicts layers again.
 #[test]
 fn a_recall_between_memory_needed_and_the_retry_leaves_the_models_layers() {
-    let fx = fixture();
-    let mut peer = spawn(vec![fx.key_path.clone()], SHARED_LEN);
-    peer.hello();
-    let real = SealedFile::read(&fx.real_sealed);
-    peer.shared.copy_in(REAL_HEADER_AT, real.prefix()).unwrap();
-    healthy_real_flow(&mut peer, &real);
-    let model = peer.status().models[0].model;
+    let (mut peer, encoded, needed) = long_generate_awaiting_memory();
     let in_use = peer.status().in_use;
-    let long = generate(model, &"The lighthouse keeper counted the ships that passed. ".repeat(40), 2, 1024);
-    let encoded = encode_request(&long).unwrap();
-    peer.send_payload(&encoded);
-    let needed = match peer.reply(&"long Generate") {
-        Reply::MemoryNeeded { granules } => granules,
-        other => panic!("expected MemoryNeeded for the long prompt's cache and activations, got {}", short(&other)),
-    };
     match peer.call(&Request::Recall { granules: in_use }) {
         Reply::Recalled { evicted: 0, .. } => {}
         other => panic!("a recall before the retry must leave the layers, got {}", short(&other)),

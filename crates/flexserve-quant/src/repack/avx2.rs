@@ -12,21 +12,21 @@
 //! activations without the offset, then adds `m_w * s_a` with a second FMA.
 
 use super::sweep::{block_sums, sweep};
-use super::{check_repacked, entry_points, Repacked, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
+use super::{check_repacked, entry_points, layout, Repacked, Q4_0, Q4_1, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
 use crate::legacy::avx2::{load_f16, pin};
 use crate::legacy::{Q8_0_BYTES, QK};
 use std::arch::x86_64::*;
 
 entry_points! {
     /// The `Q4_0x8` product (see the module docs).
-    q4_0x8 => nibbles::<false>;
+    q4_0x8 => nibbles::<Q4_0>;
     /// The `Q4_1x8` product (see the module docs).
-    q4_1x8 => nibbles::<true>;
+    q4_1x8 => nibbles::<Q4_1>;
 }
 
-/// The products on nibble layouts: `Q4_1x8` when `MINS`, else `Q4_0x8`.
+/// The products on the nibble layouts (`L`: `Q4_0` or `Q4_1`).
 #[allow(clippy::too_many_arguments)]
-fn nibbles<const MINS: bool>(
+fn nibbles<const L: u8>(
     n: usize,
     w: &[u8],
     rows: usize,
@@ -36,11 +36,12 @@ fn nibbles<const MINS: bool>(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    let layout = if MINS { Repacked::Q4_1x8 } else { Repacked::Q4_0x8 };
+    const { assert!(L == Q4_0 || L == Q4_1, "nibble layouts only") };
+    let layout = layout(L);
     check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
     let nb = n / QK;
     // Q4_0: the levels' offset of 8 times each block's activation sum.
-    let corrections = block_sums(layout, if MINS { 0 } else { 8 }, nb, a, a_row_bytes, n_tok);
+    let corrections = block_sums(layout, if L == Q4_1 { 0 } else { 8 }, nb, a, a_row_bytes, n_tok);
     sweep(layout, 1, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p| {
         let c = corrections[p.t0 * nb..].as_ptr();
         // SAFETY: the kernel is only handed out after the CPU was found to
@@ -50,17 +51,17 @@ fn nibbles<const MINS: bool>(
         // `corrections` holds `nb` values per token.
         unsafe {
             match p.tn {
-                4 => group::<4, MINS>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
-                3 => group::<3, MINS>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
-                2 => group::<2, MINS>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
-                _ => group::<1, MINS>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
+                4 => group::<4, L>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
+                3 => group::<3, L>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
+                2 => group::<2, L>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
+                _ => group::<1, L>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
             }
         }
     });
 }
 
 /// One group of eight rows at `w` against `T` activation rows at `a`
-/// (`Q4_1x8` and Q8_1 activations when `MINS`, else `Q4_0x8` and Q8_0).
+/// (layout `L`: `Q4_0x8` with Q8_0 activations or `Q4_1x8` with Q8_1).
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `nb` group blocks at `w`, `T` rows
@@ -68,7 +69,7 @@ fn nibbles<const MINS: bool>(
 /// must be readable, eight floats at `out + t * out_stride` writable for `t < T`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group<const T: usize, const MINS: bool>(
+unsafe fn group<const T: usize, const L: u8>(
     nb: usize,
     w: *const u8,
     a: *const u8,
@@ -77,7 +78,7 @@ unsafe fn group<const T: usize, const MINS: bool>(
     out: *mut f32,
     out_stride: usize,
 ) {
-    let layout = if MINS { Repacked::Q4_1x8 } else { Repacked::Q4_0x8 };
+    let layout = layout(L);
     let (block_bytes, quants_at) = (REPACK_ROWS * layout.ty().type_size(), layout.group_quants());
     let (act_bytes, act_quants) = (layout.activation_type().type_size(), layout.act_quants());
     let low = _mm256_set1_epi8(0x0F);
@@ -104,12 +105,12 @@ unsafe fn group<const T: usize, const MINS: bool>(
         for (t, (acc_t, s16)) in acc.iter_mut().zip(s16).enumerate() {
             let ab = a.add(t * a_stride + b * act_bytes);
             let mut sums = _mm256_madd_epi16(s16, ones);
-            if !MINS {
+            if L == Q4_0 {
                 sums = _mm256_sub_epi32(sums, _mm256_set1_epi32(*corrections.add(t * nb + b)));
             }
             let scale = _mm256_mul_ps(d_w, _mm256_set1_ps(load_f16(ab)));
             *acc_t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, *acc_t);
-            if MINS {
+            if L == Q4_1 {
                 let m_w = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(2 * REPACK_ROWS).cast()));
                 *acc_t = _mm256_fmadd_ps(m_w, _mm256_set1_ps(load_f16(ab.add(2))), *acc_t);
             }

@@ -15,26 +15,13 @@
 //! the minimums): results are bit-identical to the portable kernel.
 
 use super::sweep::{block_sums, sweep, Pass};
-use super::{check_repacked, entry_points, Repacked, REPACK_ROWS};
+use super::{check_repacked, entry_points, layout, Q4_0, Q4_1, Q8_0, REPACK_ROWS};
 use crate::legacy::avx2::load_f16;
 use crate::legacy::QK;
 use std::arch::x86_64::*;
 
 /// Groups per pass: one 512-bit vector covers two groups of eight rows.
 const GROUPS: usize = 2;
-
-/// The layouts, as const parameters of the shared kernel.
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q8_0: u8 = 2;
-
-const fn layout(l: u8) -> Repacked {
-    match l {
-        Q4_0 => Repacked::Q4_0x8,
-        Q4_1 => Repacked::Q4_1x8,
-        _ => Repacked::Q8_0x8,
-    }
-}
 
 /// What the unsigned view adds to each weight quant, times the activation
 /// sum, to be taken off each block sum.
