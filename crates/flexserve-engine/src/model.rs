@@ -418,6 +418,10 @@ impl ScratchPlan {
 /// llama.cpp switches to its tiled f32 kernel at this size.
 const F32_ATTENTION_MIN_BATCH: usize = 64;
 
+/// Queries per task of the f32 attention: enough rows for the tile kernel,
+/// small enough that a 128-token prompt still makes eight tasks.
+const ATTENTION_QUERY_BLOCK: usize = 16;
+
 /// Largest batch evaluated at once; longer inputs are split.
 const MAX_BATCH: usize = 512;
 
@@ -689,9 +693,7 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
     let group = c.n_head / c.n_head_kv;
     let kvd = c.kv_dim();
     let scale = 1.0 / (hd as f32).sqrt();
-    let f16k = ops::kernels(flexserve_gguf::GgmlType::F16).expect("F16 kernels are always present");
-    let dot = f16k.dot.expect("F16 has a dot product");
-    let to_f16 = f16k.quantize;
+    let to_f16 = ops::kernels(flexserve_gguf::GgmlType::F16).expect("F16 kernels are always present").quantize;
     let kc = kv.k(layer);
     let vc = kv.v(layer);
     let acc = flexserve_quant::f16_acc();
@@ -709,7 +711,7 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
             for j in 0..=pos0 + t {
                 let at = j * kvd + kvh * hd;
                 let krow: &[u8] = bytemuck::cast_slice(&kc[at..at + hd]);
-                let s = dot(hd, krow, q16) * scale;
+                let s = (acc.dot)(hd, krow, q16) * scale;
                 let weight = if s > max {
                     // New maximum: rescale what was accumulated so far.
                     let rescale = (max - s).exp();
@@ -732,12 +734,15 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
 }
 
 /// Causal grouped-query attention in f32 for large batches (prompt
-/// processing): queries stay f32, keys and values are widened from the f16
-/// cache once per layer into one block per KV head (its positions back to
-/// back), and each query takes an exact softmax over its positions. The
-/// query heads that share a KV head are taken together, so each key and
-/// value row is read once for all of them (long batches are bound by these
-/// reads, not by the arithmetic).
+/// processing), as two matrix products per head and block of queries.
+///
+/// Keys and values are widened from the f16 cache once per layer into one
+/// block per KV head: keys position-major, values transposed (one row of
+/// positions per dimension), so that both products are dot products of rows
+/// and run on the f32 tile kernel: the block's scores against every key up
+/// to its last query's position, then each query's exact softmax over its
+/// own positions (later ones zeroed), then the probabilities against the
+/// value rows, written straight into the output.
 fn attention_f32(
     c: &ModelConfig,
     kv: &KvCache,
@@ -750,60 +755,61 @@ fn attention_f32(
     use half::slice::HalfFloatSliceExt;
     let hd = c.head_dim;
     let n_head = c.n_head;
-    let n_head_kv = c.n_head_kv;
-    let group = n_head / n_head_kv;
-    let kvd = c.kv_dim();
-    let n_pos = pos0 + out.len() / c.q_dim();
+    let group = n_head / c.n_head_kv;
+    let (qd, kvd) = (c.q_dim(), c.kv_dim());
+    let n_pos = pos0 + out.len() / qd;
     let scale = 1.0 / (hd as f32).sqrt();
-    let (k32, v32) = kv32;
+    let (k32, vt32) = kv32;
     k32.resize(n_pos * kvd, 0.0)?;
-    v32.resize(n_pos * kvd, 0.0)?;
-    // Head-major: row `j` of KV head `h` at `(h * n_pos + j) * hd`.
-    let widen = |cache: &[u16], dst: &mut [f32]| {
-        let cache: &[f16] = bytemuck::cast_slice(&cache[..n_pos * kvd]);
-        dst.par_chunks_mut(n_pos * hd).enumerate().for_each(|(h, block)| {
-            for (j, row) in block.chunks_exact_mut(hd).enumerate() {
-                cache[j * kvd + h * hd..j * kvd + (h + 1) * hd].convert_to_f32_slice(row);
+    vt32.resize(n_pos * kvd, 0.0)?;
+    // Keys of KV head `h`: row `j` at `(h * n_pos + j) * hd`.
+    let keys: &[f16] = bytemuck::cast_slice(&kv.k(layer)[..n_pos * kvd]);
+    k32.par_chunks_mut(n_pos * hd).enumerate().for_each(|(h, block)| {
+        for (j, row) in block.chunks_exact_mut(hd).enumerate() {
+            keys[j * kvd + h * hd..j * kvd + (h + 1) * hd].convert_to_f32_slice(row);
+        }
+    });
+    // Values of KV head `h`, transposed: dimension `d` of position `j` at `(h * hd + d) * n_pos + j`.
+    let values: &[f16] = bytemuck::cast_slice(&kv.v(layer)[..n_pos * kvd]);
+    vt32.par_chunks_mut(n_pos * hd).enumerate().for_each(|(h, block)| {
+        let mut row = vec![0f32; hd];
+        for j in 0..n_pos {
+            values[j * kvd + h * hd..j * kvd + (h + 1) * hd].convert_to_f32_slice(&mut row);
+            for (d, &v) in row.iter().enumerate() {
+                block[d * n_pos + j] = v;
             }
-        });
-    };
-    widen(kv.k(layer), k32);
-    widen(kv.v(layer), v32);
-    let (k32, v32) = (&*k32, &*v32);
-    let dot =
-        ops::kernels(flexserve_gguf::GgmlType::F32).expect("F32 kernels are always present").dot.expect("F32 dot");
+        }
+    });
+    let (k32, vt32) = (&*k32, &*vt32);
+    let f32_bytes = std::mem::size_of::<f32>();
+    let tile = flexserve_quant::tile_kernel(flexserve_gguf::GgmlType::F32).expect("F32 has a tile kernel");
     thread_local! {
-        // Scores rows per worker thread, kept between calls: allocating them
-        // per parallel split would churn the heap thousands of times a layer.
+        // Scores per worker thread, kept between calls: allocating them per
+        // task would churn the heap for every block of every layer.
         static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    // One task per (token, KV head): its query heads' outputs are adjacent.
-    out.par_chunks_mut(group * hd).enumerate().for_each(|(i, o)| {
+    // One task per block of queries (all heads): its output rows are contiguous.
+    out.par_chunks_mut(ATTENTION_QUERY_BLOCK * qd).enumerate().for_each(|(b, o)| {
         SCORES.with_borrow_mut(|scores| {
-            let (t, kvh) = (i / n_head_kv, i % n_head_kv);
-            let n_keys = pos0 + t + 1;
-            let keys = &k32[kvh * n_pos * hd..][..n_keys * hd];
-            let values = &v32[kvh * n_pos * hd..][..n_keys * hd];
-            let queries = &q[(t * n_head + kvh * group) * hd..][..group * hd];
-            scores.clear();
-            scores.resize(group * n_keys, 0.0);
-            for (j, krow) in keys.chunks_exact(hd).enumerate() {
-                let krow: &[u8] = bytemuck::cast_slice(krow);
-                for (g, qrow) in queries.chunks_exact(hd).enumerate() {
-                    scores[g * n_keys + j] = dot(hd, bytemuck::cast_slice(qrow), krow);
+            let t0 = b * ATTENTION_QUERY_BLOCK;
+            let n_q = o.len() / qd;
+            // The block's last query sees this many positions; earlier ones fewer.
+            let n_keys = pos0 + t0 + n_q;
+            scores.resize(n_q * n_keys, 0.0);
+            for h in 0..n_head {
+                let kvh = h / group;
+                let queries: &[u8] = bytemuck::cast_slice(&q[t0 * qd + h * hd..]);
+                let keys: &[u8] = bytemuck::cast_slice(&k32[kvh * n_pos * hd..][..n_keys * hd]);
+                let s = &mut scores[..n_q * n_keys];
+                tile(hd, queries, qd * f32_bytes, n_q, keys, hd * f32_bytes, n_keys, s, n_keys);
+                for (i, row) in s.chunks_exact_mut(n_keys).enumerate() {
+                    let seen = pos0 + t0 + i + 1;
+                    ops::softmax_scaled(&mut row[..seen], scale);
+                    row[seen..].fill(0.0);
                 }
-            }
-            for row in scores.chunks_exact_mut(n_keys) {
-                ops::softmax_scaled(row, scale);
-            }
-            o.fill(0.0);
-            for (j, vrow) in values.chunks_exact(hd).enumerate() {
-                for (g, og) in o.chunks_exact_mut(hd).enumerate() {
-                    let p = scores[g * n_keys + j];
-                    for (ov, &vv) in og.iter_mut().zip(vrow) {
-                        *ov += p * vv;
-                    }
-                }
+                let probs: &[u8] = bytemuck::cast_slice(s);
+                let values_t: &[u8] = bytemuck::cast_slice(&vt32[kvh * hd * n_pos..][..hd * n_pos]);
+                tile(n_keys, probs, n_keys * f32_bytes, n_q, values_t, n_pos * f32_bytes, hd, &mut o[h * hd..], qd);
             }
         })
     });

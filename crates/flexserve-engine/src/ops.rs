@@ -147,6 +147,10 @@ pub fn dot_kernel(w: &Tensor) -> Result<(flexserve_quant::DotFn, GgmlType), Engi
     Ok((dot, k.vec_dot_type))
 }
 
+/// Side of the squares in which a matmul's results are turned token-major:
+/// sixteen floats are one cache line.
+const TRANSPOSE_SIDE: usize = 16;
+
 /// `out[t][o] = dot(w.row(o), acts.row(t))` for all tokens t and output rows o.
 /// `out` is token-major: `acts.n_rows` rows of `w.rows` values. `scratch`
 /// holds the row-major (weight-row-major) intermediate for multi-token batches.
@@ -212,11 +216,21 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut B
             }
         }
     });
-    // Transpose to token-major.
+    // Transpose to token-major in squares of 16 x 16: per square, sixteen
+    // cache lines read and sixteen written whole. (A token per task read each
+    // value from its own cache line; writing sixteen tokens' rows per weight
+    // row kept sixteen lines a power of two apart in the same L1 set.)
     let scratch: &[f32] = scratch;
-    out.par_chunks_mut(rows).enumerate().for_each(|(t, orow)| {
-        for (o, v) in orow.iter_mut().enumerate() {
-            *v = scratch[o * n_tok + t];
+    out.par_chunks_mut(TRANSPOSE_SIDE * rows).enumerate().for_each(|(b, block)| {
+        let (t0, nt) = (b * TRANSPOSE_SIDE, block.len() / rows);
+        for o0 in (0..rows).step_by(TRANSPOSE_SIDE) {
+            let no = TRANSPOSE_SIDE.min(rows - o0);
+            for t in 0..nt {
+                let dst = &mut block[t * rows + o0..][..no];
+                for (o, v) in dst.iter_mut().enumerate() {
+                    *v = scratch[(o0 + o) * n_tok + t0 + t];
+                }
+            }
         }
     });
     Ok(())

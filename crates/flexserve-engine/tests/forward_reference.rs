@@ -142,11 +142,12 @@ fn rope(head: &mut [f32], pos: usize, base: f32, neox: bool, factors: Option<&[f
 }
 
 fn check(spec: SynthSpec) {
-    check_with(spec, &[5, 17, 250, 3, 99, 42, 7, 123], 5);
+    check_with(spec, &[5, 17, 250, 3, 99, 42, 7, 123], &[5]);
 }
 
-/// Prefills `tokens[..prefill]` in one batch (all logits), decodes the rest one by one.
-fn check_with(spec: SynthSpec, tokens: &[u32], prefill: usize) {
+/// Prefills the first tokens in batches of the sizes given (all logits),
+/// decodes the rest one by one.
+fn check_with(spec: SynthSpec, tokens: &[u32], batches: &[usize]) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     synth_model(&spec, None).unwrap().write_file(&path).unwrap();
@@ -164,10 +165,15 @@ fn check_with(spec: SynthSpec, tokens: &[u32], prefill: usize) {
     };
     let want = r.forward(tokens);
 
-    let mut s = Session::new(&model, 128);
-    let mut got: Vec<Vec<f32>> =
-        s.eval(&tokens[..prefill], Logits::From(0)).unwrap().chunks(spec.n_vocab).map(|c| c.to_vec()).collect();
-    for &t in &tokens[prefill..] {
+    let mut s = Session::new(&model, tokens.len().max(128));
+    let mut got: Vec<Vec<f32>> = Vec::new();
+    let mut done = 0;
+    for &size in batches {
+        let logits = s.eval(&tokens[done..done + size], Logits::From(0)).unwrap();
+        got.extend(logits.chunks(spec.n_vocab).map(|c| c.to_vec()));
+        done += size;
+    }
+    for &t in &tokens[done..] {
         got.push(s.eval(&[t], Logits::Last).unwrap());
     }
     assert_eq!(got.len(), want.len());
@@ -228,8 +234,11 @@ fn llama3_rope_frequency_factors_match_reference() {
 fn long_prompt_batches_take_the_f32_attention_path_and_match() {
     // 70 prompt tokens (the f32 path starts at 64), then 3 decode steps over them.
     let tokens: Vec<u32> = (0..73u32).map(|i| (i * 37 + 11) % 300).collect();
-    check_with(SynthSpec::tiny(Arch::Llama, GgmlType::Q4_1), &tokens, 70);
-    check_with(SynthSpec::tiny(Arch::Qwen2, GgmlType::Q4_K), &tokens, 70);
+    check_with(SynthSpec::tiny(Arch::Llama, GgmlType::Q4_1), &tokens, &[70]);
+    check_with(SynthSpec::tiny(Arch::Qwen2, GgmlType::Q4_K), &tokens, &[70]);
+    // A second long batch after the first: its queries also see the earlier positions.
+    let tokens: Vec<u32> = (0..139u32).map(|i| (i * 37 + 11) % 300).collect();
+    check_with(SynthSpec::tiny(Arch::Llama, GgmlType::F16), &tokens, &[70, 66]);
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! Quantizing is conversion (round to nearest even for F16 and BF16). A dot
 //! product takes activations in the weight's own type: the products are
 //! formed in f32. The portable kernels accumulate F16/BF16 products in f64;
-//! the AVX2 ones use four 8-lane f32 FMA accumulators as llama.cpp's do.
+//! the AVX2 ones use one 8-lane f32 FMA accumulator, the order their tile
+//! and GEMV kernels follow per pair (see `float/avx2.rs`).
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;

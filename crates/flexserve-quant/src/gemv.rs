@@ -40,7 +40,12 @@ pub fn gemv_kernel_for(ty: GgmlType, isa: Isa) -> Option<GemvFn> {
     match isa.usable() {
         Isa::Portable => Some(portable),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => Some(avx2::gemv(ty).or_else(|| kquants_avx2::gemv(ty)).unwrap_or(portable)),
+        Isa::Avx2 | Isa::Avx512 => Some(
+            avx2::gemv(ty)
+                .or_else(|| kquants_avx2::gemv(ty))
+                .or_else(|| crate::tile::float_gemv(ty))
+                .unwrap_or(portable),
+        ),
         #[cfg(not(target_arch = "x86_64"))]
         _ => Some(portable),
     }
@@ -160,4 +165,7 @@ portable_gemvs!(
     Q8_0 => portable_q8_0,
     Q4_K => portable_q4_k,
     Q6_K => portable_q6_k,
+    F32 => portable_f32,
+    F16 => portable_f16,
+    BF16 => portable_bf16,
 );

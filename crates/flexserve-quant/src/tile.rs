@@ -22,6 +22,10 @@ mod float_avx2;
 #[cfg(target_arch = "x86_64")]
 mod kquants_avx2;
 
+/// The float formats' GEMV kernels are their tile sweep over one token.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use float_avx2::gemv as float_gemv;
+
 use crate::{detected_isa, kernels_for, GgmlType, Isa};
 
 /// A tile's geometry as the SIMD kernels walk it: blocks per row (of the

@@ -8,11 +8,28 @@ use common::*;
 use flexserve_quant::{detected_isa, gemv_kernel, gemv_kernel_for, GemvFn, GgmlType, Isa, Kernels};
 use rand::Rng;
 
-const GEMV_TYPES: [GgmlType; 7] =
-    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K];
+const GEMV_TYPES: [GgmlType; 10] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+];
 const ROW_COUNTS: [usize; 9] = [0, 1, 2, 3, 4, 5, 7, 8, 13];
-/// Row lengths in blocks of the weight type.
-const LENGTHS_IN_BLOCKS: [usize; 3] = [1, 7, 18];
+
+/// Row lengths: 1, 7 and 18 blocks; for the float types (one element per
+/// block), lengths that leave a tail after the kernels' steps of 8.
+fn lengths(ty: GgmlType) -> [usize; 3] {
+    match ty.block_size() {
+        1 => [7, 40, 581],
+        block => [block, 7 * block, 18 * block],
+    }
+}
 
 /// `count` rows of `n` random values quantized with `k`, `stride` bytes apart,
 /// starting at an odd address offset (the returned start).
@@ -89,14 +106,14 @@ fn assert_matches_dot(case: &Case, gemv: GemvFn, dot: flexserve_quant::DotFn, ro
 }
 
 #[test]
-fn gemv_kernels_exist_for_the_block_formats_only() {
+fn gemv_kernels_exist_for_the_formats_with_fast_paths() {
     for ty in GEMV_TYPES {
         for isa in [Isa::Portable, Isa::Avx2] {
             assert!(gemv_kernel_for(ty, isa).is_some(), "{ty} {isa:?}");
         }
         assert!(gemv_kernel(ty).is_some(), "{ty}");
     }
-    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_1, GgmlType::Q5_K, GgmlType::Q8_K] {
+    for ty in [GgmlType::Q8_1, GgmlType::Q5_K, GgmlType::Q8_K] {
         assert!(gemv_kernel(ty).is_none(), "{ty}");
     }
 }
@@ -105,8 +122,7 @@ fn gemv_kernels_exist_for_the_block_formats_only() {
 fn simd_gemv_equals_the_simd_dot_bit_for_bit() {
     for (i, ty) in GEMV_TYPES.into_iter().enumerate() {
         let dot = simd(ty).dot.expect("weight type has a dot");
-        for (j, blocks) in LENGTHS_IN_BLOCKS.into_iter().enumerate() {
-            let n = blocks * ty.block_size();
+        for (j, n) in lengths(ty).into_iter().enumerate() {
             for pad in [0, 3] {
                 let case = Case::new(ty, n, 13, pad, (i * 10 + j) as u64);
                 for rows in ROW_COUNTS {
@@ -134,7 +150,7 @@ fn simd_gemv_agrees_with_portable_gemv() {
         eprintln!("no AVX2 on this CPU: both kernels are the portable one");
     }
     for (i, ty) in GEMV_TYPES.into_iter().enumerate() {
-        for n in LENGTHS_IN_BLOCKS.map(|blocks| blocks * ty.block_size()) {
+        for n in lengths(ty) {
             let case = Case::new(ty, n, 13, 1, 200 + i as u64);
             let simd_out = case.run(gemv_for(ty, Isa::Avx2), 13);
             let portable_out = case.run(gemv_for(ty, Isa::Portable), 13);

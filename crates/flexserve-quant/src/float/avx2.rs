@@ -1,16 +1,34 @@
 //! AVX2 + FMA + F16C kernels for F32, F16 and BF16 rows.
 //!
-//! Dot products run 32 elements per iteration into four 8-lane FMA
-//! accumulators, fold them pairwise (0+2, 1+3, then 0+1), reduce the last
-//! vector with two horizontal adds and finish the remaining elements one by
-//! one — the same order of operations as llama.cpp's AVX2 kernels.
+//! A dot product keeps one 8-lane FMA accumulator, takes the rows eight
+//! elements at a time in order, reduces the accumulator (`hsum`) and adds the
+//! remaining `n % 8` products one by one. One accumulator is a single chain of
+//! FMAs, which alone would wait on the FMA latency; but it is the order that a
+//! tile of several (row, token) pairs can follow with one register per pair,
+//! so the tile and GEMV kernels (`tile/float_avx2.rs`), which overlap many
+//! such chains, give results bit-identical to this dot.
 //!
 //! The functions handed out are safe wrappers: `kernels` is only called with
 //! `Isa::Avx2` after `detected_isa` has confirmed the CPU features, and each
 //! wrapper bounds the work by the slice lengths before using raw pointers.
 
+use crate::legacy::avx2::hsum;
 use crate::{DequantizeFn, DotFn, GgmlType, Kernels, QuantizeFn};
 use std::arch::x86_64::*;
+
+// Format ids, used as a const generic so that each kernel is compiled per format.
+pub(crate) const F32: u8 = 0;
+pub(crate) const F16: u8 = 1;
+pub(crate) const BF16: u8 = 2;
+
+/// The format of id `f`.
+pub(crate) const fn format_type(f: u8) -> GgmlType {
+    match f {
+        F32 => GgmlType::F32,
+        F16 => GgmlType::F16,
+        _ => GgmlType::BF16,
+    }
+}
 
 /// Replaces the portable kernels of `portable.ty` with the AVX2 ones.
 pub(super) fn kernels(portable: Kernels) -> Kernels {
@@ -37,19 +55,19 @@ fn dot_f32(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(n, w, a, 4);
     // SAFETY: only handed out after the CPU was found to support AVX2, FMA and
     // F16C; both rows hold `n` f32 values, which is all the kernel reads.
-    unsafe { dot_f32_avx2(n, w.as_ptr(), a.as_ptr()) }
+    unsafe { dot_avx2::<F32>(n, w.as_ptr(), a.as_ptr()) }
 }
 
 fn dot_f16(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(n, w, a, 2);
     // SAFETY: as in `dot_f32`, with `n` f16 values per row.
-    unsafe { dot_f16_avx2(n, w.as_ptr(), a.as_ptr()) }
+    unsafe { dot_avx2::<F16>(n, w.as_ptr(), a.as_ptr()) }
 }
 
 fn dot_bf16(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(n, w, a, 2);
     // SAFETY: as in `dot_f32`, with `n` bf16 values per row.
-    unsafe { dot_bf16_avx2(n, w.as_ptr(), a.as_ptr()) }
+    unsafe { dot_avx2::<BF16>(n, w.as_ptr(), a.as_ptr()) }
 }
 
 fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
@@ -76,99 +94,89 @@ fn quantize_f16(src: &[f32], dst: &mut [u8]) {
 // Kernels. `unsafe` for `target_feature` and for the raw pointers, which
 // must cover the counts given.
 
-/// Folds four accumulators into one f32 (see the module comment).
+/// Finishes a dot of `n` elements whose first `main` (`n - n % 8`) went into
+/// `acc`: reduces it, then adds the products of the elements left one by
+/// one, in f32 for F32 rows and in f64 for the 16-bit formats, as their
+/// portable kernels sum throughout.
+///
+/// # Safety
+/// AVX2 and F16C must be available; both rows must hold `n` elements.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn reduce4(acc: [__m256; 4]) -> f32 {
-    let pair0 = _mm256_add_ps(acc[0], acc[2]);
-    let pair1 = _mm256_add_ps(acc[1], acc[3]);
-    let all = _mm256_add_ps(pair0, pair1);
-    let quad = _mm_add_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps::<1>(all));
-    let dual = _mm_hadd_ps(quad, quad);
-    _mm_cvtss_f32(_mm_hadd_ps(dual, dual))
+pub(crate) unsafe fn finish<const F: u8>(acc: __m256, n: usize, main: usize, w: *const u8, a: *const u8) -> f32 {
+    let folded = hsum(acc);
+    let products = (main..n).map(|i| element::<F>(w, i) * element::<F>(a, i));
+    if F == F32 {
+        products.fold(folded, |sum, p| sum + p)
+    } else {
+        products.fold(folded as f64, |sum, p| sum + p as f64) as f32
+    }
 }
 
-/// Adds the products of the elements past the last step of 32 to the folded
-/// sum one by one, as the dots end (and the tiles, which must agree with them
-/// bit for bit): in f32 for F32 rows, in f64 for the 16-bit formats, as their
-/// portable kernels sum throughout.
+/// Element `i` of a row of format `F` at `p`, as f32.
+///
+/// # Safety
+/// F16C must be available; element `i` must be readable.
 #[inline]
-pub(crate) fn add_tail(folded: f32, in_f64: bool, products: impl Iterator<Item = f32>) -> f32 {
-    if in_f64 {
-        products.fold(folded as f64, |sum, p| sum + p as f64) as f32
-    } else {
-        products.fold(folded, |sum, p| sum + p)
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn element<const F: u8>(p: *const u8, i: usize) -> f32 {
+    match F {
+        F32 => p.add(4 * i).cast::<f32>().read_unaligned(),
+        F16 => read_f16(p.add(2 * i)),
+        _ => read_bf16(p.add(2 * i)),
+    }
+}
+
+/// Eight elements from element `i` of a row of format `F` at `p`, as f32.
+///
+/// # Safety
+/// AVX2 and F16C must be available; eight elements from `i` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn eight<const F: u8>(p: *const u8, i: usize) -> __m256 {
+    match F {
+        F32 => _mm256_loadu_ps(p.add(4 * i).cast()),
+        F16 => load_f16x8(p.add(2 * i)),
+        _ => load_bf16x8(p.add(2 * i)),
     }
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn load_f16x8(p: *const u8) -> __m256 {
+unsafe fn load_f16x8(p: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn load_bf16x8(p: *const u8) -> __m256 {
+unsafe fn load_bf16x8(p: *const u8) -> __m256 {
     let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
     _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn read_f16(p: *const u8) -> f32 {
+unsafe fn read_f16(p: *const u8) -> f32 {
     let bits = u16::from_le_bytes(p.cast::<[u8; 2]>().read_unaligned());
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn read_bf16(p: *const u8) -> f32 {
+unsafe fn read_bf16(p: *const u8) -> f32 {
     let bits = u16::from_le_bytes(p.cast::<[u8; 2]>().read_unaligned());
     f32::from_bits((bits as u32) << 16)
 }
 
+/// The dot of `n` elements of format `F` (see the module comment for the order).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f32_avx2(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let (w, a) = (w.cast::<f32>(), a.cast::<f32>());
-    let main = n - n % 32;
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for i in (0..main).step_by(32) {
-        for (j, acc_j) in acc.iter_mut().enumerate() {
-            let (wv, av) = (_mm256_loadu_ps(w.add(i + 8 * j)), _mm256_loadu_ps(a.add(i + 8 * j)));
-            *acc_j = _mm256_fmadd_ps(wv, av, *acc_j);
-        }
+unsafe fn dot_avx2<const F: u8>(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let main = n - n % 8;
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..main).step_by(8) {
+        acc = _mm256_fmadd_ps(eight::<F>(w, i), eight::<F>(a, i), acc);
     }
-    let tail = (main..n).map(|i| w.add(i).read_unaligned() * a.add(i).read_unaligned());
-    add_tail(reduce4(acc), false, tail)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_f16_avx2(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let main = n - n % 32;
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for i in (0..main).step_by(32) {
-        for (j, acc_j) in acc.iter_mut().enumerate() {
-            let at = 2 * (i + 8 * j);
-            *acc_j = _mm256_fmadd_ps(load_f16x8(w.add(at)), load_f16x8(a.add(at)), *acc_j);
-        }
-    }
-    let tail = (main..n).map(|i| read_f16(w.add(2 * i)) * read_f16(a.add(2 * i)));
-    add_tail(reduce4(acc), true, tail)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_bf16_avx2(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let main = n - n % 32;
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for i in (0..main).step_by(32) {
-        for (j, acc_j) in acc.iter_mut().enumerate() {
-            let at = 2 * (i + 8 * j);
-            *acc_j = _mm256_fmadd_ps(load_bf16x8(w.add(at)), load_bf16x8(a.add(at)), *acc_j);
-        }
-    }
-    let tail = (main..n).map(|i| read_bf16(w.add(2 * i)) * read_bf16(a.add(2 * i)));
-    add_tail(reduce4(acc), true, tail)
+    finish::<F>(acc, n, main, w, a)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
