@@ -801,7 +801,8 @@ fn attention_f32(
                 let queries: &[u8] = bytemuck::cast_slice(&q[t0 * qd + h * hd..]);
                 let keys: &[u8] = bytemuck::cast_slice(&k32[kvh * n_pos * hd..][..n_keys * hd]);
                 let s = &mut scores[..n_q * n_keys];
-                tile(hd, queries, qd * f32_bytes, n_q, keys, hd * f32_bytes, n_keys, s, n_keys);
+                // Keys as the tile's rows and queries as its tokens: one row of scores per query.
+                tile(hd, keys, hd * f32_bytes, n_keys, queries, qd * f32_bytes, n_q, s, n_keys);
                 for (i, row) in s.chunks_exact_mut(n_keys).enumerate() {
                     let seen = pos0 + t0 + i + 1;
                     ops::softmax_scaled(&mut row[..seen], scale);
@@ -809,7 +810,7 @@ fn attention_f32(
                 }
                 let probs: &[u8] = bytemuck::cast_slice(s);
                 let values_t: &[u8] = bytemuck::cast_slice(&vt32[kvh * hd * n_pos..][..hd * n_pos]);
-                tile(n_keys, probs, n_keys * f32_bytes, n_q, values_t, n_pos * f32_bytes, hd, &mut o[h * hd..], qd);
+                tile(n_keys, values_t, n_pos * f32_bytes, hd, probs, n_keys * f32_bytes, n_q, &mut o[h * hd..], qd);
             }
         })
     });

@@ -147,13 +147,10 @@ pub fn dot_kernel(w: &Tensor) -> Result<(flexserve_quant::DotFn, GgmlType), Engi
     Ok((dot, k.vec_dot_type))
 }
 
-/// Side of the squares in which a matmul's results are turned token-major:
-/// sixteen floats are one cache line.
-const TRANSPOSE_SIDE: usize = 16;
-
 /// `out[t][o] = dot(w.row(o), acts.row(t))` for all tokens t and output rows o.
-/// `out` is token-major: `acts.n_rows` rows of `w.rows` values. `scratch`
-/// holds the row-major (weight-row-major) intermediate for multi-token batches.
+/// `out` is token-major: `acts.n_rows` rows of `w.rows` values. For
+/// multi-token batches, `scratch` holds the tasks' parts (each task a range
+/// of weight rows, token-major) before they are copied into place.
 pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut Buf<f32>) -> Result<(), EngineError> {
     if let Layout::Packed(packing) = w.layout {
         return matmul_packed(w, packing, acts, out, scratch);
@@ -191,9 +188,9 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut B
     let per_task = per_task.next_multiple_of(4);
     let tile = flexserve_quant::tile_kernel(w.ty);
     let w_bytes = w.bytes();
-    scratch.par_chunks_mut(per_task * n_tok).enumerate().for_each(|(c, chunk)| {
+    scratch.par_chunks_mut(per_task * n_tok).enumerate().for_each(|(c, part)| {
         let base = c * per_task;
-        let nrows = chunk.len() / n_tok;
+        let nrows = part.len() / n_tok;
         match tile {
             Some(tile) => tile(
                 n,
@@ -203,42 +200,37 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut B
                 &acts.data,
                 acts.row_bytes,
                 n_tok,
-                chunk,
-                n_tok,
+                part,
+                nrows,
             ),
             None => {
-                for (i, orow) in chunk.chunks_exact_mut(n_tok).enumerate() {
-                    let wr = w.row(base + i);
-                    for (t, o) in orow.iter_mut().enumerate() {
-                        *o = dot(n, wr, acts.row(t));
+                for (t, results) in part.chunks_exact_mut(nrows).enumerate() {
+                    for (i, o) in results.iter_mut().enumerate() {
+                        *o = dot(n, w.row(base + i), acts.row(t));
                     }
                 }
             }
         }
     });
-    // Transpose to token-major in squares of 16 x 16: per square, sixteen
-    // cache lines read and sixteen written whole. (A token per task read each
-    // value from its own cache line; writing sixteen tokens' rows per weight
-    // row kept sixteen lines a power of two apart in the same L1 set.)
-    let scratch: &[f32] = scratch;
-    out.par_chunks_mut(TRANSPOSE_SIDE * rows).enumerate().for_each(|(b, block)| {
-        let (t0, nt) = (b * TRANSPOSE_SIDE, block.len() / rows);
-        for o0 in (0..rows).step_by(TRANSPOSE_SIDE) {
-            let no = TRANSPOSE_SIDE.min(rows - o0);
-            for t in 0..nt {
-                let dst = &mut block[t * rows + o0..][..no];
-                for (o, v) in dst.iter_mut().enumerate() {
-                    *v = scratch[(o0 + o) * n_tok + t0 + t];
-                }
-            }
-        }
-    });
+    place_parts(out, scratch, rows, per_task);
     Ok(())
 }
 
+/// Copies the tasks' parts of a multi-token matmul into the token-major
+/// `out` (`rows` results per token): each task wrote its `per_task` rows (or
+/// fewer, for the last) token-major into its own part of `scratch`.
+fn place_parts(out: &mut [f32], scratch: &[f32], rows: usize, per_task: usize) {
+    let n_tok = out.len() / rows;
+    out.par_chunks_mut(rows).enumerate().for_each(|(t, orow)| {
+        for (c, dst) in orow.chunks_mut(per_task).enumerate() {
+            let part = c * per_task * n_tok;
+            dst.copy_from_slice(&scratch[part + t * dst.len()..][..dst.len()]);
+        }
+    });
+}
+
 /// [`matmul`] for weights rearranged in groups of eight rows. Tasks cover
-/// whole groups; for several tokens each task writes its rows token-major
-/// into its own part of `scratch`, then the parts are copied into place.
+/// whole groups.
 fn matmul_packed(
     w: &Tensor,
     packing: Repacked,
@@ -274,13 +266,7 @@ fn matmul_packed(
         let w_task = &w_bytes[c * per_task * w.row_bytes..];
         kernel(n, w_task, nrows, &acts.data, acts.row_bytes, n_tok, chunk, nrows);
     });
-    let scratch = &scratch[..];
-    out.par_chunks_mut(rows).enumerate().for_each(|(t, orow)| {
-        for (c, dst) in orow.chunks_mut(per_task).enumerate() {
-            let part = c * per_task * n_tok;
-            dst.copy_from_slice(&scratch[part + t * dst.len()..][..dst.len()]);
-        }
-    });
+    place_parts(out, scratch, rows, per_task);
     Ok(())
 }
 

@@ -105,7 +105,7 @@ fn tile(c: &mut Criterion) {
             }
             let mut out = vec![0f32; ROWS * TOKS];
             g.bench_function(BenchmarkId::new(ty.name(), format!("{isa:?}")), |b| {
-                b.iter(|| tile(N, black_box(&w), wrb, ROWS, black_box(&x), arb, TOKS, &mut out, TOKS))
+                b.iter(|| tile(N, black_box(&w), wrb, ROWS, black_box(&x), arb, TOKS, &mut out, ROWS))
             });
         }
     }

@@ -80,7 +80,7 @@ fn main() {
         "tile" => {
             let tile = tile_kernel_for(ty, isa).expect("type has a tile kernel");
             for _ in 0..iterations {
-                tile(N, black_box(&w), wrb, ROWS, black_box(&a), arb, TOKS, &mut out, TOKS);
+                tile(N, black_box(&w), wrb, ROWS, black_box(&a), arb, TOKS, &mut out, ROWS);
             }
             N * ROWS * TOKS
         }

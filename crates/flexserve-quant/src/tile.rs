@@ -39,11 +39,12 @@ struct Shape {
     out_stride: usize,
 }
 
-/// Computes `out[r * out_stride + t] = dot(w_rows[r], a_rows[t])` for
+/// Computes `out[t * out_stride + r] = dot(w_rows[r], a_rows[t])` for
 /// `r < rows`, `t < toks`, where weight row `r` starts at `w[r * w_row_bytes]`
 /// and activation row `t` at `a[t * a_row_bytes]`; each row holds `n`
 /// elements (weights in the kernel's type, activations in its
-/// `vec_dot_type`).
+/// `vec_dot_type`). The output is token-major, as the layers that follow
+/// read it: one row of `rows` results per token.
 ///
 /// Panics when `n` is not a whole number of blocks or a slice is too short for
 /// the shape it is given (a caller bug, as with the plain `dot`).
@@ -109,7 +110,7 @@ pub(crate) fn check_tile(
     if rows == 0 || toks == 0 {
         return;
     }
-    assert!(out_stride >= toks, "tile output stride {out_stride} is below the {toks} tokens per row");
+    assert!(out_stride >= rows, "tile output stride {out_stride} is below the {rows} results per token");
     let needed =
         |count: usize, stride: usize, last: usize| (count - 1).checked_mul(stride).and_then(|v| v.checked_add(last));
     let w_needed = needed(rows, w_row_bytes, w_bytes);
@@ -124,7 +125,7 @@ pub(crate) fn check_tile(
         "tile of {toks} {vec_dot_type} rows of {n} elements (stride {a_row_bytes}) needs more than the {} activation bytes given",
         a.len()
     );
-    let out_needed = needed(rows, out_stride, toks);
+    let out_needed = needed(toks, out_stride, rows);
     assert!(
         out_needed.is_some_and(|need| out.len() >= need),
         "tile of {rows} x {toks} results (stride {out_stride}) needs more than the {} output floats given",
@@ -157,7 +158,7 @@ fn portable_loop(
     for r in 0..rows {
         let w_row = &w[r * w_row_bytes..r * w_row_bytes + w_bytes];
         for t in 0..toks {
-            out[r * out_stride + t] = dot(n, w_row, &a[t * a_row_bytes..t * a_row_bytes + a_bytes]);
+            out[t * out_stride + r] = dot(n, w_row, &a[t * a_row_bytes..t * a_row_bytes + a_bytes]);
         }
     }
 }

@@ -83,11 +83,11 @@ impl Case {
         &self.a[start..start + row_bytes(simd(self.ty).vec_dot_type, self.n)]
     }
 
-    /// Runs `tile` on the first `rows x toks` pairs; outputs are `toks + 2`
-    /// apart so that writes past a row show up as non-NaN padding.
+    /// Runs `tile` on the first `rows x toks` pairs; each token's results
+    /// are `rows + 2` apart so that writes past a row show up as non-NaN padding.
     fn run(&self, tile: TileFn, rows: usize, toks: usize) -> (Vec<f32>, usize) {
-        let stride = toks + 2;
-        let mut out = vec![f32::NAN; rows * stride];
+        let stride = rows + 2;
+        let mut out = vec![f32::NAN; toks * stride];
         let (w, a) = (&self.w[self.w_start..], &self.a[self.a_start..]);
         tile(self.n, w, self.w_stride, rows, a, self.a_stride, toks, &mut out, stride);
         (out, stride)
@@ -107,13 +107,13 @@ fn tile_for(ty: GgmlType, isa: Isa) -> TileFn {
 }
 
 /// Checks every pair of a `rows x toks` run against `dot` bit for bit, and
-/// that nothing past each output row was written.
+/// that nothing past each token's output row was written.
 fn assert_matches_dot(case: &Case, tile: TileFn, dot: flexserve_quant::DotFn, rows: usize, toks: usize, what: &str) {
     let (out, stride) = case.run(tile, rows, toks);
     for r in 0..rows {
         for t in 0..toks {
             let expected = dot(case.n, case.w_row(r), case.a_row(t));
-            let got = out[r * stride + t];
+            let got = out[t * stride + r];
             assert_eq!(
                 got.to_bits(),
                 expected.to_bits(),
@@ -122,7 +122,9 @@ fn assert_matches_dot(case: &Case, tile: TileFn, dot: flexserve_quant::DotFn, ro
                 case.n
             );
         }
-        assert!(out[r * stride + toks..(r + 1) * stride].iter().all(|v| v.is_nan()), "{what}: wrote past row {r}");
+    }
+    for t in 0..toks {
+        assert!(out[t * stride + rows..(t + 1) * stride].iter().all(|v| v.is_nan()), "{what}: wrote past token {t}");
     }
 }
 
@@ -179,7 +181,7 @@ fn simd_tiles_agree_with_portable_tiles() {
             let (portable_out, _) = case.run(tile_for(ty, Isa::Portable), 13, 9);
             for r in 0..13 {
                 for t in 0..9 {
-                    let (x, y) = (simd_out[r * stride + t], portable_out[r * stride + t]);
+                    let (x, y) = (simd_out[t * stride + r], portable_out[t * stride + r]);
                     let tol = 1e-5 * case.magnitude(r, t) + f32::MIN_POSITIVE;
                     assert!((x - y).abs() <= tol, "{ty} n={n} pair ({r},{t}): avx2 {x} vs portable {y}, tol {tol}");
                 }
@@ -252,7 +254,7 @@ fn short_weights_are_rejected() {
     let case = Case::new(GgmlType::Q4_1, 64, 2, 1, 0, 500);
     let mut out = [0.0f32; 3];
     // Three rows asked for, two given.
-    tile_for(GgmlType::Q4_1, Isa::Avx2)(64, &case.w, case.w_stride, 3, &case.a, case.a_stride, 1, &mut out, 1);
+    tile_for(GgmlType::Q4_1, Isa::Avx2)(64, &case.w, case.w_stride, 3, &case.a, case.a_stride, 1, &mut out, 3);
 }
 
 #[test]
@@ -312,12 +314,12 @@ fn tile_throughput() {
             for r in 0..rows {
                 let w_row = &w[r * w_stride..(r + 1) * w_stride];
                 for t in 0..toks {
-                    out_dot[r * toks + t] = dot(n, w_row, &a[t * a_stride..(t + 1) * a_stride]);
+                    out_dot[t * rows + r] = dot(n, w_row, &a[t * a_stride..(t + 1) * a_stride]);
                 }
             }
             dot_best = dot_best.min(start.elapsed().as_secs_f64());
             let start = Instant::now();
-            tile(n, &w, w_stride, rows, &a, a_stride, toks, &mut out_tile, toks);
+            tile(n, &w, w_stride, rows, &a, a_stride, toks, &mut out_tile, rows);
             tile_best = tile_best.min(start.elapsed().as_secs_f64());
             assert_eq!(out_dot, out_tile);
         }

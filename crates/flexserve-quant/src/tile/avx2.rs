@@ -134,8 +134,8 @@ fn tile_wrapper<const F: u8>(
     let shape = Shape { nb: n / QK, w_stride: w_row_bytes, a_stride: a_row_bytes, out_stride };
     // SAFETY: the wrapper is only handed out after the CPU was found to
     // support AVX2, FMA and F16C; `check_tile` verified that `rows` weight rows
-    // and `toks` activation rows of `nb` blocks each, and `rows` output rows of
-    // `toks` floats, lie within the slices at the given strides, which is
+    // and `toks` activation rows of `nb` blocks each, and `toks` output rows of
+    // `rows` floats, lie within the slices at the given strides, which is
     // exactly what the kernel reads and writes.
     unsafe { tile_avx2::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr()) }
 }
@@ -209,7 +209,7 @@ struct TileScales {
 /// # Safety
 /// AVX2, FMA and F16C must be available; `rows` weight rows and `toks`
 /// activation rows of `shape.nb` blocks must be readable at the strides, and
-/// `rows` output rows of `toks` floats writable.
+/// `toks` output rows of `rows` floats writable.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_avx2<const F: u8>(shape: Shape, w: *const u8, rows: usize, a: *const u8, toks: usize, out: *mut f32) {
     let nb = shape.nb;
@@ -235,7 +235,7 @@ unsafe fn tile_avx2<const F: u8>(shape: Shape, w: *const u8, rows: usize, a: *co
                 for r in (r_chunk..r_chunk_end).step_by(tile_rows) {
                     let rr = tile_rows.min(r_chunk_end - r);
                     let (w, a) = (w.add(r * shape.w_stride), a.add(t * shape.a_stride));
-                    let out = out.add(r * shape.out_stride + t);
+                    let out = out.add(t * shape.out_stride + r);
                     // Each tile's scales are a group of its own (see `ChunkScales::fill`).
                     let (w_at, a_at) = ((r - r_chunk) * nb, (t - t_chunk) * nb);
                     let scales = TileScales {
@@ -335,7 +335,8 @@ unsafe fn weight_levels<const F: u8>(wb: *const u8) -> __m256i {
 }
 
 /// One micro-tile of `R` weight rows (at `w`, `s.w_stride` apart) by `T`
-/// tokens (at `a`, `s.a_stride` apart), written to `out` (`s.out_stride` apart).
+/// tokens (at `a`, `s.a_stride` apart), written token-major to `out` (tokens
+/// `s.out_stride` apart).
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; the `R` weight rows and `T`
@@ -401,7 +402,7 @@ unsafe fn micro<const F: u8, const R: usize, const T: usize>(
             if has_min(F) {
                 v += mins[r][t];
             }
-            *out.add(r * s.out_stride + t) = v;
+            *out.add(t * s.out_stride + r) = v;
         }
     }
 }
@@ -471,7 +472,7 @@ unsafe fn micro_q4_0<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            *out.add(r * s.out_stride + t) = hsum(acc[r][t]);
+            *out.add(t * s.out_stride + r) = hsum(acc[r][t]);
         }
     }
 }
@@ -518,7 +519,7 @@ unsafe fn micro_q8_0<const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            *out.add(r * s.out_stride + t) = hsum(acc[r][t]);
+            *out.add(t * s.out_stride + r) = hsum(acc[r][t]);
         }
     }
 }

@@ -69,7 +69,7 @@ fn tile_wrapper<const F: u8>(
     // SAFETY: the kernel is only handed out after the CPU was found to
     // support AVX2, FMA and F16C; `check_tile` verified that `rows` weight
     // rows and `toks` activation rows of `n` elements lie within `w` and `a`
-    // at their strides, and that `rows` output rows of `toks` floats lie
+    // at their strides, and that `toks` output rows of `rows` floats lie
     // within `out`.
     unsafe { sweep::<F>(n, w.as_ptr(), w_row_bytes, rows, a.as_ptr(), a_row_bytes, toks, out.as_mut_ptr(), out_stride) }
 }
@@ -81,8 +81,7 @@ fn gemv_wrapper<const F: u8>(n: usize, w: &[u8], w_row_bytes: usize, rows: usize
         return;
     }
     // SAFETY: as in `tile_wrapper`; `check_gemv` verified `rows` weight rows
-    // and one activation row of `n` elements, and `rows` output floats (one
-    // token: output rows of one float, one float apart).
+    // and one activation row of `n` elements, and `rows` output floats.
     unsafe { gemv_sweep::<F>(n, w.as_ptr(), w_row_bytes, rows, a.as_ptr(), out.as_mut_ptr()) }
 }
 
@@ -99,14 +98,14 @@ fn gemv_wrapper<const F: u8>(n: usize, w: &[u8], w_row_bytes: usize, rows: usize
 unsafe fn gemv_sweep<const F: u8>(n: usize, w: *const u8, w_stride: usize, rows: usize, a: *const u8, out: *mut f32) {
     let quarter = rows / ROWS;
     for r in 0..quarter {
-        micro::<F, ROWS, 1>(n, w.add(r * w_stride), quarter * w_stride, a, 0, out.add(r), quarter);
+        micro::<F, ROWS, 1>(n, w.add(r * w_stride), quarter * w_stride, a, 0, out.add(r), quarter, 0);
     }
     let done = quarter * ROWS;
     let (w, out) = (w.add(done * w_stride), out.add(done));
     match rows - done {
-        1 => micro::<F, 1, 1>(n, w, w_stride, a, 0, out, 1),
-        2 => micro::<F, 2, 1>(n, w, w_stride, a, 0, out, 1),
-        3 => micro::<F, 3, 1>(n, w, w_stride, a, 0, out, 1),
+        1 => micro::<F, 1, 1>(n, w, w_stride, a, 0, out, 1, 0),
+        2 => micro::<F, 2, 1>(n, w, w_stride, a, 0, out, 1, 0),
+        3 => micro::<F, 3, 1>(n, w, w_stride, a, 0, out, 1, 0),
         _ => {}
     }
 }
@@ -117,7 +116,7 @@ unsafe fn gemv_sweep<const F: u8>(n: usize, w: *const u8, w_stride: usize, rows:
 /// # Safety
 /// AVX2, FMA and F16C must be available; `rows` weight rows and `toks`
 /// activation rows of `n` elements must be readable at their strides, and
-/// `rows` output rows of `toks` floats writable.
+/// `toks` output rows of `rows` floats writable.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn sweep<const F: u8>(
@@ -139,11 +138,11 @@ unsafe fn sweep<const F: u8>(
                 let rr = ROWS.min(block_end - r);
                 let w = w.add(r * w_stride);
                 let a = a.add(t * a_stride);
-                let out = out.add(r * out_stride + t);
+                let out = out.add(t * out_stride + r);
                 macro_rules! dispatch {
                     ($(($r:literal, $t:literal)),*) => {
                         match (rr, tt) {
-                            $(($r, $t) => micro::<F, $r, $t>(n, w, w_stride, a, a_stride, out, out_stride),)*
+                            $(($r, $t) => micro::<F, $r, $t>(n, w, w_stride, a, a_stride, out, 1, out_stride),)*
                             _ => unreachable!("micro-tile of {rr} x {tt} is larger than {ROWS} x {TOKS}"),
                         }
                     };
@@ -169,13 +168,14 @@ unsafe fn sweep<const F: u8>(
 
 /// One micro-tile: `R` weight rows (at `w`, `w_stride` bytes apart) by `T`
 /// activation rows (at `a`, `a_stride` bytes apart) of `n` elements, each
-/// pair's dot written at `out[r * out_stride + t]`.
+/// pair's dot written at `out[r * row_step + t * tok_step]`.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; the rows must hold `n` elements and
 /// the outputs be writable.
 #[inline]
 #[allow(clippy::needless_range_loop)] // (row, token) indices read clearest here
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn micro<const F: u8, const R: usize, const T: usize>(
     n: usize,
@@ -184,7 +184,8 @@ unsafe fn micro<const F: u8, const R: usize, const T: usize>(
     a: *const u8,
     a_stride: usize,
     out: *mut f32,
-    out_stride: usize,
+    row_step: usize,
+    tok_step: usize,
 ) {
     let main = n - n % 8;
     let mut acc = [[_mm256_setzero_ps(); T]; R];
@@ -206,7 +207,8 @@ unsafe fn micro<const F: u8, const R: usize, const T: usize>(
     }
     for r in 0..R {
         for t in 0..T {
-            *out.add(r * out_stride + t) = finish::<F>(acc[r][t], n, main, w.add(r * w_stride), a.add(t * a_stride));
+            *out.add(r * row_step + t * tok_step) =
+                finish::<F>(acc[r][t], n, main, w.add(r * w_stride), a.add(t * a_stride));
         }
     }
 }

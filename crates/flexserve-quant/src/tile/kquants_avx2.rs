@@ -61,8 +61,8 @@ fn tile_wrapper<const F: u8>(
     let shape = Shape { nb: n / QK_K, w_stride: w_row_bytes, a_stride: a_row_bytes, out_stride };
     // SAFETY: the wrapper is only handed out after the CPU was found to
     // support AVX2, FMA and F16C; `check_tile` verified that `rows` weight rows
-    // and `toks` activation rows of `nb` super-blocks each, and `rows` output
-    // rows of `toks` floats, lie within the slices at the given strides, which
+    // and `toks` activation rows of `nb` super-blocks each, and `toks` output
+    // rows of `rows` floats, lie within the slices at the given strides, which
     // is exactly what the kernel reads and writes.
     unsafe { sweep::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr()) }
 }
@@ -95,7 +95,7 @@ unsafe fn sweep<const F: u8>(s: Shape, w: *const u8, rows: usize, a: *const u8, 
                 let tt = tile_toks.min(t_chunk_end - t);
                 for r in (r_chunk..r_chunk_end).step_by(tile_rows) {
                     let rr = tile_rows.min(r_chunk_end - r);
-                    let (w, a, out) = (w.add(r * s.w_stride), a.add(t * s.a_stride), out.add(r * s.out_stride + t));
+                    let (w, a, out) = (w.add(r * s.w_stride), a.add(t * s.a_stride), out.add(t * s.out_stride + r));
                     if F == Q4K {
                         let factors = unpacked.as_ptr().add((r - r_chunk) * s.nb);
                         dispatch!(
@@ -191,8 +191,8 @@ unsafe fn q8k_scale(p: *const u8) -> __m256 {
 }
 
 /// The Q4_K micro-tile of `R` weight rows (at `w`, `s.w_stride` apart) by
-/// `T` tokens (at `a`, `s.a_stride` apart), written to `out` (`s.out_stride`
-/// apart), with the rows' unpacked factors at `factors` (`s.nb` per row).
+/// `T` tokens (at `a`, `s.a_stride` apart), written token-major to `out`
+/// (tokens `s.out_stride` apart), with the rows' unpacked factors at `factors` (`s.nb` per row).
 /// Per super-block each token's scale and group sums are prepared once; the
 /// inner loop is then only loads, shuffles of the scales, `maddubs`, `madd`
 /// and adds on `R x T` i32 sums held in registers. The minimum terms of two
@@ -281,7 +281,7 @@ unsafe fn q4k_micro<const R: usize, const T: usize>(
         for t in 0..T {
             let pair = acc_min[r][t / 2];
             let min = if t % 2 == 0 { _mm256_castps256_ps128(pair) } else { _mm256_extractf128_ps::<1>(pair) };
-            *out.add(r * s.out_stride + t) = hsum_256(acc[r][t]) + hsum_128(min);
+            *out.add(t * s.out_stride + r) = hsum_256(acc[r][t]) + hsum_128(min);
         }
     }
 }
@@ -362,7 +362,7 @@ unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *
     }
     for r in 0..R {
         for t in 0..T {
-            *out.add(r * s.out_stride + t) = hsum_256(acc[r][t]);
+            *out.add(t * s.out_stride + r) = hsum_256(acc[r][t]);
         }
     }
 }
