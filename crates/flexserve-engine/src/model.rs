@@ -626,11 +626,8 @@ impl<'m> Session<'m> {
             ops::matmul(&layer.w_gate, &s.acts, &mut s.gate, &mut s.mm)?;
             reuse_for(&mut s.acts, &s.h, e, &layer.w_up)?;
             ops::matmul(&layer.w_up, &s.acts, &mut s.up, &mut s.mm)?;
-            s.gate.par_chunks_mut(c.n_ff).zip(s.up.par_chunks(c.n_ff)).for_each(|(g, u)| {
-                for (gv, &uv) in g.iter_mut().zip(u) {
-                    *gv = ops::silu(*gv) * uv;
-                }
-            });
+            let silu_mul = flexserve_quant::activations().silu_mul;
+            s.gate.par_chunks_mut(c.n_ff).zip(s.up.par_chunks(c.n_ff)).for_each(|(g, u)| silu_mul(g, u));
             quantize_for(&mut s.acts, &s.gate, c.n_ff, &layer.w_down)?;
             ops::matmul(&layer.w_down, &s.acts, &mut s.h, &mut s.mm)?;
             add_into(&mut s.x, &s.h);
@@ -783,6 +780,7 @@ fn attention_f32(
     let (k32, vt32) = (&*k32, &*vt32);
     let f32_bytes = std::mem::size_of::<f32>();
     let tile = flexserve_quant::tile_kernel(flexserve_gguf::GgmlType::F32).expect("F32 has a tile kernel");
+    let softmax_scaled = flexserve_quant::activations().softmax_scaled;
     thread_local! {
         // Scores per worker thread, kept between calls: allocating them per
         // task would churn the heap for every block of every layer.
@@ -805,7 +803,7 @@ fn attention_f32(
                 tile(hd, keys, hd * f32_bytes, n_keys, queries, qd * f32_bytes, n_q, s, n_keys);
                 for (i, row) in s.chunks_exact_mut(n_keys).enumerate() {
                     let seen = pos0 + t0 + i + 1;
-                    ops::softmax_scaled(&mut row[..seen], scale);
+                    softmax_scaled(&mut row[..seen], scale);
                     row[seen..].fill(0.0);
                 }
                 let probs: &[u8] = bytemuck::cast_slice(s);

@@ -61,29 +61,6 @@ pub fn rope_angles(
     }
 }
 
-#[inline]
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
-/// In-place softmax of `x` after multiplying by `scale`.
-pub fn softmax_scaled(x: &mut [f32], scale: f32) {
-    let mut max = f32::NEG_INFINITY;
-    for v in x.iter_mut() {
-        *v *= scale;
-        max = max.max(*v);
-    }
-    let mut sum = 0f64;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
 /// Activations quantized to one weight type's dot-product format.
 pub struct QuantizedActs {
     pub ty: GgmlType,
@@ -305,14 +282,5 @@ mod tests {
         let mut h = [1.0f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
         rope_head(&mut h, &angles, false);
         assert!((h[0] - 17f32.cos()).abs() < 1e-5 && (h[1] - 17f32.sin()).abs() < 1e-5);
-    }
-
-    #[test]
-    fn softmax_sums_to_one() {
-        let mut x = [1.0f32, 2.0, 3.0, -10.0];
-        softmax_scaled(&mut x, 0.5);
-        let s: f32 = x.iter().sum();
-        assert!((s - 1.0).abs() < 1e-6);
-        assert!(x[2] > x[1] && x[1] > x[0]);
     }
 }

@@ -17,6 +17,7 @@
 
 pub use flexserve_gguf::GgmlType;
 
+mod activation;
 mod f16acc;
 mod float;
 mod gemv;
@@ -25,6 +26,7 @@ mod legacy;
 mod repack;
 mod tile;
 
+pub use activation::{activations, activations_for, Activations, SiluMulFn, SoftmaxFn};
 pub use f16acc::{f16_acc, f16_acc_for, F16Acc};
 pub use gemv::{gemv_kernel, gemv_kernel_for, GemvFn};
 pub use repack::{Repacked, RepackedMatmulFn, REPACK_ROWS};
