@@ -8,18 +8,7 @@ use common::*;
 use flexserve_quant::{detected_isa, gemv_kernel, gemv_kernel_for, GemvFn, GgmlType, Isa, Kernels};
 use rand::Rng;
 
-const GEMV_TYPES: [GgmlType; 10] = [
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q4_K,
-    GgmlType::Q6_K,
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-];
+const GEMV_TYPES: [GgmlType; 10] = MATRIX_TYPES;
 const ROW_COUNTS: [usize; 9] = [0, 1, 2, 3, 4, 5, 7, 8, 13];
 
 /// Row lengths: 1, 7 and 18 blocks; for the float types (one element per

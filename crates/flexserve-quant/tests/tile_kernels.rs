@@ -8,18 +8,7 @@ use common::*;
 use flexserve_quant::{detected_isa, tile_kernel, tile_kernel_for, GgmlType, Isa, Kernels, TileFn};
 use rand::Rng;
 
-const TILE_TYPES: [GgmlType; 10] = [
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q4_K,
-    GgmlType::Q6_K,
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-];
+const TILE_TYPES: [GgmlType; 10] = MATRIX_TYPES;
 const ROW_COUNTS: [usize; 8] = [1, 2, 3, 4, 5, 7, 8, 13];
 const TOK_COUNTS: [usize; 6] = [1, 2, 3, 4, 5, 9];
 /// One block, several blocks, and the real model's row length (for the

@@ -5,6 +5,20 @@ use flexserve_quant::{kernels_for, GgmlType, Isa, Kernels};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// The weight types with tile and GEMV kernels (the others loop the plain dot).
+pub const MATRIX_TYPES: [GgmlType; 10] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+];
+
 pub fn rng(seed: u64) -> StdRng {
     StdRng::seed_from_u64(seed)
 }
