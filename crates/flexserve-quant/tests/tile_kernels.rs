@@ -188,6 +188,13 @@ fn chunked_sweeps_cover_every_pair() {
         let case = Case::new(ty, ty.block_size(), 13, 9, 30_000, 300 + i as u64);
         assert_matches_dot(&case, tile_for(ty, Isa::Avx2), dot, 13, 9, "chunked");
     }
+    // Float rows of 64-128 KiB: the float tile takes tokens three at a time
+    // per chunk, so 11 tokens make four chunks, the last one short.
+    for (i, ty) in [GgmlType::F32, GgmlType::F16, GgmlType::BF16].into_iter().enumerate() {
+        let dot = simd(ty).dot.expect("weight type has a dot");
+        let case = Case::new(ty, 32_768, 13, 11, 0, 320 + i as u64);
+        assert_matches_dot(&case, tile_for(ty, Isa::Avx2), dot, 13, 11, "chunked floats");
+    }
 }
 
 #[test]
