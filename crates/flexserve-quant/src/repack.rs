@@ -232,9 +232,23 @@ fn repack_groups(layout: Repacked, src: &[u8], rows: usize, cols: usize) -> Resu
 pub type RepackedMatmulFn =
     fn(n: usize, w: &[u8], rows: usize, a: &[u8], a_row_bytes: usize, n_tok: usize, out: &mut [f32], out_stride: usize);
 
+/// The arguments of one product on rearranged weights, as the entry points
+/// hand them to the drivers after `check_repacked` accepted them.
+pub(super) struct Product<'a> {
+    pub layout: Repacked,
+    pub n: usize,
+    pub w: &'a [u8],
+    pub rows: usize,
+    pub a: &'a [u8],
+    pub a_row_bytes: usize,
+    pub n_tok: usize,
+    pub out: &'a mut [f32],
+    pub out_stride: usize,
+}
+
 /// Panics with a clear message unless the slices hold the shape described.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn check_repacked(
+fn check_repacked(
     layout: Repacked,
     n: usize,
     w: &[u8],
@@ -293,19 +307,8 @@ fn row_block_isum(layout: Repacked, blk: &[u8], r: usize, qa: &[u8]) -> i32 {
 }
 
 /// Portable kernel of layout `L`: the same arithmetic as the SIMD ones, lane by lane.
-#[allow(clippy::too_many_arguments)]
-fn portable_groups<const L: u8>(
-    n: usize,
-    w: &[u8],
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    n_tok: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    let layout = layout(L);
-    check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+fn portable_groups<const L: u8>(p: Product) {
+    let Product { layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride } = p;
     let nb = n / QK;
     let group_block_bytes = REPACK_ROWS * layout.ty().type_size();
     let act_block_bytes = layout.activation_type().type_size();
@@ -332,8 +335,9 @@ fn portable_groups<const L: u8>(
     }
 }
 
-/// Defines entry points of the `RepackedMatmulFn` shape that hand their
-/// arguments to `$driver::<$param>` (each ISA's driver shared by the layouts).
+/// Defines entry points of the `RepackedMatmulFn` shape that check their
+/// arguments for layout `$param` and hand them to `$driver::<$param>` as one
+/// `Product` (each ISA's driver shared by the layouts).
 macro_rules! entry_points {
     ($($(#[$doc:meta])* $name:ident => $driver:ident::<$param:tt>;)*) => {$(
         $(#[$doc])*
@@ -348,7 +352,9 @@ macro_rules! entry_points {
             out: &mut [f32],
             out_stride: usize,
         ) {
-            $driver::<$param>(n, w, rows, a, a_row_bytes, n_tok, out, out_stride)
+            let layout = $crate::repack::layout($param);
+            $crate::repack::check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
+            $driver::<$param>($crate::repack::Product { layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride })
         }
     )*};
 }

@@ -12,7 +12,7 @@
 //! activations without the offset, then adds `m_w * s_a` with a second FMA.
 
 use super::sweep::{block_sums, sweep};
-use super::{check_repacked, entry_points, layout, Repacked, Q4_0, Q4_1, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
+use super::{entry_points, layout, Product, Repacked, Q4_0, Q4_1, Q8_0, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
 use crate::legacy::avx2::{load_f16, pin};
 use crate::legacy::{Q8_0_BYTES, QK};
 use std::arch::x86_64::*;
@@ -22,27 +22,17 @@ entry_points! {
     q4_0x8 => nibbles::<Q4_0>;
     /// The `Q4_1x8` product (see the module docs).
     q4_1x8 => nibbles::<Q4_1>;
+    /// The `Q8_0x8` product (see `q8_products`).
+    q8_0x8 => q8_products::<Q8_0>;
 }
 
 /// The products on the nibble layouts (`L`: `Q4_0` or `Q4_1`).
-#[allow(clippy::too_many_arguments)]
-fn nibbles<const L: u8>(
-    n: usize,
-    w: &[u8],
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    n_tok: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
+fn nibbles<const L: u8>(product: Product) {
     const { assert!(L == Q4_0 || L == Q4_1, "nibble layouts only") };
-    let layout = layout(L);
-    check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
-    let nb = n / QK;
+    let nb = product.n / QK;
     // Q4_0: the levels' offset of 8 times each block's activation sum.
-    let corrections = block_sums(layout, if L == Q4_1 { 0 } else { 8 }, nb, a, a_row_bytes, n_tok);
-    sweep(layout, 1, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p| {
+    let corrections = block_sums(&product, if L == Q4_1 { 0 } else { 8 });
+    sweep(product, 1, |p| {
         let c = corrections[p.t0 * nb..].as_ptr();
         // SAFETY: the kernel is only handed out after the CPU was found to
         // support AVX2, FMA and F16C; `check_repacked` verified that every group of
@@ -127,19 +117,9 @@ unsafe fn group<const T: usize, const L: u8>(
 /// the weight moved onto the activation so that `maddubs` sees `|w|`; each
 /// product is widened to 32 bits and summed, giving every row's exact block
 /// sum in its lane. One conversion and one FMA per eight rows follow.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn q8_0x8(
-    n: usize,
-    w: &[u8],
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    n_tok: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    check_repacked(Repacked::Q8_0x8, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
-    sweep(Repacked::Q8_0x8, 1, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p| {
+fn q8_products<const L: u8>(product: Product) {
+    const { assert!(L == Q8_0, "the Q8_0x8 layout only") };
+    sweep(product, 1, |p| {
         // SAFETY: the kernel is only handed out after the CPU was found to
         // support AVX2, FMA and F16C; `check_repacked` verified that every group of
         // `nb` blocks, the pass's activation rows and their outputs (eight

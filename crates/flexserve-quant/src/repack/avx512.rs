@@ -15,7 +15,7 @@
 //! the minimums): results are bit-identical to the portable kernel.
 
 use super::sweep::{block_sums, sweep, Pass};
-use super::{check_repacked, entry_points, layout, Q4_0, Q4_1, Q8_0, REPACK_ROWS};
+use super::{entry_points, layout, Product, Q4_0, Q4_1, Q8_0, REPACK_ROWS};
 use crate::legacy::avx2::load_f16;
 use crate::legacy::QK;
 use std::arch::x86_64::*;
@@ -43,21 +43,10 @@ entry_points! {
 }
 
 /// The products of every layout (`L`).
-#[allow(clippy::too_many_arguments)]
-fn products<const L: u8>(
-    n: usize,
-    w: &[u8],
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    n_tok: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    check_repacked(layout(L), n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
-    let nb = n / QK;
-    let corrections = block_sums(layout(L), offset(L), nb, a, a_row_bytes, n_tok);
-    sweep(layout(L), GROUPS, n, w, rows, a, a_row_bytes, n_tok, out, out_stride, |p: Pass| {
+fn products<const L: u8>(product: Product) {
+    let nb = product.n / QK;
+    let corrections = block_sums(&product, offset(L));
+    sweep(product, GROUPS, |p: Pass| {
         let c = corrections[p.t0 * nb..].as_ptr();
         // A lone last group reads itself twice and stores only its own lanes.
         let (second, lanes) =

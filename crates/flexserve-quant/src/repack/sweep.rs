@@ -1,7 +1,7 @@
 //! The loop order shared by the SIMD kernels of rearranged weights: which
 //! groups of rows meet which activation rows, in what order.
 
-use super::{Repacked, REPACK_ROWS};
+use super::{Product, REPACK_ROWS};
 use crate::legacy::QK;
 
 /// Activation rows per pass: each group block's unpacked weights serve this
@@ -41,20 +41,8 @@ pub(super) struct Pass {
 /// every run of up to `TOKENS` activation rows, sweeping a chunk of groups
 /// (`CHUNK_BYTES`) with all tokens before taking the next. The caller has
 /// checked the shapes (`check_repacked`).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn sweep(
-    layout: Repacked,
-    groups_per_pass: usize,
-    n: usize,
-    w: &[u8],
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    n_tok: usize,
-    out: &mut [f32],
-    out_stride: usize,
-    mut pass: impl FnMut(Pass),
-) {
+pub(super) fn sweep(p: Product, groups_per_pass: usize, mut pass: impl FnMut(Pass)) {
+    let Product { layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride } = p;
     let nb = n / QK;
     let group_bytes = nb * REPACK_ROWS * layout.ty().type_size();
     let groups = rows / REPACK_ROWS;
@@ -84,14 +72,9 @@ pub(super) fn sweep(
 /// `factor` times the sum of each block's activation quants (the layout's
 /// activation type), per token and block (`nb` per token): what an unsigned
 /// view of the weights adds to the exact block sums, to be taken off again.
-pub(super) fn block_sums(
-    layout: Repacked,
-    factor: i32,
-    nb: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    n_tok: usize,
-) -> Vec<i32> {
+pub(super) fn block_sums(p: &Product, factor: i32) -> Vec<i32> {
+    let Product { layout, a, a_row_bytes, n_tok, .. } = *p;
+    let nb = p.n / QK;
     if factor == 0 {
         return vec![0; nb * n_tok];
     }
