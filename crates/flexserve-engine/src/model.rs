@@ -769,11 +769,9 @@ fn attention_f32(
     // Values of KV head `h`, transposed: dimension `d` of position `j` at `(h * hd + d) * n_pos + j`.
     let values: &[f16] = bytemuck::cast_slice(&kv.v(layer)[..n_pos * kvd]);
     vt32.par_chunks_mut(n_pos * hd).enumerate().for_each(|(h, block)| {
-        let mut row = vec![0f32; hd];
         for j in 0..n_pos {
-            values[j * kvd + h * hd..j * kvd + (h + 1) * hd].convert_to_f32_slice(&mut row);
-            for (d, &v) in row.iter().enumerate() {
-                block[d * n_pos + j] = v;
+            for (d, v) in values[j * kvd + h * hd..j * kvd + (h + 1) * hd].iter().enumerate() {
+                block[d * n_pos + j] = v.to_f32();
             }
         }
     });

@@ -171,12 +171,13 @@ mod avx2 {
             *v = exp_portable(v.mul_add(scale, -max));
             total += *v;
         }
-        let inv = _mm256_set1_ps(1.0 / total);
+        let inv = 1.0 / total;
+        let inv_v = _mm256_set1_ps(inv);
         for i in (0..main).step_by(LANES) {
-            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv_v));
         }
         for v in &mut x[main..] {
-            *v *= 1.0 / total;
+            *v *= inv;
         }
     }
 
