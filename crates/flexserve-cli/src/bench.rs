@@ -17,7 +17,7 @@ pub struct Series {
 }
 
 pub struct EngineResult {
-    /// The kernels' instruction-set tier on this CPU.
+    /// The kernels' instruction-set tier (the CPU's best unless `--isa` capped it).
     pub kernels: flexserve_quant::Isa,
     pub prefill: Vec<Series>,
     pub decode: Series,
@@ -63,7 +63,7 @@ pub fn run(model: &Model, b: &EngineBench) -> Result<EngineResult> {
         speeds.push(b.gen_tokens as f64 / t0.elapsed().as_secs_f64());
     }
     Ok(EngineResult {
-        kernels: flexserve_quant::detected_isa(),
+        kernels: flexserve_quant::active_isa(),
         prefill,
         decode: Series { n_tokens: b.gen_tokens, tokens_per_s: speeds },
         peak_rss_bytes: peak_rss_bytes(),

@@ -197,6 +197,9 @@ enum BenchCommand {
         threads: usize,
         #[arg(long, default_value_t = 5)]
         repetitions: usize,
+        /// Kernel tier to use (default: the best this CPU has); a lower tier compares tiers on one CPU.
+        #[arg(long, value_enum)]
+        isa: Option<IsaArg>,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -225,6 +228,24 @@ enum BenchCommand {
         #[command(flatten)]
         keys: KeyArgs,
     },
+}
+
+/// `--isa`: a kernel tier by its report name.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum IsaArg {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl IsaArg {
+    fn isa(self) -> flexserve_quant::Isa {
+        match self {
+            IsaArg::Portable => flexserve_quant::Isa::Portable,
+            IsaArg::Avx2 => flexserve_quant::Isa::Avx2,
+            IsaArg::Avx512 => flexserve_quant::Isa::Avx512,
+        }
+    }
 }
 
 /// How to open a sealed model.
@@ -399,10 +420,18 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench {
-            what: BenchCommand::Engine { model, prompt_tokens, gen_tokens, threads, repetitions, json },
+            what: BenchCommand::Engine { model, prompt_tokens, gen_tokens, threads, repetitions, isa, json },
         } => {
             if repetitions == 0 || prompt_tokens.contains(&0) {
                 bail!("--repetitions and every --prompt-tokens length must be at least 1");
+            }
+            if let Some(isa) = isa.map(IsaArg::isa) {
+                // Before the model loads: its matrices pick their kernels then.
+                let best = flexserve_quant::detected_isa();
+                if isa > best {
+                    bail!("--isa {}: this CPU's best kernel tier is {}", isa.name(), best.name());
+                }
+                flexserve_quant::limit_isa(isa);
             }
             if is_sealed(&model)? {
                 bail!(

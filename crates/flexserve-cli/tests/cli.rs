@@ -257,6 +257,35 @@ fn synth_writes_a_runnable_model_and_bench_reports_json() {
     assert!(v["decode"]["tokens_per_s"][0].as_f64().unwrap() > 0.0);
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
 
+    // `--isa` caps the kernel tier, and a tier the CPU lacks is refused by name.
+    let tier = |isa: &str| {
+        flexserve(&[
+            "bench",
+            "engine",
+            "--model",
+            out.to_str().unwrap(),
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "2",
+            "--repetitions",
+            "1",
+            "--isa",
+            isa,
+            "--json",
+        ])
+    };
+    let v: serde_json::Value = serde_json::from_str(stdout(&tier("portable")).trim()).unwrap();
+    assert_eq!(v["kernels"], "portable");
+    let o = tier("avx512");
+    if o.status.success() {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["kernels"], "avx512");
+    } else {
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("--isa avx512: this CPU's best kernel tier is"), "{e}");
+    }
+
     let o = flexserve(&[
         "synth",
         "--shape",

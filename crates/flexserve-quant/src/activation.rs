@@ -39,7 +39,7 @@ pub fn activations_for(isa: Isa) -> Activations {
 
 /// The kernels for this CPU.
 pub fn activations() -> Activations {
-    activations_for(crate::detected_isa())
+    activations_for(crate::active_isa())
 }
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;

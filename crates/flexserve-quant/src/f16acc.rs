@@ -44,7 +44,7 @@ pub fn f16_acc_for(isa: Isa) -> F16Acc {
 
 /// The accumulation kernels for this CPU.
 pub fn f16_acc() -> F16Acc {
-    f16_acc_for(crate::detected_isa())
+    f16_acc_for(crate::active_isa())
 }
 
 #[inline(always)]

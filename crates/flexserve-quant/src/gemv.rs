@@ -16,7 +16,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod kquants_avx2;
 
-use crate::{detected_isa, kernels_for, GgmlType, Isa};
+use crate::{kernels_for, GgmlType, Isa};
 
 /// Computes `out[r] = dot(w_rows[r], a)` for `r < rows`, where weight row `r`
 /// starts at `w[r * w_row_bytes]`; each row holds `n` elements (weights in the
@@ -26,10 +26,10 @@ use crate::{detected_isa, kernels_for, GgmlType, Isa};
 /// the shape it is given (a caller bug, as with the plain `dot`).
 pub type GemvFn = fn(n: usize, w: &[u8], w_row_bytes: usize, rows: usize, a: &[u8], out: &mut [f32]);
 
-/// The GEMV kernel for weight type `ty` using the best ISA of this CPU, or
+/// The GEMV kernel for weight type `ty` using the active tier (`active_isa`), or
 /// `None` where only the plain dot exists.
 pub fn gemv_kernel(ty: GgmlType) -> Option<GemvFn> {
-    gemv_kernel_for(ty, detected_isa())
+    gemv_kernel_for(ty, crate::active_isa())
 }
 
 /// The GEMV kernel for `ty` restricted to `isa`. The set of types with a GEMV

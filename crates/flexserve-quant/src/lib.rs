@@ -108,14 +108,38 @@ pub fn detected_isa() -> Isa {
     Isa::Portable
 }
 
+/// Process-wide cap on the tier the default kernel tables use (`u8::MAX`: none).
+static ISA_LIMIT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
+
+/// Caps the tier that `kernels`, `tile_kernel`, `gemv_kernel`, `activations`,
+/// `f16_acc` and `Repacked::kernel` pick from now on, for the whole process, so
+/// that one CPU can compare its tiers (`flexserve bench engine --isa avx2`).
+/// Call it before a model is loaded: tables looked up earlier keep their tier.
+/// Returns the tier in effect, which is lower than `limit` on a CPU without it.
+pub fn limit_isa(limit: Isa) -> Isa {
+    ISA_LIMIT.store(limit as u8, std::sync::atomic::Ordering::Relaxed);
+    active_isa()
+}
+
+/// The tier the default kernel tables use: the CPU's best, unless `limit_isa`
+/// capped it.
+pub fn active_isa() -> Isa {
+    let limit = match ISA_LIMIT.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => Isa::Portable,
+        1 => Isa::Avx2,
+        _ => Isa::Avx512,
+    };
+    detected_isa().min(limit)
+}
+
 /// Every tier this CPU runs, portable first (what tests compare).
 pub fn usable_isas() -> Vec<Isa> {
     [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|&isa| isa <= detected_isa()).collect()
 }
 
-/// Kernels for `ty` using the best ISA of this CPU.
+/// Kernels for `ty` using the active tier (`active_isa`).
 pub fn kernels(ty: GgmlType) -> Result<Kernels, QuantError> {
-    kernels_for(ty, detected_isa())
+    kernels_for(ty, active_isa())
 }
 
 /// Kernels for `ty` restricted to `isa` (tests compare ISAs against each other).

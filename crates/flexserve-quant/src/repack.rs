@@ -60,7 +60,7 @@ mod avx512;
 mod sweep;
 
 use crate::legacy::{Q8_0_BYTES, QK};
-use crate::{detected_isa, GgmlType, Isa, QuantError};
+use crate::{GgmlType, Isa, QuantError};
 
 /// Rows per interleaved group.
 pub const REPACK_ROWS: usize = 8;
@@ -149,9 +149,9 @@ impl Repacked {
         repack_groups(self, src, rows, cols)
     }
 
-    /// The matrix product for the best ISA of this CPU.
+    /// The matrix product for the active tier (`active_isa`).
     pub fn kernel(self) -> RepackedMatmulFn {
-        self.kernel_for(detected_isa())
+        self.kernel_for(crate::active_isa())
     }
 
     /// The matrix product restricted to `isa` (an ISA the CPU lacks gives the

@@ -26,7 +26,7 @@ mod kquants_avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use float_avx2::gemv as float_gemv;
 
-use crate::{detected_isa, kernels_for, GgmlType, Isa};
+use crate::{kernels_for, GgmlType, Isa};
 
 /// A tile's geometry as the SIMD kernels walk it: blocks per row (of the
 /// weight type's block size) and strides (bytes for rows, floats for the output).
@@ -60,10 +60,10 @@ pub type TileFn = fn(
     out_stride: usize,
 );
 
-/// The tile kernel for weight type `ty` using the best ISA of this CPU, or
+/// The tile kernel for weight type `ty` using the active tier (`active_isa`), or
 /// `None` where only the plain dot exists.
 pub fn tile_kernel(ty: GgmlType) -> Option<TileFn> {
-    tile_kernel_for(ty, detected_isa())
+    tile_kernel_for(ty, crate::active_isa())
 }
 
 /// The tile kernel for `ty` restricted to `isa`. The set of types with a tile
