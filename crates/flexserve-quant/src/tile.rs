@@ -21,6 +21,8 @@ mod avx2;
 mod float_avx2;
 #[cfg(target_arch = "x86_64")]
 mod kquants_avx2;
+#[cfg(target_arch = "x86_64")]
+mod kquants_avx512;
 
 /// The float formats' GEMV kernels are their tile sweep over one token.
 #[cfg(target_arch = "x86_64")]
@@ -74,12 +76,18 @@ pub fn tile_kernel_for(ty: GgmlType, isa: Isa) -> Option<TileFn> {
     match isa.usable() {
         Isa::Portable => Some(portable),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => {
-            Some(avx2::tile(ty).or_else(|| kquants_avx2::tile(ty)).or_else(|| float_avx2::tile(ty)).unwrap_or(portable))
-        }
+        Isa::Avx2 => Some(avx2_tile(ty).unwrap_or(portable)),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Some(kquants_avx512::tile(ty).or_else(|| avx2_tile(ty)).unwrap_or(portable)),
         #[cfg(not(target_arch = "x86_64"))]
         _ => Some(portable),
     }
+}
+
+/// The AVX2 tile kernel of `ty`, if there is one.
+#[cfg(target_arch = "x86_64")]
+fn avx2_tile(ty: GgmlType) -> Option<TileFn> {
+    avx2::tile(ty).or_else(|| kquants_avx2::tile(ty)).or_else(|| float_avx2::tile(ty))
 }
 
 /// Panics with a clear message unless the slices hold the shape described.

@@ -5,12 +5,13 @@
 mod common;
 
 use common::*;
-use flexserve_quant::{detected_isa, tile_kernel, tile_kernel_for, GgmlType, Isa, Kernels, TileFn};
+use flexserve_quant::{detected_isa, kernels_for, tile_kernel, tile_kernel_for, GgmlType, Isa, Kernels, TileFn};
 use rand::Rng;
 
 const TILE_TYPES: [GgmlType; 10] = MATRIX_TYPES;
 const ROW_COUNTS: [usize; 8] = [1, 2, 3, 4, 5, 7, 8, 13];
-const TOK_COUNTS: [usize; 6] = [1, 2, 3, 4, 5, 9];
+/// Up to two whole micro-tiles of eight tokens (the AVX-512 Q4_K shape) and an edge.
+const TOK_COUNTS: [usize; 8] = [1, 2, 3, 4, 5, 8, 9, 17];
 /// One block, several blocks, and the real model's row length (for the
 /// 256-element K-quant blocks: one, two and three super-blocks; for the float
 /// types, lengths that leave a tail after the dot's 32-element steps).
@@ -91,6 +92,17 @@ impl Case {
     }
 }
 
+/// The SIMD tiers to test: AVX2 always (the portable kernel where the CPU
+/// lacks it), AVX-512 where the CPU has it.
+fn simd_tiers() -> Vec<Isa> {
+    [Isa::Avx2, Isa::Avx512].into_iter().filter(|&isa| isa == Isa::Avx2 || isa <= detected_isa()).collect()
+}
+
+/// The plain dot of `ty` at `isa`, which the tile of that tier must equal bit for bit.
+fn dot_for(ty: GgmlType, isa: Isa) -> flexserve_quant::DotFn {
+    kernels_for(ty, isa).expect("kernels exist").dot.expect("weight type has a dot")
+}
+
 fn tile_for(ty: GgmlType, isa: Isa) -> TileFn {
     tile_kernel_for(ty, isa).expect("tile kernel exists")
 }
@@ -132,13 +144,15 @@ fn tile_kernels_exist_for_the_matrix_formats_only() {
 
 #[test]
 fn simd_tiles_equal_the_simd_dot_bit_for_bit() {
-    for (i, ty) in TILE_TYPES.into_iter().enumerate() {
-        let dot = simd(ty).dot.expect("weight type has a dot");
-        for (j, n) in lengths(ty).into_iter().enumerate() {
-            let case = Case::new(ty, n, 13, 9, 3, (i * 10 + j) as u64);
-            for rows in ROW_COUNTS {
-                for toks in TOK_COUNTS {
-                    assert_matches_dot(&case, tile_for(ty, Isa::Avx2), dot, rows, toks, "avx2");
+    for isa in simd_tiers() {
+        for (i, ty) in TILE_TYPES.into_iter().enumerate() {
+            let dot = dot_for(ty, isa);
+            for (j, n) in lengths(ty).into_iter().enumerate() {
+                let case = Case::new(ty, n, 13, 17, 3, (i * 10 + j) as u64);
+                for rows in ROW_COUNTS {
+                    for toks in TOK_COUNTS {
+                        assert_matches_dot(&case, tile_for(ty, isa), dot, rows, toks, isa.name());
+                    }
                 }
             }
         }
@@ -163,16 +177,21 @@ fn simd_tiles_agree_with_portable_tiles() {
     if detected_isa() < Isa::Avx2 {
         eprintln!("no AVX2 on this CPU: both tiles are the portable one");
     }
-    for (i, ty) in TILE_TYPES.into_iter().enumerate() {
-        for (j, n) in lengths(ty).into_iter().enumerate() {
-            let case = Case::new(ty, n, 13, 9, 1, 200 + (i * 10 + j) as u64);
-            let (simd_out, stride) = case.run(tile_for(ty, Isa::Avx2), 13, 9);
-            let (portable_out, _) = case.run(tile_for(ty, Isa::Portable), 13, 9);
-            for r in 0..13 {
-                for t in 0..9 {
-                    let (x, y) = (simd_out[t * stride + r], portable_out[t * stride + r]);
-                    let tol = 1e-5 * case.magnitude(r, t) + f32::MIN_POSITIVE;
-                    assert!((x - y).abs() <= tol, "{ty} n={n} pair ({r},{t}): avx2 {x} vs portable {y}, tol {tol}");
+    for isa in simd_tiers() {
+        for (i, ty) in TILE_TYPES.into_iter().enumerate() {
+            for (j, n) in lengths(ty).into_iter().enumerate() {
+                let case = Case::new(ty, n, 13, 9, 1, 200 + (i * 10 + j) as u64);
+                let (simd_out, stride) = case.run(tile_for(ty, isa), 13, 9);
+                let (portable_out, _) = case.run(tile_for(ty, Isa::Portable), 13, 9);
+                for r in 0..13 {
+                    for t in 0..9 {
+                        let (x, y) = (simd_out[t * stride + r], portable_out[t * stride + r]);
+                        let tol = 1e-5 * case.magnitude(r, t) + f32::MIN_POSITIVE;
+                        assert!(
+                            (x - y).abs() <= tol,
+                            "{ty} n={n} pair ({r},{t}): {isa:?} {x} vs portable {y}, tol {tol}"
+                        );
+                    }
                 }
             }
         }
@@ -183,10 +202,11 @@ fn simd_tiles_agree_with_portable_tiles() {
 fn chunked_sweeps_cover_every_pair() {
     // Large row strides make the kernel split rows and tokens into many
     // cache chunks, with partial micro-tiles at every chunk edge.
-    for (i, ty) in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K].into_iter().enumerate() {
-        let dot = simd(ty).dot.expect("weight type has a dot");
-        let case = Case::new(ty, ty.block_size(), 13, 9, 30_000, 300 + i as u64);
-        assert_matches_dot(&case, tile_for(ty, Isa::Avx2), dot, 13, 9, "chunked");
+    for isa in simd_tiers() {
+        for (i, ty) in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K].into_iter().enumerate() {
+            let case = Case::new(ty, ty.block_size(), 13, 19, 30_000, 300 + i as u64);
+            assert_matches_dot(&case, tile_for(ty, isa), dot_for(ty, isa), 13, 19, "chunked");
+        }
     }
     // Float rows of 64-128 KiB: the float tile takes tokens three at a time
     // per chunk, so 11 tokens make four chunks, the last one short.
@@ -201,11 +221,12 @@ fn chunked_sweeps_cover_every_pair() {
 fn long_rows_match_the_dot() {
     // Rows of many super-blocks: a micro-tile's activation rows outgrow L1
     // and every pair's accumulators run over many blocks.
-    for (i, ty) in [GgmlType::Q4_K, GgmlType::Q6_K].into_iter().enumerate() {
-        let dot = simd(ty).dot.expect("weight type has a dot");
-        let case = Case::new(ty, 15 * ty.block_size(), 5, 11, 2, 350 + i as u64);
-        for (rows, toks) in [(5, 11), (4, 8), (1, 3)] {
-            assert_matches_dot(&case, tile_for(ty, Isa::Avx2), dot, rows, toks, "long rows");
+    for isa in simd_tiers() {
+        for (i, ty) in [GgmlType::Q4_K, GgmlType::Q6_K].into_iter().enumerate() {
+            let case = Case::new(ty, 15 * ty.block_size(), 5, 19, 2, 350 + i as u64);
+            for (rows, toks) in [(5, 19), (4, 16), (1, 3)] {
+                assert_matches_dot(&case, tile_for(ty, isa), dot_for(ty, isa), rows, toks, "long rows");
+            }
         }
     }
 }

@@ -160,7 +160,7 @@ unsafe fn pair<const T: usize, const L: u8>(
 /// AVX-512 F must be available.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn pin<const T: usize>(vectors: &mut [__m512i; T]) {
+pub(crate) unsafe fn pin<const T: usize>(vectors: &mut [__m512i; T]) {
     for v in vectors.iter_mut() {
         // SAFETY: an empty instruction template; the operand only tells the
         // compiler that `v` is read and written in a register here.

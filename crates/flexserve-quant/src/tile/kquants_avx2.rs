@@ -73,63 +73,129 @@ fn tile_wrapper<const F: u8>(
 /// As for `q4k_micro`, for all `rows` and `toks`.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn sweep<const F: u8>(s: Shape, w: *const u8, rows: usize, a: *const u8, toks: usize, out: *mut f32) {
-    let (tile_rows, tile_toks) = if F == Q4K { Q4K_TILE } else { Q6K_TILE };
-    let row_chunk = (ROW_CHUNK_BYTES / s.w_stride.max(1)).max(1).div_ceil(tile_rows) * tile_rows;
-    let tok_chunk = (TOK_CHUNK_BYTES / s.a_stride.max(1)).max(1).div_ceil(tile_toks) * tile_toks;
-    // The unpacked factors of every Q4_K block of the current row chunk:
-    // unpacked once per chunk of tokens instead of once per micro-tile.
-    let mut unpacked = if F == Q4K { vec![Q4kFactors::zero(); row_chunk.min(rows) * s.nb] } else { Vec::new() };
+    if F == Q4K {
+        q4k_sweep(s, w, rows, a, toks, out, Q4K_TILE, |rr, tt, w, a, out, factors| {
+            dispatch!(
+                rr,
+                tt,
+                q4k_micro(s, w, a, out, factors),
+                (2, 4),
+                (2, 3),
+                (2, 2),
+                (2, 1),
+                (1, 4),
+                (1, 3),
+                (1, 2),
+                (1, 1)
+            );
+        });
+    } else {
+        for_each_micro_tile(
+            rows,
+            toks,
+            Q6K_TILE,
+            chunks(&s, Q6K_TILE),
+            |_, _| {},
+            |r, rr, t, tt, _| {
+                let (w, a, out) = (w.add(r * s.w_stride), a.add(t * s.a_stride), out.add(t * s.out_stride + r));
+                dispatch!(
+                    rr,
+                    tt,
+                    q6k_micro(s, w, a, out),
+                    (1, 8),
+                    (1, 7),
+                    (1, 6),
+                    (1, 5),
+                    (1, 4),
+                    (1, 3),
+                    (1, 2),
+                    (1, 1)
+                );
+            },
+        );
+    }
+}
+
+/// Rows and tokens per cache chunk for micro-tiles of `tile` (rows, tokens):
+/// whole micro-tiles, about `ROW_CHUNK_BYTES` of weights and
+/// `TOK_CHUNK_BYTES` of activations.
+pub(super) fn chunks(s: &Shape, tile: (usize, usize)) -> (usize, usize) {
+    let row_chunk = (ROW_CHUNK_BYTES / s.w_stride.max(1)).max(1).div_ceil(tile.0) * tile.0;
+    let tok_chunk = (TOK_CHUNK_BYTES / s.a_stride.max(1)).max(1).div_ceil(tile.1) * tile.1;
+    (row_chunk, tok_chunk)
+}
+
+/// Walks `rows x toks` in chunks (`chunks`: rows, tokens): per chunk of tokens
+/// and chunk of rows `r0..r1`, `prepare(r0, r1)`, then `micro(r, rr, t, tt, r0)`
+/// for each micro-tile of `rr <= tile.0` rows from `r` by `tt <= tile.1` tokens
+/// from `t`. Every chunk of rows passes a chunk of tokens while its
+/// activations stay in L2.
+#[inline(always)]
+pub(super) fn for_each_micro_tile(
+    rows: usize,
+    toks: usize,
+    tile: (usize, usize),
+    (row_chunk, tok_chunk): (usize, usize),
+    mut prepare: impl FnMut(usize, usize),
+    mut micro: impl FnMut(usize, usize, usize, usize, usize),
+) {
     for t_chunk in (0..toks).step_by(tok_chunk) {
         let t_chunk_end = toks.min(t_chunk + tok_chunk);
         for r_chunk in (0..rows).step_by(row_chunk) {
             let r_chunk_end = rows.min(r_chunk + row_chunk);
-            if F == Q4K {
-                for (i, factors) in unpacked.chunks_exact_mut(s.nb).take(r_chunk_end - r_chunk).enumerate() {
-                    let row = w.add((r_chunk + i) * s.w_stride);
-                    for (b, f) in factors.iter_mut().enumerate() {
-                        *f = q4k_factors(row.add(b * q4k::BYTES));
-                    }
-                }
-            }
-            for t in (t_chunk..t_chunk_end).step_by(tile_toks) {
-                let tt = tile_toks.min(t_chunk_end - t);
-                for r in (r_chunk..r_chunk_end).step_by(tile_rows) {
-                    let rr = tile_rows.min(r_chunk_end - r);
-                    let (w, a, out) = (w.add(r * s.w_stride), a.add(t * s.a_stride), out.add(t * s.out_stride + r));
-                    if F == Q4K {
-                        let factors = unpacked.as_ptr().add((r - r_chunk) * s.nb);
-                        dispatch!(
-                            rr,
-                            tt,
-                            q4k_micro(s, w, a, out, factors),
-                            (2, 4),
-                            (2, 3),
-                            (2, 2),
-                            (2, 1),
-                            (1, 4),
-                            (1, 3),
-                            (1, 2),
-                            (1, 1)
-                        );
-                    } else {
-                        dispatch!(
-                            rr,
-                            tt,
-                            q6k_micro(s, w, a, out),
-                            (1, 8),
-                            (1, 7),
-                            (1, 6),
-                            (1, 5),
-                            (1, 4),
-                            (1, 3),
-                            (1, 2),
-                            (1, 1)
-                        );
-                    }
+            prepare(r_chunk, r_chunk_end);
+            for t in (t_chunk..t_chunk_end).step_by(tile.1) {
+                let tt = tile.1.min(t_chunk_end - t);
+                for r in (r_chunk..r_chunk_end).step_by(tile.0) {
+                    micro(r, tile.0.min(r_chunk_end - r), t, tt, r_chunk);
                 }
             }
         }
     }
+}
+
+/// The Q4_K sweep: the unpacked factors of every block of the current chunk
+/// of rows are made once per chunk of tokens (not once per micro-tile), and
+/// `micro(rr, tt, w, a, out, factors)` gets each micro-tile's first weight
+/// row, activation row, output and factors.
+///
+/// # Safety
+/// AVX2 and F16C must be available; `rows` weight rows and `toks` activation
+/// rows of `s.nb` super-blocks at their strides must be readable and the
+/// `rows x toks` outputs writable.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(super) unsafe fn q4k_sweep(
+    s: Shape,
+    w: *const u8,
+    rows: usize,
+    a: *const u8,
+    toks: usize,
+    out: *mut f32,
+    tile: (usize, usize),
+    mut micro: impl FnMut(usize, usize, *const u8, *const u8, *mut f32, *const Q4kFactors),
+) {
+    let chunks = chunks(&s, tile);
+    let mut unpacked = vec![Q4kFactors::zero(); chunks.0.min(rows) * s.nb];
+    let factors = unpacked.as_mut_ptr();
+    for_each_micro_tile(
+        rows,
+        toks,
+        tile,
+        chunks,
+        |r_chunk, r_chunk_end| {
+            for i in 0..r_chunk_end - r_chunk {
+                let row = w.add((r_chunk + i) * s.w_stride);
+                for b in 0..s.nb {
+                    *factors.add(i * s.nb + b) = q4k_factors(row.add(b * q4k::BYTES));
+                }
+            }
+        },
+        |r, rr, t, tt, r_chunk| {
+            let (w, a, out) = (w.add(r * s.w_stride), a.add(t * s.a_stride), out.add(t * s.out_stride + r));
+            micro(rr, tt, w, a, out, factors.add((r - r_chunk) * s.nb));
+        },
+    );
 }
 
 /// Calls the micro-tile kernel `$micro` instantiated for `$rr x $tt`, one of
@@ -142,16 +208,16 @@ macro_rules! dispatch {
         }
     };
 }
-use dispatch;
+pub(super) use dispatch;
 
 /// The row-side factors of one Q4_K block, unpacked.
 #[derive(Clone, Copy)]
-struct Q4kFactors {
+pub(super) struct Q4kFactors {
     /// The eight sub-block scales as i16, in both 128-bit lanes.
-    scales: __m256i,
+    pub(super) scales: __m256i,
     /// The eight sub-block mins as i16, in both 128-bit lanes.
     mins: __m256i,
-    d: f32,
+    pub(super) d: f32,
     neg_dmin: f32,
 }
 
@@ -186,7 +252,7 @@ fn widen(bytes: [u8; 8]) -> __m256i {
 /// # Safety
 /// AVX must be available and `p` must point to a readable Q8_K block.
 #[inline(always)]
-unsafe fn q8k_scale(p: *const u8) -> __m256 {
+pub(super) unsafe fn q8k_scale(p: *const u8) -> __m256 {
     _mm256_set1_ps(p.cast::<f32>().read_unaligned())
 }
 
@@ -218,30 +284,10 @@ unsafe fn q4k_micro<const R: usize, const T: usize>(
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     let mut acc_min = [[_mm256_setzero_ps(); PAIRS]; R];
     for b in 0..s.nb {
-        let mut ab = [a; T];
-        let mut d_a = [_mm256_setzero_ps(); T];
-        for t in 0..T {
-            ab[t] = a.add(t * s.a_stride + b * q8k::BYTES);
-            d_a[t] = q8k_scale(ab[t]);
-        }
-        // Tokens 2i and 2i + 1 (2i again past an odd end) side by side: their
-        // 16-element group sums added in pairs (one i16 per sub-block), and scales.
-        let mut pair_sums = [_mm256_setzero_si256(); PAIRS];
-        let mut d_a2 = [_mm256_setzero_ps(); PAIRS];
-        for i in 0..T.div_ceil(2) {
-            let (t0, t1) = (2 * i, (2 * i + 1).min(T - 1));
-            let sums = _mm256_hadd_epi16(load(ab[t0].add(q8k::BSUMS)), load(ab[t1].add(q8k::BSUMS)));
-            pair_sums[i] = _mm256_permute4x64_epi64::<0b11_01_10_00>(sums);
-            d_a2[i] = _mm256_permute2f128_ps::<0x20>(d_a[t0], d_a[t1]);
-        }
+        let tokens = q4k_tokens::<T, PAIRS>(&s, a, b);
+        let (ab, d_a) = (tokens.ab, tokens.d_a);
         for r in 0..R {
-            let f = &*factors.add(r * s.nb + b);
-            let neg_dmin = _mm256_set1_ps(f.neg_dmin);
-            for i in 0..T.div_ceil(2) {
-                // `-d_a * dmin` as the dot forms it: negation is exact, so the product is the same.
-                let min_sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(f.mins, pair_sums[i]));
-                acc_min[r][i] = _mm256_fmadd_ps(_mm256_mul_ps(d_a2[i], neg_dmin), min_sums, acc_min[r][i]);
-            }
+            q4k_add_mins(&*factors.add(r * s.nb + b), &tokens, &mut acc_min[r]);
         }
         let mut sumi = [[_mm256_setzero_si256(); T]; R];
         // The four 64-level chunks written out rather than looped: straight-line
@@ -277,6 +323,82 @@ unsafe fn q4k_micro<const R: usize, const T: usize>(
             }
         }
     }
+    q4k_store(&s, out, &acc, &acc_min);
+}
+
+/// The token side of one Q4_K super-block for `T` tokens.
+pub(super) struct Q4kTokens<const T: usize, const P: usize> {
+    /// Each token's activation block.
+    pub(super) ab: [*const u8; T],
+    /// Each token's block scale, in every lane.
+    pub(super) d_a: [__m256; T],
+    /// Tokens 2i and 2i + 1 (2i again past an odd end) side by side: their
+    /// 16-element group sums added in pairs (one i16 per sub-block) ...
+    pair_sums: [__m256i; P],
+    /// ... and their scales.
+    d_a2: [__m256; P],
+}
+
+/// The token side of super-block `b` of the `T` activation rows at `a`
+/// (`P` = `T` / 2 rounded up).
+///
+/// # Safety
+/// AVX2 must be available and block `b` of the `T` rows readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q4k_tokens<const T: usize, const P: usize>(s: &Shape, a: *const u8, b: usize) -> Q4kTokens<T, P> {
+    let mut tokens = Q4kTokens {
+        ab: [a; T],
+        d_a: [_mm256_setzero_ps(); T],
+        pair_sums: [_mm256_setzero_si256(); P],
+        d_a2: [_mm256_setzero_ps(); P],
+    };
+    for t in 0..T {
+        tokens.ab[t] = a.add(t * s.a_stride + b * q8k::BYTES);
+        tokens.d_a[t] = q8k_scale(tokens.ab[t]);
+    }
+    for i in 0..T.div_ceil(2) {
+        let (t0, t1) = (2 * i, (2 * i + 1).min(T - 1));
+        let sums = _mm256_hadd_epi16(load(tokens.ab[t0].add(q8k::BSUMS)), load(tokens.ab[t1].add(q8k::BSUMS)));
+        tokens.pair_sums[i] = _mm256_permute4x64_epi64::<0b11_01_10_00>(sums);
+        tokens.d_a2[i] = _mm256_permute2f128_ps::<0x20>(tokens.d_a[t0], tokens.d_a[t1]);
+    }
+    tokens
+}
+
+/// Adds one weight block's minimum terms (factors `f`) for every token pair to `acc_min`.
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q4k_add_mins<const T: usize, const P: usize>(
+    f: &Q4kFactors,
+    tokens: &Q4kTokens<T, P>,
+    acc_min: &mut [__m256; P],
+) {
+    let neg_dmin = _mm256_set1_ps(f.neg_dmin);
+    let pairs = T.div_ceil(2);
+    for ((acc, sums), d_a2) in acc_min.iter_mut().zip(&tokens.pair_sums).zip(&tokens.d_a2).take(pairs) {
+        // `-d_a * dmin` as the dot forms it: negation is exact, so the product is the same.
+        let min_sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(f.mins, *sums));
+        *acc = _mm256_fmadd_ps(_mm256_mul_ps(*d_a2, neg_dmin), min_sums, *acc);
+    }
+}
+
+/// Writes the `R x T` results token-major: each pair's accumulator reduced,
+/// plus its half of the token pair's minimum terms, as the dot adds them.
+///
+/// # Safety
+/// AVX must be available and the `R x T` outputs writable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q4k_store<const R: usize, const T: usize, const P: usize>(
+    s: &Shape,
+    out: *mut f32,
+    acc: &[[__m256; T]; R],
+    acc_min: &[[__m256; P]; R],
+) {
     for r in 0..R {
         for t in 0..T {
             let pair = acc_min[r][t / 2];
