@@ -90,6 +90,32 @@ fn avx2_tile(ty: GgmlType) -> Option<TileFn> {
     avx2::tile(ty).or_else(|| kquants_avx2::tile(ty)).or_else(|| float_avx2::tile(ty))
 }
 
+/// `check_tile`, then the tile's geometry in blocks of `ty`; `None` when there
+/// is nothing to compute.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn tile_shape(
+    ty: GgmlType,
+    vec_dot_type: GgmlType,
+    n: usize,
+    w: &[u8],
+    w_row_bytes: usize,
+    rows: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    toks: usize,
+    out: &[f32],
+    out_stride: usize,
+) -> Option<Shape> {
+    check_tile(ty, vec_dot_type, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride);
+    (rows > 0 && toks > 0).then(|| Shape {
+        nb: n / ty.block_size(),
+        w_stride: w_row_bytes,
+        a_stride: a_row_bytes,
+        out_stride,
+    })
+}
+
 /// Panics with a clear message unless the slices hold the shape described.
 /// Returns the weight and activation row sizes in bytes.
 #[allow(clippy::too_many_arguments)]

@@ -11,9 +11,9 @@
 //! factors, the same FMAs and the same final reductions as the plain AVX2
 //! dot, so results are bit-identical to it.
 
-use super::{check_tile, Shape, TileFn};
+use super::{tile_shape, Shape, TileFn};
 use crate::kquants::avx2::{f16_at, hsum_128, hsum_256, load};
-use crate::kquants::{q4k, q6k, q8k, unpack_scales_mins, QK_K};
+use crate::kquants::{q4k, q6k, q8k, unpack_scales_mins};
 use crate::legacy::avx2::pin;
 use crate::GgmlType;
 use std::arch::x86_64::*;
@@ -54,11 +54,10 @@ fn tile_wrapper<const F: u8>(
     out_stride: usize,
 ) {
     let ty = if F == Q4K { GgmlType::Q4_K } else { GgmlType::Q6_K };
-    check_tile(ty, GgmlType::Q8_K, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride);
-    if rows == 0 || toks == 0 {
+    let Some(shape) = tile_shape(ty, GgmlType::Q8_K, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride)
+    else {
         return;
-    }
-    let shape = Shape { nb: n / QK_K, w_stride: w_row_bytes, a_stride: a_row_bytes, out_stride };
+    };
     // SAFETY: the wrapper is only handed out after the CPU was found to
     // support AVX2, FMA and F16C; `check_tile` verified that `rows` weight rows
     // and `toks` activation rows of `nb` super-blocks each, and `toks` output

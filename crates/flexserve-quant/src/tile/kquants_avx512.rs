@@ -32,9 +32,9 @@
 use super::kquants_avx2::{
     chunks, dispatch, for_each_micro_tile, q4k_add_mins, q4k_store, q4k_sweep, q4k_tokens, q8k_scale, Q4kFactors,
 };
-use super::{check_tile, Shape, TileFn};
+use super::{tile_shape, Shape, TileFn};
 use crate::kquants::avx2::{f16_at, hsum_256};
-use crate::kquants::{q4k, q6k, q8k, QK_K};
+use crate::kquants::{q4k, q6k, q8k};
 use crate::repack::avx512::pin;
 use crate::GgmlType;
 use std::arch::x86_64::*;
@@ -69,11 +69,10 @@ fn tile_wrapper<const F: u8>(
     out_stride: usize,
 ) {
     let ty = if F == Q4K { GgmlType::Q4_K } else { GgmlType::Q6_K };
-    check_tile(ty, GgmlType::Q8_K, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride);
-    if rows == 0 || toks == 0 {
+    let Some(shape) = tile_shape(ty, GgmlType::Q8_K, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride)
+    else {
         return;
-    }
-    let shape = Shape { nb: n / QK_K, w_stride: w_row_bytes, a_stride: a_row_bytes, out_stride };
+    };
     // SAFETY: the kernel is only handed out after the CPU was found to support
     // AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI; `check_tile` verified that
     // `rows` weight rows and `toks` activation rows of `nb` super-blocks each,
