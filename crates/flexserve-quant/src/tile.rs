@@ -11,9 +11,9 @@
 //! tokens. Callers get the best throughput with `rows` a multiple of 4.
 //!
 //! Every pair goes through exactly the same per-block arithmetic as the plain
-//! AVX2 `dot` (same integer sums, same scale products, same FMA order, same
-//! final reduction), so the results are bit-identical to it; the portable
-//! variants loop the portable `dot`.
+//! `dot` of its tier (same integer sums, same scale products, same FMA order,
+//! same final reduction), so the results are bit-identical to it; the
+//! portable variants loop the portable `dot`.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;

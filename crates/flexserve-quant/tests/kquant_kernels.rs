@@ -463,6 +463,31 @@ fn avx2_dot_agrees_with_portable() {
     }
 }
 
+/// Q4_K: every tier's dot computes the exact integer block sums and then the
+/// portable formula, so results are equal bit for bit (the tile and GEMV
+/// kernels are tested against the dot of their tier).
+#[test]
+fn q4k_dots_of_every_tier_equal_the_portable_dot() {
+    let mut r = rng(8);
+    let ty = GgmlType::Q4_K;
+    let p = portable(ty);
+    for blocks in [1usize, 2, 3, 7, 16] {
+        let n = blocks * QK_K;
+        let q8 = portable(GgmlType::Q8_K);
+        let cases = [
+            (quantize(&p, &normal_row(&mut r, n, 0.02)), quantize(&q8, &mixed_row(&mut r, blocks))),
+            (random_weight_blocks(&mut r, ty, blocks), random_q8k_blocks(&mut r, blocks)),
+        ];
+        for (w, a) in cases {
+            let want = (p.dot.unwrap())(n, &w, &a);
+            for isa in flexserve_quant::usable_isas() {
+                let got = (kernels_for(ty, isa).unwrap().dot.unwrap())(n, &w, &a);
+                assert_eq!(got.to_bits(), want.to_bits(), "{isa:?} blocks={blocks}: {got} vs {want}");
+            }
+        }
+    }
+}
+
 #[test]
 fn avx2_quantize_and_dequantize_are_bit_identical() {
     let mut r = rng(7);

@@ -11,17 +11,19 @@
 //! register, instead of scalar bit fiddling per row; each sub-block scale is
 //! then broadcast with one shuffle.
 //!
-//! Each row keeps its own i32 super-block sum with lane values equal to the
-//! plain AVX2 dot's (integer addition is exact, so only the per-lane products
-//! matter, not the order they are added in), and its own f32 accumulators
-//! updated with the same FMAs in the same block order and reduced the same
-//! way, so results are bit-identical to the plain dot.
+//! Q6_K: each row keeps its own i32 super-block sum with lane values equal to
+//! the plain AVX2 dot's (integer addition is exact, so only the per-lane
+//! products matter, not the order they are added in), and its own f32
+//! accumulators updated with the same FMAs in the same block order and
+//! reduced the same way. Q4_K: the rows' exact block sums go side by side
+//! into one vector and take the plain dot's scalar formula lane by lane.
+//! Either way results are bit-identical to the plain dot.
 //!
 //! Decoding streams the weights from memory; see `prefetch_next_pass` for how
 //! the kernels keep the memory busy.
 
 use super::{in_groups_of_four, GemvFn};
-use crate::kquants::avx2::{hsum_128, hsum_256, load};
+use crate::kquants::avx2::{hsum_256, load};
 use crate::kquants::{q4k, q6k, q8k};
 use crate::GgmlType;
 use std::arch::x86_64::*;
@@ -184,10 +186,10 @@ unsafe fn unpack_scales_mins_x2(heads: __m256i) -> __m256i {
 /// `R` (at most 4) Q4_K rows at `w`, `stride` bytes apart, against the Q8_K
 /// row at `a`.
 ///
-/// Per block and row the plain dot computes
-/// `sumi = sum_c scale_2c * pairs(lo_c * a_2c) + scale_2c+1 * pairs(hi_c * a_2c+1)`
-/// (i16 pair sums widened by `madd`), `acc += (d_a * d) * sumi` and
-/// `acc_min += (-d_a * dmin) * mins . pair_sums(bsums)`; so does this.
+/// Per block and row the plain dot computes the exact integer sums `isum`
+/// (levels times activations, scaled per sub-block) and `msum` (mins times
+/// the sub-blocks' activation sums), then `sum += (d_a * d) * isum - (d_a *
+/// dmin) * msum`; so does this, four rows to a vector for the float part.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `R` weight rows and one activation
@@ -196,15 +198,13 @@ unsafe fn unpack_scales_mins_x2(heads: __m256i) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4k_rows<const R: usize>(nb: usize, w: *const u8, stride: usize, a: *const u8, out: *mut f32) {
     let nibble = _mm256_set1_epi8(0x0F);
-    let mut acc = [_mm256_setzero_ps(); R];
+    // One lane per row: the portable dot's running sum.
+    let mut acc = _mm_setzero_ps();
     // Where the next pass starts, and its share of each block (see
     // `prefetch_next_pass`). Only hint addresses: wrapping arithmetic keeps
     // an absurd stride (valid for a single row) from overflowing.
     let next_pass = w.wrapping_add(ROWS.wrapping_mul(stride));
     let per_block = ROWS.wrapping_mul(stride) / nb.max(1);
-    // Rows 2p and 2p + 1 keep their four minimum-term lanes side by side in
-    // `acc_min[p]` (lanes 0-3 and 4-7): the same lane-wise FMAs, half the instructions.
-    let mut acc_min = [_mm256_setzero_ps(); 2];
     for b in 0..nb {
         let ab = a.add(b * q8k::BYTES);
         let wb: [*const u8; R] = std::array::from_fn(|r| w.add(r * stride + b * q4k::BYTES));
@@ -229,28 +229,26 @@ unsafe fn q4k_rows<const R: usize>(nb: usize, w: *const u8, stride: usize, a: *c
         let pair_sums = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256::<1>(bsums));
         let pair_sums = _mm256_broadcastsi128_si256(pair_sums);
 
-        // Each row's eight scale bytes in the low half of both lanes.
+        // Each row's eight scale bytes in the low half of both lanes; per
+        // pair of rows the minimum products, row 2p in the low lane.
         let mut scales = [_mm256_setzero_si256(); R];
+        let mut min_products = [_mm256_setzero_si256(); 2];
         for p in 0..R.div_ceil(2) {
             let unpacked = unpack_scales_mins_x2(heads[p]);
             scales[2 * p] = _mm256_permute4x64_epi64::<0b00_00_00_00>(unpacked);
             if 2 * p + 1 < R {
                 scales[2 * p + 1] = _mm256_permute4x64_epi64::<0b10_10_10_10>(unpacked);
             }
-            // The mins of both rows as i16, row 2p in the low lane.
             let mins_as_i16 =
                 _mm_setr_epi8(8, ZERO, 9, ZERO, 10, ZERO, 11, ZERO, 12, ZERO, 13, ZERO, 14, ZERO, 15, ZERO);
             let pair_mins = _mm256_shuffle_epi8(unpacked, _mm256_broadcastsi128_si256(mins_as_i16));
-            let products = _mm256_cvtepi32_ps(_mm256_madd_epi16(pair_mins, pair_sums));
-            let (lo, hi) = (4 + 2 * p as i32, 5 + 2 * p as i32);
-            let factor = _mm256_permutevar8x32_ps(factors, _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi));
-            acc_min[p] = _mm256_fmadd_ps(factor, products, acc_min[p]);
+            min_products[p] = _mm256_madd_epi16(pair_mins, pair_sums);
         }
 
         let q8 = ab.add(q8k::QS);
         let act: [__m256i; 8] = std::array::from_fn(|j| load(q8.add(32 * j)));
-        let mut sumi = [_mm256_setzero_si256(); R];
-        for (r, sumi_r) in sumi.iter_mut().enumerate() {
+        let mut sumi = [_mm256_setzero_si256(); 4];
+        for (r, sumi_r) in sumi.iter_mut().enumerate().take(R) {
             for c in 0..4 {
                 let bits = load(wb[r].add(q4k::QS + 32 * c));
                 let lo = _mm256_and_si256(bits, nibble);
@@ -262,15 +260,22 @@ unsafe fn q4k_rows<const R: usize>(nb: usize, w: *const u8, stride: usize, a: *c
                 *sumi_r = _mm256_add_epi32(*sumi_r, _mm256_add_epi32(p_lo, p_hi));
             }
         }
-        for r in 0..R {
-            let d = _mm256_permutevar8x32_ps(factors, _mm256_set1_epi32(r as i32));
-            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[r]), acc[r]);
-        }
+        // The rows' exact block sums side by side, then the portable dot's
+        // `sum += (d_a * d) * isum - (d_a * dmin) * msum` for four rows at once.
+        let isums = _mm256_hadd_epi32(_mm256_hadd_epi32(sumi[0], sumi[1]), _mm256_hadd_epi32(sumi[2], sumi[3]));
+        let isums = _mm_add_epi32(_mm256_castsi256_si128(isums), _mm256_extracti128_si256::<1>(isums));
+        // Lanes 0-3 of the low half: rows 0 and 2 (pairs of partial sums); of the high half: rows 1 and 3.
+        let msums = _mm256_hadd_epi32(min_products[0], min_products[1]);
+        let msums = _mm256_hadd_epi32(msums, msums);
+        let msums = _mm_unpacklo_epi32(_mm256_castsi256_si128(msums), _mm256_extracti128_si256::<1>(msums));
+        let level_terms = _mm_mul_ps(_mm256_castps256_ps128(factors), _mm_cvtepi32_ps(isums));
+        let min_terms = _mm_mul_ps(_mm256_extractf128_ps::<1>(factors), _mm_cvtepi32_ps(msums));
+        acc = _mm_add_ps(acc, _mm_add_ps(level_terms, min_terms));
     }
-    for r in 0..R {
-        let pair = acc_min[r / 2];
-        let mins = if r % 2 == 0 { _mm256_castps256_ps128(pair) } else { _mm256_extractf128_ps::<1>(pair) };
-        *out.add(r) = hsum_256(acc[r]) + hsum_128(mins);
+    let mut sums = [0f32; 4];
+    _mm_storeu_ps(sums.as_mut_ptr(), acc);
+    for (r, &sum) in sums.iter().enumerate().take(R) {
+        *out.add(r) = sum;
     }
 }
 

@@ -78,6 +78,28 @@ pub(crate) unsafe fn hsum_256(v: __m256) -> f32 {
     hsum_128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)))
 }
 
+/// The sum of the eight i32 lanes of `v` (exact while it fits, as every
+/// Q4_K block sum does).
+///
+/// # Safety
+/// AVX2 must be available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn hsum_i32_256(v: __m256i) -> i32 {
+    hsum_i32_128(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)))
+}
+
+/// The sum of the four i32 lanes of `v`.
+///
+/// # Safety
+/// AVX2 must be available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn hsum_i32_128(v: __m128i) -> i32 {
+    let v = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
+    _mm_cvtsi128_si32(_mm_add_epi32(v, _mm_shuffle_epi32::<0b01>(v)))
+}
+
 /// `mins[j] * (bsums[2j] + bsums[2j + 1])` folded into four i32 lanes.
 ///
 /// # Safety
@@ -91,22 +113,21 @@ pub(crate) unsafe fn min_products(mins: &[u8; 8], a_block: &[u8]) -> __m128i {
     _mm_madd_epi16(mins16, pair_sums)
 }
 
+/// Per block: the exact integer sums of the portable dot (`isum` over the
+/// levels, `msum` over the minimum terms), then its scalar formula, so the
+/// result is bit-identical to the portable dot. The tile and GEMV kernels of
+/// every tier compute the same.
+///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `w` and `a` must hold `nb` whole
 /// Q4_K and Q8_K blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4k(nb: usize, w: &[u8], a: &[u8]) -> f32 {
     let nibble = _mm256_set1_epi8(0x0F);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_min = _mm_setzero_ps();
+    let mut sum = 0.0f32;
     for (wb, ab) in w.chunks_exact(q4k::BYTES).zip(a.chunks_exact(q8k::BYTES)).take(nb) {
-        let d_a = q8k::block_scale(ab);
-        let d = d_a * f16_at(wb, 0);
-        let neg_dmin = -d_a * f16_at(wb, 2);
         let (scales, mins) = unpack_scales_mins(&wb[q4k::SCALES..q4k::QS]);
-        let mins_i32 = _mm_cvtepi32_ps(min_products(&mins, ab));
-        acc_min = _mm_fmadd_ps(_mm_set1_ps(neg_dmin), mins_i32, acc_min);
-
+        let msum = hsum_i32_128(min_products(&mins, ab));
         let qs = wb.as_ptr().add(q4k::QS);
         let q8 = ab.as_ptr().add(q8k::QS);
         let mut sumi = _mm256_setzero_si256();
@@ -120,9 +141,11 @@ unsafe fn dot_q4k(nb: usize, w: &[u8], a: &[u8]) -> f32 {
             let p_hi = _mm256_madd_epi16(_mm256_set1_epi16(scales[2 * c + 1] as i16), p_hi);
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p_lo, p_hi));
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        let isum = hsum_i32_256(sumi);
+        let d_a = q8k::block_scale(ab);
+        sum += d_a * f16_at(wb, 0) * isum as f32 - d_a * f16_at(wb, 2) * msum as f32;
     }
-    hsum_256(acc) + hsum_128(acc_min)
+    sum
 }
 
 /// # Safety

@@ -5,14 +5,23 @@
 //! with the activation quants of every token of the micro-tile, accumulating
 //! `R x T` i32 sums in registers. Q4_K's packed 6-bit scales and mins are
 //! unpacked once per chunk of tokens (not per micro-tile), and the minimum
-//! terms of two tokens share one vector. Each (row, token) pair keeps its own
-//! i32 super-block sum and f32 accumulators, built with the same integer
-//! products (lane for lane), the same `d_a * d_w` (and `-d_a * dmin_w`)
-//! factors, the same FMAs and the same final reductions as the plain AVX2
+//! products of two tokens share one vector.
+//!
+//! Q4_K: per block, the eight (row, token) pairs' i32 sums are reduced
+//! together into one vector of exact block sums (and so are the minimum
+//! terms), which then takes the portable dot's formula `sum += (d_a * d) *
+//! isum - (d_a * dmin) * msum` lane by lane: four multiplications and two
+//! additions for eight pairs, instead of a conversion, a product and an FMA on
+//! eight lanes per pair. Every tier's Q4_K dot computes the same, so results
+//! are bit-identical to it (and to the portable dot).
+//!
+//! Q6_K: each (row, token) pair keeps its own i32 super-block sum and f32
+//! accumulators, built with the same integer products (lane for lane), the
+//! same factors, the same FMAs and the same final reduction as the plain AVX2
 //! dot, so results are bit-identical to it.
 
 use super::{tile_shape, Shape, TileFn};
-use crate::kquants::avx2::{f16_at, hsum_128, hsum_256, load};
+use crate::kquants::avx2::{f16_at, hsum_256, load};
 use crate::kquants::{q4k, q6k, q8k, unpack_scales_mins};
 use crate::legacy::avx2::pin;
 use crate::GgmlType;
@@ -280,24 +289,21 @@ unsafe fn q4k_micro<const R: usize, const T: usize>(
 ) {
     const PAIRS: usize = Q4K_TILE.1.div_ceil(2);
     let nibble = _mm256_set1_epi8(0x0F);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let mut acc_min = [[_mm256_setzero_ps(); PAIRS]; R];
+    // The portable dot's running sum of every pair, lane `4 r + t`.
+    let mut acc = _mm256_setzero_ps();
     for b in 0..s.nb {
         let tokens = q4k_tokens::<T, PAIRS>(&s, a, b);
-        let (ab, d_a) = (tokens.ab, tokens.d_a);
-        for r in 0..R {
-            q4k_add_mins(&*factors.add(r * s.nb + b), &tokens, &mut acc_min[r]);
-        }
-        let mut sumi = [[_mm256_setzero_si256(); T]; R];
+        let ab = tokens.ab;
+        let f: [&Q4kFactors; R] = std::array::from_fn(|r| &*factors.add(r * s.nb + b));
+        let mut sumi = [[_mm256_setzero_si256(); 4]; 2];
         // The four 64-level chunks written out rather than looped: straight-line
         // code runs at the same speed wherever the linker happens to place it.
         macro_rules! chunk {
             ($c:literal) => {
                 for r in 0..R {
-                    let f = &*factors.add(r * s.nb + b);
                     // Scales 2c and 2c + 1 in every i16 lane.
-                    let s_lo = _mm256_shuffle_epi8(f.scales, _mm256_set1_epi16(0x0100 + 0x0404 * $c));
-                    let s_hi = _mm256_shuffle_epi8(f.scales, _mm256_set1_epi16(0x0302 + 0x0404 * $c));
+                    let s_lo = _mm256_shuffle_epi8(f[r].scales, _mm256_set1_epi16(0x0100 + 0x0404 * $c));
+                    let s_hi = _mm256_shuffle_epi8(f[r].scales, _mm256_set1_epi16(0x0302 + 0x0404 * $c));
                     let bits = load(w.add(r * s.w_stride + b * q4k::BYTES + q4k::QS + 32 * $c));
                     let lo = _mm256_and_si256(bits, nibble);
                     let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), nibble);
@@ -315,27 +321,20 @@ unsafe fn q4k_micro<const R: usize, const T: usize>(
         chunk!(1);
         chunk!(2);
         chunk!(3);
-        for r in 0..R {
-            let d_w = _mm256_set1_ps((*factors.add(r * s.nb + b)).d);
-            for t in 0..T {
-                acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(d_a[t], d_w), _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
-            }
-        }
+        acc = q4k_block_step(acc, &sumi, &q4k_min_products(&f, &tokens, 0), &f, tokens.d_a[0]);
     }
-    q4k_store(&s, out, &acc, &acc_min);
+    q4k_store::<R, T>(&s, out, acc, 0);
 }
 
 /// The token side of one Q4_K super-block for `T` tokens.
 pub(super) struct Q4kTokens<const T: usize, const P: usize> {
     /// Each token's activation block.
     pub(super) ab: [*const u8; T],
-    /// Each token's block scale, in every lane.
-    pub(super) d_a: [__m256; T],
+    /// The block scales of tokens 4g..4g + 4 in `d_a[g]` (zero past `T`).
+    pub(super) d_a: [__m128; 2],
     /// Tokens 2i and 2i + 1 (2i again past an odd end) side by side: their
-    /// 16-element group sums added in pairs (one i16 per sub-block) ...
+    /// 16-element group sums added in pairs (one i16 per sub-block).
     pair_sums: [__m256i; P],
-    /// ... and their scales.
-    d_a2: [__m256; P],
 }
 
 /// The token side of super-block `b` of the `T` activation rows at `a`
@@ -343,66 +342,117 @@ pub(super) struct Q4kTokens<const T: usize, const P: usize> {
 ///
 /// # Safety
 /// AVX2 must be available and block `b` of the `T` rows readable.
+// The loops walk the per-token arrays in step.
+#[allow(clippy::needless_range_loop)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn q4k_tokens<const T: usize, const P: usize>(s: &Shape, a: *const u8, b: usize) -> Q4kTokens<T, P> {
-    let mut tokens = Q4kTokens {
-        ab: [a; T],
-        d_a: [_mm256_setzero_ps(); T],
-        pair_sums: [_mm256_setzero_si256(); P],
-        d_a2: [_mm256_setzero_ps(); P],
-    };
+    let mut tokens = Q4kTokens { ab: [a; T], d_a: [_mm_setzero_ps(); 2], pair_sums: [_mm256_setzero_si256(); P] };
+    let mut scale = [0f32; 8];
     for t in 0..T {
         tokens.ab[t] = a.add(t * s.a_stride + b * q8k::BYTES);
-        tokens.d_a[t] = q8k_scale(tokens.ab[t]);
+        scale[t] = tokens.ab[t].cast::<f32>().read_unaligned();
+    }
+    // Built in registers (a vector load of the scalars just stored would
+    // stall on store forwarding).
+    tokens.d_a[0] = _mm_setr_ps(scale[0], scale[1], scale[2], scale[3]);
+    if T > 4 {
+        tokens.d_a[1] = _mm_setr_ps(scale[4], scale[5], scale[6], scale[7]);
     }
     for i in 0..T.div_ceil(2) {
         let (t0, t1) = (2 * i, (2 * i + 1).min(T - 1));
         let sums = _mm256_hadd_epi16(load(tokens.ab[t0].add(q8k::BSUMS)), load(tokens.ab[t1].add(q8k::BSUMS)));
         tokens.pair_sums[i] = _mm256_permute4x64_epi64::<0b11_01_10_00>(sums);
-        tokens.d_a2[i] = _mm256_permute2f128_ps::<0x20>(tokens.d_a[t0], tokens.d_a[t1]);
     }
     tokens
 }
 
-/// Adds one weight block's minimum terms (factors `f`) for every token pair to `acc_min`.
+/// The minimum products of up to two rows (`f`) and the four tokens from
+/// `2 * first_pair`: `[r][i]` holds, for tokens `2 (first_pair + i)` and the
+/// next (low and high half), the four i32 partial sums of `mins[j] *
+/// (sub-block j's activation sum)`; zero past the rows and tokens given.
 ///
 /// # Safety
-/// AVX2 and FMA must be available.
+/// AVX2 must be available.
+#[allow(clippy::needless_range_loop)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn q4k_add_mins<const T: usize, const P: usize>(
-    f: &Q4kFactors,
+pub(super) unsafe fn q4k_min_products<const R: usize, const T: usize, const P: usize>(
+    f: &[&Q4kFactors; R],
     tokens: &Q4kTokens<T, P>,
-    acc_min: &mut [__m256; P],
-) {
-    let neg_dmin = _mm256_set1_ps(f.neg_dmin);
-    let pairs = T.div_ceil(2);
-    for ((acc, sums), d_a2) in acc_min.iter_mut().zip(&tokens.pair_sums).zip(&tokens.d_a2).take(pairs) {
-        // `-d_a * dmin` as the dot forms it: negation is exact, so the product is the same.
-        let min_sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(f.mins, *sums));
-        *acc = _mm256_fmadd_ps(_mm256_mul_ps(*d_a2, neg_dmin), min_sums, *acc);
+    first_pair: usize,
+) -> [[__m256i; 2]; 2] {
+    let mut products = [[_mm256_setzero_si256(); 2]; 2];
+    let pairs = T.div_ceil(2).saturating_sub(first_pair).min(2);
+    for r in 0..R {
+        for i in 0..pairs {
+            products[r][i] = _mm256_madd_epi16(f[r].mins, tokens.pair_sums[first_pair + i]);
+        }
     }
+    products
 }
 
-/// Writes the `R x T` results token-major: each pair's accumulator reduced,
-/// plus its half of the token pair's minimum terms, as the dot adds them.
+/// One block of the portable dot for up to two rows by four tokens, lane
+/// `4 r + t`: `acc + ((d_a * d) * isum - (d_a * dmin) * msum)` (`d_a`: the
+/// four tokens' scales), where
+/// `isum` is the exact sum of the eight lanes of `sumi[r][t]` and `msum`
+/// that of the minimum products' lanes for the pair (`q4k_min_products`).
+/// The integer sums are reduced for all eight pairs together, so the float
+/// work is four multiplications and two additions for eight pairs. Lanes past
+/// the rows and tokens given hold nothing of use.
 ///
 /// # Safety
-/// AVX must be available and the `R x T` outputs writable.
+/// AVX2 must be available.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn q4k_store<const R: usize, const T: usize, const P: usize>(
+pub(super) unsafe fn q4k_block_step<const R: usize>(
+    acc: __m256,
+    sumi: &[[__m256i; 4]; 2],
+    mins: &[[__m256i; 2]; 2],
+    f: &[&Q4kFactors; R],
+    d_a: __m128,
+) -> __m256 {
+    let h = |x, y| _mm256_hadd_epi32(x, y);
+    // Per row: the four tokens' sums over the low 128-bit halves, then over the high ones.
+    let g0 = h(h(sumi[0][0], sumi[0][1]), h(sumi[0][2], sumi[0][3]));
+    let g1 = h(h(sumi[1][0], sumi[1][1]), h(sumi[1][2], sumi[1][3]));
+    let isums = _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(g0, g1), _mm256_permute2x128_si256::<0x31>(g0, g1));
+    // Lanes: row 0 tokens 0, 2, row 1 tokens 0, 2 | row 0 tokens 1, 3, row 1 tokens 1, 3.
+    let m = h(h(mins[0][0], mins[0][1]), h(mins[1][0], mins[1][1]));
+    let msums = _mm256_permutevar8x32_epi32(m, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let row_pair = |x: f32, y: f32| _mm256_set_m128(_mm_set1_ps(y), _mm_set1_ps(x));
+    let (d, neg_dmin) = if R == 2 {
+        (row_pair(f[0].d, f[1].d), row_pair(f[0].neg_dmin, f[1].neg_dmin))
+    } else {
+        (row_pair(f[0].d, 0.0), row_pair(f[0].neg_dmin, 0.0))
+    };
+    let d_a = _mm256_set_m128(d_a, d_a);
+    let level_factor = _mm256_mul_ps(d_a, d);
+    // `-(d_a * dmin)`: negation is exact, so adding it subtracts the portable product.
+    let min_factor = _mm256_mul_ps(d_a, neg_dmin);
+    let level_terms = _mm256_mul_ps(level_factor, _mm256_cvtepi32_ps(isums));
+    let min_terms = _mm256_mul_ps(min_factor, _mm256_cvtepi32_ps(msums));
+    _mm256_add_ps(acc, _mm256_add_ps(level_terms, min_terms))
+}
+
+/// Writes the results of `R` rows and the `T` tokens from `first_token`
+/// (at most four) from `acc` (lane `4 r + t`), token-major.
+///
+/// # Safety
+/// AVX must be available and the outputs writable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q4k_store<const R: usize, const T: usize>(
     s: &Shape,
     out: *mut f32,
-    acc: &[[__m256; T]; R],
-    acc_min: &[[__m256; P]; R],
+    acc: __m256,
+    first_token: usize,
 ) {
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
     for r in 0..R {
-        for t in 0..T {
-            let pair = acc_min[r][t / 2];
-            let min = if t % 2 == 0 { _mm256_castps256_ps128(pair) } else { _mm256_extractf128_ps::<1>(pair) };
-            *out.add(t * s.out_stride + r) = hsum_256(acc[r][t]) + hsum_128(min);
+        for t in first_token..T.min(first_token + 4) {
+            *out.add(t * s.out_stride + r) = lanes[4 * r + t - first_token];
         }
     }
 }

@@ -14,9 +14,9 @@
 //! Lane `j` of the lower half then holds what lane `j` of the AVX2 kernel
 //! sums for the low nibbles, and lane `8 + j` what it sums for the high
 //! nibbles; integer sums are exact in any order, so folding the halves gives
-//! the AVX2 kernel's eight lane sums. The float side (scale products, FMAs,
-//! minimum terms, final reduction) is the AVX2 kernel's, so results are
-//! bit-identical to the AVX2 dot.
+//! the AVX2 kernel's eight lanes, and the AVX2 kernel's block step follows
+//! (exact block sums, then the portable dot's formula for eight pairs at
+//! once): results are bit-identical to the dot of every tier.
 //!
 //! Q6_K: the 64 low-nibble bytes of a half block give 64 levels' low bits
 //! twice (low nibbles, then high nibbles), and its 32 high-bit bytes, copied
@@ -30,7 +30,8 @@
 //! results.
 
 use super::kquants_avx2::{
-    chunks, dispatch, for_each_micro_tile, q4k_add_mins, q4k_store, q4k_sweep, q4k_tokens, q8k_scale, Q4kFactors,
+    chunks, dispatch, for_each_micro_tile, q4k_block_step, q4k_min_products, q4k_store, q4k_sweep, q4k_tokens,
+    q8k_scale, Q4kFactors,
 };
 use super::{tile_shape, Shape, TileFn};
 use crate::kquants::avx2::{f16_at, hsum_256};
@@ -159,16 +160,15 @@ unsafe fn q4k_micro<const R: usize, const T: usize>(
     factors: *const Q4kFactors,
 ) {
     const PAIRS: usize = TILE.1.div_ceil(2);
+    const GROUPS: usize = TILE.1.div_ceil(4);
     let nibble = _mm512_set1_epi8(0x0F);
     // The upper half shifts by four: the high nibbles.
     let shifts = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(4));
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let mut acc_min = [[_mm256_setzero_ps(); PAIRS]; R];
+    // The portable dot's running sums, per group of four tokens: lane `4 r + t`.
+    let mut acc = [_mm256_setzero_ps(); GROUPS];
     for b in 0..s.nb {
         let tokens = q4k_tokens::<T, PAIRS>(&s, a, b);
-        for r in 0..R {
-            q4k_add_mins(&*factors.add(r * s.nb + b), &tokens, &mut acc_min[r]);
-        }
+        let f: [&Q4kFactors; R] = std::array::from_fn(|r| &*factors.add(r * s.nb + b));
         let mut sumi = [[_mm512_setzero_si512(); T]; R];
         for c in 0..4 {
             // Scale 2c in the lower sixteen i16 lanes, 2c + 1 in the upper.
@@ -176,10 +176,9 @@ unsafe fn q4k_micro<const R: usize, const T: usize>(
             let mut levels = [_mm512_setzero_si512(); R];
             let mut scales = [_mm512_setzero_si512(); R];
             for r in 0..R {
-                let f = &*factors.add(r * s.nb + b);
                 let bits = _mm256_loadu_si256(w.add(r * s.w_stride + b * q4k::BYTES + q4k::QS + 32 * c).cast());
                 levels[r] = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i64x4(bits), shifts), nibble);
-                scales[r] = _mm512_permutexvar_epi16(pick, _mm512_castsi256_si512(f.scales));
+                scales[r] = _mm512_permutexvar_epi16(pick, _mm512_castsi256_si512(f[r].scales));
             }
             for t in 0..T {
                 let q8 = _mm512_loadu_si512(tokens.ab[t].add(q8k::QS + 64 * c).cast());
@@ -191,16 +190,23 @@ unsafe fn q4k_micro<const R: usize, const T: usize>(
                 pin(&mut sumi[r]);
             }
         }
-        for r in 0..R {
-            let d_w = _mm256_set1_ps((*factors.add(r * s.nb + b)).d);
-            for t in 0..T {
-                let v = sumi[r][t];
-                let folded = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
-                acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(tokens.d_a[t], d_w), _mm256_cvtepi32_ps(folded), acc[r][t]);
+        for (g, acc) in acc.iter_mut().enumerate().take(T.div_ceil(4)) {
+            // The halves folded: the eight lanes the AVX2 kernels sum (exact either way).
+            let mut folded = [[_mm256_setzero_si256(); 4]; 2];
+            for r in 0..R {
+                for t in 4 * g..T.min(4 * g + 4) {
+                    let v = sumi[r][t];
+                    folded[r][t - 4 * g] =
+                        _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
+                }
             }
+            let mins = q4k_min_products(&f, &tokens, 2 * g);
+            *acc = q4k_block_step(*acc, &folded, &mins, &f, tokens.d_a[g]);
         }
     }
-    q4k_store(&s, out, &acc, &acc_min);
+    for (g, acc) in acc.iter().enumerate().take(T.div_ceil(4)) {
+        q4k_store::<R, T>(&s, out, *acc, 4 * g);
+    }
 }
 
 /// The Q6_K micro-tile of `R` weight rows by `T` tokens (see the module docs).
