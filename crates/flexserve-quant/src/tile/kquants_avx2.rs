@@ -38,20 +38,25 @@ const ROW_CHUNK_BYTES: usize = 64 * 1024;
 /// Bytes of activation rows in one chunk of tokens.
 const TOK_CHUNK_BYTES: usize = 128 * 1024;
 
-const Q4K: u8 = 0;
-const Q6K: u8 = 1;
+pub(super) const Q4K: u8 = 0;
+pub(super) const Q6K: u8 = 1;
 
 /// The AVX2 tile kernel of `ty`, if there is one.
 pub(super) fn tile(ty: GgmlType) -> Option<TileFn> {
+    tile_of_tier::<false>(ty)
+}
+
+/// The tile kernel of `ty` for AVX2 (`WIDE` false) or AVX-512 (`WIDE` true).
+pub(super) fn tile_of_tier<const WIDE: bool>(ty: GgmlType) -> Option<TileFn> {
     match ty {
-        GgmlType::Q4_K => Some(tile_wrapper::<Q4K>),
-        GgmlType::Q6_K => Some(tile_wrapper::<Q6K>),
+        GgmlType::Q4_K => Some(tile_wrapper::<Q4K, WIDE>),
+        GgmlType::Q6_K => Some(tile_wrapper::<Q6K, WIDE>),
         _ => None,
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn tile_wrapper<const F: u8>(
+fn tile_wrapper<const F: u8, const WIDE: bool>(
     n: usize,
     w: &[u8],
     w_row_bytes: usize,
@@ -68,11 +73,18 @@ fn tile_wrapper<const F: u8>(
         return;
     };
     // SAFETY: the wrapper is only handed out after the CPU was found to
-    // support AVX2, FMA and F16C; `check_tile` verified that `rows` weight rows
-    // and `toks` activation rows of `nb` super-blocks each, and `toks` output
-    // rows of `rows` floats, lie within the slices at the given strides, which
-    // is exactly what the kernel reads and writes.
-    unsafe { sweep::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr()) }
+    // support AVX2, FMA and F16C (and AVX-512 F/BW/VL/VNNI where `WIDE`);
+    // `check_tile` verified that `rows` weight rows and `toks` activation rows
+    // of `nb` super-blocks each, and `toks` output rows of `rows` floats, lie
+    // within the slices at the given strides, which is exactly what the
+    // kernel reads and writes.
+    unsafe {
+        if WIDE {
+            super::kquants_avx512::sweep::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr())
+        } else {
+            sweep::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr())
+        }
+    }
 }
 
 /// Visits the whole `rows x toks` tile in cache-sized chunks of micro-tiles.

@@ -31,9 +31,9 @@
 
 use super::kquants_avx2::{
     chunks, dispatch, for_each_micro_tile, q4k_block_step, q4k_min_products, q4k_store, q4k_sweep, q4k_tokens,
-    q8k_scale, Q4kFactors,
+    q8k_scale, tile_of_tier, Q4kFactors, Q4K,
 };
-use super::{tile_shape, Shape, TileFn};
+use super::{Shape, TileFn};
 use crate::kquants::avx2::{f16_at, hsum_256};
 use crate::kquants::{q4k, q6k, q8k};
 use crate::repack::avx512::pin;
@@ -44,47 +44,21 @@ use std::arch::x86_64::*;
 /// in registers, each decoded row used for eight tokens.
 const TILE: (usize, usize) = (2, 8);
 
-const Q4K: u8 = 0;
-const Q6K: u8 = 1;
-
 /// The AVX-512 tile kernel of `ty`, if there is one (the other types use
 /// the AVX2 kernels).
 pub(super) fn tile(ty: GgmlType) -> Option<TileFn> {
-    match ty {
-        GgmlType::Q4_K => Some(tile_wrapper::<Q4K>),
-        GgmlType::Q6_K => Some(tile_wrapper::<Q6K>),
-        _ => None,
-    }
+    tile_of_tier::<true>(ty)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn tile_wrapper<const F: u8>(
-    n: usize,
-    w: &[u8],
-    w_row_bytes: usize,
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    toks: usize,
-    out: &mut [f32],
-    out_stride: usize,
-) {
-    let ty = if F == Q4K { GgmlType::Q4_K } else { GgmlType::Q6_K };
-    let Some(shape) = tile_shape(ty, GgmlType::Q8_K, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride)
-    else {
-        return;
-    };
-    // SAFETY: the kernel is only handed out after the CPU was found to support
-    // AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI; `check_tile` verified that
-    // `rows` weight rows and `toks` activation rows of `nb` super-blocks each,
-    // and `toks` output rows of `rows` floats, lie within the slices at the
-    // given strides, which is exactly what the kernel reads and writes.
-    unsafe {
-        if F == Q4K {
-            q4k_sweep_512(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr())
-        } else {
-            q6k_sweep_512(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr())
-        }
+/// The sweep of format `F` (`Q4K` or `Q6K`).
+///
+/// # Safety
+/// As for `q4k_micro` / `q6k_micro`, for all `rows` and `toks`.
+pub(super) unsafe fn sweep<const F: u8>(s: Shape, w: *const u8, rows: usize, a: *const u8, toks: usize, out: *mut f32) {
+    if F == Q4K {
+        q4k_sweep_512(s, w, rows, a, toks, out)
+    } else {
+        q6k_sweep_512(s, w, rows, a, toks, out)
     }
 }
 
