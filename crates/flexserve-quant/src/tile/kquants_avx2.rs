@@ -276,6 +276,17 @@ pub(super) unsafe fn q8k_scale(p: *const u8) -> __m256 {
     _mm256_set1_ps(p.cast::<f32>().read_unaligned())
 }
 
+/// Block `b` of each of the `T` activation rows at `a`, and its scale in every lane.
+///
+/// # Safety
+/// AVX must be available and block `b` of the `T` rows readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q8k_blocks<const T: usize>(s: &Shape, a: *const u8, b: usize) -> ([*const u8; T], [__m256; T]) {
+    let ab: [*const u8; T] = std::array::from_fn(|t| a.add(t * s.a_stride + b * q8k::BYTES));
+    (ab, ab.map(|block| q8k_scale(block)))
+}
+
 /// The Q4_K micro-tile of `R` weight rows (at `w`, `s.w_stride` apart) by
 /// `T` tokens (at `a`, `s.a_stride` apart), written token-major to `out`
 /// (tokens `s.out_stride` apart), with the rows' unpacked factors at `factors` (`s.nb` per row).
@@ -489,12 +500,7 @@ unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *
     let scale_pair = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for b in 0..s.nb {
-        let mut ab = [a; T];
-        let mut d_a = [_mm256_setzero_ps(); T];
-        for t in 0..T {
-            ab[t] = a.add(t * s.a_stride + b * q8k::BYTES);
-            d_a[t] = q8k_scale(ab[t]);
-        }
+        let (ab, d_a) = q8k_blocks::<T>(&s, a, b);
         let mut wb = [w; R];
         let mut d_w = [_mm256_setzero_ps(); R];
         let mut scales = [_mm_setzero_si128(); R];

@@ -31,7 +31,7 @@
 
 use super::kquants_avx2::{
     chunks, dispatch, for_each_micro_tile, q4k_block_step, q4k_min_products, q4k_store, q4k_sweep, q4k_tokens,
-    q8k_scale, tile_of_tier, Q4kFactors, Q4K,
+    q8k_blocks, tile_of_tier, Q4kFactors, Q4K,
 };
 use super::{Shape, TileFn};
 use crate::kquants::avx2::{f16_at, hsum_256};
@@ -209,12 +209,7 @@ unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *
     );
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for b in 0..s.nb {
-        let mut ab = [a; T];
-        let mut d_a = [_mm256_setzero_ps(); T];
-        for t in 0..T {
-            ab[t] = a.add(t * s.a_stride + b * q8k::BYTES);
-            d_a[t] = q8k_scale(ab[t]);
-        }
+        let (ab, d_a) = q8k_blocks::<T>(&s, a, b);
         let mut wb = [w; R];
         let mut sub_scales = [_mm512_setzero_si512(); R];
         for r in 0..R {
