@@ -6,7 +6,11 @@
 # Results go to results/ and, packed after every step, to $OUT/results.tgz
 # (default: the bundle directory), so an interrupted run still leaves them.
 #
-#   [MODELS="1b:Q4_0 3b:Q4_K_M"] [THREADS=2] [REPS=5] [PROMPT=128] [GEN=32] bash run.sh
+#   [MODELS="1b:Q4_0 3b:Q4_K_M"] [THREADS=2] [REPS=5] [PROMPT=128] [GEN=32] \
+#   [KERNELS=REGEX] [TIERS=0] bash run.sh
+#
+# PROMPT takes a comma list (128,512); KERNELS picks the kernel benchmarks
+# (criterion's filter); TIERS=0 skips FlexServe's AVX2 run on AVX-512 CPUs.
 cd "$(dirname "$0")"
 here=$(pwd)
 final=${OUT:-$here}
@@ -18,6 +22,7 @@ start=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - start ))s"; }
 MODELS=${MODELS:-"1b:Q4_0 1b:Q4_1 1b:Q8_0 1b:Q4_K_M 3b:Q4_0 3b:Q4_K_M"}
 THREADS=${THREADS:-2} REPS=${REPS:-5} PROMPT=${PROMPT:-128} GEN=${GEN:-32}
+KERNELS=${KERNELS:-'packed/.*/Avx|tile/Q[46]_K/Avx'} TIERS=${TIERS:-1}
 
 tar xzf pack.tgz || { log "cannot unpack pack.tgz"; exit 1; }
 { lscpu; nproc; uname -a; } > "$res/cpu.txt" 2>&1
@@ -51,7 +56,7 @@ done
 log "tests: $(grep -c 'exit 0' "$res/tests.txt") of $(ls tests | wc -l) passed ($(elapsed))"
 wait $synth
 log "models ready ($(elapsed))"
-timeout 300 bin/kernels --bench 'packed/.*/Avx|tile/Q[46]_K/Avx' --noplot > "$res/kernels.txt" 2>&1
+timeout 300 bin/kernels --bench "$KERNELS" --noplot > "$res/kernels.txt" 2>&1
 log "kernel benchmarks done ($(elapsed))"
 
 # The first working llama.cpp build, from the best this CPU could run down.
@@ -75,7 +80,7 @@ for m in $MODELS; do
   fs "$model" "fs-$n"
   "${pin[@]}" bin/llama-bench-$llama -m "$model" -t "$THREADS" -p "$PROMPT" -n "$GEN" -r "$REPS" -o json \
     > "$res/llama-$n.json" 2> "$res/llama-$n.err"
-  if has avx512_vnni; then fs "$model" "fs-avx2-$n" --isa avx2; fi
+  if has avx512_vnni && [ "$TIERS" = 1 ]; then fs "$model" "fs-avx2-$n" --isa avx2; fi
   log "$n done ($(elapsed))"
 done
 log "all done ($(elapsed))"

@@ -113,13 +113,13 @@ fn tile(c: &mut Criterion) {
 }
 
 /// The same 64 x 64 product on weights rearranged in groups of eight rows
-/// (the layout the engine gives Q4_0, Q4_1 and Q8_0 matrices), for 64
+/// (the layouts the engine gives Q4_0, Q4_1, Q8_0, Q4_K and Q6_K matrices), for 64
 /// tokens (prefill) and one (decode).
 fn packed(c: &mut Criterion) {
     const N: usize = 2048;
     const ROWS: usize = 64;
     let mut g = c.benchmark_group("packed");
-    for layout in [Repacked::Q4_0x8, Repacked::Q4_1x8, Repacked::Q8_0x8] {
+    for layout in [Repacked::Q4_0x8, Repacked::Q4_1x8, Repacked::Q8_0x8, Repacked::Q4_Kx8, Repacked::Q6_Kx8] {
         let (ty, act) = (layout.ty(), layout.activation_type());
         let k = kernels_for(ty, Isa::Portable).unwrap();
         let a = kernels_for(act, Isa::Portable).unwrap();

@@ -1,5 +1,7 @@
 //! Weights rearranged at load time for matrix products that walk eight rows
-//! at once, with llama.cpp's arithmetic for such rearranged weights.
+//! at once: Q4_0, Q4_1 and Q8_0 with llama.cpp's arithmetic for such
+//! rearranged weights (below), Q4_K and Q6_K with the portable dot's (see
+//! `q4k` and `q6k`, whose products equal the plain dots bit for bit).
 //!
 //! llama.cpp's default CPU path on AVX2 stores Q4_0 matrices whose row count
 //! is a multiple of 8 in groups of eight interleaved rows, and computes each
@@ -56,6 +58,16 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+mod q4k;
+#[cfg(target_arch = "x86_64")]
+mod q4k_avx2;
+#[cfg(target_arch = "x86_64")]
+mod q4k_avx512;
+mod q6k;
+#[cfg(target_arch = "x86_64")]
+mod q6k_avx2;
+#[cfg(target_arch = "x86_64")]
+mod q6k_avx512;
 #[cfg(target_arch = "x86_64")]
 mod sweep;
 
@@ -71,12 +83,16 @@ const Q8_GROUP_BLOCK_BYTES: usize = REPACK_ROWS * Q8_0_BYTES;
 pub(crate) const Q4_0: u8 = 0;
 pub(crate) const Q4_1: u8 = 1;
 pub(crate) const Q8_0: u8 = 2;
+pub(crate) const Q4_K: u8 = 3;
+pub(crate) const Q6_K: u8 = 4;
 
 /// The layout of a const parameter code.
 pub(crate) const fn layout(code: u8) -> Repacked {
     match code {
         Q4_0 => Repacked::Q4_0x8,
         Q4_1 => Repacked::Q4_1x8,
+        Q4_K => Repacked::Q4_Kx8,
+        Q6_K => Repacked::Q6_Kx8,
         _ => Repacked::Q8_0x8,
     }
 }
@@ -90,22 +106,29 @@ pub enum Repacked {
     Q8_0x8,
     /// Q4_1 rows, laid out as `Q4_0x8` with the minimums after the scales.
     Q4_1x8,
+    /// Q4_K rows, one row per 32-bit lane (see `q4k`).
+    #[allow(non_camel_case_types)] // the block type's name, as in the other variants
+    Q4_Kx8,
+    /// Q6_K rows, one row per 32-bit lane (see `q6k`).
+    #[allow(non_camel_case_types)] // the block type's name, as in the other variants
+    Q6_Kx8,
 }
 
 impl Repacked {
     /// The layout a `ty` matrix of `rows x cols` is rearranged into for the
     /// matrix products, if any: Q4_0, Q4_1 and Q8_0 matrices whose rows come
-    /// in whole groups of eight.
+    /// in whole groups of eight; Q4_K and Q6_K ones as well.
     pub fn for_matrix(ty: GgmlType, rows: usize, cols: usize) -> Option<Repacked> {
-        if rows == 0 || !rows.is_multiple_of(REPACK_ROWS) || cols == 0 || !cols.is_multiple_of(QK) {
-            return None;
-        }
-        match ty {
-            GgmlType::Q4_0 => Some(Repacked::Q4_0x8),
-            GgmlType::Q8_0 => Some(Repacked::Q8_0x8),
-            GgmlType::Q4_1 => Some(Repacked::Q4_1x8),
-            _ => None,
-        }
+        let layout = match ty {
+            GgmlType::Q4_0 => Repacked::Q4_0x8,
+            GgmlType::Q8_0 => Repacked::Q8_0x8,
+            GgmlType::Q4_1 => Repacked::Q4_1x8,
+            GgmlType::Q4_K => Repacked::Q4_Kx8,
+            GgmlType::Q6_K => Repacked::Q6_Kx8,
+            _ => return None,
+        };
+        let whole = rows > 0 && rows.is_multiple_of(REPACK_ROWS) && cols > 0 && cols.is_multiple_of(ty.block_size());
+        whole.then_some(layout)
     }
 
     /// The block type of the original rows.
@@ -114,19 +137,24 @@ impl Repacked {
             Repacked::Q4_0x8 => GgmlType::Q4_0,
             Repacked::Q8_0x8 => GgmlType::Q8_0,
             Repacked::Q4_1x8 => GgmlType::Q4_1,
+            Repacked::Q4_Kx8 => GgmlType::Q4_K,
+            Repacked::Q6_Kx8 => GgmlType::Q6_K,
         }
     }
 
     /// The block type of the activation rows the product takes (the
-    /// original type's `vec_dot_type`): Q8_1 for `Q4_1x8`, else Q8_0.
+    /// original type's `vec_dot_type`): Q8_1 for `Q4_1x8`, Q8_K for the
+    /// K-quant layouts, else Q8_0.
     pub fn activation_type(self) -> GgmlType {
         match self {
             Repacked::Q4_1x8 => GgmlType::Q8_1,
+            Repacked::Q4_Kx8 | Repacked::Q6_Kx8 => GgmlType::Q8_K,
             _ => GgmlType::Q8_0,
         }
     }
 
-    /// Bytes of f16 factors at the start of each original block (`d`, and `m` for Q4_1).
+    /// Bytes of factors ahead of the quants in each original block of the
+    /// 32-element layouts (`d`, and `m` for Q4_1).
     fn header_bytes(self) -> usize {
         match self {
             Repacked::Q4_1x8 => 4,
@@ -146,7 +174,11 @@ impl Repacked {
 
     /// Rearranges a row-major matrix of `rows x cols` (same size).
     pub fn repack(self, src: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
-        repack_groups(self, src, rows, cols)
+        match self {
+            Repacked::Q4_Kx8 => q4k::repack(src, rows, cols),
+            Repacked::Q6_Kx8 => q6k::repack(src, rows, cols),
+            _ => repack_groups(self, src, rows, cols),
+        }
     }
 
     /// The matrix product for the active tier (`active_isa`).
@@ -170,9 +202,19 @@ impl Repacked {
             (Repacked::Q4_1x8, Isa::Avx512) => avx512::q4_1x8,
             #[cfg(target_arch = "x86_64")]
             (Repacked::Q4_1x8, Isa::Avx2) => avx2::q4_1x8,
+            #[cfg(target_arch = "x86_64")]
+            (Repacked::Q4_Kx8, Isa::Avx512) => q4k_avx512::q4_kx8,
+            #[cfg(target_arch = "x86_64")]
+            (Repacked::Q4_Kx8, Isa::Avx2) => q4k_avx2::q4_kx8,
+            #[cfg(target_arch = "x86_64")]
+            (Repacked::Q6_Kx8, Isa::Avx512) => q6k_avx512::q6_kx8,
+            #[cfg(target_arch = "x86_64")]
+            (Repacked::Q6_Kx8, Isa::Avx2) => q6k_avx2::q6_kx8,
             (Repacked::Q4_0x8, _) => portable_q4_0x8,
             (Repacked::Q8_0x8, _) => portable_q8_0x8,
             (Repacked::Q4_1x8, _) => portable_q4_1x8,
+            (Repacked::Q4_Kx8, _) => portable_q4_kx8,
+            (Repacked::Q6_Kx8, _) => portable_q6_kx8,
         }
     }
 }
@@ -182,16 +224,42 @@ impl Repacked {
 /// column, the eight scales (then the eight minimums for Q4_1), then each
 /// row's quant bytes four at a time, row after row for each run of four.
 fn repack_groups(layout: Repacked, src: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
-    let ty = layout.ty();
-    if !cols.is_multiple_of(QK) {
-        return Err(QuantError::NotBlockMultiple { ty, n: cols, block: QK });
+    let (header, quants_at) = (layout.header_bytes(), layout.group_quants());
+    rearrange(layout.ty(), src, rows, cols, |dst, blocks| {
+        for (r, block) in blocks.iter().enumerate() {
+            // Factor h (d, then m) of row r goes to the h-th run of eight.
+            for h in 0..header / 2 {
+                let to = 2 * (h * REPACK_ROWS + r);
+                dst[to..to + 2].copy_from_slice(&block[2 * h..2 * h + 2]);
+            }
+            for (j, four) in block[header..].chunks_exact(4).enumerate() {
+                let to = quants_at + 32 * j + 4 * r;
+                dst[to..to + 4].copy_from_slice(four);
+            }
+        }
+    })
+}
+
+/// Checks that `src` holds `rows` (a multiple of 8) rows of `cols` elements
+/// of `ty`, then builds the rearranged matrix (same size) group block by group
+/// block: `fill(dst, blocks)` writes the group block `dst` from the original
+/// blocks of its eight rows in the same block column.
+fn rearrange(
+    ty: GgmlType,
+    src: &[u8],
+    rows: usize,
+    cols: usize,
+    mut fill: impl FnMut(&mut [u8], [&[u8]; REPACK_ROWS]),
+) -> Result<Vec<u8>, QuantError> {
+    let block = ty.block_size();
+    if !cols.is_multiple_of(block) {
+        return Err(QuantError::NotBlockMultiple { ty, n: cols, block });
     }
     if !rows.is_multiple_of(REPACK_ROWS) {
         return Err(QuantError::RowsNotGroupMultiple { ty, rows, group: REPACK_ROWS });
     }
     let block_bytes = ty.type_size();
-    let nb = cols / QK;
-    let row_bytes = nb * block_bytes;
+    let row_bytes = cols / block * block_bytes;
     let expected = rows * row_bytes;
     if src.len() != expected {
         return Err(QuantError::BadLength { ty, n: rows * cols, expected, got: src.len() });
@@ -201,19 +269,7 @@ fn repack_groups(layout: Repacked, src: &[u8], rows: usize, cols: usize) -> Resu
         src.chunks_exact(REPACK_ROWS * row_bytes).zip(out.chunks_exact_mut(REPACK_ROWS * row_bytes))
     {
         for (b, dst) in group_dst.chunks_exact_mut(REPACK_ROWS * block_bytes).enumerate() {
-            let (header, quants_at) = (layout.header_bytes(), layout.group_quants());
-            for r in 0..REPACK_ROWS {
-                let block = &group_src[r * row_bytes + b * block_bytes..][..block_bytes];
-                // Factor h (d, then m) of row r goes to the h-th run of eight.
-                for h in 0..header / 2 {
-                    let to = 2 * (h * REPACK_ROWS + r);
-                    dst[to..to + 2].copy_from_slice(&block[2 * h..2 * h + 2]);
-                }
-                for (j, four) in block[header..].chunks_exact(4).enumerate() {
-                    let to = quants_at + 32 * j + 4 * r;
-                    dst[to..to + 4].copy_from_slice(four);
-                }
-            }
+            fill(dst, std::array::from_fn(|r| &group_src[r * row_bytes + b * block_bytes..][..block_bytes]));
         }
     }
     Ok(out)
@@ -259,9 +315,10 @@ fn check_repacked(
     out: &[f32],
     out_stride: usize,
 ) {
-    assert!(n.is_multiple_of(QK), "{layout:?} product: {n} elements is not a multiple of the block size {QK}");
+    let block = layout.ty().block_size();
+    assert!(n.is_multiple_of(block), "{layout:?} product: {n} elements is not a multiple of the block size {block}");
     assert!(rows.is_multiple_of(REPACK_ROWS), "{layout:?} product: {rows} rows is not a multiple of {REPACK_ROWS}");
-    let nb = n / QK;
+    let nb = n / block;
     assert!(
         w.len() >= rows * nb * layout.ty().type_size(),
         "{layout:?} product: {rows} rows of {n} need more than {} bytes",
@@ -300,6 +357,7 @@ fn row_block_isum(layout: Repacked, blk: &[u8], r: usize, qa: &[u8]) -> i32 {
                 }
                 Repacked::Q4_1x8 => (byte & 0x0F) as i32 * a(4 * j + i) + (byte >> 4) as i32 * a(16 + 4 * j + i),
                 Repacked::Q8_0x8 => byte as i8 as i32 * a(4 * j + i),
+                Repacked::Q4_Kx8 | Repacked::Q6_Kx8 => unreachable!("{layout:?} products have kernels of their own"),
             };
         }
     }
@@ -364,4 +422,35 @@ entry_points! {
     portable_q4_0x8 => portable_groups::<Q4_0>;
     portable_q4_1x8 => portable_groups::<Q4_1>;
     portable_q8_0x8 => portable_groups::<Q8_0>;
+    portable_q4_kx8 => portable_kquant::<Q4_K>;
+    portable_q6_kx8 => portable_kquant::<Q6_K>;
+}
+
+/// The portable loop of the K-quant layouts: per group, token and
+/// super-block column, each row's result gains `row_term(group block,
+/// activation block, row)`.
+fn portable_k_rows(p: Product, group_block: usize, row_term: impl Fn(&[u8], &[u8], usize) -> f32) {
+    let Product { n, w, rows, a, a_row_bytes, n_tok, out, out_stride, .. } = p;
+    let (nb, act_block) = (n / crate::kquants::QK_K, GgmlType::Q8_K.type_size());
+    for (g, group) in w.chunks_exact(nb * group_block).take(rows / REPACK_ROWS).enumerate() {
+        for t in 0..n_tok {
+            let act = &a[t * a_row_bytes..];
+            let mut acc = [0f32; REPACK_ROWS];
+            for (b, blk) in group.chunks_exact(group_block).enumerate() {
+                let ab = &act[b * act_block..(b + 1) * act_block];
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    *acc_r += row_term(blk, ab, r);
+                }
+            }
+            out[t * out_stride + g * REPACK_ROWS..][..REPACK_ROWS].copy_from_slice(&acc);
+        }
+    }
+}
+
+/// The portable products of the K-quant layouts (see `q4k`, `q6k`).
+fn portable_kquant<const L: u8>(p: Product) {
+    match L {
+        Q4_K => q4k::portable(p),
+        _ => q6k::portable(p),
+    }
 }

@@ -75,6 +75,7 @@ fn levels(layout: Repacked, block: &[u8]) -> Vec<i32> {
             q.iter().map(|&b| (b & 0x0F) as i32).chain(q.iter().map(|&b| (b >> 4) as i32)).collect()
         }
         Repacked::Q8_0x8 => block[2..34].iter().map(|&b| b as i8 as i32).collect(),
+        other => unreachable!("{other:?} has tests of its own (kquant_repack.rs)"),
     }
 }
 
@@ -214,7 +215,8 @@ fn layouts_are_chosen_by_type_and_shape() {
     assert_eq!(Repacked::for_matrix(GgmlType::Q4_0, 12, 64), None);
     assert_eq!(Repacked::for_matrix(GgmlType::Q8_0, 0, 64), None);
     assert_eq!(Repacked::for_matrix(GgmlType::Q8_0, 16, 48), None);
-    for ty in [GgmlType::Q5_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::F16] {
+    // Q4_K and Q6_K: see kquant_repack.rs.
+    for ty in [GgmlType::Q5_0, GgmlType::Q5_K, GgmlType::Q2_K, GgmlType::F16] {
         assert_eq!(Repacked::for_matrix(ty, 16, 256), None, "{ty}");
     }
 }

@@ -290,9 +290,16 @@ impl<R: SecureRegion> ResidentModel<R> {
                 .and_then(Arc::get_mut)
                 .ok_or_else(|| format!("tensor {}: its region is not resident or is in use", t.name))?;
             let bytes = &mut region.0.bytes_mut()[at..at + len];
-            let mut packed = packing.repack(bytes, rows, cols).map_err(|e| format!("{}: {e}", t.name))?;
-            bytes.copy_from_slice(&packed);
-            flexserve_engine::weights::wipe(&mut packed);
+            // Group by group (each is a matrix of its own in either layout), so
+            // that the plaintext copy on the heap is one group, not the whole
+            // matrix: an output matrix over a large vocabulary takes tens of MiB.
+            for group in bytes.chunks_exact_mut(len / rows * flexserve_quant::REPACK_ROWS) {
+                let mut packed = packing
+                    .repack(group, flexserve_quant::REPACK_ROWS, cols)
+                    .map_err(|e| format!("{}: {e}", t.name))?;
+                group.copy_from_slice(&packed);
+                flexserve_engine::weights::wipe(&mut packed);
+            }
             self.rearranged[i] = Some(packing);
         }
         Ok(())

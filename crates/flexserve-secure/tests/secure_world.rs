@@ -282,7 +282,7 @@ fn memory_pressure_during_a_generation_gets_free_granules_back_between_tokens() 
     world.shutdown().unwrap();
 }
 
-/// Q4_0, Q4_1 and Q8_0 matrices are rearranged for the grouped kernels at load; the
+/// Q4_0, Q4_1, Q8_0, Q4_K and Q6_K matrices are rearranged for the grouped kernels at load; the
 /// secure world does it in place, in the granted granules, so the weights are
 /// held once and the tokens are the plain engine's.
 #[test]
@@ -298,6 +298,11 @@ fn q4_1_models_are_rearranged_in_place_and_give_the_plain_tokens() {
 #[test]
 fn q8_0_models_are_rearranged_in_place_and_give_the_plain_tokens() {
     rearranged_in_place_with_the_plain_tokens("Q8_0", flexserve_engine::weights::Repacked::Q8_0x8);
+}
+
+#[test]
+fn q4_k_m_models_are_rearranged_in_place_and_give_the_plain_tokens() {
+    rearranged_in_place_with_the_plain_tokens("Q4_K_M", flexserve_engine::weights::Repacked::Q4_Kx8);
 }
 
 fn rearranged_in_place_with_the_plain_tokens(quant: &str, layout: flexserve_engine::weights::Repacked) {

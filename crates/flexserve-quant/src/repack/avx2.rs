@@ -11,7 +11,7 @@
 //! llama.cpp's grouped kernels. `Q4_1x8` runs the same loop on the Q8_1
 //! activations without the offset, then adds `m_w * s_a` with a second FMA.
 
-use super::sweep::{block_sums, sweep};
+use super::sweep::{block_sums, by_tokens, sweep};
 use super::{entry_points, layout, Product, Repacked, Q4_0, Q4_1, Q8_0, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
 use crate::legacy::avx2::{load_f16, pin};
 use crate::legacy::{Q8_0_BYTES, QK};
@@ -39,14 +39,7 @@ fn nibbles<const L: u8>(product: Product) {
         // `nb` blocks, the pass's activation rows and their outputs (eight
         // floats per token at `out_stride`) lie within the slices;
         // `corrections` holds `nb` values per token.
-        unsafe {
-            match p.tn {
-                4 => group::<4, L>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
-                3 => group::<3, L>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
-                2 => group::<2, L>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
-                _ => group::<1, L>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride),
-            }
-        }
+        unsafe { by_tokens!(p.tn => group::<_, L>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride)) }
     });
 }
 
@@ -124,14 +117,7 @@ fn q8_products<const L: u8>(product: Product) {
         // support AVX2, FMA and F16C; `check_repacked` verified that every group of
         // `nb` blocks, the pass's activation rows and their outputs (eight
         // floats per token at `out_stride`) lie within the slices.
-        unsafe {
-            match p.tn {
-                4 => group_q8::<4>(p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride),
-                3 => group_q8::<3>(p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride),
-                2 => group_q8::<2>(p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride),
-                _ => group_q8::<1>(p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride),
-            }
-        }
+        unsafe { by_tokens!(p.tn => group_q8::<_>(p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride)) }
     });
 }
 

@@ -14,7 +14,7 @@
 //! one FMA with the rounded scale product per block (and for Q4_1 one FMA of
 //! the minimums): results are bit-identical to the portable kernel.
 
-use super::sweep::{block_sums, sweep, Pass};
+use super::sweep::{block_sums, by_tokens, sweep, Pass};
 use super::{entry_points, layout, Product, Q4_0, Q4_1, Q8_0, REPACK_ROWS};
 use crate::legacy::avx2::load_f16;
 use crate::legacy::QK;
@@ -57,14 +57,7 @@ fn products<const L: u8>(product: Product) {
         // and their outputs (eight floats per group and token at `out_stride`)
         // lie within the slices, and `second` is a group of the pass;
         // `corrections` holds `nb` values per token.
-        unsafe {
-            match p.tn {
-                4 => pair::<4, L>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes),
-                3 => pair::<3, L>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes),
-                2 => pair::<2, L>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes),
-                _ => pair::<1, L>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes),
-            }
-        }
+        unsafe { by_tokens!(p.tn => pair::<_, L>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes)) }
     });
 }
 

@@ -9,6 +9,21 @@ use crate::legacy::QK;
 /// six and eight.
 pub(super) const TOKENS: usize = 4;
 
+/// Calls `$kernel::<T, ...>(args)` with `T` the pass's token count (1 to
+/// `TOKENS`): each count has a kernel of its own, with its own registers.
+macro_rules! by_tokens {
+    ($tn:expr => $kernel:ident::<_ $(, $param:ident)*>($($arg:expr),* $(,)?)) => {
+        match $tn {
+            4 => $kernel::<4 $(, $param)*>($($arg),*),
+            3 => $kernel::<3 $(, $param)*>($($arg),*),
+            2 => $kernel::<2 $(, $param)*>($($arg),*),
+            _ => $kernel::<1 $(, $param)*>($($arg),*),
+        }
+    };
+}
+pub(super) use by_tokens;
+const _: () = assert!(TOKENS == 4, "by_tokens covers 1 to 4 tokens");
+
 /// Bytes of groups swept by every pass of tokens before the next groups are
 /// taken (kept in L2 while the activations stream past).
 const CHUNK_BYTES: usize = 192 * 1024;
@@ -43,7 +58,7 @@ pub(super) struct Pass {
 /// checked the shapes (`check_repacked`).
 pub(super) fn sweep(p: Product, groups_per_pass: usize, mut pass: impl FnMut(Pass)) {
     let Product { layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride } = p;
-    let nb = n / QK;
+    let nb = n / layout.ty().block_size();
     let group_bytes = nb * REPACK_ROWS * layout.ty().type_size();
     let groups = rows / REPACK_ROWS;
     let chunk = (CHUNK_BYTES / group_bytes.max(1)).max(1).next_multiple_of(groups_per_pass);

@@ -1,0 +1,119 @@
+//! The `Q4_Kx8` layout: Q4_K rows in groups of eight, each row's values in a
+//! lane of its own, so that the products need no horizontal sums.
+//!
+//! Per group and super-block column `b`, 1152 bytes (eight Q4_K blocks of
+//! 144, so the rearranged matrix keeps the original's size):
+//!
+//! | bytes      | content |
+//! |------------|---------|
+//! | 0..16      | the eight rows' f16 `d` |
+//! | 16..32     | the eight rows' f16 `dmin` |
+//! | 32..96     | entry `e`: `scale | (min & 3) << 6` |
+//! | 96..128    | byte `i`: `min >> 2` of entry `i` (low nibble), of entry `32 + i` (high) |
+//! | 128..1152  | quants: byte `256c + 32m + 4r + i` is `qs[32c + 4m + i]` of row `r` |
+//!
+//! Entry `e = 16 * (j / 2) + 2 * r + j % 2` holds sub-block `j`'s 6-bit scale
+//! and min of row `r`: zero-extending 16 entries of a sub-block pair to 16-bit
+//! lanes puts both of row `r`'s values in one 32-bit lane, as the SIMD kernels
+//! want them. A quant vector of 32 bytes holds, per 32-bit lane `r`, four
+//! consecutive levels of row `r` of sub-block `2c` (low nibbles) and `2c + 1`
+//! (high nibbles).
+//!
+//! Every kernel computes, per row and super-block, the exact integer sums
+//! `isum = sum_j scale_j * sum(q * a)` and `msum = sum_j min_j * sum(a)`, then
+//! `acc += (d_a * d) * isum - (d_a * dmin) * msum` in f32: the portable Q4_K
+//! dot's formula, so products on this layout equal the plain dot bit for bit.
+
+use super::{Product, REPACK_ROWS};
+use crate::kquants::{q4k, q8k, unpack_scales_mins, QK_K};
+use crate::legacy::read_f16;
+use crate::{GgmlType, QuantError};
+
+/// Bytes of one group's super-block column.
+pub(crate) const GROUP_BLOCK: usize = REPACK_ROWS * q4k::BYTES;
+pub(crate) const DMIN_AT: usize = 2 * REPACK_ROWS;
+/// The 64 entries of scale and low min bits.
+pub(crate) const SCALES_AT: usize = 4 * REPACK_ROWS;
+/// The 64 nibbles of high min bits.
+pub(crate) const MINS_HI_AT: usize = SCALES_AT + 64;
+pub(crate) const QS_AT: usize = MINS_HI_AT + 32;
+const _: () = assert!(QS_AT + REPACK_ROWS * QK_K / 2 == GROUP_BLOCK);
+
+/// The entry of sub-block `j` of row `r` (see the module docs).
+const fn entry(j: usize, r: usize) -> usize {
+    16 * (j / 2) + 2 * r + j % 2
+}
+
+/// Rearranges `rows` (a multiple of 8) Q4_K rows of `cols` elements into `Q4_Kx8`.
+pub(super) fn repack(src: &[u8], rows: usize, cols: usize) -> Result<Vec<u8>, QuantError> {
+    super::rearrange(GgmlType::Q4_K, src, rows, cols, |dst, blocks| {
+        for (r, block) in blocks.iter().enumerate() {
+            dst[2 * r..2 * r + 2].copy_from_slice(&block[0..2]);
+            dst[DMIN_AT + 2 * r..DMIN_AT + 2 * r + 2].copy_from_slice(&block[2..4]);
+            let (scales, mins) = unpack_scales_mins(&block[q4k::SCALES..q4k::QS]);
+            for j in 0..8 {
+                let e = entry(j, r);
+                dst[SCALES_AT + e] = scales[j] | (mins[j] & 3) << 6;
+                dst[MINS_HI_AT + e % 32] |= (mins[j] >> 2) << (4 * (e / 32));
+            }
+            let qs = &block[q4k::QS..];
+            for c in 0..4 {
+                for m in 0..8 {
+                    let to = QS_AT + 256 * c + 32 * m + 4 * r;
+                    dst[to..to + 4].copy_from_slice(&qs[32 * c + 4 * m..][..4]);
+                }
+            }
+        }
+    })
+}
+
+/// Sub-block `j`'s scale and min of row `r` in the group block `blk`.
+fn scale_min(blk: &[u8], j: usize, r: usize) -> (i32, i32) {
+    let e = entry(j, r);
+    let packed = blk[SCALES_AT + e];
+    let high = (blk[MINS_HI_AT + e % 32] >> (4 * (e / 32))) & 0x0F;
+    ((packed & 0x3F) as i32, (packed >> 6 | high << 2) as i32)
+}
+
+/// Per token and super-block, the four words the SIMD kernels broadcast for
+/// the min term: word `p` holds the activation sums of sub-blocks `2p` (low
+/// 16 bits) and `2p + 1` (high), each at most 32 * 128 in magnitude.
+pub(super) fn min_words(p: &Product) -> Vec<i32> {
+    let nb = p.n / QK_K;
+    let mut words = Vec::with_capacity(p.n_tok * nb * 4);
+    for t in 0..p.n_tok {
+        for b in 0..nb {
+            let block = &p.a[t * p.a_row_bytes + b * q8k::BYTES..][..q8k::BYTES];
+            let sub = |j: usize| q8k::group_sum(block, 2 * j) + q8k::group_sum(block, 2 * j + 1);
+            words.extend((0..4).map(|w| (sub(2 * w) as u16 as u32 | (sub(2 * w + 1) as u16 as u32) << 16) as i32));
+        }
+    }
+    words
+}
+
+/// The portable product: row by row, the arithmetic of the module docs.
+pub(super) fn portable(p: Product) {
+    super::portable_k_rows(p, GROUP_BLOCK, |blk, ab, r| {
+        let a_qs = &ab[q8k::QS..q8k::BSUMS];
+        let (mut isum, mut msum) = (0i32, 0i32);
+        for c in 0..4 {
+            let (mut lo, mut hi) = (0i32, 0i32);
+            for m in 0..8 {
+                for i in 0..4 {
+                    let q = blk[QS_AT + 256 * c + 32 * m + 4 * r + i];
+                    let at = 64 * c + 4 * m + i;
+                    lo += (q & 0x0F) as i32 * a_qs[at] as i8 as i32;
+                    hi += (q >> 4) as i32 * a_qs[at + 32] as i8 as i32;
+                }
+            }
+            let ((s_lo, _), (s_hi, _)) = (scale_min(blk, 2 * c, r), scale_min(blk, 2 * c + 1, r));
+            isum += s_lo * lo + s_hi * hi;
+        }
+        for j in 0..8 {
+            let sum_a = q8k::group_sum(ab, 2 * j) + q8k::group_sum(ab, 2 * j + 1);
+            msum += scale_min(blk, j, r).1 * sum_a;
+        }
+        let (d_a, d, dmin) = (q8k::block_scale(ab), read_f16(blk, 2 * r), read_f16(blk, DMIN_AT + 2 * r));
+        d_a * d * isum as f32 - d_a * dmin * msum as f32
+    })
+}

@@ -1,0 +1,126 @@
+//! AVX2 + FMA + F16C kernel for `Q4_Kx8` weights (layout in `q4k`).
+//!
+//! Per group of eight rows, sub-block and token, eight quant vectors (lane
+//! `r`: four levels of row `r`) meet the matching activation quads broadcast
+//! to every lane (`maddubs`); their 16-bit sums (at most 8 * 2 * 15 * 128 in
+//! magnitude) take the sub-block's scale, duplicated into both halves of the
+//! row's lane, with one `madd`, which leaves `scale * sum(q * a)` exact in
+//! 32 bits. The min term is one `madd` per sub-block pair (both mins of a row
+//! against the token's two activation sums). Then the portable dot's float
+//! formula, lane by lane.
+
+use super::q4k::{min_words, DMIN_AT, GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
+use super::sweep::{by_tokens, sweep};
+use super::{Product, Q4_K};
+use crate::kquants::{q8k, QK_K};
+use crate::legacy::avx2::pin;
+use std::arch::x86_64::*;
+
+super::entry_points! {
+    /// The `Q4_Kx8` product (see the module docs).
+    q4_kx8 => products::<Q4_K>;
+}
+
+fn products<const L: u8>(product: Product) {
+    let nb = product.n / QK_K;
+    let words = min_words(&product);
+    sweep(product, 1, |p| {
+        let words = words[p.t0 * nb * 4..].as_ptr();
+        // SAFETY: the kernel is only handed out after the CPU was found to
+        // support AVX2, FMA and F16C; `check_repacked` verified that every
+        // group of `nb` blocks, the pass's activation rows and their outputs
+        // (eight floats per token at `out_stride`) lie within the slices;
+        // `words` holds four values per token and super-block.
+        unsafe { by_tokens!(p.tn => group::<_>(p.nb, p.w, p.a, p.a_stride, words, p.out, p.out_stride)) }
+    });
+}
+
+/// A 32-bit lane's low 16-bit half copied into its high half.
+///
+/// # Safety
+/// AVX2 must be available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn duplicate_low(v: __m256i) -> __m256i {
+    _mm256_or_si256(v, _mm256_slli_epi32::<16>(v))
+}
+
+/// One group of eight rows at `w` against `T` Q8_K activation rows at `a`.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `nb` group blocks at `w`, `T` rows
+/// of `nb` Q8_K blocks at `a` (`a_stride` apart) and `4 * T * nb` words must
+/// be readable, eight floats at `out + t * out_stride` writable for `t < T`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group<const T: usize>(
+    nb: usize,
+    w: *const u8,
+    a: *const u8,
+    a_stride: usize,
+    words: *const i32,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    let low = _mm256_set1_epi8(0x0F);
+    let six_bits = _mm256_set1_epi32(0x3F);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        let blk = w.add(b * GROUP_BLOCK);
+        let quad = |t: usize, at: usize| {
+            let quad = a.add(t * a_stride + b * q8k::BYTES + q8k::QS + at);
+            _mm256_set1_epi32(quad.cast::<i32>().read_unaligned())
+        };
+        let entries = |c: usize| _mm256_cvtepu8_epi16(_mm_loadu_si128(blk.add(SCALES_AT + 16 * c).cast()));
+        let mut isum = [_mm256_setzero_si256(); T];
+        for c in 0..4 {
+            let pair = entries(c);
+            let scales = [_mm256_and_si256(pair, six_bits), _mm256_and_si256(_mm256_srli_epi32::<16>(pair), six_bits)];
+            for (half, scale) in scales.into_iter().enumerate() {
+                let scale = duplicate_low(scale);
+                let mut s16 = [_mm256_setzero_si256(); T];
+                for m in 0..8 {
+                    let raw = _mm256_loadu_si256(blk.add(QS_AT + 256 * c + 32 * m).cast());
+                    let levels = if half == 0 { raw } else { _mm256_srli_epi16::<4>(raw) };
+                    let levels = _mm256_and_si256(levels, low);
+                    for (t, s16_t) in s16.iter_mut().enumerate() {
+                        let products = _mm256_maddubs_epi16(levels, quad(t, 64 * c + 32 * half + 4 * m));
+                        *s16_t = _mm256_add_epi16(*s16_t, products);
+                    }
+                    pin(&mut s16);
+                }
+                for (isum_t, s16_t) in isum.iter_mut().zip(s16) {
+                    *isum_t = _mm256_add_epi32(*isum_t, _mm256_madd_epi16(s16_t, scale));
+                }
+            }
+        }
+        let mut msum = [_mm256_setzero_si256(); T];
+        for c in 0..4 {
+            let nibbles = _mm256_cvtepu8_epi16(_mm_loadu_si128(blk.add(MINS_HI_AT + 16 * (c % 2)).cast()));
+            let high = if c < 2 {
+                _mm256_and_si256(nibbles, _mm256_set1_epi16(0x0F))
+            } else {
+                _mm256_srli_epi16::<4>(nibbles)
+            };
+            let mins = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<6>(entries(c)), _mm256_set1_epi16(0x03)),
+                _mm256_slli_epi16::<2>(high),
+            );
+            for (t, msum_t) in msum.iter_mut().enumerate() {
+                let word = _mm256_set1_epi32(*words.add((t * nb + b) * 4 + c));
+                *msum_t = _mm256_add_epi32(*msum_t, _mm256_madd_epi16(mins, word));
+            }
+        }
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
+        let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(DMIN_AT).cast()));
+        for t in 0..T {
+            let d_a = _mm256_set1_ps(a.add(t * a_stride + b * q8k::BYTES).cast::<f32>().read_unaligned());
+            let scaled = _mm256_mul_ps(_mm256_mul_ps(d_a, d), _mm256_cvtepi32_ps(isum[t]));
+            let shifted = _mm256_mul_ps(_mm256_mul_ps(d_a, dmin), _mm256_cvtepi32_ps(msum[t]));
+            acc[t] = _mm256_add_ps(acc[t], _mm256_sub_ps(scaled, shifted));
+        }
+    }
+    for (t, acc_t) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.add(t * out_stride), *acc_t);
+    }
+}

@@ -1,0 +1,151 @@
+//! AVX-512 (F, BW, VL, VNNI) kernel for `Q4_Kx8` weights (layout in `q4k`).
+//!
+//! One 512-bit vector covers two neighbouring groups (lanes 0..8 and 8..16),
+//! each 32-bit lane four levels of its row. Per sub-block pair and token,
+//! `vpdpbusd` takes eight such vectors of low nibbles and eight of high ones
+//! with the matching activation quads broadcast, which leaves every row's
+//! exact sub-block sums in its lane; one `vpmulld` per sub-block applies the
+//! 6-bit scale. The min term takes one `vpdpwssd` per sub-block pair: the
+//! rows' two mins as 16-bit halves of a lane against the token's two
+//! activation sums. Then the portable dot's float formula, lane by lane.
+
+use super::q4k::{min_words, GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
+use super::sweep::{by_tokens, sweep, Pass};
+use super::{Product, Q4_K};
+use crate::kquants::{q8k, QK_K};
+use std::arch::x86_64::*;
+
+/// Groups per pass: one 512-bit vector covers two groups of eight rows.
+const GROUPS: usize = 2;
+
+super::entry_points! {
+    /// The `Q4_Kx8` product (see the module docs).
+    q4_kx8 => products::<Q4_K>;
+}
+
+fn products<const L: u8>(product: Product) {
+    let nb = product.n / QK_K;
+    let words = min_words(&product);
+    sweep(product, GROUPS, |p: Pass| {
+        let words = words[p.t0 * nb * 4..].as_ptr();
+        // A lone last group reads itself twice and stores only its own lanes.
+        let (second, lanes) =
+            if p.groups == GROUPS { (p.w.wrapping_add(p.group_bytes), 0xFFFF) } else { (p.w, 0x00FF) };
+        // SAFETY: the kernel is only handed out after the CPU was found to
+        // support AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI; `check_repacked`
+        // verified that every group of `nb` blocks, the pass's activation rows
+        // and their outputs (eight floats per group and token at `out_stride`)
+        // lie within the slices, and `second` is a group of the pass; `words`
+        // holds four values per token and super-block.
+        unsafe { by_tokens!(p.tn => pair::<_>(p.nb, p.w, second, p.a, p.a_stride, words, p.out, p.out_stride, lanes)) }
+    });
+}
+
+/// Zero-extends the 16 bytes at `p0` (lanes 0..8) and at `p1` (lanes 8..16)
+/// to 16-bit halves of 32-bit lanes.
+///
+/// # Safety
+/// AVX-512 F/BW must be available; 16 bytes at `p0` and at `p1` readable.
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512bw")]
+unsafe fn widen_pair(p0: *const u8, p1: *const u8) -> __m512i {
+    let both =
+        _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(_mm_loadu_si128(p0.cast())), _mm_loadu_si128(p1.cast()));
+    _mm512_cvtepu8_epi16(both)
+}
+
+/// Two groups at `w0` and `w1` against `T` activation rows at `a`; the
+/// results of the lanes set in `lanes` are stored.
+///
+/// # Safety
+/// AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI must be available; `nb` group
+/// blocks at `w0` and at `w1`, `T` rows of `nb` Q8_K blocks at `a`
+/// (`a_stride` apart) and `4 * T * nb` words must be readable, the lanes of
+/// `lanes` among sixteen floats at `out + t * out_stride` writable for `t < T`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn pair<const T: usize>(
+    nb: usize,
+    w0: *const u8,
+    w1: *const u8,
+    a: *const u8,
+    a_stride: usize,
+    words: *const i32,
+    out: *mut f32,
+    out_stride: usize,
+    lanes: __mmask16,
+) {
+    let low = _mm512_set1_epi8(0x0F);
+    let six_bits = _mm512_set1_epi32(0x3F);
+    let two_bits = _mm512_set1_epi16(0x03);
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..nb {
+        let (b0, b1) = (w0.add(b * GROUP_BLOCK), w1.add(b * GROUP_BLOCK));
+        let qa = |t: usize, at: usize| {
+            let quad = a.add(t * a_stride + b * q8k::BYTES + q8k::QS + at);
+            _mm512_set1_epi32(quad.cast::<i32>().read_unaligned())
+        };
+        let mut isum = [_mm512_setzero_si512(); T];
+        let mut msum = [_mm512_setzero_si512(); T];
+        for c in 0..4 {
+            let mut lo_sum = [_mm512_setzero_si512(); T];
+            let mut hi_sum = [_mm512_setzero_si512(); T];
+            for m in 0..8 {
+                let at = QS_AT + 256 * c + 32 * m;
+                let raw = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(at).cast())),
+                    _mm256_loadu_si256(b1.add(at).cast()),
+                );
+                let lo = _mm512_and_si512(raw, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
+                for t in 0..T {
+                    lo_sum[t] = _mm512_dpbusd_epi32(lo_sum[t], lo, qa(t, 64 * c + 4 * m));
+                    hi_sum[t] = _mm512_dpbusd_epi32(hi_sum[t], hi, qa(t, 64 * c + 32 + 4 * m));
+                }
+                super::avx512::pin(&mut lo_sum);
+                super::avx512::pin(&mut hi_sum);
+            }
+            // Entries 16c..16c+16: lane r holds sub-block 2c's scale byte in
+            // its low half and sub-block 2c+1's in its high half.
+            let entries = widen_pair(b0.add(SCALES_AT + 16 * c), b1.add(SCALES_AT + 16 * c));
+            let scale_lo = _mm512_and_si512(entries, six_bits);
+            let scale_hi = _mm512_and_si512(_mm512_srli_epi32::<16>(entries), six_bits);
+            // The mins' high four bits: low nibbles for entries below 32, high ones above.
+            let (n0, n1) = (b0.add(MINS_HI_AT + 16 * (c % 2)), b1.add(MINS_HI_AT + 16 * (c % 2)));
+            let nibbles = widen_pair(n0, n1);
+            let high = if c < 2 {
+                _mm512_and_si512(nibbles, _mm512_set1_epi16(0x0F))
+            } else {
+                _mm512_srli_epi16::<4>(nibbles)
+            };
+            let mins = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<6>(entries), two_bits),
+                _mm512_slli_epi16::<2>(high),
+            );
+            for t in 0..T {
+                let scaled =
+                    _mm512_add_epi32(_mm512_mullo_epi32(lo_sum[t], scale_lo), _mm512_mullo_epi32(hi_sum[t], scale_hi));
+                isum[t] = _mm512_add_epi32(isum[t], scaled);
+                let word = _mm512_set1_epi32(*words.add((t * nb + b) * 4 + c));
+                msum[t] = _mm512_dpwssd_epi32(msum[t], mins, word);
+            }
+        }
+        let halves = |at: usize| {
+            _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(b0.add(at).cast())),
+                _mm_loadu_si128(b1.add(at).cast()),
+            ))
+        };
+        let (d, dmin) = (halves(0), halves(super::q4k::DMIN_AT));
+        for t in 0..T {
+            let d_a = _mm512_set1_ps(a.add(t * a_stride + b * q8k::BYTES).cast::<f32>().read_unaligned());
+            let scaled = _mm512_mul_ps(_mm512_mul_ps(d_a, d), _mm512_cvtepi32_ps(isum[t]));
+            let shifted = _mm512_mul_ps(_mm512_mul_ps(d_a, dmin), _mm512_cvtepi32_ps(msum[t]));
+            acc[t] = _mm512_add_ps(acc[t], _mm512_sub_ps(scaled, shifted));
+        }
+    }
+    for (t, acc_t) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(out.add(t * out_stride), lanes, *acc_t);
+    }
+}
