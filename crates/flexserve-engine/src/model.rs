@@ -84,7 +84,7 @@ impl Weights {
         let mut output = Tensor::load_opt(src, "output.weight", c.n_embd, c.n_vocab)?;
         let mut layers = (0..c.n_layer).map(|i| Layer::load(src, c, i)).collect::<Result<Vec<_>, _>>()?;
         // Matrix-product weights are rearranged for the grouped kernels where
-        // their type allows (Q4_0 as llama.cpp does, Q4_1, Q8_0, Q4_K, Q6_K); the embedding
+        // their type allows (Q4_0 as llama.cpp does, Q4_1, Q8_0, Q4_K; Q6_K on AVX-512); the embedding
         // matrix, and so a tied output, is not (its rows are looked up).
         let mut matrices: Vec<&mut Tensor> = output.iter_mut().collect();
         for l in &mut layers {

@@ -85,7 +85,7 @@ fn main() {
             N * ROWS * TOKS
         }
         "packed" => {
-            let layout = Repacked::for_matrix(ty, ROWS, N).expect("type has a rearranged layout");
+            let layout = Repacked::of_type(ty).expect("type has a rearranged layout");
             let packed = layout.repack(&w, ROWS, N).expect("whole groups");
             let kernel = layout.kernel_for(isa);
             for _ in 0..iterations {

@@ -115,18 +115,31 @@ pub enum Repacked {
 }
 
 impl Repacked {
+    /// The rearranged layout of `ty`'s rows, whatever the shape and CPU.
+    pub fn of_type(ty: GgmlType) -> Option<Repacked> {
+        match ty {
+            GgmlType::Q4_0 => Some(Repacked::Q4_0x8),
+            GgmlType::Q8_0 => Some(Repacked::Q8_0x8),
+            GgmlType::Q4_1 => Some(Repacked::Q4_1x8),
+            GgmlType::Q4_K => Some(Repacked::Q4_Kx8),
+            GgmlType::Q6_K => Some(Repacked::Q6_Kx8),
+            _ => None,
+        }
+    }
+
     /// The layout a `ty` matrix of `rows x cols` is rearranged into for the
-    /// matrix products, if any: Q4_0, Q4_1 and Q8_0 matrices whose rows come
-    /// in whole groups of eight; Q4_K and Q6_K ones as well.
+    /// matrix products, if any: Q4_0, Q4_1, Q8_0 and Q4_K matrices whose rows
+    /// come in whole groups of eight and whose width is whole blocks; Q6_K ones
+    /// too where the kernels run at the AVX-512 tier (`active_isa`). On AVX2 the
+    /// one-token product over `Q6_Kx8` streamed a large matrix at about 0.9 of
+    /// the row-by-row GEMV's speed, and the decode of a Q4_K_M model lost 5-9%
+    /// with it, more than its prefill gained; on AVX-512 it is 1.7x the Q6_K
+    /// tile in prefill and decode is well ahead of llama.cpp's with it.
     pub fn for_matrix(ty: GgmlType, rows: usize, cols: usize) -> Option<Repacked> {
-        let layout = match ty {
-            GgmlType::Q4_0 => Repacked::Q4_0x8,
-            GgmlType::Q8_0 => Repacked::Q8_0x8,
-            GgmlType::Q4_1 => Repacked::Q4_1x8,
-            GgmlType::Q4_K => Repacked::Q4_Kx8,
-            GgmlType::Q6_K => Repacked::Q6_Kx8,
-            _ => return None,
-        };
+        let layout = Repacked::of_type(ty)?;
+        if layout == Repacked::Q6_Kx8 && crate::active_isa() < Isa::Avx512 {
+            return None;
+        }
         let whole = rows > 0 && rows.is_multiple_of(REPACK_ROWS) && cols > 0 && cols.is_multiple_of(ty.block_size());
         whole.then_some(layout)
     }

@@ -282,7 +282,7 @@ fn memory_pressure_during_a_generation_gets_free_granules_back_between_tokens() 
     world.shutdown().unwrap();
 }
 
-/// Q4_0, Q4_1, Q8_0, Q4_K and Q6_K matrices are rearranged for the grouped kernels at load; the
+/// Q4_0, Q4_1, Q8_0 and Q4_K matrices (Q6_K too on AVX-512 CPUs) are rearranged for the grouped kernels at load; the
 /// secure world does it in place, in the granted granules, so the weights are
 /// held once and the tokens are the plain engine's.
 #[test]

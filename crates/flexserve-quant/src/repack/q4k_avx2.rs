@@ -10,7 +10,7 @@
 //! formula, lane by lane.
 
 use super::q4k::{min_words, DMIN_AT, GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
-use super::sweep::{by_tokens, sweep};
+use super::sweep::{by_tokens, prefetch, sweep, AHEAD};
 use super::{Product, Q4_K};
 use crate::kquants::{q8k, QK_K};
 use crate::legacy::avx2::pin;
@@ -67,6 +67,7 @@ unsafe fn group<const T: usize>(
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let blk = w.add(b * GROUP_BLOCK);
+        prefetch(blk.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
         let quad = |t: usize, at: usize| {
             let quad = a.add(t * a_stride + b * q8k::BYTES + q8k::QS + at);
             _mm256_set1_epi32(quad.cast::<i32>().read_unaligned())
@@ -76,6 +77,28 @@ unsafe fn group<const T: usize>(
         for c in 0..4 {
             let pair = entries(c);
             let scales = [_mm256_and_si256(pair, six_bits), _mm256_and_si256(_mm256_srli_epi32::<16>(pair), six_bits)];
+            if T <= 2 {
+                // Few tokens leave registers for both halves at once: each quant
+                // vector is loaded once.
+                let (scale_lo, scale_hi) = (duplicate_low(scales[0]), duplicate_low(scales[1]));
+                let mut lo16 = [_mm256_setzero_si256(); T];
+                let mut hi16 = [_mm256_setzero_si256(); T];
+                for m in 0..8 {
+                    let raw = _mm256_loadu_si256(blk.add(QS_AT + 256 * c + 32 * m).cast());
+                    let lo = _mm256_and_si256(raw, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), low);
+                    for t in 0..T {
+                        lo16[t] = _mm256_add_epi16(lo16[t], _mm256_maddubs_epi16(lo, quad(t, 64 * c + 4 * m)));
+                        hi16[t] = _mm256_add_epi16(hi16[t], _mm256_maddubs_epi16(hi, quad(t, 64 * c + 32 + 4 * m)));
+                    }
+                }
+                for t in 0..T {
+                    let both =
+                        _mm256_add_epi32(_mm256_madd_epi16(lo16[t], scale_lo), _mm256_madd_epi16(hi16[t], scale_hi));
+                    isum[t] = _mm256_add_epi32(isum[t], both);
+                }
+                continue;
+            }
             for (half, scale) in scales.into_iter().enumerate() {
                 let scale = duplicate_low(scale);
                 let mut s16 = [_mm256_setzero_si256(); T];

@@ -10,7 +10,7 @@
 //! activation sums. Then the portable dot's float formula, lane by lane.
 
 use super::q4k::{min_words, GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
-use super::sweep::{by_tokens, sweep, Pass};
+use super::sweep::{by_tokens, prefetch, sweep, Pass, AHEAD};
 use super::{Product, Q4_K};
 use crate::kquants::{q8k, QK_K};
 use std::arch::x86_64::*;
@@ -82,6 +82,8 @@ unsafe fn pair<const T: usize>(
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {
         let (b0, b1) = (w0.add(b * GROUP_BLOCK), w1.add(b * GROUP_BLOCK));
+        prefetch(b0.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
+        prefetch(b1.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
         let qa = |t: usize, at: usize| {
             let quad = a.add(t * a_stride + b * q8k::BYTES + q8k::QS + at);
             _mm512_set1_epi32(quad.cast::<i32>().read_unaligned())

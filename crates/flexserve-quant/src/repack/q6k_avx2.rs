@@ -9,7 +9,7 @@
 //! times is taken off. Then the portable dot's float formula, lane by lane.
 
 use super::q6k::{GROUP_BLOCK, HIGH_AT, LOW_AT, SCALES_AT};
-use super::sweep::{by_tokens, sweep};
+use super::sweep::{by_tokens, prefetch, sweep, AHEAD};
 use super::{Product, Q6_K};
 use crate::kquants::q8k;
 use crate::legacy::avx2::pin;
@@ -58,6 +58,7 @@ unsafe fn group<const T: usize>(
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let blk = w.add(b * GROUP_BLOCK);
+        prefetch(blk.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
         let act = |t: usize| a.add(t * a_stride + b * q8k::BYTES);
         let quad = |t: usize, at: usize| _mm256_set1_epi32(act(t).add(q8k::QS + at).cast::<i32>().read_unaligned());
         // Lane r: the scales of sub-blocks 2p (low half) and 2p+1 (high half).
@@ -65,6 +66,42 @@ unsafe fn group<const T: usize>(
         let mut isum = [_mm256_setzero_si256(); T];
         for p in 0..8 {
             let pair = scales(p);
+            if T <= 2 {
+                // Few tokens leave registers for both sub-blocks at once: each
+                // quant vector is loaded and shifted once.
+                let (scale_lo, scale_hi) = (_mm256_shuffle_epi8(pair, dup[0]), _mm256_shuffle_epi8(pair, dup[1]));
+                for h in 0..2 {
+                    let high = _mm256_loadu_si256(blk.add(HIGH_AT + 32 * (2 * p + h)).cast());
+                    // Quad 2h+u's top bits: pairs 2u (low sub-block) and 2u+1 (high).
+                    let tops = [
+                        (_mm256_slli_epi16::<4>(high), _mm256_slli_epi16::<2>(high)),
+                        (high, _mm256_srli_epi16::<2>(high)),
+                    ];
+                    let mut lo16 = [_mm256_setzero_si256(); T];
+                    let mut hi16 = [_mm256_setzero_si256(); T];
+                    for (u, (lo_top, hi_top)) in tops.into_iter().enumerate() {
+                        let j = 2 * h + u;
+                        let nibbles = _mm256_loadu_si256(blk.add(LOW_AT + 32 * (4 * p + j)).cast());
+                        let lo = _mm256_or_si256(_mm256_and_si256(nibbles, low), _mm256_and_si256(lo_top, top));
+                        let hi = _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(nibbles), low),
+                            _mm256_and_si256(hi_top, top),
+                        );
+                        for t in 0..T {
+                            lo16[t] = _mm256_add_epi16(lo16[t], _mm256_maddubs_epi16(lo, quad(t, 32 * p + 4 * j)));
+                            hi16[t] = _mm256_add_epi16(hi16[t], _mm256_maddubs_epi16(hi, quad(t, 32 * p + 16 + 4 * j)));
+                        }
+                    }
+                    for t in 0..T {
+                        let both = _mm256_add_epi32(
+                            _mm256_madd_epi16(lo16[t], scale_lo),
+                            _mm256_madd_epi16(hi16[t], scale_hi),
+                        );
+                        isum[t] = _mm256_add_epi32(isum[t], both);
+                    }
+                }
+                continue;
+            }
             // upper 0: sub-block 2p (low nibbles), 1: sub-block 2p+1 (high nibbles).
             for (upper, dup) in dup.iter().enumerate() {
                 let scale = _mm256_shuffle_epi8(pair, *dup);
