@@ -41,6 +41,14 @@ struct Shape {
     out_stride: usize,
 }
 
+#[cfg(target_arch = "x86_64")]
+impl Shape {
+    /// The geometry of a tile of `ty` rows of `n` elements that `check_tile` accepted.
+    fn of(ty: GgmlType, n: usize, w_stride: usize, a_stride: usize, out_stride: usize) -> Shape {
+        Shape { nb: n / ty.block_size(), w_stride, a_stride, out_stride }
+    }
+}
+
 /// Computes `out[t * out_stride + r] = dot(w_rows[r], a_rows[t])` for
 /// `r < rows`, `t < toks`, where weight row `r` starts at `w[r * w_row_bytes]`
 /// and activation row `t` at `a[t * a_row_bytes]`; each row holds `n`
@@ -90,34 +98,7 @@ fn avx2_tile(ty: GgmlType) -> Option<TileFn> {
     avx2::tile(ty).or_else(|| kquants_avx2::tile(ty)).or_else(|| float_avx2::tile(ty))
 }
 
-/// `check_tile`, then the tile's geometry in blocks of `ty`; `None` when there
-/// is nothing to compute.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-fn tile_shape(
-    ty: GgmlType,
-    vec_dot_type: GgmlType,
-    n: usize,
-    w: &[u8],
-    w_row_bytes: usize,
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
-    toks: usize,
-    out: &[f32],
-    out_stride: usize,
-) -> Option<Shape> {
-    check_tile(ty, vec_dot_type, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride);
-    (rows > 0 && toks > 0).then(|| Shape {
-        nb: n / ty.block_size(),
-        w_stride: w_row_bytes,
-        a_stride: a_row_bytes,
-        out_stride,
-    })
-}
-
 /// Panics with a clear message unless the slices hold the shape described.
-/// Returns the weight and activation row sizes in bytes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn check_tile(
     ty: GgmlType,

@@ -14,7 +14,7 @@
 //! (kept in L2) is swept by all token tiles of a chunk of tokens, whose
 //! activations are reused by every row tile from L1.
 
-use super::{tile_shape, Shape, TileFn};
+use super::{check_tile, Shape, TileFn};
 use crate::legacy::avx2::{dot_u8_i8, hsum, load_bit_mask, load_f16, load_nibbles};
 use crate::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
 use crate::GgmlType;
@@ -127,9 +127,11 @@ fn tile_wrapper<const F: u8>(
     out_stride: usize,
 ) {
     let (ty, act_ty) = (weight_type(F), if has_min(F) { GgmlType::Q8_1 } else { GgmlType::Q8_0 });
-    let Some(shape) = tile_shape(ty, act_ty, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride) else {
+    check_tile(ty, act_ty, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride);
+    if rows == 0 || toks == 0 {
         return;
-    };
+    }
+    let shape = Shape::of(ty, n, w_row_bytes, a_row_bytes, out_stride);
     // SAFETY: the wrapper is only handed out after the CPU was found to
     // support AVX2, FMA and F16C; `check_tile` verified that `rows` weight rows
     // and `toks` activation rows of `nb` blocks each, and `toks` output rows of

@@ -20,7 +20,7 @@
 //! same factors, the same FMAs and the same final reduction as the plain AVX2
 //! dot, so results are bit-identical to it.
 
-use super::{tile_shape, Shape, TileFn};
+use super::{check_tile, Shape, TileFn};
 use crate::kquants::avx2::{f16_at, hsum_256, load};
 use crate::kquants::{q4k, q6k, q8k, unpack_scales_mins};
 use crate::legacy::avx2::pin;
@@ -68,10 +68,11 @@ fn tile_wrapper<const F: u8, const WIDE: bool>(
     out_stride: usize,
 ) {
     let ty = if F == Q4K { GgmlType::Q4_K } else { GgmlType::Q6_K };
-    let Some(shape) = tile_shape(ty, GgmlType::Q8_K, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride)
-    else {
+    check_tile(ty, GgmlType::Q8_K, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride);
+    if rows == 0 || toks == 0 {
         return;
-    };
+    }
+    let shape = Shape::of(ty, n, w_row_bytes, a_row_bytes, out_stride);
     // SAFETY: the wrapper is only handed out after the CPU was found to
     // support AVX2, FMA and F16C (and AVX-512 F/BW/VL/VNNI where `WIDE`);
     // `check_tile` verified that `rows` weight rows and `toks` activation rows
