@@ -75,22 +75,6 @@ fn scale_min(blk: &[u8], j: usize, r: usize) -> (i32, i32) {
     ((packed & 0x3F) as i32, (packed >> 6 | high << 2) as i32)
 }
 
-/// Per token and super-block, the four words the SIMD kernels broadcast for
-/// the min term: word `p` holds the activation sums of sub-blocks `2p` (low
-/// 16 bits) and `2p + 1` (high), each at most 32 * 128 in magnitude.
-pub(super) fn min_words(p: &Product) -> Vec<i32> {
-    let nb = p.n / QK_K;
-    let mut words = Vec::with_capacity(p.n_tok * nb * 4);
-    for t in 0..p.n_tok {
-        for b in 0..nb {
-            let block = &p.a[t * p.a_row_bytes + b * q8k::BYTES..][..q8k::BYTES];
-            let sub = |j: usize| q8k::group_sum(block, 2 * j) + q8k::group_sum(block, 2 * j + 1);
-            words.extend((0..4).map(|w| (sub(2 * w) as u16 as u32 | (sub(2 * w + 1) as u16 as u32) << 16) as i32));
-        }
-    }
-    words
-}
-
 /// The portable product: row by row, the arithmetic of the module docs.
 pub(super) fn portable(p: Product) {
     super::portable_k_rows(p, GROUP_BLOCK, |blk, ab, r| {

@@ -5,14 +5,15 @@
 //! to every lane (`maddubs`); their 16-bit sums (at most 8 * 2 * 15 * 128 in
 //! magnitude) take the sub-block's scale, duplicated into both halves of the
 //! row's lane, with one `madd`, which leaves `scale * sum(q * a)` exact in
-//! 32 bits. The min term is one `madd` per sub-block pair (both mins of a row
-//! against the token's two activation sums). Then the portable dot's float
+//! 32 bits. The min term is one `madd` per sub-block (the row's min in both
+//! halves of its lane against the token's two 16-element sums of the
+//! sub-block, as the activation block stores them). Then the portable dot's float
 //! formula, lane by lane.
 
-use super::q4k::{min_words, DMIN_AT, GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
-use super::sweep::{by_tokens, prefetch, sweep, AHEAD};
+use super::q4k::{DMIN_AT, GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
+use super::sweep::{by_tokens, dup_pattern, prefetch, sweep, AHEAD};
 use super::{Product, Q4_K};
-use crate::kquants::{q8k, QK_K};
+use crate::kquants::q8k;
 use crate::legacy::avx2::pin;
 use std::arch::x86_64::*;
 
@@ -22,16 +23,12 @@ super::entry_points! {
 }
 
 fn products<const L: u8>(product: Product) {
-    let nb = product.n / QK_K;
-    let words = min_words(&product);
     sweep(product, 1, |p| {
-        let words = words[p.t0 * nb * 4..].as_ptr();
         // SAFETY: the kernel is only handed out after the CPU was found to
         // support AVX2, FMA and F16C; `check_repacked` verified that every
         // group of `nb` blocks, the pass's activation rows and their outputs
-        // (eight floats per token at `out_stride`) lie within the slices;
-        // `words` holds four values per token and super-block.
-        unsafe { by_tokens!(p.tn => group::<_>(p.nb, p.w, p.a, p.a_stride, words, p.out, p.out_stride)) }
+        // (eight floats per token at `out_stride`) lie within the slices.
+        unsafe { by_tokens!(p.tn => group::<_>(p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride)) }
     });
 }
 
@@ -58,12 +55,12 @@ unsafe fn group<const T: usize>(
     w: *const u8,
     a: *const u8,
     a_stride: usize,
-    words: *const i32,
     out: *mut f32,
     out_stride: usize,
 ) {
     let low = _mm256_set1_epi8(0x0F);
     let six_bits = _mm256_set1_epi32(0x3F);
+    let dup = [0, 1].map(|half| _mm256_broadcastsi128_si256(dup_pattern(half)));
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let blk = w.add(b * GROUP_BLOCK);
@@ -129,9 +126,19 @@ unsafe fn group<const T: usize>(
                 _mm256_and_si256(_mm256_srli_epi16::<6>(entries(c)), _mm256_set1_epi16(0x03)),
                 _mm256_slli_epi16::<2>(high),
             );
+            // Each sub-block's min in both halves of a row's lane.
+            let (min_lo, min_hi) = (_mm256_shuffle_epi8(mins, dup[0]), _mm256_shuffle_epi8(mins, dup[1]));
             for (t, msum_t) in msum.iter_mut().enumerate() {
-                let word = _mm256_set1_epi32(*words.add((t * nb + b) * 4 + c));
-                *msum_t = _mm256_add_epi32(*msum_t, _mm256_madd_epi16(mins, word));
+                // The token's 16-element sums of sub-blocks 2c and 2c+1, as stored.
+                let sums = |j: usize| {
+                    let at = a.add(t * a_stride + b * q8k::BYTES + q8k::BSUMS + 4 * j);
+                    _mm256_set1_epi32(at.cast::<i32>().read_unaligned())
+                };
+                let both = _mm256_add_epi32(
+                    _mm256_madd_epi16(min_lo, sums(2 * c)),
+                    _mm256_madd_epi16(min_hi, sums(2 * c + 1)),
+                );
+                *msum_t = _mm256_add_epi32(*msum_t, both);
             }
         }
         let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));

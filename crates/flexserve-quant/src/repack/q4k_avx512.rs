@@ -5,14 +5,14 @@
 //! `vpdpbusd` takes eight such vectors of low nibbles and eight of high ones
 //! with the matching activation quads broadcast, which leaves every row's
 //! exact sub-block sums in its lane; one `vpmulld` per sub-block applies the
-//! 6-bit scale. The min term takes one `vpdpwssd` per sub-block pair: the
-//! rows' two mins as 16-bit halves of a lane against the token's two
-//! activation sums. Then the portable dot's float formula, lane by lane.
+//! 6-bit scale. The min term takes one `vpdpwssd` per sub-block: the row's
+//! min in both 16-bit halves of its lane against the token's two 16-element
+//! sums of the sub-block, read from the activation block as they are stored. Then the portable dot's float formula, lane by lane.
 
-use super::q4k::{min_words, GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
-use super::sweep::{by_tokens, prefetch, sweep, Pass, AHEAD};
+use super::q4k::{GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
+use super::sweep::{by_tokens, dup_pattern, prefetch, sweep, Pass, AHEAD};
 use super::{Product, Q4_K};
-use crate::kquants::{q8k, QK_K};
+use crate::kquants::q8k;
 use std::arch::x86_64::*;
 
 /// Groups per pass: one 512-bit vector covers two groups of eight rows.
@@ -24,10 +24,7 @@ super::entry_points! {
 }
 
 fn products<const L: u8>(product: Product) {
-    let nb = product.n / QK_K;
-    let words = min_words(&product);
     sweep(product, GROUPS, |p: Pass| {
-        let words = words[p.t0 * nb * 4..].as_ptr();
         // A lone last group reads itself twice and stores only its own lanes.
         let (second, lanes) =
             if p.groups == GROUPS { (p.w.wrapping_add(p.group_bytes), 0xFFFF) } else { (p.w, 0x00FF) };
@@ -35,9 +32,8 @@ fn products<const L: u8>(product: Product) {
         // support AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI; `check_repacked`
         // verified that every group of `nb` blocks, the pass's activation rows
         // and their outputs (eight floats per group and token at `out_stride`)
-        // lie within the slices, and `second` is a group of the pass; `words`
-        // holds four values per token and super-block.
-        unsafe { by_tokens!(p.tn => pair::<_>(p.nb, p.w, second, p.a, p.a_stride, words, p.out, p.out_stride, lanes)) }
+        // lie within the slices, and `second` is a group of the pass.
+        unsafe { by_tokens!(p.tn => pair::<_>(p.nb, p.w, second, p.a, p.a_stride, p.out, p.out_stride, lanes)) }
     });
 }
 
@@ -60,7 +56,7 @@ unsafe fn widen_pair(p0: *const u8, p1: *const u8) -> __m512i {
 /// # Safety
 /// AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI must be available; `nb` group
 /// blocks at `w0` and at `w1`, `T` rows of `nb` Q8_K blocks at `a`
-/// (`a_stride` apart) and `4 * T * nb` words must be readable, the lanes of
+/// (`a_stride` apart) must be readable, the lanes of
 /// `lanes` among sixteen floats at `out + t * out_stride` writable for `t < T`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
@@ -71,7 +67,6 @@ unsafe fn pair<const T: usize>(
     w1: *const u8,
     a: *const u8,
     a_stride: usize,
-    words: *const i32,
     out: *mut f32,
     out_stride: usize,
     lanes: __mmask16,
@@ -79,13 +74,15 @@ unsafe fn pair<const T: usize>(
     let low = _mm512_set1_epi8(0x0F);
     let six_bits = _mm512_set1_epi32(0x3F);
     let two_bits = _mm512_set1_epi16(0x03);
+    let [dup_lo, dup_hi] = [0, 1].map(|half| _mm512_broadcast_i32x4(dup_pattern(half)));
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {
         let (b0, b1) = (w0.add(b * GROUP_BLOCK), w1.add(b * GROUP_BLOCK));
         prefetch(b0.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
         prefetch(b1.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
+        let act = |t: usize| a.add(t * a_stride + b * q8k::BYTES);
         let qa = |t: usize, at: usize| {
-            let quad = a.add(t * a_stride + b * q8k::BYTES + q8k::QS + at);
+            let quad = act(t).add(q8k::QS + at);
             _mm512_set1_epi32(quad.cast::<i32>().read_unaligned())
         };
         let mut isum = [_mm512_setzero_si512(); T];
@@ -125,12 +122,16 @@ unsafe fn pair<const T: usize>(
                 _mm512_and_si512(_mm512_srli_epi16::<6>(entries), two_bits),
                 _mm512_slli_epi16::<2>(high),
             );
+            // Each sub-block's min in both halves of a row's lane.
+            let (min_lo, min_hi) = (_mm512_shuffle_epi8(mins, dup_lo), _mm512_shuffle_epi8(mins, dup_hi));
             for t in 0..T {
                 let scaled =
                     _mm512_add_epi32(_mm512_mullo_epi32(lo_sum[t], scale_lo), _mm512_mullo_epi32(hi_sum[t], scale_hi));
                 isum[t] = _mm512_add_epi32(isum[t], scaled);
-                let word = _mm512_set1_epi32(*words.add((t * nb + b) * 4 + c));
-                msum[t] = _mm512_dpwssd_epi32(msum[t], mins, word);
+                // The token's 16-element sums of sub-blocks 2c and 2c+1, as stored.
+                let sums = |j: usize| _mm512_set1_epi32(act(t).add(q8k::BSUMS + 4 * j).cast::<i32>().read_unaligned());
+                msum[t] = _mm512_dpwssd_epi32(msum[t], min_lo, sums(2 * c));
+                msum[t] = _mm512_dpwssd_epi32(msum[t], min_hi, sums(2 * c + 1));
             }
         }
         let halves = |at: usize| {
@@ -141,7 +142,7 @@ unsafe fn pair<const T: usize>(
         };
         let (d, dmin) = (halves(0), halves(super::q4k::DMIN_AT));
         for t in 0..T {
-            let d_a = _mm512_set1_ps(a.add(t * a_stride + b * q8k::BYTES).cast::<f32>().read_unaligned());
+            let d_a = _mm512_set1_ps(act(t).cast::<f32>().read_unaligned());
             let scaled = _mm512_mul_ps(_mm512_mul_ps(d_a, d), _mm512_cvtepi32_ps(isum[t]));
             let shifted = _mm512_mul_ps(_mm512_mul_ps(d_a, dmin), _mm512_cvtepi32_ps(msum[t]));
             acc[t] = _mm512_add_ps(acc[t], _mm512_sub_ps(scaled, shifted));

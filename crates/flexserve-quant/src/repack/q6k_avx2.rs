@@ -9,7 +9,7 @@
 //! times is taken off. Then the portable dot's float formula, lane by lane.
 
 use super::q6k::{GROUP_BLOCK, HIGH_AT, LOW_AT, SCALES_AT};
-use super::sweep::{by_tokens, prefetch, sweep, AHEAD};
+use super::sweep::{by_tokens, dup_pattern, prefetch, sweep, AHEAD};
 use super::{Product, Q6_K};
 use crate::kquants::q8k;
 use crate::legacy::avx2::pin;
@@ -48,13 +48,8 @@ unsafe fn group<const T: usize>(
 ) {
     let low = _mm256_set1_epi8(0x0F);
     let top = _mm256_set1_epi8(0x30);
-    // Per 32-bit lane, the low (then the high) 16-bit half copied into both
-    // halves (byte indices count within each 128-bit half).
-    let pattern = |half: u8| {
-        let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8 % 16) / 4 * 4 + 2 * half + i as u8 % 2);
-        _mm256_loadu_si256(bytes.as_ptr().cast())
-    };
-    let dup = [pattern(0), pattern(1)];
+    // Per 32-bit lane, the low (then the high) 16-bit half copied into both halves.
+    let dup = [0, 1].map(|half| _mm256_broadcastsi128_si256(dup_pattern(half)));
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let blk = w.add(b * GROUP_BLOCK);

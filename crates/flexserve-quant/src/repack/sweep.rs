@@ -42,6 +42,16 @@ pub(super) fn prefetch(at: *const u8, bytes: usize) {
     }
 }
 
+/// A `pshufb` pattern that copies, in every 32-bit lane, the low (`half`
+/// 0) or the high (`half` 1) 16-bit half into both halves; byte indices count
+/// within a 128-bit lane, so it serves vectors of any width.
+#[inline]
+pub(super) fn dup_pattern(half: u8) -> std::arch::x86_64::__m128i {
+    let bytes: [u8; 16] = std::array::from_fn(|i| i as u8 / 4 * 4 + 2 * half + i as u8 % 2);
+    // SAFETY: SSE2 is part of x86-64; the load reads the 16 bytes of `bytes`.
+    unsafe { std::arch::x86_64::_mm_loadu_si128(bytes.as_ptr().cast()) }
+}
+
 /// Bytes of groups swept by every pass of tokens before the next groups are
 /// taken (kept in L2 while the activations stream past).
 const CHUNK_BYTES: usize = 192 * 1024;
