@@ -694,9 +694,15 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
     let kc = kv.k(layer);
     let vc = kv.v(layer);
     let acc = flexserve_quant::f16_acc();
-    out.par_chunks_mut(hd).enumerate().for_each_init(
-        || vec![0u8; hd * 2],
-        |q16, (i, o)| {
+    thread_local! {
+        // The query in f16 per worker thread, kept between calls (as `SCORES`
+        // in `attention_f32`): one allocation per task would churn the heap
+        // for every layer of every token.
+        static QUERY_F16: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+        QUERY_F16.with_borrow_mut(|q16| {
+            q16.resize(hd * 2, 0);
             let t = i / n_head;
             let h = i % n_head;
             let kvh = h / group;
@@ -726,8 +732,8 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
             for v in o.iter_mut() {
                 *v *= inv;
             }
-        },
-    );
+        })
+    });
 }
 
 /// Causal grouped-query attention in f32 for large batches (prompt

@@ -4,11 +4,14 @@
 //! Quantizing is conversion (round to nearest even for F16 and BF16). A dot
 //! product takes activations in the weight's own type: the products are
 //! formed in f32. The portable kernels accumulate F16/BF16 products in f64;
-//! the AVX2 ones use one 8-lane f32 FMA accumulator, the order their tile
-//! and GEMV kernels follow per pair (see `float/avx2.rs`).
+//! the AVX2 ones use one 8-lane f32 FMA accumulator and the AVX-512 ones one
+//! 16-lane accumulator, the order their tier's tile and GEMV kernels follow
+//! per pair (see `float/avx2.rs` and `float/avx512.rs`).
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
 
 use crate::{DequantizeFn, DotFn, GgmlType, Isa, Kernels, QuantizeFn};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
@@ -18,7 +21,9 @@ pub(crate) fn kernels(ty: GgmlType, isa: Isa) -> Option<Kernels> {
     match isa.usable() {
         Isa::Portable => Some(portable),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => Some(avx2::kernels(portable)),
+        Isa::Avx2 => Some(avx2::kernels(portable)),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Some(avx512::kernels(portable)),
         #[cfg(not(target_arch = "x86_64"))]
         _ => Some(portable),
     }

@@ -40,15 +40,19 @@ pub fn gemv_kernel_for(ty: GgmlType, isa: Isa) -> Option<GemvFn> {
     match isa.usable() {
         Isa::Portable => Some(portable),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => Some(
-            avx2::gemv(ty)
-                .or_else(|| kquants_avx2::gemv(ty))
-                .or_else(|| crate::tile::float_gemv(ty))
-                .unwrap_or(portable),
-        ),
+        Isa::Avx2 => Some(avx2_gemv(ty).unwrap_or(portable)),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Some(crate::tile::float_gemv_avx512(ty).or_else(|| avx2_gemv(ty)).unwrap_or(portable)),
         #[cfg(not(target_arch = "x86_64"))]
         _ => Some(portable),
     }
+}
+
+/// The AVX2 GEMV kernel of `ty`, if there is one (the AVX-512 tier uses
+/// them for the quantized types).
+#[cfg(target_arch = "x86_64")]
+fn avx2_gemv(ty: GgmlType) -> Option<GemvFn> {
+    avx2::gemv(ty).or_else(|| kquants_avx2::gemv(ty)).or_else(|| crate::tile::float_gemv_avx2(ty))
 }
 
 /// A SIMD kernel for a fixed number of rows: `(nb, w, w_row_bytes, a, out)`
@@ -134,6 +138,8 @@ fn portable_loop(ty: GgmlType, n: usize, w: &[u8], w_row_bytes: usize, rows: usi
     let dot = k.dot.expect("gemv kernels exist only for weight types");
     check_gemv(ty, k.vec_dot_type, n, w, w_row_bytes, rows, a, out);
     let w_bytes = n / ty.block_size() * ty.type_size();
+    // Exactly one row of activations: some dots insist on whole rows.
+    let a = &a[..n / k.vec_dot_type.block_size() * k.vec_dot_type.type_size()];
     for (r, o) in out[..rows].iter_mut().enumerate() {
         *o = dot(n, &w[r * w_row_bytes..r * w_row_bytes + w_bytes], a);
     }

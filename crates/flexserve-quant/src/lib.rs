@@ -24,6 +24,7 @@ mod gemv;
 mod kquants;
 mod legacy;
 mod repack;
+mod scratch;
 mod tile;
 
 pub use activation::{activations, activations_for, Activations, SiluMulFn, SoftmaxFn};

@@ -18,15 +18,15 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
-mod float_avx2;
+mod float_simd;
 #[cfg(target_arch = "x86_64")]
 mod kquants_avx2;
 #[cfg(target_arch = "x86_64")]
 mod kquants_avx512;
 
-/// The float formats' GEMV kernels are their tile sweep over one token.
+/// The float formats' GEMV kernels are their tile micro-tile over one token.
 #[cfg(target_arch = "x86_64")]
-pub(crate) use float_avx2::gemv as float_gemv;
+pub(crate) use float_simd::{avx2::gemv as float_gemv_avx2, avx512::gemv as float_gemv_avx512};
 
 use crate::{kernels_for, GgmlType, Isa};
 
@@ -86,7 +86,12 @@ pub fn tile_kernel_for(ty: GgmlType, isa: Isa) -> Option<TileFn> {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => Some(avx2_tile(ty).unwrap_or(portable)),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => Some(kquants_avx512::tile(ty).or_else(|| avx2_tile(ty)).unwrap_or(portable)),
+        Isa::Avx512 => Some(
+            kquants_avx512::tile(ty)
+                .or_else(|| float_simd::avx512::tile(ty))
+                .or_else(|| avx2_tile(ty))
+                .unwrap_or(portable),
+        ),
         #[cfg(not(target_arch = "x86_64"))]
         _ => Some(portable),
     }
@@ -95,7 +100,7 @@ pub fn tile_kernel_for(ty: GgmlType, isa: Isa) -> Option<TileFn> {
 /// The AVX2 tile kernel of `ty`, if there is one.
 #[cfg(target_arch = "x86_64")]
 fn avx2_tile(ty: GgmlType) -> Option<TileFn> {
-    avx2::tile(ty).or_else(|| kquants_avx2::tile(ty)).or_else(|| float_avx2::tile(ty))
+    avx2::tile(ty).or_else(|| kquants_avx2::tile(ty)).or_else(|| float_simd::avx2::tile(ty))
 }
 
 /// Panics with a clear message unless the slices hold the shape described.

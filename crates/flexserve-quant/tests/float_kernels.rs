@@ -1,5 +1,6 @@
 //! F32, F16 and BF16: encodings, conversion accuracy, dot products, and
-//! agreement between the AVX2 and portable kernels.
+//! agreement between the SIMD (AVX2, and AVX-512 where the CPU has it) and
+//! portable kernels.
 
 mod common;
 
@@ -7,8 +8,8 @@ use common::*;
 use flexserve_quant::GgmlType;
 
 const TYPES: [GgmlType; 3] = [GgmlType::F32, GgmlType::F16, GgmlType::BF16];
-/// Lengths around the 8- and 32-element steps of the SIMD loops.
-const LENGTHS: [usize; 12] = [1, 7, 8, 9, 31, 32, 33, 63, 64, 100, 257, 1000];
+/// Lengths around the 8-, 16- and 32-element steps of the SIMD loops.
+const LENGTHS: [usize; 15] = [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 100, 257, 1000];
 
 /// Relative rounding of a conversion to `ty`.
 fn unit_roundoff(ty: GgmlType) -> f32 {
@@ -28,7 +29,7 @@ fn known_encodings() {
         (GgmlType::BF16, &[0x80, 0x3F, 0x00, 0xC0, 0xA0, 0x3E], &[1.0, -2.0, 0.3125]),
     ];
     for (ty, bytes, values) in cases {
-        for k in [portable(ty), simd(ty)] {
+        for k in every_tier(ty) {
             assert_eq!(dequantize(&k, bytes, values.len()), values, "{ty}");
             assert_eq!(quantize(&k, values), bytes, "{ty}");
         }
@@ -38,7 +39,7 @@ fn known_encodings() {
 #[test]
 fn kernel_table() {
     for ty in TYPES {
-        for k in [portable(ty), simd(ty)] {
+        for k in every_tier(ty) {
             assert_eq!((k.ty, k.vec_dot_type), (ty, ty));
             assert!(k.dot.is_some());
         }
@@ -71,7 +72,7 @@ fn dot_matches_converted_values() {
             let (wq, aq) = (quantize(&k, &w), quantize(&k, &x));
             let (exact, magnitude) = dot_and_magnitude(&dequantize(&k, &wq, n), &dequantize(&k, &aq, n));
             let (float_dot, _) = dot_and_magnitude(&w, &x);
-            for k in [portable(ty), simd(ty)] {
+            for k in every_tier(ty) {
                 let got = (k.dot.unwrap())(n, &wq, &aq) as f64;
                 assert!((got - exact).abs() <= 1e-6 * magnitude, "{ty} n={n}: {got} vs {exact}");
                 let conversion = 2.5 * unit_roundoff(ty) as f64 * magnitude;
@@ -84,18 +85,18 @@ fn dot_matches_converted_values() {
 #[test]
 fn simd_kernels_match_portable() {
     let mut rng = rng(13);
-    for ty in TYPES {
-        let (p, s) = (portable(ty), simd(ty));
+    for (ty, (isa, s)) in TYPES.into_iter().flat_map(|ty| simd_by_tier(ty).into_iter().map(move |k| (ty, k))) {
+        let p = portable(ty);
         for n in LENGTHS {
             for shape in SHAPES {
                 let x = data(&mut rng, shape, n, 32);
                 let bytes = quantize(&p, &x);
-                assert_eq!(quantize(&s, &x), bytes, "{ty} {shape:?} n={n}");
+                assert_eq!(quantize(&s, &x), bytes, "{ty} {isa:?} {shape:?} n={n}");
 
                 let (buf, at) = misaligned(&bytes);
                 let row = &buf[at..at + bytes.len()];
                 let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(dequantize(&s, row, n)), bits(dequantize(&p, &bytes, n)), "{ty} n={n}");
+                assert_eq!(bits(dequantize(&s, row, n)), bits(dequantize(&p, &bytes, n)), "{ty} {isa:?} n={n}");
 
                 let a = quantize(&p, &data(&mut rng, Shape::Scaled, n, 32));
                 let (_, magnitude) = dot_and_magnitude(&dequantize(&p, &bytes, n), &dequantize(&p, &a, n));
@@ -103,7 +104,7 @@ fn simd_kernels_match_portable() {
                 let got = (s.dot.unwrap())(n, row, &a) as f64;
                 assert!(
                     (got - expected).abs() <= 1e-5 * magnitude + 1e-30,
-                    "{ty} {shape:?} n={n}: {got} vs {expected}"
+                    "{ty} {isa:?} {shape:?} n={n}: {got} vs {expected}"
                 );
             }
         }
@@ -113,7 +114,7 @@ fn simd_kernels_match_portable() {
 #[test]
 fn special_values_convert_like_ieee() {
     let x = [f32::INFINITY, f32::NEG_INFINITY, 1e10, -0.0, 1e-10];
-    for k in [portable(GgmlType::F16), simd(GgmlType::F16)] {
+    for k in every_tier(GgmlType::F16) {
         let y = dequantize(&k, &quantize(&k, &x), x.len());
         assert_eq!(y[..3], [f32::INFINITY, f32::NEG_INFINITY, f32::INFINITY]);
         assert_eq!((y[3], y[3].is_sign_negative()), (0.0, true));
@@ -121,7 +122,7 @@ fn special_values_convert_like_ieee() {
         let nan = dequantize(&k, &quantize(&k, &[f32::NAN]), 1);
         assert!(nan[0].is_nan());
     }
-    for k in [portable(GgmlType::BF16), simd(GgmlType::BF16)] {
+    for k in every_tier(GgmlType::BF16) {
         let y = dequantize(&k, &quantize(&k, &x), x.len());
         assert_eq!(y[..2], [f32::INFINITY, f32::NEG_INFINITY]);
         assert!((y[2] - 1e10).abs() <= 1e10 / 256.0);

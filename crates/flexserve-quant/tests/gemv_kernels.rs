@@ -1,5 +1,5 @@
 //! GEMV kernels: every row's result against the plain dot of the same pair
-//! (bit for bit against the same ISA), the AVX2 kernels against the portable
+//! (bit for bit against the same ISA), the SIMD kernels against the portable
 //! ones, row remainders, strides, and argument checks.
 
 mod common;
@@ -12,7 +12,7 @@ const GEMV_TYPES: [GgmlType; 10] = MATRIX_TYPES;
 const ROW_COUNTS: [usize; 9] = [0, 1, 2, 3, 4, 5, 7, 8, 13];
 
 /// Row lengths: 1, 7 and 18 blocks; for the float types (one element per
-/// block), lengths that leave a tail after the kernels' steps of 8.
+/// block), lengths that leave a tail after the kernels' steps of 8 and 16.
 fn lengths(ty: GgmlType) -> [usize; 3] {
     match ty.block_size() {
         1 => [7, 40, 581],
@@ -110,12 +110,14 @@ fn gemv_kernels_exist_for_the_formats_with_fast_paths() {
 #[test]
 fn simd_gemv_equals_the_simd_dot_bit_for_bit() {
     for (i, ty) in GEMV_TYPES.into_iter().enumerate() {
-        let dot = simd(ty).dot.expect("weight type has a dot");
-        for (j, n) in lengths(ty).into_iter().enumerate() {
-            for pad in [0, 3] {
-                let case = Case::new(ty, n, 13, pad, (i * 10 + j) as u64);
-                for rows in ROW_COUNTS {
-                    assert_matches_dot(&case, gemv_for(ty, Isa::Avx2), dot, rows, "avx2");
+        for (isa, k) in simd_by_tier(ty) {
+            let dot = k.dot.expect("weight type has a dot");
+            for (j, n) in lengths(ty).into_iter().enumerate() {
+                for pad in [0, 3] {
+                    let case = Case::new(ty, n, 13, pad, (i * 10 + j) as u64);
+                    for rows in ROW_COUNTS {
+                        assert_matches_dot(&case, gemv_for(ty, isa), dot, rows, isa.name());
+                    }
                 }
             }
         }
@@ -139,9 +141,9 @@ fn simd_gemv_agrees_with_portable_gemv() {
         eprintln!("no AVX2 on this CPU: both kernels are the portable one");
     }
     for (i, ty) in GEMV_TYPES.into_iter().enumerate() {
-        for n in lengths(ty) {
+        for (n, isa) in lengths(ty).into_iter().flat_map(|n| simd_tiers().into_iter().map(move |isa| (n, isa))) {
             let case = Case::new(ty, n, 13, 1, 200 + i as u64);
-            let simd_out = case.run(gemv_for(ty, Isa::Avx2), 13);
+            let simd_out = case.run(gemv_for(ty, isa), 13);
             let portable_out = case.run(gemv_for(ty, Isa::Portable), 13);
             for r in 0..13 {
                 let wk = portable(ty);
@@ -150,7 +152,7 @@ fn simd_gemv_agrees_with_portable_gemv() {
                 let magnitude: f32 = w.iter().zip(&a).map(|(x, y)| (x * y).abs()).sum();
                 let (x, y) = (simd_out[r], portable_out[r]);
                 let tol = 1e-5 * magnitude + f32::MIN_POSITIVE;
-                assert!((x - y).abs() <= tol, "{ty} n={n} row {r}: avx2 {x} vs portable {y}, tol {tol}");
+                assert!((x - y).abs() <= tol, "{ty} n={n} row {r}: {isa:?} {x} vs portable {y}, tol {tol}");
             }
         }
     }

@@ -92,12 +92,6 @@ impl Case {
     }
 }
 
-/// The SIMD tiers to test: AVX2 always (the portable kernel where the CPU
-/// lacks it), AVX-512 where the CPU has it.
-fn simd_tiers() -> Vec<Isa> {
-    [Isa::Avx2, Isa::Avx512].into_iter().filter(|&isa| isa == Isa::Avx2 || isa <= detected_isa()).collect()
-}
-
 /// The plain dot of `ty` at `isa`, which the tile of that tier must equal bit for bit.
 fn dot_for(ty: GgmlType, isa: Isa) -> flexserve_quant::DotFn {
     kernels_for(ty, isa).expect("kernels exist").dot.expect("weight type has a dot")

@@ -5,7 +5,7 @@
 //! remaining `n % 8` products one by one. One accumulator is a single chain of
 //! FMAs, which alone would wait on the FMA latency; but it is the order that a
 //! tile of several (row, token) pairs can follow with one register per pair,
-//! so the tile and GEMV kernels (`tile/float_avx2.rs`), which overlap many
+//! so the tile and GEMV kernels (`tile/float_simd.rs`), which overlap many
 //! such chains, give results bit-identical to this dot.
 //!
 //! The functions handed out are safe wrappers: `kernels` is only called with
@@ -42,7 +42,7 @@ pub(super) fn kernels(portable: Kernels) -> Kernels {
 }
 
 /// Checks that both rows hold `n` elements of `size` bytes.
-fn check_dot(n: usize, w: &[u8], a: &[u8], size: usize) {
+pub(super) fn check_dot(n: usize, w: &[u8], a: &[u8], size: usize) {
     assert!(
         w.len() >= n * size && a.len() >= n * size,
         "dot of {n} elements: rows of {} and {} bytes are too short",

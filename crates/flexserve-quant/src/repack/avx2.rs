@@ -11,7 +11,7 @@
 //! llama.cpp's grouped kernels. `Q4_1x8` runs the same loop on the Q8_1
 //! activations without the offset, then adds `m_w * s_a` with a second FMA.
 
-use super::sweep::{block_sums, by_tokens, sweep};
+use super::sweep::{by_tokens, sweep, with_block_sums};
 use super::{entry_points, layout, Product, Repacked, Q4_0, Q4_1, Q8_0, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
 use crate::legacy::avx2::{load_f16, pin};
 use crate::legacy::{Q8_0_BYTES, QK};
@@ -31,15 +31,17 @@ fn nibbles<const L: u8>(product: Product) {
     const { assert!(L == Q4_0 || L == Q4_1, "nibble layouts only") };
     let nb = product.n / QK;
     // Q4_0: the levels' offset of 8 times each block's activation sum.
-    let corrections = block_sums(&product, if L == Q4_1 { 0 } else { 8 });
-    sweep(product, 1, |p| {
-        let c = corrections[p.t0 * nb..].as_ptr();
-        // SAFETY: the kernel is only handed out after the CPU was found to
-        // support AVX2, FMA and F16C; `check_repacked` verified that every group of
-        // `nb` blocks, the pass's activation rows and their outputs (eight
-        // floats per token at `out_stride`) lie within the slices;
-        // `corrections` holds `nb` values per token.
-        unsafe { by_tokens!(p.tn => group::<_, L>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride)) }
+    with_block_sums(product, if L == Q4_1 { 0 } else { 8 }, |product, corrections| {
+        sweep(product, 1, |p| {
+            // Not read for Q4_1, whose `corrections` is empty.
+            let c = corrections.as_ptr().wrapping_add(p.t0 * nb);
+            // SAFETY: the kernel is only handed out after the CPU was found to
+            // support AVX2, FMA and F16C; `check_repacked` verified that every
+            // group of `nb` blocks, the pass's activation rows and their
+            // outputs (eight floats per token at `out_stride`) lie within the
+            // slices; for Q4_0, `corrections` holds `nb` values per token.
+            unsafe { by_tokens!(p.tn => group::<_, L>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride)) }
+        })
     });
 }
 
@@ -48,8 +50,8 @@ fn nibbles<const L: u8>(product: Product) {
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `nb` group blocks at `w`, `T` rows
-/// of `nb` activation blocks at `a` (`a_stride` apart) and `T * nb` corrections
-/// must be readable, eight floats at `out + t * out_stride` writable for `t < T`.
+/// of `nb` activation blocks at `a` (`a_stride` apart) and, for `Q4_0`, `T * nb`
+/// corrections must be readable, eight floats at `out + t * out_stride` writable for `t < T`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group<const T: usize, const L: u8>(

@@ -14,7 +14,7 @@
 //! one FMA with the rounded scale product per block (and for Q4_1 one FMA of
 //! the minimums): results are bit-identical to the portable kernel.
 
-use super::sweep::{block_sums, by_tokens, sweep, Pass};
+use super::sweep::{by_tokens, sweep, with_block_sums, Pass};
 use super::{entry_points, layout, Product, Q4_0, Q4_1, Q8_0, REPACK_ROWS};
 use crate::legacy::avx2::load_f16;
 use crate::legacy::QK;
@@ -45,19 +45,23 @@ entry_points! {
 /// The products of every layout (`L`).
 fn products<const L: u8>(product: Product) {
     let nb = product.n / QK;
-    let corrections = block_sums(&product, offset(L));
-    sweep(product, GROUPS, |p: Pass| {
-        let c = corrections[p.t0 * nb..].as_ptr();
-        // A lone last group reads itself twice and stores only its own lanes.
-        let (second, lanes) =
-            if p.groups == GROUPS { (p.w.wrapping_add(p.group_bytes), 0xFFFF) } else { (p.w, 0x00FF) };
-        // SAFETY: the kernel is only handed out after the CPU was found to
-        // support AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI; `check_repacked`
-        // verified that every group of `nb` blocks, the pass's activation rows
-        // and their outputs (eight floats per group and token at `out_stride`)
-        // lie within the slices, and `second` is a group of the pass;
-        // `corrections` holds `nb` values per token.
-        unsafe { by_tokens!(p.tn => pair::<_, L>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes)) }
+    with_block_sums(product, offset(L), |product, corrections| {
+        sweep(product, GROUPS, |p: Pass| {
+            // Not read for Q4_1, whose `corrections` is empty.
+            let c = corrections.as_ptr().wrapping_add(p.t0 * nb);
+            // A lone last group reads itself twice and stores only its own lanes.
+            let (second, lanes) =
+                if p.groups == GROUPS { (p.w.wrapping_add(p.group_bytes), 0xFFFF) } else { (p.w, 0x00FF) };
+            // SAFETY: the kernel is only handed out after the CPU was found to
+            // support AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI; `check_repacked`
+            // verified that every group of `nb` blocks, the pass's activation
+            // rows and their outputs (eight floats per group and token at
+            // `out_stride`) lie within the slices, and `second` is a group of
+            // the pass; but for Q4_1, `corrections` holds `nb` values per token.
+            unsafe {
+                by_tokens!(p.tn => pair::<_, L>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes))
+            }
+        })
     });
 }
 
@@ -157,6 +161,19 @@ pub(crate) unsafe fn pin<const T: usize>(vectors: &mut [__m512i; T]) {
     for v in vectors.iter_mut() {
         // SAFETY: an empty instruction template; the operand only tells the
         // compiler that `v` is read and written in a register here.
+        std::arch::asm!("/* {0} */", inout(zmm_reg) * v, options(nostack, preserves_flags));
+    }
+}
+
+/// `pin` for float vectors.
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn pin_ps<const T: usize>(vectors: &mut [__m512; T]) {
+    for v in vectors.iter_mut() {
+        // SAFETY: as in `pin`.
         std::arch::asm!("/* {0} */", inout(zmm_reg) * v, options(nostack, preserves_flags));
     }
 }

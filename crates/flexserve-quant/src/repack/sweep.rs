@@ -112,18 +112,26 @@ pub(super) fn sweep(p: Product, groups_per_pass: usize, mut pass: impl FnMut(Pas
     }
 }
 
-/// `factor` times the sum of each block's activation quants (the layout's
-/// activation type), per token and block (`nb` per token): what an unsigned
-/// view of the weights adds to the exact block sums, to be taken off again.
-pub(super) fn block_sums(p: &Product, factor: i32) -> Vec<i32> {
-    let Product { layout, a, a_row_bytes, n_tok, .. } = *p;
-    let nb = p.n / QK;
+/// Runs `body` with the product and `factor` times the sum of each block's activation quants
+/// (the layout's activation type), per token and block (`nb` per token):
+/// what an unsigned view of the weights adds to the exact block sums, to be
+/// taken off again. With `factor` 0 (no offset to take off) the slice is
+/// empty.
+pub(super) fn with_block_sums<R>(p: Product, factor: i32, body: impl FnOnce(Product, &[i32]) -> R) -> R {
     if factor == 0 {
-        return vec![0; nb * n_tok];
+        return body(p, &[]);
     }
+    let Product { layout, a, a_row_bytes, n_tok, .. } = p;
+    let nb = p.n / QK;
     let (block, quants) = (layout.activation_type().type_size(), layout.act_quants());
-    (0..n_tok)
-        .flat_map(|t| (0..nb).map(move |b| t * a_row_bytes + b * block))
-        .map(|at| factor * a[at + quants..at + block].iter().map(|&v| v as i8 as i32).sum::<i32>())
-        .collect()
+    let sums = |t: usize, b: usize| {
+        let at = t * a_row_bytes + b * block;
+        factor * a[at + quants..at + block].iter().map(|&v| v as i8 as i32).sum::<i32>()
+    };
+    crate::scratch::with_i32(n_tok * nb, 0, |out| {
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = sums(i / nb, i % nb);
+        }
+        body(p, out)
+    })
 }

@@ -142,20 +142,36 @@ fn tile_wrapper<const F: u8>(
 
 /// The f32 block scales of a chunk of rows or tokens, converted from f16 once
 /// and reused by every micro-tile of the chunk.
-struct ChunkScales {
+struct ChunkScales<'a> {
     /// `d` of each block (weights: row-major `[row][block]`; activations:
     /// block-major `[block][token]`, so that a token tile's values are adjacent).
-    d: Vec<f32>,
+    d: &'a mut [f32],
     /// The second f16 field: `m` of weights / `s` of activations (formats with a minimum only).
-    second: Vec<f32>,
+    second: &'a mut [f32],
 }
 
-impl ChunkScales {
-    /// Room for `count` rows of `nb` blocks in groups of `group`, plus one
+impl<'a> ChunkScales<'a> {
+    /// Floats for `count` rows of `nb` blocks in groups of `group`, plus one
     /// vector of slack so that four-lane loads at the end stay in bounds.
-    fn new<const F: u8>(count: usize, nb: usize, group: usize) -> ChunkScales {
-        let len = count.div_ceil(group) * group * nb + 4;
-        ChunkScales { d: vec![0.0; len], second: if has_min(F) { vec![0.0; len] } else { Vec::new() } }
+    fn len<const F: u8>(count: usize, nb: usize, group: usize) -> usize {
+        let one = count.div_ceil(group) * group * nb + 4;
+        if has_min(F) {
+            2 * one
+        } else {
+            one
+        }
+    }
+
+    /// Takes the room `len` asks for from the front of `buf`; returns the rest.
+    fn carve<const F: u8>(
+        buf: &'a mut [f32],
+        count: usize,
+        nb: usize,
+        group: usize,
+    ) -> (ChunkScales<'a>, &'a mut [f32]) {
+        let (mine, rest) = buf.split_at_mut(Self::len::<F>(count, nb, group));
+        let (d, second) = if has_min(F) { mine.split_at_mut(mine.len() / 2) } else { (mine, &mut [][..]) };
+        (ChunkScales { d, second }, rest)
     }
 
     /// Converts the scales of `count` rows at `p` (`stride` apart, blocks of
@@ -216,42 +232,47 @@ unsafe fn tile_avx2<const F: u8>(shape: Shape, w: *const u8, rows: usize, a: *co
     let (tile_rows, tile_toks) = micro_tile(F);
     let row_chunk = (ROW_CHUNK_BYTES / shape.w_stride.max(1)).max(1).div_ceil(tile_rows) * tile_rows;
     let tok_chunk = (TOK_CHUNK_BYTES / shape.a_stride.max(1)).max(1).div_ceil(tile_toks) * tile_toks;
-    let mut w_scales = ChunkScales::new::<F>(row_chunk.min(rows), nb, tile_rows);
-    let mut a_scales = ChunkScales::new::<F>(tok_chunk.min(toks), nb, tile_toks);
-    let (w_bytes, a_bytes) = (weight_block_bytes(F), act_block_bytes(F));
+    let (w_count, a_count) = (row_chunk.min(rows), tok_chunk.min(toks));
     let products_per_block = if F == Q8_0 { Q8_ROWS * Q8_TOKS } else { ROWS * TOKS };
-    let mut products = vec![0f32; nb * products_per_block];
-    for t_chunk in (0..toks).step_by(tok_chunk) {
-        let t_chunk_end = toks.min(t_chunk + tok_chunk);
-        let tc = t_chunk_end - t_chunk;
-        a_scales.fill::<F>(a.add(t_chunk * shape.a_stride), shape.a_stride, tc, nb, a_bytes, tile_toks);
-        for r_chunk in (0..rows).step_by(row_chunk) {
-            let r_chunk_end = rows.min(r_chunk + row_chunk);
-            let w_chunk = w.add(r_chunk * shape.w_stride);
-            let rc = r_chunk_end - r_chunk;
-            w_scales.fill::<F>(w_chunk, shape.w_stride, rc, nb, w_bytes, tile_rows);
-            for t in (t_chunk..t_chunk_end).step_by(tile_toks) {
-                let tt = tile_toks.min(t_chunk_end - t);
-                for r in (r_chunk..r_chunk_end).step_by(tile_rows) {
-                    let rr = tile_rows.min(r_chunk_end - r);
-                    let (w, a) = (w.add(r * shape.w_stride), a.add(t * shape.a_stride));
-                    let out = out.add(t * shape.out_stride + r);
-                    // Each tile's scales are a group of its own (see `ChunkScales::fill`).
-                    let (w_at, a_at) = ((r - r_chunk) * nb, (t - t_chunk) * nb);
-                    let scales = TileScales {
-                        w_d: w_scales.d.as_ptr().add(w_at),
-                        w_m: w_scales.second.as_ptr().wrapping_add(w_at),
-                        w_step: tile_rows,
-                        a_d: a_scales.d.as_ptr().add(a_at),
-                        a_s: a_scales.second.as_ptr().wrapping_add(a_at),
-                        a_step: tile_toks,
-                        products: products.as_mut_ptr(),
-                    };
-                    micro_any::<F>(rr, tt, shape, w, a, out, scales);
+    let scratch = ChunkScales::len::<F>(w_count, nb, tile_rows)
+        + ChunkScales::len::<F>(a_count, nb, tile_toks)
+        + nb * products_per_block;
+    let (w_bytes, a_bytes) = (weight_block_bytes(F), act_block_bytes(F));
+    crate::scratch::with_f32(scratch, 0.0, |buf| {
+        let (mut w_scales, rest) = ChunkScales::carve::<F>(buf, w_count, nb, tile_rows);
+        let (mut a_scales, products) = ChunkScales::carve::<F>(rest, a_count, nb, tile_toks);
+        for t_chunk in (0..toks).step_by(tok_chunk) {
+            let t_chunk_end = toks.min(t_chunk + tok_chunk);
+            let tc = t_chunk_end - t_chunk;
+            a_scales.fill::<F>(a.add(t_chunk * shape.a_stride), shape.a_stride, tc, nb, a_bytes, tile_toks);
+            for r_chunk in (0..rows).step_by(row_chunk) {
+                let r_chunk_end = rows.min(r_chunk + row_chunk);
+                let w_chunk = w.add(r_chunk * shape.w_stride);
+                let rc = r_chunk_end - r_chunk;
+                w_scales.fill::<F>(w_chunk, shape.w_stride, rc, nb, w_bytes, tile_rows);
+                for t in (t_chunk..t_chunk_end).step_by(tile_toks) {
+                    let tt = tile_toks.min(t_chunk_end - t);
+                    for r in (r_chunk..r_chunk_end).step_by(tile_rows) {
+                        let rr = tile_rows.min(r_chunk_end - r);
+                        let (w, a) = (w.add(r * shape.w_stride), a.add(t * shape.a_stride));
+                        let out = out.add(t * shape.out_stride + r);
+                        // Each tile's scales are a group of its own (see `ChunkScales::fill`).
+                        let (w_at, a_at) = ((r - r_chunk) * nb, (t - t_chunk) * nb);
+                        let scales = TileScales {
+                            w_d: w_scales.d.as_ptr().add(w_at),
+                            w_m: w_scales.second.as_ptr().wrapping_add(w_at),
+                            w_step: tile_rows,
+                            a_d: a_scales.d.as_ptr().add(a_at),
+                            a_s: a_scales.second.as_ptr().wrapping_add(a_at),
+                            a_step: tile_toks,
+                            products: products.as_mut_ptr(),
+                        };
+                        micro_any::<F>(rr, tt, shape, w, a, out, scales);
+                    }
                 }
             }
         }
-    }
+    })
 }
 
 /// Runs the micro-tile kernel of the exact size `rr x tt` (each at most the full size).

@@ -197,26 +197,27 @@ pub(super) unsafe fn q4k_sweep(
     mut micro: impl FnMut(usize, usize, *const u8, *const u8, *mut f32, *const Q4kFactors),
 ) {
     let chunks = chunks(&s, tile);
-    let mut unpacked = vec![Q4kFactors::zero(); chunks.0.min(rows) * s.nb];
-    let factors = unpacked.as_mut_ptr();
-    for_each_micro_tile(
-        rows,
-        toks,
-        tile,
-        chunks,
-        |r_chunk, r_chunk_end| {
-            for i in 0..r_chunk_end - r_chunk {
-                let row = w.add((r_chunk + i) * s.w_stride);
-                for b in 0..s.nb {
-                    *factors.add(i * s.nb + b) = q4k_factors(row.add(b * q4k::BYTES));
+    with_q4k_factors(chunks.0.min(rows) * s.nb, Q4kFactors::zero(), |unpacked| {
+        let factors = unpacked.as_mut_ptr();
+        for_each_micro_tile(
+            rows,
+            toks,
+            tile,
+            chunks,
+            |r_chunk, r_chunk_end| {
+                for i in 0..r_chunk_end - r_chunk {
+                    let row = w.add((r_chunk + i) * s.w_stride);
+                    for b in 0..s.nb {
+                        *factors.add(i * s.nb + b) = q4k_factors(row.add(b * q4k::BYTES));
+                    }
                 }
-            }
-        },
-        |r, rr, t, tt, r_chunk| {
-            let (w, a, out) = (w.add(r * s.w_stride), a.add(t * s.a_stride), out.add(t * s.out_stride + r));
-            micro(rr, tt, w, a, out, factors.add((r - r_chunk) * s.nb));
-        },
-    );
+            },
+            |r, rr, t, tt, r_chunk| {
+                let (w, a, out) = (w.add(r * s.w_stride), a.add(t * s.a_stride), out.add(t * s.out_stride + r));
+                micro(rr, tt, w, a, out, factors.add((r - r_chunk) * s.nb));
+            },
+        );
+    })
 }
 
 /// Calls the micro-tile kernel `$micro` instantiated for `$rr x $tt`, one of
@@ -240,6 +241,11 @@ pub(super) struct Q4kFactors {
     mins: __m256i,
     pub(super) d: f32,
     neg_dmin: f32,
+}
+
+crate::scratch::scratch_fn! {
+    /// Scratch for the unpacked factors of a chunk of rows.
+    fn with_q4k_factors: Q4kFactors;
 }
 
 impl Q4kFactors {

@@ -1,7 +1,7 @@
 //! Helpers shared by the kernel test files.
 #![allow(dead_code)]
 
-use flexserve_quant::{kernels_for, GgmlType, Isa, Kernels};
+use flexserve_quant::{detected_isa, kernels_for, GgmlType, Isa, Kernels};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -30,6 +30,22 @@ pub fn portable(ty: GgmlType) -> Kernels {
 /// The AVX2 kernels where the CPU has them, else the portable ones again.
 pub fn simd(ty: GgmlType) -> Kernels {
     kernels_for(ty, Isa::Avx2).expect("kernels exist")
+}
+
+/// The SIMD tiers to test: AVX2 always (the portable kernel where the CPU
+/// lacks it), AVX-512 where the CPU has it.
+pub fn simd_tiers() -> Vec<Isa> {
+    [Isa::Avx2, Isa::Avx512].into_iter().filter(|&isa| isa == Isa::Avx2 || isa <= detected_isa()).collect()
+}
+
+/// The kernels of `ty`: portable, then every tier of `simd_tiers`.
+pub fn every_tier(ty: GgmlType) -> Vec<Kernels> {
+    std::iter::once(portable(ty)).chain(simd_by_tier(ty).into_iter().map(|(_, k)| k)).collect()
+}
+
+/// The kernels of `ty` at every tier of `simd_tiers`.
+pub fn simd_by_tier(ty: GgmlType) -> Vec<(Isa, Kernels)> {
+    simd_tiers().into_iter().map(|isa| (isa, kernels_for(ty, isa).expect("kernels exist"))).collect()
 }
 
 pub fn row_bytes(ty: GgmlType, n: usize) -> usize {

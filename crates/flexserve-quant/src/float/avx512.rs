@@ -1,0 +1,78 @@
+//! AVX-512 F kernels for F32, F16 and BF16 rows: the AVX2 scheme of
+//! `float/avx2.rs` at sixteen lanes.
+//!
+//! A dot product keeps one 16-lane FMA accumulator and takes the rows
+//! sixteen elements at a time in order; it then adds the accumulator's upper
+//! half onto its lower half and finishes as the AVX2 dot does (the same
+//! eight-lane reduction, then the `n % 16` products left one by one). The
+//! tile and GEMV kernels of this tier (`tile/float_simd.rs`) follow the same
+//! order per (row, token) pair, so they equal this dot bit for bit.
+//!
+//! Conversions keep their AVX2 kernels: an element converts to the same
+//! value at any width, and the matmuls convert inside their own loops.
+
+use super::avx2::{check_dot, format_type, BF16, F16, F32};
+use crate::{DotFn, GgmlType, Kernels};
+use std::arch::x86_64::*;
+
+/// Replaces the dot of `portable.ty` with the AVX-512 one (and its
+/// conversions with the AVX2 ones).
+pub(super) fn kernels(portable: Kernels) -> Kernels {
+    let avx2 = super::avx2::kernels(portable);
+    let dot: DotFn = match portable.ty {
+        GgmlType::F32 => dot::<F32>,
+        GgmlType::F16 => dot::<F16>,
+        GgmlType::BF16 => dot::<BF16>,
+        _ => return avx2,
+    };
+    Kernels { dot: Some(dot), ..avx2 }
+}
+
+fn dot<const F: u8>(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    check_dot(n, w, a, format_type(F).type_size());
+    // SAFETY: only handed out at the AVX-512 tier, after the CPU was found to
+    // support AVX-512 F besides AVX2, FMA and F16C; both rows hold `n`
+    // elements (checked above), which is all the kernel reads.
+    unsafe { dot_avx512::<F>(n, w.as_ptr(), a.as_ptr()) }
+}
+
+/// Sixteen elements from element `i` of a row of format `F` at `p`, as f32.
+///
+/// # Safety
+/// AVX-512 F must be available; sixteen elements from `i` must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+pub(crate) unsafe fn sixteen<const F: u8>(p: *const u8, i: usize) -> __m512 {
+    match F {
+        F32 => _mm512_loadu_ps(p.add(4 * i).cast()),
+        F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * i).cast())),
+        _ => {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.add(2 * i).cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+        }
+    }
+}
+
+/// Finishes a dot of `n` elements whose first `main` (`n - n % 16`) went
+/// into `acc`: its halves added, then the AVX2 dot's finish.
+///
+/// # Safety
+/// AVX-512 F must be available; both rows must hold `n` elements.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+pub(crate) unsafe fn finish<const F: u8>(acc: __m512, n: usize, main: usize, w: *const u8, a: *const u8) -> f32 {
+    let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+    let folded = _mm256_add_ps(_mm512_castps512_ps256(acc), high);
+    super::avx2::finish::<F>(folded, n, main, w, a)
+}
+
+/// The dot of `n` elements of format `F` (see the module comment for the order).
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn dot_avx512<const F: u8>(n: usize, w: *const u8, a: *const u8) -> f32 {
+    let main = n - n % 16;
+    let mut acc = _mm512_setzero_ps();
+    for i in (0..main).step_by(16) {
+        acc = _mm512_fmadd_ps(sixteen::<F>(w, i), sixteen::<F>(a, i), acc);
+    }
+    finish::<F>(acc, n, main, w, a)
+}
