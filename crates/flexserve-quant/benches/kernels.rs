@@ -183,9 +183,60 @@ fn gemv(c: &mut Criterion) {
     g.finish();
 }
 
+/// Decode over a matrix far larger than the caches (256 MiB of weights,
+/// rows of 2048): the GEMV on the rows as stored against the product on the
+/// rearranged layout, one token each, in GB/s of weights streamed. This is
+/// what one-token decode costs per matrix, where the 64-row benchmarks above
+/// run from the caches. The matrix repeats one block of 64 quantized rows,
+/// which keeps the setup short and reads the same bytes as distinct rows.
+fn stream(c: &mut Criterion) {
+    const N: usize = 2048;
+    const BLOCK_ROWS: usize = 64;
+    const MATRIX_BYTES: usize = 256 << 20;
+    let mut g = c.benchmark_group("stream");
+    g.sample_size(10);
+    let tiers: Vec<Isa> = match isas().into_iter().filter(|&isa| isa > Isa::Portable).collect::<Vec<_>>() {
+        simd if simd.is_empty() => vec![Isa::Portable],
+        simd => simd,
+    };
+    for layout in [Repacked::Q4_0x8, Repacked::Q4_1x8, Repacked::Q8_0x8, Repacked::Q4_Kx8, Repacked::Q6_Kx8] {
+        let (ty, act) = (layout.ty(), layout.activation_type());
+        let k = kernels_for(ty, Isa::Portable).unwrap();
+        let wrb = ty.row_size(N as u64).unwrap() as usize;
+        let mut block = vec![0u8; wrb * BLOCK_ROWS];
+        for (r, row) in block.chunks_exact_mut(wrb).enumerate() {
+            (k.quantize)(&values(N, 10 + r as u32), row);
+        }
+        let rows = MATRIX_BYTES.div_ceil(wrb * BLOCK_ROWS) * BLOCK_ROWS;
+        let copies = rows / BLOCK_ROWS;
+        let plain = block.repeat(copies);
+        let packed = layout.repack(&block, BLOCK_ROWS, N).unwrap().repeat(copies);
+        g.throughput(Throughput::BytesDecimal(plain.len() as u64));
+        let mut out = vec![0f32; rows];
+        for isa in tiers.iter().copied() {
+            let gemv = gemv_kernel_for(ty, isa).unwrap();
+            let gemv_act = kernels_for(kernels_for(ty, isa).unwrap().vec_dot_type, Isa::Portable).unwrap();
+            let mut x = vec![0u8; gemv_act.ty.row_size(N as u64).unwrap() as usize];
+            (gemv_act.quantize)(&values(N, 2), &mut x);
+            g.bench_function(BenchmarkId::new(format!("{} gemv", ty.name()), format!("{isa:?}")), |b| {
+                b.iter(|| gemv(N, black_box(&plain), wrb, rows, black_box(&x), &mut out))
+            });
+            let a = kernels_for(act, Isa::Portable).unwrap();
+            let arb = act.row_size(N as u64).unwrap() as usize;
+            let mut x = vec![0u8; arb];
+            (a.quantize)(&values(N, 2), &mut x);
+            let kernel = layout.kernel_for(isa);
+            g.bench_function(BenchmarkId::new(format!("{layout:?} x1"), format!("{isa:?}")), |b| {
+                b.iter(|| kernel(N, black_box(&packed), rows, black_box(&x), arb, 1, &mut out, rows))
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = dot, convert, gemv, tile, packed
+    targets = dot, convert, gemv, tile, packed, stream
 }
 criterion_main!(benches);
