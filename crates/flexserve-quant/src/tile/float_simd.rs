@@ -3,8 +3,9 @@
 //!
 //! A micro-tile of R weight rows by T tokens keeps one vector accumulator
 //! per (row, token) pair beside the T tokens' activation vectors and one
-//! weight vector: 4 x 3 with AVX2's 16 registers (12 accumulators), 4 x 6
-//! with AVX-512's 32 (24 accumulators). Per vector of elements it converts T
+//! weight vector: 4 x 3 with AVX2's 16 registers (12 accumulators), 4 x 4
+//! with AVX-512's 32 (16 accumulators; 4 x 6 spilled some of its 24 to the
+//! stack in the inner loop, 4 x 4 spills none). Per vector of elements it converts T
 //! activation and R weight vectors and runs R x T FMAs; each pair's FMAs form
 //! its tier's plain dot's single chain in the dot's order, and each pair ends
 //! as the dot does, so results are bit-identical to it. The chains overlap,
