@@ -30,8 +30,7 @@ entry_points! {
 fn nibbles<const L: u8>(product: Product) {
     const { assert!(L == Q4_0 || L == Q4_1, "nibble layouts only") };
     let nb = product.n / QK;
-    // Q4_0: the levels' offset of 8 times each block's activation sum.
-    with_block_sums(product, if L == Q4_1 { 0 } else { 8 }, |product, corrections| {
+    let run = |product, corrections: &[i32]| {
         sweep(product, 1, |p| {
             // Not read for Q4_1, whose `corrections` is empty.
             let c = corrections.as_ptr().wrapping_add(p.t0 * nb);
@@ -42,7 +41,11 @@ fn nibbles<const L: u8>(product: Product) {
             // slices; for Q4_0, `corrections` holds `nb` values per token.
             unsafe { by_tokens!(p.tn => group::<_, L>(p.nb, p.w, p.a, p.a_stride, c, p.out, p.out_stride)) }
         })
-    });
+    };
+    // Q4_0: the levels' offset of 8 times each block's activation sum.
+    // SAFETY: the kernel is only handed out after the CPU was found to
+    // support AVX2.
+    unsafe { with_block_sums(product, if L == Q4_1 { 0 } else { 8 }, run) }
 }
 
 /// One group of eight rows at `w` against `T` activation rows at `a`

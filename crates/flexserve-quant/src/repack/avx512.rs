@@ -45,7 +45,7 @@ entry_points! {
 /// The products of every layout (`L`).
 fn products<const L: u8>(product: Product) {
     let nb = product.n / QK;
-    with_block_sums(product, offset(L), |product, corrections| {
+    let run = |product, corrections: &[i32]| {
         sweep(product, GROUPS, |p: Pass| {
             // Not read for Q4_1, whose `corrections` is empty.
             let c = corrections.as_ptr().wrapping_add(p.t0 * nb);
@@ -62,7 +62,10 @@ fn products<const L: u8>(product: Product) {
                 by_tokens!(p.tn => pair::<_, L>(p.nb, p.w, second, p.a, p.a_stride, c, p.out, p.out_stride, lanes))
             }
         })
-    });
+    };
+    // SAFETY: the kernel is only handed out after the CPU was found to
+    // support AVX2 (and AVX-512).
+    unsafe { with_block_sums(product, offset(L), run) }
 }
 
 /// Two groups at `w0` and `w1` against `T` activation rows at `a`; the

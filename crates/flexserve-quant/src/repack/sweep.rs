@@ -112,26 +112,61 @@ pub(super) fn sweep(p: Product, groups_per_pass: usize, mut pass: impl FnMut(Pas
     }
 }
 
-/// Runs `body` with the product and `factor` times the sum of each block's activation quants
-/// (the layout's activation type), per token and block (`nb` per token):
-/// what an unsigned view of the weights adds to the exact block sums, to be
-/// taken off again. With `factor` 0 (no offset to take off) the slice is
-/// empty.
-pub(super) fn with_block_sums<R>(p: Product, factor: i32, body: impl FnOnce(Product, &[i32]) -> R) -> R {
+/// Runs `body` with the product and `factor` times the sum of each block's
+/// activation quants (the layout's activation type), per token and block
+/// (`nb` per token): what an unsigned view of the weights adds to the exact
+/// block sums, to be taken off again. With `factor` 0 (no offset to take
+/// off) the slice is empty.
+///
+/// # Safety
+/// AVX2 must be available (the drivers of both SIMD tiers call it).
+pub(super) unsafe fn with_block_sums<'a, R>(
+    p: Product<'a>,
+    factor: i32,
+    body: impl FnOnce(Product<'a>, &[i32]) -> R,
+) -> R {
     if factor == 0 {
         return body(p, &[]);
     }
     let Product { layout, a, a_row_bytes, n_tok, .. } = p;
     let nb = p.n / QK;
     let (block, quants) = (layout.activation_type().type_size(), layout.act_quants());
-    let sums = |t: usize, b: usize| {
-        let at = t * a_row_bytes + b * block;
-        factor * a[at + quants..at + block].iter().map(|&v| v as i8 as i32).sum::<i32>()
-    };
     crate::scratch::with_i32(n_tok * nb, 0, |out| {
-        for (i, v) in out.iter_mut().enumerate() {
-            *v = sums(i / nb, i % nb);
+        for (t, sums) in out.chunks_exact_mut(nb).enumerate() {
+            let row = &a[t * a_row_bytes..][..nb * block];
+            // SAFETY: the caller's guarantee for AVX2.
+            unsafe { row_block_sums(row, block, quants, factor, sums) };
         }
         body(p, out)
     })
+}
+
+/// `factor` times the sum of the 32 quants at `quants` in each block of
+/// `block` bytes of `row`, one per block into `sums`.
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+unsafe fn row_block_sums(row: &[u8], block: usize, quants: usize, factor: i32, sums: &mut [i32]) {
+    for (b, sum) in row.chunks_exact(block).zip(sums) {
+        let quants: &[u8; QK] = b[quants..].try_into().expect("a block ends with QK quants");
+        *sum = factor * sum_i8x32(quants);
+    }
+}
+
+/// The sum of 32 signed bytes: offset to unsigned, one `vpsadbw` against
+/// zero (four partial sums), the offset taken off again. A matmul task sums
+/// every block of every token, so this runs once per block and task.
+///
+/// # Safety
+/// AVX2 must be available.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_i8x32(quants: &[u8; QK]) -> i32 {
+    use std::arch::x86_64::*;
+    let unsigned = _mm256_xor_si256(_mm256_loadu_si256(quants.as_ptr().cast()), _mm256_set1_epi8(i8::MIN));
+    let partial = _mm256_sad_epu8(unsigned, _mm256_setzero_si256());
+    let halves = _mm_add_epi64(_mm256_castsi256_si128(partial), _mm256_extracti128_si256::<1>(partial));
+    let total = _mm_add_epi64(halves, _mm_unpackhi_epi64(halves, halves));
+    _mm_cvtsi128_si32(total) - 128 * QK as i32
 }
