@@ -130,7 +130,7 @@ pub fn dot_kernel(w: &Tensor) -> Result<(flexserve_quant::DotFn, GgmlType), Engi
 /// of weight rows, token-major) before they are copied into place.
 pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut Buf<f32>) -> Result<(), EngineError> {
     if let Layout::Packed(packing) = w.layout {
-        return matmul_packed(w, packing, acts, out, scratch);
+        return matmul_packed(w, packing, acts, out);
     }
     let (dot, act_ty) = dot_kernel(w)?;
     debug_assert_eq!(act_ty, acts.ty);
@@ -208,13 +208,7 @@ fn place_parts(out: &mut [f32], scratch: &[f32], rows: usize, per_task: usize) {
 
 /// [`matmul`] for weights rearranged in groups of eight rows. Tasks cover
 /// whole groups.
-fn matmul_packed(
-    w: &Tensor,
-    packing: Repacked,
-    acts: &QuantizedActs,
-    out: &mut [f32],
-    scratch: &mut Buf<f32>,
-) -> Result<(), EngineError> {
+fn matmul_packed(w: &Tensor, packing: Repacked, acts: &QuantizedActs, out: &mut [f32]) -> Result<(), EngineError> {
     if acts.ty != packing.activation_type() {
         return Err(EngineError::Weights(format!(
             "tensor {}: rearranged {} weights need {} activations, got {}",
@@ -237,13 +231,13 @@ fn matmul_packed(
         });
         return Ok(());
     }
-    scratch.resize(rows * n_tok, 0.0)?;
-    scratch.par_chunks_mut(per_task * n_tok).enumerate().for_each(|(c, chunk)| {
-        let nrows = chunk.len() / n_tok;
-        let w_task = &w_bytes[c * per_task * w.row_bytes..];
-        kernel(n, w_task, nrows, &acts.data, acts.row_bytes, n_tok, chunk, nrows);
+    // Each task writes its rows' results straight into their columns of
+    // every token's output row: no scratch, and no copy with a join after.
+    let parts = flexserve_quant::ColumnParts::new(out, n_tok, rows, rows, per_task);
+    parts.par_bridge().for_each(|part| {
+        let w_task = &w_bytes[part.first() * w.row_bytes..];
+        packing.matmul_part(n, w_task, &acts.data, acts.row_bytes, n_tok, part);
     });
-    place_parts(out, scratch, rows, per_task);
     Ok(())
 }
 

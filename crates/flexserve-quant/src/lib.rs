@@ -30,7 +30,7 @@ mod tile;
 pub use activation::{activations, activations_for, Activations, SiluMulFn, SoftmaxFn};
 pub use f16acc::{f16_acc, f16_acc_for, F16Acc};
 pub use gemv::{gemv_kernel, gemv_kernel_for, GemvFn};
-pub use repack::{Repacked, RepackedMatmulFn, REPACK_ROWS};
+pub use repack::{ColumnPart, ColumnParts, Repacked, RepackedMatmulFn, REPACK_ROWS};
 pub use tile::{tile_kernel, tile_kernel_for, TileFn};
 
 /// `dst[i] = dequant(src)[i]`; `src.len()` must be the row size of `dst.len()` elements.

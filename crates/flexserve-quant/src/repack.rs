@@ -73,6 +73,7 @@ mod sweep;
 
 use crate::legacy::{Q8_0_BYTES, QK};
 use crate::{GgmlType, Isa, QuantError};
+use std::marker::PhantomData;
 
 /// Rows per interleaved group.
 pub const REPACK_ROWS: usize = 8;
@@ -202,6 +203,22 @@ impl Repacked {
     /// The matrix product restricted to `isa` (an ISA the CPU lacks gives the
     /// portable kernel).
     pub fn kernel_for(self, isa: Isa) -> RepackedMatmulFn {
+        self.kernels_for(isa).matmul
+    }
+
+    /// The product at the active tier into one part of a shared output:
+    /// `w` holds the `part.width()` rows (a multiple of 8) whose results go
+    /// in the part's columns, `a` the `n_tok` activation rows. Panics when a
+    /// slice is too short for the shape or `n_tok` is not the output's.
+    pub fn matmul_part(self, n: usize, w: &[u8], a: &[u8], a_row_bytes: usize, n_tok: usize, part: ColumnPart<'_>) {
+        assert_eq!(part.n_tok, n_tok, "{self:?} product: {n_tok} tokens into an output of {}", part.n_tok);
+        let rows = part.width;
+        check_repacked(self, n, w, rows, a, a_row_bytes, n_tok);
+        let out = OutRows::of_part(part);
+        (self.kernels_for(crate::active_isa()).driver)(Product { layout: self, n, w, rows, a, a_row_bytes, n_tok, out })
+    }
+
+    fn kernels_for(self, isa: Isa) -> Kernels {
         match (self, isa.usable()) {
             #[cfg(target_arch = "x86_64")]
             (Repacked::Q4_0x8, Isa::Avx512) => avx512::q4_0x8,
@@ -230,6 +247,14 @@ impl Repacked {
             (Repacked::Q6_Kx8, _) => portable_q6_kx8,
         }
     }
+}
+
+/// A layout's product at one tier: the checked entry point on slices and
+/// the driver it hands the checked `Product` to.
+#[derive(Clone, Copy)]
+pub(super) struct Kernels {
+    matmul: RepackedMatmulFn,
+    driver: fn(Product),
 }
 
 /// Rearranges a row-major matrix of `rows x cols` blocks of `layout.ty()`
@@ -311,23 +336,122 @@ pub(super) struct Product<'a> {
     pub a: &'a [u8],
     pub a_row_bytes: usize,
     pub n_tok: usize,
-    pub out: &'a mut [f32],
-    pub out_stride: usize,
+    /// `n_tok` rows of `rows` results.
+    pub out: OutRows<'a>,
 }
 
-/// Panics with a clear message unless the slices hold the shape described.
-#[allow(clippy::too_many_arguments)]
-fn check_repacked(
-    layout: Repacked,
-    n: usize,
-    w: &[u8],
-    rows: usize,
-    a: &[u8],
-    a_row_bytes: usize,
+/// Where a product's results go: `n_tok` rows of `width` floats, `stride`
+/// floats apart, from `ptr`: the whole of an output slice, or one part of a
+/// shared output (`ColumnPart`), whose other columns belong to other tasks.
+pub(super) struct OutRows<'a> {
+    ptr: *mut f32,
     n_tok: usize,
-    out: &[f32],
-    out_stride: usize,
-) {
+    pub stride: usize,
+    width: usize,
+    _out: PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> OutRows<'a> {
+    /// The first `width` floats of `n_tok` rows of `out`, `stride` apart.
+    fn of_slice(out: &'a mut [f32], n_tok: usize, stride: usize, width: usize) -> OutRows<'a> {
+        assert!(
+            n_tok == 0 || width == 0 || (stride >= width && out.len() >= (n_tok - 1) * stride + width),
+            "{n_tok} output rows of {width} (stride {stride}) need more than {} floats",
+            out.len()
+        );
+        OutRows { ptr: out.as_mut_ptr(), n_tok, stride, width, _out: PhantomData }
+    }
+
+    fn of_part(part: ColumnPart<'a>) -> OutRows<'a> {
+        OutRows { ptr: part.ptr, n_tok: part.n_tok, stride: part.stride, width: part.width, _out: PhantomData }
+    }
+
+    /// Where the result of row `t`, column `c` goes. Writing there is the
+    /// caller's to justify: within bounds for `t < n_tok` and `c < width`.
+    pub fn at(&self, t: usize, c: usize) -> *mut f32 {
+        self.ptr.wrapping_add(t * self.stride + c)
+    }
+
+    /// Writes `values` into row `t` from column `c`.
+    pub fn store(&mut self, t: usize, c: usize, values: &[f32]) {
+        assert!(t < self.n_tok && c + values.len() <= self.width, "store of row {t}, columns {c}.. out of bounds");
+        // SAFETY: in bounds as asserted; these columns of these rows belong to
+        // this `OutRows` alone (a slice borrowed mutably, or a `ColumnPart`).
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), self.at(t, c), values.len()) }
+    }
+}
+
+/// A token-major output (`n_tok` rows of `cols` results, `stride` floats
+/// apart) handed out as parts of whole columns, each once, so that parallel
+/// tasks write their rows' results straight into place
+/// ([`Repacked::matmul_part`]) instead of into scratch that is copied after.
+pub struct ColumnParts<'a> {
+    /// The columns not handed out yet.
+    rest: ColumnPart<'a>,
+    width: usize,
+}
+
+impl<'a> ColumnParts<'a> {
+    /// Splits `out` into parts of `width` columns (the last one narrower
+    /// where `width` does not divide `cols`). Panics when `out` is too short
+    /// for the shape or `width` is zero.
+    pub fn new(out: &'a mut [f32], n_tok: usize, stride: usize, cols: usize, width: usize) -> ColumnParts<'a> {
+        assert!(width > 0, "column parts need a width");
+        let rows = OutRows::of_slice(out, n_tok, stride, cols);
+        ColumnParts {
+            rest: ColumnPart { ptr: rows.ptr, n_tok, stride, first: 0, width: cols, _out: PhantomData },
+            width,
+        }
+    }
+}
+
+impl<'a> Iterator for ColumnParts<'a> {
+    type Item = ColumnPart<'a>;
+
+    /// Splits the next part off the front of the columns left.
+    fn next(&mut self) -> Option<ColumnPart<'a>> {
+        let rest = &mut self.rest;
+        if rest.width == 0 {
+            return None;
+        }
+        let width = self.width.min(rest.width);
+        let part = ColumnPart { width, ..*rest };
+        (rest.ptr, rest.first, rest.width) = (rest.ptr.wrapping_add(width), rest.first + width, rest.width - width);
+        Some(part)
+    }
+}
+
+/// Columns `first..first + width` of every row of a [`ColumnParts`] output.
+/// Neither `Clone` nor `Copy`: it is the one handle to its columns.
+pub struct ColumnPart<'a> {
+    ptr: *mut f32,
+    n_tok: usize,
+    stride: usize,
+    first: usize,
+    width: usize,
+    _out: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a part is the only handle to its columns of the output
+// (`ColumnParts` hands each column out once), so another thread writing
+// through it shares nothing with the others.
+unsafe impl Send for ColumnPart<'_> {}
+
+impl ColumnPart<'_> {
+    /// The part's first column.
+    pub fn first(&self) -> usize {
+        self.first
+    }
+
+    /// The part's number of columns.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+}
+
+/// Panics with a clear message unless the weights and activations hold the
+/// shape described (the output is checked where its `OutRows` is made).
+fn check_repacked(layout: Repacked, n: usize, w: &[u8], rows: usize, a: &[u8], a_row_bytes: usize, n_tok: usize) {
     let block = layout.ty().block_size();
     assert!(n.is_multiple_of(block), "{layout:?} product: {n} elements is not a multiple of the block size {block}");
     assert!(rows.is_multiple_of(REPACK_ROWS), "{layout:?} product: {rows} rows is not a multiple of {REPACK_ROWS}");
@@ -346,11 +470,6 @@ fn check_repacked(
         a.len() >= (n_tok - 1) * a_row_bytes + act_row,
         "{layout:?} product: {n_tok} activation rows need more than {} bytes",
         a.len()
-    );
-    assert!(
-        rows == 0 || (out_stride >= rows && out.len() >= (n_tok - 1) * out_stride + rows),
-        "{layout:?} product: {n_tok} output rows of {rows} (stride {out_stride}) need more than {} floats",
-        out.len()
     );
 }
 
@@ -379,7 +498,7 @@ fn row_block_isum(layout: Repacked, blk: &[u8], r: usize, qa: &[u8]) -> i32 {
 
 /// Portable kernel of layout `L`: the same arithmetic as the SIMD ones, lane by lane.
 fn portable_groups<const L: u8>(p: Product) {
-    let Product { layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride } = p;
+    let Product { layout, n, w, rows, a, a_row_bytes, n_tok, mut out } = p;
     let nb = n / QK;
     let group_block_bytes = REPACK_ROWS * layout.ty().type_size();
     let act_block_bytes = layout.activation_type().type_size();
@@ -401,32 +520,38 @@ fn portable_groups<const L: u8>(p: Product) {
                     }
                 }
             }
-            out[t * out_stride + g * REPACK_ROWS..][..REPACK_ROWS].copy_from_slice(&acc);
+            out.store(t, g * REPACK_ROWS, &acc);
         }
     }
 }
 
-/// Defines entry points of the `RepackedMatmulFn` shape that check their
-/// arguments for layout `$param` and hand them to `$driver::<$param>` as one
-/// `Product` (each ISA's driver shared by the layouts).
+/// Defines, per name, a `Kernels` constant for layout `$param` whose driver
+/// is `$driver::<$param>` (each ISA's driver shared by the layouts) and whose
+/// `matmul` entry point checks its slices and hands them to the driver as
+/// one `Product`.
 macro_rules! entry_points {
     ($($(#[$doc:meta])* $name:ident => $driver:ident::<$param:tt>;)*) => {$(
         $(#[$doc])*
-        #[allow(clippy::too_many_arguments)]
-        pub(super) fn $name(
-            n: usize,
-            w: &[u8],
-            rows: usize,
-            a: &[u8],
-            a_row_bytes: usize,
-            n_tok: usize,
-            out: &mut [f32],
-            out_stride: usize,
-        ) {
-            let layout = $crate::repack::layout($param);
-            $crate::repack::check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride);
-            $driver::<$param>($crate::repack::Product { layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride })
-        }
+        #[allow(non_upper_case_globals)]
+        pub(super) const $name: $crate::repack::Kernels = {
+            #[allow(clippy::too_many_arguments)]
+            fn matmul(
+                n: usize,
+                w: &[u8],
+                rows: usize,
+                a: &[u8],
+                a_row_bytes: usize,
+                n_tok: usize,
+                out: &mut [f32],
+                out_stride: usize,
+            ) {
+                let layout = $crate::repack::layout($param);
+                $crate::repack::check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok);
+                let out = $crate::repack::OutRows::of_slice(out, n_tok, out_stride, rows);
+                $driver::<$param>($crate::repack::Product { layout, n, w, rows, a, a_row_bytes, n_tok, out })
+            }
+            $crate::repack::Kernels { matmul, driver: $driver::<$param> }
+        };
     )*};
 }
 use entry_points;
@@ -443,7 +568,7 @@ entry_points! {
 /// super-block column, each row's result gains `row_term(group block,
 /// activation block, row)`.
 fn portable_k_rows(p: Product, group_block: usize, row_term: impl Fn(&[u8], &[u8], usize) -> f32) {
-    let Product { n, w, rows, a, a_row_bytes, n_tok, out, out_stride, .. } = p;
+    let Product { n, w, rows, a, a_row_bytes, n_tok, mut out, .. } = p;
     let (nb, act_block) = (n / crate::kquants::QK_K, GgmlType::Q8_K.type_size());
     for (g, group) in w.chunks_exact(nb * group_block).take(rows / REPACK_ROWS).enumerate() {
         for t in 0..n_tok {
@@ -455,7 +580,7 @@ fn portable_k_rows(p: Product, group_block: usize, row_term: impl Fn(&[u8], &[u8
                     *acc_r += row_term(blk, ab, r);
                 }
             }
-            out[t * out_stride + g * REPACK_ROWS..][..REPACK_ROWS].copy_from_slice(&acc);
+            out.store(t, g * REPACK_ROWS, &acc);
         }
     }
 }

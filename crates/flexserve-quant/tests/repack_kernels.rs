@@ -248,3 +248,58 @@ fn short_activations_panic_clearly() {
         assert!(text.contains("activation rows need more than"), "{layout:?}: {text}");
     }
 }
+
+/// Parts of a shared output, filled on threads of their own, give exactly
+/// the whole product, every layout (the K-quant ones included) and width.
+#[test]
+fn column_parts_fill_the_whole_product() {
+    let layouts = [LAYOUTS.as_slice(), &[Repacked::Q4_Kx8, Repacked::Q6_Kx8]].concat();
+    for (i, layout) in layouts.into_iter().enumerate() {
+        let (n, rows, n_tok) = (256, 40, 3);
+        let k = portable(layout.ty());
+        let mut rng = rng(70 + i as u64);
+        let w: Vec<u8> = (0..rows).flat_map(|_| quantize(&k, &data(&mut rng, Shape::Uniform, n, 32))).collect();
+        let act = portable(layout.activation_type());
+        let a: Vec<u8> = (0..n_tok).flat_map(|_| quantize(&act, &data(&mut rng, Shape::Uniform, n, 32))).collect();
+        let a_row = row_bytes(layout.activation_type(), n);
+        let packed = layout.repack(&w, rows, n).unwrap();
+        let w_row = row_bytes(layout.ty(), n);
+        let stride = rows + 5;
+        let mut whole = vec![f32::NAN; n_tok * stride];
+        layout.kernel()(n, &packed, rows, &a, a_row, n_tok, &mut whole, stride);
+        for width in [8, 16, 24, 40, 64] {
+            let mut parted = vec![f32::NAN; n_tok * stride];
+            std::thread::scope(|s| {
+                for part in flexserve_quant::ColumnParts::new(&mut parted, n_tok, stride, rows, width) {
+                    let w_part = &packed[part.first() * w_row..];
+                    s.spawn(|| layout.matmul_part(n, w_part, &a, a_row, n_tok, part));
+                }
+            });
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&parted), bits(&whole), "{layout:?} in parts of {width} columns");
+        }
+    }
+}
+
+#[test]
+fn column_parts_reject_bad_shapes() {
+    let panics = |f: &dyn Fn()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err();
+    assert!(panics(&|| {
+        let mut out = vec![0f32; 15];
+        let _ = flexserve_quant::ColumnParts::new(&mut out, 2, 8, 8, 8);
+    }));
+    assert!(panics(&|| {
+        let mut out = vec![0f32; 16];
+        let _ = flexserve_quant::ColumnParts::new(&mut out, 2, 8, 8, 0);
+    }));
+    // A part made for two tokens cannot take one.
+    let layout = Repacked::Q4_0x8;
+    let packed = layout.repack(&weights(layout, 64, 8, 5), 8, 64).unwrap();
+    let a = activations(layout, 64, 2, 6, false);
+    assert!(panics(&|| {
+        let mut out = vec![0f32; 16];
+        for part in flexserve_quant::ColumnParts::new(&mut out, 2, 8, 8, 8) {
+            layout.matmul_part(64, &packed, &a, a.len() / 2, 1, part);
+        }
+    }));
+}

@@ -85,7 +85,8 @@ pub(super) struct Pass {
 /// (`CHUNK_BYTES`) with all tokens before taking the next. The caller has
 /// checked the shapes (`check_repacked`).
 pub(super) fn sweep(p: Product, groups_per_pass: usize, mut pass: impl FnMut(Pass)) {
-    let Product { layout, n, w, rows, a, a_row_bytes, n_tok, out, out_stride } = p;
+    let Product { layout, n, w, rows, a, a_row_bytes, n_tok, out } = p;
+    let out_stride = out.stride;
     let nb = n / layout.ty().block_size();
     let group_bytes = nb * REPACK_ROWS * layout.ty().type_size();
     let groups = rows / REPACK_ROWS;
@@ -104,7 +105,7 @@ pub(super) fn sweep(p: Product, groups_per_pass: usize, mut pass: impl FnMut(Pas
                     a_stride: a_row_bytes,
                     t0,
                     tn,
-                    out: out[t0 * out_stride + g * REPACK_ROWS..].as_mut_ptr(),
+                    out: out.at(t0, g * REPACK_ROWS),
                     out_stride,
                 });
             }
