@@ -24,9 +24,13 @@ mod kquants_avx2;
 #[cfg(target_arch = "x86_64")]
 mod kquants_avx512;
 
-/// The float formats' GEMV kernels are their tile micro-tile over one token.
+/// The float formats' GEMV kernels and plain dots are their micro-tile over
+/// one token (and one row, for the dot).
 #[cfg(target_arch = "x86_64")]
-pub(crate) use float_simd::{avx2::gemv as float_gemv_avx2, avx512::gemv as float_gemv_avx512};
+pub(crate) use float_simd::{
+    avx2::dot as float_dot_avx2, avx2::gemv as float_gemv_avx2, avx512::dot as float_dot_avx512,
+    avx512::gemv as float_gemv_avx512,
+};
 
 use crate::{kernels_for, GgmlType, Isa};
 

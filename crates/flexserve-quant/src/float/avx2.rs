@@ -6,13 +6,16 @@
 //! FMAs, which alone would wait on the FMA latency; but it is the order that a
 //! tile of several (row, token) pairs can follow with one register per pair,
 //! so the tile and GEMV kernels (`tile/float_simd.rs`), which overlap many
-//! such chains, give results bit-identical to this dot.
+//! such chains, give results bit-identical to this dot. The dot itself is
+//! their 1 x 1 micro-tile; this module holds the loads and the finish they
+//! share, and the conversions.
 //!
 //! The functions handed out are safe wrappers: `kernels` is only called with
 //! `Isa::Avx2` after `detected_isa` has confirmed the CPU features, and each
 //! wrapper bounds the work by the slice lengths before using raw pointers.
 
 use crate::legacy::avx2::hsum;
+use crate::tile::float_dot_avx2;
 use crate::{DequantizeFn, DotFn, GgmlType, Kernels, QuantizeFn};
 use std::arch::x86_64::*;
 
@@ -33,16 +36,16 @@ pub(crate) const fn format_type(f: u8) -> GgmlType {
 /// Replaces the portable kernels of `portable.ty` with the AVX2 ones.
 pub(super) fn kernels(portable: Kernels) -> Kernels {
     let (dequantize, quantize, dot): (DequantizeFn, QuantizeFn, DotFn) = match portable.ty {
-        GgmlType::F32 => (portable.dequantize, portable.quantize, dot_f32),
-        GgmlType::F16 => (dequantize_f16, quantize_f16, dot_f16),
-        GgmlType::BF16 => (dequantize_bf16, portable.quantize, dot_bf16),
+        GgmlType::F32 => (portable.dequantize, portable.quantize, float_dot_avx2::<F32>),
+        GgmlType::F16 => (dequantize_f16, quantize_f16, float_dot_avx2::<F16>),
+        GgmlType::BF16 => (dequantize_bf16, portable.quantize, float_dot_avx2::<BF16>),
         _ => return portable,
     };
     Kernels { dequantize, quantize, dot: Some(dot), ..portable }
 }
 
 /// Checks that both rows hold `n` elements of `size` bytes.
-pub(super) fn check_dot(n: usize, w: &[u8], a: &[u8], size: usize) {
+pub(crate) fn check_dot(n: usize, w: &[u8], a: &[u8], size: usize) {
     assert!(
         w.len() >= n * size && a.len() >= n * size,
         "dot of {n} elements: rows of {} and {} bytes are too short",
@@ -51,28 +54,10 @@ pub(super) fn check_dot(n: usize, w: &[u8], a: &[u8], size: usize) {
     );
 }
 
-fn dot_f32(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    check_dot(n, w, a, 4);
-    // SAFETY: only handed out after the CPU was found to support AVX2, FMA and
-    // F16C; both rows hold `n` f32 values, which is all the kernel reads.
-    unsafe { dot_avx2::<F32>(n, w.as_ptr(), a.as_ptr()) }
-}
-
-fn dot_f16(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    check_dot(n, w, a, 2);
-    // SAFETY: as in `dot_f32`, with `n` f16 values per row.
-    unsafe { dot_avx2::<F16>(n, w.as_ptr(), a.as_ptr()) }
-}
-
-fn dot_bf16(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    check_dot(n, w, a, 2);
-    // SAFETY: as in `dot_f32`, with `n` bf16 values per row.
-    unsafe { dot_avx2::<BF16>(n, w.as_ptr(), a.as_ptr()) }
-}
-
 fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
     let n = dst.len().min(src.len() / 2);
-    // SAFETY: CPU features as in `dot_f32`; reads `n` halves of `src` and
+    // SAFETY: only handed out after the CPU was found to support AVX2,
+    // FMA and F16C; reads `n` halves of `src` and
     // writes `n` floats of `dst`, both in bounds.
     unsafe { dequantize_f16_avx2(n, src.as_ptr(), dst.as_mut_ptr()) }
 }
@@ -85,7 +70,8 @@ fn dequantize_bf16(src: &[u8], dst: &mut [f32]) {
 
 fn quantize_f16(src: &[f32], dst: &mut [u8]) {
     let n = src.len().min(dst.len() / 2);
-    // SAFETY: CPU features as in `dot_f32`; reads `n` floats of `src` and
+    // SAFETY: only handed out after the CPU was found to support AVX2,
+    // FMA and F16C; reads `n` floats of `src` and
     // writes `n` halves of `dst`, both in bounds.
     unsafe { quantize_f16_avx2(n, src.as_ptr(), dst.as_mut_ptr()) }
 }
@@ -166,17 +152,6 @@ unsafe fn read_f16(p: *const u8) -> f32 {
 unsafe fn read_bf16(p: *const u8) -> f32 {
     let bits = u16::from_le_bytes(p.cast::<[u8; 2]>().read_unaligned());
     f32::from_bits((bits as u32) << 16)
-}
-
-/// The dot of `n` elements of format `F` (see the module comment for the order).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2<const F: u8>(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let main = n - n % 8;
-    let mut acc = _mm256_setzero_ps();
-    for i in (0..main).step_by(8) {
-        acc = _mm256_fmadd_ps(eight::<F>(w, i), eight::<F>(a, i), acc);
-    }
-    finish::<F>(acc, n, main, w, a)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

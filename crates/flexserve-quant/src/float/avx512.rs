@@ -6,12 +6,14 @@
 //! half onto its lower half and finishes as the AVX2 dot does (the same
 //! eight-lane reduction, then the `n % 16` products left one by one). The
 //! tile and GEMV kernels of this tier (`tile/float_simd.rs`) follow the same
-//! order per (row, token) pair, so they equal this dot bit for bit.
+//! order per (row, token) pair, so they equal this dot bit for bit; the dot
+//! is their 1 x 1 micro-tile, made from this module's load and finish.
 //!
 //! Conversions keep their AVX2 kernels: an element converts to the same
 //! value at any width, and the matmuls convert inside their own loops.
 
-use super::avx2::{check_dot, format_type, BF16, F16, F32};
+use super::avx2::{BF16, F16, F32};
+use crate::tile::float_dot_avx512;
 use crate::{DotFn, GgmlType, Kernels};
 use std::arch::x86_64::*;
 
@@ -20,20 +22,12 @@ use std::arch::x86_64::*;
 pub(super) fn kernels(portable: Kernels) -> Kernels {
     let avx2 = super::avx2::kernels(portable);
     let dot: DotFn = match portable.ty {
-        GgmlType::F32 => dot::<F32>,
-        GgmlType::F16 => dot::<F16>,
-        GgmlType::BF16 => dot::<BF16>,
+        GgmlType::F32 => float_dot_avx512::<F32>,
+        GgmlType::F16 => float_dot_avx512::<F16>,
+        GgmlType::BF16 => float_dot_avx512::<BF16>,
         _ => return avx2,
     };
     Kernels { dot: Some(dot), ..avx2 }
-}
-
-fn dot<const F: u8>(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    check_dot(n, w, a, format_type(F).type_size());
-    // SAFETY: only handed out at the AVX-512 tier, after the CPU was found to
-    // support AVX-512 F besides AVX2, FMA and F16C; both rows hold `n`
-    // elements (checked above), which is all the kernel reads.
-    unsafe { dot_avx512::<F>(n, w.as_ptr(), a.as_ptr()) }
 }
 
 /// Sixteen elements from element `i` of a row of format `F` at `p`, as f32.
@@ -64,15 +58,4 @@ pub(crate) unsafe fn finish<const F: u8>(acc: __m512, n: usize, main: usize, w: 
     let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
     let folded = _mm256_add_ps(_mm512_castps512_ps256(acc), high);
     super::avx2::finish::<F>(folded, n, main, w, a)
-}
-
-/// The dot of `n` elements of format `F` (see the module comment for the order).
-#[target_feature(enable = "avx2,fma,f16c,avx512f")]
-unsafe fn dot_avx512<const F: u8>(n: usize, w: *const u8, a: *const u8) -> f32 {
-    let main = n - n % 16;
-    let mut acc = _mm512_setzero_ps();
-    for i in (0..main).step_by(16) {
-        acc = _mm512_fmadd_ps(sixteen::<F>(w, i), sixteen::<F>(a, i), acc);
-    }
-    finish::<F>(acc, n, main, w, a)
 }

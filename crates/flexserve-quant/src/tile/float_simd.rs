@@ -19,7 +19,9 @@
 //! came from L3 again for every block of rows, and two threads shared that
 //! traffic: 3% of a 512-token prefill.)
 //!
-//! The GEMV kernel is the same micro-tile over one token.
+//! The GEMV kernel is the same micro-tile over one token, and the tier's plain
+//! dot (`dot`, which `float/avx2.rs` and `float/avx512.rs` hand out) is its
+//! 1 x 1 micro-tile.
 
 use super::check_tile;
 use super::kquants_avx2::for_each_micro_tile;
@@ -87,6 +89,18 @@ macro_rules! float_tier {
                     GgmlType::BF16 => Some(gemv_wrapper::<BF16>),
                     _ => None,
                 }
+            }
+
+            /// The plain dot of this tier: the 1 x 1 micro-tile, so that every
+            /// tile and GEMV of the tier equals it by construction.
+            pub(crate) fn dot<const F: u8>(n: usize, w: &[u8], a: &[u8]) -> f32 {
+                crate::float::avx2::check_dot(n, w, a, format_type(F).type_size());
+                let mut out = 0.0;
+                // SAFETY: only handed out at its tier, after the CPU was found to
+                // support `$features`; both rows hold `n` elements (checked above),
+                // which is all the micro-tile reads, and it writes one float.
+                unsafe { micro::<F, 1, 1>(n, w.as_ptr(), 0, a.as_ptr(), 0, &mut out, 0, 0) };
+                out
             }
 
             #[allow(clippy::too_many_arguments)]
