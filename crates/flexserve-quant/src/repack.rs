@@ -211,10 +211,10 @@ impl Repacked {
     /// in the part's columns, `a` the `n_tok` activation rows. Panics when a
     /// slice is too short for the shape or `n_tok` is not the output's.
     pub fn matmul_part(self, n: usize, w: &[u8], a: &[u8], a_row_bytes: usize, n_tok: usize, part: ColumnPart<'_>) {
-        assert_eq!(part.n_tok, n_tok, "{self:?} product: {n_tok} tokens into an output of {}", part.n_tok);
-        let rows = part.width;
+        assert_eq!(part.rows.n_tok, n_tok, "{self:?} product: {n_tok} tokens into an output of {}", part.rows.n_tok);
+        let rows = part.rows.width;
         check_repacked(self, n, w, rows, a, a_row_bytes, n_tok);
-        let out = OutRows::of_part(part);
+        let out = part.rows;
         (self.kernels_for(crate::active_isa()).driver)(Product { layout: self, n, w, rows, a, a_row_bytes, n_tok, out })
     }
 
@@ -362,10 +362,6 @@ impl<'a> OutRows<'a> {
         OutRows { ptr: out.as_mut_ptr(), n_tok, stride, width, _out: PhantomData }
     }
 
-    fn of_part(part: ColumnPart<'a>) -> OutRows<'a> {
-        OutRows { ptr: part.ptr, n_tok: part.n_tok, stride: part.stride, width: part.width, _out: PhantomData }
-    }
-
     /// Where the result of row `t`, column `c` goes. Writing there is the
     /// caller's to justify: within bounds for `t < n_tok` and `c < width`.
     pub fn at(&self, t: usize, c: usize) -> *mut f32 {
@@ -397,11 +393,7 @@ impl<'a> ColumnParts<'a> {
     /// for the shape or `width` is zero.
     pub fn new(out: &'a mut [f32], n_tok: usize, stride: usize, cols: usize, width: usize) -> ColumnParts<'a> {
         assert!(width > 0, "column parts need a width");
-        let rows = OutRows::of_slice(out, n_tok, stride, cols);
-        ColumnParts {
-            rest: ColumnPart { ptr: rows.ptr, n_tok, stride, first: 0, width: cols, _out: PhantomData },
-            width,
-        }
+        ColumnParts { rest: ColumnPart { rows: OutRows::of_slice(out, n_tok, stride, cols), first: 0 }, width }
     }
 }
 
@@ -411,12 +403,14 @@ impl<'a> Iterator for ColumnParts<'a> {
     /// Splits the next part off the front of the columns left.
     fn next(&mut self) -> Option<ColumnPart<'a>> {
         let rest = &mut self.rest;
-        if rest.width == 0 {
+        if rest.rows.width == 0 {
             return None;
         }
-        let width = self.width.min(rest.width);
-        let part = ColumnPart { width, ..*rest };
-        (rest.ptr, rest.first, rest.width) = (rest.ptr.wrapping_add(width), rest.first + width, rest.width - width);
+        let width = self.width.min(rest.rows.width);
+        let rows = OutRows { width, ..rest.rows };
+        let part = ColumnPart { rows, first: rest.first };
+        (rest.rows.ptr, rest.rows.width, rest.first) =
+            (rest.rows.ptr.wrapping_add(width), rest.rows.width - width, rest.first + width);
         Some(part)
     }
 }
@@ -424,12 +418,9 @@ impl<'a> Iterator for ColumnParts<'a> {
 /// Columns `first..first + width` of every row of a [`ColumnParts`] output.
 /// Neither `Clone` nor `Copy`: it is the one handle to its columns.
 pub struct ColumnPart<'a> {
-    ptr: *mut f32,
-    n_tok: usize,
-    stride: usize,
+    /// The part's columns of every row.
+    rows: OutRows<'a>,
     first: usize,
-    width: usize,
-    _out: PhantomData<&'a mut [f32]>,
 }
 
 // SAFETY: a part is the only handle to its columns of the output
@@ -445,7 +436,7 @@ impl ColumnPart<'_> {
 
     /// The part's number of columns.
     pub fn width(&self) -> usize {
-        self.width
+        self.rows.width
     }
 }
 
