@@ -212,19 +212,17 @@ fn stream(c: &mut Criterion) {
         let plain = block.repeat(copies);
         let packed = layout.repack(&block, BLOCK_ROWS, N).unwrap().repeat(copies);
         g.throughput(Throughput::BytesDecimal(plain.len() as u64));
+        // The rows as stored and the rearranged layout take the same activations.
+        assert_eq!(k.vec_dot_type, act);
+        let arb = act.row_size(N as u64).unwrap() as usize;
+        let mut x = vec![0u8; arb];
+        (kernels_for(act, Isa::Portable).unwrap().quantize)(&values(N, 2), &mut x);
         let mut out = vec![0f32; rows];
         for isa in tiers.iter().copied() {
             let gemv = gemv_kernel_for(ty, isa).unwrap();
-            let gemv_act = kernels_for(kernels_for(ty, isa).unwrap().vec_dot_type, Isa::Portable).unwrap();
-            let mut x = vec![0u8; gemv_act.ty.row_size(N as u64).unwrap() as usize];
-            (gemv_act.quantize)(&values(N, 2), &mut x);
             g.bench_function(BenchmarkId::new(format!("{} gemv", ty.name()), format!("{isa:?}")), |b| {
                 b.iter(|| gemv(N, black_box(&plain), wrb, rows, black_box(&x), &mut out))
             });
-            let a = kernels_for(act, Isa::Portable).unwrap();
-            let arb = act.row_size(N as u64).unwrap() as usize;
-            let mut x = vec![0u8; arb];
-            (a.quantize)(&values(N, 2), &mut x);
             let kernel = layout.kernel_for(isa);
             g.bench_function(BenchmarkId::new(format!("{layout:?} x1"), format!("{isa:?}")), |b| {
                 b.iter(|| kernel(N, black_box(&packed), rows, black_box(&x), arb, 1, &mut out, rows))
