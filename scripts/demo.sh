@@ -1,35 +1,71 @@
 #!/usr/bin/env bash
-# The main job: fetch the real model, seal it, answer a prompt from the sealed
-# model through the secure world (a separate hardened process with Flex-Mem
-# secure memory), next to the plain one, and compare the designs.
+# The main job: fetch the real model, seal it to this device's secure world,
+# answer a prompt from the sealed model through the secure world, next to the
+# plain one, and compare the designs.
+#
+# As root it runs the real set-up: the secure world as its own principal
+# (its own uid, started by flexserve-launcher, keys in a directory only it
+# reads) and the normal world as an ordinary user, `flexserve-demo`, in the
+# group the secure world serves. Without root it falls back to development
+# mode, which protects nothing and says so on every run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 model="$(scripts/fetch-model.sh)"
-cargo build --release --quiet -p flexserve-cli -p flexserve-secure
-bin=target/release/flexserve
+cargo build --release --quiet -p flexserve-cli -p flexserve-secure -p flexserve-launcher
+bin="$PWD/target/release/flexserve"
 prompt="${1:-Give me three tips for staying healthy.}"
-keys=.cache/keys
-sealed=.cache/models/SmolLM2-135M-Instruct.Q4_1.fsm
-mkdir -p "$keys"
-[ -s "$keys/model.key" ] || "$bin" keygen -o "$keys/model.key"
-[ -s "$sealed" ] || "$bin" seal --model "$model" --key "$keys/model.key" -o "$sealed"
+work="$PWD/.cache/demo"
+mkdir -p "$work"
+chmod 755 "$work"
 
-echo "== sealed model (tensor data encrypted and authenticated chunk by chunk)"
-"$bin" inspect "$sealed" | head -n 3
+if [ "$(id -u)" = 0 ]; then
+  user=flexserve-demo
+  scripts/secure-world.sh start "$user"
+  home="$work/home-$user"
+  mkdir -p "$home"
+  chown "$user:$user" "$home"
+  # The normal world: an ordinary user, no privilege, no key file.
+  as_user() {
+    setpriv --reuid "$user" --regid "$user" --init-groups -- \
+      env HOME="$home" FLEXSERVE_HOME="$home" FLEXSERVE_SECURE_SOCKET="${FLEXSERVE_SECURE_SOCKET:-/run/flexserve/secure.sock}" \
+      "$bin" "$@"
+  }
+  echo "== the secure world runs as its own principal (uid $(id -u flexserve-secure)); the normal world is $user"
+else
+  echo "== not root: development mode (an UNPROTECTED secure world as your own user)"
+  export FLEXSERVE_DEV=1
+  as_user() { "$bin" "$@"; }
+  home="${FLEXSERVE_HOME:-$HOME/.flexserve}"
+fi
+sealed="$home/SmolLM2-135M-Instruct.Q4_1.fsm"
+
+echo "== this device's public key (the device key was born in the secure world and never leaves it)"
+device_key="$(as_user device-key)"
+echo "$device_key"
+[ -s "$sealed" ] || as_user seal --model "$model" --to "$device_key" -o "$sealed"
 echo
-echo "== the secure world: protection, memory, the model resident in it"
-"$bin" status --model "$sealed" --key "$keys/model.key"
+echo "== sealed model (tensor data encrypted and authenticated chunk by chunk, model key wrapped to this device)"
+as_user inspect "$sealed" | head -n 3
+echo
+echo "== the secure world: who it is, its policy, protection, memory, the model resident in it"
+as_user status --model "$sealed"
 echo
 echo "== chat from the sealed model, answered by the secure world (greedy): $prompt"
-"$bin" chat --model "$sealed" --key "$keys/model.key" --prompt "$prompt" --max-tokens 96 --temperature 0
+printf '%s' "$prompt" | as_user chat --model "$sealed" --prompt-file - --max-tokens 96 --temperature 0
 echo
 echo "== the same from the plain model (must be identical)"
-"$bin" chat --model "$model" --prompt "$prompt" --max-tokens 96 --temperature 0
+as_user chat --model "$model" --prompt "$prompt" --max-tokens 96 --temperature 0
 echo
 echo "== raw continuation from the sealed model"
-"$bin" generate --model "$sealed" --key "$keys/model.key" --prompt "The capital of France is" --max-tokens 32 --temperature 0
+echo "The capital of France is" | as_user generate --model "$sealed" --prompt-file - --max-tokens 32 --temperature 0
 echo
 echo "== designs side by side: time to first token and decode speed (plain, secure world with"
-echo "   Flex-Mem, static carve-out, locked memory); every run starts from nothing"
-"$bin" bench secure --model "$sealed" --plain "$model" --key "$keys/model.key" --prompt-tokens 64 --gen-tokens 16 \
-    --repetitions "${DEMO_REPETITIONS:-3}" --threads 2
+echo "   Flex-Mem, static carve-out, locked memory); every run starts a development secure world"
+echo "   of its own, so that each design gets its own pool"
+bench_home="$work/bench"
+mkdir -p "$bench_home"
+[ -s "$bench_home/model.key" ] || FLEXSERVE_HOME="$bench_home" "$bin" keygen -o "$bench_home/model.key"
+[ -s "$bench_home/model.fsm" ] ||
+  FLEXSERVE_HOME="$bench_home" "$bin" seal --model "$model" --key "$bench_home/model.key" -o "$bench_home/model.fsm"
+FLEXSERVE_HOME="$bench_home" FLEXSERVE_DEV=1 "$bin" bench secure --model "$bench_home/model.fsm" --plain "$model" \
+  --key "$bench_home/model.key" --prompt-tokens 64 --gen-tokens 16 --repetitions "${DEMO_REPETITIONS:-3}" --threads 2

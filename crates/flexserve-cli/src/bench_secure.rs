@@ -52,6 +52,10 @@ struct Run {
 const DESIGNS: [&str; 4] = ["plain", "secure-flexible", "secure-carve-out", "secure-locked"];
 
 pub fn run(b: &SecureBench) -> Result<()> {
+    // Each design needs a pool of its own kind, so each run starts a secure
+    // world of its own: development mode, whatever --dev says.
+    eprintln!("{}", crate::secure::DEVELOPMENT_WARNING);
+    eprintln!("bench secure: every design runs in a development secure world of its own (its pool, its start)");
     let prompt = prompt_text(b.plain, b.prompt_tokens)?;
     let mut runs = vec![Run::default(); DESIGNS.len()];
     // Granules the flexible design was granted for the run (weights, KV cache,

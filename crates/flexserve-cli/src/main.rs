@@ -21,6 +21,10 @@ use flexserve_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 #[derive(Parser)]
 #[command(name = "flexserve", version, about = "FlexServe: fast and secure LLM serving")]
 struct Cli {
+    /// Development mode: run an unprotected secure world as your own user (no launcher, no root).
+    /// Everything it holds is readable by you and by anything running as you.
+    #[arg(long, global = true, env = "FLEXSERVE_DEV", value_parser = clap::builder::BoolishValueParser::new())]
+    dev: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,9 +66,13 @@ enum Command {
     Chat {
         #[command(flatten)]
         run: RunArgs,
-        /// Answer this single user turn and exit.
-        #[arg(long)]
+        /// Answer this single user turn and exit (visible to other users in the process list:
+        /// prefer --prompt-file or standard input).
+        #[arg(long, conflicts_with = "prompt_file")]
         prompt: Option<String>,
+        /// Answer the user turn in this file (`-`: standard input) and exit.
+        #[arg(long)]
+        prompt_file: Option<PathBuf>,
         /// System prompt (otherwise the template's default).
         #[arg(long)]
         system: Option<String>,
@@ -98,10 +106,12 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// Print this device's public key (creating the device key pair on first use).
-    DeviceKey {
-        #[command(flatten)]
-        keys: DeviceKeyArg,
+    /// Print this device's public key, which its secure world generated and keeps (seal models to it with `seal --to`).
+    DeviceKey,
+    /// Model keys held for the secure world.
+    Key {
+        #[command(subcommand)]
+        what: KeyCommand,
     },
     /// Encrypt and authenticate a GGUF model's tensor data chunk by chunk (a sealed model, .fsm).
     Seal {
@@ -181,6 +191,23 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum KeyCommand {
+    /// Hand a raw model key to the secure world once: it seals the key under its device key, and only
+    /// that sealed form is kept (in $FLEXSERVE_HOME/keys), never the key itself.
+    Import {
+        /// The model key file (from `flexserve keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Name to keep it under [default: the key file's name without extension].
+        #[arg(long)]
+        name: Option<String>,
+        /// Delete the key file once the secure world holds the key.
+        #[arg(long)]
+        remove: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// Prefill and decode tokens per second (median and spread over repetitions, after a warm-up).
     Engine {
@@ -248,39 +275,18 @@ impl IsaArg {
     }
 }
 
-/// How to open a sealed model.
+/// How to open a sealed model. Models sealed to this device (`seal --to`) and keys imported with
+/// `flexserve key import` need neither option.
 #[derive(Args, Clone)]
 struct KeyArgs {
-    /// Model key file, for a sealed model (.fsm) sealed with a key.
+    /// Development mode only: a model key file for a model sealed with a key (the secure world
+    /// service takes no key files; import the key once with `flexserve key import`).
     #[arg(long)]
     key: Option<PathBuf>,
-    /// Accept a sealed model only if this vendor signed it (public key in hex, or a file holding it).
+    /// Development mode only: accept a sealed model only if this vendor signed it (public key in hex,
+    /// or a file holding it); the service's policy says which vendor keys it requires.
     #[arg(long)]
     vendor_pubkey: Option<String>,
-    #[command(flatten)]
-    device: DeviceKeyArg,
-}
-
-#[derive(Args, Clone)]
-struct DeviceKeyArg {
-    /// The device's private key file, for models sealed to this device
-    /// [default: $FLEXSERVE_HOME/device.key, FLEXSERVE_HOME defaulting to ~/.flexserve].
-    #[arg(long)]
-    device_key_file: Option<PathBuf>,
-}
-
-impl DeviceKeyArg {
-    fn path(&self) -> Result<PathBuf> {
-        if let Some(p) = &self.device_key_file {
-            return Ok(p.clone());
-        }
-        let home = match std::env::var_os("FLEXSERVE_HOME") {
-            Some(h) => PathBuf::from(h),
-            None => PathBuf::from(std::env::var_os("HOME").context("neither FLEXSERVE_HOME nor HOME is set")?)
-                .join(".flexserve"),
-        };
-        Ok(home.join("device.key"))
-    }
 }
 
 #[derive(Args)]
@@ -342,6 +348,7 @@ impl SamplingArgs {
 
 fn main() {
     let cli = Cli::parse();
+    secure::set_development(cli.dev);
     if let Err(e) = run(cli) {
         // A reader that went away (`| head`) is not an error.
         if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
@@ -385,7 +392,12 @@ fn run(cli: Cli) -> Result<()> {
             report(&stats);
             Ok(())
         }
-        Command::Chat { run, prompt, system, sampling } => {
+        Command::Chat { run, prompt, prompt_file, system, sampling } => {
+            let prompt = match (prompt, prompt_file) {
+                (Some(p), _) => Some(p),
+                (None, Some(f)) => Some(read_text(None, Some(f))?),
+                (None, None) => None,
+            };
             if is_sealed(&run.model)? {
                 return secure::chat(&run.model, prompt, system, &run, &sampling);
             }
@@ -483,22 +495,8 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote a new model key to {} (mode 0600)", output.display());
             Ok(())
         }
-        Command::DeviceKey { keys } => {
-            let path = keys.path()?;
-            let secret = if path.exists() {
-                flexserve_sealed::DeviceSecretKey::load(&path)?
-            } else {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-                }
-                let k = flexserve_sealed::DeviceSecretKey::generate();
-                k.save(&path)?;
-                eprintln!("created the device key pair in {}", path.display());
-                k
-            };
-            println!("{}", secret.public_key().to_hex());
-            Ok(())
-        }
+        Command::DeviceKey => secure::device_key(),
+        Command::Key { what: KeyCommand::Import { key, name, remove } } => secure::import_key(&key, name, remove),
         Command::Seal { model, key, to, output, chunk_size, key_out, sign } => {
             seal(model, key, to, output, chunk_size, key_out, sign)
         }
@@ -667,6 +665,11 @@ fn open(path: &Path) -> Result<GgufFile> {
 fn read_text(text: Option<String>, file: Option<PathBuf>) -> Result<String> {
     match (text, file) {
         (Some(t), _) => Ok(t),
+        (None, Some(f)) if f.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading standard input")?;
+            Ok(text)
+        }
         (None, Some(f)) => std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display())),
         (None, None) => bail!("give the text inline or as a file"),
     }

@@ -5,12 +5,13 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use flexserve_normal::{MemoryBudget, OpenedModel, PoolChoice, SecureWorld, SecureWorldOptions};
-use flexserve_protocol::{GenerateRequest, GenerationReport, Input, Sampling, StatusReport};
+use flexserve_protocol::{Deployment, GenerateRequest, GenerationReport, Input, Sampling, StatusReport};
 
 use crate::{KeyArgs, SamplingArgs};
 
@@ -80,7 +81,166 @@ fn parse_pool(s: &str) -> Result<PoolChoice, String> {
     }
 }
 
-/// Starts a secure world holding the keys named by `keys`.
+/// Whether this process runs a development secure world (`--dev`) instead
+/// of connecting to the service; set once at start.
+static DEVELOPMENT: OnceLock<bool> = OnceLock::new();
+
+pub fn set_development(on: bool) {
+    let _ = DEVELOPMENT.set(on);
+}
+
+fn development() -> bool {
+    DEVELOPMENT.get().copied().unwrap_or(false)
+}
+
+/// Said on every run in development mode, and by `status`.
+pub const DEVELOPMENT_WARNING: &str = "WARNING: development mode: the secure world runs as your own user and \
+protects nothing (its keys, memory and policy are yours to read and change). Use the secure world service \
+(flexserve-launcher, docs/secure-world.md) for real models and data.";
+
+/// Reaches the secure world: the service, or in development mode a secure
+/// world of this user's own; then hands it the stored keys.
+pub fn connect(keys: &KeyArgs, secure: &SecureArgs, threads: usize) -> Result<SecureWorld> {
+    let mut world = if development() {
+        eprintln!("{DEVELOPMENT_WARNING}");
+        spawn(keys, secure, threads)?
+    } else {
+        refuse_development_options(keys, secure)?;
+        let socket = flexserve_normal::service_socket();
+        SecureWorld::connect(&socket, secure.secure_memory_limit)
+            .with_context(|| format!("connecting to the secure world at {}", socket.display()))?
+    };
+    for (path, stored) in stored_keys()? {
+        if let Err(e) = world.add_stored_key(stored) {
+            eprintln!("warning: stored key {} is not usable here: {e}", path.display());
+        }
+    }
+    Ok(world)
+}
+
+/// What only a development secure world takes from the normal world.
+fn refuse_development_options(keys: &KeyArgs, secure: &SecureArgs) -> Result<()> {
+    let refuse = |what: &str, why: &str| {
+        Err(anyhow::anyhow!("{what}: {why} (or run an unprotected development secure world with --dev)"))
+    };
+    if keys.key.is_some() {
+        return refuse(
+            "--key",
+            "the secure world service takes no key files from the normal world; import the key once with \
+             `flexserve key import --key FILE --remove`",
+        );
+    }
+    if keys.vendor_pubkey.is_some() {
+        return refuse(
+            "--vendor-pubkey",
+            "the vendor key a model must be signed by is the secure world's policy (vendor_key in its policy.conf)",
+        );
+    }
+    if secure.locked_memory {
+        return refuse("--locked-memory", "the protection of secure memory is the secure world's policy");
+    }
+    if secure.secure_pool == PoolChoice::StaticCarveOut || secure.granule_size != 0 {
+        return refuse("--secure-pool/--granule-size", "the secure world service's pool is set by its policy");
+    }
+    Ok(())
+}
+
+/// Where imported keys are kept (sealed under the device key): `$FLEXSERVE_HOME/keys`.
+fn stored_keys_dir() -> Result<PathBuf> {
+    Ok(flexserve_normal::flexserve_home()?.join("keys"))
+}
+
+/// Every stored key (`*.stored` in the keys directory), as hex.
+fn stored_keys() -> Result<Vec<(PathBuf, String)>> {
+    let dir = stored_keys_dir()?;
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut keys = Vec::new();
+    for entry in entries {
+        let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
+        if path.extension().is_some_and(|e| e == "stored") {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            keys.push((path, text.trim().to_string()));
+        }
+    }
+    keys.sort();
+    Ok(keys)
+}
+
+/// `flexserve device-key`: the public half of the key the secure world holds.
+pub fn device_key() -> Result<()> {
+    let mut world = connect(&KeyArgs { key: None, vendor_pubkey: None }, &SecureArgs::plain(), 1)?;
+    println!("{}", world.device_public_key()?);
+    Ok(())
+}
+
+/// `flexserve key import`: the secure world seals the key under its device
+/// key; only that sealed form is written (mode 0600, atomically).
+pub fn import_key(key_file: &Path, name: Option<String>, remove: bool) -> Result<()> {
+    let name = match name {
+        Some(n) => n,
+        None => key_file.file_stem().map(|s| s.to_string_lossy().into_owned()).context("the key file has no name")?,
+    };
+    if name.is_empty() || name.contains(['/', '\0']) || name.starts_with('.') {
+        bail!("--name {name:?}: a plain file name is needed");
+    }
+    // Read and checked here so that a wrong file fails before the secure world is asked.
+    let key = flexserve_sealed::ModelKey::load(key_file)?;
+    drop(key);
+    let hex = zeroize::Zeroizing::new(
+        std::fs::read_to_string(key_file).with_context(|| format!("reading {}", key_file.display()))?,
+    );
+    let mut world = connect(&KeyArgs { key: None, vendor_pubkey: None }, &SecureArgs::plain(), 1)?;
+    let stored = world.import_key(hex.trim().to_string())?;
+    let dir = stored_keys_dir()?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{name}.stored"));
+    write_private(&path, format!("{stored}\n").as_bytes())?;
+    eprintln!(
+        "the secure world holds the key; its sealed form is in {} (useless to anyone but this device's secure world)",
+        path.display()
+    );
+    if remove {
+        std::fs::remove_file(key_file).with_context(|| format!("removing {}", key_file.display()))?;
+        eprintln!("removed {}", key_file.display());
+    } else {
+        eprintln!("you may now delete {} (or pass --remove)", key_file.display());
+    }
+    Ok(())
+}
+
+/// Writes a file readable by its owner alone: to a temporary name, synced, then renamed.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+impl SecureArgs {
+    /// The defaults, for commands that only ask the secure world something.
+    fn plain() -> SecureArgs {
+        SecureArgs {
+            secure_memory_limit: MemoryBudget::Auto,
+            secure_pool: PoolChoice::Flexible,
+            granule_size: 0,
+            locked_memory: false,
+            memory_floor: 0,
+        }
+    }
+}
+
+/// Starts a development secure world holding the keys named by `keys`.
 pub fn spawn(keys: &KeyArgs, secure: &SecureArgs, threads: usize) -> Result<SecureWorld> {
     let vendor_pubkey = match &keys.vendor_pubkey {
         Some(v) if Path::new(v).is_file() => Some(flexserve_sealed::VendorPublicKey::load(v)?.to_hex()),
@@ -88,7 +248,6 @@ pub fn spawn(keys: &KeyArgs, secure: &SecureArgs, threads: usize) -> Result<Secu
         None => None,
     };
     let opts = SecureWorldOptions {
-        device_key: Some(keys.device.path()?),
         model_keys: keys.key.iter().cloned().collect(),
         vendor_pubkey,
         threads,
@@ -119,10 +278,14 @@ pub fn open(path: &Path, keys: &KeyArgs, secure: &SecureArgs, threads: usize) ->
         .with_context(|| format!("sealed model {}", path.display()))?;
     let header =
         flexserve_sealed::SealedHeader::read(&prefix).with_context(|| format!("sealed model {}", path.display()))?;
-    if header.wrapped_to_device().is_none() && keys.key.is_none() {
-        anyhow::bail!("{} is a sealed model: pass its key with --key KEY", path.display());
+    if header.wrapped_to_device().is_none() && keys.key.is_none() && stored_keys()?.is_empty() {
+        anyhow::bail!(
+            "{} is sealed with a model key, and the secure world holds none: import it once with \
+             `flexserve key import --key KEYFILE` (or seal the model to this device with `seal --to`)",
+            path.display()
+        );
     }
-    let mut world = spawn(keys, secure, threads)?;
+    let mut world = connect(keys, secure, threads)?;
     if secure.memory_floor > 0 {
         world.set_memory_floor(Some(secure.memory_floor));
     }
@@ -371,7 +534,7 @@ pub fn status(model: Option<PathBuf>, keys: &KeyArgs, secure: &SecureArgs, json:
             let (w, m) = open(path, keys, secure, 0)?;
             (w, Some(m))
         }
-        None => (spawn(keys, secure, 0)?, None),
+        None => (connect(keys, secure, 0)?, None),
     };
     let s = world.status()?;
     let pid = world.pid();
@@ -386,8 +549,14 @@ pub fn status(model: Option<PathBuf>, keys: &KeyArgs, secure: &SecureArgs, json:
 
 fn print_status(s: &StatusReport, pid: u32) {
     let mib = |granules: u32| granules as f64 * s.granule_size as f64 / (1 << 20) as f64;
-    println!("secure world pid {pid}");
+    println!("secure world pid {pid}, uid {}", s.secure_uid);
+    println!("  deployment: {}", s.deployment.describe());
     println!("  protection: {}", s.protection);
+    println!("  ptrace_scope: {}, kernel lockdown: {}", s.ptrace_scope, s.lockdown);
+    println!("  policy: {}", s.policy.join("; "));
+    for w in &s.warnings {
+        println!("  warning: {w}");
+    }
     println!("  pool: {} ({} KiB granules)", s.pool_mode, s.granule_size >> 10);
     println!(
         "  granules: {} granted ({:.1} MiB), {} prepared, {} in use ({:.1} MiB)",
@@ -437,7 +606,10 @@ fn status_json(s: &StatusReport, pid: u32, budget_granules: u64) -> String {
         })
         .collect();
     serde_json::json!({
-        "pid": pid, "protection": s.protection, "pool_mode": s.pool_mode, "granule_size": s.granule_size,
+        "pid": pid, "deployment": match s.deployment { Deployment::Service => "service", Deployment::Development => "development" },
+        "unprotected": s.deployment == Deployment::Development, "secure_uid": s.secure_uid,
+        "ptrace_scope": s.ptrace_scope, "lockdown": s.lockdown, "policy": s.policy, "warnings": s.warnings,
+        "protection": s.protection, "pool_mode": s.pool_mode, "granule_size": s.granule_size,
         "granted": s.granted, "prepared": s.prepared, "in_use": s.in_use, "budget_granules": budget_granules,
         "heap_bytes": s.heap_bytes, "heap_allocated": s.heap_allocated, "heap_peak": s.heap_peak, "models": models,
     })

@@ -299,3 +299,39 @@ fn synth_writes_a_runnable_model_and_bench_reports_json() {
     ]);
     assert!(!o.status.success(), "250 columns are not whole Q4_0 blocks");
 }
+
+#[test]
+fn without_the_service_the_secure_world_is_refused_or_loudly_unprotected() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("none.sock");
+    let run = |dev: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_flexserve"));
+        c.args(["status", "--json"]).env("FLEXSERVE_HOME", dir.path()).env("FLEXSERVE_SECURE_SOCKET", &socket);
+        if dev {
+            c.env("FLEXSERVE_DEV", "1");
+        } else {
+            c.env_remove("FLEXSERVE_DEV");
+        }
+        c.output().unwrap()
+    };
+    let o = run(false);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("no secure world service at") && e.contains("none.sock") && e.contains("--dev"), "{e}");
+
+    let o = run(true);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("WARNING: development mode"), "{e}");
+    let s: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(s["deployment"], "development");
+    assert_eq!(s["unprotected"], true);
+    assert!(
+        s["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().starts_with("development mode")),
+        "{s}"
+    );
+    // The device key was born in the development secure world's state directory, owner-only.
+    let state = dir.path().join("dev-secure-world");
+    let mode = std::fs::metadata(&state).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions())).unwrap();
+    assert_eq!(mode & 0o777, 0o700);
+    assert!(state.join("device.key").exists());
+}

@@ -308,7 +308,11 @@ fn start_generation(model: &Path, key: Option<&Path>, home: &Path) -> Generation
         cmd.arg("--key").arg(k);
     }
     cmd.args(["--prompt", PROMPT, "--max-tokens", "200", "--temperature", "0", "--threads", "2"]);
-    cmd.env("FLEXSERVE_HOME", home).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.env("FLEXSERVE_HOME", home)
+        .env("FLEXSERVE_DEV", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("starting flexserve");
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();

@@ -13,7 +13,14 @@ fn model() -> PathBuf {
 }
 
 fn run(args: &[&str], home: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flexserve")).args(args).env("FLEXSERVE_HOME", home).output().unwrap()
+    // Development mode: these tests exercise sealing and the secure world's
+    // work, not its isolation (crates/flexserve-launcher/tests/principal.rs).
+    Command::new(env!("CARGO_BIN_EXE_flexserve"))
+        .args(args)
+        .env("FLEXSERVE_HOME", home)
+        .env("FLEXSERVE_DEV", "1")
+        .output()
+        .unwrap()
 }
 
 fn ok(o: Output) -> String {
@@ -62,6 +69,7 @@ fn sealed_model_generates_the_plain_models_tokens() {
         let mut child = Command::new(env!("CARGO_BIN_EXE_flexserve"))
             .args(&args)
             .env("FLEXSERVE_HOME", home)
+            .env("FLEXSERVE_DEV", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -112,7 +120,14 @@ fn sealed_model_generates_the_plain_models_tokens() {
     };
     let plain_ppl = ppl(&model(), &[]);
     assert!(plain_ppl.starts_with("PPL = "), "{plain_ppl}");
+    // Scoring is an extraction oracle: off unless the secure world's policy allows it.
+    let e = err(run(&["perplexity", "--model", s, "--file", t, "--ctx", "64", "--key", k], home));
+    assert!(e.contains("scoring is off") && e.contains("Policy"), "{e}");
+    std::fs::write(home.join("dev-secure-world/policy.conf"), "allow_perplexity = true\nmin_scoring_context = 64\n")
+        .unwrap();
     assert_eq!(ppl(&sealed, &["--key", k]), plain_ppl);
+    let e = err(run(&["perplexity", "--model", s, "--file", t, "--ctx", "32", "--key", k], home));
+    assert!(e.contains("below the policy's minimum of 64"), "{e}");
     let e = err(run(&["bench", "engine", "--model", s, "--repetitions", "1"], home));
     assert!(e.contains("bench secure"), "{e}");
     // The designs side by side (one short repetition): every design answers.

@@ -1,6 +1,7 @@
 //! Text generation on a session: prompt caching, sampling, streaming and stop
 //! conditions.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use flexserve_tokenizer::{StreamDecoder, Tokenizer};
@@ -108,17 +109,18 @@ impl<'m> Generator<'m> {
         opts: &GenerateOptions,
         on_text: impl FnMut(&str),
     ) -> Result<GenerationStats, EngineError> {
-        self.generate_with(prompt, opts, on_text, &mut || {})
+        self.generate_with(prompt, opts, on_text, &mut || ControlFlow::Continue(()))
     }
 
-    /// [`Generator::generate`], calling `during_prefill` between the layers
-    /// of the prompt's evaluation (see [`Session::eval_with`]).
+    /// [`Generator::generate`], calling `hook` between the layers of the
+    /// prompt's evaluation (see [`Session::eval_with`]) and before each
+    /// further token; `Break` ends the generation with [`EngineError::Cancelled`].
     pub fn generate_with(
         &mut self,
         prompt: &[u32],
         opts: &GenerateOptions,
         mut on_text: impl FnMut(&str),
-        during_prefill: &mut (dyn FnMut() + Send),
+        hook: &mut (dyn FnMut() -> ControlFlow<()> + Send),
     ) -> Result<GenerationStats, EngineError> {
         if prompt.is_empty() {
             return Err(EngineError::EmptyInput);
@@ -134,7 +136,7 @@ impl<'m> Generator<'m> {
         let mut sampler = Sampler::new(opts.sampling.clone());
         sampler.observe(prompt);
         let t0 = Instant::now();
-        let mut logits = self.session.eval_with(todo, Logits::Last, during_prefill)?;
+        let mut logits = self.session.eval_with(todo, Logits::Last, hook)?;
         self.history.extend_from_slice(todo);
         let prefill_secs = t0.elapsed().as_secs_f64();
 
@@ -172,6 +174,9 @@ impl<'m> Generator<'m> {
             if self.session.n_past() + 1 > self.session.n_ctx() {
                 stop = StopReason::ContextFull;
                 break;
+            }
+            if hook().is_break() {
+                return Err(EngineError::Cancelled);
             }
             logits = self.session.eval(&[id], Logits::Last)?;
             self.history.push(id);

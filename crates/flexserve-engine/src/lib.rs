@@ -40,6 +40,9 @@ pub enum EngineError {
     EmptyInput,
     #[error("thread pool: {0}")]
     Threads(String),
+    /// The caller's hook asked to stop (its peer went away).
+    #[error("cancelled")]
+    Cancelled,
     #[error("{0}")]
     Other(String),
 }

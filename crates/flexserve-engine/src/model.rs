@@ -1,6 +1,7 @@
 //! The transformer: weights of a llama-family or qwen2 model and the forward
 //! pass over a batch of tokens with a KV cache.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use flexserve_gguf::GgufFile;
@@ -510,17 +511,19 @@ impl<'m> Session<'m> {
     /// Runs `tokens` through the model after the cached positions and returns
     /// logits (`n_vocab` per requested position, in order).
     pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, EngineError> {
-        self.eval_with(tokens, logits, &mut || {})
+        self.eval_with(tokens, logits, &mut || ControlFlow::Continue(()))
     }
 
     /// [`Session::eval`], calling `between_layers` after every layer of every
     /// batch (on a worker thread): a long prefill can serve other work, such
-    /// as a memory recall, at bounded intervals.
+    /// as a memory recall, at bounded intervals. When it answers `Break`
+    /// the evaluation stops there with [`EngineError::Cancelled`] (the
+    /// positions of the unfinished batch are not kept).
     pub fn eval_with(
         &mut self,
         tokens: &[u32],
         logits: Logits,
-        between_layers: &mut (dyn FnMut() + Send),
+        between_layers: &mut (dyn FnMut() -> ControlFlow<()> + Send),
     ) -> Result<Vec<f32>, EngineError> {
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
@@ -553,7 +556,7 @@ impl<'m> Session<'m> {
         &mut self,
         tokens: &[u32],
         logits_from: Option<usize>,
-        between_layers: &mut (dyn FnMut() + Send),
+        between_layers: &mut (dyn FnMut() -> ControlFlow<()> + Send),
     ) -> Result<Vec<f32>, EngineError> {
         let m = self.model;
         let c = &m.config;
@@ -631,7 +634,9 @@ impl<'m> Session<'m> {
             quantize_for(&mut s.acts, &s.gate, c.n_ff, &layer.w_down)?;
             ops::matmul(&layer.w_down, &s.acts, &mut s.h, &mut s.mm)?;
             add_into(&mut s.x, &s.h);
-            between_layers();
+            if between_layers().is_break() {
+                return Err(EngineError::Cancelled);
+            }
         }
         self.n_past += n;
 

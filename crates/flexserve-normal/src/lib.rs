@@ -1,7 +1,10 @@
 //! The normal world's side of the world boundary.
 //!
-//! [`SecureWorld`] starts the secure-world process (`flexserve-secure`),
-//! connects it by a socket pair and a shared buffer, and drives it: it reads
+//! [`SecureWorld`] connects to the secure world, which runs as its own
+//! principal ([`SecureWorld::connect`], a Unix socket that its launcher
+//! bound; see `docs/secure-world.md`), or, in development mode, starts it as
+//! this user's child ([`SecureWorld::spawn`], unprotected). It hands over a
+//! shared buffer, and drives the secure world: it reads
 //! sealed headers and ciphertext chunks from storage into the shared buffer
 //! (the normal world does the I/O, never the decryption), grants secure
 //! memory within its budget ([`MemoryBudget`], the management right of
@@ -11,7 +14,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -51,6 +54,12 @@ pub enum NormalError {
     Spawn { path: PathBuf, source: std::io::Error },
     #[error("the secure world terminated ({0}); the request was lost, a new request starts a new secure world")]
     Died(String),
+    #[error("the secure world service closed this session ({0}); the request was lost")]
+    SessionClosed(String),
+    #[error("no secure world service at {path}: {source} (start it as root with flexserve-launcher, see docs/secure-world.md; or run with --dev for an unprotected development secure world)")]
+    NoService { path: PathBuf, source: std::io::Error },
+    #[error("the secure world at {path} does not admit this user: its socket is for the members of its group (ask its administrator to add you)")]
+    NotAdmitted { path: PathBuf },
     #[error("secure world: {message} [{code:?}]")]
     Secure { code: ErrorCode, message: String },
     #[error("the secure world answered {got} where {expected} was expected")]
@@ -121,7 +130,9 @@ pub struct SecureWorldOptions {
     /// The `flexserve-secure` executable (default: $FLEXSERVE_SECURE_BIN, else
     /// next to the running executable).
     pub binary: Option<PathBuf>,
-    pub device_key: Option<PathBuf>,
+    /// The development secure world's state directory (its device key and
+    /// policy; default [`default_dev_state_dir`]).
+    pub state_dir: Option<PathBuf>,
     pub model_keys: Vec<PathBuf>,
     /// Hex public key of the vendor whose signature models must carry.
     pub vendor_pubkey: Option<String>,
@@ -139,7 +150,7 @@ impl Default for SecureWorldOptions {
     fn default() -> Self {
         Self {
             binary: None,
-            device_key: None,
+            state_dir: None,
             model_keys: Vec::new(),
             vendor_pubkey: None,
             threads: 0,
@@ -190,7 +201,9 @@ pub struct LoadReport {
 
 /// A running secure world and the normal world's view of it.
 pub struct SecureWorld {
-    child: Child,
+    /// The development secure world this process started; `None` when
+    /// connected to the service.
+    child: Option<Child>,
     reader: BufReader<UnixStream>,
     writer: BufWriter<UnixStream>,
     shared: SharedBuffer,
@@ -231,15 +244,33 @@ struct InFlightRecall {
 const PRESSURE_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 impl SecureWorld {
-    /// Starts the secure world and greets it.
+    /// Starts a development secure world (this user's child, unprotected) and greets it.
     pub fn spawn(opts: &SecureWorldOptions) -> Result<SecureWorld> {
         let raw = spawn_process(opts)?;
         let pid = raw.child.id();
+        Self::greet(Some(raw.child), raw.socket, raw.shared, raw.budget_bytes, pid)
+    }
+
+    /// Opens a session with the secure world service listening at `socket`;
+    /// this side grants at most `budget` of secure memory.
+    pub fn connect(socket: &Path, budget: MemoryBudget) -> Result<SecureWorld> {
+        let raw = connect_service(socket)?;
+        let pid = peer_pid(&raw.socket).unwrap_or(0);
+        Self::greet(None, raw.socket, raw.shared, budget.bytes(), pid)
+    }
+
+    fn greet(
+        child: Option<Child>,
+        socket: UnixStream,
+        shared: SharedBuffer,
+        budget_bytes: u64,
+        pid: u32,
+    ) -> Result<SecureWorld> {
         let mut world = SecureWorld {
-            child: raw.child,
-            reader: BufReader::new(raw.socket.try_clone()?),
-            writer: BufWriter::new(raw.socket),
-            shared: raw.shared,
+            child,
+            reader: BufReader::new(socket.try_clone()?),
+            writer: BufWriter::new(socket),
+            shared,
             info: WorldInfo { protection: String::new(), pool_mode: String::new(), granule_size: 0, pid },
             budget_granules: 0,
             granted: 0,
@@ -253,8 +284,38 @@ impl SecureWorld {
             }
             other => return Err(unexpected("Hello", &other)),
         }
-        world.budget_granules = raw.budget_bytes / world.info.granule_size.max(1);
+        world.budget_granules = budget_bytes / world.info.granule_size.max(1);
         Ok(world)
+    }
+
+    /// Whether this session runs on a development secure world (unprotected).
+    pub fn is_development(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The device's public key (hex), which the secure world generated and keeps.
+    pub fn device_public_key(&mut self) -> Result<String> {
+        match self.call(&Request::DevicePublicKey)? {
+            Reply::DevicePublicKey { key } => Ok(key),
+            other => Err(unexpected("DevicePublicKey", &other)),
+        }
+    }
+
+    /// Has the secure world seal a raw model key (64 hex digits) under its
+    /// device key; returns the stored form (hex) to keep instead of the key.
+    pub fn import_key(&mut self, key_hex: String) -> Result<String> {
+        match self.call(&Request::ImportKey { key: key_hex })? {
+            Reply::KeyImported { stored } => Ok(stored),
+            other => Err(unexpected("KeyImported", &other)),
+        }
+    }
+
+    /// Hands a stored key (from [`SecureWorld::import_key`]) to this session.
+    pub fn add_stored_key(&mut self, stored_hex: String) -> Result<()> {
+        match self.call(&Request::AddStoredKey { stored: stored_hex })? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected("Ok", &other)),
+        }
     }
 
     pub fn info(&self) -> &WorldInfo {
@@ -292,9 +353,12 @@ impl SecureWorld {
     /// A broken channel usually means the secure world died: say how.
     fn explain(&mut self, e: ProtocolError) -> NormalError {
         if matches!(e, ProtocolError::Closed | ProtocolError::Io(_)) {
+            let Some(child) = self.child.as_mut() else {
+                return NormalError::SessionClosed(e.to_string());
+            };
             // Give a dying process a moment to be reaped.
             for _ in 0..50 {
-                if let Ok(Some(status)) = self.child.try_wait() {
+                if let Ok(Some(status)) = child.try_wait() {
                     let how = match (status.code(), status.signal()) {
                         (_, Some(sig)) => format!("killed by signal {sig}"),
                         (Some(code), _) => format!("exit code {code}"),
@@ -746,7 +810,9 @@ impl SecureWorld {
     /// Asks the secure world to stop and waits for it.
     pub fn shutdown(mut self) -> Result<()> {
         let result = self.call(&Request::Shutdown).map(|_| ());
-        let _ = self.child.wait();
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.wait();
+        }
         result
     }
 
@@ -757,18 +823,19 @@ impl SecureWorld {
 
 impl Drop for SecureWorld {
     fn drop(&mut self) {
-        // Closing the channel ends the secure world; reap it.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.writer.get_ref().shutdown(std::net::Shutdown::Both);
+        // Closing the channel ends the session (and a development secure world: reap it).
+        let _ = self.writer.get_ref().shutdown(std::net::Shutdown::Both);
+        let Some(child) = self.child.as_mut() else { return };
+        if let Ok(None) = child.try_wait() {
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
+                if let Ok(Some(_)) = child.try_wait() {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
@@ -793,9 +860,11 @@ pub fn spawn_process(opts: &SecureWorldOptions) -> Result<RawSecureWorld> {
     let shared_fd = shared.inheritable_fd()?;
     let mut cmd = Command::new(&binary);
     cmd.args(["--channel-fd", "3", "--shared-fd", "4"]);
-    if let Some(d) = &opts.device_key {
-        cmd.arg("--device-key").arg(d);
-    }
+    let state_dir = match &opts.state_dir {
+        Some(d) => d.clone(),
+        None => default_dev_state_dir()?,
+    };
+    cmd.arg("--state-dir").arg(state_dir);
     for k in &opts.model_keys {
         cmd.arg("--model-key").arg(k);
     }
@@ -832,6 +901,99 @@ pub fn spawn_process(opts: &SecureWorldOptions) -> Result<RawSecureWorld> {
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
     let child = cmd.spawn().map_err(|source| NormalError::Spawn { path: binary.clone(), source })?;
     Ok(RawSecureWorld { child, socket: ours, shared, budget_bytes })
+}
+
+/// A session with the secure world service before any message was
+/// exchanged: for callers that speak the protocol themselves (tests).
+pub struct RawSession {
+    pub socket: UnixStream,
+    pub shared: SharedBuffer,
+}
+
+/// Connects to the service and hands it a new shared buffer (one byte
+/// carrying the memfd as `SCM_RIGHTS`, the first thing the service reads).
+pub fn connect_service(path: &Path) -> Result<RawSession> {
+    let socket = UnixStream::connect(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::PermissionDenied => NormalError::NotAdmitted { path: path.to_path_buf() },
+        _ => NormalError::NoService { path: path.to_path_buf(), source },
+    })?;
+    let shared = SharedBuffer::create(DEFAULT_SHARED_LEN)?;
+    if let Err(e) = send_descriptor(&socket, shared.as_fd().as_raw_fd()) {
+        // A peer the service does not admit gets one error frame, then the connection closes.
+        let mut reader = &socket;
+        return Err(match flexserve_protocol::read_reply(&mut reader) {
+            Ok(Reply::Error { code, message }) => NormalError::Secure { code, message },
+            _ => NormalError::Io(e),
+        });
+    }
+    Ok(RawSession { socket, shared })
+}
+
+/// Sends one byte carrying `fd`.
+pub fn send_descriptor(socket: &UnixStream, fd: RawFd) -> std::io::Result<()> {
+    let byte = [0u8; 1];
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec { iov_base: byte.as_ptr() as *mut libc::c_void, iov_len: 1 };
+    // SAFETY: a zeroed msghdr is valid; it points at our iovec and a control
+    // buffer big enough for one descriptor, filled through the CMSG macros.
+    let sent = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd);
+        libc::sendmsg(socket.as_raw_fd(), &msg, 0)
+    };
+    if sent != 1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The pid of the process at the other end of a Unix socket.
+pub fn peer_pid(socket: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
+}
+
+/// Where the service listens unless told otherwise.
+pub const DEFAULT_SERVICE_SOCKET: &str = "/run/flexserve/secure.sock";
+
+/// The service socket: `$FLEXSERVE_SECURE_SOCKET`, else [`DEFAULT_SERVICE_SOCKET`].
+pub fn service_socket() -> PathBuf {
+    std::env::var_os("FLEXSERVE_SECURE_SOCKET").map_or_else(|| PathBuf::from(DEFAULT_SERVICE_SOCKET), PathBuf::from)
+}
+
+/// This user's FlexServe directory: `$FLEXSERVE_HOME`, else `~/.flexserve`.
+pub fn flexserve_home() -> Result<PathBuf> {
+    match std::env::var_os("FLEXSERVE_HOME") {
+        Some(h) => Ok(PathBuf::from(h)),
+        None => match std::env::var_os("HOME") {
+            Some(h) => Ok(PathBuf::from(h).join(".flexserve")),
+            None => Err(NormalError::Io(std::io::Error::other("neither FLEXSERVE_HOME nor HOME is set"))),
+        },
+    }
+}
+
+/// The development secure world's state directory, in this user's FlexServe directory.
+pub fn default_dev_state_dir() -> Result<PathBuf> {
+    Ok(flexserve_home()?.join("dev-secure-world"))
 }
 
 fn unexpected(expected: &'static str, got: &Reply) -> NormalError {

@@ -35,10 +35,14 @@
 //! | `Status`          | 0x0a | `Ok`          | 0x8a |
 //! | `Shutdown`        | 0x0b | `Error`       | 0x8b |
 //! | `Perplexity`      | 0x0c | `Perplexity`  | 0x8c |
-//! |                   |      | `MemoryNeeded`| 0x8d |
+//! | `DevicePublicKey` | 0x0d | `MemoryNeeded`| 0x8d |
+//! | `ImportKey`       | 0x0e | `DevicePublicKey` | 0x8e |
+//! | `AddStoredKey`    | 0x0f | `KeyImported` | 0x8f |
 //!
 //! Requests and replies use disjoint tags so that a message sent the wrong way
 //! is rejected at once.
+//!
+//! `Deployment` (in `StatusReport`): `Service` 0, `Development` 1.
 //!
 //! | `Input`       | Tag | `StopReason`      | Tag | `ErrorCode`    | Tag |
 //! |---------------|-----|-------------------|-----|----------------|-----|
@@ -52,6 +56,7 @@
 //! |               |     |                   |     | `BadArgument`  | 7   |
 //! |               |     |                   |     | `Engine`       | 8   |
 //! |               |     |                   |     | `Internal`     | 9   |
+//! |               |     |                   |     | `Policy`       | 10  |
 //!
 //! # Decoding untrusted bytes
 //!
@@ -64,8 +69,8 @@ use std::fmt::Display;
 use std::io::{self, Read, Write};
 
 use crate::{
-    BufferRange, ChunkRef, ChunkSpan, ErrorCode, GenerateRequest, GenerationReport, Input, ModelStatus, Reply, Request,
-    Sampling, StatusReport, StopReason, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_TEXT_LEN,
+    BufferRange, ChunkRef, ChunkSpan, Deployment, ErrorCode, GenerateRequest, GenerationReport, Input, ModelStatus,
+    Reply, Request, Sampling, StatusReport, StopReason, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_TEXT_LEN,
 };
 
 /// Why a message could not be sent or received.
@@ -122,6 +127,9 @@ mod tag {
     pub const REQ_STATUS: u8 = 0x0a;
     pub const REQ_SHUTDOWN: u8 = 0x0b;
     pub const REQ_PERPLEXITY: u8 = 0x0c;
+    pub const REQ_DEVICE_PUBLIC_KEY: u8 = 0x0d;
+    pub const REQ_IMPORT_KEY: u8 = 0x0e;
+    pub const REQ_ADD_STORED_KEY: u8 = 0x0f;
 
     pub const REP_HELLO: u8 = 0x81;
     pub const REP_MODEL_OPENED: u8 = 0x82;
@@ -136,6 +144,8 @@ mod tag {
     pub const REP_ERROR: u8 = 0x8b;
     pub const REP_PERPLEXITY: u8 = 0x8c;
     pub const REP_MEMORY_NEEDED: u8 = 0x8d;
+    pub const REP_DEVICE_PUBLIC_KEY: u8 = 0x8e;
+    pub const REP_KEY_IMPORTED: u8 = 0x8f;
 
     pub const INPUT_RAW: u8 = 0;
     pub const INPUT_CHAT_TURN: u8 = 1;
@@ -151,7 +161,16 @@ const MIN_MODEL_STATUS_LEN: usize = 4 + MIN_STRING_LEN + 4 * 4 + 8 + 4;
 const STOP_REASONS: [StopReason; 4] =
     [StopReason::EndOfGeneration, StopReason::MaxTokens, StopReason::StopString, StopReason::ContextFull];
 
-const ERROR_CODES: [ErrorCode; 10] = [
+const DEPLOYMENTS: [Deployment; 2] = [Deployment::Service, Deployment::Development];
+
+fn deployment_tag(d: Deployment) -> u8 {
+    match d {
+        Deployment::Service => 0,
+        Deployment::Development => 1,
+    }
+}
+
+const ERROR_CODES: [ErrorCode; 11] = [
     ErrorCode::Malformed,
     ErrorCode::OutOfOrder,
     ErrorCode::Version,
@@ -162,6 +181,7 @@ const ERROR_CODES: [ErrorCode; 10] = [
     ErrorCode::BadArgument,
     ErrorCode::Engine,
     ErrorCode::Internal,
+    ErrorCode::Policy,
 ];
 
 fn stop_reason_tag(stop: StopReason) -> u8 {
@@ -185,6 +205,7 @@ fn error_code_tag(code: ErrorCode) -> u8 {
         ErrorCode::BadArgument => 7,
         ErrorCode::Engine => 8,
         ErrorCode::Internal => 9,
+        ErrorCode::Policy => 10,
     }
 }
 
@@ -204,6 +225,9 @@ impl Request {
             Request::Status => "Request::Status",
             Request::Shutdown => "Request::Shutdown",
             Request::Perplexity { .. } => "Request::Perplexity",
+            Request::DevicePublicKey => "Request::DevicePublicKey",
+            Request::ImportKey { .. } => "Request::ImportKey",
+            Request::AddStoredKey { .. } => "Request::AddStoredKey",
         }
     }
 }
@@ -225,6 +249,8 @@ impl Reply {
             Reply::Error { .. } => "Reply::Error",
             Reply::Perplexity { .. } => "Reply::Perplexity",
             Reply::MemoryNeeded { .. } => "Reply::MemoryNeeded",
+            Reply::DevicePublicKey { .. } => "Reply::DevicePublicKey",
+            Reply::KeyImported { .. } => "Reply::KeyImported",
         }
     }
 }
@@ -379,6 +405,15 @@ impl Encoder {
                 self.string(text, &"Request::Perplexity.text")?;
                 self.u32(*n_ctx);
             }
+            Request::DevicePublicKey => self.u8(tag::REQ_DEVICE_PUBLIC_KEY),
+            Request::ImportKey { key } => {
+                self.u8(tag::REQ_IMPORT_KEY);
+                self.string(key, &"Request::ImportKey.key")?;
+            }
+            Request::AddStoredKey { stored } => {
+                self.u8(tag::REQ_ADD_STORED_KEY);
+                self.string(stored, &"Request::AddStoredKey.stored")?;
+            }
         }
         Ok(())
     }
@@ -485,11 +520,25 @@ impl Encoder {
                 self.u8(tag::REP_MEMORY_NEEDED);
                 self.u32(*granules);
             }
+            Reply::DevicePublicKey { key } => {
+                self.u8(tag::REP_DEVICE_PUBLIC_KEY);
+                self.string(key, &"Reply::DevicePublicKey.key")?;
+            }
+            Reply::KeyImported { stored } => {
+                self.u8(tag::REP_KEY_IMPORTED);
+                self.string(stored, &"Reply::KeyImported.stored")?;
+            }
         }
         Ok(())
     }
 
     fn status_report(&mut self, s: &StatusReport) -> Result<(), ProtocolError> {
+        self.u8(deployment_tag(s.deployment));
+        self.u32(s.secure_uid);
+        self.string(&s.ptrace_scope, &"StatusReport.ptrace_scope")?;
+        self.string(&s.lockdown, &"StatusReport.lockdown")?;
+        self.list(&s.policy, &"StatusReport.policy", |e, line, what| e.string(line, what))?;
+        self.list(&s.warnings, &"StatusReport.warnings", |e, line, what| e.string(line, what))?;
         self.string(&s.protection, &"StatusReport.protection")?;
         self.string(&s.pool_mode, &"StatusReport.pool_mode")?;
         self.u64(s.granule_size);
@@ -689,6 +738,9 @@ impl<'a> Decoder<'a> {
                 text: self.string(&"Request::Perplexity.text")?,
                 n_ctx: self.u32(&"Request::Perplexity.n_ctx")?,
             },
+            tag::REQ_DEVICE_PUBLIC_KEY => Request::DevicePublicKey,
+            tag::REQ_IMPORT_KEY => Request::ImportKey { key: self.string(&"Request::ImportKey.key")? },
+            tag::REQ_ADD_STORED_KEY => Request::AddStoredKey { stored: self.string(&"Request::AddStoredKey.stored")? },
             other => return Err(malformed(format!("unknown Request tag {other:#04x}"))),
         };
         Ok(request)
@@ -782,6 +834,8 @@ impl<'a> Decoder<'a> {
                 ppl_err: f64::from_bits(self.u64(&"Reply::Perplexity.ppl_err")?),
             },
             tag::REP_MEMORY_NEEDED => Reply::MemoryNeeded { granules: self.u32(&"Reply::MemoryNeeded.granules")? },
+            tag::REP_DEVICE_PUBLIC_KEY => Reply::DevicePublicKey { key: self.string(&"Reply::DevicePublicKey.key")? },
+            tag::REP_KEY_IMPORTED => Reply::KeyImported { stored: self.string(&"Reply::KeyImported.stored")? },
             other => return Err(malformed(format!("unknown Reply tag {other:#04x}"))),
         };
         Ok(reply)
@@ -789,6 +843,17 @@ impl<'a> Decoder<'a> {
 
     fn status_report(&mut self) -> Result<StatusReport, ProtocolError> {
         Ok(StatusReport {
+            deployment: {
+                let t = self.u8(&"StatusReport.deployment tag")?;
+                *DEPLOYMENTS
+                    .get(t as usize)
+                    .ok_or_else(|| malformed(format!("unknown StatusReport.deployment tag {t:#04x}")))?
+            },
+            secure_uid: self.u32(&"StatusReport.secure_uid")?,
+            ptrace_scope: self.string(&"StatusReport.ptrace_scope")?,
+            lockdown: self.string(&"StatusReport.lockdown")?,
+            policy: self.list(&"StatusReport.policy", MIN_STRING_LEN, |d, what| d.string(what))?,
+            warnings: self.list(&"StatusReport.warnings", MIN_STRING_LEN, |d, what| d.string(what))?,
             protection: self.string(&"StatusReport.protection")?,
             pool_mode: self.string(&"StatusReport.pool_mode")?,
             granule_size: self.u64(&"StatusReport.granule_size")?,

@@ -21,7 +21,7 @@ pub use codec::{
 pub use shared::{RangeError, SharedBuffer};
 
 /// Version of this command set; both sides must agree (see [`Request::Hello`]).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame (one message) either side accepts.
 pub const MAX_FRAME_LEN: usize = 4 << 20;
 /// Largest string in a message (prompts, pieces of text, names, error messages).
@@ -106,6 +106,18 @@ pub enum Request {
         model: u32,
         text: String,
         n_ctx: u32,
+    },
+    /// The public half of the device key, which the secure world generated
+    /// and keeps: what a vendor seals models to.
+    DevicePublicKey,
+    /// A raw model key (64 hex digits), sealed by the secure world under its
+    /// device key; the reply's blob is what the normal world stores instead.
+    ImportKey {
+        key: String,
+    },
+    /// A blob from [`Reply::KeyImported`] (hex), opened and held for this session.
+    AddStoredKey {
+        stored: String,
     },
 }
 
@@ -206,6 +218,12 @@ pub enum Reply {
     MemoryNeeded {
         granules: u32,
     },
+    DevicePublicKey {
+        key: String,
+    },
+    KeyImported {
+        stored: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,6 +246,17 @@ pub struct GenerationReport {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusReport {
+    pub deployment: Deployment,
+    /// The uid the secure world runs as.
+    pub secure_uid: u32,
+    /// Yama's `ptrace_scope` ("0".."3"), or "absent".
+    pub ptrace_scope: String,
+    /// Kernel lockdown ("none", "integrity", "confidentiality"), or "absent".
+    pub lockdown: String,
+    /// The policy in force, one `key = value` line each.
+    pub policy: Vec<String>,
+    /// What weakens the protection on this machine, each in a sentence.
+    pub warnings: Vec<String>,
     pub protection: String,
     pub pool_mode: String,
     pub granule_size: u64,
@@ -245,6 +274,26 @@ pub struct StatusReport {
     /// granules).
     pub heap_peak: u64,
     pub models: Vec<ModelStatus>,
+}
+
+/// How the secure world was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deployment {
+    /// Its own principal: started by the privileged launcher under its own
+    /// uid, serving peers over a Unix socket.
+    Service,
+    /// Started by the normal world as its own user: nothing protects it from
+    /// that user. For development on machines without root.
+    Development,
+}
+
+impl Deployment {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Deployment::Service => "service (own uid, started by the launcher)",
+            Deployment::Development => "DEVELOPMENT MODE: UNPROTECTED (runs as the normal world's own user)",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -281,4 +330,6 @@ pub enum ErrorCode {
     /// The engine failed (context full, bad input).
     Engine,
     Internal,
+    /// The secure world's policy forbids it (scoring, an unsigned model, a peer outside its group).
+    Policy,
 }

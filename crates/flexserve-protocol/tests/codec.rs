@@ -4,8 +4,9 @@ use std::io::{self, Cursor};
 
 use flexserve_protocol::{
     decode_reply, decode_request, encode_reply, encode_request, read_reply, read_request, write_reply, write_request,
-    BufferRange, ChunkRef, ChunkSpan, ErrorCode, GenerateRequest, GenerationReport, Input, ModelStatus, ProtocolError,
-    Reply, Request, Sampling, StatusReport, StopReason, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_TEXT_LEN, PROTOCOL_VERSION,
+    BufferRange, ChunkRef, ChunkSpan, Deployment, ErrorCode, GenerateRequest, GenerationReport, Input, ModelStatus,
+    ProtocolError, Reply, Request, Sampling, StatusReport, StopReason, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_TEXT_LEN,
+    PROTOCOL_VERSION,
 };
 use rand::{Rng, SeedableRng};
 
@@ -77,6 +78,9 @@ fn all_requests() -> Vec<Request> {
         Request::Recall { granules: 12 },
         Request::Status,
         Request::Shutdown,
+        Request::DevicePublicKey,
+        Request::ImportKey { key: "00".repeat(32) },
+        Request::AddStoredKey { stored: "ff".repeat(68) },
         Request::Perplexity { model: 1, text: "Some text to score.".into(), n_ctx: 512 },
         Request::Perplexity { model: u32::MAX, text: String::new(), n_ctx: 0 },
     ]
@@ -145,6 +149,12 @@ fn all_replies() -> Vec<Reply> {
         }),
         Reply::Recalled { released: 8, evicted: 3, micros: 99 },
         Reply::Status(StatusReport {
+            deployment: Deployment::Service,
+            secure_uid: 998,
+            ptrace_scope: "1".into(),
+            lockdown: "none".into(),
+            policy: vec!["protection = memfd_secret".into(), "allow_perplexity = false".into()],
+            warnings: vec!["root can inject code".into()],
             protection: "locked-anonymous".into(),
             pool_mode: "static-carve-out".into(),
             granule_size: 1 << 21,
@@ -157,6 +167,12 @@ fn all_replies() -> Vec<Reply> {
             models: vec![],
         }),
         Reply::Status(StatusReport {
+            deployment: Deployment::Development,
+            secure_uid: 0,
+            ptrace_scope: "absent".into(),
+            lockdown: "absent".into(),
+            policy: vec![],
+            warnings: vec![],
             protection: "memfd_secret".into(),
             pool_mode: "flexible".into(),
             granule_size: 1 << 21,
@@ -172,6 +188,8 @@ fn all_replies() -> Vec<Reply> {
         Reply::Perplexity { tokens: 5120, chunks: 10, ppl: 14.934_2, ppl_err: 0.145_6 },
         Reply::Perplexity { tokens: 0, chunks: 0, ppl: f64::MAX, ppl_err: f64::INFINITY },
         Reply::MemoryNeeded { granules: 17 },
+        Reply::DevicePublicKey { key: "ab".repeat(32) },
+        Reply::KeyImported { stored: "cd".repeat(68) },
         Reply::Error { code: ErrorCode::Malformed, message: "bad".into() },
         Reply::Error { code: ErrorCode::OutOfOrder, message: String::new() },
         Reply::Error { code: ErrorCode::Version, message: "v".into() },
@@ -376,8 +394,8 @@ fn bad_tags_are_named() {
     let what = malformed_what(decode_request(&payload).unwrap_err());
     assert_eq!(what, "unknown GenerateRequest.input tag 0x02");
 
-    let what = malformed_what(decode_reply(&[0x8b, 10, 0, 0, 0, 0]).unwrap_err());
-    assert_eq!(what, "unknown Reply::Error.code tag 0x0a");
+    let what = malformed_what(decode_reply(&[0x8b, 11, 0, 0, 0, 0]).unwrap_err());
+    assert_eq!(what, "unknown Reply::Error.code tag 0x0b");
 
     let mut payload = encode_reply(&all_replies()[9]).unwrap();
     *payload.last_mut().unwrap() = 4;
@@ -404,6 +422,12 @@ fn invalid_utf8_is_named_with_its_position() {
     assert_eq!(what, "GenerateRequest.stop[2]: invalid UTF-8 at byte 2");
 
     let mut reply = encode_reply(&Reply::Status(StatusReport {
+        deployment: Deployment::Development,
+        secure_uid: 0,
+        ptrace_scope: "absent".into(),
+        lockdown: "absent".into(),
+        policy: vec![],
+        warnings: vec![],
         protection: "p".into(),
         pool_mode: "f".into(),
         granule_size: 1,

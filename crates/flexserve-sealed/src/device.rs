@@ -78,6 +78,11 @@ impl DeviceSecretKey {
         DeviceSecretKey(StaticSecret::from(bytes))
     }
 
+    /// The secret scalar's bytes, for deriving keys of other purposes inside this crate.
+    pub(crate) fn secret_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
     pub fn public_key(&self) -> DevicePublicKey {
         DevicePublicKey(PublicKey::from(&self.0).to_bytes())
     }

@@ -58,6 +58,9 @@ pub enum SealError {
     #[error("cannot unwrap the model key: the key-wrap section was modified")]
     KeyUnwrap,
 
+    #[error("cannot open the stored model key: it was modified, or sealed by another device's secure world")]
+    StoredKey,
+
     #[error("vendor signature check failed: {failure}")]
     Signature { failure: SignatureFailure },
 

@@ -75,7 +75,7 @@ pub(crate) fn read_hex_file(path: &Path, out: &mut [u8]) -> Result<(), SealError
 }
 
 /// Decodes exactly `2 * out.len()` hex digits into `out`.
-pub(crate) fn decode_hex(digits: &[u8], out: &mut [u8]) -> Result<(), String> {
+pub fn decode_hex(digits: &[u8], out: &mut [u8]) -> Result<(), String> {
     if digits.len() != 2 * out.len() {
         return Err(format!("expected {} hexadecimal digits, found {} bytes", 2 * out.len(), digits.len()));
     }
@@ -89,7 +89,7 @@ pub(crate) fn decode_hex(digits: &[u8], out: &mut [u8]) -> Result<(), String> {
 }
 
 /// Lower-case hex digits of `bytes`.
-pub(crate) fn encode_hex(bytes: &[u8]) -> Zeroizing<Vec<u8>> {
+pub fn encode_hex(bytes: &[u8]) -> Zeroizing<Vec<u8>> {
     let mut text = Zeroizing::new(Vec::with_capacity(2 * bytes.len() + 1));
     for b in bytes {
         text.push(HEX[usize::from(b >> 4)]);

@@ -23,6 +23,7 @@ mod key;
 mod model;
 mod seal;
 mod signature;
+mod stored;
 
 pub use device::{DevicePublicKey, DeviceSecretKey};
 pub use error::SealError;
@@ -31,12 +32,13 @@ pub use format::{
     FLAG_VENDOR_SIGNED, FORMAT_VERSION, HEADER_TAG_LEN, KEY_WRAP_LEN, MAGIC, MAX_CHUNK_SIZE, MAX_PREFIX_LEN,
     MIN_CHUNK_SIZE, PREAMBLE_LEN,
 };
-pub use key::{ModelKey, MODEL_KEY_LEN};
+pub use key::{decode_hex, encode_hex, ModelKey, MODEL_KEY_LEN};
 pub use model::SealedModel;
 pub use seal::{seal_file, seal_file_signed, unseal_to_gguf_bytes, SealOptions, SealReport};
 pub use signature::{
     SignatureFailure, VendorPublicKey, VendorSigningKey, SIGNATURE_LEN, SIGNATURE_SECTION_LEN, VENDOR_PUBLIC_KEY_LEN,
 };
+pub use stored::STORED_KEY_LEN;
 
 /// Maps an I/O error to [`SealError::Io`] naming `path`.
 pub(crate) fn io_error(path: &std::path::Path, what: &'static str) -> impl FnOnce(std::io::Error) -> SealError {

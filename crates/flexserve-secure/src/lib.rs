@@ -11,11 +11,17 @@
 //!   memory, channel, key store, compute), with the Linux implementation; a
 //!   TrustZone/OP-TEE backend implements the same traits.
 //! - [`harden`]: what the process does to itself before it touches a secret
-//!   (not dumpable, no core dumps, descriptors closed) and the seccomp filter.
+//!   (not dumpable, no core dumps, descriptors closed).
+//! - [`seccomp`]: the seccomp filter, a table per architecture of the allowed
+//!   system calls, each with its argument rule and reason.
 //! - [`models`]: sealed models resident in Flex-Mem, layer by layer.
 //! - [`world`]: the command loop of the world-boundary protocol.
 
 pub mod harden;
 pub mod models;
 pub mod platform;
+pub mod policy;
+pub mod seccomp;
+pub mod service;
+pub mod state;
 pub mod world;

@@ -120,6 +120,12 @@ pub enum LoadError {
 impl<R: SecureRegion> ResidentModel<R> {
     /// Prepares a model from its authenticated header: tokenizer, template,
     /// configuration and the placement of every tensor. Loads no weights.
+    /// Whether the vendor let this model be scored: a boolean `key` set to
+    /// true in its authenticated metadata.
+    pub fn allows_perplexity(&self, key: &str) -> bool {
+        matches!(self.sealed.header().gguf.metadata.get_bool(key), Ok(Some(true)))
+    }
+
     pub fn new(name: String, sealed: SealedModel) -> Result<Self, String> {
         let header = &sealed.header().gguf;
         let meta = &header.metadata;

@@ -7,7 +7,7 @@
 //! once before the seccomp filter is installed, and CPU worker threads. A
 //! TrustZone/OP-TEE backend provides the same four.
 
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, BufWriter, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -142,33 +142,97 @@ impl SecureRegion for Region {
 }
 
 /// The Linux channel: a Unix stream socket and a memfd shared buffer.
+///
+/// Frames are assembled in `inbox` from whatever bytes have arrived, so that
+/// a look for a request during a generation never waits: a peer that sends
+/// half a frame holds up nothing but itself.
 pub struct SocketChannel {
-    reader: BufReader<UnixStream>,
+    socket: UnixStream,
     writer: BufWriter<UnixStream>,
     shared: SharedBuffer,
+    /// Bytes of the frame being received (never more than one frame).
+    inbox: Vec<u8>,
 }
+
+/// Bytes of a frame's length prefix.
+const FRAME_HEADER_LEN: usize = 4;
 
 impl SocketChannel {
     pub fn new(socket: UnixStream, shared: SharedBuffer) -> io::Result<SocketChannel> {
-        let reader = BufReader::new(socket.try_clone()?);
-        Ok(SocketChannel { reader, writer: BufWriter::new(socket), shared })
+        let writer = BufWriter::new(socket.try_clone()?);
+        Ok(SocketChannel { socket, writer, shared, inbox: Vec::new() })
+    }
+
+    /// Bytes the frame in the inbox still lacks (its header first), or an
+    /// error if its length is over the limit.
+    fn missing(&self) -> Result<usize, ProtocolError> {
+        if self.inbox.len() < FRAME_HEADER_LEN {
+            return Ok(FRAME_HEADER_LEN - self.inbox.len());
+        }
+        let len = u32::from_le_bytes(self.inbox[..FRAME_HEADER_LEN].try_into().expect("4 bytes")) as usize;
+        if len > flexserve_protocol::MAX_FRAME_LEN {
+            return Err(ProtocolError::TooLarge { len, max: flexserve_protocol::MAX_FRAME_LEN });
+        }
+        Ok(FRAME_HEADER_LEN + len - self.inbox.len())
+    }
+
+    /// Reads up to what the current frame lacks; `Ok(None)` when nothing is
+    /// there and `wait` is false.
+    fn fill(&mut self, wait: bool) -> Result<Option<usize>, ProtocolError> {
+        let want = self.missing()?.min(64 << 10);
+        let have = self.inbox.len();
+        self.inbox.resize(have + want, 0);
+        let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+        let n = loop {
+            // SAFETY: recv writes at most `want` bytes into the inbox's tail, which we just sized for them.
+            let n = unsafe { libc::recv(self.socket.as_raw_fd(), self.inbox[have..].as_mut_ptr().cast(), want, flags) };
+            if n >= 0 {
+                break Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                break Err(e);
+            }
+        };
+        self.inbox.truncate(have + *n.as_ref().unwrap_or(&0));
+        match n {
+            Ok(0) if have == 0 => Err(ProtocolError::Closed),
+            Ok(0) => Err(ProtocolError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("stream ended inside a frame after {have} bytes"),
+            ))),
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(ProtocolError::Io(e)),
+        }
+    }
+
+    /// The next complete request, reading as much as needed (`wait`) or
+    /// only what has already arrived.
+    fn next_request(&mut self, wait: bool) -> Option<Result<Request, ProtocolError>> {
+        loop {
+            match self.missing() {
+                Err(e) => return Some(Err(e)),
+                Ok(0) => {
+                    let frame = std::mem::take(&mut self.inbox);
+                    return Some(flexserve_protocol::decode_request(&frame[FRAME_HEADER_LEN..]));
+                }
+                Ok(_) => match self.fill(wait) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return None,
+                    Err(e) => return Some(Err(e)),
+                },
+            }
+        }
     }
 }
 
 impl Channel for SocketChannel {
     fn recv(&mut self) -> Result<Request, ProtocolError> {
-        flexserve_protocol::read_request(&mut self.reader)
+        self.next_request(true).unwrap_or(Err(ProtocolError::Closed))
     }
     fn poll_request(&mut self) -> Option<Result<Request, ProtocolError>> {
-        if self.reader.buffer().is_empty() {
-            let mut fd = libc::pollfd { fd: self.reader.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: poll reads and writes the one pollfd we own; a zero timeout never blocks.
-            let ready = unsafe { libc::poll(&mut fd, 1, 0) };
-            if ready <= 0 || fd.revents & libc::POLLIN == 0 {
-                return None;
-            }
-        }
-        Some(self.recv())
+        self.next_request(false)
     }
 
     fn send(&mut self, reply: &Reply) -> io::Result<()> {

@@ -3,6 +3,7 @@
 //! the secure world.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,15 +15,21 @@ use flexserve_protocol::{
     ChunkRef, ChunkSpan, ErrorCode, GenerateRequest, GenerationReport, Input, ModelStatus, ProtocolError, Reply,
     Request, StatusReport, StopReason, PROTOCOL_VERSION,
 };
-use flexserve_sealed::{SealedModel, CHUNK_TAG_LEN};
+use flexserve_sealed::{ModelKey, SealedModel, CHUNK_TAG_LEN, STORED_KEY_LEN};
 use flexserve_tokenizer::ChatMessage;
 use zeroize::Zeroize;
 
 use crate::models::{Conversation, GrantedScratch, LoadError, RegionBlock, ResidentModel};
-use crate::platform::{Channel, Compute, KeyStore, SecureMemory, SecureRegion};
+use crate::platform::{Channel, Compute, SecureMemory, SecureRegion};
+use crate::state::Principal;
 
 /// Largest sealed header accepted (vocabularies of big models run to tens of MiB).
 const MAX_HEADER_LEN: u64 = 512 << 20;
+/// Most stored model keys one session may hand in.
+pub const MAX_SESSION_KEYS: usize = 1024;
+/// Authenticated metadata key by which a vendor lets its model be scored
+/// (`flexserve seal --allow-perplexity`) whatever the policy says.
+pub const ALLOW_PERPLEXITY_KEY: &str = "flexserve.allow_perplexity";
 
 /// Why the loop ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -55,7 +62,13 @@ pub struct SecureWorld<M: SecureMemory, C: Channel, X: Compute> {
     memory: M,
     channel: C,
     compute: X,
-    keys: KeyStore,
+    /// Keys, policy and posture, shared by every session of this secure world.
+    principal: Arc<Principal>,
+    /// Model keys this session handed in as stored blobs (`AddStoredKey`).
+    session_keys: Vec<ModelKey>,
+    /// Granules this session granted and has not had back: returned to the
+    /// system when the session ends.
+    granted_here: usize,
     /// The secure heap's figures, for status.
     heap: HeapProbe,
     models: BTreeMap<u32, ResidentModel<M::Region>>,
@@ -71,13 +84,22 @@ pub struct SecureWorld<M: SecureMemory, C: Channel, X: Compute> {
 }
 
 impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
-    pub fn new(memory: M, channel: C, compute: X, keys: KeyStore, heap: HeapProbe, max_memory_bytes: u64) -> Self {
+    pub fn new(
+        memory: M,
+        channel: C,
+        compute: X,
+        principal: Arc<Principal>,
+        heap: HeapProbe,
+        max_memory_bytes: u64,
+    ) -> Self {
         let max_granules = (max_memory_bytes / memory.granule_size().max(1) as u64) as usize;
         Self {
             memory,
             channel,
             compute,
-            keys,
+            principal,
+            session_keys: Vec::new(),
+            granted_here: 0,
             heap,
             models: BTreeMap::new(),
             next_model: 1,
@@ -179,6 +201,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 // page faults compete with it for the same two cores.
                 let t0 = Instant::now();
                 let prepared = self.memory.grant(granules as usize).map_err(|e| (ErrorCode::NoMemory, e))?;
+                self.granted_here += granules as usize;
                 let granted = self.memory.stats().granted as u32;
                 Ok(Reply::Granted { granted, prepared: prepared as u32, micros: t0.elapsed().as_micros() as u64 })
             }
@@ -208,6 +231,38 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 self.models.remove(&model).map(|_| Reply::Ok).ok_or_else(|| no_model(model))
             }
             Request::Recall { granules } => Ok(self.recall(granules as usize)),
+            Request::DevicePublicKey => match &self.principal.keys.device {
+                Some(device) => Ok(Reply::DevicePublicKey { key: device.public_key().to_hex() }),
+                None => Err((ErrorCode::Verification, "this secure world holds no device key".to_string())),
+            },
+            Request::ImportKey { mut key } => {
+                let parsed = decode_hex::<32>(&key).map(|bytes| ModelKey::from_bytes(&bytes[..]));
+                key.zeroize();
+                let model_key = match parsed {
+                    Some(Ok(k)) => k,
+                    _ => return Err((ErrorCode::BadArgument, "ImportKey: expected 64 hex digits".to_string())),
+                };
+                let device = self.principal.keys.device.as_ref().ok_or_else(|| {
+                    (ErrorCode::Verification, "this secure world holds no device key to seal under".to_string())
+                })?;
+                let blob = device.seal_stored_key(&model_key).map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                Ok(Reply::KeyImported { stored: encode_hex(&blob) })
+            }
+            Request::AddStoredKey { stored } => {
+                if self.session_keys.len() >= MAX_SESSION_KEYS {
+                    return Err((ErrorCode::BadArgument, format!("a session holds at most {MAX_SESSION_KEYS} keys")));
+                }
+                let blob = decode_hex::<STORED_KEY_LEN>(&stored).ok_or_else(|| {
+                    (ErrorCode::BadArgument, format!("AddStoredKey: expected {} hex digits", 2 * STORED_KEY_LEN))
+                })?;
+                let device =
+                    self.principal.keys.device.as_ref().ok_or_else(|| {
+                        (ErrorCode::Verification, "this secure world holds no device key".to_string())
+                    })?;
+                let key = device.open_stored_key(&blob[..]).map_err(|e| (ErrorCode::Verification, e.to_string()))?;
+                self.session_keys.push(key);
+                Ok(Reply::Ok)
+            }
             Request::Status => Ok(Reply::Status(self.status())),
             Request::Shutdown => {
                 self.models.clear();
@@ -226,12 +281,24 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         }
         let mut bytes = vec![0u8; range.len as usize];
         self.channel.copy_out(range, &mut bytes).map_err(|e| (ErrorCode::BadArgument, e))?;
-        let keys = &self.keys;
-        if keys.device.is_none() && keys.model_keys.is_empty() {
+        let keys = &self.principal.keys;
+        if keys.device.is_none() && keys.model_keys.is_empty() && self.session_keys.is_empty() {
             return Err((ErrorCode::Verification, format!("model {name}: this secure world holds no key")));
         }
-        let sealed = SealedModel::open_with_keys(&bytes, keys.device.as_ref(), &keys.model_keys, keys.vendor.as_ref())
-            .map_err(|e| (ErrorCode::Verification, format!("model {name}: {e}")))?;
+        let vendor = keys.vendor.as_ref();
+        let mut opened = SealedModel::open_with_keys(&bytes, keys.device.as_ref(), &keys.model_keys, vendor);
+        // Keys this session handed in: tried when the world's own do not fit.
+        if matches!(opened, Err(flexserve_sealed::SealError::WrongKey)) && !self.session_keys.is_empty() {
+            opened = SealedModel::open_with_keys(&bytes, None, &self.session_keys, vendor);
+        }
+        let sealed = opened.map_err(|e| {
+            let code = if vendor.is_some() && matches!(e, flexserve_sealed::SealError::Signature { .. }) {
+                ErrorCode::Policy
+            } else {
+                ErrorCode::Verification
+            };
+            (code, format!("model {name}: {e}"))
+        })?;
         let granule = self.memory.granule_size();
         let model = ResidentModel::new(name, sealed).map_err(|e| (ErrorCode::BadArgument, e))?;
         let id = self.next_model;
@@ -372,21 +439,34 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         // hook (which runs on a worker thread).
         let channel = std::sync::Mutex::new(channel);
         let peer_gone = std::sync::atomic::AtomicBool::new(false);
+        let recalled = std::sync::atomic::AtomicUsize::new(0);
         // A recall does not wait for the generation to end: between layers
         // of the prefill and between tokens the free granules go back at once
         // (the layers in use stay; the normal world can ask again once the
-        // generation is over).
+        // generation is over). A peer that went away stops the generation
+        // there: nobody is left to read it.
         let serve_recall = |channel: &mut C| {
-            if !peer_gone.load(Ordering::Relaxed) {
-                if let Some(reply) = serve_during_generation(channel, memory) {
+            if peer_gone.load(Ordering::Relaxed) {
+                return;
+            }
+            match serve_during_generation(channel, memory) {
+                DuringGeneration::Nothing => {}
+                DuringGeneration::PeerGone => peer_gone.store(true, Ordering::Relaxed),
+                DuringGeneration::Answer { reply, released } => {
+                    recalled.fetch_add(released, Ordering::Relaxed);
                     if channel.send(&reply).is_err() {
                         peer_gone.store(true, Ordering::Relaxed);
                     }
                 }
             }
         };
+        let go_on =
+            || if peer_gone.load(Ordering::Relaxed) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
         let lock = || channel.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut between_layers = || serve_recall(&mut lock());
+        let mut between_layers = || {
+            serve_recall(&mut lock());
+            go_on()
+        };
         let result = generator.generate_with(
             &ids,
             &opts,
@@ -403,6 +483,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             &mut between_layers,
         );
         ids.zeroize();
+        self.granted_here = self.granted_here.saturating_sub(recalled.into_inner());
         let (session, history) = generator.into_parts();
         conv.state = Some(session.into_state());
         conv.history = history;
@@ -440,6 +521,24 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
     fn perplexity(&mut self, id: u32, mut text: String, n_ctx: usize) -> Result<Reply, Failure> {
         let threads = self.compute.threads();
         let model = self.models.get_mut(&id).ok_or_else(|| no_model(id))?;
+        let policy = &self.principal.policy;
+        if !policy.allow_perplexity && !model.allows_perplexity(ALLOW_PERPLEXITY_KEY) {
+            text.zeroize();
+            return Err((
+                ErrorCode::Policy,
+                format!(
+                    "scoring is off: per-token probabilities are an extraction oracle; the secure world's \
+                     policy (allow_perplexity) or the model's sealed header ({ALLOW_PERPLEXITY_KEY}) must allow it"
+                ),
+            ));
+        }
+        if (n_ctx as u64) < u64::from(policy.min_scoring_context) {
+            text.zeroize();
+            return Err((
+                ErrorCode::Policy,
+                format!("a scoring context of {n_ctx} is below the policy's minimum of {}", policy.min_scoring_context),
+            ));
+        }
         if !model.fully_resident() {
             return Err((ErrorCode::NotResident, format!("model {id} has chunks that are not resident")));
         }
@@ -476,6 +575,14 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
     /// recently used models, later layers before earlier ones, then the KV
     /// caches of idle conversations.
     fn recall(&mut self, wanted: usize) -> Reply {
+        let reply = self.recall_in_full(wanted);
+        if let Reply::Recalled { released, .. } = reply {
+            self.granted_here = self.granted_here.saturating_sub(released as usize);
+        }
+        reply
+    }
+
+    fn recall_in_full(&mut self, wanted: usize) -> Reply {
         let t0 = Instant::now();
         let mut released = self.memory.release(wanted);
         let mut evicted = 0;
@@ -514,7 +621,14 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
     fn status(&self) -> StatusReport {
         let s = self.memory.stats();
         let heap = (self.heap.figures)();
+        let posture = &self.principal.posture;
         StatusReport {
+            deployment: posture.deployment,
+            secure_uid: posture.uid,
+            ptrace_scope: posture.ptrace_scope.clone(),
+            lockdown: posture.lockdown.clone(),
+            policy: self.principal.policy.describe(),
+            warnings: posture.warnings.clone(),
             protection: self.memory.protection().to_string(),
             pool_mode: self.memory.mode().to_string(),
             granule_size: self.memory.granule_size() as u64,
@@ -542,21 +656,52 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
     }
 }
 
+impl<M: SecureMemory, C: Channel, X: Compute> Drop for SecureWorld<M, C, X> {
+    /// The session is over: its models and conversations are scrubbed back
+    /// into the free pool, then what it granted goes back to the system.
+    fn drop(&mut self) {
+        self.models.clear();
+        self.session_keys.clear();
+        self.memory.release(self.granted_here);
+    }
+}
+
+/// What a look at the channel during a generation found.
+enum DuringGeneration {
+    Nothing,
+    /// The peer closed the channel (or it broke): stop generating.
+    PeerGone,
+    /// A request to answer now, and the granules it gave back.
+    Answer {
+        reply: Box<Reply>,
+        released: usize,
+    },
+}
+
 /// Serves a request that arrived while a generation runs: a recall gives
 /// back free granules at once; anything else waits for the generation's end
 /// and is refused now.
-fn serve_during_generation<M: SecureMemory, C: Channel>(channel: &mut C, memory: &M) -> Option<Reply> {
-    match channel.poll_request()? {
-        Ok(Request::Recall { granules }) => {
+fn serve_during_generation<M: SecureMemory, C: Channel>(channel: &mut C, memory: &M) -> DuringGeneration {
+    let answer = |reply| DuringGeneration::Answer { reply: Box::new(reply), released: 0 };
+    match channel.poll_request() {
+        None => DuringGeneration::Nothing,
+        Some(Ok(Request::Recall { granules })) => {
             let t0 = Instant::now();
-            let released = memory.release(granules as usize) as u32;
-            Some(Reply::Recalled { released, evicted: 0, micros: t0.elapsed().as_micros() as u64 })
+            let released = memory.release(granules as usize);
+            let micros = t0.elapsed().as_micros() as u64;
+            DuringGeneration::Answer {
+                reply: Box::new(Reply::Recalled { released: released as u32, evicted: 0, micros }),
+                released,
+            }
         }
-        Ok(other) => Some(Reply::Error {
+        Some(Ok(other)) => answer(Reply::Error {
             code: ErrorCode::OutOfOrder,
             message: format!("{} while a generation runs (only Recall is served then)", request_name(&other)),
         }),
-        Err(e) => Some(Reply::Error { code: ErrorCode::Malformed, message: e.to_string() }),
+        Some(Err(e)) if e.stream_usable() => {
+            answer(Reply::Error { code: ErrorCode::Malformed, message: e.to_string() })
+        }
+        Some(Err(_)) => DuringGeneration::PeerGone,
     }
 }
 
@@ -630,6 +775,17 @@ fn kv_session<'m, M: SecureMemory>(
     // for any engine error; the conversation's messages remain.
     session.reserve_scratch(plan).map_err(|e| shortfall(None, Err((ErrorCode::NoMemory, e.to_string()))))?;
     Ok((session, taken))
+}
+
+/// `N` bytes from exactly `2 * N` hex digits, wiped when dropped.
+fn decode_hex<const N: usize>(text: &str) -> Option<zeroize::Zeroizing<[u8; N]>> {
+    let mut out = zeroize::Zeroizing::new([0u8; N]);
+    flexserve_sealed::decode_hex(text.trim().as_bytes(), &mut out[..]).ok()?;
+    Some(out)
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(&flexserve_sealed::encode_hex(bytes)).into_owned()
 }
 
 fn engine_failure(e: EngineError) -> Failure {

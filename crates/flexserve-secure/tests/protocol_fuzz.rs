@@ -440,9 +440,15 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                 }
                 Request::Perplexity { .. } => matches!(
                     code,
-                    ErrorCode::NoSuchModel | ErrorCode::NotResident | ErrorCode::Engine | ErrorCode::BadArgument
+                    ErrorCode::NoSuchModel
+                        | ErrorCode::NotResident
+                        | ErrorCode::Engine
+                        | ErrorCode::BadArgument
+                        | ErrorCode::Policy
                 ),
-                Request::Recall { .. } | Request::Status | Request::Shutdown => false,
+                Request::ImportKey { .. } => matches!(code, ErrorCode::BadArgument),
+                Request::AddStoredKey { .. } => matches!(code, ErrorCode::BadArgument | ErrorCode::Verification),
+                Request::Recall { .. } | Request::Status | Request::Shutdown | Request::DevicePublicKey => false,
             };
             assert!(plausible, "{context}: {} answered with error {code:?}: {message}", short(r));
         }
@@ -456,6 +462,9 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                     | (Request::EndConversation { .. } | Request::Unload { .. }, Reply::Ok)
                     | (Request::Recall { .. }, Reply::Recalled { .. })
                     | (Request::Status, Reply::Status(_))
+                    | (Request::DevicePublicKey, Reply::DevicePublicKey { .. })
+                    | (Request::ImportKey { .. }, Reply::KeyImported { .. })
+                    | (Request::AddStoredKey { .. }, Reply::Ok)
                     | (Request::Perplexity { .. }, Reply::Perplexity { .. })
                     | (Request::Generate(_) | Request::Perplexity { .. }, Reply::MemoryNeeded { .. })
             );
@@ -1199,6 +1208,39 @@ fn a_recall_during_a_long_prefill_is_answered_before_the_first_token() {
         }
     }
     assert!(tokens > 0);
+    assert!(matches!(peer.call(&Request::Shutdown), Reply::Ok));
+}
+
+/// A peer that sends half a frame while its generation runs holds up
+/// nothing: the secure world takes what has arrived, the generation runs to
+/// its end, and the frame is served once it is whole.
+#[test]
+fn a_half_sent_frame_never_holds_up_a_running_generation() {
+    let (mut peer, encoded, needed) = long_generate_awaiting_memory();
+    peer.grant(needed + 2);
+    peer.send_payload(&encoded);
+    let recall = encode_request(&Request::Recall { granules: 2 }).unwrap();
+    let mut frame = (recall.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&recall);
+    // The length and one byte of the payload, and then nothing for now.
+    std::io::Write::write_all(&mut peer.socket, &frame[..5]).unwrap();
+    let mut tokens = 0;
+    loop {
+        match peer.reply(&"long Generate behind half a frame") {
+            Reply::Token { .. } => tokens += 1,
+            Reply::Generated(report) => {
+                assert_eq!(report.generated_tokens, 2, "{report:?}");
+                break;
+            }
+            other => panic!("long Generate: {}", short(&other)),
+        }
+    }
+    assert!(tokens > 0);
+    std::io::Write::write_all(&mut peer.socket, &frame[5..]).unwrap();
+    match peer.reply(&"the recall, once whole") {
+        Reply::Recalled { .. } => {}
+        other => panic!("the completed frame must be served: {}", short(&other)),
+    }
     assert!(matches!(peer.call(&Request::Shutdown), Reply::Ok));
 }
 

@@ -99,21 +99,172 @@ fn scratch_granules(batch: usize, positions: usize, granule_size: u64) -> (u32, 
     (granules, plan.total())
 }
 
+/// Every call `flexserve-secure --self-test-seccomp` tries
+/// (`flexserve_secure::seccomp::probe_forbidden_calls`), for this architecture.
+fn probed_calls() -> std::collections::BTreeSet<&'static str> {
+    let mut calls = vec![
+        "openat",
+        "statx(path)",
+        "newfstatat(path)",
+        "memfd_create",
+        "socket",
+        "connect",
+        "bind",
+        "listen",
+        "execve",
+        "execveat",
+        "ptrace",
+        "prctl(PR_SET_DUMPABLE)",
+        "clone(fork)",
+        "clone3",
+        "process_vm_readv",
+        "process_vm_writev",
+        "tgkill(pid 1)",
+        "tkill",
+        "prlimit64(pid 1)",
+        "prlimit64(no such pid)",
+        "mmap(PROT_EXEC)",
+        "mprotect(PROT_EXEC)",
+        "pkey_mprotect",
+    ];
+    if cfg!(target_arch = "x86_64") {
+        calls.extend(["open", "fork"]);
+    }
+    calls.into_iter().collect()
+}
+
 #[test]
-fn seccomp_forbids_files_exec_sockets_tracing_and_forks_but_not_threads() {
+fn seccomp_forbids_files_exec_sockets_tracing_forks_exec_memory_and_other_processes_but_not_threads() {
     let out =
         std::process::Command::new(env!("CARGO_BIN_EXE_flexserve-secure")).arg("--self-test-seccomp").output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let report = String::from_utf8_lossy(&out.stderr);
-    assert!(report.contains("thread ok"), "{report}");
-    for call in ["open", "socket", "execve", "ptrace", "prctl(PR_SET_DUMPABLE)", "fork"] {
-        let line = report.lines().find(|l| l.starts_with(&format!("{call} "))).unwrap_or_default();
-        assert_eq!(line, format!("{call} errno {}", libc_eperm()), "{report}");
+    let mut lines = report.lines();
+    assert_eq!(lines.next(), Some("thread ok"), "{report}");
+    let mut probed = std::collections::BTreeSet::new();
+    for line in lines {
+        // "NAME errno N", or "NAME allowed" for a call that got through.
+        let call = line.rsplit_once(" errno ").map_or_else(|| line.trim_end_matches(" allowed"), |(call, _)| call);
+        // clone3 answers ENOSYS, so that the C library falls back to clone, whose flags the filter checks.
+        let errno = if call == "clone3" { libc::ENOSYS } else { libc::EPERM };
+        assert_eq!(line, format!("{call} errno {errno}"), "{report}");
+        assert!(probed.insert(call), "{call} reported twice: {report}");
     }
+    assert_eq!(probed, probed_calls(), "{report}");
 }
 
-fn libc_eperm() -> i32 {
-    1
+/// Set in the copy of this test binary that runs
+/// `the_secure_world_and_its_service_mode_still_work_under_the_filter` under the filter.
+const UNDER_FILTER: &str = "FLEXSERVE_TEST_UNDER_SECCOMP";
+
+#[test]
+fn the_secure_world_and_its_service_mode_still_work_under_the_filter() {
+    if std::env::var_os(UNDER_FILTER).is_some() {
+        return under_the_filter();
+    }
+    // The filter is for the whole process and cannot be removed: run this
+    // test again, alone, in a process of its own.
+    let name = "the_secure_world_and_its_service_mode_still_work_under_the_filter";
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(UNDER_FILTER, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}\n{stderr}");
+    assert!(stderr.contains("under the filter: all done"), "{stderr}");
+}
+
+/// What the secure world does after start-up, and what its service mode
+/// does (accept a connection on a listening Unix socket, check the peer's
+/// credentials, receive the shared buffer's memfd over SCM_RIGHTS), done
+/// under the filter. Panics where something fails.
+fn under_the_filter() {
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+
+    use flexserve_protocol::SharedBuffer;
+    use flexserve_secure::platform::{Channel, SocketChannel};
+    use flexserve_secure_mem::{GranulePool, PoolConfig};
+
+    flexserve_secure::harden::protect_process().unwrap();
+    // Before the filter: the listening socket (an abstract name: nothing to
+    // clean up in the file system), a client that connects and sends a sealed
+    // memfd with one byte, and our own uid to compare the peer's with.
+    let addr = SocketAddr::from_abstract_name(format!("flexserve-seccomp-test-{}", std::process::id())).unwrap();
+    let listener = UnixListener::bind_addr(&addr).unwrap();
+    let client = UnixStream::connect_addr(&addr).unwrap();
+    let mut shared = SharedBuffer::create(1 << 16).unwrap();
+    shared.copy_in(0, b"ciphertext").unwrap();
+    flexserve_normal::send_descriptor(&client, shared.fd()).unwrap();
+    let file = std::fs::File::from(shared.inheritable_fd().unwrap());
+    // SAFETY: getuid has no arguments and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let pool = GranulePool::new(PoolConfig::flexible().with_granule_size(64 << 10)).unwrap();
+
+    flexserve_secure::harden::install_seccomp().unwrap();
+
+    // The service mode: accept, the peer's credentials, the memfd.
+    let (conn, _) = listener.accept().unwrap();
+    let cred = flexserve_secure::service::peer_credentials(&conn).unwrap();
+    assert_eq!((cred.pid as u32, cred.uid), (std::process::id(), uid));
+    let received = flexserve_secure::service::receive_shared_buffer(&conn).unwrap();
+    let mut head = [0u8; 10];
+    received.copy_out(0, &mut head).unwrap();
+    assert_eq!(&head, b"ciphertext");
+    // A channel on the connection (it clones the stream), polled; then the peer goes away.
+    let mut channel = SocketChannel::new(conn, received).unwrap();
+    assert!(channel.poll_request().is_none());
+    client.shutdown(std::net::Shutdown::Both).unwrap();
+    assert!(matches!(channel.poll_request(), Some(Err(_))));
+    drop(channel);
+
+    // Metadata of a descriptor: std (statx with AT_EMPTY_PATH) and fstat (glibc: newfstatat with AT_EMPTY_PATH).
+    assert_eq!(file.metadata().unwrap().len(), 1 << 16);
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open and `stat` is a valid out-pointer.
+    assert_eq!(unsafe { libc::fstat(file.as_raw_fd(), &mut stat) }, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(stat.st_size, 1 << 16);
+
+    // Secure memory: granules prepared by several threads, a region of them.
+    pool.grant(4).unwrap();
+    let mut region = pool.alloc(3 << 16).unwrap();
+    region.as_mut_slice().fill(7);
+    pool.release(1);
+    drop(region);
+
+    // Worker threads, a heap, random seeds, time, limits and signals of this process only.
+    let sums: Vec<u64> = std::thread::scope(|scope| {
+        let workers: Vec<_> =
+            (0..3u64).map(|t| scope.spawn(move || (0..1000u64).map(|i| i * t).sum::<u64>())).collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    assert_eq!(sums, [0, 499_500, 999_000]);
+    let map: std::collections::HashMap<u32, u32> = (0..100).map(|i| (i, i)).collect();
+    assert_eq!(map.len(), 100);
+    let started = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    assert!(started.elapsed().as_millis() >= 2);
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct we own.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+    // SAFETY: signal 0 to the calling thread only checks that it exists.
+    assert_eq!(unsafe { libc::pthread_kill(libc::pthread_self(), 0) }, 0);
+
+    // The filter is still in force.
+    // SAFETY: a constant path; a descriptor, were one returned, is closed at once.
+    let fd = unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    if fd >= 0 {
+        // SAFETY: `fd` was just opened here and nothing else owns it.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    assert_eq!((fd, errno), (-1, Some(libc::EPERM)));
+    let mut stderr = std::io::stderr().lock();
+    writeln!(stderr, "under the filter: all done").unwrap();
 }
 
 #[test]
@@ -437,5 +588,58 @@ fn kv_caches_live_in_granted_granules_and_a_recalled_one_is_recomputed() {
     let mut expected = String::new();
     g.generate(&ids, &opts, |t| expected.push_str(t)).unwrap();
     assert_eq!(second, expected);
+    world.shutdown().unwrap();
+}
+
+/// Scoring returns a perplexity, an extraction oracle: off by default, on
+/// for a model whose vendor set `flexserve.allow_perplexity` in its
+/// authenticated metadata, and on for every model when the policy says so.
+#[test]
+fn scoring_needs_the_policy_or_the_vendors_word() {
+    use flexserve_engine::synth::{synth_model, SynthSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let real = flexserve_gguf::GgufFile::open(plain_model()).unwrap();
+    let key = ModelKey::generate();
+    let key_path = dir.path().join("m.key");
+    key.save(&key_path).unwrap();
+    let spec = SynthSpec::tiny(flexserve_engine::Arch::Llama, flexserve_gguf::GgmlType::Q4_0);
+    let sealed_with = |name: &str, allow: bool| {
+        let mut writer = synth_model(&spec, Some(&real.header.metadata)).unwrap();
+        if allow {
+            writer.set(flexserve_secure::world::ALLOW_PERPLEXITY_KEY, flexserve_gguf::Value::Bool(true));
+        }
+        let (gguf, fsm) = (dir.path().join(format!("{name}.gguf")), dir.path().join(format!("{name}.fsm")));
+        writer.write_file(&gguf).unwrap();
+        flexserve_sealed::seal_file(&gguf, &fsm, &key, &SealOptions::default(), &mut |_, _| {}).unwrap();
+        fsm
+    };
+    let (unmarked, marked) = (sealed_with("unmarked", false), sealed_with("marked", true));
+    let state = dir.path().join("state");
+    let opts = SecureWorldOptions {
+        binary: Some(env!("CARGO_BIN_EXE_flexserve-secure").into()),
+        state_dir: Some(state.clone()),
+        model_keys: vec![key_path],
+        threads: 2,
+        budget: MemoryBudget::Bytes(256 << 20),
+        ..SecureWorldOptions::default()
+    };
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(30);
+    let mut world = SecureWorld::spawn(&opts).unwrap();
+    let (m, _) = world.open_model(&unmarked).unwrap();
+    match world.perplexity(&m, text.clone(), 64) {
+        Err(NormalError::Secure { code: ErrorCode::Policy, message }) => {
+            assert!(message.contains("scoring is off"), "{message}")
+        }
+        other => panic!("scoring an unmarked model under the default policy: {other:?}"),
+    }
+    let (m, _) = world.open_model(&marked).unwrap();
+    let (tokens, ..) = world.perplexity(&m, text.clone(), 64).unwrap();
+    assert!(tokens > 64, "{tokens}");
+    world.shutdown().unwrap();
+
+    std::fs::write(state.join("policy.conf"), "allow_perplexity = true\n").unwrap();
+    let mut world = SecureWorld::spawn(&opts).unwrap();
+    let (m, _) = world.open_model(&unmarked).unwrap();
+    assert!(world.perplexity(&m, text, 64).is_ok());
     world.shutdown().unwrap();
 }
