@@ -59,6 +59,20 @@ echo
 echo "== raw continuation from the sealed model"
 echo "The capital of France is" | as_user generate --model "$sealed" --prompt-file - --max-tokens 32 --temperature 0
 echo
+echo "== the same sealed model behind the OpenAI-compatible HTTP API (flexserve serve; curl as the client)"
+serve_out="$(mktemp)"
+as_user serve --port 0 --model smol-sealed="$sealed" >"$serve_out" 2>/dev/null &
+serve_pid=$!
+for _ in $(seq 100); do grep -q listening "$serve_out" && break; sleep 0.1; done
+url="$(sed -n 's/^listening on //p' "$serve_out")"
+curl -sS "$url/v1/chat/completions" -H 'Content-Type: application/json' \
+  -d '{"model":"smol-sealed","messages":[{"role":"user","content":"Name three colours."}],"max_tokens":32,"temperature":0}'
+echo
+pkill -TERM -P "$serve_pid" 2>/dev/null || true
+kill -TERM "$serve_pid" 2>/dev/null || true
+wait "$serve_pid" 2>/dev/null || true
+rm -f "$serve_out"
+echo
 echo "== designs side by side: time to first token and decode speed (plain, secure world with"
 echo "   Flex-Mem, static carve-out, locked memory); every run starts a development secure world"
 echo "   of its own, so that each design gets its own pool"
@@ -69,3 +83,7 @@ mkdir -p "$bench_home"
   FLEXSERVE_HOME="$bench_home" "$bin" seal --model "$model" --key "$bench_home/model.key" -o "$bench_home/model.fsm"
 FLEXSERVE_HOME="$bench_home" FLEXSERVE_DEV=1 "$bin" bench secure --model "$bench_home/model.fsm" --plain "$model" \
   --key "$bench_home/model.key" --prompt-tokens 64 --gen-tokens 16 --repetitions "${DEMO_REPETITIONS:-3}" --threads 2
+if [ "$(id -u)" = 0 ]; then
+  echo
+  echo "The secure world service keeps running (scripts/secure-world.sh status); stop it with scripts/secure-world.sh stop."
+fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: fetches the real model (once), checks formatting
-# and lints, then runs every test. Works offline once the model is cached.
+# Runs the whole test suite: fetches the real model (once) and the openai
+# client package, checks formatting and lints, then runs every test. Works
+# offline once they are installed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if ! command -v cargo >/dev/null 2>&1; then
@@ -8,6 +9,12 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 scripts/fetch-model.sh >/dev/null
+# The HTTP API is tested with the clients its users use: the openai package and curl.
+if ! python3 -c "import openai" >/dev/null 2>&1; then
+  echo "== installing the openai Python package (for the HTTP API tests)"
+  python3 -m pip install --quiet --disable-pip-version-check openai
+fi
+command -v curl >/dev/null 2>&1 || { echo "test: curl is missing (apt-get install curl)" >&2; exit 1; }
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -335,3 +335,18 @@ fn without_the_service_the_secure_world_is_refused_or_loudly_unprotected() {
     assert_eq!(mode & 0o777, 0o700);
     assert!(state.join("device.key").exists());
 }
+
+#[test]
+fn errors_state_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let readme = root().join("README.md");
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &std::fs::read(model()).unwrap()[..1000]).unwrap();
+    for (file, cause) in [(readme.as_path(), "not a GGUF file"), (truncated.as_path(), "tensor count")] {
+        let o = flexserve(&["generate", "--model", file.to_str().unwrap(), "--prompt", "hi"]);
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(e.matches(cause).count(), 1, "{e}");
+        assert!(e.contains(file.file_name().unwrap().to_str().unwrap()), "{e}");
+    }
+}

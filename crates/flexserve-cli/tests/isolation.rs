@@ -193,7 +193,12 @@ struct Scan {
 fn scan_process(pid: u32, matcher: &Matcher) -> std::io::Result<Scan> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let mem = File::open(format!("/proc/{pid}/mem"))?;
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    // Children of every thread: a daemon starts the secure world from a worker thread.
+    let mut children = String::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        children += &std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        children.push(' ');
+    }
     let children = children
         .split_whitespace()
         .map(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default().trim().to_owned())
@@ -371,6 +376,29 @@ fn scan_during_generation(model: &Path, key: Option<&Path>, home: &Path, matcher
     }
 }
 
+/// The real model sealed with a fresh key in `home`: (key file, sealed file).
+fn seal_real_model(home: &Path) -> (PathBuf, PathBuf) {
+    let key_path = home.join("model.key");
+    let sealed = home.join("model.fsm");
+    let key = flexserve_sealed::ModelKey::generate();
+    key.save(&key_path).unwrap();
+    flexserve_sealed::seal_file(&model(), &sealed, &key, &flexserve_sealed::SealOptions::default(), &mut |_, _| {})
+        .unwrap();
+    (key_path, sealed)
+}
+
+/// Needles for the real model's weights and for [`PROMPT`]'s token ids.
+fn prompt_and_weights_matcher() -> Matcher {
+    let gguf = GgufFile::open(model()).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&gguf.header.metadata).unwrap();
+    let ids = tokenizer.encode(PROMPT, true, true);
+    assert!(ids.len() >= 30, "the prompt should be at least 30 tokens, it is {}", ids.len());
+    let mut needles = tensor_needles(&gguf);
+    assert_eq!(needles.len(), TENSOR_NEEDLES);
+    needles.extend(id_needles(&ids));
+    Matcher::new(needles)
+}
+
 fn report(found: &[bool], matcher: &Matcher, kind: NeedleKind) -> (usize, usize, Vec<String>) {
     let of_kind: Vec<usize> = (0..found.len()).filter(|&i| matcher.needles[i].kind == kind).collect();
     let hits: Vec<String> = of_kind.iter().filter(|&&i| found[i]).map(|&i| matcher.needles[i].what.clone()).collect();
@@ -395,22 +423,9 @@ fn no_plaintext_weights_or_token_ids_in_the_normal_world() {
     );
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path();
-    let key_path = home.join("model.key");
-    let sealed = home.join("model.fsm");
-    let key = flexserve_sealed::ModelKey::generate();
-    key.save(&key_path).unwrap();
-    flexserve_sealed::seal_file(&model(), &sealed, &key, &flexserve_sealed::SealOptions::default(), &mut |_, _| {})
-        .unwrap();
+    let (key_path, sealed) = seal_real_model(home);
 
-    let gguf = GgufFile::open(model()).unwrap();
-    let tokenizer = Tokenizer::from_gguf(&gguf.header.metadata).unwrap();
-    let ids = tokenizer.encode(PROMPT, true, true);
-    assert!(ids.len() >= 30, "the prompt should be at least 30 tokens, it is {}", ids.len());
-    let mut needles = tensor_needles(&gguf);
-    assert_eq!(needles.len(), TENSOR_NEEDLES);
-    needles.extend(id_needles(&ids));
-    let matcher = Matcher::new(needles);
-    drop(gguf);
+    let matcher = prompt_and_weights_matcher();
 
     // Positive control: the plain model runs in the CLI process itself.
     let plain = match scan_during_generation(&model(), None, home, &matcher) {
@@ -477,4 +492,74 @@ fn no_plaintext_weights_or_token_ids_in_the_normal_world() {
     assert!(tensor_leaks.is_empty(), "plaintext tensor data in the normal-world process: {tensor_leaks:#?}");
     assert!(u32_leaks.is_empty(), "prompt token ids (u32) in the normal-world process: {u32_leaks:#?}");
     assert!(u64_leaks.is_empty(), "prompt token ids (u64) in the normal-world process: {u64_leaks:#?}");
+}
+
+/// The daemon is the normal world too: while it relays a sealed model's
+/// answer, its memory holds no plaintext weight and none of the prompt's
+/// token ids (the prompt text passes through it; see docs/secure-world.md).
+#[test]
+fn no_plaintext_weights_or_token_ids_in_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let (key_path, sealed) = seal_real_model(home);
+    let matcher = prompt_and_weights_matcher();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_flexserve"))
+        .args(["serve", "--port", "0", "--threads", "2", "--key"])
+        .arg(&key_path)
+        .arg("--model")
+        .arg(format!("sealed={}", sealed.display()))
+        .env("FLEXSERVE_HOME", home)
+        .env("FLEXSERVE_DEV", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(daemon.stdout.as_mut().unwrap()), &mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    // A raw completion, so that the secure world tokenizes exactly PROMPT.
+    let body =
+        serde_json::json!({"model": "sealed", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": true});
+    let mut curl = Command::new("curl")
+        .args(["-sS", "-N", "-H", "Content-Type: application/json", "--data-binary", &body.to_string()])
+        .arg(format!("{url}/v1/completions"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 256];
+    curl.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    let pid = daemon.id();
+    signal(pid, libc::SIGSTOP);
+    wait_stopped(pid);
+    let scan = scan_process(pid, &matcher);
+    signal(pid, libc::SIGCONT);
+    let _ = curl.kill();
+    let _ = curl.wait();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let scan = match scan {
+        Ok(scan) => scan,
+        Err(e) if !is_root() => {
+            eprintln!("skipping: cannot read another process's memory as a non-root user here ({e})");
+            return;
+        }
+        Err(e) => panic!("reading the daemon's memory: {e}"),
+    };
+    let (tensor_hits, _, tensor_leaks) = report(&scan.found, &matcher, NeedleKind::Tensor);
+    let (u32_hits, _, u32_leaks) = report(&scan.found, &matcher, NeedleKind::IdsU32);
+    let (u64_hits, _, u64_leaks) = report(&scan.found, &matcher, NeedleKind::IdsU64);
+    eprintln!(
+        "daemon: {} mappings, {:.1} MiB read; tensor needles {tensor_hits}, u32 id runs {u32_hits}, u64 id runs {u64_hits}",
+        scan.mappings,
+        scan.bytes_read as f64 / (1 << 20) as f64
+    );
+    assert!(
+        scan.children.iter().any(|c| "flexserve-secure".starts_with(c.as_str()) && !c.is_empty()),
+        "the sealed model must run in a flexserve-secure child of the daemon; children: {:?}",
+        scan.children
+    );
+    assert!(scan.bytes_read >= flexserve_normal::DEFAULT_SHARED_LEN as u64, "the scan missed the shared buffer");
+    assert!(tensor_leaks.is_empty(), "plaintext tensor data in the daemon: {tensor_leaks:#?}");
+    assert!(u32_leaks.is_empty(), "prompt token ids (u32) in the daemon: {u32_leaks:#?}");
+    assert!(u64_leaks.is_empty(), "prompt token ids (u64) in the daemon: {u64_leaks:#?}");
 }

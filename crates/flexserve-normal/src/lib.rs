@@ -618,7 +618,21 @@ impl SecureWorld {
         &mut self,
         model: &OpenedModel,
         request: GenerateRequest,
+        on_text: impl FnMut(&str),
+    ) -> Result<GenerationReport> {
+        self.generate_until(model, request, on_text, || false)
+    }
+
+    /// [`SecureWorld::generate`] that stops once `cancelled` says so (checked
+    /// between tokens and every 50 ms of a prefill): the secure world is sent
+    /// `Cancel`, stops at its next layer or token, and the result is
+    /// `Secure{Cancelled}`.
+    pub fn generate_until(
+        &mut self,
+        model: &OpenedModel,
+        request: GenerateRequest,
         mut on_text: impl FnMut(&str),
+        cancelled: impl Fn() -> bool,
     ) -> Result<GenerationReport> {
         self.make_resident(model)?;
         let request = Request::Generate(request);
@@ -626,12 +640,30 @@ impl SecureWorld {
         // Recalls sent during the generation, oldest first.
         let mut in_flight: VecDeque<InFlightRecall> = VecDeque::new();
         let mut result = None;
+        // A Cancel sent, and whether its Ok came back (it must, before the next request).
+        let (mut cancel_sent, mut cancel_acked) = (false, false);
         loop {
             // A long prefill sends nothing for a while: the watch goes on meanwhile.
             while in_flight.is_empty() && result.is_none() && !self.reply_ready(PRESSURE_CHECK_INTERVAL) {
                 self.send_due_recall(&mut in_flight)?;
+                if !cancel_sent && cancelled() {
+                    self.send(&Request::Cancel)?;
+                    cancel_sent = true;
+                }
+            }
+            if !cancel_sent && result.is_none() && cancelled() {
+                self.send(&Request::Cancel)?;
+                cancel_sent = true;
             }
             match self.receive()? {
+                Reply::Ok if cancel_sent && !cancel_acked => cancel_acked = true,
+                // Cancelled before it started: do not ask again.
+                Reply::MemoryNeeded { .. } if result.is_none() && cancelled() => {
+                    result = Some(Err(NormalError::Secure {
+                        code: ErrorCode::Cancelled,
+                        message: "cancelled before the generation started".to_string(),
+                    }))
+                }
                 // Before any token: the KV cache needs more granules; grant, ask again.
                 Reply::MemoryNeeded { granules } if result.is_none() => {
                     // A recall sent meanwhile is answered next, as a request of its own.
@@ -664,8 +696,8 @@ impl SecureWorld {
                 Reply::Error { code, message } => result = Some(Err(NormalError::Secure { code, message })),
                 other => return Err(unexpected("Token or Generated", &other)),
             }
-            // A recall sent as the generation ended is answered after it.
-            if in_flight.is_empty() {
+            // A recall or a cancel sent as the generation ended is answered after it.
+            if in_flight.is_empty() && (!cancel_sent || cancel_acked) {
                 if let Some(r) = result {
                     return r;
                 }

@@ -38,6 +38,7 @@
 //! | `DevicePublicKey` | 0x0d | `MemoryNeeded`| 0x8d |
 //! | `ImportKey`       | 0x0e | `DevicePublicKey` | 0x8e |
 //! | `AddStoredKey`    | 0x0f | `KeyImported` | 0x8f |
+//! | `Cancel`          | 0x10 |               |      |
 //!
 //! Requests and replies use disjoint tags so that a message sent the wrong way
 //! is rejected at once.
@@ -48,6 +49,7 @@
 //! |---------------|-----|-------------------|-----|----------------|-----|
 //! | `Raw`         | 0   | `EndOfGeneration` | 0   | `Malformed`    | 0   |
 //! | `ChatTurn`    | 1   | `MaxTokens`       | 1   | `OutOfOrder`   | 1   |
+//! | `Messages`    | 2   |                   |     |                |     |
 //! |               |     | `StopString`      | 2   | `Version`      | 2   |
 //! |               |     | `ContextFull`     | 3   | `NoSuchModel`  | 3   |
 //! |               |     |                   |     | `Verification` | 4   |
@@ -57,6 +59,7 @@
 //! |               |     |                   |     | `Engine`       | 8   |
 //! |               |     |                   |     | `Internal`     | 9   |
 //! |               |     |                   |     | `Policy`       | 10  |
+//! |               |     |                   |     | `Cancelled`    | 11  |
 //!
 //! # Decoding untrusted bytes
 //!
@@ -69,8 +72,8 @@ use std::fmt::Display;
 use std::io::{self, Read, Write};
 
 use crate::{
-    BufferRange, ChunkRef, ChunkSpan, Deployment, ErrorCode, GenerateRequest, GenerationReport, Input, ModelStatus,
-    Reply, Request, Sampling, StatusReport, StopReason, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_TEXT_LEN,
+    BufferRange, ChunkRef, ChunkSpan, Deployment, ErrorCode, GenerateRequest, GenerationReport, Input, Message,
+    ModelStatus, Reply, Request, Sampling, StatusReport, StopReason, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_TEXT_LEN,
 };
 
 /// Why a message could not be sent or received.
@@ -130,6 +133,7 @@ mod tag {
     pub const REQ_DEVICE_PUBLIC_KEY: u8 = 0x0d;
     pub const REQ_IMPORT_KEY: u8 = 0x0e;
     pub const REQ_ADD_STORED_KEY: u8 = 0x0f;
+    pub const REQ_CANCEL: u8 = 0x10;
 
     pub const REP_HELLO: u8 = 0x81;
     pub const REP_MODEL_OPENED: u8 = 0x82;
@@ -149,6 +153,7 @@ mod tag {
 
     pub const INPUT_RAW: u8 = 0;
     pub const INPUT_CHAT_TURN: u8 = 1;
+    pub const INPUT_MESSAGES: u8 = 2;
 }
 
 /// Smallest encodings of list elements, used to reject counts that cannot fit
@@ -170,7 +175,7 @@ fn deployment_tag(d: Deployment) -> u8 {
     }
 }
 
-const ERROR_CODES: [ErrorCode; 11] = [
+const ERROR_CODES: [ErrorCode; 12] = [
     ErrorCode::Malformed,
     ErrorCode::OutOfOrder,
     ErrorCode::Version,
@@ -182,6 +187,7 @@ const ERROR_CODES: [ErrorCode; 11] = [
     ErrorCode::Engine,
     ErrorCode::Internal,
     ErrorCode::Policy,
+    ErrorCode::Cancelled,
 ];
 
 fn stop_reason_tag(stop: StopReason) -> u8 {
@@ -206,6 +212,7 @@ fn error_code_tag(code: ErrorCode) -> u8 {
         ErrorCode::Engine => 8,
         ErrorCode::Internal => 9,
         ErrorCode::Policy => 10,
+        ErrorCode::Cancelled => 11,
     }
 }
 
@@ -228,6 +235,7 @@ impl Request {
             Request::DevicePublicKey => "Request::DevicePublicKey",
             Request::ImportKey { .. } => "Request::ImportKey",
             Request::AddStoredKey { .. } => "Request::AddStoredKey",
+            Request::Cancel => "Request::Cancel",
         }
     }
 }
@@ -414,6 +422,7 @@ impl Encoder {
                 self.u8(tag::REQ_ADD_STORED_KEY);
                 self.string(stored, &"Request::AddStoredKey.stored")?;
             }
+            Request::Cancel => self.u8(tag::REQ_CANCEL),
         }
         Ok(())
     }
@@ -430,6 +439,13 @@ impl Encoder {
                 self.u8(tag::INPUT_CHAT_TURN);
                 self.option_string(system.as_deref(), &"GenerateRequest.input.system")?;
                 self.string(user, &"GenerateRequest.input.user")?;
+            }
+            Input::Messages { messages } => {
+                self.u8(tag::INPUT_MESSAGES);
+                self.list(messages, &"GenerateRequest.input.messages", |e, m, what| {
+                    e.string(&m.role, &format_args!("{what}.role"))?;
+                    e.string(&m.content, &format_args!("{what}.content"))
+                })?;
             }
         }
         self.u32(g.max_tokens);
@@ -741,6 +757,7 @@ impl<'a> Decoder<'a> {
             tag::REQ_DEVICE_PUBLIC_KEY => Request::DevicePublicKey,
             tag::REQ_IMPORT_KEY => Request::ImportKey { key: self.string(&"Request::ImportKey.key")? },
             tag::REQ_ADD_STORED_KEY => Request::AddStoredKey { stored: self.string(&"Request::AddStoredKey.stored")? },
+            tag::REQ_CANCEL => Request::Cancel,
             other => return Err(malformed(format!("unknown Request tag {other:#04x}"))),
         };
         Ok(request)
@@ -754,6 +771,14 @@ impl<'a> Decoder<'a> {
             tag::INPUT_CHAT_TURN => Input::ChatTurn {
                 system: self.option_string(&"GenerateRequest.input.system")?,
                 user: self.string(&"GenerateRequest.input.user")?,
+            },
+            tag::INPUT_MESSAGES => Input::Messages {
+                messages: self.list(&"GenerateRequest.input.messages", 2 * MIN_STRING_LEN, |d, what| {
+                    Ok(Message {
+                        role: d.string(&format_args!("{what}.role"))?,
+                        content: d.string(&format_args!("{what}.content"))?,
+                    })
+                })?,
             },
             other => return Err(malformed(format!("unknown GenerateRequest.input tag {other:#04x}"))),
         };

@@ -21,7 +21,7 @@ pub use codec::{
 pub use shared::{RangeError, SharedBuffer};
 
 /// Version of this command set; both sides must agree (see [`Request::Hello`]).
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame (one message) either side accepts.
 pub const MAX_FRAME_LEN: usize = 4 << 20;
 /// Largest string in a message (prompts, pieces of text, names, error messages).
@@ -119,6 +119,9 @@ pub enum Request {
     AddStoredKey {
         stored: String,
     },
+    /// Stop the running generation at its next layer or token: it then ends
+    /// with `Error{Cancelled}`. Answered `Ok` at once (also when nothing runs).
+    Cancel,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -143,6 +146,17 @@ pub enum Input {
     Raw { text: String },
     /// The next user turn of a chat (rendered with the model's template).
     ChatTurn { system: Option<String>, user: String },
+    /// A whole conversation, rendered with the model's chat template in the
+    /// secure world (an OpenAI-style request carries every turn).
+    Messages { messages: Vec<Message> },
+}
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// "system", "user" or "assistant".
+    pub role: String,
+    pub content: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -332,4 +346,6 @@ pub enum ErrorCode {
     Internal,
     /// The secure world's policy forbids it (scoring, an unsigned model, a peer outside its group).
     Policy,
+    /// The generation was stopped by a `Cancel`.
+    Cancelled,
 }

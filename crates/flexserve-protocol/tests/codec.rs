@@ -4,9 +4,9 @@ use std::io::{self, Cursor};
 
 use flexserve_protocol::{
     decode_reply, decode_request, encode_reply, encode_request, read_reply, read_request, write_reply, write_request,
-    BufferRange, ChunkRef, ChunkSpan, Deployment, ErrorCode, GenerateRequest, GenerationReport, Input, ModelStatus,
-    ProtocolError, Reply, Request, Sampling, StatusReport, StopReason, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_TEXT_LEN,
-    PROTOCOL_VERSION,
+    BufferRange, ChunkRef, ChunkSpan, Deployment, ErrorCode, GenerateRequest, GenerationReport, Input, Message,
+    ModelStatus, ProtocolError, Reply, Request, Sampling, StatusReport, StopReason, MAX_FRAME_LEN, MAX_LIST_LEN,
+    MAX_TEXT_LEN, PROTOCOL_VERSION,
 };
 use rand::{Rng, SeedableRng};
 
@@ -81,6 +81,18 @@ fn all_requests() -> Vec<Request> {
         Request::DevicePublicKey,
         Request::ImportKey { key: "00".repeat(32) },
         Request::AddStoredKey { stored: "ff".repeat(68) },
+        Request::Cancel,
+        generate(
+            Input::Messages {
+                messages: vec![
+                    Message { role: "system".into(), content: "Be brief.".into() },
+                    Message { role: "user".into(), content: "Hi".into() },
+                    Message { role: "assistant".into(), content: String::new() },
+                ],
+            },
+            vec![],
+        ),
+        generate(Input::Messages { messages: vec![] }, vec![]),
         Request::Perplexity { model: 1, text: "Some text to score.".into(), n_ctx: 512 },
         Request::Perplexity { model: u32::MAX, text: String::new(), n_ctx: 0 },
     ]
@@ -390,12 +402,12 @@ fn bad_tags_are_named() {
     assert_eq!(what, "unknown Reply tag 0x0a");
 
     let mut payload = encode_request(&generate(Input::Raw { text: String::new() }, vec![])).unwrap();
-    payload[9] = 2; // after tag, model, conversation: the Input tag
+    payload[9] = 3; // after tag, model, conversation: the Input tag
     let what = malformed_what(decode_request(&payload).unwrap_err());
-    assert_eq!(what, "unknown GenerateRequest.input tag 0x02");
+    assert_eq!(what, "unknown GenerateRequest.input tag 0x03");
 
-    let what = malformed_what(decode_reply(&[0x8b, 11, 0, 0, 0, 0]).unwrap_err());
-    assert_eq!(what, "unknown Reply::Error.code tag 0x0b");
+    let what = malformed_what(decode_reply(&[0x8b, 12, 0, 0, 0, 0]).unwrap_err());
+    assert_eq!(what, "unknown Reply::Error.code tag 0x0c");
 
     let mut payload = encode_reply(&all_replies()[9]).unwrap();
     *payload.last_mut().unwrap() = 4;

@@ -231,6 +231,8 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 self.models.remove(&model).map(|_| Reply::Ok).ok_or_else(|| no_model(model))
             }
             Request::Recall { granules } => Ok(self.recall(granules as usize)),
+            // Nothing runs between requests: nothing to stop.
+            Request::Cancel => Ok(Reply::Ok),
             Request::DevicePublicKey => match &self.principal.keys.device {
                 Some(device) => Ok(Reply::DevicePublicKey { key: device.public_key().to_hex() }),
                 None => Err((ErrorCode::Verification, "this secure world holds no device key".to_string())),
@@ -357,9 +359,10 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             conversations.remove(&g.conversation).unwrap_or_default()
         };
         conv.last_used = Instant::now();
-        let chat = matches!(g.input, Input::ChatTurn { .. });
+        let chat = matches!(g.input, Input::ChatTurn { .. } | Input::Messages { .. });
         // Messages of this turn join the conversation only if the turn runs.
         let kept_messages = conv.messages.len();
+        let mut replaced: Option<Vec<ChatMessage>> = None;
         let rendered = match g.input {
             Input::Raw { text } => Ok(text),
             Input::ChatTurn { system, user } => match template {
@@ -374,11 +377,24 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                     template.render(&conv.messages, true).map_err(|e| (ErrorCode::Engine, e.to_string()))
                 }
             },
+            // The whole conversation, as an OpenAI-style request carries it.
+            Input::Messages { messages } => match template {
+                None => Err((ErrorCode::Engine, format!("model {} has no chat template", g.model))),
+                Some(_) if messages.is_empty() => Err((ErrorCode::BadArgument, "no messages".to_string())),
+                Some(template) => {
+                    let turns = messages.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect();
+                    replaced = Some(std::mem::replace(&mut conv.messages, turns));
+                    template.render(&conv.messages, true).map_err(|e| (ErrorCode::Engine, e.to_string()))
+                }
+            },
         };
         let mut text = match rendered {
             Ok(text) => text,
             Err(failure) => {
-                conv.messages.truncate(kept_messages);
+                match replaced.take() {
+                    Some(old) => conv.messages = old,
+                    None => conv.messages.truncate(kept_messages),
+                }
                 if g.conversation != 0 {
                     conversations.insert(g.conversation, conv);
                 }
@@ -439,6 +455,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         // hook (which runs on a worker thread).
         let channel = std::sync::Mutex::new(channel);
         let peer_gone = std::sync::atomic::AtomicBool::new(false);
+        let cancelled = std::sync::atomic::AtomicBool::new(false);
         let recalled = std::sync::atomic::AtomicUsize::new(0);
         // A recall does not wait for the generation to end: between layers
         // of the prefill and between tokens the free granules go back at once
@@ -452,6 +469,12 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             match serve_during_generation(channel, memory) {
                 DuringGeneration::Nothing => {}
                 DuringGeneration::PeerGone => peer_gone.store(true, Ordering::Relaxed),
+                DuringGeneration::Cancel => {
+                    cancelled.store(true, Ordering::Relaxed);
+                    if channel.send(&Reply::Ok).is_err() {
+                        peer_gone.store(true, Ordering::Relaxed);
+                    }
+                }
                 DuringGeneration::Answer { reply, released } => {
                     recalled.fetch_add(released, Ordering::Relaxed);
                     if channel.send(&reply).is_err() {
@@ -460,8 +483,13 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 }
             }
         };
-        let go_on =
-            || if peer_gone.load(Ordering::Relaxed) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
+        let go_on = || {
+            if peer_gone.load(Ordering::Relaxed) || cancelled.load(Ordering::Relaxed) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
         let lock = || channel.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut between_layers = || {
             serve_recall(&mut lock());
@@ -489,6 +517,10 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         conv.history = history;
         let stats = match result {
             Ok(s) => s,
+            Err(EngineError::Cancelled) => {
+                answer.zeroize();
+                return Err((ErrorCode::Cancelled, "the generation was cancelled".to_string()));
+            }
             Err(e) => {
                 answer.zeroize();
                 return Err((ErrorCode::Engine, e.to_string()));
@@ -671,6 +703,8 @@ enum DuringGeneration {
     Nothing,
     /// The peer closed the channel (or it broke): stop generating.
     PeerGone,
+    /// The peer asked to stop this generation.
+    Cancel,
     /// A request to answer now, and the granules it gave back.
     Answer {
         reply: Box<Reply>,
@@ -694,6 +728,7 @@ fn serve_during_generation<M: SecureMemory, C: Channel>(channel: &mut C, memory:
                 released,
             }
         }
+        Some(Ok(Request::Cancel)) => DuringGeneration::Cancel,
         Some(Ok(other)) => answer(Reply::Error {
             code: ErrorCode::OutOfOrder,
             message: format!("{} while a generation runs (only Recall is served then)", request_name(&other)),
@@ -789,7 +824,11 @@ fn encode_hex(bytes: &[u8]) -> String {
 }
 
 fn engine_failure(e: EngineError) -> Failure {
-    (ErrorCode::Engine, e.to_string())
+    match e {
+        // The request's fault, not the engine's: the prompt does not fit.
+        EngineError::ContextFull { .. } | EngineError::EmptyInput => (ErrorCode::BadArgument, e.to_string()),
+        e => (ErrorCode::Engine, e.to_string()),
+    }
 }
 
 fn no_model(id: u32) -> Failure {

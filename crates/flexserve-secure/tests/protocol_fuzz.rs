@@ -435,9 +435,10 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                 Request::MissingChunks { .. } | Request::Unload { .. } | Request::EndConversation { .. } => {
                     matches!(code, ErrorCode::NoSuchModel)
                 }
-                Request::Generate(_) => {
-                    matches!(code, ErrorCode::NoSuchModel | ErrorCode::NotResident | ErrorCode::Engine)
-                }
+                Request::Generate(_) => matches!(
+                    code,
+                    ErrorCode::NoSuchModel | ErrorCode::NotResident | ErrorCode::Engine | ErrorCode::BadArgument
+                ),
                 Request::Perplexity { .. } => matches!(
                     code,
                     ErrorCode::NoSuchModel
@@ -448,7 +449,11 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                 ),
                 Request::ImportKey { .. } => matches!(code, ErrorCode::BadArgument),
                 Request::AddStoredKey { .. } => matches!(code, ErrorCode::BadArgument | ErrorCode::Verification),
-                Request::Recall { .. } | Request::Status | Request::Shutdown | Request::DevicePublicKey => false,
+                Request::Recall { .. }
+                | Request::Status
+                | Request::Shutdown
+                | Request::DevicePublicKey
+                | Request::Cancel => false,
             };
             assert!(plausible, "{context}: {} answered with error {code:?}: {message}", short(r));
         }
@@ -464,7 +469,7 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                     | (Request::Status, Reply::Status(_))
                     | (Request::DevicePublicKey, Reply::DevicePublicKey { .. })
                     | (Request::ImportKey { .. }, Reply::KeyImported { .. })
-                    | (Request::AddStoredKey { .. }, Reply::Ok)
+                    | (Request::AddStoredKey { .. } | Request::Cancel, Reply::Ok)
                     | (Request::Perplexity { .. }, Reply::Perplexity { .. })
                     | (Request::Generate(_) | Request::Perplexity { .. }, Reply::MemoryNeeded { .. })
             );
@@ -846,8 +851,9 @@ fn hostile_requests(peer: &mut Peer, fx: &Fixture, real: &SealedFile, refs: &[Ch
         other => panic!("a first generation without free granules: {}", short(&other)),
     }
     // Generate on the resident model with hostile parameters.
-    peer.expect_error(&generate(tiny, "Once upon a time", 4, 1), Engine);
-    peer.expect_error(&generate(tiny, &"word ".repeat(100), 4, 16), Engine);
+    // A prompt the context cannot hold is the request's fault.
+    peer.expect_error(&generate(tiny, "Once upon a time", 4, 1), BadArgument);
+    peer.expect_error(&generate(tiny, &"word ".repeat(100), 4, 16), BadArgument);
     match peer.call(&generate(tiny, "Once upon a time", 0, 32)) {
         Reply::Generated(r) => assert_eq!(r.generated_tokens, 0, "{r:?}"),
         other => panic!("max_tokens 0: {}", short(&other)),
@@ -865,7 +871,7 @@ fn hostile_requests(peer: &mut Peer, fx: &Fixture, real: &SealedFile, refs: &[Ch
     }
     // An empty prompt either generates from BOS or is refused by the engine.
     match peer.call(&generate(tiny, "", 2, 16)) {
-        Reply::Generated(_) | Reply::Error { code: Engine, .. } => {}
+        Reply::Generated(_) | Reply::Error { code: Engine | BadArgument, .. } => {}
         other => panic!("empty prompt: {}", short(&other)),
     }
     // Sampling parameters of every odd value.
@@ -900,12 +906,12 @@ fn hostile_requests(peer: &mut Peer, fx: &Fixture, real: &SealedFile, refs: &[Ch
     // machine before the context check refuses it: see the report).
     for len in [MAX_TEXT_LEN / 32, MAX_TEXT_LEN / 8] {
         let t = Instant::now();
-        peer.expect_error(&generate(tiny, &"a".repeat(len), 4, 64), Engine);
+        peer.expect_error(&generate(tiny, &"a".repeat(len), 4, 64), BadArgument);
         eprintln!("a prompt of one {} KiB word refused after {:.2} s", len >> 10, t.elapsed().as_secs_f64());
     }
     let t = Instant::now();
     let spaced = "ab ".repeat((MAX_TEXT_LEN - 64) / 3);
-    peer.expect_error(&generate(tiny, &spaced, 4, 64), Engine);
+    peer.expect_error(&generate(tiny, &spaced, 4, 64), BadArgument);
     eprintln!("a prompt of {} KiB of short words refused after {:.2} s", spaced.len() >> 10, t.elapsed().as_secs_f64());
     let chat_huge = Request::Generate(GenerateRequest {
         model: tiny,
@@ -916,7 +922,7 @@ fn hostile_requests(peer: &mut Peer, fx: &Fixture, real: &SealedFile, refs: &[Ch
         sampling: greedy(),
         stop: vec!["a".into(); 10_000],
     });
-    peer.expect_error(&chat_huge, Engine);
+    peer.expect_error(&chat_huge, BadArgument);
     let many_stops = Request::Generate(GenerateRequest {
         stop: vec!["zzzz".repeat(64); 10_000],
         ..match generate(tiny, "Once upon a time", 8, 32) {
@@ -936,7 +942,7 @@ fn hostile_requests(peer: &mut Peer, fx: &Fixture, real: &SealedFile, refs: &[Ch
     eprintln!("n_ctx 2^20 (1 GiB of KV cache reserved): available memory fell by {} MiB", taken >> 20);
     assert!(taken < 512 << 20, "a 1 GiB KV cache reservation took {} MiB", taken >> 20);
     match peer.call(&generate(tiny, "Once upon a time", 2, u32::MAX)) {
-        Reply::Generated(_) | Reply::Error { code: Engine, .. } => {}
+        Reply::Generated(_) | Reply::Error { code: Engine | BadArgument, .. } => {}
         other => panic!("n_ctx u32::MAX: {}", short(&other)),
     }
 

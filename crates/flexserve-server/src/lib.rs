@@ -1,0 +1,201 @@
+//! `flexserve serve`: the normal world's daemon, an OpenAI-compatible HTTP
+//! API (axum on tokio). It holds the memory budget and the storage I/O and
+//! relays text; plain models run in its own engine, sealed models in the
+//! secure world, through one session per loaded sealed model. Nothing of
+//! this crate links into the secure world.
+//!
+//! - [`api`]: request and response bodies, errors in the OpenAI format;
+//! - [`registry`]: the served models, loading on first use, keep-alive;
+//! - [`worker`]: backends, the threads that run a loaded model;
+//! - [`handlers`]: the endpoints; [`metrics`]: `/metrics`.
+
+pub mod api;
+mod handlers;
+pub mod metrics;
+pub mod registry;
+pub mod worker;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::api::{ApiError, ErrorKind};
+use crate::registry::{BackendSettings, KeepAlive, Registry};
+pub use crate::worker::{Kind, SessionFactory};
+
+/// How long in-flight requests may run on after SIGTERM/SIGINT.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often idle models are checked against their keep-alive.
+const EXPIRY_CHECK: Duration = Duration::from_millis(250);
+
+pub struct ServeConfig {
+    pub host: IpAddr,
+    pub port: u16,
+    /// (name, path, plain or sealed).
+    pub models: Vec<(String, PathBuf, Kind)>,
+    pub api_key: Option<String>,
+    pub insecure_no_auth: bool,
+    pub keep_alive: KeepAlive,
+    pub preload: bool,
+    /// Engine threads of a plain model (0: one per core).
+    pub threads: usize,
+    /// Requests a plain model serves at once.
+    pub parallel: usize,
+    /// Requests that may wait per model beyond those being served.
+    pub max_queue: usize,
+    /// Context of every request (0: the model's own).
+    pub ctx: u32,
+    pub connect: SessionFactory,
+}
+
+pub struct AppState {
+    registry: Registry,
+    metrics: metrics::Metrics,
+    api_key: Option<String>,
+    ctx: u32,
+    /// False while models preload (`/health` answers 503).
+    ready: AtomicBool,
+    next_id: AtomicU64,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. Prints `listening on http://ADDR`
+/// on stdout once it accepts connections.
+pub fn run(config: ServeConfig) -> Result<(), String> {
+    if !config.host.is_loopback() && config.api_key.is_none() && !config.insecure_no_auth {
+        return Err(format!(
+            "refusing to serve {} without an API key: pass --api-key (or --api-key-file), or --insecure-no-auth",
+            config.host
+        ));
+    }
+    if config.models.is_empty() {
+        return Err("no models to serve: pass --model NAME=PATH or --models-dir DIR".to_string());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: ServeConfig) -> Result<(), String> {
+    let settings = BackendSettings {
+        threads: config.threads,
+        parallel: config.parallel.max(1),
+        max_queue: config.max_queue,
+        connect: config.connect.clone(),
+    };
+    let state = Arc::new(AppState {
+        registry: Registry::new(config.models.clone(), settings, config.keep_alive),
+        metrics: metrics::Metrics::default(),
+        api_key: config.api_key.clone(),
+        ctx: config.ctx,
+        ready: AtomicBool::new(!config.preload),
+        next_id: AtomicU64::new(1),
+    });
+    let addr = SocketAddr::new(config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("binding {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("listening on http://{local}");
+    for (name, path, kind) in &config.models {
+        eprintln!(
+            "flexserve serve: model {name} = {} ({})",
+            path.display(),
+            if *kind == Kind::Sealed { "sealed" } else { "plain" }
+        );
+    }
+    if config.preload {
+        let s = state.clone();
+        tokio::spawn(async move {
+            for entry in s.registry.models.values() {
+                if let Err(e) = s.registry.lease(entry, None, &s.metrics).await {
+                    eprintln!("flexserve serve: preloading {}: {e}", entry.name);
+                }
+            }
+            s.ready.store(true, Ordering::SeqCst);
+        });
+    }
+    let expiry = state.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(EXPIRY_CHECK).await;
+            expiry.registry.expire().await;
+        }
+    });
+    let app = router(state.clone());
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        eprintln!("flexserve serve: stopping (in-flight requests get {} s)", SHUTDOWN_GRACE.as_secs());
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        let r = server.await;
+        let _ = done_tx.send(());
+        r
+    });
+    // Graceful shutdown waits for open streams: bound it.
+    let _ = done_rx.await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, serving).await;
+    for entry in state.registry.models.values() {
+        state.registry.unload(entry).await;
+    }
+    // Unloading ends the secure world sessions (each scrubbed by the secure world).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    eprintln!("flexserve serve: stopped");
+    Ok(())
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/models", get(handlers::list_models))
+        .route("/models/load", post(handlers::load_model))
+        .route("/models/unload", post(handlers::unload_model))
+        .route("/status", get(handlers::status))
+        .route("/metrics", get(handlers::metrics))
+        .route("/health", get(handlers::health))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(api::MAX_BODY_BYTES))
+        .fallback(|| async { ApiError::new(ErrorKind::NotFound, "no such endpoint") })
+        .with_state(state)
+}
+
+/// Bearer authentication on every endpoint but `/health`.
+async fn authenticate(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let Some(key) = &state.api_key else { return next.run(request).await };
+    if request.uri().path() == "/health" {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if equal_in_constant_time(g.as_bytes(), key.as_bytes()) => next.run(request).await,
+        Some(_) => {
+            ApiError::new(ErrorKind::Authentication, "invalid API key").with_code("invalid_api_key").into_response()
+        }
+        None => ApiError::new(ErrorKind::Authentication, "missing API key: send Authorization: Bearer KEY")
+            .with_code("invalid_api_key")
+            .into_response(),
+    }
+}
+
+fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
