@@ -1,0 +1,236 @@
+//! The ciphertext feeder: reads a sealed model's header and chunks from
+//! storage into the shared buffer, a batch ahead of the secure world's
+//! decryption, granting the memory they need.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use flexserve_protocol::{BufferRange, ChunkRef, ErrorCode, Reply, Request};
+use flexserve_sealed::SealedHeader;
+
+use crate::{unexpected, NormalError, Result, SecureWorld, LOAD_BATCH_BYTES};
+
+/// A sealed model opened in the secure world.
+pub struct OpenedModel {
+    pub id: u32,
+    pub path: PathBuf,
+    pub chunks: u32,
+    pub granules_needed: u32,
+    header: SealedHeader,
+    file: File,
+}
+
+/// Timings of making a model resident.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub chunks: usize,
+    pub bytes: u64,
+    /// Granting (the secure world preparing protected granules).
+    pub grant: Duration,
+    /// Reading ciphertext into the shared buffer.
+    pub read: Duration,
+    /// The secure world copying, decrypting and verifying (what of it did not
+    /// overlap with reading the next batch).
+    pub decrypt: Duration,
+    /// Verifying the header and preparing tokenizer and template (OpenModel).
+    pub open: Duration,
+    pub total: Duration,
+}
+
+/// Granules a model's weights take in the secure world: one region of whole
+/// granules per transformer layer (`blk.N.*`) and one for the other tensors,
+/// tensors 64-byte aligned inside a region.
+pub fn weight_granules(header: &flexserve_gguf::GgufHeader, granule_size: u64) -> u64 {
+    let mut groups: std::collections::BTreeMap<Option<usize>, u64> = std::collections::BTreeMap::new();
+    for t in &header.tensors {
+        let range = header.tensor_file_range(t);
+        let bytes = groups.entry(t.layer()).or_default();
+        *bytes = bytes.next_multiple_of(64) + (range.end - range.start);
+    }
+    groups.values().map(|b| b.div_ceil(granule_size.max(1))).sum()
+}
+
+impl SecureWorld {
+    /// Opens a sealed model: reads its header, has the secure world verify
+    /// it, grants the memory its weights need, and loads every chunk.
+    pub fn open_model(&mut self, path: &Path) -> Result<(OpenedModel, LoadReport)> {
+        let model_err = |message: String| NormalError::Model { path: path.to_path_buf(), message };
+        let file = File::open(path).map_err(|e| model_err(e.to_string()))?;
+        let prefix =
+            SealedHeader::read_prefix(BufReader::new(&file)).map_err(|e| model_err(format!("sealed header: {e}")))?;
+        let header = SealedHeader::read(&prefix).map_err(|e| model_err(format!("sealed header: {e}")))?;
+        if prefix.len() > self.shared.len() {
+            return Err(model_err(format!(
+                "header of {} bytes does not fit the {}-byte shared buffer",
+                prefix.len(),
+                self.shared.len()
+            )));
+        }
+        self.shared.copy_in(0, &prefix).map_err(|e| model_err(e.to_string()))?;
+        let name = path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let range = BufferRange { offset: 0, len: prefix.len() as u64 };
+        // Grant what the weights will need (computed from the public tensor
+        // directory) before the secure world even verifies the header: it
+        // prepares the granules in the background meanwhile.
+        let estimate = weight_granules(&header.gguf, self.info.granule_size);
+        let status = self.status()?;
+        let free = u64::from(status.prepared.saturating_sub(status.in_use));
+        let tg = Instant::now();
+        self.grant(estimate.saturating_sub(free))?;
+        let grant = tg.elapsed();
+        let t0 = Instant::now();
+        let (id, chunks, granules_needed) = match self.call(&Request::OpenModel { name, header: range })? {
+            Reply::ModelOpened { model, chunks, granules_needed } => (model, chunks, granules_needed),
+            other => return Err(unexpected("ModelOpened", &other)),
+        };
+        let open = t0.elapsed();
+        let opened = OpenedModel { id, path: path.to_path_buf(), chunks, granules_needed, header, file };
+        let mut report = self.load_missing(&opened, false)?;
+        report.open = open;
+        report.grant += grant;
+        Ok((opened, report))
+    }
+
+    /// Loads whatever chunks of the model are not resident (never loaded, or
+    /// evicted by a recall), granting memory as needed within the budget.
+    pub fn make_resident(&mut self, model: &OpenedModel) -> Result<LoadReport> {
+        self.load_missing(model, true)
+    }
+
+    /// Loads the missing chunks; with `top_up`, first grants what the model
+    /// needs beyond the free granules (else the caller already granted).
+    pub(crate) fn load_missing(&mut self, model: &OpenedModel, top_up: bool) -> Result<LoadReport> {
+        let t0 = Instant::now();
+        let mut report = LoadReport::default();
+        let missing: Vec<usize> = match self.call(&Request::MissingChunks { model: model.id })? {
+            Reply::Missing { chunks } => chunks.iter().flat_map(|s| s.start as usize..s.end as usize).collect(),
+            other => return Err(unexpected("Missing", &other)),
+        };
+        if missing.is_empty() {
+            return Ok(report);
+        }
+        // Grant what the model needs beyond the free granted granules. The
+        // secure world prepares the granules while this side reads the first
+        // batch of ciphertext.
+        let grant = if top_up {
+            let status = self.status()?;
+            let free = u64::from(status.prepared.saturating_sub(status.in_use));
+            let need = u64::from(model.granules_needed).saturating_sub(u64::from(status.in_use)).saturating_sub(free);
+            need.min(self.budget_granules.saturating_sub(self.granted))
+        } else {
+            0
+        };
+        let tg = Instant::now();
+        if grant > 0 {
+            self.send(&Request::Grant { granules: grant as u32 })?;
+        }
+
+        // Two halves of the shared buffer take turns: while the secure world
+        // decrypts the batch in one, the next batch is read into the other.
+        let half = self.shared.len() as u64 / 2;
+        let mut next = 0;
+        let mut turn = 0u64;
+        let mut in_flight: Option<(Request, usize, Instant)> = None;
+        let mut grant_pending = grant > 0;
+        loop {
+            let tr = Instant::now();
+            let batch = self.read_batch(model, &missing, &mut next, turn * half, half, &mut report)?;
+            report.read += tr.elapsed();
+            if grant_pending {
+                grant_pending = false;
+                match self.receive()? {
+                    Reply::Granted { granted, .. } => self.granted = u64::from(granted),
+                    Reply::Error { code, message } => return Err(NormalError::Secure { code, message }),
+                    other => return Err(unexpected("Granted", &other)),
+                }
+                report.grant += tg.elapsed();
+            }
+            if let Some((request, n, since)) = in_flight.take() {
+                self.finish_load(&request)?;
+                report.decrypt += since.elapsed();
+                report.chunks += n;
+            }
+            if batch.is_empty() {
+                break;
+            }
+            let n = batch.len();
+            let request = Request::LoadChunks { model: model.id, chunks: batch };
+            self.send(&request)?;
+            in_flight = Some((request, n, Instant::now()));
+            turn ^= 1;
+        }
+        report.total = t0.elapsed();
+        Ok(report)
+    }
+
+    /// Reads the next missing chunks into `base .. base + room` of the shared
+    /// buffer, up to about [`LOAD_BATCH_BYTES`] (at least one chunk).
+    pub(crate) fn read_batch(
+        &mut self,
+        model: &OpenedModel,
+        missing: &[usize],
+        next: &mut usize,
+        base: u64,
+        room: u64,
+        report: &mut LoadReport,
+    ) -> Result<Vec<ChunkRef>> {
+        let mut batch = Vec::new();
+        let mut used = 0u64;
+        while *next < missing.len() && used < LOAD_BATCH_BYTES {
+            let index = missing[*next];
+            let info = model.header.chunks.get(index).copied().ok_or_else(|| NormalError::Model {
+                path: model.path.clone(),
+                message: format!("chunk {index} is not in the header"),
+            })?;
+            let len = info.sealed_len() as u64;
+            if used + len > room {
+                if batch.is_empty() {
+                    return Err(NormalError::Model {
+                        path: model.path.clone(),
+                        message: format!("chunk {index} ({len} bytes) does not fit half of the shared buffer"),
+                    });
+                }
+                break;
+            }
+            let range = BufferRange { offset: base + used, len };
+            let dst = self.shared.range_mut(range).map_err(|e| NormalError::Budget(e.to_string()))?;
+            model.file.read_exact_at(dst, info.file_offset).map_err(|e| NormalError::Model {
+                path: model.path.clone(),
+                message: format!("reading chunk {index}: {e}"),
+            })?;
+            batch.push(ChunkRef { index: index as u32, at: range });
+            report.bytes += len;
+            used += len;
+            *next += 1;
+        }
+        Ok(batch)
+    }
+
+    /// Waits for the answer to a LoadChunks already sent; when the secure
+    /// world runs short of memory (layers are placed in whole granules, so the
+    /// estimate can fall short), grants one more granule within the budget and
+    /// sends the request again (chunks already loaded are skipped).
+    pub(crate) fn finish_load(&mut self, request: &Request) -> Result<()> {
+        let mut reply = self.receive()?;
+        loop {
+            match reply {
+                Reply::ChunksLoaded { .. } => return Ok(()),
+                Reply::Error { code: ErrorCode::NoMemory, message } => {
+                    if self.grant(1)? == 0 {
+                        return Err(NormalError::Budget(format!(
+                            "{message}; the secure memory limit ({} granules of {} bytes) is reached",
+                            self.budget_granules, self.info.granule_size
+                        )));
+                    }
+                    self.send(request)?;
+                    reply = self.receive()?;
+                }
+                Reply::Error { code, message } => return Err(NormalError::Secure { code, message }),
+                other => return Err(unexpected("ChunksLoaded", &other)),
+            }
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Relaying generation and scoring: requests in, text out, memory granted
+//! when the secure world asks for it, recalls and cancellation served while
+//! tokens stream.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use flexserve_protocol::{ErrorCode, GenerateRequest, GenerationReport, Reply, Request};
+
+use crate::governor::PRESSURE_CHECK_INTERVAL;
+use crate::{control, unexpected, NormalError, OpenedModel, Result, SecureWorld};
+
+/// A recall sent while a generation runs, waiting for its answer.
+pub(crate) struct InFlightRecall {
+    pub(crate) requested: u32,
+    pub(crate) sent: Instant,
+    /// The `flexserve recall` client that asked for it, if one did.
+    pub(crate) asker: Option<control::PendingRecall>,
+}
+
+impl SecureWorld {
+    /// Generates, streaming each piece of text to `on_text`. If the model's
+    /// memory was recalled since, its missing chunks are loaded first.
+    pub fn generate(
+        &mut self,
+        model: &OpenedModel,
+        request: GenerateRequest,
+        on_text: impl FnMut(&str),
+    ) -> Result<GenerationReport> {
+        self.generate_until(model, request, on_text, || false)
+    }
+
+    /// [`SecureWorld::generate`] that stops once `cancelled` says so (checked
+    /// between tokens and every 50 ms of a prefill): the secure world is sent
+    /// `Cancel`, stops at its next layer or token, and the result is
+    /// `Secure{Cancelled}`.
+    pub fn generate_until(
+        &mut self,
+        model: &OpenedModel,
+        request: GenerateRequest,
+        mut on_text: impl FnMut(&str),
+        cancelled: impl Fn() -> bool,
+    ) -> Result<GenerationReport> {
+        self.make_resident(model)?;
+        let request = Request::Generate(request);
+        self.send(&request)?;
+        // Recalls sent during the generation, oldest first.
+        let mut in_flight: VecDeque<InFlightRecall> = VecDeque::new();
+        let mut result = None;
+        // A Cancel sent, and whether its Ok came back (it must, before the next request).
+        let (mut cancel_sent, mut cancel_acked) = (false, false);
+        loop {
+            // A long prefill sends nothing for a while: the watch goes on meanwhile.
+            while in_flight.is_empty() && result.is_none() && !self.reply_ready(PRESSURE_CHECK_INTERVAL) {
+                self.send_due_recall(&mut in_flight)?;
+                if !cancel_sent && cancelled() {
+                    self.send(&Request::Cancel)?;
+                    cancel_sent = true;
+                }
+            }
+            if !cancel_sent && result.is_none() && cancelled() {
+                self.send(&Request::Cancel)?;
+                cancel_sent = true;
+            }
+            match self.receive()? {
+                Reply::Ok if cancel_sent && !cancel_acked => cancel_acked = true,
+                // Cancelled before it started: do not ask again.
+                Reply::MemoryNeeded { .. } if result.is_none() && cancelled() => {
+                    result = Some(Err(NormalError::Secure {
+                        code: ErrorCode::Cancelled,
+                        message: "cancelled before the generation started".to_string(),
+                    }))
+                }
+                // Before any token: the KV cache needs more granules; grant, ask again.
+                Reply::MemoryNeeded { granules } if result.is_none() => {
+                    // A recall sent meanwhile is answered next, as a request of its own.
+                    while let Some(recall) = in_flight.pop_front() {
+                        match self.receive()? {
+                            Reply::Recalled { released, evicted, micros } => {
+                                self.recall_answered(recall, released, evicted, micros, false)
+                            }
+                            other => return Err(unexpected("Recalled", &other)),
+                        }
+                    }
+                    self.grant_for_kv_cache(granules)?;
+                    // A recall answered meanwhile may have evicted layers.
+                    self.make_resident(model)?;
+                    self.send(&request)?;
+                }
+                Reply::Token { text } => {
+                    on_text(&text);
+                    if in_flight.is_empty() {
+                        self.send_due_recall(&mut in_flight)?;
+                    }
+                }
+                Reply::Recalled { released, evicted, micros } => {
+                    let Some(recall) = in_flight.pop_front() else {
+                        return Err(unexpected("Token or Generated", &Reply::Recalled { released, evicted, micros }));
+                    };
+                    self.recall_answered(recall, released, evicted, micros, result.is_none());
+                }
+                Reply::Generated(report) => result = Some(Ok(report)),
+                Reply::Error { code, message } => result = Some(Err(NormalError::Secure { code, message })),
+                other => return Err(unexpected("Token or Generated", &other)),
+            }
+            // A recall or a cancel sent as the generation ended is answered after it.
+            if in_flight.is_empty() && (!cancel_sent || cancel_acked) {
+                if let Some(r) = result {
+                    return r;
+                }
+            }
+        }
+    }
+
+    /// Sends the recall that is due (memory pressure first, then a
+    /// `flexserve recall`), if any, and notes it as in flight.
+    pub(crate) fn send_due_recall(&mut self, in_flight: &mut VecDeque<InFlightRecall>) -> Result<()> {
+        let (requested, asker) = match self.pressure_due() {
+            Some(n) => (n, None),
+            None => match self.control_pending() {
+                Some(p) => (p.amount.granules(self.info.granule_size), Some(p)),
+                None => return Ok(()),
+            },
+        };
+        self.send(&Request::Recall { granules: requested })?;
+        in_flight.push_back(InFlightRecall { requested, sent: Instant::now(), asker });
+        Ok(())
+    }
+
+    /// Notes what a recall sent during a generation got back, and tells the
+    /// client that asked for it, if one did.
+    pub(crate) fn recall_answered(
+        &mut self,
+        recall: InFlightRecall,
+        released: u32,
+        evicted: u32,
+        micros: u64,
+        during: bool,
+    ) {
+        let took = recall.sent.elapsed();
+        self.note_recall(recall.requested, released, evicted, took, during, recall.asker.is_some());
+        if let Some(asker) = recall.asker {
+            asker.answer(Ok(self.answer(released, evicted, micros)));
+        }
+    }
+
+    /// Perplexity of `text` under the model, scored in the secure world:
+    /// (tokens, chunks, perplexity, its standard error).
+    pub fn perplexity(&mut self, model: &OpenedModel, text: String, n_ctx: u32) -> Result<(u32, u32, f64, f64)> {
+        self.make_resident(model)?;
+        let request = Request::Perplexity { model: model.id, text, n_ctx };
+        loop {
+            match self.call(&request)? {
+                Reply::Perplexity { tokens, chunks, ppl, ppl_err } => return Ok((tokens, chunks, ppl, ppl_err)),
+                Reply::MemoryNeeded { granules } => self.grant_for_kv_cache(granules)?,
+                other => return Err(unexpected("Perplexity", &other)),
+            }
+        }
+    }
+
+    /// Grants what a KV cache needs, all of it or a budget error.
+    pub(crate) fn grant_for_kv_cache(&mut self, granules: u32) -> Result<()> {
+        let granted = self.grant(u64::from(granules))?;
+        if granted < u64::from(granules) {
+            return Err(NormalError::Budget(format!(
+                "the KV cache needs {granules} more granules of {} bytes; the secure memory limit ({} granules) \
+                 is reached",
+                self.info.granule_size, self.budget_granules
+            )));
+        }
+        Ok(())
+    }
+}
