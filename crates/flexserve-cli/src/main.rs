@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_secure;
+mod bench_serve;
 mod secure;
 
 use std::io::{BufRead, Write};
@@ -224,7 +225,8 @@ struct ServeArgs {
     /// Engine threads of a plain model (0 = one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Requests a plain model serves at once (a sealed model serves one at a time for now).
+    /// Requests a plain model decodes together, one batched step at a time (continuous batching;
+    /// a sealed model serves one at a time for now).
     #[arg(long, default_value_t = 4)]
     parallel: usize,
     /// Requests that may wait per model beyond those being served (then 503).
@@ -311,6 +313,9 @@ enum BenchCommand {
         #[command(flatten)]
         keys: KeyArgs,
     },
+    /// Load an OpenAI-compatible server (`flexserve serve`) with streamed chat completions at each
+    /// concurrency level: generated tokens/s, time to first token and per-token latency percentiles.
+    Serve(bench_serve::ServeArgs),
 }
 
 /// `--isa`: a kernel tier by its report name.
@@ -562,6 +567,7 @@ fn run(cli: Cli) -> Result<()> {
                 budget: secure_memory_limit,
             })
         }
+        Command::Bench { what: BenchCommand::Serve(args) } => bench_serve::run(args),
         Command::Keygen { output } => {
             flexserve_sealed::ModelKey::generate().save(&output)?;
             eprintln!("wrote a new model key to {} (mode 0600)", output.display());

@@ -133,60 +133,31 @@ impl<'m> Generator<'m> {
             return Err(EngineError::ContextFull { n_ctx: self.session.n_ctx(), needed: prompt.len() + 1 });
         }
 
-        let mut sampler = Sampler::new(opts.sampling.clone());
-        sampler.observe(prompt);
+        let mut tokens = TokenStream::new(self.tokenizer, opts, prompt);
         let t0 = Instant::now();
         let mut logits = self.session.eval_with(todo, Logits::Last, hook)?;
         self.history.extend_from_slice(todo);
         let prefill_secs = t0.elapsed().as_secs_f64();
 
-        let mut stream = StreamDecoder::new(self.tokenizer);
-        let mut text = String::new();
-        let mut emitted = 0usize;
-        let mut generated = Vec::new();
-        let mut stop = StopReason::MaxTokens;
         let mut first_token_at = None;
-        while generated.len() < opts.max_tokens {
-            let id = sampler.sample(&logits);
-            generated.push(id);
-            if first_token_at.is_none() {
+        let stop = loop {
+            let room = self.session.n_past() < self.session.n_ctx();
+            let next = tokens.step(&logits, room, &mut on_text);
+            if first_token_at.is_none() && !tokens.generated().is_empty() {
                 first_token_at = Some(Instant::now());
             }
-            if self.tokenizer.is_eog(id) {
-                stop = StopReason::EndOfGeneration;
-                break;
+            match next {
+                Next::Done(stop) => break stop,
+                Next::Evaluate(id) => {
+                    if hook().is_break() {
+                        return Err(EngineError::Cancelled);
+                    }
+                    logits = self.session.eval(&[id], Logits::Last)?;
+                    self.history.push(id);
+                }
             }
-            text.push_str(&stream.push(id));
-            if let Some(cut) = find_stop(&text, &opts.stop) {
-                on_text(&text[emitted..cut]);
-                emitted = cut;
-                stop = StopReason::StopString;
-                break;
-            }
-            let safe = safe_prefix_len(&text, &opts.stop).max(emitted);
-            if safe > emitted {
-                on_text(&text[emitted..safe]);
-                emitted = safe;
-            }
-            if generated.len() == opts.max_tokens {
-                break;
-            }
-            if self.session.n_past() + 1 > self.session.n_ctx() {
-                stop = StopReason::ContextFull;
-                break;
-            }
-            if hook().is_break() {
-                return Err(EngineError::Cancelled);
-            }
-            logits = self.session.eval(&[id], Logits::Last)?;
-            self.history.push(id);
-        }
-        if stop != StopReason::StopString {
-            text.push_str(&stream.finish());
-            if emitted < text.len() {
-                on_text(&text[emitted..]);
-            }
-        }
+        };
+        let generated = tokens.into_generated();
         // The decode clock starts at the first sampled token.
         let decode_secs = first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
         Ok(GenerationStats {
@@ -198,6 +169,98 @@ impl<'m> Generator<'m> {
             stop,
             tokens: generated,
         })
+    }
+}
+
+/// What to do after a [`TokenStream::step`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Evaluate this token (the one just sampled) and step again with its logits.
+    Evaluate(u32),
+    /// The generation is over.
+    Done(StopReason),
+}
+
+/// The decoding side of a generation, one token at a time: sampling, text
+/// that is certain (complete UTF-8, not part of a stop string), stop
+/// conditions. [`Generator`] drives one through a session; a batch of them
+/// can share one evaluation per step (continuous batching).
+pub struct TokenStream<'t> {
+    tokenizer: &'t Tokenizer,
+    sampler: Sampler,
+    decoder: StreamDecoder<'t>,
+    stop_strings: Vec<String>,
+    max_tokens: usize,
+    text: String,
+    emitted: usize,
+    generated: Vec<u32>,
+}
+
+impl<'t> TokenStream<'t> {
+    /// A stream for a continuation of `prompt` (which the repetition penalty sees).
+    pub fn new(tokenizer: &'t Tokenizer, opts: &GenerateOptions, prompt: &[u32]) -> Self {
+        let mut sampler = Sampler::new(opts.sampling.clone());
+        sampler.observe(prompt);
+        TokenStream {
+            tokenizer,
+            sampler,
+            decoder: StreamDecoder::new(tokenizer),
+            stop_strings: opts.stop.clone(),
+            max_tokens: opts.max_tokens,
+            text: String::new(),
+            emitted: 0,
+            generated: Vec::new(),
+        }
+    }
+
+    /// Samples the next token from `logits` and hands `on_text` what became
+    /// certain. `room`: whether the cache has a position left for the token.
+    pub fn step(&mut self, logits: &[f32], room: bool, on_text: &mut dyn FnMut(&str)) -> Next {
+        if self.generated.len() >= self.max_tokens {
+            return self.end(StopReason::MaxTokens, on_text);
+        }
+        let id = self.sampler.sample(logits);
+        self.generated.push(id);
+        if self.tokenizer.is_eog(id) {
+            return self.end(StopReason::EndOfGeneration, on_text);
+        }
+        self.text.push_str(&self.decoder.push(id));
+        if let Some(cut) = find_stop(&self.text, &self.stop_strings) {
+            on_text(&self.text[self.emitted..cut]);
+            self.emitted = cut;
+            return Next::Done(StopReason::StopString);
+        }
+        let safe = safe_prefix_len(&self.text, &self.stop_strings).max(self.emitted);
+        if safe > self.emitted {
+            on_text(&self.text[self.emitted..safe]);
+            self.emitted = safe;
+        }
+        if self.generated.len() == self.max_tokens {
+            return self.end(StopReason::MaxTokens, on_text);
+        }
+        if !room {
+            return self.end(StopReason::ContextFull, on_text);
+        }
+        Next::Evaluate(id)
+    }
+
+    /// Ends the stream: what the decoder still holds is text now.
+    fn end(&mut self, stop: StopReason, on_text: &mut dyn FnMut(&str)) -> Next {
+        self.text.push_str(&self.decoder.finish());
+        if self.emitted < self.text.len() {
+            on_text(&self.text[self.emitted..]);
+            self.emitted = self.text.len();
+        }
+        Next::Done(stop)
+    }
+
+    /// The tokens sampled so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    pub fn into_generated(self) -> Vec<u32> {
+        self.generated
     }
 }
 

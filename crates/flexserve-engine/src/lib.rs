@@ -13,7 +13,7 @@ pub mod synth;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
-pub use generate::{reusable_prefix, GenerateOptions, GenerationStats, Generator, StopReason};
+pub use generate::{reusable_prefix, GenerateOptions, GenerationStats, Generator, Next, StopReason, TokenStream};
 pub use memory::{MemoryBlock, ScratchSource};
 pub use model::{KvCache, Logits, Model, ScratchPlan, Session, SessionState};
 pub use sampling::{Sampler, SamplingParams};

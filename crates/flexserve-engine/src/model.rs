@@ -14,6 +14,8 @@ use crate::ops::{self, QuantizedActs};
 use crate::weights::{load_vector, load_vector_opt, GgufSource, Tensor, TensorSource};
 use crate::EngineError;
 
+mod batch;
+
 /// One transformer block's weights.
 pub struct Layer {
     pub attn_norm: Vec<f32>,

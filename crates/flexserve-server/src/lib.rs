@@ -10,6 +10,7 @@
 //! - [`handlers`]: the endpoints; [`metrics`]: `/metrics`.
 
 pub mod api;
+mod batch;
 mod handlers;
 pub mod metrics;
 pub mod registry;

@@ -6,22 +6,19 @@
 //! reader has gone (the client disconnected) is cancelled at the next layer
 //! or token.
 
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use flexserve_engine::generate::{GenerateOptions, Generator};
-use flexserve_engine::weights::GgufSource;
-use flexserve_engine::{EngineError, Model, SamplingParams, Session, StopReason};
+use flexserve_engine::StopReason;
 use flexserve_normal::{NormalError, OpenedModel, SecureWorld};
 use flexserve_protocol::{ErrorCode, GenerateRequest, Input, Message, Sampling, StatusReport};
-use flexserve_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 
 use crate::api::{ApiError, ErrorKind};
+use crate::batch::PlainModel;
 
 /// Opens a session with the secure world (the service, or a development one).
 pub type SessionFactory = Arc<dyn Fn() -> Result<SecureWorld, String> + Send + Sync>;
@@ -98,33 +95,17 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Loads a plain model and starts `parallel` workers that share it.
-    pub fn start_plain(path: &Path, threads: usize, parallel: usize, max_queue: usize) -> Result<Backend, String> {
-        let plain = Arc::new(PlainModel::open(path, threads)?);
+    /// Loads a plain model and starts the thread that serves it: up to
+    /// `slots` requests decoded together, one batched step at a time.
+    pub fn start_plain(path: &Path, threads: usize, slots: usize, max_queue: usize) -> Result<Backend, String> {
+        let plain = PlainModel::open(path, threads)?;
         let (tx, rx) = mpsc::sync_channel::<Command>(max_queue);
-        let rx = Arc::new(Mutex::new(rx));
         let alive = Arc::new(AtomicBool::new(true));
-        let mut handles = Vec::new();
-        for i in 0..parallel.max(1) {
-            let (plain, rx) = (plain.clone(), rx.clone());
-            let name = format!("plain-{i}");
-            let handle = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || loop {
-                    // One worker takes the next job; the others wait for the lock.
-                    let next = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
-                    match next {
-                        Ok(Command::Generate(job)) => plain.run(job),
-                        Ok(Command::Status(reply)) => {
-                            let _ = reply.send(Err("a plain model runs in the normal world".to_string()));
-                        }
-                        Err(_) => return,
-                    }
-                })
-                .map_err(|e| format!("starting a worker: {e}"))?;
-            handles.push(handle);
-        }
-        Ok(Backend { kind: Kind::Plain, commands: Some(tx), alive, threads: handles })
+        let handle = std::thread::Builder::new()
+            .name("plain".to_string())
+            .spawn(move || plain.serve(&rx, slots.max(1)))
+            .map_err(|e| format!("starting a worker: {e}"))?;
+        Ok(Backend { kind: Kind::Plain, commands: Some(tx), alive, threads: vec![handle] })
     }
 
     /// Opens a session with the secure world, makes the sealed model
@@ -207,122 +188,14 @@ fn session_lost(e: &NormalError) -> bool {
     matches!(e, NormalError::Died(_) | NormalError::SessionClosed(_) | NormalError::Protocol(_) | NormalError::Io(_))
 }
 
-fn finish_reason(stop: StopReason) -> &'static str {
+pub(crate) fn finish_reason(stop: StopReason) -> &'static str {
     match stop {
         StopReason::MaxTokens | StopReason::ContextFull => "length",
         StopReason::EndOfGeneration | StopReason::StopString => "stop",
     }
 }
 
-/// A plain model in this process.
-struct PlainModel {
-    path: PathBuf,
-    model: Model,
-    tokenizer: Tokenizer,
-    template: Option<ChatTemplate>,
-}
-
-impl PlainModel {
-    fn open(path: &Path, threads: usize) -> Result<PlainModel, String> {
-        let file = flexserve_gguf::GgufFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let source = GgufSource::from_file(Arc::new(file));
-        let meta = &source.header().metadata;
-        let tokenizer = Tokenizer::from_gguf(meta).map_err(|e| format!("tokenizer of {}: {e}", path.display()))?;
-        let template = ChatTemplate::from_gguf(meta, &tokenizer)
-            .map_err(|e| format!("chat template of {}: {e}", path.display()))?;
-        let model = Model::from_source(&source, threads).map_err(|e| format!("loading {}: {e}", path.display()))?;
-        Ok(PlainModel { path: path.to_path_buf(), model, tokenizer, template })
-    }
-
-    fn run(&self, job: Job) {
-        let events = job.events.clone();
-        let job_cancelled = job.cancelled.clone();
-        let outcome = self.generate(job);
-        let _ = events.blocking_send(match outcome {
-            Ok(Some(finish)) => Event::Done(finish),
-            Ok(None) => {
-                job_cancelled.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Err(e) => Event::Failed(e),
-        });
-    }
-
-    /// `Ok(None)`: the client went away and the generation was cancelled.
-    fn generate(&self, job: Job) -> Result<Option<Finish>, ApiError> {
-        let text = match job.input {
-            JobInput::Prompt(p) => p,
-            JobInput::Chat(messages) => {
-                let template = self.template.as_ref().ok_or_else(|| {
-                    ApiError::bad_request(
-                        format!("{} has no chat template: use /v1/completions", self.path.display()),
-                        Some("messages"),
-                    )
-                })?;
-                let turns: Vec<ChatMessage> =
-                    messages.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect();
-                template.render(&turns, true).map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?
-            }
-        };
-        let ids = self.tokenizer.encode(&text, true, true);
-        if ids.is_empty() {
-            return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
-        }
-        let p = &job.params;
-        let limit = if p.n_ctx == 0 { self.model.config.n_ctx_train } else { p.n_ctx as usize };
-        if ids.len() >= limit {
-            return Err(context_exceeded(ids.len(), limit));
-        }
-        // The cache holds the prompt and what may be generated, within the context.
-        let positions = (ids.len() + p.max_tokens as usize).min(limit);
-        let session = Session::new(&self.model, positions);
-        let mut generator = Generator::new(session, &self.tokenizer);
-        let opts = GenerateOptions {
-            max_tokens: p.max_tokens as usize,
-            sampling: SamplingParams {
-                temperature: p.temperature,
-                top_k: p.top_k as usize,
-                top_p: p.top_p,
-                min_p: p.min_p,
-                seed: p.seed,
-                ..SamplingParams::default()
-            },
-            stop: p.stop.clone(),
-        };
-        let events = &job.events;
-        let gone = AtomicBool::new(false);
-        let result = generator.generate_with(
-            &ids,
-            &opts,
-            |piece| {
-                if events.blocking_send(Event::Text(piece.to_string())).is_err() {
-                    gone.store(true, Ordering::Relaxed);
-                }
-            },
-            &mut || {
-                if gone.load(Ordering::Relaxed) || events.is_closed() {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            },
-        );
-        match result {
-            Ok(stats) => Ok(Some(Finish {
-                prompt_tokens: (stats.prompt_tokens + stats.cached_tokens) as u32,
-                completion_tokens: stats.generated_tokens as u32,
-                prompt_ms: stats.prefill_secs * 1e3,
-                predicted_ms: stats.decode_secs * 1e3,
-                finish_reason: finish_reason(stats.stop),
-            })),
-            Err(EngineError::Cancelled) => Ok(None),
-            Err(EngineError::ContextFull { n_ctx, needed }) => Err(context_exceeded(needed, n_ctx)),
-            Err(e) => Err(ApiError::new(ErrorKind::Internal, e.to_string())),
-        }
-    }
-}
-
-fn context_exceeded(needed: usize, n_ctx: usize) -> ApiError {
+pub(crate) fn context_exceeded(needed: usize, n_ctx: usize) -> ApiError {
     ApiError::bad_request(
         format!("the prompt needs {needed} positions and more to answer; the context holds {n_ctx}"),
         Some("messages"),
