@@ -692,14 +692,23 @@ fn add_into(x: &mut [f32], y: &[f32]) {
 /// attention (its default) computes, and matching its rounding keeps greedy
 /// decoding on the same tokens where two candidates are nearly tied.
 fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32], out: &mut [f32]) {
-    let hd = c.head_dim;
+    let (kc, vc) = (kv.k(layer), kv.v(layer));
     let n_head = c.n_head;
-    let group = c.n_head / c.n_head_kv;
+    out.par_chunks_mut(c.head_dim).enumerate().for_each(|(i, o)| {
+        let t = i / n_head;
+        attend_head(c, kc, vc, i % n_head, pos0 + t, &q[i * c.head_dim..(i + 1) * c.head_dim], o);
+    });
+}
+
+/// One head's attention output `o` for the query `q` at position `last`,
+/// over positions `0..=last` of one layer's cache (`kc`, `vc`): online
+/// softmax, f16 accumulation, as llama.cpp's CPU flash attention does.
+fn attend_head(c: &ModelConfig, kc: &[u16], vc: &[u16], head: usize, last: usize, q: &[f32], o: &mut [f32]) {
+    let hd = c.head_dim;
     let kvd = c.kv_dim();
+    let kvh = head / (c.n_head / c.n_head_kv);
     let scale = 1.0 / (hd as f32).sqrt();
     let to_f16 = ops::kernels(flexserve_gguf::GgmlType::F16).expect("F16 kernels are always present").quantize;
-    let kc = kv.k(layer);
-    let vc = kv.v(layer);
     let acc = flexserve_quant::f16_acc();
     thread_local! {
         // The query in f16 per worker thread, kept between calls (as `SCORES`
@@ -707,40 +716,35 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
         // for every layer of every token.
         static QUERY_F16: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    out.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
-        QUERY_F16.with_borrow_mut(|q16| {
-            q16.resize(hd * 2, 0);
-            let t = i / n_head;
-            let h = i % n_head;
-            let kvh = h / group;
-            // Queries meet f16 keys in f16, as the cache stores them.
-            to_f16(&q[i * hd..(i + 1) * hd], q16);
-            let mut max = f32::NEG_INFINITY;
-            let mut sum = 0f32;
-            o.fill(0.0);
-            for j in 0..=pos0 + t {
-                let at = j * kvd + kvh * hd;
-                let krow: &[u8] = bytemuck::cast_slice(&kc[at..at + hd]);
-                let s = (acc.dot)(hd, krow, q16) * scale;
-                let weight = if s > max {
-                    // New maximum: rescale what was accumulated so far.
-                    let rescale = (max - s).exp();
-                    max = s;
-                    (acc.scale)(o, rescale);
-                    sum *= rescale;
-                    1.0
-                } else {
-                    (s - max).exp()
-                };
-                (acc.mad)(o, bytemuck::cast_slice(&vc[at..at + hd]), weight);
-                sum += weight;
-            }
-            let inv = 1.0 / sum;
-            for v in o.iter_mut() {
-                *v *= inv;
-            }
-        })
-    });
+    QUERY_F16.with_borrow_mut(|q16| {
+        q16.resize(hd * 2, 0);
+        // Queries meet f16 keys in f16, as the cache stores them.
+        to_f16(q, q16);
+        let mut max = f32::NEG_INFINITY;
+        let mut sum = 0f32;
+        o.fill(0.0);
+        for j in 0..=last {
+            let at = j * kvd + kvh * hd;
+            let krow: &[u8] = bytemuck::cast_slice(&kc[at..at + hd]);
+            let s = (acc.dot)(hd, krow, q16) * scale;
+            let weight = if s > max {
+                // New maximum: rescale what was accumulated so far.
+                let rescale = (max - s).exp();
+                max = s;
+                (acc.scale)(o, rescale);
+                sum *= rescale;
+                1.0
+            } else {
+                (s - max).exp()
+            };
+            (acc.mad)(o, bytemuck::cast_slice(&vc[at..at + hd]), weight);
+            sum += weight;
+        }
+        let inv = 1.0 / sum;
+        for v in o.iter_mut() {
+            *v *= inv;
+        }
+    })
 }
 
 /// Causal grouped-query attention in f32 for large batches (prompt

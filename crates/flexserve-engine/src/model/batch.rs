@@ -95,10 +95,18 @@ fn decode_step(
             for head in s.k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
                 ops::rope_head(&mut head[..c.rope_dim], a, neox);
             }
-            let pos = session.n_past;
-            session.kv.store(li, pos, &s.k[t * kvd..(t + 1) * kvd], &s.v[t * kvd..(t + 1) * kvd]);
-            attention(c, &session.kv, li, pos, &s.q[t * qd..(t + 1) * qd], &mut s.att[t * qd..(t + 1) * qd]);
+            session.kv.store(li, session.n_past, &s.k[t * kvd..(t + 1) * kvd], &s.v[t * kvd..(t + 1) * kvd]);
         }
+        // Every head of every session in one parallel pass (a pass per
+        // session would pay the fork and join once per session and layer).
+        let caches: Vec<(&[u16], &[u16], usize)> =
+            sessions.iter().map(|x| (x.kv.k(li), x.kv.v(li), x.n_past)).collect();
+        let q = &s.q;
+        s.att.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
+            let (t, head) = (i / c.n_head, i % c.n_head);
+            let (kc, vc, last) = caches[t];
+            attend_head(c, kc, vc, head, last, &q[i * hd..(i + 1) * hd], o);
+        });
 
         quantize_for(&mut s.acts, &s.att, qd, &layer.wo)?;
         ops::matmul(&layer.wo, &s.acts, &mut s.h, &mut s.mm)?;
