@@ -4,6 +4,7 @@ mod bench;
 mod bench_secure;
 mod bench_serve;
 mod secure;
+mod serve;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -110,7 +111,7 @@ enum Command {
     /// Print this device's public key, which its secure world generated and keeps (seal models to it with `seal --to`).
     DeviceKey,
     /// Serve models over an OpenAI-compatible HTTP API (plain models here, sealed ones in the secure world).
-    Serve(ServeArgs),
+    Serve(serve::ServeArgs),
     /// Model keys held for the secure world.
     Key {
         #[command(subcommand)]
@@ -191,61 +192,6 @@ enum Command {
         #[command(flatten)]
         secure: secure::SecureArgs,
     },
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Address to listen on (a non-loopback one needs --api-key or --insecure-no-auth).
-    #[arg(long, default_value = "127.0.0.1")]
-    host: std::net::IpAddr,
-    /// Port (0: any free port; the address is printed on stdout).
-    #[arg(long, default_value_t = 8080)]
-    port: u16,
-    /// A model to serve, as NAME=PATH (a GGUF or a sealed .fsm); repeatable.
-    #[arg(long = "model", value_parser = parse_named_model)]
-    models: Vec<(String, PathBuf)>,
-    /// Serve every .gguf and .fsm file in this folder, named after the file without its extension.
-    #[arg(long)]
-    models_dir: Option<PathBuf>,
-    /// Require `Authorization: Bearer KEY` on every endpoint but /health.
-    #[arg(long, env = "FLEXSERVE_API_KEY", hide_env_values = true, conflicts_with = "api_key_file")]
-    api_key: Option<String>,
-    /// Read the API key from this file (keeps it out of the process list).
-    #[arg(long)]
-    api_key_file: Option<PathBuf>,
-    /// Allow a non-loopback address without an API key.
-    #[arg(long)]
-    insecure_no_auth: bool,
-    /// How long an idle model stays loaded (e.g. 300, 5m, 1h; 0 unloads after each request, -1 never).
-    #[arg(long, default_value = "5m", allow_hyphen_values = true)]
-    keep_alive: String,
-    /// Load every model at start (/health answers 503 until they are loaded).
-    #[arg(long)]
-    preload: bool,
-    /// Engine threads of a plain model (0 = one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// Requests a plain model decodes together, one batched step at a time (continuous batching;
-    /// a sealed model serves one at a time for now).
-    #[arg(long, default_value_t = 4)]
-    parallel: usize,
-    /// Requests that may wait per model beyond those being served (then 503).
-    #[arg(long, default_value_t = 64)]
-    max_queue: usize,
-    /// Context of every request (0 = the model's own).
-    #[arg(long, default_value_t = 0)]
-    ctx: u32,
-    #[command(flatten)]
-    keys: KeyArgs,
-    #[command(flatten)]
-    secure: secure::SecureArgs,
-}
-
-fn parse_named_model(s: &str) -> std::result::Result<(String, PathBuf), String> {
-    match s.split_once('=') {
-        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok((name.to_string(), PathBuf::from(path))),
-        _ => Err(format!("{s:?}: expected NAME=PATH")),
-    }
 }
 
 #[derive(Subcommand)]
@@ -339,7 +285,7 @@ impl IsaArg {
 /// How to open a sealed model. Models sealed to this device (`seal --to`) and keys imported with
 /// `flexserve key import` need neither option.
 #[derive(Args, Clone)]
-struct KeyArgs {
+pub(crate) struct KeyArgs {
     /// Development mode only: a model key file for a model sealed with a key (the secure world
     /// service takes no key files; import the key once with `flexserve key import`).
     #[arg(long)]
@@ -574,7 +520,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::DeviceKey => secure::device_key(),
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve::run(args),
         Command::Key { what: KeyCommand::Import { key, name, remove } } => secure::import_key(&key, name, remove),
         Command::Seal { model, key, to, output, chunk_size, key_out, sign } => {
             seal(model, key, to, output, chunk_size, key_out, sign)
@@ -641,68 +587,8 @@ impl Loaded {
     }
 }
 
-/// `flexserve serve`: the models, how to reach the secure world, then the daemon.
-fn serve(args: ServeArgs) -> Result<()> {
-    let mut named = args.models.clone();
-    if let Some(dir) = &args.models_dir {
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-            let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
-            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-            if matches!(ext, "gguf" | "fsm") {
-                let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                found.push((name, path));
-            }
-        }
-        found.sort();
-        named.extend(found);
-    }
-    let mut models = Vec::new();
-    for (name, path) in named {
-        if models.iter().any(|(n, _, _): &(String, PathBuf, flexserve_server::Kind)| *n == name) {
-            bail!("model name {name:?} is given twice");
-        }
-        let kind = if is_sealed(&path)? { flexserve_server::Kind::Sealed } else { flexserve_server::Kind::Plain };
-        models.push((name, path, kind));
-    }
-    let api_key = match (&args.api_key, &args.api_key_file) {
-        (Some(k), _) => Some(k.clone()),
-        (None, Some(f)) => {
-            let key = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            Some(key.trim().to_string())
-        }
-        (None, None) => None,
-    };
-    if api_key.as_deref() == Some("") {
-        bail!("the API key is empty");
-    }
-    let keep_alive = match flexserve_server::api::parse_duration(&args.keep_alive) {
-        Some(s) if s < 0.0 => None,
-        Some(s) => Some(std::time::Duration::from_secs_f64(s)),
-        None => bail!("--keep-alive {:?}: expected e.g. 300, 5m, 1h, 0 or -1", args.keep_alive),
-    };
-    let (keys, secure_args, threads) = (args.keys.clone(), args.secure.clone(), args.threads);
-    let connect: flexserve_server::SessionFactory =
-        Arc::new(move || secure::connect(&keys, &secure_args, threads).map_err(|e| format!("{e:#}")));
-    flexserve_server::run(flexserve_server::ServeConfig {
-        host: args.host,
-        port: args.port,
-        models,
-        api_key,
-        insecure_no_auth: args.insecure_no_auth,
-        keep_alive,
-        preload: args.preload,
-        threads: args.threads,
-        parallel: args.parallel,
-        max_queue: args.max_queue,
-        ctx: args.ctx,
-        connect,
-    })
-    .map_err(|e| anyhow::anyhow!(e))
-}
-
 /// Whether `path` is a sealed model (by its magic).
-fn is_sealed(path: &Path) -> Result<bool> {
+pub(crate) fn is_sealed(path: &Path) -> Result<bool> {
     use std::io::Read;
     let mut magic = [0u8; 8];
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;

@@ -353,3 +353,45 @@ fn sigterm_stops_the_daemon_cleanly() {
     let log = std::fs::read_to_string(&server.log).unwrap();
     assert!(log.contains("flexserve serve: stopped") && !log.contains("panicked"), "{log}");
 }
+
+#[test]
+fn a_config_file_names_the_models_and_settings_and_options_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("api.key"), format!("{KEY}\n")).unwrap();
+    std::os::unix::fs::symlink(model(), dir.path().join("smol.gguf")).unwrap();
+    let config = dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        "port = 1\nkeep_alive = \"-1\"\napi_key_file = \"api.key\"\n[models]\nsmol = \"smol.gguf\"\n",
+    )
+    .unwrap();
+    // --port 0 overrides the file's port 1 (which could not be bound).
+    let mut child = flexserve(dir.path())
+        .args(["serve", "--port", "0", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("printed {line:?}")).to_string();
+    let get = |key: &str| {
+        ok(Command::new("curl")
+            .args(["-sS", "-w", "\n%{http_code}", "-H", &format!("Authorization: Bearer {key}")])
+            .arg(format!("{url}/v1/models"))
+            .output()
+            .unwrap())
+    };
+    let listed = get(KEY);
+    assert!(listed.ends_with("\n200") && listed.contains("\"id\":\"smol\""), "{listed}");
+    assert!(get("wrong").ends_with("\n401"), "the key file's key is required");
+    // SAFETY: kill sends SIGTERM to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+
+    std::fs::write(&config, "colour = \"blue\"\n").unwrap();
+    let o = flexserve(dir.path()).args(["serve", "--config"]).arg(&config).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("serve.toml") && e.contains("colour"), "{e}");
+}

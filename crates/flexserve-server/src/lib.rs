@@ -32,6 +32,16 @@ use crate::api::{ApiError, ErrorKind};
 use crate::registry::{BackendSettings, KeepAlive, Registry};
 pub use crate::worker::{Kind, SessionFactory};
 
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_HOST: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+pub const DEFAULT_PORT: u16 = 8080;
+/// How long an idle model stays loaded unless told otherwise.
+pub const DEFAULT_KEEP_ALIVE: &str = "5m";
+/// Requests a plain model decodes together unless told otherwise.
+pub const DEFAULT_PARALLEL: usize = 4;
+/// Requests that may wait per model unless told otherwise.
+pub const DEFAULT_MAX_QUEUE: usize = 64;
+
 /// How long in-flight requests may run on after SIGTERM/SIGINT.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often idle models are checked against their keep-alive.
