@@ -57,6 +57,11 @@ pub struct ServeArgs {
     /// Context of every request (0 = the model's own).
     #[arg(long)]
     ctx: Option<u32>,
+    /// Secure memory to grant and prepare at start, ahead of need (e.g. 256M): sealed models then
+    /// load into prepared granules instead of protecting memory at request time. Shared by every
+    /// session of the secure world service; a development secure world (--dev) cannot share it.
+    #[arg(long, value_parser = secure::parse_bytes)]
+    secure_reserve: Option<u64>,
     #[command(flatten)]
     keys: KeyArgs,
     #[command(flatten)]
@@ -107,6 +112,8 @@ struct ConfigFile {
     parallel: Option<usize>,
     max_queue: Option<usize>,
     ctx: Option<u32>,
+    /// e.g. "256M".
+    secure_reserve: Option<String>,
 }
 
 /// Largest config file read.
@@ -191,6 +198,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         None => bail!("keep-alive {keep_alive_text:?}: expected e.g. 300, 5m, 1h, 0 or -1"),
     };
     let threads = args.threads.or(file.threads).unwrap_or(0);
+    let secure_reserve = match (args.secure_reserve, &file.secure_reserve) {
+        (Some(b), _) => b,
+        (None, Some(text)) => secure::parse_bytes(text).map_err(|e| anyhow::anyhow!("secure_reserve: {e}"))?,
+        (None, None) => 0,
+    };
     let (keys, secure_args) = (args.keys.clone(), args.secure.clone());
     let connect: flexserve_server::SessionFactory =
         Arc::new(move || secure::connect(&keys, &secure_args, threads).map_err(|e| format!("{e:#}")));
@@ -206,6 +218,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         parallel: args.parallel.or(file.parallel).unwrap_or(flexserve_server::DEFAULT_PARALLEL),
         max_queue: args.max_queue.or(file.max_queue).unwrap_or(flexserve_server::DEFAULT_MAX_QUEUE),
         ctx: args.ctx.or(file.ctx).unwrap_or(0),
+        secure_reserve,
         connect,
     })
     .map_err(|e| anyhow::anyhow!(e))

@@ -421,3 +421,74 @@ fn a_peer_that_leaves_mid_generation_stops_it_and_the_service_serves_on() {
     let log = BufReader::new(std::fs::File::open(&service.log).unwrap());
     assert!(log.lines().all(|l| !l.unwrap().contains("panicked")));
 }
+
+/// Flex-Mem's reserve through the daemon: `flexserve serve --secure-reserve`
+/// has the secure world prepare granules at start; a sealed model then loads
+/// into them (no granule is granted at load time), and stopping the daemon
+/// gives them back.
+#[test]
+fn a_daemon_reserve_is_prepared_ahead_and_sealed_models_load_into_it() {
+    if !accounts() {
+        return;
+    }
+    let service = Service::start();
+    let user = NORMAL_USER;
+    let plain = model_for(&service, user);
+    let public = ok(service.run(user, &["device-key"])).trim().to_string();
+    let sealed = service.home(user).join("m.fsm");
+    ok(service
+        .run(user, &["seal", "--model", plain.to_str().unwrap(), "--to", &public, "-o", sealed.to_str().unwrap()]));
+    let granted = || -> u64 {
+        let s: serde_json::Value = serde_json::from_str(ok(service.run(user, &["status", "--json"])).trim()).unwrap();
+        s["granted"].as_u64().unwrap()
+    };
+    assert_eq!(granted(), 0);
+
+    let mut daemon = service
+        .flexserve(user, &["serve", "--port", "0", "--secure-reserve", "160M"])
+        .arg("--model")
+        .arg(format!("sealed={}", sealed.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(daemon.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    let curl = |method: &str, path: &str, body: Option<&str>| -> String {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-X", method, "-H", "Content-Type: application/json"]);
+        if let Some(b) = body {
+            c.args(["--data-binary", b]);
+        }
+        ok(c.arg(format!("{url}{path}")).output().unwrap())
+    };
+    let t0 = Instant::now();
+    while !curl("GET", "/health", None).contains("\"ok\"") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the reserve was not prepared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status: serde_json::Value = serde_json::from_str(&curl("GET", "/status", None)).unwrap();
+    let reserve = status["secure_reserve"]["granules"].as_u64().unwrap();
+    assert_eq!(reserve, 640, "160 MiB of 256 KiB granules: {status}");
+    assert_eq!(granted(), reserve);
+
+    // The model loads into the reserve: the pool grows by nothing.
+    curl("POST", "/models/load", Some(r#"{"model":"sealed"}"#));
+    assert_eq!(granted(), reserve, "loading the sealed model granted memory beyond the reserve");
+    let answer = curl(
+        "POST",
+        "/v1/chat/completions",
+        Some(r#"{"model":"sealed","messages":[{"role":"user","content":"Hi"}],"max_tokens":4,"temperature":0}"#),
+    );
+    assert!(answer.contains("chat.completion"), "{answer}");
+
+    // SAFETY: kill sends SIGTERM to our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    assert!(daemon.wait().unwrap().success());
+    let t0 = Instant::now();
+    while granted() != 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the reserve was not given back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -131,7 +131,7 @@ fn run_service(args: Args, state_dir: PathBuf) -> ! {
     let posture = state::posture(Deployment::Service, pool.protection().name());
     let max_memory = memory_limit(policy.memory_limit);
     let threads = thread_count(policy.threads);
-    let principal = Arc::new(Principal { keys, policy, posture });
+    let principal = Arc::new(Principal::new(keys, policy, posture));
     service::install_stop_handlers().unwrap_or_else(|e| fail(&e));
     // SAFETY: the launcher passed this descriptor, a bound and listening
     // socket, for exactly this use; nothing else in this process owns it.
@@ -188,7 +188,7 @@ fn run_development(args: Args, state_dir: PathBuf) -> ! {
     let shared = SharedBuffer::from_fd(shared).unwrap_or_else(|e| fail(&format!("shared buffer: {e}")));
     let channel = SocketChannel::new(socket, shared).unwrap_or_else(|e| fail(&format!("channel: {e}")));
     harden::install_seccomp().unwrap_or_else(|e| fail(&e));
-    let principal = Arc::new(Principal { keys, policy, posture });
+    let principal = Arc::new(Principal::new(keys, policy, posture));
     let mut world = SecureWorld::new(pool, channel, CpuCompute { threads }, principal, heap_probe(), max_memory);
     let exit = world.run();
     drop(world);

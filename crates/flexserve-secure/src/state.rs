@@ -24,6 +24,17 @@ pub struct Principal {
     pub keys: KeyStore,
     pub policy: Policy,
     pub posture: Posture,
+    /// Granules the live sessions have granted and not had back. Granules
+    /// of the pool beyond this belong to no one: a session that ends gives
+    /// back as many of them as are free (its own, and any another session
+    /// left in use when it ended).
+    pub grants: std::sync::atomic::AtomicUsize,
+}
+
+impl Principal {
+    pub fn new(keys: KeyStore, policy: Policy, posture: Posture) -> Principal {
+        Principal { keys, policy, posture, grants: std::sync::atomic::AtomicUsize::new(0) }
+    }
 }
 
 /// How well this machine protects the secure world, for `status`.

@@ -204,6 +204,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 let t0 = Instant::now();
                 let prepared = self.memory.grant(granules as usize).map_err(|e| (ErrorCode::NoMemory, e))?;
                 self.granted_here += granules as usize;
+                self.principal.grants.fetch_add(granules as usize, Ordering::Relaxed);
                 let granted = self.memory.stats().granted as u32;
                 Ok(Reply::Granted { granted, prepared: prepared as u32, micros: t0.elapsed().as_micros() as u64 })
             }
@@ -346,7 +347,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
     fn recall(&mut self, wanted: usize) -> Reply {
         let reply = self.recall_in_full(wanted);
         if let Reply::Recalled { released, .. } = reply {
-            self.granted_here = self.granted_here.saturating_sub(released as usize);
+            give_back(&mut self.granted_here, &self.principal, released as usize);
         }
         reply
     }
@@ -431,8 +432,19 @@ impl<M: SecureMemory, C: Channel, X: Compute> Drop for SecureWorld<M, C, X> {
     fn drop(&mut self) {
         self.models.clear();
         self.session_keys.clear();
-        self.memory.release(self.granted_here);
+        let all = self.granted_here;
+        give_back(&mut self.granted_here, &self.principal, all);
+        let owned = self.principal.grants.load(Ordering::Relaxed);
+        let unowned = self.memory.stats().granted.saturating_sub(owned);
+        self.memory.release(unowned);
     }
+}
+
+/// Notes `granules` of a session's grants (`granted_here`) as returned.
+fn give_back(granted_here: &mut usize, principal: &Principal, granules: usize) {
+    let n = granules.min(*granted_here);
+    *granted_here -= n;
+    let _ = principal.grants.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |g| Some(g.saturating_sub(n)));
 }
 
 /// `N` bytes from exactly `2 * N` hex digits, wiped when dropped.

@@ -388,7 +388,8 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Json<Value> {
             Err(e) => json!({"model": name, "error": e}),
         })
         .collect();
-    Json(json!({"models": models, "secure_world": secure}))
+    let reserve = state.reserve_figures().map(|(granules, ms)| json!({"granules": granules, "prepared_ms": ms}));
+    Json(json!({"models": models, "secure_world": secure, "secure_reserve": reserve}))
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -19,8 +19,8 @@ pub mod worker;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::Next;
@@ -64,6 +64,11 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// Context of every request (0: the model's own).
     pub ctx: u32,
+    /// Secure memory (bytes) granted and prepared at start, ahead of need:
+    /// sealed models load into it instead of protecting memory at request
+    /// time (Flex-Mem's reserve; it takes effect with the secure world
+    /// service, whose pool all sessions share). 0: none.
+    pub secure_reserve: u64,
     pub connect: SessionFactory,
 }
 
@@ -75,6 +80,17 @@ pub struct AppState {
     /// False while models preload (`/health` answers 503).
     ready: AtomicBool,
     next_id: AtomicU64,
+    /// The session that holds the reserve (granted granules nobody uses yet).
+    reserve: Mutex<Option<Reserve>>,
+}
+
+/// Granted secure memory held ahead of need, and the session that granted it.
+struct Reserve {
+    /// Held for the daemon's life: dropping it ends the session, and the
+    /// secure world scrubs and releases what it granted.
+    _session: flexserve_normal::SecureWorld,
+    granules: u64,
+    took: Duration,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Prints `listening on http://ADDR`
@@ -109,8 +125,9 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
         metrics: metrics::Metrics::default(),
         api_key: config.api_key.clone(),
         ctx: config.ctx,
-        ready: AtomicBool::new(!config.preload),
+        ready: AtomicBool::new(!config.preload && config.secure_reserve == 0),
         next_id: AtomicU64::new(1),
+        reserve: Mutex::new(None),
     });
     let addr = SocketAddr::new(config.host, config.port);
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("binding {addr}: {e}"))?;
@@ -123,9 +140,28 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
             if *kind == Kind::Sealed { "sealed" } else { "plain" }
         );
     }
-    if config.preload {
+    if config.preload || config.secure_reserve > 0 {
         let s = state.clone();
+        let (reserve_bytes, preload, connect) = (config.secure_reserve, config.preload, config.connect.clone());
         tokio::spawn(async move {
+            if reserve_bytes > 0 {
+                match tokio::task::spawn_blocking(move || grant_reserve(&connect, reserve_bytes)).await {
+                    Ok(Ok(r)) => {
+                        eprintln!(
+                            "flexserve serve: secure reserve of {} granules prepared in {:.0} ms",
+                            r.granules,
+                            r.took.as_secs_f64() * 1e3
+                        );
+                        *s.reserve.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r);
+                    }
+                    Ok(Err(e)) => eprintln!("flexserve serve: no secure reserve: {e}"),
+                    Err(e) => eprintln!("flexserve serve: no secure reserve: {e}"),
+                }
+            }
+            if !preload {
+                s.ready.store(true, Ordering::SeqCst);
+                return;
+            }
             for entry in s.registry.models.values() {
                 if let Err(e) = s.registry.lease(entry, None, &s.metrics).await {
                     eprintln!("flexserve serve: preloading {}: {e}", entry.name);
@@ -163,10 +199,31 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
     for entry in state.registry.models.values() {
         state.registry.unload(entry).await;
     }
+    // The reserve's session ends: the secure world scrubs and releases what it granted.
+    let reserve = state.reserve.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    drop(reserve);
     // Unloading ends the secure world sessions (each scrubbed by the secure world).
     tokio::time::sleep(Duration::from_millis(100)).await;
     eprintln!("flexserve serve: stopped");
     Ok(())
+}
+
+/// Opens a session that grants `bytes` of secure memory and keeps it:
+/// the secure world prepares the granules now, before any request.
+fn grant_reserve(connect: &SessionFactory, bytes: u64) -> Result<Reserve, String> {
+    let t0 = Instant::now();
+    let mut world = connect()?;
+    let granules = bytes.div_ceil(world.info().granule_size.max(1));
+    let granted = world.grant(granules).map_err(|e| format!("granting {granules} granules: {e}"))?;
+    Ok(Reserve { _session: world, granules: granted, took: t0.elapsed() })
+}
+
+impl AppState {
+    /// The reserve's figures for /status: (granules, milliseconds it took).
+    fn reserve_figures(&self) -> Option<(u64, f64)> {
+        let r = self.reserve.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.as_ref().map(|r| (r.granules, r.took.as_secs_f64() * 1e3))
+    }
 }
 
 fn router(state: Arc<AppState>) -> Router {

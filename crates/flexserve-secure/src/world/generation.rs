@@ -179,7 +179,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             &mut between_layers,
         );
         ids.zeroize();
-        self.granted_here = self.granted_here.saturating_sub(recalled.into_inner());
+        give_back(&mut self.granted_here, &self.principal, recalled.into_inner());
         let (session, history) = generator.into_parts();
         conv.state = Some(session.into_state());
         conv.history = history;
