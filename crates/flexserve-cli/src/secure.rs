@@ -431,7 +431,7 @@ pub fn chat(
         return Ok(());
     }
     listen_for_recalls(&mut world);
-    let interactive = crate::is_terminal_stdin();
+    let interactive = crate::plain::is_terminal_stdin();
     let turns = turn_reader();
     loop {
         if interactive {
@@ -478,7 +478,7 @@ pub fn chat(
 fn turn_reader() -> std::sync::mpsc::Receiver<Result<Option<String>>> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || loop {
-        let line = crate::read_turn(false);
+        let line = crate::plain::read_turn(false);
         let last = !matches!(line, Ok(Some(_)));
         if tx.send(line).is_err() || last {
             return;

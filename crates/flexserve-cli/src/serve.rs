@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::{is_sealed, secure, KeyArgs};
+use crate::plain::is_sealed;
+use crate::{secure, KeyArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
