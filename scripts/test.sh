@@ -10,9 +10,10 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 scripts/fetch-model.sh >/dev/null
 # The HTTP API is tested with the clients its users use: the openai package and curl.
-if ! python3 -c "import openai" >/dev/null 2>&1; then
-  echo "== installing the openai Python package (for the HTTP API tests)"
-  python3 -m pip install --quiet --disable-pip-version-check openai
+# The identity report is verified outside FlexServe's code, with `cryptography`.
+if ! python3 -c "import openai, cryptography" >/dev/null 2>&1; then
+  echo "== installing the openai and cryptography Python packages (for the HTTP API and identity tests)"
+  python3 -m pip install --quiet --disable-pip-version-check openai cryptography
 fi
 command -v curl >/dev/null 2>&1 || { echo "test: curl is missing (apt-get install curl)" >&2; exit 1; }
 echo "== cargo fmt --check"

@@ -113,6 +113,16 @@ enum Command {
     DeviceKey,
     /// Serve models over an OpenAI-compatible HTTP API (plain models here, sealed ones in the secure world).
     Serve(serve::ServeArgs),
+    /// The secure world's identity report, its signature checked and its identity key pinned
+    /// (the first time, in $FLEXSERVE_HOME/secure-world.pin; a different key later is refused).
+    Identity {
+        /// Print one JSON object: the report, its signature, and what was checked.
+        #[arg(long)]
+        json: bool,
+        /// The identity key (Ed25519, hex) to expect, given out of band, instead of the pinned one.
+        #[arg(long)]
+        expect: Option<String>,
+    },
     /// Model keys held for the secure world.
     Key {
         #[command(subcommand)]
@@ -521,6 +531,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::DeviceKey => secure::device_key(),
+        Command::Identity { json, expect } => secure::identity(json, expect),
         Command::Serve(args) => serve::run(args),
         Command::Key { what: KeyCommand::Import { key, name, remove } } => secure::import_key(&key, name, remove),
         Command::Seal { model, key, to, output, chunk_size, key_out, sign } => {

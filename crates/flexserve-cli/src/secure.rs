@@ -177,6 +177,91 @@ pub fn device_key() -> Result<()> {
     Ok(())
 }
 
+/// `flexserve identity`: the report, its signature checked against the key
+/// it names, and that key compared with the pinned one (or `expect`).
+pub fn identity(json: bool, expect: Option<String>) -> Result<()> {
+    let mut world = connect(&KeyArgs { key: None, vendor_pubkey: None }, &SecureArgs::plain(), 1)?;
+    let (report, signature) = world.identity()?;
+    let checked = check_identity(&report, &signature, expect.as_deref())?;
+    if json {
+        let parsed: serde_json::Value = serde_json::from_str(&report)?;
+        println!(
+            "{}",
+            serde_json::json!({"report": parsed, "report_text": report, "signature": signature, "verified": true, "pinned": checked.pin_note})
+        );
+    } else {
+        let r: serde_json::Value = serde_json::from_str(&report)?;
+        println!("secure world identity {} ({})", checked.key, checked.pin_note);
+        for field in [
+            "deployment",
+            "vouched_for_by",
+            "uid",
+            "protection",
+            "executable_sha256",
+            "device_key",
+            "identity_x25519",
+            "protocol_version",
+            "boot_id",
+            "counter",
+            "timestamp",
+        ] {
+            println!("  {field}: {}", r[field].as_str().map_or_else(|| r[field].to_string(), str::to_string));
+        }
+        for line in r["policy"].as_array().into_iter().flatten() {
+            println!("  policy: {}", line.as_str().unwrap_or_default());
+        }
+        for line in r["warnings"].as_array().into_iter().flatten() {
+            println!("  warning: {}", line.as_str().unwrap_or_default());
+        }
+        println!("  signature: {signature} (verified)");
+    }
+    Ok(())
+}
+
+/// What checking a report established.
+struct CheckedIdentity {
+    key: String,
+    pin_note: String,
+}
+
+/// Verifies the report's signature with the key it names, then holds that
+/// key against `expect`, or the pin (pinning it the first time).
+fn check_identity(report: &str, signature: &str, expect: Option<&str>) -> Result<CheckedIdentity> {
+    let r: serde_json::Value = serde_json::from_str(report).context("the identity report is not JSON")?;
+    if r["format"] != flexserve_protocol::IDENTITY_REPORT_FORMAT {
+        bail!(
+            "the identity report's format is {}, expected {}",
+            r["format"],
+            flexserve_protocol::IDENTITY_REPORT_FORMAT
+        );
+    }
+    let key = r["identity_ed25519"].as_str().context("the identity report names no identity key")?.to_string();
+    flexserve_sealed::verify_identity_signature(&key, report.as_bytes(), signature)?;
+    let pin_path = flexserve_normal::flexserve_home()?.join("secure-world.pin");
+    let pin_note = match expect {
+        Some(e) if e.trim() != key => bail!("the secure world's identity key is {key}, not the expected {}", e.trim()),
+        Some(_) => "as expected".to_string(),
+        None => match std::fs::read_to_string(&pin_path) {
+            Ok(pinned) if pinned.trim() == key => format!("matches the key pinned in {}", pin_path.display()),
+            Ok(pinned) => bail!(
+                "the secure world's identity key changed: {} is pinned in {}, this one is {key}; refusing it \
+                 (remove the pin file only if its device key was replaced on purpose)",
+                pinned.trim(),
+                pin_path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = pin_path.parent() {
+                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                }
+                write_private(&pin_path, format!("{key}\n").as_bytes())?;
+                format!("first use: pinned in {}", pin_path.display())
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", pin_path.display())),
+        },
+    };
+    Ok(CheckedIdentity { key, pin_note })
+}
+
 /// `flexserve key import`: the secure world seals the key under its device
 /// key; only that sealed form is written (mode 0600, atomically).
 pub fn import_key(key_file: &Path, name: Option<String>, remove: bool) -> Result<()> {

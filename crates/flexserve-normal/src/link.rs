@@ -130,6 +130,14 @@ impl SecureWorld {
         }
     }
 
+    /// The secure world's identity report (JSON) and its signature (hex).
+    pub fn identity(&mut self) -> Result<(String, String)> {
+        match self.call(&Request::Identity)? {
+            Reply::Identity { report, signature } => Ok((report, signature)),
+            other => Err(unexpected("Identity", &other)),
+        }
+    }
+
     /// Hands a stored key (from [`SecureWorld::import_key`]) to this session.
     pub fn add_stored_key(&mut self, stored_hex: String) -> Result<()> {
         match self.call(&Request::AddStoredKey { stored: stored_hex })? {

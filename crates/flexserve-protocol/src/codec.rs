@@ -38,7 +38,8 @@
 //! | `DevicePublicKey` | 0x0d | `MemoryNeeded`| 0x8d |
 //! | `ImportKey`       | 0x0e | `DevicePublicKey` | 0x8e |
 //! | `AddStoredKey`    | 0x0f | `KeyImported` | 0x8f |
-//! | `Cancel`          | 0x10 |               |      |
+//! | `Cancel`          | 0x10 | `Identity`    | 0x90 |
+//! | `Identity`        | 0x11 |               |      |
 //!
 //! Requests and replies use disjoint tags so that a message sent the wrong way
 //! is rejected at once.
@@ -134,6 +135,7 @@ mod tag {
     pub const REQ_IMPORT_KEY: u8 = 0x0e;
     pub const REQ_ADD_STORED_KEY: u8 = 0x0f;
     pub const REQ_CANCEL: u8 = 0x10;
+    pub const REQ_IDENTITY: u8 = 0x11;
 
     pub const REP_HELLO: u8 = 0x81;
     pub const REP_MODEL_OPENED: u8 = 0x82;
@@ -150,6 +152,7 @@ mod tag {
     pub const REP_MEMORY_NEEDED: u8 = 0x8d;
     pub const REP_DEVICE_PUBLIC_KEY: u8 = 0x8e;
     pub const REP_KEY_IMPORTED: u8 = 0x8f;
+    pub const REP_IDENTITY: u8 = 0x90;
 
     pub const INPUT_RAW: u8 = 0;
     pub const INPUT_CHAT_TURN: u8 = 1;
@@ -236,6 +239,7 @@ impl Request {
             Request::ImportKey { .. } => "Request::ImportKey",
             Request::AddStoredKey { .. } => "Request::AddStoredKey",
             Request::Cancel => "Request::Cancel",
+            Request::Identity => "Request::Identity",
         }
     }
 }
@@ -259,6 +263,7 @@ impl Reply {
             Reply::MemoryNeeded { .. } => "Reply::MemoryNeeded",
             Reply::DevicePublicKey { .. } => "Reply::DevicePublicKey",
             Reply::KeyImported { .. } => "Reply::KeyImported",
+            Reply::Identity { .. } => "Reply::Identity",
         }
     }
 }
@@ -423,6 +428,7 @@ impl Encoder {
                 self.string(stored, &"Request::AddStoredKey.stored")?;
             }
             Request::Cancel => self.u8(tag::REQ_CANCEL),
+            Request::Identity => self.u8(tag::REQ_IDENTITY),
         }
         Ok(())
     }
@@ -543,6 +549,11 @@ impl Encoder {
             Reply::KeyImported { stored } => {
                 self.u8(tag::REP_KEY_IMPORTED);
                 self.string(stored, &"Reply::KeyImported.stored")?;
+            }
+            Reply::Identity { report, signature } => {
+                self.u8(tag::REP_IDENTITY);
+                self.string(report, &"Reply::Identity.report")?;
+                self.string(signature, &"Reply::Identity.signature")?;
             }
         }
         Ok(())
@@ -758,6 +769,7 @@ impl<'a> Decoder<'a> {
             tag::REQ_IMPORT_KEY => Request::ImportKey { key: self.string(&"Request::ImportKey.key")? },
             tag::REQ_ADD_STORED_KEY => Request::AddStoredKey { stored: self.string(&"Request::AddStoredKey.stored")? },
             tag::REQ_CANCEL => Request::Cancel,
+            tag::REQ_IDENTITY => Request::Identity,
             other => return Err(malformed(format!("unknown Request tag {other:#04x}"))),
         };
         Ok(request)
@@ -861,6 +873,10 @@ impl<'a> Decoder<'a> {
             tag::REP_MEMORY_NEEDED => Reply::MemoryNeeded { granules: self.u32(&"Reply::MemoryNeeded.granules")? },
             tag::REP_DEVICE_PUBLIC_KEY => Reply::DevicePublicKey { key: self.string(&"Reply::DevicePublicKey.key")? },
             tag::REP_KEY_IMPORTED => Reply::KeyImported { stored: self.string(&"Reply::KeyImported.stored")? },
+            tag::REP_IDENTITY => Reply::Identity {
+                report: self.string(&"Reply::Identity.report")?,
+                signature: self.string(&"Reply::Identity.signature")?,
+            },
             other => return Err(malformed(format!("unknown Reply tag {other:#04x}"))),
         };
         Ok(reply)

@@ -21,7 +21,9 @@ pub use codec::{
 pub use shared::{RangeError, SharedBuffer};
 
 /// Version of this command set; both sides must agree (see [`Request::Hello`]).
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The format name of the secure world's identity report ([`Reply::Identity`]).
+pub const IDENTITY_REPORT_FORMAT: &str = "flexserve-identity-report-1";
 /// Largest frame (one message) either side accepts.
 pub const MAX_FRAME_LEN: usize = 4 << 20;
 /// Largest string in a message (prompts, pieces of text, names, error messages).
@@ -122,6 +124,8 @@ pub enum Request {
     /// Stop the running generation at its next layer or token: it then ends
     /// with `Error{Cancelled}`. Answered `Ok` at once (also when nothing runs).
     Cancel,
+    /// The secure world's identity report, signed by its identity key.
+    Identity,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -237,6 +241,11 @@ pub enum Reply {
     },
     KeyImported {
         stored: String,
+    },
+    /// A JSON document and the hex Ed25519 signature of exactly its bytes.
+    Identity {
+        report: String,
+        signature: String,
     },
 }
 

@@ -82,6 +82,7 @@ fn all_requests() -> Vec<Request> {
         Request::ImportKey { key: "00".repeat(32) },
         Request::AddStoredKey { stored: "ff".repeat(68) },
         Request::Cancel,
+        Request::Identity,
         generate(
             Input::Messages {
                 messages: vec![
@@ -202,6 +203,7 @@ fn all_replies() -> Vec<Reply> {
         Reply::MemoryNeeded { granules: 17 },
         Reply::DevicePublicKey { key: "ab".repeat(32) },
         Reply::KeyImported { stored: "cd".repeat(68) },
+        Reply::Identity { report: "{\"a\":1}".into(), signature: "ef".repeat(64) },
         Reply::Error { code: ErrorCode::Malformed, message: "bad".into() },
         Reply::Error { code: ErrorCode::OutOfOrder, message: String::new() },
         Reply::Error { code: ErrorCode::Version, message: "v".into() },

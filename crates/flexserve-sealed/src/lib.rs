@@ -19,6 +19,7 @@
 mod device;
 mod error;
 mod format;
+mod identity;
 mod key;
 mod model;
 mod seal;
@@ -32,6 +33,7 @@ pub use format::{
     FLAG_VENDOR_SIGNED, FORMAT_VERSION, HEADER_TAG_LEN, KEY_WRAP_LEN, MAGIC, MAX_CHUNK_SIZE, MAX_PREFIX_LEN,
     MIN_CHUNK_SIZE, PREAMBLE_LEN,
 };
+pub use identity::{verify_identity_signature, Identity};
 pub use key::{decode_hex, encode_hex, ModelKey, MODEL_KEY_LEN};
 pub use model::SealedModel;
 pub use seal::{seal_file, seal_file_signed, unseal_to_gguf_bytes, SealOptions, SealReport};

@@ -18,6 +18,7 @@
 //! - [`world`]: the command loop of the world-boundary protocol.
 
 pub mod harden;
+pub mod identity;
 pub mod models;
 pub mod platform;
 pub mod policy;

@@ -16,7 +16,7 @@ use flexserve_secure::harden;
 use flexserve_secure::platform::{CpuCompute, KeyStore, SocketChannel};
 use flexserve_secure::policy::{Policy, RequiredProtection};
 use flexserve_secure::service::{self, Admission, ServiceParts};
-use flexserve_secure::state::{self, Principal};
+use flexserve_secure::state::{self, IdentityFacts, Principal};
 use flexserve_secure::world::{Exit, HeapFigures, HeapProbe, SecureWorld};
 use flexserve_secure_mem::{GranulePool, PoolConfig, ProtectionPolicy, SecureHeap};
 
@@ -127,11 +127,12 @@ fn run_service(args: Args, state_dir: PathBuf) -> ! {
     }
     let policy = state.policy.clone();
     let pool = make_pool(&policy, None, false, &state_dir).unwrap_or_else(|e| fail(&e));
+    let identity = IdentityFacts::read(&state.device).unwrap_or_else(|e| fail(&e));
     let keys = KeyStore { device: Some(state.device), model_keys: Vec::new(), vendor: policy.vendor_key };
     let posture = state::posture(Deployment::Service, pool.protection().name());
     let max_memory = memory_limit(policy.memory_limit);
     let threads = thread_count(policy.threads);
-    let principal = Arc::new(Principal::new(keys, policy, posture));
+    let principal = Arc::new(Principal::new(keys, policy, posture, identity));
     service::install_stop_handlers().unwrap_or_else(|e| fail(&e));
     // SAFETY: the launcher passed this descriptor, a bound and listening
     // socket, for exactly this use; nothing else in this process owns it.
@@ -178,6 +179,7 @@ fn run_development(args: Args, state_dir: PathBuf) -> ! {
     let _ = flexserve_secure_mem::raise_memlock_limit();
     harden::raise_fd_limit();
     let pool = make_pool(&policy, args.carve_out_bytes, args.locked_memory, &state_dir).unwrap_or_else(|e| fail(&e));
+    let identity = IdentityFacts::read(&state.device).unwrap_or_else(|e| fail(&e));
     let keys = KeyStore { device: Some(state.device), model_keys, vendor: policy.vendor_key };
     let posture = state::posture(Deployment::Development, pool.protection().name());
     let max_memory = memory_limit(policy.memory_limit);
@@ -188,7 +190,7 @@ fn run_development(args: Args, state_dir: PathBuf) -> ! {
     let shared = SharedBuffer::from_fd(shared).unwrap_or_else(|e| fail(&format!("shared buffer: {e}")));
     let channel = SocketChannel::new(socket, shared).unwrap_or_else(|e| fail(&format!("channel: {e}")));
     harden::install_seccomp().unwrap_or_else(|e| fail(&e));
-    let principal = Arc::new(Principal::new(keys, policy, posture));
+    let principal = Arc::new(Principal::new(keys, policy, posture, identity));
     let mut world = SecureWorld::new(pool, channel, CpuCompute { threads }, principal, heap_probe(), max_memory);
     let exit = world.run();
     drop(world);

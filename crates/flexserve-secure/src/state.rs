@@ -29,12 +29,48 @@ pub struct Principal {
     /// back as many of them as are free (its own, and any another session
     /// left in use when it ended).
     pub grants: std::sync::atomic::AtomicUsize,
+    /// Who this secure world is, for its identity report.
+    pub identity: IdentityFacts,
+}
+
+/// What the identity report says of this secure world beyond its policy.
+pub struct IdentityFacts {
+    /// Key pairs derived from the device key.
+    pub keys: flexserve_sealed::Identity,
+    /// SHA-256 of this process's executable, read at start (hex).
+    pub executable_sha256: String,
+    /// Random, new at every start (hex): with `counter`, orders reports.
+    pub boot_id: String,
+    pub counter: std::sync::atomic::AtomicU64,
 }
 
 impl Principal {
-    pub fn new(keys: KeyStore, policy: Policy, posture: Posture) -> Principal {
-        Principal { keys, policy, posture, grants: std::sync::atomic::AtomicUsize::new(0) }
+    pub fn new(keys: KeyStore, policy: Policy, posture: Posture, identity: IdentityFacts) -> Principal {
+        Principal { keys, policy, posture, grants: std::sync::atomic::AtomicUsize::new(0), identity }
     }
+}
+
+impl IdentityFacts {
+    /// The identity of the secure world holding `device`, and its executable's digest (read now,
+    /// before the seccomp filter forbids opening files).
+    pub fn read(device: &flexserve_sealed::DeviceSecretKey) -> Result<IdentityFacts, String> {
+        let keys = flexserve_sealed::Identity::of_device(device).map_err(|e| format!("identity keys: {e}"))?;
+        let exe = fs::read("/proc/self/exe").map_err(|e| format!("reading this executable: {e}"))?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, &exe);
+        let mut boot = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut boot)
+            .map_err(|_| "the random source failed".to_string())?;
+        Ok(IdentityFacts {
+            keys,
+            executable_sha256: hex(digest.as_ref()),
+            boot_id: hex(&boot),
+            counter: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(&flexserve_sealed::encode_hex(bytes)).into_owned()
 }
 
 /// How well this machine protects the secure world, for `status`.

@@ -236,6 +236,10 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             Request::Recall { granules } => Ok(self.recall(granules as usize)),
             // Nothing runs between requests: nothing to stop.
             Request::Cancel => Ok(Reply::Ok),
+            Request::Identity => {
+                let (report, signature) = crate::identity::report(&self.principal, self.memory.protection());
+                Ok(Reply::Identity { report, signature })
+            }
             Request::DevicePublicKey => match &self.principal.keys.device {
                 Some(device) => Ok(Reply::DevicePublicKey { key: device.public_key().to_hex() }),
                 None => Err((ErrorCode::Verification, "this secure world holds no device key".to_string())),

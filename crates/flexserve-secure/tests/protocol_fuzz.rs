@@ -453,7 +453,8 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                 | Request::Status
                 | Request::Shutdown
                 | Request::DevicePublicKey
-                | Request::Cancel => false,
+                | Request::Cancel
+                | Request::Identity => false,
             };
             assert!(plausible, "{context}: {} answered with error {code:?}: {message}", short(r));
         }
@@ -470,6 +471,7 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                     | (Request::DevicePublicKey, Reply::DevicePublicKey { .. })
                     | (Request::ImportKey { .. }, Reply::KeyImported { .. })
                     | (Request::AddStoredKey { .. } | Request::Cancel, Reply::Ok)
+                    | (Request::Identity, Reply::Identity { .. })
                     | (Request::Perplexity { .. }, Reply::Perplexity { .. })
                     | (Request::Generate(_) | Request::Perplexity { .. }, Reply::MemoryNeeded { .. })
             );

@@ -406,3 +406,21 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         crate::metrics::Gauges { models_loaded: loaded, secure_granted_bytes: granted, secure_in_use_bytes: in_use };
     ([("content-type", "text/plain; version=0.0.4")], state.metrics.render(&gauges)).into_response()
 }
+
+/// The secure world's identity report, as it signed it: the report's exact
+/// text (verify the signature over these bytes) and the signature.
+pub async fn secure_identity(State(state): State<Arc<AppState>>) -> Response {
+    let connect = state.registry.settings.connect.clone();
+    let fetched = tokio::task::spawn_blocking(move || -> Result<(String, String), String> {
+        let mut world = connect()?;
+        world.identity().map_err(|e| e.to_string())
+    })
+    .await;
+    match fetched {
+        Ok(Ok((report, signature))) => Json(json!({"report": report, "signature": signature})).into_response(),
+        Ok(Err(e)) => ApiError::new(ErrorKind::Unavailable, format!("the secure world's identity: {e}"))
+            .with_code("secure_world_unavailable")
+            .into_response(),
+        Err(e) => ApiError::new(ErrorKind::Internal, e.to_string()).into_response(),
+    }
+}

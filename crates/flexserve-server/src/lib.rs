@@ -234,6 +234,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/models/load", post(handlers::load_model))
         .route("/models/unload", post(handlers::unload_model))
         .route("/status", get(handlers::status))
+        .route("/v1/secure/identity", get(handlers::secure_identity))
         .route("/metrics", get(handlers::metrics))
         .route("/health", get(handlers::health))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
