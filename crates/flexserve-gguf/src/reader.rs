@@ -39,6 +39,13 @@ pub mod limits {
     pub const MAX_ARRAY_LEN: u64 = 1 << 24;
     /// Levels of arrays nested inside arrays (a plain array is level 1).
     pub const MAX_ARRAY_DEPTH: usize = 8;
+    /// Memory the parsed metadata and tensor directory may take, as a
+    /// multiple of the bytes read so far plus a fixed allowance: a file of
+    /// tiny strings or empty arrays cannot make the reader hold many times
+    /// its own size. Real models use well under one times their header.
+    pub const MEMORY_PER_INPUT_BYTE: u64 = 3;
+    /// The fixed allowance of the memory bound, in bytes.
+    pub const MEMORY_ALLOWANCE: u64 = 64 << 20;
 }
 use limits::*;
 
@@ -263,11 +270,37 @@ struct Input<R> {
     inner: R,
     pos: u64,
     len: Option<u64>,
+    /// Estimated bytes of memory the values parsed so far take.
+    held: u64,
 }
+
+/// Estimated memory of one value slot (a `Value` in a vector that may have
+/// grown by doubling) and of one heap allocation's bookkeeping.
+const VALUE_SLOT_COST: u64 = 2 * std::mem::size_of::<Value>() as u64;
+const ALLOCATION_COST: u64 = 32;
+/// Estimated memory of one metadata entry beside its key and value.
+const ENTRY_COST: u64 = 256;
 
 impl<R: Read> Input<R> {
     fn new(inner: R, len: Option<u64>) -> Self {
-        Input { inner, pos: 0, len }
+        Input { inner, pos: 0, len, held: 0 }
+    }
+
+    /// Counts `bytes` more of parsed metadata against the memory bound
+    /// ([`MEMORY_PER_INPUT_BYTE`] times the bytes read, plus [`MEMORY_ALLOWANCE`]).
+    fn hold(&mut self, bytes: u64, what: What<'_>) -> Result<(), GgufError> {
+        self.held = self.held.saturating_add(bytes);
+        let limit = self.pos.saturating_mul(MEMORY_PER_INPUT_BYTE).saturating_add(MEMORY_ALLOWANCE);
+        if self.held > limit {
+            return Err(GgufError::LimitExceeded {
+                what: format!("metadata memory at {what}"),
+                offset: self.pos,
+                value: self.held,
+                limit,
+                limit_desc: "3 bytes of memory per byte read plus 64 MiB",
+            });
+        }
+        Ok(())
     }
 
     fn remaining(&self) -> Option<u64> {
@@ -345,6 +378,7 @@ impl<R: Read> Input<R> {
         self.check_count(len, max, 1, len_offset, what)?;
         let start = self.pos;
         let bytes = self.bytes(len, what)?;
+        self.hold(len + ALLOCATION_COST, what)?;
         String::from_utf8(bytes).map_err(|_| GgufError::InvalidUtf8 { what: what.to_string(), offset: start })
     }
 
@@ -422,6 +456,9 @@ impl<R: Read> Input<R> {
         for n in 0..kv_count {
             let key_offset = self.pos;
             let key = self.string(MAX_KEY_LEN, what("key", &Loc::Entry(n)))?;
+            // The entry's slots (an ordered list and an index, each of which
+            // may have grown by doubling) and the index's copy of the key.
+            self.hold(ENTRY_COST + key.len() as u64, what("key", &Loc::Entry(n)))?;
             let loc = Loc::Key(&key);
             let value = self.tagged_value(&loc, 0)?;
             if metadata.contains_key(&key) {
@@ -495,7 +532,9 @@ impl<R: Read> Input<R> {
         }) as u64;
         self.check_count(count, MAX_ARRAY_LEN, min_elem_bytes, count_offset, what("array length", loc))?;
         let mut values = Vec::with_capacity(count.min(PREALLOC as u64) as usize);
+        self.hold(ALLOCATION_COST, what("array", loc))?;
         for i in 0..count {
+            self.hold(VALUE_SLOT_COST, what("array element", loc))?;
             values.push(self.value(elem_type, &Loc::Element(loc, i), depth)?);
         }
         Ok(Array { elem_type, values })
