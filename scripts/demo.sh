@@ -61,7 +61,10 @@ echo "The capital of France is" | as_user generate --model "$sealed" --prompt-fi
 echo
 echo "== the same sealed model behind the OpenAI-compatible HTTP API (flexserve serve; curl as the client)"
 serve_out="$(mktemp)"
-as_user serve --port 0 --model smol-sealed="$sealed" >"$serve_out" 2>/dev/null &
+# With the service, a reserve of protected memory prepared at start serves the model's first load.
+reserve=()
+[ "$(id -u)" = 0 ] && reserve=(--secure-reserve 128M)
+as_user serve --port 0 --model smol-sealed="$sealed" "${reserve[@]}" >"$serve_out" 2>/dev/null &
 serve_pid=$!
 for _ in $(seq 100); do grep -q listening "$serve_out" && break; sleep 0.1; done
 url="$(sed -n 's/^listening on //p' "$serve_out")"
