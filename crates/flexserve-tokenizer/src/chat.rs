@@ -61,6 +61,10 @@ impl ChatTemplate {
             .build()
             .map_err(|e| TokenizerError::TemplateSyntax(e.to_string()))?;
         env.set_syntax(syntax);
+        // A template comes with the model file: bound its work, its depth
+        // and (in `render`) its output, whatever it says.
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, format!("{RAISED}{message}")))
@@ -90,10 +94,48 @@ impl ChatTemplate {
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
         };
-        template.render(ctx).map_err(|e| match raised_message(&e) {
-            Some(message) => TokenizerError::TemplateException(message),
-            None => TokenizerError::TemplateRender(describe(&e)),
-        })
+        let mut out = CappedOutput { bytes: Vec::new(), cap: MAX_RENDERED_BYTES };
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| TokenizerError::TemplateRender("the template rendered invalid UTF-8".to_string())),
+            Err(_) if out.bytes.len() >= MAX_RENDERED_BYTES => Err(TokenizerError::TemplateRender(format!(
+                "the rendered prompt exceeds the limit of {MAX_RENDERED_BYTES} bytes"
+            ))),
+            Err(e) => Err(match raised_message(&e) {
+                Some(message) => TokenizerError::TemplateException(message),
+                None => TokenizerError::TemplateRender(describe(&e)),
+            }),
+        }
+    }
+}
+
+/// Steps a template may take for one rendering (minijinja's fuel): real
+/// templates take a few hundred per message.
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+/// Nesting of macro calls and includes a template may reach.
+pub const TEMPLATE_RECURSION_LIMIT: usize = 64;
+/// Largest rendered prompt: twice the largest text a request may carry.
+pub const MAX_RENDERED_BYTES: usize = 8 << 20;
+
+/// Collects rendered output, refusing to grow past `cap`.
+struct CappedOutput {
+    bytes: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.cap {
+            let room = self.cap - self.bytes.len();
+            self.bytes.extend_from_slice(&buf[..room]);
+            return Err(std::io::Error::other("rendered prompt too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

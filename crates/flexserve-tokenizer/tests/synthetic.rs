@@ -362,3 +362,22 @@ fn malformed_metadata_is_rejected_naming_the_key() {
     meta.remove("tokenizer.ggml.token_type");
     assert!(error_of(&meta).contains("holds \"a\" twice"));
 }
+
+/// A chat template comes with the model file: however it loops or grows,
+/// rendering ends with an error naming the bound (fuel, output size, depth).
+#[test]
+fn hostile_templates_are_bounded() {
+    use flexserve_tokenizer::{ChatMessage, ChatTemplate};
+    let messages = [ChatMessage::new("user", "hi")];
+    for (source, said) in [
+        ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "fuel"),
+        ("{% set s = \"x\" * 1000000 %}{% for a in range(100000) %}{{ s }}{% endfor %}", "exceeds the limit"),
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursion"),
+    ] {
+        let t = ChatTemplate::new(source, "<s>", "</s>").unwrap();
+        let started = std::time::Instant::now();
+        let e = t.render(&messages, true).unwrap_err().to_string();
+        assert!(e.to_lowercase().contains(said), "{source}: {e}");
+        eprintln!("{said}: refused after {:.2} s", started.elapsed().as_secs_f64());
+    }
+}
