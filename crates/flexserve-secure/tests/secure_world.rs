@@ -643,3 +643,48 @@ fn scoring_needs_the_policy_or_the_vendors_word() {
     assert!(world.perplexity(&m, text, 64).is_ok());
     world.shutdown().unwrap();
 }
+
+/// A chat template comes with the model and runs in the secure world: one
+/// that loops for ever or grows without bound is refused with an error that
+/// names the bound, and the secure world goes on serving.
+#[test]
+fn a_hostile_chat_template_is_refused_and_the_secure_world_serves_on() {
+    use flexserve_engine::synth::{synth_model, SynthSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let real = flexserve_gguf::GgufFile::open(plain_model()).unwrap();
+    let key = ModelKey::generate();
+    let key_path = dir.path().join("m.key");
+    key.save(&key_path).unwrap();
+    let spec = SynthSpec::tiny(flexserve_engine::Arch::Llama, flexserve_gguf::GgmlType::Q4_0);
+    let mut writer = synth_model(&spec, Some(&real.header.metadata)).unwrap();
+    let hostile = "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}";
+    writer.set("tokenizer.chat_template", flexserve_gguf::Value::String(hostile.to_string()));
+    let (gguf, fsm) = (dir.path().join("hostile.gguf"), dir.path().join("hostile.fsm"));
+    writer.write_file(&gguf).unwrap();
+    flexserve_sealed::seal_file(&gguf, &fsm, &key, &SealOptions::default(), &mut |_, _| {}).unwrap();
+    let opts = SecureWorldOptions {
+        binary: Some(env!("CARGO_BIN_EXE_flexserve-secure").into()),
+        state_dir: Some(dir.path().join("state")),
+        model_keys: vec![key_path],
+        threads: 2,
+        budget: MemoryBudget::Bytes(256 << 20),
+        ..SecureWorldOptions::default()
+    };
+    let mut world = SecureWorld::spawn(&opts).unwrap();
+    let (model, _) = world.open_model(&fsm).unwrap();
+    let mut chat = request(&model, "", 4);
+    chat.input = Input::ChatTurn { system: None, user: "Hello".to_string() };
+    let t0 = std::time::Instant::now();
+    match world.generate(&model, chat, |_| {}) {
+        Err(NormalError::Secure { code: ErrorCode::Engine, message }) => {
+            assert!(message.contains("fuel") || message.contains("exceeds the limit"), "{message}")
+        }
+        other => panic!("a hostile template must be refused: {other:?}"),
+    }
+    eprintln!("hostile template refused after {:.2} s", t0.elapsed().as_secs_f64());
+    // The same session goes on: a raw prompt on the same model generates
+    // (the helper fails the test on any error), and status answers.
+    generate(&mut world, &model, "Once upon a time", 4);
+    assert_eq!(world.status().unwrap().models.len(), 1);
+    world.shutdown().unwrap();
+}
