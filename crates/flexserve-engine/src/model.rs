@@ -401,6 +401,93 @@ impl Scratch {
             kv32: (buf(), buf()),
         }
     }
+
+    /// Sizes the buffers for `tokens` and embeds them; row `t` is at
+    /// position `position(t)` (its rotary angles, used by every layer).
+    fn begin(&mut self, m: &Model, tokens: &[u32], position: impl Fn(usize) -> usize) -> Result<(), EngineError> {
+        let (c, w) = (&m.config, &m.weights);
+        let n = tokens.len();
+        let (e, qd, kvd) = (c.n_embd, c.q_dim(), c.kv_dim());
+        self.x.resize(n * e, 0.0)?;
+        self.h.resize(n * e, 0.0)?;
+        self.q.resize(n * qd, 0.0)?;
+        self.k.resize(n * kvd, 0.0)?;
+        self.v.resize(n * kvd, 0.0)?;
+        self.att.resize(n * qd, 0.0)?;
+        self.gate.resize(n * c.n_ff, 0.0)?;
+        self.up.resize(n * c.n_ff, 0.0)?;
+        let embd = ops::kernels(w.token_embd.ty)?;
+        for (t, &tok) in tokens.iter().enumerate() {
+            (embd.dequantize)(w.token_embd.row(tok as usize), &mut self.x[t * e..(t + 1) * e]);
+        }
+        let pos_scale = match c.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => 1.0 / factor,
+        };
+        self.angles.resize_with(n, Vec::new);
+        for (t, a) in self.angles.iter_mut().enumerate() {
+            ops::rope_angles(position(t), c.rope_dim, c.rope_base, pos_scale, w.rope_freq_factors.as_deref(), a);
+        }
+        Ok(())
+    }
+
+    /// A layer's queries, keys and values of every row, rotated to the rows' positions.
+    fn attention_inputs(&mut self, c: &ModelConfig, layer: &Layer) -> Result<(), EngineError> {
+        let (e, qd, kvd, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
+        ops::rms_norm(&self.x, &layer.attn_norm, c.rms_eps, &mut self.h);
+        quantize_for(&mut self.acts, &self.h, e, &layer.wq)?;
+        ops::matmul(&layer.wq, &self.acts, &mut self.q, &mut self.mm)?;
+        reuse_for(&mut self.acts, &self.h, e, &layer.wk)?;
+        ops::matmul(&layer.wk, &self.acts, &mut self.k, &mut self.mm)?;
+        reuse_for(&mut self.acts, &self.h, e, &layer.wv)?;
+        ops::matmul(&layer.wv, &self.acts, &mut self.v, &mut self.mm)?;
+        add_bias(&mut self.q, layer.bq.as_deref());
+        add_bias(&mut self.k, layer.bk.as_deref());
+        add_bias(&mut self.v, layer.bv.as_deref());
+        let neox = c.arch == Arch::Qwen2;
+        for (t, a) in self.angles.iter().enumerate() {
+            for head in self.q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
+                ops::rope_head(&mut head[..c.rope_dim], a, neox);
+            }
+            for head in self.k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
+                ops::rope_head(&mut head[..c.rope_dim], a, neox);
+            }
+        }
+        Ok(())
+    }
+
+    /// The rest of a layer once `att` holds its attention: output
+    /// projection, residual, feed-forward, residual.
+    fn finish_layer(&mut self, c: &ModelConfig, layer: &Layer) -> Result<(), EngineError> {
+        let (e, qd) = (c.n_embd, c.q_dim());
+        quantize_for(&mut self.acts, &self.att, qd, &layer.wo)?;
+        ops::matmul(&layer.wo, &self.acts, &mut self.h, &mut self.mm)?;
+        add_into(&mut self.x, &self.h);
+        ops::rms_norm(&self.x, &layer.ffn_norm, c.rms_eps, &mut self.h);
+        quantize_for(&mut self.acts, &self.h, e, &layer.w_gate)?;
+        ops::matmul(&layer.w_gate, &self.acts, &mut self.gate, &mut self.mm)?;
+        reuse_for(&mut self.acts, &self.h, e, &layer.w_up)?;
+        ops::matmul(&layer.w_up, &self.acts, &mut self.up, &mut self.mm)?;
+        let silu_mul = flexserve_quant::activations().silu_mul;
+        self.gate.par_chunks_mut(c.n_ff).zip(self.up.par_chunks(c.n_ff)).for_each(|(g, u)| silu_mul(g, u));
+        quantize_for(&mut self.acts, &self.gate, c.n_ff, &layer.w_down)?;
+        ops::matmul(&layer.w_down, &self.acts, &mut self.h, &mut self.mm)?;
+        add_into(&mut self.x, &self.h);
+        Ok(())
+    }
+
+    /// Next-token logits of the rows from `from` on.
+    fn logits(&mut self, m: &Model, from: usize) -> Result<Vec<f32>, EngineError> {
+        let (c, w) = (&m.config, &m.weights);
+        let e = c.n_embd;
+        let rows = self.x.len() / e - from;
+        let mut normed = vec![0f32; rows * e];
+        ops::rms_norm(&self.x[from * e..], &w.output_norm, c.rms_eps, &mut normed);
+        quantize_for(&mut self.acts, &normed, e, &w.output)?;
+        let mut logits = vec![0f32; rows * c.n_vocab];
+        ops::matmul(&w.output, &self.acts, &mut logits, &mut self.mm)?;
+        Ok(logits)
+    }
 }
 
 /// Bytes of each scratch buffer a batch needs (see [`Model::scratch_plan`]).
@@ -562,94 +649,31 @@ impl<'m> Session<'m> {
     ) -> Result<Vec<f32>, EngineError> {
         let m = self.model;
         let c = &m.config;
-        let w = &m.weights;
         let n = tokens.len();
         let pos0 = self.n_past;
         let s = &mut self.s;
-        let (e, qd, kvd, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
-
-        s.x.resize(n * e, 0.0)?;
-        s.h.resize(n * e, 0.0)?;
-        s.q.resize(n * qd, 0.0)?;
-        s.k.resize(n * kvd, 0.0)?;
-        s.v.resize(n * kvd, 0.0)?;
-        s.att.resize(n * qd, 0.0)?;
-        s.gate.resize(n * c.n_ff, 0.0)?;
-        s.up.resize(n * c.n_ff, 0.0)?;
-
-        let embd = ops::kernels(w.token_embd.ty)?;
-        for (t, &tok) in tokens.iter().enumerate() {
-            (embd.dequantize)(w.token_embd.row(tok as usize), &mut s.x[t * e..(t + 1) * e]);
-        }
-
-        // Rotary angles per position of the batch, shared by all layers.
-        let pos_scale = match c.rope_scaling {
-            RopeScaling::None => 1.0,
-            RopeScaling::Linear { factor } => 1.0 / factor,
-        };
-        s.angles.resize_with(n, Vec::new);
-        for (t, a) in s.angles.iter_mut().enumerate() {
-            ops::rope_angles(pos0 + t, c.rope_dim, c.rope_base, pos_scale, w.rope_freq_factors.as_deref(), a);
-        }
-        let neox = c.arch == Arch::Qwen2;
-
-        for (li, layer) in w.layers.iter().enumerate() {
-            ops::rms_norm(&s.x, &layer.attn_norm, c.rms_eps, &mut s.h);
-            quantize_for(&mut s.acts, &s.h, e, &layer.wq)?;
-            ops::matmul(&layer.wq, &s.acts, &mut s.q, &mut s.mm)?;
-            reuse_for(&mut s.acts, &s.h, e, &layer.wk)?;
-            ops::matmul(&layer.wk, &s.acts, &mut s.k, &mut s.mm)?;
-            reuse_for(&mut s.acts, &s.h, e, &layer.wv)?;
-            ops::matmul(&layer.wv, &s.acts, &mut s.v, &mut s.mm)?;
-            add_bias(&mut s.q, layer.bq.as_deref());
-            add_bias(&mut s.k, layer.bk.as_deref());
-            add_bias(&mut s.v, layer.bv.as_deref());
-
+        let kvd = c.kv_dim();
+        s.begin(m, tokens, |t| pos0 + t)?;
+        for (li, layer) in m.weights.layers.iter().enumerate() {
+            s.attention_inputs(c, layer)?;
             for t in 0..n {
-                let a = &s.angles[t];
-                for head in s.q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
-                    ops::rope_head(&mut head[..c.rope_dim], a, neox);
-                }
-                for head in s.k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
-                    ops::rope_head(&mut head[..c.rope_dim], a, neox);
-                }
                 self.kv.store(li, pos0 + t, &s.k[t * kvd..(t + 1) * kvd], &s.v[t * kvd..(t + 1) * kvd]);
             }
-
             if n >= F32_ATTENTION_MIN_BATCH {
                 attention_f32(c, &self.kv, li, pos0, &s.q, &mut s.att, &mut s.kv32)?;
             } else {
                 attention(c, &self.kv, li, pos0, &s.q, &mut s.att);
             }
-
-            quantize_for(&mut s.acts, &s.att, qd, &layer.wo)?;
-            ops::matmul(&layer.wo, &s.acts, &mut s.h, &mut s.mm)?;
-            add_into(&mut s.x, &s.h);
-
-            ops::rms_norm(&s.x, &layer.ffn_norm, c.rms_eps, &mut s.h);
-            quantize_for(&mut s.acts, &s.h, e, &layer.w_gate)?;
-            ops::matmul(&layer.w_gate, &s.acts, &mut s.gate, &mut s.mm)?;
-            reuse_for(&mut s.acts, &s.h, e, &layer.w_up)?;
-            ops::matmul(&layer.w_up, &s.acts, &mut s.up, &mut s.mm)?;
-            let silu_mul = flexserve_quant::activations().silu_mul;
-            s.gate.par_chunks_mut(c.n_ff).zip(s.up.par_chunks(c.n_ff)).for_each(|(g, u)| silu_mul(g, u));
-            quantize_for(&mut s.acts, &s.gate, c.n_ff, &layer.w_down)?;
-            ops::matmul(&layer.w_down, &s.acts, &mut s.h, &mut s.mm)?;
-            add_into(&mut s.x, &s.h);
+            s.finish_layer(c, layer)?;
             if between_layers().is_break() {
                 return Err(EngineError::Cancelled);
             }
         }
         self.n_past += n;
-
-        let Some(from) = logits_from else { return Ok(Vec::new()) };
-        let rows = n - from;
-        let mut normed = vec![0f32; rows * e];
-        ops::rms_norm(&s.x[from * e..], &w.output_norm, c.rms_eps, &mut normed);
-        quantize_for(&mut s.acts, &normed, e, &w.output)?;
-        let mut logits = vec![0f32; rows * c.n_vocab];
-        ops::matmul(&w.output, &s.acts, &mut logits, &mut s.mm)?;
-        Ok(logits)
+        match logits_from {
+            Some(from) => s.logits(m, from),
+            None => Ok(Vec::new()),
+        }
     }
 }
 
