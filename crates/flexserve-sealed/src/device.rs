@@ -78,9 +78,11 @@ impl DeviceSecretKey {
         DeviceSecretKey(StaticSecret::from(bytes))
     }
 
-    /// The secret scalar's bytes, for deriving keys of other purposes inside this crate.
-    pub(crate) fn secret_bytes(&self) -> [u8; 32] {
-        self.0.to_bytes()
+    /// A key for another purpose, derived from the device secret with a
+    /// label of its own (HKDF-SHA256; the label is salt and info).
+    pub(crate) fn derive_key(&self, label: &[u8]) -> Result<Zeroizing<[u8; 32]>, SealError> {
+        let secret = Zeroizing::new(self.0.to_bytes());
+        hkdf32(label, &secret[..], &[label])
     }
 
     pub fn public_key(&self) -> DevicePublicKey {
@@ -115,6 +117,16 @@ impl hkdf::KeyType for Len32 {
     }
 }
 
+/// 32 bytes of HKDF-SHA256 output: extract with `salt` from `ikm`, expand with `info`.
+pub(crate) fn hkdf32(salt: &[u8], ikm: &[u8], info: &[&[u8]]) -> Result<Zeroizing<[u8; 32]>, SealError> {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(ikm);
+    let mut out = Zeroizing::new([0u8; 32]);
+    prk.expand(info, Len32)
+        .and_then(|okm| okm.fill(&mut out[..]))
+        .map_err(|_| SealError::Crypto("HKDF expansion failed"))?;
+    Ok(out)
+}
+
 /// The key-encryption key and associated data for one wrap.
 fn wrap_cipher(
     shared: &[u8; 32],
@@ -122,11 +134,7 @@ fn wrap_cipher(
     device: &[u8; 32],
     ephemeral: &[u8; 32],
 ) -> Result<(aead::LessSafeKey, [u8; 96]), SealError> {
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, file_id).extract(shared);
-    let mut kek = Zeroizing::new([0u8; 32]);
-    prk.expand(&[KDF_LABEL, file_id, b"device key wrap", ephemeral, device], Len32)
-        .and_then(|okm| okm.fill(&mut kek[..]))
-        .map_err(|_| SealError::Crypto("HKDF expansion failed"))?;
+    let kek = hkdf32(file_id, shared, &[KDF_LABEL, file_id, b"device key wrap", ephemeral, device])?;
     let key = aead::UnboundKey::new(&aead::AES_256_GCM, &kek[..])
         .map_err(|_| SealError::Crypto("AES-256-GCM key setup failed"))?;
     let mut aad = [0u8; 96];

@@ -4,23 +4,14 @@
 //! identity is born with the device key inside the secure world, lasts as
 //! long as it, and never leaves either.
 
-use ring::hkdf;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 use x25519_dalek::{PublicKey, StaticSecret};
-use zeroize::Zeroizing;
 
 use crate::key::encode_hex;
 use crate::{DeviceSecretKey, SealError};
 
 const SIGNING_LABEL: &[u8] = b"flexserve identity ed25519 v1";
 const AGREEMENT_LABEL: &[u8] = b"flexserve identity x25519 v1";
-
-struct Len32;
-impl hkdf::KeyType for Len32 {
-    fn len(&self) -> usize {
-        32
-    }
-}
 
 /// The identity key pairs of one device's secure world.
 pub struct Identity {
@@ -34,26 +25,16 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-fn derive(device: &DeviceSecretKey, label: &[u8]) -> Result<Zeroizing<[u8; 32]>, SealError> {
-    let secret = Zeroizing::new(device.secret_bytes());
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, label).extract(&secret[..]);
-    let mut out = Zeroizing::new([0u8; 32]);
-    prk.expand(&[label], Len32)
-        .and_then(|okm| okm.fill(&mut out[..]))
-        .map_err(|_| SealError::Crypto("HKDF expansion failed"))?;
-    Ok(out)
-}
-
 fn hex(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&encode_hex(bytes)).into_owned()
 }
 
 impl Identity {
     pub fn of_device(device: &DeviceSecretKey) -> Result<Identity, SealError> {
-        let seed = derive(device, SIGNING_LABEL)?;
+        let seed = device.derive_key(SIGNING_LABEL)?;
         let signing = Ed25519KeyPair::from_seed_unchecked(&seed[..])
             .map_err(|_| SealError::Crypto("Ed25519 key from seed failed"))?;
-        let agreement = StaticSecret::from(*derive(device, AGREEMENT_LABEL)?);
+        let agreement = StaticSecret::from(*device.derive_key(AGREEMENT_LABEL)?);
         Ok(Identity { signing, agreement })
     }
 

@@ -12,8 +12,8 @@
 //! HKDF-SHA256 of the device secret with a label of its own, so it is never
 //! the key used for X25519.
 
+use ring::aead;
 use ring::rand::{SecureRandom, SystemRandom};
-use ring::{aead, hkdf};
 use zeroize::Zeroizing;
 
 use crate::{DeviceSecretKey, ModelKey, SealError, MODEL_KEY_LEN};
@@ -25,20 +25,8 @@ const TAG_LEN: usize = 16;
 pub const STORED_KEY_LEN: usize = MAGIC.len() + NONCE_LEN + MODEL_KEY_LEN + TAG_LEN;
 const STORAGE_LABEL: &[u8] = b"flexserve stored model key v1";
 
-struct Len32;
-impl hkdf::KeyType for Len32 {
-    fn len(&self) -> usize {
-        32
-    }
-}
-
 fn storage_key(device: &DeviceSecretKey) -> Result<aead::LessSafeKey, SealError> {
-    let secret = Zeroizing::new(device.secret_bytes());
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, STORAGE_LABEL).extract(&secret[..]);
-    let mut key = Zeroizing::new([0u8; 32]);
-    prk.expand(&[STORAGE_LABEL], Len32)
-        .and_then(|okm| okm.fill(&mut key[..]))
-        .map_err(|_| SealError::Crypto("HKDF expansion failed"))?;
+    let key = device.derive_key(STORAGE_LABEL)?;
     let key = aead::UnboundKey::new(&aead::AES_256_GCM, &key[..])
         .map_err(|_| SealError::Crypto("AES-256-GCM key setup failed"))?;
     Ok(aead::LessSafeKey::new(key))
