@@ -200,6 +200,18 @@ fn model_for(service: &Service, user: &str) -> PathBuf {
     dst
 }
 
+/// The real model, sealed by `user` to the service's device key (asked of
+/// the secure world): (plain copy, sealed file).
+fn sealed_to_device(service: &Service, user: &str) -> (PathBuf, PathBuf) {
+    let plain = model_for(service, user);
+    let public = ok(service.run(user, &["device-key"])).trim().to_string();
+    assert_eq!(public.len(), 64, "{public}");
+    let sealed = service.home(user).join("m.fsm");
+    ok(service
+        .run(user, &["seal", "--model", plain.to_str().unwrap(), "--to", &public, "-o", sealed.to_str().unwrap()]));
+    (plain, sealed)
+}
+
 fn generate_args<'a>(model: &'a str, prompt_file: &'a str) -> Vec<&'a str> {
     vec!["generate", "--model", model, "--prompt-file", prompt_file, "--max-tokens", "24", "--temperature", "0"]
 }
@@ -252,11 +264,8 @@ fn the_normal_world_reaches_no_key_no_memory_and_no_choice() {
 
     // Choosing the binary, keys or policy: the service takes none of them
     // from a peer; the CLI says so instead of pretending.
-    let plain = model_for(&service, NORMAL_USER);
-    let public = ok(service.run(NORMAL_USER, &["device-key"])).trim().to_string();
-    let sealed = service.home(NORMAL_USER).join("m.fsm");
+    let (_, sealed) = sealed_to_device(&service, NORMAL_USER);
     let m = sealed.to_str().unwrap();
-    ok(service.run(NORMAL_USER, &["seal", "--model", plain.to_str().unwrap(), "--to", &public, "-o", m]));
     let mut c = service.flexserve(NORMAL_USER, &["status", "--json"]);
     c.env("FLEXSERVE_SECURE_BIN", "/bin/false");
     let s: serde_json::Value = serde_json::from_str(ok(c.output().unwrap()).trim()).unwrap();
@@ -295,10 +304,7 @@ fn models_sealed_to_the_device_or_imported_run_and_nothing_readable_decrypts_the
     assert!(!expected.is_empty());
 
     // Sealed to this device: the public key comes from the secure world.
-    let public = ok(service.run(user, &["device-key"])).trim().to_string();
-    assert_eq!(public.len(), 64, "{public}");
-    let to_device = home.join("device.fsm");
-    ok(service.run(user, &["seal", "--model", p, "--to", &public, "-o", to_device.to_str().unwrap()]));
+    let (_, to_device) = sealed_to_device(&service, user);
     assert_eq!(ok(service.run(user, &generate_args(to_device.to_str().unwrap(), pf))), expected);
 
     // Sealed with a model key: refused until imported; imported, the key file goes.
@@ -379,11 +385,8 @@ fn a_peer_that_leaves_mid_generation_stops_it_and_the_service_serves_on() {
     }
     let service = Service::start();
     let user = NORMAL_USER;
-    let plain = model_for(&service, user);
-    let public = ok(service.run(user, &["device-key"])).trim().to_string();
-    let sealed = service.home(user).join("m.fsm");
-    let (p, s) = (plain.to_str().unwrap(), sealed.to_str().unwrap());
-    ok(service.run(user, &["seal", "--model", p, "--to", &public, "-o", s]));
+    let (_, sealed) = sealed_to_device(&service, user);
+    let s = sealed.to_str().unwrap();
 
     // A long generation from standard input; killed once its first text arrives.
     let mut child = service
@@ -433,11 +436,7 @@ fn a_daemon_reserve_is_prepared_ahead_and_sealed_models_load_into_it() {
     }
     let service = Service::start();
     let user = NORMAL_USER;
-    let plain = model_for(&service, user);
-    let public = ok(service.run(user, &["device-key"])).trim().to_string();
-    let sealed = service.home(user).join("m.fsm");
-    ok(service
-        .run(user, &["seal", "--model", plain.to_str().unwrap(), "--to", &public, "-o", sealed.to_str().unwrap()]));
+    let (_, sealed) = sealed_to_device(&service, user);
     let granted = || -> u64 {
         let s: serde_json::Value = serde_json::from_str(ok(service.run(user, &["status", "--json"])).trim()).unwrap();
         s["granted"].as_u64().unwrap()

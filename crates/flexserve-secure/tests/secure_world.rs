@@ -591,38 +591,60 @@ fn kv_caches_live_in_granted_granules_and_a_recalled_one_is_recomputed() {
     world.shutdown().unwrap();
 }
 
+/// Tiny synthetic models (the real model's tokenizer and template), sealed
+/// with one key, each with its metadata edited; and the options of a
+/// development secure world of their own that holds that key.
+struct SynthSealer {
+    dir: tempfile::TempDir,
+    key: ModelKey,
+    real: flexserve_gguf::GgufFile,
+}
+
+impl SynthSealer {
+    fn new() -> SynthSealer {
+        let dir = tempfile::tempdir().unwrap();
+        let key = ModelKey::generate();
+        key.save(dir.path().join("m.key")).unwrap();
+        SynthSealer { dir, key, real: flexserve_gguf::GgufFile::open(plain_model()).unwrap() }
+    }
+
+    fn seal(&self, name: &str, edit: impl FnOnce(&mut flexserve_gguf::GgufWriter)) -> PathBuf {
+        let spec =
+            flexserve_engine::synth::SynthSpec::tiny(flexserve_engine::Arch::Llama, flexserve_gguf::GgmlType::Q4_0);
+        let mut writer = flexserve_engine::synth::synth_model(&spec, Some(&self.real.header.metadata)).unwrap();
+        edit(&mut writer);
+        let (gguf, fsm) = (self.dir.path().join(format!("{name}.gguf")), self.dir.path().join(format!("{name}.fsm")));
+        writer.write_file(&gguf).unwrap();
+        flexserve_sealed::seal_file(&gguf, &fsm, &self.key, &SealOptions::default(), &mut |_, _| {}).unwrap();
+        fsm
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn options(&self) -> SecureWorldOptions {
+        SecureWorldOptions {
+            binary: Some(env!("CARGO_BIN_EXE_flexserve-secure").into()),
+            state_dir: Some(self.state_dir()),
+            model_keys: vec![self.dir.path().join("m.key")],
+            threads: 2,
+            budget: MemoryBudget::Bytes(256 << 20),
+            ..SecureWorldOptions::default()
+        }
+    }
+}
+
 /// Scoring returns a perplexity, an extraction oracle: off by default, on
 /// for a model whose vendor set `flexserve.allow_perplexity` in its
 /// authenticated metadata, and on for every model when the policy says so.
 #[test]
 fn scoring_needs_the_policy_or_the_vendors_word() {
-    use flexserve_engine::synth::{synth_model, SynthSpec};
-    let dir = tempfile::tempdir().unwrap();
-    let real = flexserve_gguf::GgufFile::open(plain_model()).unwrap();
-    let key = ModelKey::generate();
-    let key_path = dir.path().join("m.key");
-    key.save(&key_path).unwrap();
-    let spec = SynthSpec::tiny(flexserve_engine::Arch::Llama, flexserve_gguf::GgmlType::Q4_0);
-    let sealed_with = |name: &str, allow: bool| {
-        let mut writer = synth_model(&spec, Some(&real.header.metadata)).unwrap();
-        if allow {
-            writer.set(flexserve_secure::world::ALLOW_PERPLEXITY_KEY, flexserve_gguf::Value::Bool(true));
-        }
-        let (gguf, fsm) = (dir.path().join(format!("{name}.gguf")), dir.path().join(format!("{name}.fsm")));
-        writer.write_file(&gguf).unwrap();
-        flexserve_sealed::seal_file(&gguf, &fsm, &key, &SealOptions::default(), &mut |_, _| {}).unwrap();
-        fsm
-    };
-    let (unmarked, marked) = (sealed_with("unmarked", false), sealed_with("marked", true));
-    let state = dir.path().join("state");
-    let opts = SecureWorldOptions {
-        binary: Some(env!("CARGO_BIN_EXE_flexserve-secure").into()),
-        state_dir: Some(state.clone()),
-        model_keys: vec![key_path],
-        threads: 2,
-        budget: MemoryBudget::Bytes(256 << 20),
-        ..SecureWorldOptions::default()
-    };
+    let sealer = SynthSealer::new();
+    let unmarked = sealer.seal("unmarked", |_| {});
+    let marked = sealer
+        .seal("marked", |w| w.set(flexserve_secure::world::ALLOW_PERPLEXITY_KEY, flexserve_gguf::Value::Bool(true)));
+    let (state, opts) = (sealer.state_dir(), sealer.options());
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(30);
     let mut world = SecureWorld::spawn(&opts).unwrap();
     let (m, _) = world.open_model(&unmarked).unwrap();
@@ -649,28 +671,11 @@ fn scoring_needs_the_policy_or_the_vendors_word() {
 /// names the bound, and the secure world goes on serving.
 #[test]
 fn a_hostile_chat_template_is_refused_and_the_secure_world_serves_on() {
-    use flexserve_engine::synth::{synth_model, SynthSpec};
-    let dir = tempfile::tempdir().unwrap();
-    let real = flexserve_gguf::GgufFile::open(plain_model()).unwrap();
-    let key = ModelKey::generate();
-    let key_path = dir.path().join("m.key");
-    key.save(&key_path).unwrap();
-    let spec = SynthSpec::tiny(flexserve_engine::Arch::Llama, flexserve_gguf::GgmlType::Q4_0);
-    let mut writer = synth_model(&spec, Some(&real.header.metadata)).unwrap();
+    let sealer = SynthSealer::new();
     let hostile = "{% for a in range(100000) %}{% for b in range(100000) %}{{ a }}{% endfor %}{% endfor %}";
-    writer.set("tokenizer.chat_template", flexserve_gguf::Value::String(hostile.to_string()));
-    let (gguf, fsm) = (dir.path().join("hostile.gguf"), dir.path().join("hostile.fsm"));
-    writer.write_file(&gguf).unwrap();
-    flexserve_sealed::seal_file(&gguf, &fsm, &key, &SealOptions::default(), &mut |_, _| {}).unwrap();
-    let opts = SecureWorldOptions {
-        binary: Some(env!("CARGO_BIN_EXE_flexserve-secure").into()),
-        state_dir: Some(dir.path().join("state")),
-        model_keys: vec![key_path],
-        threads: 2,
-        budget: MemoryBudget::Bytes(256 << 20),
-        ..SecureWorldOptions::default()
-    };
-    let mut world = SecureWorld::spawn(&opts).unwrap();
+    let fsm = sealer
+        .seal("hostile", |w| w.set("tokenizer.chat_template", flexserve_gguf::Value::String(hostile.to_string())));
+    let mut world = SecureWorld::spawn(&sealer.options()).unwrap();
     let (model, _) = world.open_model(&fsm).unwrap();
     let mut chat = request(&model, "", 4);
     chat.input = Input::ChatTurn { system: None, user: "Hello".to_string() };
