@@ -3,7 +3,9 @@
 //! Python's `cryptography`, outside FlexServe's code), changing with the
 //! executable and the policy, pinned by the client on first use.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
@@ -110,9 +112,7 @@ fn the_daemon_serves_the_identity_report_as_signed() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(daemon.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    let url = common::listening_url(&mut daemon);
     let body = ok(Command::new("curl").args(["-sS", &format!("{url}/v1/secure/identity")]).output().unwrap());
     let _ = daemon.kill();
     let _ = daemon.wait();

@@ -8,6 +8,8 @@
 //! whose memory must hold both (its mmap of the GGUF file and its own token
 //! ids), so the sealed run cannot pass because the scanner sees nothing.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
@@ -514,9 +516,7 @@ fn no_plaintext_weights_or_token_ids_in_the_daemon() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(daemon.stdout.as_mut().unwrap()), &mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    let url = common::listening_url(&mut daemon);
     // A raw completion, so that the secure world tokenizes exactly PROMPT.
     let body =
         serde_json::json!({"model": "sealed", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": true});

@@ -3,7 +3,9 @@
 //! one in a development secure world: these tests are about the API; the
 //! secure world's isolation is tested in crates/flexserve-launcher).
 
-use std::io::{BufRead, BufReader, Read};
+mod common;
+
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -60,9 +62,7 @@ impl Server {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("printed {line:?}")).to_string();
+        let url = common::listening_url(&mut child);
         Server { child, url, home, log }
     }
 
@@ -373,9 +373,7 @@ fn a_config_file_names_the_models_and_settings_and_options_override_it() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("printed {line:?}")).to_string();
+    let url = common::listening_url(&mut child);
     let get = |key: &str| {
         ok(Command::new("curl")
             .args(["-sS", "-w", "\n%{http_code}", "-H", &format!("Authorization: Bearer {key}")])
