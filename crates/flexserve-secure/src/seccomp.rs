@@ -470,6 +470,26 @@ pub fn probe_forbidden_calls() -> Vec<(&'static str, i32)> {
         );
         out.push(("prlimit64(no such pid)", outcome(r)));
 
+        // Socket options other than the peer's credentials, and descriptor
+        // commands other than reading seals and duplicating (on stderr, which
+        // is open: without the filter both would succeed).
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let r = call(
+            libc::SYS_getsockopt,
+            [
+                2,
+                libc::SOL_SOCKET as libc::c_long,
+                libc::SO_TYPE as libc::c_long,
+                (&mut value as *mut libc::c_int) as libc::c_long,
+                (&mut len as *mut libc::socklen_t) as libc::c_long,
+                0,
+            ],
+        );
+        out.push(("getsockopt(SO_TYPE)", outcome(r)));
+        let r = call(libc::SYS_fcntl, [2, libc::F_GETFL as libc::c_long, 0, 0, 0, 0]);
+        out.push(("fcntl(F_GETFL)", outcome(r)));
+
         // Executable memory.
         let exec = libc::PROT_READ | libc::PROT_EXEC;
         let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;

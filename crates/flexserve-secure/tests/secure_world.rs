@@ -126,6 +126,8 @@ fn probed_calls() -> std::collections::BTreeSet<&'static str> {
         "mmap(PROT_EXEC)",
         "mprotect(PROT_EXEC)",
         "pkey_mprotect",
+        "getsockopt(SO_TYPE)",
+        "fcntl(F_GETFL)",
     ];
     if cfg!(target_arch = "x86_64") {
         calls.extend(["open", "fork"]);
