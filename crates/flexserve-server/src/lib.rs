@@ -196,14 +196,11 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
     // Graceful shutdown waits for open streams: bound it.
     let _ = done_rx.await;
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, serving).await;
-    for entry in state.registry.models.values() {
-        state.registry.unload(entry).await;
-    }
-    // The reserve's session ends: the secure world scrubs and releases what it granted.
+    // Unloading ends the secure world sessions (each scrubbed by the secure world).
+    state.registry.unload_all().await;
+    // The reserve's session ends last: the secure world scrubs and releases what it granted.
     let reserve = state.reserve.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     drop(reserve);
-    // Unloading ends the secure world sessions (each scrubbed by the secure world).
-    tokio::time::sleep(Duration::from_millis(100)).await;
     eprintln!("flexserve serve: stopped");
     Ok(())
 }

@@ -194,6 +194,17 @@ impl Registry {
         was_loaded
     }
 
+    /// Unloads every model and waits until each backend's threads and
+    /// secure world session have ended (at shutdown).
+    pub async fn unload_all(&self) {
+        let mut taken = Vec::new();
+        for entry in self.models.values() {
+            taken.extend(entry.backend.lock().await.take());
+            entry.set_state(LoadState::Unloaded);
+        }
+        let _ = tokio::task::spawn_blocking(move || drop(taken)).await;
+    }
+
     /// Unloads the models idle for longer than their keep-alive.
     pub async fn expire(&self) {
         for entry in self.models.values() {
