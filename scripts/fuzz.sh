@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (cargo-fuzz / libFuzzer) of the parsers that face
 # hostile input: GGUF and sealed-model headers, the world-boundary protocol
-# (requests and replies, decoded then re-encoded byte for byte), the real
-# model's tokenizer, chat templates and the HTTP API's request bodies.
+# (requests and replies, decoded then re-encoded byte for byte), tokenizers
+# built from hostile metadata, the real model's tokenizer, chat templates and the HTTP API's request bodies.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]   # default: 60 seconds, every target
 #

@@ -57,6 +57,10 @@ pub enum TokenizerError {
     #[error("{flag} asks for a token but {key} is not set")]
     MissingSpecialToken { flag: &'static str, key: &'static str },
 
+    /// A special token longer than the bound on special tokens' texts.
+    #[error("metadata key tokenizer.ggml.tokens[{id}] is a special token of {len} bytes; special tokens are at most {max} bytes (MAX_SPECIAL_TOKEN_BYTES)")]
+    SpecialTokenTooLong { id: u32, len: usize, max: usize },
+
     /// The chat template does not parse.
     #[error("chat template does not compile: {0}")]
     TemplateSyntax(String),

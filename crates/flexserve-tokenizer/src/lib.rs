@@ -12,7 +12,9 @@
 //!   `<0xXX>` byte tokens, then to the unknown token.
 //!
 //! Control and user-defined tokens written in the text are split out first
-//! (longest first) when special-token parsing is on; user-defined tokens always are.
+//! (leftmost, then longest) when special-token parsing is on; user-defined tokens
+//! always are. Splitting costs a bounded number of steps per input byte (see
+//! [`MAX_SPECIAL_TOKEN_BYTES`]); merging is a heap over each word's symbols.
 //!
 //! Decoding shows control and unknown tokens as nothing. When the model adds a
 //! space prefix, the leading space of the decoded text (after a leading BOS) is
@@ -25,6 +27,7 @@ mod config;
 mod error;
 mod merge;
 mod pretokenize;
+mod special;
 mod stream;
 mod tokenizer;
 mod unicode;
@@ -33,6 +36,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{keys, ModelKind, TokenType, TokenizerConfig};
 pub use error::TokenizerError;
 pub use pretokenize::PreTokenizerKind;
+pub use special::MAX_SPECIAL_TOKEN_BYTES;
 pub use stream::StreamDecoder;
 pub use tokenizer::Tokenizer;
 

@@ -7,6 +7,7 @@ use flexserve_gguf::Metadata;
 use crate::config::{keys, ModelKind, TokenType, TokenizerConfig};
 use crate::merge::{Merger, RankedMerges, ScoredMerges};
 use crate::pretokenize::PreTokenizerKind;
+use crate::special::{Piece, SpecialTrie, MAX_SPECIAL_TOKEN_BYTES};
 use crate::unicode::ByteMap;
 use crate::TokenizerError;
 
@@ -80,8 +81,8 @@ pub struct Tokenizer {
     byte_map: ByteMap,
     /// Decoded bytes of every token, special tokens rendered as their text.
     pieces: Vec<Box<[u8]>>,
-    /// Control, user-defined and unknown tokens, longest text first.
-    special_tokens: Vec<u32>,
+    /// Control, user-defined and unknown tokens, found in text in one pass.
+    special: SpecialTrie,
     bos: Option<u32>,
     eos: Option<u32>,
     eot: Option<u32>,
@@ -95,12 +96,6 @@ pub struct Tokenizer {
     add_space_prefix: bool,
     /// Look whole words up in the vocabulary before merging (Llama 3 rules).
     ignore_merges: bool,
-}
-
-/// A piece of input after special tokens were split out.
-enum Fragment<'t> {
-    Text(&'t str),
-    Token(u32),
 }
 
 impl Tokenizer {
@@ -228,10 +223,14 @@ impl Tokenizer {
             return Err(TokenizerError::MissingSpecialToken { flag: keys::ADD_EOS, key: keys::EOS_ID });
         }
 
-        let mut special_tokens: Vec<u32> = (0..n_vocab as u32)
+        let special_ids: Vec<u32> = (0..n_vocab as u32)
             .filter(|&id| attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0)
             .collect();
-        special_tokens.sort_by(|&a, &b| tokens[b as usize].len().cmp(&tokens[a as usize].len()).then(a.cmp(&b)));
+        if let Some(&id) = special_ids.iter().find(|&&id| tokens[id as usize].len() > MAX_SPECIAL_TOKEN_BYTES) {
+            let len = tokens[id as usize].len();
+            return Err(TokenizerError::SpecialTokenTooLong { id, len, max: MAX_SPECIAL_TOKEN_BYTES });
+        }
+        let special = SpecialTrie::new(special_ids.iter().map(|&id| (id, tokens[id as usize].as_str())));
 
         let pieces = tokens
             .iter()
@@ -250,7 +249,7 @@ impl Tokenizer {
             spm_byte_tokens: [None; 256],
             byte_map,
             pieces,
-            special_tokens,
+            special,
             bos,
             eos,
             eot,
@@ -286,7 +285,7 @@ impl Tokenizer {
                 let mut escaped = Vec::new();
                 for fragment in fragments {
                     match fragment {
-                        Fragment::Text(text) => {
+                        Piece::Text(text) => {
                             escaped.clear();
                             if self.add_space_prefix && after_special {
                                 escaped.push('\u{2581}');
@@ -295,7 +294,7 @@ impl Tokenizer {
                             self.encode_spm(&mut merger, &escaped, &mut out);
                             after_special = false;
                         }
-                        Fragment::Token(id) => {
+                        Piece::Token(id) => {
                             out.push(id);
                             after_special = true;
                         }
@@ -305,12 +304,12 @@ impl Tokenizer {
             ModelKind::Bpe => {
                 for fragment in fragments {
                     match fragment {
-                        Fragment::Text(text) => {
+                        Piece::Text(text) => {
                             for word in self.pre.split(text) {
                                 self.encode_bpe_word(&mut merger, word.as_bytes(), &mut out);
                             }
                         }
-                        Fragment::Token(id) => out.push(id),
+                        Piece::Token(id) => out.push(id),
                     }
                 }
             }
@@ -321,43 +320,9 @@ impl Tokenizer {
         out
     }
 
-    /// Splits out special tokens, longest first; the text between stays for the model.
-    fn split_special<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
-        let mut fragments = Vec::new();
-        if text.is_empty() {
-            return fragments;
-        }
-        fragments.push(Fragment::Text(text));
-        for &id in &self.special_tokens {
-            let a = self.attrs[id as usize];
-            if !parse_special && a & (attr::CONTROL | attr::UNKNOWN) != 0 {
-                continue;
-            }
-            let pattern = self.tokens[id as usize].as_str();
-            let occurs = fragments.iter().any(|f| matches!(f, Fragment::Text(t) if t.contains(pattern)));
-            if !occurs {
-                continue;
-            }
-            let mut next = Vec::with_capacity(fragments.len() + 2);
-            for fragment in fragments {
-                let Fragment::Text(mut rest) = fragment else {
-                    next.push(fragment);
-                    continue;
-                };
-                while let Some(at) = rest.find(pattern) {
-                    if at > 0 {
-                        next.push(Fragment::Text(&rest[..at]));
-                    }
-                    next.push(Fragment::Token(id));
-                    rest = &rest[at + pattern.len()..];
-                }
-                if !rest.is_empty() {
-                    next.push(Fragment::Text(rest));
-                }
-            }
-            fragments = next;
-        }
-        fragments
+    /// Splits out special tokens; the text between stays for the model.
+    fn split_special<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Piece<'t>> {
+        self.special.split(text, |id| parse_special || self.attrs[id as usize] & (attr::CONTROL | attr::UNKNOWN) == 0)
     }
 
     /// One pre-tokenized word (raw bytes).

@@ -381,3 +381,29 @@ fn hostile_templates_are_bounded() {
         eprintln!("{said}: refused after {:.2} s", started.elapsed().as_secs_f64());
     }
 }
+
+/// A special token longer than the bound is refused at load, naming the
+/// bound; one exactly at the bound loads and is split out of text.
+#[test]
+fn special_tokens_longer_than_the_bound_are_refused() {
+    use flexserve_tokenizer::MAX_SPECIAL_TOKEN_BYTES;
+    let at_bound = format!("<{}>", "x".repeat(MAX_SPECIAL_TOKEN_BYTES - 2));
+    let over = format!("<{}>", "y".repeat(MAX_SPECIAL_TOKEN_BYTES - 1));
+    let e = error_of(&bpe_meta("gpt2", &["hello"], &[(&over, 4)]));
+    assert!(e.contains("MAX_SPECIAL_TOKEN_BYTES") && e.contains(&MAX_SPECIAL_TOKEN_BYTES.to_string()), "{e}");
+    let tok = Tokenizer::from_gguf(&bpe_meta("gpt2", &["hello"], &[(&at_bound, 4)])).unwrap();
+    let ids = tok.encode(&format!("hello{at_bound}hello"), false, false);
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert_eq!(tok.token_text(ids[1]), Some(at_bound.as_str()));
+}
+
+/// Special tokens overlapping in the text: the one that starts first wins,
+/// then the longest of those starting there.
+#[test]
+fn overlapping_special_tokens_split_leftmost_then_longest() {
+    let tok = Tokenizer::from_gguf(&bpe_meta("gpt2", &["ab"], &[("<ab", 4), ("b>>", 4), ("<a", 4)])).unwrap();
+    let texts: Vec<_> =
+        tok.encode("<ab>>", false, false).iter().map(|&id| tok.token_text(id).unwrap().to_string()).collect();
+    // "b>>" is longer but starts later; the ">>" left over is ordinary text.
+    assert_eq!(texts, ["<ab", ">", ">"], "{texts:?}");
+}

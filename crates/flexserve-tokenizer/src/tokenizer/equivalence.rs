@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::{Fragment, Tokenizer};
+use super::{Piece, Tokenizer};
 use crate::config::{ModelKind, TokenType, TokenizerConfig};
 use crate::merge::oracle;
 use crate::pretokenize::PreTokenizerKind;
@@ -186,12 +186,12 @@ impl OracleEncoder {
         let mut after_special = true;
         for fragment in tok.split_special(text, true) {
             let text = match fragment {
-                Fragment::Token(id) => {
+                Piece::Token(id) => {
                     out.push(id);
                     after_special = true;
                     continue;
                 }
-                Fragment::Text(text) => text,
+                Piece::Text(text) => text,
             };
             match tok.model {
                 ModelKind::Spm => {
