@@ -297,7 +297,7 @@ impl<R: Read> Input<R> {
                 offset: self.pos,
                 value: self.held,
                 limit,
-                limit_desc: "3 bytes of memory per byte read plus 64 MiB",
+                limit_desc: "limits::MEMORY_PER_INPUT_BYTE (3) bytes of memory per byte read plus limits::MEMORY_ALLOWANCE (64 MiB)",
             });
         }
         Ok(())
@@ -352,7 +352,7 @@ impl<R: Read> Input<R> {
     fn check_count(
         &self,
         value: u64,
-        max: u64,
+        (max, max_name): (u64, &'static str),
         min_bytes_each: u64,
         offset: u64,
         what: What<'_>,
@@ -360,7 +360,7 @@ impl<R: Read> Input<R> {
         let too_big =
             |limit, limit_desc| GgufError::LimitExceeded { what: what.to_string(), offset, value, limit, limit_desc };
         if value > max {
-            return Err(too_big(max, "the maximum this reader accepts"));
+            return Err(too_big(max, max_name));
         }
         if let Some(remaining) = self.remaining() {
             // value <= max (< 2^27) and min_bytes_each is small, so this cannot overflow.
@@ -372,7 +372,7 @@ impl<R: Read> Input<R> {
     }
 
     /// Reads a length-prefixed UTF-8 string of at most `max` bytes.
-    fn string(&mut self, max: u64, what: What<'_>) -> Result<String, GgufError> {
+    fn string(&mut self, max: (u64, &'static str), what: What<'_>) -> Result<String, GgufError> {
         let len_offset = self.pos;
         let len = self.u64(what)?;
         self.check_count(len, max, 1, len_offset, what)?;
@@ -432,8 +432,20 @@ impl<R: Read> Input<R> {
         let count_offset = self.pos;
         let tensor_count = self.u64(what("tensor count", &loc))?;
         let kv_count = self.u64(what("metadata entry count", &loc))?;
-        self.check_count(kv_count, MAX_KV, MIN_KV_BYTES, count_offset + 8, what("metadata entry count", &loc))?;
-        self.check_count(tensor_count, MAX_TENSORS, MIN_TENSOR_INFO_BYTES, count_offset, what("tensor count", &loc))?;
+        self.check_count(
+            kv_count,
+            (MAX_KV, "limits::MAX_KV"),
+            MIN_KV_BYTES,
+            count_offset + 8,
+            what("metadata entry count", &loc),
+        )?;
+        self.check_count(
+            tensor_count,
+            (MAX_TENSORS, "limits::MAX_TENSORS"),
+            MIN_TENSOR_INFO_BYTES,
+            count_offset,
+            what("tensor count", &loc),
+        )?;
 
         let metadata = self.metadata(kv_count)?;
         let alignment = alignment_of(&metadata)?;
@@ -455,7 +467,7 @@ impl<R: Read> Input<R> {
         metadata.reserve(kv_count.min(PREALLOC as u64) as usize);
         for n in 0..kv_count {
             let key_offset = self.pos;
-            let key = self.string(MAX_KEY_LEN, what("key", &Loc::Entry(n)))?;
+            let key = self.string((MAX_KEY_LEN, "limits::MAX_KEY_LEN"), what("key", &Loc::Entry(n)))?;
             // The entry's slots (an ordered list and an index, each of which
             // may have grown by doubling) and the index's copy of the key.
             self.hold(ENTRY_COST + key.len() as u64, what("key", &Loc::Entry(n)))?;
@@ -509,7 +521,9 @@ impl<R: Read> Input<R> {
                     }
                 }
             }
-            ValueType::String => Value::String(self.string(MAX_STRING_LEN, what("string", loc))?),
+            ValueType::String => {
+                Value::String(self.string((MAX_STRING_LEN, "limits::MAX_STRING_LEN"), what("string", loc))?)
+            }
             ValueType::Array => Value::Array(self.array_value(loc, depth + 1)?),
         })
     }
@@ -519,7 +533,7 @@ impl<R: Read> Input<R> {
             return Err(GgufError::InvalidValue {
                 what: what("array", loc).to_string(),
                 offset: self.pos,
-                reason: format!("arrays are nested more than {MAX_ARRAY_DEPTH} levels deep"),
+                reason: format!("arrays are nested more than {MAX_ARRAY_DEPTH} levels deep (limits::MAX_ARRAY_DEPTH)"),
             });
         }
         let elem_type = self.value_type(what("array element type", loc))?;
@@ -530,7 +544,13 @@ impl<R: Read> Input<R> {
             ValueType::String => 8,
             _ => 12,
         }) as u64;
-        self.check_count(count, MAX_ARRAY_LEN, min_elem_bytes, count_offset, what("array length", loc))?;
+        self.check_count(
+            count,
+            (MAX_ARRAY_LEN, "limits::MAX_ARRAY_LEN"),
+            min_elem_bytes,
+            count_offset,
+            what("array length", loc),
+        )?;
         let mut values = Vec::with_capacity(count.min(PREALLOC as u64) as usize);
         self.hold(ALLOCATION_COST, what("array", loc))?;
         for i in 0..count {
@@ -545,7 +565,8 @@ impl<R: Read> Input<R> {
         let mut by_name: HashMap<String, usize> = HashMap::new();
         for n in 0..tensor_count {
             let index = tensors.len();
-            let name = self.string(MAX_TENSOR_NAME_LEN, what("name", &Loc::Tensor(n)))?;
+            let name =
+                self.string((MAX_TENSOR_NAME_LEN, "limits::MAX_TENSOR_NAME_LEN"), what("name", &Loc::Tensor(n)))?;
             let loc = Loc::NamedTensor(n, &name);
             let invalid = |reason: String| GgufError::InvalidTensor { index, name: name.clone(), reason };
 

@@ -106,8 +106,8 @@ fn truncation_messages_say_where() {
 
 #[test]
 fn huge_counts() {
-    parse_err(&Raw::header(3, 0, u64::MAX).0, &["metadata entry count", "at byte 16", "maximum"]);
-    parse_err(&Raw::header(3, u64::MAX, 0).0, &["tensor count", "at byte 8", "maximum"]);
+    parse_err(&Raw::header(3, 0, u64::MAX).0, &["metadata entry count", "at byte 16", "limits::MAX_KV"]);
+    parse_err(&Raw::header(3, u64::MAX, 0).0, &["tensor count", "at byte 8", "limits::MAX_TENSORS"]);
     // Within the fixed bounds but more than the file could hold.
     parse_err(&Raw::header(3, 0, 1000).u64(0).0, &["metadata entry count", "1000", "bytes left"]);
     parse_err(&Raw::header(3, 1000, 0).0, &["tensor count", "1000", "bytes left"]);
@@ -123,12 +123,12 @@ fn huge_string_lengths() {
     // Key length.
     parse_err(
         &Raw::header(3, 0, 1).u64(1 << 40).bytes(&[0; 64]).0,
-        &["key of metadata entry #0", "at byte 24", "1099511627776"],
+        &["key of metadata entry #0", "at byte 24", "1099511627776", "limits::MAX_KEY_LEN"],
     );
     // String value length, beyond the cap and beyond the file.
     let mut raw = Raw::header(3, 0, 1);
     raw.str("name").u32(8).u64(u64::MAX).bytes(b"abc");
-    parse_err(&raw.0, &["string of metadata key \"name\"", "at byte 40"]);
+    parse_err(&raw.0, &["string of metadata key \"name\"", "at byte 40", "limits::MAX_STRING_LEN"]);
     let mut raw = Raw::header(3, 0, 1);
     raw.str("name").u32(8).u64(1000).bytes(b"abc");
     parse_err(&raw.0, &["metadata key \"name\"", "1000", "bytes left"]);
@@ -140,14 +140,14 @@ fn huge_string_lengths() {
     // Tensor name length.
     let mut raw = Raw::header(3, 1, 0);
     raw.u64(u64::MAX >> 1).bytes(&[0; 64]);
-    parse_err(&raw.0, &["name of tensor #0"]);
+    parse_err(&raw.0, &["name of tensor #0", "limits::MAX_TENSOR_NAME_LEN"]);
 }
 
 #[test]
 fn huge_array_length() {
     let mut raw = Raw::header(3, 0, 1);
     raw.str("arr").u32(9).u32(4).u64(u64::MAX);
-    parse_err(&raw.0, &["array length of metadata key \"arr\"", "at byte 43"]);
+    parse_err(&raw.0, &["array length of metadata key \"arr\"", "at byte 43", "limits::MAX_ARRAY_LEN"]);
     let mut raw = Raw::header(3, 0, 1);
     raw.str("arr").u32(9).u32(4).u64(100).u32(1);
     parse_err(&raw.0, &["array length of metadata key \"arr\"", "100", "bytes left"]);
@@ -164,7 +164,7 @@ fn deep_array_nesting() {
     for _ in 0..20 {
         raw.u32(9).u64(1);
     }
-    parse_err(&raw.0, &["metadata key \"deep\"", "nested more than 8"]);
+    parse_err(&raw.0, &["metadata key \"deep\"", "nested more than 8", "limits::MAX_ARRAY_DEPTH"]);
 }
 
 #[test]

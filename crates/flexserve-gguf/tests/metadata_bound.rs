@@ -113,6 +113,7 @@ fn amplifying_metadata_stays_within_its_memory_bound() {
             Err(GgufError::LimitExceeded { what, limit_desc, .. }) => {
                 assert!(what.contains("metadata memory"), "{name}: {what}");
                 assert!(limit_desc.contains("per byte read"), "{name}: {limit_desc}");
+                assert!(limit_desc.contains("MEMORY_PER_INPUT_BYTE"), "{name}: {limit_desc}");
             }
             other => panic!("{name}: expected the memory bound to trip, got {other:?}"),
         }
