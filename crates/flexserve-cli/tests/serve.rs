@@ -393,3 +393,44 @@ fn a_config_file_names_the_models_and_settings_and_options_override_it() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("serve.toml") && e.contains("colour"), "{e}");
 }
+
+/// A request body over the daemon's bound (`MAX_BODY_BYTES`) is answered 413
+/// with an error in the OpenAI format that names the bound, on every endpoint
+/// that takes a body, whether the client states the length up front or sends
+/// the body in chunks; a body of exactly the bound is read (and judged on
+/// what it says).
+#[test]
+fn an_oversized_body_is_a_413_in_the_openai_format_naming_the_bound() {
+    let limit = flexserve_server::api::MAX_BODY_BYTES;
+    let server = Server::start(&[]);
+    let file = |name: &str, len: usize| {
+        let path = server.home.path().join(name);
+        let mut body = br#"{"model":"plain","prompt":""#.to_vec();
+        body.resize(len, b'x');
+        std::fs::write(&path, body).unwrap();
+        format!("@{}", path.display())
+    };
+    let (at_limit, over) = (file("at-limit.json", limit), file("over.json", limit + 1));
+    let too_large = |code: u16, text: &str, how: &str| {
+        assert_eq!(code, 413, "{how}: {text}");
+        let e: serde_json::Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{how}: {e}: {text}"));
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{how}: {text}");
+        assert_eq!(e["error"]["code"], "request_too_large", "{how}: {text}");
+        let message = e["error"]["message"].as_str().unwrap();
+        assert_eq!(message, format!("request body exceeds the limit of {limit} bytes (MAX_BODY_BYTES)"), "{how}");
+    };
+    for path in ["/v1/chat/completions", "/v1/completions", "/models/load", "/models/unload"] {
+        let (code, text) = server.curl("POST", path, Some(&over));
+        too_large(code, &text, path);
+    }
+    let chunked = ["-H", &format!("Authorization: Bearer {KEY}"), "-H", "Transfer-Encoding: chunked"];
+    let (code, text) = server.curl_with(&chunked, "POST", "/v1/completions", Some(&over));
+    too_large(code, &text, "chunked");
+    // At the bound the body is read: an unterminated JSON string.
+    let (code, text) = server.curl("POST", "/v1/completions", Some(&at_limit));
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("malformed JSON"), "{text}");
+    // The daemon serves on.
+    let (code, text) = server.curl("POST", "/v1/chat/completions", Some(&chat_body("plain", "Hi", 4, "")));
+    assert_eq!(code, 200, "{text}");
+}

@@ -491,3 +491,61 @@ fn a_daemon_reserve_is_prepared_ahead_and_sealed_models_load_into_it() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Sessions are bounded per peer uid (`MAX_SESSIONS_PER_PEER` in
+/// flexserve-secure's service): a uid that holds that many live sessions gets
+/// one error frame naming the bound for its next connection, other uids are
+/// still served, and a session that ends stops counting. The peer here is
+/// this test process (root, which the service admits like any peer).
+#[test]
+fn sessions_are_bounded_per_peer_uid_and_an_ended_one_stops_counting() {
+    use flexserve_normal::{MemoryBudget, NormalError, SecureWorld};
+    use flexserve_protocol::ErrorCode;
+    if !accounts() {
+        return;
+    }
+    let service = Service::start();
+    let connect = || SecureWorld::connect(&service.socket, MemoryBudget::Bytes(64 << 20));
+    // Sessions until the service refuses one (each greeted, so each is live).
+    let mut held = Vec::new();
+    let message = loop {
+        match connect() {
+            Ok(world) => held.push(world),
+            Err(NormalError::Secure { code: ErrorCode::NoMemory, message }) => break message,
+            Err(e) => panic!("session {}: {e}", held.len() + 1),
+        }
+        assert!(held.len() <= 64, "no bound per peer after {} sessions", held.len());
+    };
+    assert!(
+        message.contains("MAX_SESSIONS_PER_PEER")
+            && message.contains(&format!("at most {} sessions per peer uid", held.len())),
+        "{message}"
+    );
+    assert!(held.len() >= 2, "{message}");
+    // Those held are served; so is another uid.
+    held[0].status().unwrap();
+    ok(service.run(NORMAL_USER, &["status"]));
+    // One session ends: once the service has seen it end, the peer is served again, once.
+    drop(held.pop());
+    let t0 = Instant::now();
+    let again = loop {
+        match connect() {
+            Ok(world) => break world,
+            Err(NormalError::Secure { code: ErrorCode::NoMemory, .. }) => {
+                assert!(t0.elapsed() < Duration::from_secs(10), "an ended session still counts");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    held.push(again);
+    match connect() {
+        Err(NormalError::Secure { code: ErrorCode::NoMemory, message }) => {
+            assert!(message.contains("MAX_SESSIONS_PER_PEER"), "{message}")
+        }
+        other => panic!("one session more than the bound: {:?}", other.map(|w| w.pid())),
+    }
+    drop(held);
+    let log = service.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -108,6 +108,11 @@ pub struct ResidentModel<R: SecureRegion> {
     engine: Option<Model>,
     pub conversations: HashMap<u32, Conversation>,
     pub last_used: Instant,
+    /// The most bytes one token of this model's tokenizer spells (special
+    /// tokens as their text; at least 4, a UTF-8 character, which an unknown
+    /// token may stand for): a prompt of `n` tokens holds at most `n` times
+    /// this much text, which bounds the text a conversation keeps.
+    pub longest_token: usize,
 }
 
 /// Why a chunk could not be loaded.
@@ -149,6 +154,8 @@ impl<R: SecureRegion> ResidentModel<R> {
         }
         let chunk_loaded = vec![false; sealed.header().chunks.len()];
         let rearranged = vec![None; header.tensors.len()];
+        let longest_token =
+            (0..tokenizer.n_vocab() as u32).map(|id| tokenizer.token_piece_special(id).len()).max().unwrap_or(0).max(4);
         Ok(Self {
             name,
             sealed,
@@ -162,6 +169,7 @@ impl<R: SecureRegion> ResidentModel<R> {
             engine: None,
             conversations: HashMap::new(),
             last_used: Instant::now(),
+            longest_token,
         })
     }
 

@@ -28,6 +28,13 @@ use crate::world::{HeapProbe, SecureWorld};
 
 /// Most sessions served at once; a peer beyond it is refused.
 pub const MAX_SESSIONS: usize = 64;
+/// Most sessions one peer uid holds at once; its next connection is refused.
+/// A peer needs one session per sealed model it keeps loaded (a daemon: one
+/// per loaded model plus one for its reserve) and one per CLI command it runs:
+/// 16 covers a daemon with a dozen sealed models and a few commands beside it,
+/// while one uid can take only a quarter of [`MAX_SESSIONS`], so that a runaway
+/// or hostile peer leaves sessions for the others.
+pub const MAX_SESSIONS_PER_PEER: usize = 16;
 /// How long a new peer has to hand over its shared buffer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the accept loop looks at the stop flag.
@@ -65,6 +72,27 @@ impl Admission {
     }
 }
 
+/// Whether one more session for a peer of uid `uid` fits beside the live
+/// sessions, whose peers' uids are `live`: `None`, or the refusal, naming the
+/// bound it would pass ([`MAX_SESSIONS`] in all, [`MAX_SESSIONS_PER_PEER`] per uid).
+pub fn session_bound(live: impl IntoIterator<Item = u32>, uid: u32) -> Option<String> {
+    let (mut total, mut of_peer) = (0, 0);
+    for live_uid in live {
+        total += 1;
+        of_peer += usize::from(live_uid == uid);
+    }
+    if total >= MAX_SESSIONS {
+        return Some(format!("the secure world serves at most {MAX_SESSIONS} sessions at once (MAX_SESSIONS)"));
+    }
+    if of_peer >= MAX_SESSIONS_PER_PEER {
+        return Some(format!(
+            "uid {uid} already holds {of_peer} sessions: the secure world serves at most \
+             {MAX_SESSIONS_PER_PEER} sessions per peer uid at once (MAX_SESSIONS_PER_PEER); end one first"
+        ));
+    }
+    None
+}
+
 /// What the service needs beyond its listening socket.
 pub struct ServiceParts {
     pub pool: GranulePool,
@@ -77,6 +105,8 @@ pub struct ServiceParts {
 
 struct Session {
     thread: JoinHandle<()>,
+    /// The peer's uid, for [`MAX_SESSIONS_PER_PEER`].
+    uid: u32,
     /// A second handle on the session's socket, to close it on shutdown.
     socket: UnixStream,
 }
@@ -133,12 +163,9 @@ pub fn serve(listener: UnixListener, parts: ServiceParts) {
             );
             continue;
         }
-        if sessions.len() >= MAX_SESSIONS {
-            refuse(
-                stream,
-                ErrorCode::NoMemory,
-                format!("the secure world serves at most {MAX_SESSIONS} peers at once"),
-            );
+        // Finished sessions were dropped above: only live ones count.
+        if let Some(why) = session_bound(sessions.iter().map(|s| s.uid), peer.uid) {
+            refuse(stream, ErrorCode::NoMemory, why);
             continue;
         }
         let Ok(closer) = stream.try_clone() else { continue };
@@ -160,7 +187,7 @@ pub fn serve(listener: UnixListener, parts: ServiceParts) {
             // Dropping the world scrubs the session's memory.
         });
         match spawned {
-            Ok(thread) => sessions.push(Session { thread, socket: closer }),
+            Ok(thread) => sessions.push(Session { thread, uid: peer.uid, socket: closer }),
             Err(e) => eprintln!("flexserve-secure: starting a session: {e}"),
         }
     }
@@ -278,5 +305,23 @@ mod tests {
         assert!(a.admits(&peer(1001, 995, &[])), "primary group");
         assert!(a.admits(&peer(1001, 1001, &[1001, 995])), "supplementary group");
         assert!(!a.admits(&peer(1002, 1002, &[1002, 27])), "anyone else");
+    }
+
+    #[test]
+    fn sessions_are_bounded_per_peer_uid_and_in_all() {
+        // A peer may hold MAX_SESSIONS_PER_PEER sessions, not one more; others are not held back.
+        let full: Vec<u32> = vec![1001; MAX_SESSIONS_PER_PEER];
+        assert_eq!(session_bound(full[1..].iter().copied(), 1001), None);
+        let why = session_bound(full.iter().copied(), 1001).expect("one more than the bound");
+        assert!(why.contains("MAX_SESSIONS_PER_PEER") && why.contains(&MAX_SESSIONS_PER_PEER.to_string()), "{why}");
+        assert_eq!(session_bound(full.iter().copied(), 1002), None, "another uid");
+        assert_eq!(session_bound(full.iter().copied().chain([1002, 0]), 0), None, "root counts as its own uid");
+        // Finished sessions are dropped from the live list: one fewer, and the peer is served again.
+        assert_eq!(session_bound(full.iter().copied().skip(1), 1001), None);
+        // In all: MAX_SESSIONS, whoever holds them.
+        let many: Vec<u32> = (0..MAX_SESSIONS as u32).map(|i| 2000 + i).collect();
+        let why = session_bound(many.iter().copied(), 3000).expect("one more than the total");
+        assert!(why.contains("(MAX_SESSIONS)") && why.contains(&MAX_SESSIONS.to_string()), "{why}");
+        assert_eq!(session_bound(many[1..].iter().copied(), 3000), None);
     }
 }

@@ -29,6 +29,14 @@ mod generation;
 const MAX_HEADER_LEN: u64 = 512 << 20;
 /// Most stored model keys one session may hand in.
 pub const MAX_SESSION_KEYS: usize = 1024;
+/// Most conversations one session keeps at once, across its models; a
+/// `Generate` that would start one more is refused until one ends
+/// (`EndConversation`, or unloading its model). A chat keeps one, and a peer
+/// that multiplexes users (a daemon) one per user it serves at the moment;
+/// each kept conversation holds its messages in the secure heap and a KV cache
+/// in granted granules, so 256 leaves such a peer ample room while one session
+/// cannot fill the secure world with idle conversations by counting ids up.
+pub const MAX_CONVERSATIONS: usize = 256;
 /// Authenticated metadata key by which a vendor lets its model be scored
 /// (`flexserve seal --allow-perplexity`) whatever the policy says.
 pub const ALLOW_PERPLEXITY_KEY: &str = "flexserve.allow_perplexity";

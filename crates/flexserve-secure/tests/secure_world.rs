@@ -695,3 +695,103 @@ fn a_hostile_chat_template_is_refused_and_the_secure_world_serves_on() {
     assert_eq!(world.status().unwrap().models.len(), 1);
     world.shutdown().unwrap();
 }
+
+/// A session keeps at most `MAX_CONVERSATIONS` conversations, across its
+/// models: a turn that would start one more is refused with an error that
+/// names the bound, while turns of kept conversations and requests that keep
+/// nothing (conversation 0) go on; ending a conversation, or unloading its
+/// model, frees its slot.
+#[test]
+fn a_session_keeps_a_bounded_number_of_conversations_and_ending_one_frees_a_slot() {
+    use flexserve_protocol::{Reply, Request};
+    use flexserve_secure::world::MAX_CONVERSATIONS;
+    let sealer = SynthSealer::new();
+    let (fsm_a, fsm_b) = (sealer.seal("a", |_| {}), sealer.seal("b", |_| {}));
+    // Each kept conversation holds a KV cache of at least one granule: small ones.
+    let opts = SecureWorldOptions { granule_size: 64 << 10, ..sealer.options() };
+    let mut world = SecureWorld::spawn(&opts).unwrap();
+    let (a, _) = world.open_model(&fsm_a).unwrap();
+    let (b, _) = world.open_model(&fsm_b).unwrap();
+    let turn = |model: &OpenedModel, conversation: u32| GenerateRequest {
+        conversation,
+        n_ctx: 16,
+        ..request(model, "Once upon a time", 1)
+    };
+    let served = |world: &mut SecureWorld, model: &OpenedModel, conversation: u32| {
+        if let Err(e) = world.generate(model, turn(model, conversation), |_| {}) {
+            panic!("conversation {conversation} on model {}: {e}", model.id)
+        }
+    };
+    let refused = |world: &mut SecureWorld, model: &OpenedModel, conversation: u32| -> String {
+        match world.generate(model, turn(model, conversation), |_| {}) {
+            Err(NormalError::Secure { code: ErrorCode::BadArgument, message }) => message,
+            other => panic!("conversation {conversation} beyond the bound: {other:?}"),
+        }
+    };
+    let models = [&a, &b];
+    for id in 1..=MAX_CONVERSATIONS as u32 {
+        served(&mut world, models[id as usize % 2], id);
+    }
+    let message = refused(&mut world, &a, 1000);
+    assert!(message.contains("MAX_CONVERSATIONS") && message.contains(&MAX_CONVERSATIONS.to_string()), "{message}");
+    refused(&mut world, &b, 1000);
+    // Kept conversations go on, and so do requests that keep nothing.
+    served(&mut world, &a, 2);
+    served(&mut world, &b, 1);
+    served(&mut world, &a, 0);
+    refused(&mut world, &a, 1000);
+    // Ending one (on model a) frees a slot (used on model b), and only one.
+    assert!(matches!(world.call(&Request::EndConversation { model: a.id, conversation: 2 }), Ok(Reply::Ok)));
+    served(&mut world, &b, 1000);
+    refused(&mut world, &a, 1001);
+    // Unloading a model ends its conversations.
+    assert!(matches!(world.call(&Request::Unload { model: a.id }), Ok(Reply::Ok)));
+    for id in 1001..1001 + MAX_CONVERSATIONS as u32 / 2 - 1 {
+        served(&mut world, &b, id);
+    }
+    refused(&mut world, &b, 2000);
+    world.shutdown().unwrap();
+}
+
+/// A conversation keeps no more text than its prompt can use: what the
+/// prompt's tokens can spell. With a chat template that trims what it renders
+/// (as Llama 3's does), a message padded with whitespace that never reaches
+/// the prompt would otherwise be kept, turn after turn; it is refused with an
+/// error that names the bound, and the conversation keeps what it had and
+/// goes on. Requests that keep nothing (conversation 0) are not held to it.
+#[test]
+fn a_conversation_keeps_no_more_text_than_its_prompt_can_use() {
+    use flexserve_protocol::{Reply, Request};
+    let sealer = SynthSealer::new();
+    let trimming = "{% for m in messages %}{{ m['content'] | trim }}\n{% endfor %}";
+    let fsm = sealer
+        .seal("trimming", |w| w.set("tokenizer.chat_template", flexserve_gguf::Value::String(trimming.to_string())));
+    let mut world = SecureWorld::spawn(&sealer.options()).unwrap();
+    let (model, _) = world.open_model(&fsm).unwrap();
+    let chat = |conversation: u32, user: &str| GenerateRequest {
+        conversation,
+        input: Input::ChatTurn { system: None, user: user.to_string() },
+        ..request(&model, "", 4)
+    };
+    let padded = format!("Hello{}", " ".repeat(64 << 10));
+    world.generate(&model, chat(5, "Hello"), |_| {}).unwrap();
+    match world.generate(&model, chat(5, &padded), |_| {}) {
+        Err(NormalError::Secure { code: ErrorCode::BadArgument, message }) => {
+            assert!(message.contains("conversation 5 would keep") && message.contains("longest token"), "{message}")
+        }
+        other => panic!("a turn whose text the prompt cannot use must be refused: {other:?}"),
+    }
+    // Nothing is kept by conversation 0: the same message is served.
+    world.generate(&model, chat(0, &padded), |_| {}).unwrap();
+    // The conversation goes on from what it kept.
+    let report = world.generate(&model, chat(5, "Hello again"), |_| {}).unwrap();
+    assert!(report.cached_tokens > 0, "the kept turn's cache is reused: {report:?}");
+    // A new conversation whose first turn is refused is not kept.
+    assert!(matches!(world.generate(&model, chat(6, &padded), |_| {}), Err(NormalError::Secure { .. })));
+    match world.call(&Request::EndConversation { model: model.id, conversation: 6 }) {
+        Err(NormalError::Secure { code: ErrorCode::NoSuchModel, .. }) => {}
+        other => panic!("the refused conversation 6 was kept: {other:?}"),
+    }
+    assert!(matches!(world.call(&Request::EndConversation { model: model.id, conversation: 5 }), Ok(Reply::Ok)));
+    world.shutdown().unwrap();
+}

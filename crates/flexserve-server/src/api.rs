@@ -154,6 +154,8 @@ pub enum ErrorKind {
     Overloaded,
     Unavailable,
     Internal,
+    /// A request body over [`MAX_BODY_BYTES`].
+    TooLarge,
 }
 
 impl ErrorKind {
@@ -164,12 +166,13 @@ impl ErrorKind {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Overloaded | ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
     fn type_name(self) -> &'static str {
         match self {
-            ErrorKind::InvalidRequest => "invalid_request_error",
+            ErrorKind::InvalidRequest | ErrorKind::TooLarge => "invalid_request_error",
             ErrorKind::Authentication => "authentication_error",
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::Overloaded => "overloaded_error",
@@ -196,6 +199,15 @@ impl ApiError {
 
     pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> ApiError {
         ApiError { param, ..ApiError::new(ErrorKind::InvalidRequest, message) }
+    }
+
+    /// A request body over [`MAX_BODY_BYTES`]: 413, naming the bound.
+    pub fn body_too_large() -> ApiError {
+        ApiError::new(
+            ErrorKind::TooLarge,
+            format!("request body exceeds the limit of {MAX_BODY_BYTES} bytes (MAX_BODY_BYTES)"),
+        )
+        .with_code("request_too_large")
     }
 
     pub fn with_code(mut self, code: &'static str) -> ApiError {
@@ -277,5 +289,11 @@ mod tests {
         assert_eq!(e["error"]["type"], "invalid_request_error");
         assert_eq!(e["error"]["param"], "temperature");
         assert_eq!(e["error"]["message"], "bad temperature");
+        let e = ApiError::body_too_large();
+        assert_eq!(e.kind.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let body = e.body();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "request_too_large");
+        assert_eq!(body["error"]["message"], "request body exceeds the limit of 4194304 bytes (MAX_BODY_BYTES)");
     }
 }

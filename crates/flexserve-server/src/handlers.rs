@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive as SseKeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -26,6 +26,25 @@ use crate::AppState;
 
 /// Events a job may have queued before the client reads them.
 const EVENT_BUFFER: usize = 64;
+
+/// A request's body, at most [`api::MAX_BODY_BYTES`] (the router's
+/// `DefaultBodyLimit`): a larger one is answered 413 in the OpenAI error
+/// format, naming the bound, instead of axum's plain-text rejection.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Body, ApiError> {
+        Bytes::from_request(request, state).await.map(Body).map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::body_too_large()
+            } else {
+                ApiError::bad_request(e.body_text(), None)
+            }
+        })
+    }
+}
 
 fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
@@ -80,7 +99,7 @@ enum Endpoint {
     Completion,
 }
 
-pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn chat_completions(State(state): State<Arc<AppState>>, Body(body): Body) -> Response {
     let result = async {
         let req: ChatRequest = parse(&body)?;
         if req.messages.is_empty() {
@@ -100,7 +119,7 @@ pub async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -
     result.unwrap_or_else(|e| failed(&state, e))
 }
 
-pub async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn completions(State(state): State<Arc<AppState>>, Body(body): Body) -> Response {
     let result = async {
         let req: CompletionRequest = parse(&body)?;
         complete(&state, Endpoint::Completion, &req.model, JobInput::Prompt(req.prompt), &req.params).await
@@ -313,7 +332,7 @@ pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-pub async fn load_model(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn load_model(State(state): State<Arc<AppState>>, Body(body): Body) -> Response {
     let result = async {
         let req: ModelRequest = parse(&body)?;
         let entry = state.registry.entry(&req.model)?;
@@ -324,7 +343,7 @@ pub async fn load_model(State(state): State<Arc<AppState>>, body: Bytes) -> Resp
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-pub async fn unload_model(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+pub async fn unload_model(State(state): State<Arc<AppState>>, Body(body): Body) -> Response {
     let result = async {
         let req: ModelRequest = parse(&body)?;
         let entry = state.registry.entry(&req.model)?;

@@ -8,9 +8,23 @@ use super::*;
 impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
     pub(super) fn generate(&mut self, g: GenerateRequest) -> Result<Reply, Failure> {
         let threads = self.compute.threads();
+        let kept_conversations: usize = self.models.values().map(|m| m.conversations.len()).sum();
         let channel = &mut self.channel;
         let memory = &self.memory;
         let model = self.models.get_mut(&g.model).ok_or_else(|| no_model(g.model))?;
+        // A turn of a conversation kept from before, or (id 0) none at all.
+        // A new conversation's failed first turn leaves nothing behind.
+        let existed = g.conversation != 0 && model.conversations.contains_key(&g.conversation);
+        if g.conversation != 0 && !existed && kept_conversations >= MAX_CONVERSATIONS {
+            return Err((
+                ErrorCode::BadArgument,
+                format!(
+                    "conversation {} would be one more than the {MAX_CONVERSATIONS} conversations a session keeps \
+                     at once (MAX_CONVERSATIONS): end one (EndConversation) first",
+                    g.conversation
+                ),
+            ));
+        }
         if !model.fully_resident() {
             let missing = model.chunk_count() - model.resident_chunks();
             return Err((
@@ -19,6 +33,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             ));
         }
         model.engine(threads).map_err(|e| (ErrorCode::Engine, e))?;
+        let longest_token = model.longest_token;
         let (engine, tokenizer, template, conversations) = model.parts();
         let engine = engine.expect("built above");
         let mut conv = if g.conversation == 0 {
@@ -59,11 +74,8 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         let mut text = match rendered {
             Ok(text) => text,
             Err(failure) => {
-                match replaced.take() {
-                    Some(old) => conv.messages = old,
-                    None => conv.messages.truncate(kept_messages),
-                }
-                if g.conversation != 0 {
+                undo_turn(&mut conv, replaced, kept_messages);
+                if existed {
                     conversations.insert(g.conversation, conv);
                 }
                 return Err(failure);
@@ -71,6 +83,33 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         };
         let mut ids = tokenizer.encode(&text, true, true);
         text.zeroize();
+        // A kept conversation keeps no more text than its prompt can use: what
+        // the prompt's tokens can spell, each at most the model's longest
+        // token (the answer, made of generated tokens, stays within that too).
+        // A template that leaves text out (trims it, drops messages) would
+        // otherwise let a conversation's messages grow without bound.
+        if chat && g.conversation != 0 {
+            let kept_bytes: usize = conv.messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+            let most = ids.len().saturating_mul(longest_token);
+            if kept_bytes > most {
+                ids.zeroize();
+                undo_turn(&mut conv, replaced, kept_messages);
+                if existed {
+                    conversations.insert(g.conversation, conv);
+                }
+                return Err((
+                    ErrorCode::BadArgument,
+                    format!(
+                        "conversation {} would keep {kept_bytes} bytes of messages, more than its prompt of {} \
+                         tokens can use ({most} bytes: at most {longest_token}, the model's longest token, per \
+                         token); the chat template leaves text out, and a conversation keeps only what its \
+                         context can use",
+                        g.conversation,
+                        ids.len()
+                    ),
+                ));
+            }
+        }
         // The cache holds the prompt and what may be generated, within the context.
         let limit = if g.n_ctx == 0 { engine.config.n_ctx_train } else { g.n_ctx as usize };
         let room = g.max_tokens as usize;
@@ -96,8 +135,8 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 let KvShortfall { state, reply } = *shortfall;
                 ids.zeroize();
                 conv.state = state;
-                conv.messages.truncate(kept_messages);
-                if g.conversation != 0 {
+                undo_turn(&mut conv, replaced, kept_messages);
+                if existed {
                     conversations.insert(g.conversation, conv);
                 }
                 return reply;
@@ -269,6 +308,15 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         tokens.zeroize();
         let r = result.map_err(|e| (ErrorCode::Engine, e.to_string()))?;
         Ok(Reply::Perplexity { tokens: count, chunks: r.n_chunks as u32, ppl: r.ppl, ppl_err: r.ppl_err })
+    }
+}
+
+/// Takes a turn that did not run out of its conversation: the messages it
+/// replaced come back, or those it added go.
+fn undo_turn(conv: &mut Conversation, replaced: Option<Vec<ChatMessage>>, kept_messages: usize) {
+    match replaced {
+        Some(old) => conv.messages = old,
+        None => conv.messages.truncate(kept_messages),
     }
 }
 
