@@ -3,6 +3,7 @@
 mod bench;
 mod bench_secure;
 mod bench_serve;
+mod client;
 mod plain;
 mod secure;
 mod serve;
@@ -113,6 +114,9 @@ enum Command {
     DeviceKey,
     /// Serve models over an OpenAI-compatible HTTP API (plain models here, sealed ones in the secure world).
     Serve(serve::ServeArgs),
+    /// A local OpenAI-compatible endpoint whose chats go to a daemon's secure world in encrypted
+    /// sessions: the daemon carries them and cannot read them.
+    Client(client::ClientArgs),
     /// The secure world's identity report, its signature checked and its identity key pinned
     /// (the first time, in $FLEXSERVE_HOME/secure-world.pin; a different key later is refused).
     Identity {
@@ -533,6 +537,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::DeviceKey => secure::device_key(),
         Command::Identity { json, expect } => secure::identity(json, expect),
         Command::Serve(args) => serve::run(args),
+        Command::Client(args) => client::run(args),
         Command::Key { what: KeyCommand::Import { key, name, remove } } => secure::import_key(&key, name, remove),
         Command::Seal { model, key, to, output, chunk_size, key_out, sign } => {
             seal(model, key, to, output, chunk_size, key_out, sign)

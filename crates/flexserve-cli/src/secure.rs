@@ -182,7 +182,8 @@ pub fn device_key() -> Result<()> {
 pub fn identity(json: bool, expect: Option<String>) -> Result<()> {
     let mut world = connect(&KeyArgs { key: None, vendor_pubkey: None }, &SecureArgs::plain(), 1)?;
     let (report, signature) = world.identity()?;
-    let checked = check_identity(&report, &signature, expect.as_deref())?;
+    let pin_path = flexserve_normal::flexserve_home()?.join("secure-world.pin");
+    let checked = flexserve_client::check_identity(&report, &signature, expect.as_deref(), &pin_path)?;
     if json {
         let parsed: serde_json::Value = serde_json::from_str(&report)?;
         println!(
@@ -216,50 +217,6 @@ pub fn identity(json: bool, expect: Option<String>) -> Result<()> {
         println!("  signature: {signature} (verified)");
     }
     Ok(())
-}
-
-/// What checking a report established.
-struct CheckedIdentity {
-    key: String,
-    pin_note: String,
-}
-
-/// Verifies the report's signature with the key it names, then holds that
-/// key against `expect`, or the pin (pinning it the first time).
-fn check_identity(report: &str, signature: &str, expect: Option<&str>) -> Result<CheckedIdentity> {
-    let r: serde_json::Value = serde_json::from_str(report).context("the identity report is not JSON")?;
-    if r["format"] != flexserve_protocol::IDENTITY_REPORT_FORMAT {
-        bail!(
-            "the identity report's format is {}, expected {}",
-            r["format"],
-            flexserve_protocol::IDENTITY_REPORT_FORMAT
-        );
-    }
-    let key = r["identity_ed25519"].as_str().context("the identity report names no identity key")?.to_string();
-    flexserve_sealed::verify_identity_signature(&key, report.as_bytes(), signature)?;
-    let pin_path = flexserve_normal::flexserve_home()?.join("secure-world.pin");
-    let pin_note = match expect {
-        Some(e) if e.trim() != key => bail!("the secure world's identity key is {key}, not the expected {}", e.trim()),
-        Some(_) => "as expected".to_string(),
-        None => match std::fs::read_to_string(&pin_path) {
-            Ok(pinned) if pinned.trim() == key => format!("matches the key pinned in {}", pin_path.display()),
-            Ok(pinned) => bail!(
-                "the secure world's identity key changed: {} is pinned in {}, this one is {key}; refusing it \
-                 (remove the pin file only if its device key was replaced on purpose)",
-                pinned.trim(),
-                pin_path.display()
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(dir) = pin_path.parent() {
-                    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-                }
-                write_private(&pin_path, format!("{key}\n").as_bytes())?;
-                format!("first use: pinned in {}", pin_path.display())
-            }
-            Err(e) => return Err(e).with_context(|| format!("reading {}", pin_path.display())),
-        },
-    };
-    Ok(CheckedIdentity { key, pin_note })
 }
 
 /// `flexserve key import`: the secure world seals the key under its device

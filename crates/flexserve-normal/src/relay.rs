@@ -10,6 +10,13 @@ use flexserve_protocol::{ErrorCode, GenerateRequest, GenerationReport, Reply, Re
 use crate::governor::PRESSURE_CHECK_INTERVAL;
 use crate::{control, unexpected, NormalError, OpenedModel, Result, SecureWorld};
 
+/// A piece of a generation's stream: plain text, or a record sealed to an
+/// encrypted session's client.
+enum Streamed<'a> {
+    Text(&'a str),
+    Sealed(Vec<u8>),
+}
+
 /// A recall sent while a generation runs, waiting for its answer.
 pub(crate) struct InFlightRecall {
     pub(crate) requested: u32,
@@ -41,8 +48,71 @@ impl SecureWorld {
         mut on_text: impl FnMut(&str),
         cancelled: impl Fn() -> bool,
     ) -> Result<GenerationReport> {
+        let streamed = |piece: Streamed<'_>| {
+            if let Streamed::Text(text) = piece {
+                on_text(text)
+            }
+        };
+        match self.relay(model, Request::Generate(request), streamed, cancelled)? {
+            Some(report) => Ok(report),
+            None => Err(unexpected("Generated", &Reply::Ok)),
+        }
+    }
+
+    /// Opens an encrypted session for a client on `model`: the client's
+    /// first handshake message in, the secure world's session id and answer out.
+    pub fn open_encrypted(&mut self, model: &OpenedModel, handshake: Vec<u8>) -> Result<(u64, Vec<u8>)> {
+        match self.call(&Request::OpenEncrypted { model: model.id, handshake })? {
+            Reply::EncryptedOpened { session, handshake } => Ok((session, handshake)),
+            other => Err(unexpected("EncryptedOpened", &other)),
+        }
+    }
+
+    /// Carries a client's encrypted request to its session and each sealed
+    /// record of the answer back to `on_record`, granting memory and serving
+    /// recalls and cancellation as [`SecureWorld::generate_until`] does. The
+    /// normal world reads none of it.
+    pub fn generate_encrypted(
+        &mut self,
+        model: &OpenedModel,
+        session: u64,
+        n_ctx: u32,
+        message: Vec<u8>,
+        mut on_record: impl FnMut(Vec<u8>),
+        cancelled: impl Fn() -> bool,
+    ) -> Result<()> {
+        let streamed = |piece: Streamed<'_>| {
+            if let Streamed::Sealed(record) = piece {
+                on_record(record)
+            }
+        };
+        let request = Request::GenerateEncrypted { session, n_ctx, message };
+        match self.relay(model, request, streamed, cancelled)? {
+            None => Ok(()),
+            Some(report) => Err(unexpected("Sealed or Ok", &Reply::Generated(report))),
+        }
+    }
+
+    /// Ends an encrypted session.
+    pub fn close_encrypted(&mut self, session: u64) -> Result<()> {
+        match self.call(&Request::CloseEncrypted { session })? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected("Ok", &other)),
+        }
+    }
+
+    /// Sends a generation (plain or encrypted) and relays what streams back
+    /// until its end: the report of a plain one, `None` for an encrypted one
+    /// (which ends with `Ok`).
+    fn relay(
+        &mut self,
+        model: &OpenedModel,
+        request: Request,
+        mut on_piece: impl FnMut(Streamed<'_>),
+        cancelled: impl Fn() -> bool,
+    ) -> Result<Option<GenerationReport>> {
+        let ends_with_ok = matches!(request, Request::GenerateEncrypted { .. });
         self.make_resident(model)?;
-        let request = Request::Generate(request);
         self.send(&request)?;
         // Recalls sent during the generation, oldest first.
         let mut in_flight: VecDeque<InFlightRecall> = VecDeque::new();
@@ -64,6 +134,7 @@ impl SecureWorld {
             }
             match self.receive()? {
                 Reply::Ok if cancel_sent && !cancel_acked => cancel_acked = true,
+                Reply::Ok if ends_with_ok && result.is_none() => result = Some(Ok(None)),
                 // Cancelled before it started: do not ask again.
                 Reply::MemoryNeeded { .. } if result.is_none() && cancelled() => {
                     result = Some(Err(NormalError::Secure {
@@ -88,7 +159,13 @@ impl SecureWorld {
                     self.send(&request)?;
                 }
                 Reply::Token { text } => {
-                    on_text(&text);
+                    on_piece(Streamed::Text(&text));
+                    if in_flight.is_empty() {
+                        self.send_due_recall(&mut in_flight)?;
+                    }
+                }
+                Reply::Sealed { record } if ends_with_ok => {
+                    on_piece(Streamed::Sealed(record));
                     if in_flight.is_empty() {
                         self.send_due_recall(&mut in_flight)?;
                     }
@@ -99,7 +176,7 @@ impl SecureWorld {
                     };
                     self.recall_answered(recall, released, evicted, micros, result.is_none());
                 }
-                Reply::Generated(report) => result = Some(Ok(report)),
+                Reply::Generated(report) if !ends_with_ok => result = Some(Ok(Some(report))),
                 Reply::Error { code, message } => result = Some(Err(NormalError::Secure { code, message })),
                 other => return Err(unexpected("Token or Generated", &other)),
             }

@@ -14,6 +14,7 @@
 //! | `Option<T>`                     | `u8` 0 (None) or 1 followed by `T`; else malformed     |
 //! | `String`                        | `u32` byte length (<= [`MAX_TEXT_LEN`]), UTF-8 bytes   |
 //! | `Vec<T>`                        | `u32` count (<= [`MAX_LIST_LEN`]), then the elements   |
+//! | `Vec<u8>` (sealed bytes)        | `u32` length (<= [`MAX_SEALED_LEN`]), the bytes        |
 //! | `Input`, `StopReason`, `ErrorCode` | `u8` tag (tables below), then the variant's fields  |
 //!
 //! The encoding is canonical: a payload decodes only if re-encoding the result
@@ -39,7 +40,10 @@
 //! | `ImportKey`       | 0x0e | `DevicePublicKey` | 0x8e |
 //! | `AddStoredKey`    | 0x0f | `KeyImported` | 0x8f |
 //! | `Cancel`          | 0x10 | `Identity`    | 0x90 |
-//! | `Identity`        | 0x11 |               |      |
+//! | `Identity`        | 0x11 | `EncryptedOpened` | 0x91 |
+//! | `OpenEncrypted`   | 0x12 | `Sealed`      | 0x92 |
+//! | `GenerateEncrypted` | 0x13 |             |      |
+//! | `CloseEncrypted`  | 0x14 |               |      |
 //!
 //! Requests and replies use disjoint tags so that a message sent the wrong way
 //! is rejected at once.
@@ -61,6 +65,7 @@
 //! |               |     |                   |     | `Internal`     | 9   |
 //! |               |     |                   |     | `Policy`       | 10  |
 //! |               |     |                   |     | `Cancelled`    | 11  |
+//! |               |     |                   |     | `EncryptedSession` | 12 |
 //!
 //! # Decoding untrusted bytes
 //!
@@ -74,7 +79,8 @@ use std::io::{self, Read, Write};
 
 use crate::{
     BufferRange, ChunkRef, ChunkSpan, Deployment, ErrorCode, GenerateRequest, GenerationReport, Input, Message,
-    ModelStatus, Reply, Request, Sampling, StatusReport, StopReason, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_TEXT_LEN,
+    ModelStatus, Reply, Request, Sampling, StatusReport, StopReason, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_SEALED_LEN,
+    MAX_TEXT_LEN,
 };
 
 /// Why a message could not be sent or received.
@@ -136,6 +142,9 @@ mod tag {
     pub const REQ_ADD_STORED_KEY: u8 = 0x0f;
     pub const REQ_CANCEL: u8 = 0x10;
     pub const REQ_IDENTITY: u8 = 0x11;
+    pub const REQ_OPEN_ENCRYPTED: u8 = 0x12;
+    pub const REQ_GENERATE_ENCRYPTED: u8 = 0x13;
+    pub const REQ_CLOSE_ENCRYPTED: u8 = 0x14;
 
     pub const REP_HELLO: u8 = 0x81;
     pub const REP_MODEL_OPENED: u8 = 0x82;
@@ -153,6 +162,8 @@ mod tag {
     pub const REP_DEVICE_PUBLIC_KEY: u8 = 0x8e;
     pub const REP_KEY_IMPORTED: u8 = 0x8f;
     pub const REP_IDENTITY: u8 = 0x90;
+    pub const REP_ENCRYPTED_OPENED: u8 = 0x91;
+    pub const REP_SEALED: u8 = 0x92;
 
     pub const INPUT_RAW: u8 = 0;
     pub const INPUT_CHAT_TURN: u8 = 1;
@@ -178,7 +189,7 @@ fn deployment_tag(d: Deployment) -> u8 {
     }
 }
 
-const ERROR_CODES: [ErrorCode; 12] = [
+const ERROR_CODES: [ErrorCode; 13] = [
     ErrorCode::Malformed,
     ErrorCode::OutOfOrder,
     ErrorCode::Version,
@@ -191,6 +202,7 @@ const ERROR_CODES: [ErrorCode; 12] = [
     ErrorCode::Internal,
     ErrorCode::Policy,
     ErrorCode::Cancelled,
+    ErrorCode::EncryptedSession,
 ];
 
 fn stop_reason_tag(stop: StopReason) -> u8 {
@@ -216,6 +228,15 @@ fn error_code_tag(code: ErrorCode) -> u8 {
         ErrorCode::Internal => 9,
         ErrorCode::Policy => 10,
         ErrorCode::Cancelled => 11,
+        ErrorCode::EncryptedSession => 12,
+    }
+}
+
+impl ErrorCode {
+    /// The code's number on the wire (the table above), which encrypted
+    /// sessions' error records also carry.
+    pub fn number(self) -> u8 {
+        error_code_tag(self)
     }
 }
 
@@ -240,6 +261,9 @@ impl Request {
             Request::AddStoredKey { .. } => "Request::AddStoredKey",
             Request::Cancel => "Request::Cancel",
             Request::Identity => "Request::Identity",
+            Request::OpenEncrypted { .. } => "Request::OpenEncrypted",
+            Request::GenerateEncrypted { .. } => "Request::GenerateEncrypted",
+            Request::CloseEncrypted { .. } => "Request::CloseEncrypted",
         }
     }
 }
@@ -264,6 +288,8 @@ impl Reply {
             Reply::DevicePublicKey { .. } => "Reply::DevicePublicKey",
             Reply::KeyImported { .. } => "Reply::KeyImported",
             Reply::Identity { .. } => "Reply::Identity",
+            Reply::EncryptedOpened { .. } => "Reply::EncryptedOpened",
+            Reply::Sealed { .. } => "Reply::Sealed",
         }
     }
 }
@@ -329,6 +355,16 @@ impl Encoder {
         self.reserve(4 + s.len(), what)?;
         self.u32(s.len() as u32);
         self.buf.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+
+    fn bytes(&mut self, b: &[u8], what: &dyn Display) -> Result<(), ProtocolError> {
+        if b.len() > MAX_SEALED_LEN {
+            return Err(oversized(format!("{what}: {} bytes exceed the limit of {MAX_SEALED_LEN}", b.len())));
+        }
+        self.reserve(4 + b.len(), what)?;
+        self.u32(b.len() as u32);
+        self.buf.extend_from_slice(b);
         Ok(())
     }
 
@@ -429,6 +465,21 @@ impl Encoder {
             }
             Request::Cancel => self.u8(tag::REQ_CANCEL),
             Request::Identity => self.u8(tag::REQ_IDENTITY),
+            Request::OpenEncrypted { model, handshake } => {
+                self.u8(tag::REQ_OPEN_ENCRYPTED);
+                self.u32(*model);
+                self.bytes(handshake, &"Request::OpenEncrypted.handshake")?;
+            }
+            Request::GenerateEncrypted { session, n_ctx, message } => {
+                self.u8(tag::REQ_GENERATE_ENCRYPTED);
+                self.u64(*session);
+                self.u32(*n_ctx);
+                self.bytes(message, &"Request::GenerateEncrypted.message")?;
+            }
+            Request::CloseEncrypted { session } => {
+                self.u8(tag::REQ_CLOSE_ENCRYPTED);
+                self.u64(*session);
+            }
         }
         Ok(())
     }
@@ -554,6 +605,15 @@ impl Encoder {
                 self.u8(tag::REP_IDENTITY);
                 self.string(report, &"Reply::Identity.report")?;
                 self.string(signature, &"Reply::Identity.signature")?;
+            }
+            Reply::EncryptedOpened { session, handshake } => {
+                self.u8(tag::REP_ENCRYPTED_OPENED);
+                self.u64(*session);
+                self.bytes(handshake, &"Reply::EncryptedOpened.handshake")?;
+            }
+            Reply::Sealed { record } => {
+                self.u8(tag::REP_SEALED);
+                self.bytes(record, &"Reply::Sealed.record")?;
             }
         }
         Ok(())
@@ -695,6 +755,17 @@ impl<'a> Decoder<'a> {
         }
     }
 
+    fn bytes(&mut self, what: &dyn Display) -> Result<Vec<u8>, ProtocolError> {
+        let len = self.u32(&format_args!("{what} length"))? as usize;
+        if len > MAX_SEALED_LEN {
+            return Err(malformed(format!("{what}: length {len} exceeds the limit of {MAX_SEALED_LEN} bytes")));
+        }
+        if len > self.rest.len() {
+            return Err(malformed(format!("{what}: length {len} exceeds the {} bytes left", self.rest.len())));
+        }
+        Ok(self.take(len, what)?.to_vec())
+    }
+
     fn option_string(&mut self, what: &dyn Display) -> Result<Option<String>, ProtocolError> {
         match self.u8(&format_args!("{what} presence"))? {
             0 => Ok(None),
@@ -770,6 +841,18 @@ impl<'a> Decoder<'a> {
             tag::REQ_ADD_STORED_KEY => Request::AddStoredKey { stored: self.string(&"Request::AddStoredKey.stored")? },
             tag::REQ_CANCEL => Request::Cancel,
             tag::REQ_IDENTITY => Request::Identity,
+            tag::REQ_OPEN_ENCRYPTED => Request::OpenEncrypted {
+                model: self.u32(&"Request::OpenEncrypted.model")?,
+                handshake: self.bytes(&"Request::OpenEncrypted.handshake")?,
+            },
+            tag::REQ_GENERATE_ENCRYPTED => Request::GenerateEncrypted {
+                session: self.u64(&"Request::GenerateEncrypted.session")?,
+                n_ctx: self.u32(&"Request::GenerateEncrypted.n_ctx")?,
+                message: self.bytes(&"Request::GenerateEncrypted.message")?,
+            },
+            tag::REQ_CLOSE_ENCRYPTED => {
+                Request::CloseEncrypted { session: self.u64(&"Request::CloseEncrypted.session")? }
+            }
             other => return Err(malformed(format!("unknown Request tag {other:#04x}"))),
         };
         Ok(request)
@@ -877,6 +960,11 @@ impl<'a> Decoder<'a> {
                 report: self.string(&"Reply::Identity.report")?,
                 signature: self.string(&"Reply::Identity.signature")?,
             },
+            tag::REP_ENCRYPTED_OPENED => Reply::EncryptedOpened {
+                session: self.u64(&"Reply::EncryptedOpened.session")?,
+                handshake: self.bytes(&"Reply::EncryptedOpened.handshake")?,
+            },
+            tag::REP_SEALED => Reply::Sealed { record: self.bytes(&"Reply::Sealed.record")? },
             other => return Err(malformed(format!("unknown Reply tag {other:#04x}"))),
         };
         Ok(reply)

@@ -21,7 +21,7 @@ pub use codec::{
 pub use shared::{RangeError, SharedBuffer};
 
 /// Version of this command set; both sides must agree (see [`Request::Hello`]).
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The format name of the secure world's identity report ([`Reply::Identity`]).
 pub const IDENTITY_REPORT_FORMAT: &str = "flexserve-identity-report-1";
 /// Largest frame (one message) either side accepts.
@@ -30,6 +30,9 @@ pub const MAX_FRAME_LEN: usize = 4 << 20;
 pub const MAX_TEXT_LEN: usize = 2 << 20;
 /// Largest number of elements in a list field.
 pub const MAX_LIST_LEN: usize = 1 << 16;
+/// Largest byte string in a message (an encrypted session's request or record,
+/// which the normal world carries without being able to read it).
+pub const MAX_SEALED_LEN: usize = 3 << 20;
 
 /// Bytes `offset .. offset + len` of the shared buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +129,27 @@ pub enum Request {
     Cancel,
     /// The secure world's identity report, signed by its identity key.
     Identity,
+    /// Opens an encrypted session with a client for `model`: `handshake` is
+    /// the client's first Noise message (see `docs/encrypted-sessions.md`),
+    /// answered by [`Reply::EncryptedOpened`].
+    OpenEncrypted {
+        model: u32,
+        handshake: Vec<u8>,
+    },
+    /// A client's encrypted request on an open session: answered by
+    /// [`Reply::Sealed`] records (the answer, encrypted to the client) then
+    /// `Ok`; or [`Reply::MemoryNeeded`] (grant, then send the same bytes
+    /// again); or an error (`EncryptedSession` ends the session).
+    GenerateEncrypted {
+        session: u64,
+        /// Context length (0: the model's own).
+        n_ctx: u32,
+        message: Vec<u8>,
+    },
+    /// Ends an encrypted session (`Ok` also when there is none).
+    CloseEncrypted {
+        session: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -247,6 +271,16 @@ pub enum Reply {
         report: String,
         signature: String,
     },
+    /// An encrypted session is open: `handshake` is the secure world's Noise
+    /// message for the client.
+    EncryptedOpened {
+        session: u64,
+        handshake: Vec<u8>,
+    },
+    /// One record of an encrypted answer, for the client alone.
+    Sealed {
+        record: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,4 +391,8 @@ pub enum ErrorCode {
     Policy,
     /// The generation was stopped by a `Cancel`.
     Cancelled,
+    /// An encrypted session does not exist, or refused a message that did not
+    /// decrypt as the next one (tampered, replayed, reordered or dropped); the
+    /// session is ended.
+    EncryptedSession,
 }

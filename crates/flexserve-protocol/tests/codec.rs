@@ -83,6 +83,10 @@ fn all_requests() -> Vec<Request> {
         Request::AddStoredKey { stored: "ff".repeat(68) },
         Request::Cancel,
         Request::Identity,
+        Request::OpenEncrypted { model: 3, handshake: vec![7; 48] },
+        Request::GenerateEncrypted { session: u64::MAX, n_ctx: 512, message: (0..=255).collect() },
+        Request::GenerateEncrypted { session: 1, n_ctx: 0, message: Vec::new() },
+        Request::CloseEncrypted { session: 0x0123_4567_89ab_cdef },
         generate(
             Input::Messages {
                 messages: vec![
@@ -204,6 +208,9 @@ fn all_replies() -> Vec<Reply> {
         Reply::DevicePublicKey { key: "ab".repeat(32) },
         Reply::KeyImported { stored: "cd".repeat(68) },
         Reply::Identity { report: "{\"a\":1}".into(), signature: "ef".repeat(64) },
+        Reply::EncryptedOpened { session: 42, handshake: vec![1; 48] },
+        Reply::Sealed { record: vec![0xA5; 80] },
+        Reply::Error { code: ErrorCode::EncryptedSession, message: "ended".into() },
         Reply::Error { code: ErrorCode::Malformed, message: "bad".into() },
         Reply::Error { code: ErrorCode::OutOfOrder, message: String::new() },
         Reply::Error { code: ErrorCode::Version, message: "v".into() },
@@ -408,8 +415,8 @@ fn bad_tags_are_named() {
     let what = malformed_what(decode_request(&payload).unwrap_err());
     assert_eq!(what, "unknown GenerateRequest.input tag 0x03");
 
-    let what = malformed_what(decode_reply(&[0x8b, 12, 0, 0, 0, 0]).unwrap_err());
-    assert_eq!(what, "unknown Reply::Error.code tag 0x0c");
+    let what = malformed_what(decode_reply(&[0x8b, 13, 0, 0, 0, 0]).unwrap_err());
+    assert_eq!(what, "unknown Reply::Error.code tag 0x0d");
 
     let mut payload = encode_reply(&all_replies()[9]).unwrap();
     *payload.last_mut().unwrap() = 4;
@@ -677,4 +684,25 @@ fn fuzz_streams_of_mutated_frames() {
         }
     }
     assert!(matches!(read_request(&mut reader), Err(ProtocolError::Closed)));
+}
+
+/// Sealed bytes (an encrypted session's messages) are bounded by
+/// MAX_SEALED_LEN both ways: the longest round-trips, one byte more is
+/// refused before sending and malformed on receipt.
+#[test]
+fn sealed_bytes_are_bounded() {
+    use flexserve_protocol::MAX_SEALED_LEN;
+    let request = Request::GenerateEncrypted { session: 9, n_ctx: 0, message: vec![0x5a; MAX_SEALED_LEN] };
+    assert_eq!(decode_request(&encode_request(&request).unwrap()).unwrap(), request);
+    let over = Request::GenerateEncrypted { session: 9, n_ctx: 0, message: vec![0x5a; MAX_SEALED_LEN + 1] };
+    let what = oversized_what(encode_request(&over).unwrap_err());
+    assert!(
+        what.contains("Request::GenerateEncrypted.message") && what.contains(&MAX_SEALED_LEN.to_string()),
+        "{what}"
+    );
+    // A length field past the bound, hand-made: tag 0x92 (Sealed), then the length.
+    let mut payload = vec![0x92];
+    payload.extend_from_slice(&(MAX_SEALED_LEN as u32 + 1).to_le_bytes());
+    let e = decode_reply(&payload).unwrap_err().to_string();
+    assert!(e.contains("Reply::Sealed.record") && e.contains("exceeds the limit"), "{e}");
 }

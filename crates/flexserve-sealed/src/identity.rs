@@ -48,6 +48,12 @@ impl Identity {
         hex(PublicKey::from(&self.agreement).as_bytes())
     }
 
+    /// The X25519 secret that encrypted sessions are agreed with; it stays in
+    /// the secure world (zeroized when dropped).
+    pub fn agreement_secret(&self) -> zeroize::Zeroizing<[u8; 32]> {
+        zeroize::Zeroizing::new(self.agreement.to_bytes())
+    }
+
     /// An Ed25519 signature of `message` (hex).
     pub fn sign_hex(&self, message: &[u8]) -> String {
         hex(self.signing.sign(message).as_ref())

@@ -23,7 +23,10 @@ use crate::models::{Conversation, GrantedScratch, LoadError, RegionBlock, Reside
 use crate::platform::{Channel, Compute, SecureMemory, SecureRegion};
 use crate::state::Principal;
 
+mod encrypted;
 mod generation;
+
+pub use encrypted::MAX_ENCRYPTED_SESSIONS;
 
 /// Largest sealed header accepted (vocabularies of big models run to tens of MiB).
 const MAX_HEADER_LEN: u64 = 512 << 20;
@@ -91,6 +94,8 @@ pub struct SecureWorld<M: SecureMemory, C: Channel, X: Compute> {
     /// and is coming again once granted: a recall meanwhile leaves its layers,
     /// as it does during a generation, or the retry would find them gone.
     awaiting_memory: Option<u32>,
+    /// Encrypted sessions with clients, by id.
+    encrypted: std::collections::HashMap<u64, encrypted::EncryptedSession>,
 }
 
 impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
@@ -116,6 +121,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             greeted: false,
             max_granules,
             awaiting_memory: None,
+            encrypted: std::collections::HashMap::new(),
         }
     }
 
@@ -141,6 +147,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             let asks_for_model = match &request {
                 Request::Generate(g) => Some(g.model),
                 Request::Perplexity { model, .. } => Some(*model),
+                Request::GenerateEncrypted { session, .. } => self.encrypted_model(*session),
                 _ => None,
             };
             // Between `MemoryNeeded` and the retry come grants, recalls and status.
@@ -225,8 +232,14 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             }
             Request::Generate(g) => {
                 (self.heap.reset_peak)();
-                self.generate(g)
+                self.generate(g, None)
             }
+            Request::OpenEncrypted { model, handshake } => self.open_encrypted(model, &handshake),
+            Request::GenerateEncrypted { session, n_ctx, message } => {
+                (self.heap.reset_peak)();
+                self.generate_encrypted(session, n_ctx, &message)
+            }
+            Request::CloseEncrypted { session } => Ok(self.close_encrypted(session)),
             Request::Perplexity { model, text, n_ctx } => {
                 (self.heap.reset_peak)();
                 self.perplexity(model, text, n_ctx as usize)
@@ -238,7 +251,9 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 })
             }
             Request::Unload { model } => {
-                // Dropping the model scrubs its regions back into the free pool.
+                // Dropping the model scrubs its regions back into the free pool;
+                // its encrypted sessions end with it.
+                self.encrypted.retain(|_, s| s.model() != model);
                 self.models.remove(&model).map(|_| Reply::Ok).ok_or_else(|| no_model(model))
             }
             Request::Recall { granules } => Ok(self.recall(granules as usize)),

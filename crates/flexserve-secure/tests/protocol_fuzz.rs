@@ -448,13 +448,16 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                         | ErrorCode::Policy
                 ),
                 Request::ImportKey { .. } => matches!(code, ErrorCode::BadArgument),
+                Request::OpenEncrypted { .. } => matches!(code, ErrorCode::NoSuchModel | ErrorCode::EncryptedSession),
+                Request::GenerateEncrypted { .. } => matches!(code, ErrorCode::EncryptedSession),
                 Request::AddStoredKey { .. } => matches!(code, ErrorCode::BadArgument | ErrorCode::Verification),
                 Request::Recall { .. }
                 | Request::Status
                 | Request::Shutdown
                 | Request::DevicePublicKey
                 | Request::Cancel
-                | Request::Identity => false,
+                | Request::Identity
+                | Request::CloseEncrypted { .. } => false,
             };
             assert!(plausible, "{context}: {} answered with error {code:?}: {message}", short(r));
         }
@@ -472,6 +475,8 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                     | (Request::ImportKey { .. }, Reply::KeyImported { .. })
                     | (Request::AddStoredKey { .. } | Request::Cancel, Reply::Ok)
                     | (Request::Identity, Reply::Identity { .. })
+                    | (Request::OpenEncrypted { .. }, Reply::EncryptedOpened { .. })
+                    | (Request::CloseEncrypted { .. }, Reply::Ok)
                     | (Request::Perplexity { .. }, Reply::Perplexity { .. })
                     | (Request::Generate(_) | Request::Perplexity { .. }, Reply::MemoryNeeded { .. })
             );

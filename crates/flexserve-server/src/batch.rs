@@ -70,9 +70,7 @@ impl PlainModel {
                             batch.push(active);
                         }
                     }
-                    Ok(Command::Status(reply)) => {
-                        let _ = reply.send(Err("a plain model runs in the normal world".to_string()));
-                    }
+                    Ok(other) => crate::worker::refuse_on_plain(other),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) if batch.is_empty() => return,
                     Err(mpsc::TryRecvError::Disconnected) => break,

@@ -46,7 +46,7 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     }
 }
 
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         let what = if e.is_data() { "invalid request body" } else { "malformed JSON" };
         ApiError::bad_request(format!("{what}: {e}"), None)

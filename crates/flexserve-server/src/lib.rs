@@ -11,6 +11,7 @@
 
 pub mod api;
 mod batch;
+mod encrypted;
 mod handlers;
 pub mod metrics;
 pub mod registry;
@@ -82,6 +83,8 @@ pub struct AppState {
     next_id: AtomicU64,
     /// The session that holds the reserve (granted granules nobody uses yet).
     reserve: Mutex<Option<Reserve>>,
+    /// Encrypted sessions: which model's secure world holds each.
+    encrypted: encrypted::SessionRoutes,
 }
 
 /// Granted secure memory held ahead of need, and the session that granted it.
@@ -128,6 +131,7 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
         ready: AtomicBool::new(!config.preload && config.secure_reserve == 0),
         next_id: AtomicU64::new(1),
         reserve: Mutex::new(None),
+        encrypted: encrypted::SessionRoutes::default(),
     });
     let addr = SocketAddr::new(config.host, config.port);
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("binding {addr}: {e}"))?;
@@ -232,6 +236,9 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/models/unload", post(handlers::unload_model))
         .route("/status", get(handlers::status))
         .route("/v1/secure/identity", get(handlers::secure_identity))
+        .route("/v1/secure/sessions", post(encrypted::open))
+        .route("/v1/secure/sessions/{id}/chat", post(encrypted::chat))
+        .route("/v1/secure/sessions/{id}", axum::routing::delete(encrypted::close))
         .route("/metrics", get(handlers::metrics))
         .route("/health", get(handlers::health))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))

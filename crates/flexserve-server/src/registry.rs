@@ -55,6 +55,11 @@ pub struct ModelEntry {
 }
 
 impl ModelEntry {
+    /// The backend, if the model is loaded now (never loads it).
+    pub async fn loaded_backend(&self) -> Option<Arc<Backend>> {
+        self.backend.lock().await.clone()
+    }
+
     pub fn state(&self) -> LoadState {
         LoadState::from_u8(self.state.load(Ordering::SeqCst))
     }

@@ -77,6 +77,63 @@ pub enum Command {
     Generate(Job),
     /// The secure world's status (sealed models only).
     Status(oneshot::Sender<Result<StatusReport, String>>),
+    /// Opens an encrypted session with a client (sealed models only): the
+    /// client's handshake message in; the session id and the answer out.
+    OpenEncrypted {
+        handshake: Vec<u8>,
+        reply: oneshot::Sender<Result<(u64, Vec<u8>), ApiError>>,
+    },
+    /// A client's encrypted request on a session of this model.
+    Encrypted(EncryptedJob),
+    /// Ends an encrypted session.
+    CloseEncrypted {
+        session: u64,
+    },
+}
+
+/// A client's encrypted request: the daemon carries it and the records of
+/// the answer, and can read neither.
+pub struct EncryptedJob {
+    pub session: u64,
+    pub message: Vec<u8>,
+    /// Context (0: the model's own).
+    pub n_ctx: u32,
+    pub events: async_mpsc::Sender<SealedEvent>,
+    pub cancelled: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// What a backend sends back for an encrypted job.
+#[derive(Debug)]
+pub enum SealedEvent {
+    /// A record of the answer, sealed to the client.
+    Record(Vec<u8>),
+    /// The answer is complete (its last record was sent).
+    End,
+    Failed(ApiError),
+}
+
+/// Answers a command a plain model cannot serve.
+pub(crate) fn refuse_on_plain(command: Command) {
+    let not_sealed = || {
+        ApiError::bad_request(
+            "encrypted sessions are answered by the secure world: this model is a plain one, served in the normal \
+             world",
+            Some("model"),
+        )
+        .with_code("model_not_sealed")
+    };
+    match command {
+        Command::Status(reply) => {
+            let _ = reply.send(Err("a plain model runs in the normal world".to_string()));
+        }
+        Command::OpenEncrypted { reply, .. } => {
+            let _ = reply.send(Err(not_sealed()));
+        }
+        Command::Encrypted(job) => {
+            let _ = job.events.blocking_send(SealedEvent::Failed(not_sealed()));
+        }
+        Command::Generate(_) | Command::CloseEncrypted { .. } => {}
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,13 +187,32 @@ impl Backend {
                             let _ = reply.send(status.map_err(|e| e.to_string()));
                             healthy
                         }
+                        Command::OpenEncrypted { handshake, reply } => {
+                            let opened = sealed.world.open_encrypted(&sealed.model, handshake);
+                            let healthy = !matches!(opened, Err(ref e) if session_lost(e));
+                            let _ = reply.send(opened.map_err(encrypted_error));
+                            healthy
+                        }
+                        Command::Encrypted(job) => sealed.run_encrypted(job),
+                        Command::CloseEncrypted { session } => {
+                            !matches!(sealed.world.close_encrypted(session), Err(ref e) if session_lost(e))
+                        }
                     };
                     if !healthy {
                         // The session is gone: fail what is queued; the next request opens a new one.
                         flag.store(false, Ordering::SeqCst);
                         while let Ok(command) = rx.try_recv() {
-                            if let Command::Generate(job) = command {
-                                let _ = job.events.blocking_send(Event::Failed(secure_world_gone()));
+                            match command {
+                                Command::Generate(job) => {
+                                    let _ = job.events.blocking_send(Event::Failed(secure_world_gone()));
+                                }
+                                Command::Encrypted(job) => {
+                                    let _ = job.events.blocking_send(SealedEvent::Failed(secure_world_gone()));
+                                }
+                                Command::OpenEncrypted { reply, .. } => {
+                                    let _ = reply.send(Err(secure_world_gone()));
+                                }
+                                Command::Status(_) | Command::CloseEncrypted { .. } => {}
                             }
                         }
                         return;
@@ -203,6 +279,18 @@ pub(crate) fn context_exceeded(needed: usize, n_ctx: usize) -> ApiError {
     .with_code("context_length_exceeded")
 }
 
+/// The HTTP error for a failed encrypted-session command.
+fn encrypted_error(e: NormalError) -> ApiError {
+    match e {
+        NormalError::Secure { code: ErrorCode::EncryptedSession, message } => {
+            ApiError::bad_request(message, None).with_code("encrypted_session_ended")
+        }
+        NormalError::Secure { code: ErrorCode::BadArgument, message } => ApiError::bad_request(message, None),
+        e if session_lost(&e) => secure_world_gone(),
+        e => ApiError::new(ErrorKind::Internal, e.to_string()),
+    }
+}
+
 /// A sealed model resident in the secure world, and the session that holds it.
 struct SealedModel {
     world: SecureWorld,
@@ -211,6 +299,35 @@ struct SealedModel {
 }
 
 impl SealedModel {
+    /// Carries one encrypted request and its sealed answer; false when the
+    /// session with the secure world is lost.
+    fn run_encrypted(&mut self, job: EncryptedJob) -> bool {
+        let events = &job.events;
+        let result = self.world.generate_encrypted(
+            &self.model,
+            job.session,
+            job.n_ctx,
+            job.message,
+            |record| {
+                let _ = events.blocking_send(SealedEvent::Record(record));
+            },
+            || events.is_closed(),
+        );
+        let (event, healthy) = match result {
+            Ok(()) => (SealedEvent::End, true),
+            Err(NormalError::Secure { code: ErrorCode::Cancelled, .. }) => {
+                job.cancelled.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            Err(e) => {
+                let healthy = !session_lost(&e);
+                (SealedEvent::Failed(encrypted_error(e)), healthy)
+            }
+        };
+        let _ = events.blocking_send(event);
+        healthy
+    }
+
     /// Runs one job; false when the session with the secure world is lost.
     fn run(&mut self, job: Job) -> bool {
         let p = &job.params;

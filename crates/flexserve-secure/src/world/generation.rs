@@ -6,7 +6,13 @@
 use super::*;
 
 impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
-    pub(super) fn generate(&mut self, g: GenerateRequest) -> Result<Reply, Failure> {
+    /// Runs a generation; its text streams as `Token` replies, or with
+    /// `sealer` as records sealed to an encrypted session's client.
+    pub(super) fn generate(
+        &mut self,
+        g: GenerateRequest,
+        mut sealer: Option<&mut flexserve_e2e::ServerSession>,
+    ) -> Result<Reply, Failure> {
         let threads = self.compute.threads();
         let kept_conversations: usize = self.models.values().map(|m| m.conversations.len()).sum();
         let channel = &mut self.channel;
@@ -208,10 +214,22 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             |piece| {
                 answer.push_str(piece);
                 let mut channel = lock();
-                if !peer_gone.load(Ordering::Relaxed)
-                    && channel.send(&Reply::Token { text: piece.to_string() }).is_err()
-                {
-                    peer_gone.store(true, Ordering::Relaxed);
+                let reply = match sealer.as_deref_mut() {
+                    None => Some(Reply::Token { text: piece.to_string() }),
+                    // A session that can seal no more (its counter ran out) ends the answer.
+                    Some(session) => session
+                        .seal_record(&flexserve_e2e::Record::Text(piece.to_string()))
+                        .ok()
+                        .map(|record| Reply::Sealed { record }),
+                };
+                match reply {
+                    Some(reply) if !peer_gone.load(Ordering::Relaxed) => {
+                        if channel.send(&reply).is_err() {
+                            peer_gone.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Some(_) => {}
+                    None => peer_gone.store(true, Ordering::Relaxed),
                 }
                 serve_recall(&mut channel);
             },
