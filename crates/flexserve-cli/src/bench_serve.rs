@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use flexserve_client::sse::{SseEvent, SseParser};
 use serde_json::{json, Value};
 
 #[derive(Args)]
@@ -58,26 +59,26 @@ pub struct ServeArgs {
 }
 
 /// Where the requests go.
-struct Target {
+pub(crate) struct Target {
     /// The base URL, as shown in messages and the report.
-    base: String,
+    pub(crate) base: String,
     /// `{base}/v1/chat/completions`.
     endpoint: String,
-    model: String,
-    api_key: Option<String>,
-    timeout: Duration,
+    pub(crate) model: String,
+    pub(crate) api_key: Option<String>,
+    pub(crate) timeout: Duration,
 }
 
 /// One request's measurements.
 #[derive(Default)]
-struct Outcome {
-    error: Option<String>,
+pub(crate) struct Outcome {
+    pub(crate) error: Option<String>,
     /// Seconds from sending the request to the first content event.
-    ttft: Option<f64>,
+    pub(crate) ttft: Option<f64>,
     /// Mean seconds between content events (two or more of them).
-    token_gap: Option<f64>,
-    tokens: u64,
-    prompt_tokens: Option<u64>,
+    pub(crate) token_gap: Option<f64>,
+    pub(crate) tokens: u64,
+    pub(crate) prompt_tokens: Option<u64>,
 }
 
 /// One concurrency level's report.
@@ -190,7 +191,7 @@ async fn run_level(
 }
 
 /// One streamed chat completion, measured.
-async fn request(client: &reqwest::Client, target: &Target, prompt: &str, max_tokens: u32) -> Outcome {
+pub(crate) async fn request(client: &reqwest::Client, target: &Target, prompt: &str, max_tokens: u32) -> Outcome {
     let mut out = Outcome::default();
     if let Err(e) = stream(client, target, prompt, max_tokens, &mut out).await {
         out.error = Some(e);
@@ -227,7 +228,7 @@ async fn stream(
         return Err(format!("{}: HTTP {status}: {}{hint}", target.endpoint, error_message(&text)));
     }
     let mut parser = SseParser::default();
-    let mut events = Vec::new();
+    let mut events: Vec<SseEvent> = Vec::new();
     let (mut first, mut last, mut chunks) = (None::<Instant>, None::<Instant>, 0u64);
     let mut usage_tokens = None;
     let mut done = false;
@@ -235,10 +236,10 @@ async fn stream(
         let bytes = resp.chunk().await.map_err(|e| target.http_error(&e))?;
         let now = Instant::now();
         match &bytes {
-            Some(b) => parser.push(b, &mut events),
+            Some(b) => parser.push(b, &mut events)?,
             None => parser.finish(&mut events),
         }
-        for data in events.drain(..) {
+        for SseEvent { data, .. } in events.drain(..) {
             if done {
                 continue;
             }
@@ -282,7 +283,12 @@ async fn stream(
 
 impl Target {
     fn new(args: &ServeArgs) -> Result<Self> {
-        let given = args.url.trim();
+        Target::parse(&args.url, &args.model, args.api_key.clone(), Duration::from_secs(args.timeout))
+    }
+
+    /// A target from its base URL (with or without `/v1`), checked.
+    pub(crate) fn parse(url: &str, model: &str, api_key: Option<String>, timeout: Duration) -> Result<Self> {
+        let given = url.trim();
         const EXPECTED: &str = "expected an http:// URL such as http://127.0.0.1:8080";
         let mut url = reqwest::Url::parse(given).with_context(|| format!("--url {given:?}: {EXPECTED}"))?;
         if url.scheme() == "https" {
@@ -301,9 +307,9 @@ impl Target {
         Ok(Target {
             endpoint: format!("{base}/v1/chat/completions"),
             base,
-            model: args.model.clone(),
-            api_key: args.api_key.clone().filter(|k| !k.is_empty()),
-            timeout: Duration::from_secs(args.timeout),
+            model: model.to_string(),
+            api_key: api_key.filter(|k| !k.is_empty()),
+            timeout,
         })
     }
 
@@ -357,53 +363,6 @@ fn error_message(body: &str) -> String {
 
 fn error_text(e: &Value) -> String {
     e["message"].as_str().or_else(|| e.as_str()).map_or_else(|| e.to_string(), str::to_string)
-}
-
-/// Server-sent events: the data of each event, as its lines complete.
-#[derive(Default)]
-struct SseParser {
-    line: Vec<u8>,
-    data: Option<String>,
-}
-
-impl SseParser {
-    /// Feeds bytes; appends the data of every event they complete.
-    fn push(&mut self, bytes: &[u8], events: &mut Vec<String>) {
-        for &b in bytes {
-            if b == b'\n' {
-                let line = std::mem::take(&mut self.line);
-                self.line(&line, events);
-            } else {
-                self.line.push(b);
-            }
-        }
-    }
-
-    /// The end of the stream: an event not closed by a blank line still counts.
-    fn finish(&mut self, events: &mut Vec<String>) {
-        let line = std::mem::take(&mut self.line);
-        if !line.is_empty() {
-            self.line(&line, events);
-        }
-        events.extend(self.data.take());
-    }
-
-    fn line(&mut self, line: &[u8], events: &mut Vec<String>) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            events.extend(self.data.take());
-        } else if let Some(rest) = line.strip_prefix(b"data:") {
-            let rest = String::from_utf8_lossy(rest.strip_prefix(b" ").unwrap_or(rest));
-            match &mut self.data {
-                Some(d) => {
-                    d.push('\n');
-                    d.push_str(&rest);
-                }
-                None => self.data = Some(rest.into_owned()),
-            }
-        }
-        // Comments (keep-alives) and the other fields are of no use here.
-    }
 }
 
 const WORDS: [&str; 64] = [
@@ -474,7 +433,7 @@ const WORDS: [&str; 64] = [
 ];
 
 /// Request `i`'s prompt: an instruction and `words` words from the list, in an order of its own.
-fn prompt(i: usize, words: usize) -> String {
+pub(crate) fn prompt(i: usize, words: usize) -> String {
     let mut state = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
     let mut text = format!("Request {i}. Write a short story that uses these words:");
     for _ in 0..words {
@@ -600,26 +559,6 @@ mod tests {
         assert_eq!(percentile(&v, 30.0), Some(20.0));
         assert_eq!(percentile(&v, 40.0), Some(20.0));
         assert_eq!(percentile(&v, 50.0), Some(35.0));
-    }
-
-    #[test]
-    fn sse_events_split_anywhere_come_out_whole() {
-        let stream =
-            b": keep-alive\n\ndata: {\"a\":1}\n\ndata: first\r\ndata: second\r\n\r\nevent: x\ndata: [DONE]\n\n";
-        for split in 0..stream.len() {
-            let mut p = SseParser::default();
-            let mut events = Vec::new();
-            p.push(&stream[..split], &mut events);
-            p.push(&stream[split..], &mut events);
-            p.finish(&mut events);
-            assert_eq!(events, ["{\"a\":1}", "first\nsecond", "[DONE]"], "split at {split}");
-        }
-        let mut p = SseParser::default();
-        let mut events = Vec::new();
-        p.push(b"data: [DONE]", &mut events);
-        assert!(events.is_empty());
-        p.finish(&mut events);
-        assert_eq!(events, ["[DONE]"]);
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub struct ClientArgs {
 }
 
 /// The pin file of a daemon: one per address, so two servers never share a pin.
-fn pin_path(server: &str) -> Result<PathBuf> {
+pub(crate) fn pin_path(server: &str) -> Result<PathBuf> {
     let name: String = server
         .trim_start_matches("http://")
         .trim_start_matches("https://")

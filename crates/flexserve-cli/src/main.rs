@@ -1,6 +1,7 @@
 //! `flexserve`: the command line of the normal world.
 
 mod bench;
+mod bench_encrypted;
 mod bench_secure;
 mod bench_serve;
 mod client;
@@ -277,6 +278,9 @@ enum BenchCommand {
     /// Load an OpenAI-compatible server (`flexserve serve`) with streamed chat completions at each
     /// concurrency level: generated tokens/s, time to first token and per-token latency percentiles.
     Serve(bench_serve::ServeArgs),
+    /// What an encrypted session costs: the same prompts through a daemon plainly and through
+    /// an encrypted session, alternating; medians of time to first token and decode speed, as ratios.
+    Encrypted(bench_encrypted::EncryptedArgs),
 }
 
 /// `--isa`: a kernel tier by its report name.
@@ -529,6 +533,7 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Bench { what: BenchCommand::Serve(args) } => bench_serve::run(args),
+        Command::Bench { what: BenchCommand::Encrypted(args) } => bench_encrypted::run(args),
         Command::Keygen { output } => {
             flexserve_sealed::ModelKey::generate().save(&output)?;
             eprintln!("wrote a new model key to {} (mode 0600)", output.display());

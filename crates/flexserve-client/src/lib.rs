@@ -11,7 +11,7 @@
 pub mod identity;
 pub mod proxy;
 pub mod remote;
-mod sse;
+pub mod sse;
 
 pub use identity::{check_identity, CheckedIdentity};
 pub use remote::{Remote, Session};

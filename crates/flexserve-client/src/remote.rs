@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::identity::{check_identity, CheckedIdentity};
-use crate::sse::SseReader;
+use crate::sse::SseParser;
 use crate::{ClientError, Result};
 
 /// A daemon and the secure world behind it, its identity checked.
@@ -119,11 +119,13 @@ impl Remote {
         let body = json!({"message": BASE64.encode(sealed)});
         let response = self.http.post(&format!("/v1/secure/sessions/{}/chat", session.id), &body, what).await?;
         let mut stream = response.bytes_stream();
-        let mut reader = SseReader::default();
+        let mut parser = SseParser::default();
+        let mut events = Vec::new();
         let mut records = 0;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|source| ClientError::Http { what: what.to_string(), source })?;
-            for event in reader.push(&chunk).map_err(ClientError::Protocol)? {
+            parser.push(&chunk, &mut events).map_err(ClientError::Protocol)?;
+            for event in events.drain(..) {
                 if event.name == "error" {
                     let body: Value = serde_json::from_str(&event.data).unwrap_or(Value::Null);
                     return Err(ClientError::Server {

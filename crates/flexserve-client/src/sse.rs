@@ -1,5 +1,5 @@
-//! Reading server-sent events from a byte stream: events end at a blank
-//! line; `event:` names one, `data:` lines carry its body.
+//! Reading server-sent events from a byte stream, line by line: `event:`
+//! names an event, `data:` lines carry its body, a blank line ends it.
 
 /// One event: its name (`message` when unnamed) and data.
 #[derive(Debug, PartialEq, Eq)]
@@ -8,52 +8,70 @@ pub struct SseEvent {
     pub data: String,
 }
 
-/// Collects bytes and hands out whole events.
-#[derive(Default)]
-pub struct SseReader {
-    buffer: Vec<u8>,
-}
-
-/// Longest event accepted: a sealed record in base64 is under 90 KiB.
+/// Longest line or event accepted: a sealed record in base64 is under 90 KiB.
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
 
-impl SseReader {
-    /// Adds bytes; returns the events they complete, or an error past the bound.
-    pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<SseEvent>, String> {
-        self.buffer.extend_from_slice(bytes);
-        let mut events = Vec::new();
-        while let Some(end) = find_blank_line(&self.buffer) {
-            let block: Vec<u8> = self.buffer.drain(..end.0).collect();
-            self.buffer.drain(..end.1 - end.0);
-            let text = String::from_utf8_lossy(&block);
-            let mut name = String::from("message");
-            let mut data = Vec::new();
-            for line in text.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
-                    name = v.trim_start().to_string();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
-                }
-                // Comments (":") and other fields (id, retry) are ignored.
-            }
-            if !data.is_empty() {
-                events.push(SseEvent { name, data: data.join("\n") });
-            }
-        }
-        if self.buffer.len() > MAX_EVENT_BYTES {
-            return Err(format!("a server-sent event longer than {MAX_EVENT_BYTES} bytes"));
-        }
-        Ok(events)
-    }
+/// Collects bytes and hands out whole events.
+#[derive(Default)]
+pub struct SseParser {
+    line: Vec<u8>,
+    name: Option<String>,
+    data: Option<String>,
 }
 
-/// The end of the first event's text and the start of what follows it.
-fn find_blank_line(buffer: &[u8]) -> Option<(usize, usize)> {
-    let lf = buffer.windows(2).position(|w| w == b"\n\n").map(|i| (i, i + 2));
-    let crlf = buffer.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, i + 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
-        (a, b) => a.or(b),
+impl SseParser {
+    /// Feeds bytes; appends every event they complete. An event or line
+    /// longer than [`MAX_EVENT_BYTES`] is an error.
+    pub fn push(&mut self, bytes: &[u8], events: &mut Vec<SseEvent>) -> Result<(), String> {
+        for &b in bytes {
+            if b == b'\n' {
+                let line = std::mem::take(&mut self.line);
+                self.line(&line, events);
+            } else {
+                self.line.push(b);
+            }
+        }
+        let pending = self.line.len() + self.data.as_ref().map_or(0, String::len);
+        if pending > MAX_EVENT_BYTES {
+            return Err(format!("a server-sent event longer than {MAX_EVENT_BYTES} bytes"));
+        }
+        Ok(())
+    }
+
+    /// The end of the stream: an event not closed by a blank line still counts.
+    pub fn finish(&mut self, events: &mut Vec<SseEvent>) {
+        let line = std::mem::take(&mut self.line);
+        if !line.is_empty() {
+            self.line(&line, events);
+        }
+        self.end_event(events);
+    }
+
+    fn end_event(&mut self, events: &mut Vec<SseEvent>) {
+        let name = self.name.take().unwrap_or_else(|| "message".to_string());
+        if let Some(data) = self.data.take() {
+            events.push(SseEvent { name, data });
+        }
+    }
+
+    fn line(&mut self, line: &[u8], events: &mut Vec<SseEvent>) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let value = |rest: &[u8]| String::from_utf8_lossy(rest.strip_prefix(b" ").unwrap_or(rest)).into_owned();
+        if line.is_empty() {
+            self.end_event(events);
+        } else if let Some(rest) = line.strip_prefix(b"data:") {
+            let rest = value(rest);
+            match &mut self.data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(&rest);
+                }
+                None => self.data = Some(rest),
+            }
+        } else if let Some(rest) = line.strip_prefix(b"event:") {
+            self.name = Some(value(rest));
+        }
+        // Comments (keep-alives) and the other fields (id, retry) are of no use here.
     }
 }
 
@@ -61,32 +79,52 @@ fn find_blank_line(buffer: &[u8]) -> Option<(usize, usize)> {
 mod tests {
     use super::*;
 
+    fn event(name: &str, data: &str) -> SseEvent {
+        SseEvent { name: name.into(), data: data.into() }
+    }
+
     #[test]
-    fn events_split_across_pushes() {
-        let mut r = SseReader::default();
-        assert!(r.push(b"data: AAA").unwrap().is_empty());
-        let events = r.push(b"A\n\n: keep-alive\n\nevent: error\ndata: {\"x\":1}\n\n").unwrap();
+    fn events_split_across_pushes_and_line_endings() {
+        let mut p = SseParser::default();
+        let mut events = Vec::new();
+        p.push(b"data: AAA", &mut events).unwrap();
+        assert!(events.is_empty());
+        p.push(b"A\n\n: keep-alive\n\nevent: error\ndata: {\"x\":1}\n\ndata: a\r\n\r\ndata: b\ndata: c\n", &mut events)
+            .unwrap();
+        p.finish(&mut events);
         assert_eq!(
             events,
-            [
-                SseEvent { name: "message".into(), data: "AAAA".into() },
-                SseEvent { name: "error".into(), data: "{\"x\":1}".into() }
-            ]
+            [event("message", "AAAA"), event("error", "{\"x\":1}"), event("message", "a"), event("message", "b\nc")]
         );
-        assert_eq!(r.push(b"data: a\r\n\r\n").unwrap(), [SseEvent { name: "message".into(), data: "a".into() }]);
+    }
+
+    #[test]
+    fn events_split_anywhere_come_out_whole() {
+        let stream =
+            b": keep-alive\n\ndata: {\"a\":1}\n\ndata: first\r\ndata: second\r\n\r\nevent: x\ndata: [DONE]\n\n";
+        for split in 0..stream.len() {
+            let mut p = SseParser::default();
+            let mut events = Vec::new();
+            p.push(&stream[..split], &mut events).unwrap();
+            p.push(&stream[split..], &mut events).unwrap();
+            p.finish(&mut events);
+            let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+            assert_eq!(data, ["{\"a\":1}", "first\nsecond", "[DONE]"], "split at {split}");
+            assert_eq!(events[2].name, "x");
+        }
+        let mut p = SseParser::default();
+        let mut events = Vec::new();
+        p.push(b"data: [DONE]", &mut events).unwrap();
+        assert!(events.is_empty());
+        p.finish(&mut events);
+        assert_eq!(events, [event("message", "[DONE]")]);
     }
 
     #[test]
     fn an_endless_event_is_refused() {
-        let mut r = SseReader::default();
+        let mut p = SseParser::default();
+        let mut events = Vec::new();
         let chunk = vec![b'a'; 1 << 16];
-        let mut failed = false;
-        for _ in 0..32 {
-            if r.push(&chunk).is_err() {
-                failed = true;
-                break;
-            }
-        }
-        assert!(failed);
+        assert!((0..32).any(|_| p.push(&chunk, &mut events).is_err()));
     }
 }
