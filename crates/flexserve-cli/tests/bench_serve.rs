@@ -2,66 +2,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use common::{flexserve, model, Daemon};
 
-fn model() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
-    p
-}
-
-fn flexserve(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_flexserve"));
-    c.env("FLEXSERVE_HOME", home).env("FLEXSERVE_DEV", "1").env_remove("FLEXSERVE_API_KEY");
-    c
-}
-
-/// A running `flexserve serve` with the real model as `smol`, stopped with SIGTERM when dropped.
-struct Server {
-    child: Child,
-    url: String,
-    home: tempfile::TempDir,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start() -> Server {
-        let home = tempfile::tempdir().unwrap();
-        let log = home.path().join("serve.log");
-        let mut child = flexserve(home.path())
-            .args(["serve", "--port", "0"])
-            .arg("--model")
-            .arg(format!("smol={}", model().display()))
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let url = common::listening_url(&mut child);
-        Server { child, url, home, log }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SAFETY: kill sends SIGTERM to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A running `flexserve serve` with the real model as `smol`.
+fn start_server() -> Daemon {
+    Daemon::spawn(tempfile::tempdir().unwrap(), |c| c.arg("--model").arg(format!("smol={}", model().display())))
 }
 
 #[test]
 fn bench_serve_reports_each_concurrency_level_as_json() {
-    let server = Server::start();
+    let server = start_server();
     let o = flexserve(server.home.path())
         .args(["bench", "serve", "--url", &server.url, "--model", "smol", "--concurrency", "1,4"])
         .args(["--requests", "8", "--max-tokens", "8", "--json"])

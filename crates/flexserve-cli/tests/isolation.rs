@@ -9,15 +9,16 @@
 //! ids), so the sealed run cannot pass because the scanner sees nothing.
 
 mod common;
+#[path = "common/memscan.rs"]
+mod memscan;
 
-use std::collections::HashMap;
-use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use memscan::{is_root, scan_process, signal, wait_stopped, Matcher, Needle, Scan};
 
 use flexserve_gguf::GgufFile;
 use flexserve_tokenizer::Tokenizer;
@@ -37,24 +38,10 @@ fn model() -> PathBuf {
     p
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// A byte pattern whose presence in the normal world would be a leak.
-struct Needle {
-    bytes: Vec<u8>,
-    what: String,
-    kind: NeedleKind,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum NeedleKind {
-    Tensor,
-    IdsU32,
-    IdsU64,
-}
+/// Needle kinds.
+const TENSOR: &str = "tensor";
+const IDS_U32: &str = "ids u32";
+const IDS_U64: &str = "ids u64";
 
 /// Windows with few distinct bytes (zeros, padding, repeated values) could
 /// occur anywhere by chance; real quantized or float data has many.
@@ -104,7 +91,7 @@ fn tensor_needles(gguf: &GgufFile) -> Vec<Needle> {
                 needles.push(Needle {
                     bytes: window.to_vec(),
                     what: format!("{name} ({}) bytes {at}..{}", tensor.ty.name(), at + NEEDLE_LEN),
-                    kind: NeedleKind::Tensor,
+                    kind: TENSOR,
                 });
                 taken += 1;
             }
@@ -124,181 +111,10 @@ fn id_needles(ids: &[u32]) -> Vec<Needle> {
         let as_u32: Vec<u8> = run.iter().flat_map(|id| id.to_le_bytes()).collect();
         let as_u64: Vec<u8> = run.iter().flat_map(|&id| u64::from(id).to_le_bytes()).collect();
         let what = |width| format!("prompt token ids {start}..{} as {width}", start + ID_RUN);
-        needles.push(Needle { bytes: as_u32, what: what("u32"), kind: NeedleKind::IdsU32 });
-        needles.push(Needle { bytes: as_u64, what: what("u64"), kind: NeedleKind::IdsU64 });
+        needles.push(Needle { bytes: as_u32, what: what("u32"), kind: IDS_U32 });
+        needles.push(Needle { bytes: as_u64, what: what("u64"), kind: IDS_U64 });
     }
     needles
-}
-
-/// Finds many needles in one pass: a bitmap over a hash of each needle's
-/// first 8 bytes filters positions before an exact comparison.
-struct Matcher {
-    needles: Vec<Needle>,
-    filter: Vec<u64>,
-    by_prefix: HashMap<u64, Vec<usize>>,
-    longest: usize,
-}
-
-const FILTER_BITS: u32 = 24;
-
-fn filter_slot(prefix: u64) -> usize {
-    (prefix.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FILTER_BITS)) as usize
-}
-
-impl Matcher {
-    fn new(needles: Vec<Needle>) -> Matcher {
-        let mut filter = vec![0u64; (1 << FILTER_BITS) / 64];
-        let mut by_prefix: HashMap<u64, Vec<usize>> = HashMap::new();
-        for (i, n) in needles.iter().enumerate() {
-            let prefix = u64::from_le_bytes(n.bytes[..8].try_into().unwrap());
-            let slot = filter_slot(prefix);
-            filter[slot / 64] |= 1 << (slot % 64);
-            by_prefix.entry(prefix).or_default().push(i);
-        }
-        let longest = needles.iter().map(|n| n.bytes.len()).max().unwrap_or(8);
-        Matcher { needles, filter, by_prefix, longest }
-    }
-
-    fn scan(&self, data: &[u8], found: &mut [bool]) {
-        if data.len() < 8 {
-            return;
-        }
-        for at in 0..=data.len() - 8 {
-            let prefix = u64::from_le_bytes(data[at..at + 8].try_into().unwrap());
-            let slot = filter_slot(prefix);
-            if self.filter[slot / 64] & (1 << (slot % 64)) == 0 {
-                continue;
-            }
-            if let Some(candidates) = self.by_prefix.get(&prefix) {
-                for &i in candidates {
-                    if data[at..].starts_with(&self.needles[i].bytes) {
-                        found[i] = true;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// What a scan of one process saw.
-struct Scan {
-    found: Vec<bool>,
-    mappings: usize,
-    bytes_read: u64,
-    bytes_unreadable: u64,
-    /// Command names of the process's children (the secure world, for a sealed model).
-    children: Vec<String>,
-}
-
-/// Reads every readable mapping of `pid` through /proc/PID/mem and searches it.
-/// Unreadable pages (guard pages, [vvar], ...) are counted and skipped.
-fn scan_process(pid: u32, matcher: &Matcher) -> std::io::Result<Scan> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let mem = File::open(format!("/proc/{pid}/mem"))?;
-    // Children of every thread: a daemon starts the secure world from a worker thread.
-    let mut children = String::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
-        children += &std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        children.push(' ');
-    }
-    let children = children
-        .split_whitespace()
-        .map(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).unwrap_or_default().trim().to_owned())
-        .collect();
-    let mut scan =
-        Scan { found: vec![false; matcher.needles.len()], mappings: 0, bytes_read: 0, bytes_unreadable: 0, children };
-    const CHUNK: u64 = 4 << 20;
-    const PAGE: u64 = 4096;
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
-        let name = fields.nth(3).unwrap_or("");
-        if !perms.starts_with('r') || name.starts_with("[vvar") || name == "[vsyscall]" {
-            continue;
-        }
-        let (start, end) = range.split_once('-').expect("maps range");
-        let (start, end) = (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
-        scan.mappings += 1;
-        // Bytes carried over from the previous chunk, so that needles across a chunk boundary are found.
-        let mut carry: Vec<u8> = Vec::new();
-        let mut at = start;
-        while at < end {
-            let len = CHUNK.min(end - at) as usize;
-            let mut buf = vec![0u8; len];
-            let got = read_fully(&mem, &mut buf, at);
-            if got < len {
-                // Fall back to page by page for the rest of this chunk.
-                let mut page_at = at + got as u64;
-                let mut filled = got;
-                buf.truncate(got);
-                while page_at < at + len as u64 {
-                    let mut page = vec![0u8; PAGE as usize];
-                    let n = read_fully(&mem, &mut page, page_at);
-                    if n == page.len() {
-                        buf.extend_from_slice(&page);
-                        filled += n;
-                    } else {
-                        // An unreadable page ends the contiguous run.
-                        scan_with_carry(matcher, &mut carry, &buf, &mut scan.found);
-                        carry.clear();
-                        buf.clear();
-                        scan.bytes_unreadable += PAGE;
-                    }
-                    page_at += PAGE;
-                }
-                scan.bytes_read += filled as u64;
-            } else {
-                scan.bytes_read += len as u64;
-            }
-            scan_with_carry(matcher, &mut carry, &buf, &mut scan.found);
-            at += len as u64;
-        }
-    }
-    Ok(scan)
-}
-
-fn scan_with_carry(matcher: &Matcher, carry: &mut Vec<u8>, data: &[u8], found: &mut [bool]) {
-    if data.is_empty() {
-        return;
-    }
-    let mut joined = std::mem::take(carry);
-    joined.extend_from_slice(data);
-    matcher.scan(&joined, found);
-    let keep = (matcher.longest - 1).min(joined.len());
-    *carry = joined[joined.len() - keep..].to_vec();
-}
-
-/// pread until `buf` is full or a read fails; returns the bytes read.
-fn read_fully(file: &File, buf: &mut [u8], offset: u64) -> usize {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => done += n,
-        }
-    }
-    done
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill only sends a signal to our own child process.
-    let r = unsafe { libc::kill(pid as libc::pid_t, sig) };
-    assert_eq!(r, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
-}
-
-/// Waits until /proc/PID/stat says the process is stopped.
-fn wait_stopped(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // The state follows the parenthesised command name.
-        let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
-        if state == Some('T') || state == Some('t') {
-            return;
-        }
-        assert!(Instant::now() < deadline, "process {pid} did not stop (state {state:?})");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A running `flexserve generate` and its output so far.
@@ -401,12 +217,6 @@ fn prompt_and_weights_matcher() -> Matcher {
     Matcher::new(needles)
 }
 
-fn report(found: &[bool], matcher: &Matcher, kind: NeedleKind) -> (usize, usize, Vec<String>) {
-    let of_kind: Vec<usize> = (0..found.len()).filter(|&i| matcher.needles[i].kind == kind).collect();
-    let hits: Vec<String> = of_kind.iter().filter(|&&i| found[i]).map(|&i| matcher.needles[i].what.clone()).collect();
-    (hits.len(), of_kind.len(), hits)
-}
-
 fn secure_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("FLEXSERVE_SECURE_BIN") {
         return PathBuf::from(p);
@@ -439,8 +249,8 @@ fn no_plaintext_weights_or_token_ids_in_the_normal_world() {
         }
         Outcome::Unreadable(e) => panic!("reading the plain CLI's memory: {e}"),
     };
-    let (tensor_hits, tensors, _) = report(&plain.found, &matcher, NeedleKind::Tensor);
-    let (u32_hits, u32_runs, _) = report(&plain.found, &matcher, NeedleKind::IdsU32);
+    let (tensor_hits, tensors, _) = matcher.hits(&plain.found, TENSOR);
+    let (u32_hits, u32_runs, _) = matcher.hits(&plain.found, IDS_U32);
     eprintln!(
         "plain model (control): {} mappings, {:.1} MiB read, {:.1} MiB unreadable; tensor needles {tensor_hits}/{tensors}, \
          u32 id runs {u32_hits}/{u32_runs}",
@@ -469,9 +279,9 @@ fn no_plaintext_weights_or_token_ids_in_the_normal_world() {
         Outcome::NoOutput(stderr) => panic!("flexserve generate on the sealed model produced no output:\n{stderr}"),
         Outcome::Unreadable(e) => panic!("reading the sealed CLI's memory: {e}"),
     };
-    let (tensor_hits, _, tensor_leaks) = report(&sealed_scan.found, &matcher, NeedleKind::Tensor);
-    let (u32_hits, _, u32_leaks) = report(&sealed_scan.found, &matcher, NeedleKind::IdsU32);
-    let (u64_hits, _, u64_leaks) = report(&sealed_scan.found, &matcher, NeedleKind::IdsU64);
+    let (tensor_hits, _, tensor_leaks) = matcher.hits(&sealed_scan.found, TENSOR);
+    let (u32_hits, _, u32_leaks) = matcher.hits(&sealed_scan.found, IDS_U32);
+    let (u64_hits, _, u64_leaks) = matcher.hits(&sealed_scan.found, IDS_U64);
     eprintln!(
         "sealed model: {} mappings, {:.1} MiB read, {:.1} MiB unreadable; tensor needles {tensor_hits}, \
          u32 id runs {u32_hits}, u64 id runs {u64_hits}",
@@ -479,9 +289,8 @@ fn no_plaintext_weights_or_token_ids_in_the_normal_world() {
         sealed_scan.bytes_read as f64 / (1 << 20) as f64,
         sealed_scan.bytes_unreadable as f64 / (1 << 20) as f64
     );
-    // comm is cut to 15 bytes.
     assert!(
-        sealed_scan.children.iter().any(|c| "flexserve-secure".starts_with(c.as_str()) && !c.is_empty()),
+        sealed_scan.has_secure_child(),
         "the sealed model must run in a flexserve-secure child of the CLI; children: {:?}",
         sealed_scan.children
     );
@@ -545,16 +354,16 @@ fn no_plaintext_weights_or_token_ids_in_the_daemon() {
         }
         Err(e) => panic!("reading the daemon's memory: {e}"),
     };
-    let (tensor_hits, _, tensor_leaks) = report(&scan.found, &matcher, NeedleKind::Tensor);
-    let (u32_hits, _, u32_leaks) = report(&scan.found, &matcher, NeedleKind::IdsU32);
-    let (u64_hits, _, u64_leaks) = report(&scan.found, &matcher, NeedleKind::IdsU64);
+    let (tensor_hits, _, tensor_leaks) = matcher.hits(&scan.found, TENSOR);
+    let (u32_hits, _, u32_leaks) = matcher.hits(&scan.found, IDS_U32);
+    let (u64_hits, _, u64_leaks) = matcher.hits(&scan.found, IDS_U64);
     eprintln!(
         "daemon: {} mappings, {:.1} MiB read; tensor needles {tensor_hits}, u32 id runs {u32_hits}, u64 id runs {u64_hits}",
         scan.mappings,
         scan.bytes_read as f64 / (1 << 20) as f64
     );
     assert!(
-        scan.children.iter().any(|c| "flexserve-secure".starts_with(c.as_str()) && !c.is_empty()),
+        scan.has_secure_child(),
         "the sealed model must run in a flexserve-secure child of the daemon; children: {:?}",
         scan.children
     );

@@ -6,39 +6,17 @@
 mod common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const KEY: &str = "test-key-0123";
+use common::{flexserve, model, ok, plain_and_sealed, Daemon as Server, KEY};
+
 const CHAT_PROMPT: &str = "What is the capital of France?";
 const RAW_PROMPT: &str = "The capital of France is";
 
-fn model() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
-    p
-}
-
-fn flexserve(home: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_flexserve"));
-    c.env("FLEXSERVE_HOME", home).env("FLEXSERVE_DEV", "1").env_remove("FLEXSERVE_API_KEY");
-    c
-}
-
-fn ok(o: Output) -> String {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap()
-}
-
-/// A running `flexserve serve` with the real model as `plain` and `sealed`.
-struct Server {
-    child: Child,
-    url: String,
-    home: tempfile::TempDir,
-    log: PathBuf,
-}
-
+/// The daemon these tests run (a [`common::Daemon`]): the real model as
+/// `plain` and, sealed with `flexserve keygen` and `flexserve seal`, as `sealed`.
 impl Server {
     fn start(extra: &[&str]) -> Server {
         let home = tempfile::tempdir().unwrap();
@@ -50,20 +28,9 @@ impl Server {
             .arg(&sealed)
             .output()
             .unwrap());
-        let log = home.path().join("serve.log");
-        let mut child = flexserve(home.path())
-            .args(["serve", "--port", "0", "--api-key", KEY, "--key", key.to_str().unwrap()])
-            .arg("--model")
-            .arg(format!("plain={}", model().display()))
-            .arg("--model")
-            .arg(format!("sealed={}", sealed.display()))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let url = common::listening_url(&mut child);
-        Server { child, url, home, log }
+        Server::spawn(home, |c| {
+            c.args(["--api-key", KEY, "--key"]).arg(&key).args(plain_and_sealed(&sealed)).args(extra)
+        })
     }
 
     /// curl with the API key: (status, body).
@@ -102,22 +69,6 @@ impl Server {
         let models = self.json("GET", "/v1/models", None);
         let m = models["data"].as_array().unwrap().iter().find(|m| m["id"] == name).unwrap();
         m["state"].as_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SAFETY: kill sends SIGTERM to our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

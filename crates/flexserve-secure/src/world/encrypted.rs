@@ -29,8 +29,12 @@ impl EncryptedSession {
     }
 }
 
+/// The session refused a message (or is gone): it is ended, and says why
+/// (once: the session's own errors may already say so).
 fn ended(session: u64, why: impl std::fmt::Display) -> Failure {
-    (ErrorCode::EncryptedSession, format!("encrypted session {session:016x}: {why}; the session is ended"))
+    let why = why.to_string();
+    let tail = if why.contains("the session is ended") { "" } else { "; the session is ended" };
+    (ErrorCode::EncryptedSession, format!("encrypted session {session:016x}: {why}{tail}"))
 }
 
 impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
@@ -69,7 +73,10 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
     /// first needs memory is answered `MemoryNeeded` without being consumed,
     /// so the same bytes can come again once granted.
     pub(super) fn generate_encrypted(&mut self, session: u64, n_ctx: u32, message: &[u8]) -> Result<Reply, Failure> {
-        let mut entry = self.encrypted.remove(&session).ok_or_else(|| ended(session, "no such session"))?;
+        let mut entry = self
+            .encrypted
+            .remove(&session)
+            .ok_or_else(|| ended(session, "no such session (closed, evicted, or never opened)"))?;
         // A message that does not open ends the session (not put back).
         let opened = entry.transport.open_request(message).map_err(|e| ended(session, e))?;
         let request = &opened.request;
