@@ -15,7 +15,7 @@ pub mod weights;
 pub use config::{Arch, ModelConfig};
 pub use generate::{reusable_prefix, GenerateOptions, GenerationStats, Generator, Next, StopReason, TokenStream};
 pub use memory::{MemoryBlock, ScratchSource};
-pub use model::{KvCache, Logits, Model, ScratchPlan, Session, SessionState};
+pub use model::{KvCache, Logits, Model, ScratchPlan, Session, SessionState, TokenCost};
 pub use sampling::{Sampler, SamplingParams};
 
 #[derive(Debug, thiserror::Error)]

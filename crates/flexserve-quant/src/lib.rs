@@ -23,6 +23,7 @@ mod float;
 mod gemv;
 mod kquants;
 mod legacy;
+mod read;
 mod repack;
 mod scratch;
 mod tile;
@@ -30,6 +31,7 @@ mod tile;
 pub use activation::{activations, activations_for, Activations, SiluMulFn, SoftmaxFn};
 pub use f16acc::{f16_acc, f16_acc_for, F16Acc};
 pub use gemv::{gemv_kernel, gemv_kernel_for, GemvFn};
+pub use read::{read_checksum, read_kernel, read_kernel_for, ReadFn};
 pub use repack::{ColumnPart, ColumnParts, Repacked, RepackedMatmulFn, REPACK_ROWS};
 pub use tile::{tile_kernel, tile_kernel_for, TileFn};
 
@@ -113,8 +115,9 @@ pub fn detected_isa() -> Isa {
 static ISA_LIMIT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
 
 /// Caps the tier that `kernels`, `tile_kernel`, `gemv_kernel`, `activations`,
-/// `f16_acc` and `Repacked::kernel` pick from now on, for the whole process, so
-/// that one CPU can compare its tiers (`flexserve bench engine --isa avx2`).
+/// `f16_acc`, `read_kernel` and `Repacked::kernel` pick from now on, for the
+/// whole process, so that one CPU can compare its tiers (`flexserve bench
+/// engine --isa avx2`).
 /// Call it before a model is loaded: tables looked up earlier keep their tier.
 /// Returns the tier in effect, which is lower than `limit` on a CPU without it.
 pub fn limit_isa(limit: Isa) -> Isa {

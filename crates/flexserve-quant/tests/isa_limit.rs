@@ -3,7 +3,8 @@
 
 use flexserve_quant::{
     activations, activations_for, active_isa, detected_isa, f16_acc, f16_acc_for, gemv_kernel, gemv_kernel_for,
-    kernels, kernels_for, limit_isa, tile_kernel, tile_kernel_for, GgmlType, Isa, Repacked,
+    kernels, kernels_for, limit_isa, read_kernel, read_kernel_for, tile_kernel, tile_kernel_for, GgmlType, Isa,
+    Repacked,
 };
 
 #[test]
@@ -22,6 +23,7 @@ fn the_cap_reaches_every_default_table_and_lifts_again() {
     assert_eq!(Repacked::Q4_0x8.kernel() as usize, Repacked::Q4_0x8.kernel_for(Isa::Portable) as usize);
     assert_eq!(activations().silu_mul as usize, activations_for(Isa::Portable).silu_mul as usize);
     assert_eq!(f16_acc().dot as usize, f16_acc_for(Isa::Portable).dot as usize);
+    assert_eq!(read_kernel() as usize, read_kernel_for(Isa::Portable) as usize);
     if detected_isa() >= Isa::Avx2 {
         assert_ne!(Repacked::Q4_0x8.kernel() as usize, Repacked::Q4_0x8.kernel_for(Isa::Avx2) as usize);
     }
