@@ -201,17 +201,24 @@ class ClientSession:
         self.send_nonce = 0
         self.recv_nonce = 0
         self.broken: Optional[str] = None
+        # A sealed request whose answer has not ended (no done or error record opened yet): records
+        # are numbered per session, so a daemon that withheld one answer could pass it off as the next.
+        self.answer_pending = False
 
     def seal_request(self, request: "ChatRequest") -> bytes:
         """The request as concatenated Noise transport messages."""
         if self.broken:
             raise BrokenSessionError(f"the session is broken by an earlier failure: {self.broken}")
+        if self.answer_pending:
+            raise BrokenSessionError("the previous request's answer was not read to its end (done or error "
+                                     "record); open a new session")
         plain = encode_request(request)
         pieces = [plain[i:i + MAX_NOISE_PAYLOAD] for i in range(0, len(plain), MAX_NOISE_PAYLOAD)]
         if self.send_nonce + len(pieces) >= 2**64:
             raise E2eError("the session's nonces are exhausted; open a new session")
         out = b"".join(self._send.encrypt(_nonce(self.send_nonce + i), bytes(p), None) for i, p in enumerate(pieces))
         self.send_nonce += len(pieces)
+        self.answer_pending = True
         return out
 
     def open_record(self, message: bytes) -> "Record":
@@ -219,10 +226,13 @@ class ClientSession:
         if self.broken:
             raise BrokenSessionError(f"the session is broken by an earlier failure: {self.broken}")
         try:
-            return self._open(bytes(message))
+            record = self._open(bytes(message))
         except E2eError as e:
             self.broken = str(e)
             raise
+        if not isinstance(record, Text):
+            self.answer_pending = False
+        return record
 
     def _open(self, message: bytes) -> "Record":
         if len(message) > MAX_NOISE_MESSAGE:

@@ -94,6 +94,9 @@ def stdio():
                 session = handshake.finish(bytes.fromhex(cmd["message2"]))
                 out = {"ok": True}
             elif op == "seal":
+                # This harness checks each request's encoding alone; the rule that an answer
+                # ends before the next request is sealed is checked in http() below.
+                session.answer_pending = False
                 out = {"message": session.seal_request(request_from_json(cmd["request"])).hex()}
             elif op == "fuzz":
                 out = {"decoded": fuzz(cmd["seed"], cmd["rounds"], [bytes.fromhex(v) for v in cmd["valid"]])}
@@ -157,12 +160,20 @@ def http(base_url, x25519_hex, api_key):
     assert e.code == 8
     expect_raises(e2e.E2eError, lambda: list(client.chat(session, [("user", "please daemon-error")])),
                   "the daemon ended the answer: the secure world crashed")
+    # That answer never ended: the session takes no other request (the daemon could otherwise hand the
+    # withheld answer over as the next one's).
+    expect_raises(e2e.BrokenSessionError, lambda: list(client.chat(session, [("user", "hi")])),
+                  "not read to its end")
+    session = client.open_session("interop-model")
     expect_raises(e2e.TruncatedStreamError, lambda: list(client.chat(session, [("user", "please truncate")])),
                   "truncated")
+    expect_raises(e2e.BrokenSessionError, lambda: list(client.chat(session, [("user", "hi")])),
+                  "not read to its end")
+    session = client.open_session("interop-model")
     expect_raises(e2e.DecryptError, lambda: list(client.chat(session, [("user", "please tamper")])),
                   "tampered with, replayed, reordered or dropped")
     expect_raises(e2e.BrokenSessionError, lambda: list(client.chat(session, [("user", "hi")])))
-    checks += 5
+    checks += 7
 
     # A closed session is gone.
     client.close(session)

@@ -66,7 +66,7 @@ impl ClientHandshake {
         if n != 0 {
             return Err(E2eError::Handshake(format!("message 2 carries a {n}-byte payload; it must be empty")));
         }
-        Ok(ClientSession { transport: transport(self.state)?, send: 0, recv: 0, broken: None })
+        Ok(ClientSession { transport: transport(self.state)?, send: 0, recv: 0, broken: None, answer_pending: false })
     }
 }
 
@@ -79,6 +79,11 @@ pub struct ClientSession {
     recv: u64,
     /// Why the session ended, once a record failed to open.
     broken: Option<String>,
+    /// A request was sealed whose answer has not ended yet (no `done` or
+    /// `error` record opened). Another request must wait: records are
+    /// numbered per session, not per request, so a daemon that withheld one
+    /// answer could otherwise hand it over as the answer to the next.
+    answer_pending: bool,
 }
 
 impl ClientSession {
@@ -86,6 +91,11 @@ impl ClientSession {
     pub fn seal_request(&mut self, request: &ChatRequest) -> Result<Vec<u8>, E2eError> {
         if let Some(why) = &self.broken {
             return Err(E2eError::Broken(why.clone()));
+        }
+        if self.answer_pending {
+            return Err(E2eError::Broken(
+                "the previous request's answer was not read to its end (done or error record)".to_string(),
+            ));
         }
         let plain = codec::encode_request(request)?;
         let pieces = plain.len().div_ceil(MAX_NOISE_PAYLOAD);
@@ -97,6 +107,7 @@ impl ClientSession {
             self.transport.write_message(nonce, piece, out).map_err(|e| E2eError::Seal(e.to_string()))?;
         }
         self.send = next;
+        self.answer_pending = true;
         Ok(message)
     }
 
@@ -106,8 +117,10 @@ impl ClientSession {
             return Err(E2eError::Broken(why.clone()));
         }
         let opened = self.open_record_at(message);
-        if let Err(e) = &opened {
-            self.broken = Some(e.to_string());
+        match &opened {
+            Err(e) => self.broken = Some(e.to_string()),
+            Ok(record) if record.is_final() => self.answer_pending = false,
+            Ok(_) => {}
         }
         opened
     }

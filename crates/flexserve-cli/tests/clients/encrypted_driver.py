@@ -99,39 +99,47 @@ def fresh_session_works(client, model):
     return {"text": text, "done": session.last_done.stop if session.last_done else None}
 
 
+def seal_any(session, req):
+    """Seals a request whether or not the previous answer ended, as a careless or hostile sender
+    would: the module refuses that to its users, and the secure world must refuse what comes
+    out of order whoever sends it."""
+    session.noise.answer_pending = False
+    return session.noise.seal_request(req)
+
+
 def attacks(base, key, model):
     api, client = Api(base, key), e2e.Client(base, key)
     result = {}
 
     # A flipped byte: the request does not decrypt; the session is over.
     session = client.open_session(model)
-    message = bytearray(session.noise.seal_request(request(model, "What is two plus two?", 8)))
+    message = bytearray(seal_any(session, request(model, "What is two plus two?", 8)))
     message[len(message) // 2] ^= 0x01
     result["tampered"] = refusal(*api.send(session, bytes(message)))
-    result["tampered_then"] = refusal(*api.send(session, session.noise.seal_request(request(model, "Hi", 4))))
+    result["tampered_then"] = refusal(*api.send(session, seal_any(session, request(model, "Hi", 4))))
     result["tampered_fresh"] = fresh_session_works(client, model)
 
     # A replay of a request already answered.
     session = client.open_session(model)
-    message = session.noise.seal_request(request(model, "What is two plus two?", 8))
+    message = seal_any(session, request(model, "What is two plus two?", 8))
     result["replay_first"] = answer(session, *api.send(session, message))
     result["replayed"] = refusal(*api.send(session, message))
-    result["replayed_then"] = refusal(*api.send(session, session.noise.seal_request(request(model, "Hi", 4))))
+    result["replayed_then"] = refusal(*api.send(session, seal_any(session, request(model, "Hi", 4))))
     result["replayed_fresh"] = fresh_session_works(client, model)
 
     # Two requests sealed in order, sent in reverse.
     session = client.open_session(model)
-    first = session.noise.seal_request(request(model, "What is two plus two?", 8))
-    second = session.noise.seal_request(request(model, "What is three plus three?", 8))
+    first = seal_any(session, request(model, "What is two plus two?", 8))
+    second = seal_any(session, request(model, "What is three plus three?", 8))
     result["reordered"] = refusal(*api.send(session, second))
     result["reordered_then"] = refusal(*api.send(session, first))
     result["reordered_fresh"] = fresh_session_works(client, model)
 
     # A request cut short by one byte.
     session = client.open_session(model)
-    message = session.noise.seal_request(request(model, "What is two plus two?", 8))
+    message = seal_any(session, request(model, "What is two plus two?", 8))
     result["cut"] = refusal(*api.send(session, message[:-1]))
-    result["cut_then"] = refusal(*api.send(session, session.noise.seal_request(request(model, "Hi", 4))))
+    result["cut_then"] = refusal(*api.send(session, seal_any(session, request(model, "Hi", 4))))
     result["cut_fresh"] = fresh_session_works(client, model)
     out(result)
 
@@ -182,7 +190,7 @@ def main():
         session = client.open_session(model)
         text = "".join(client.chat(session, [("user", "Say hello.")], max_tokens=4, temperature=0))
         deleted = api.call("DELETE", f"/v1/secure/sessions/{session.id}")
-        after = refusal(*api.send(session, session.noise.seal_request(request(model, "Hi", 4))))
+        after = refusal(*api.send(session, seal_any(session, request(model, "Hi", 4))))
         again = refusal(*api.call("DELETE", f"/v1/secure/sessions/{session.id}"))
         out({"text": text, "deleted": {"status": deleted[0], "body": deleted[1]}, "after": after, "again": again})
     else:

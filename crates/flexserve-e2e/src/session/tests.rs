@@ -29,6 +29,19 @@ fn receive(server: &mut ServerSession, message: &[u8]) -> Result<ChatRequest, E2
     Ok(opened.request.clone())
 }
 
+/// The secure world ends the current answer (a done record) and the client
+/// reads it, so that the client may send its next request.
+fn end_answer(client: &mut ClientSession, server: &mut ServerSession) {
+    let done = Done {
+        stop: StopReason::EndOfGeneration,
+        prompt_tokens: 1,
+        generated_tokens: 1,
+        prefill_micros: 1,
+        decode_micros: 1,
+    };
+    client.open_record(&server.seal_record(&Record::Done(done)).unwrap()).unwrap();
+}
+
 fn large_request() -> ChatRequest {
     let mut request = sample_request();
     // Three Noise messages: over two pieces of 65519 bytes.
@@ -84,6 +97,7 @@ fn ciphertext_lengths_are_bucketed() {
         assert_eq!((message.len() - TAG_LEN) % RECORD_PADDING, 0);
         record_lengths.insert(message.len());
         client.open_record(&message).unwrap();
+        end_answer(&mut client, &mut server);
     }
     assert_eq!(request_lengths.into_iter().collect::<Vec<_>>(), [256 + 16, 512 + 16]);
     assert_eq!(record_lengths.into_iter().collect::<Vec<_>>(), [80, 144, 208, 272, 336]);
@@ -111,13 +125,13 @@ fn a_flipped_bit_anywhere_is_refused_and_ends_the_session() {
         let e = server.open_request(&message).unwrap_err();
         assert_eq!(e, E2eError::Decrypt { what: "a request", nonce: 0 }, "byte {i}");
         assert!(e.to_string().contains("tampered with, replayed, reordered or dropped"), "{e}");
+        // The secure world can still tell the client why (which ends the answer).
+        let record = Record::Error { code: 4, message: e.to_string() };
+        assert_eq!(client.open_record(&server.seal_record(&record).unwrap()).unwrap(), record);
         // The session is over: the genuine request is refused too, and cannot be accepted.
         let genuine = client.seal_request(&request).unwrap();
         assert!(matches!(server.open_request(&genuine), Err(E2eError::Broken(_))));
         assert!(server.broken().unwrap().contains("tampered"));
-        // The secure world can still tell the client why.
-        let record = Record::Error { code: 4, message: e.to_string() };
-        assert_eq!(client.open_record(&server.seal_record(&record).unwrap()).unwrap(), record);
     }
     let record = Record::Text("a secret answer".into());
     let length = pair().1.seal_record(&record).unwrap().len();
@@ -155,8 +169,9 @@ fn replayed_reordered_and_dropped_messages_are_refused() {
     assert_eq!(e, E2eError::Decrypt { what: "a request", nonce: 1 });
 
     // Two requests in the wrong order.
-    let (mut client, server) = pair();
+    let (mut client, mut server) = pair();
     let a = client.seal_request(&sample_request()).unwrap();
+    end_answer(&mut client, &mut server);
     let b = client.seal_request(&large_request()).unwrap();
     assert_eq!(server.open_request(&b).unwrap_err(), E2eError::Decrypt { what: "a request", nonce: 0 });
     assert!(matches!(server.open_request(&a), Err(E2eError::Broken(_))));
@@ -186,8 +201,9 @@ fn replayed_reordered_and_dropped_messages_are_refused() {
 
     // A request spliced with a piece of the next one decrypts piece by piece
     // but is refused by its length.
-    let (mut client, server) = pair();
+    let (mut client, mut server) = pair();
     let small = client.seal_request(&sample_request()).unwrap();
+    end_answer(&mut client, &mut server);
     let next = client.seal_request(&sample_request()).unwrap();
     let mut spliced = small.clone();
     spliced.extend_from_slice(&next);
@@ -301,7 +317,37 @@ fn nonces_run_out_before_the_reserved_one() {
     server.recv = u64::MAX - 1;
     let message = client.seal_request(&sample_request()).unwrap();
     receive(&mut server, &message).unwrap();
+    end_answer(&mut client, &mut server);
     assert_eq!(client.seal_request(&sample_request()).unwrap_err(), E2eError::Exhausted);
     server.send = u64::MAX;
     assert_eq!(server.seal_record(&Record::Text("x".into())).unwrap_err(), E2eError::Exhausted);
+}
+
+/// Records are numbered per session: a client that sent another request
+/// before the previous answer ended could be handed the withheld answer as
+/// the new one. The client refuses to seal until the answer's final record.
+#[test]
+fn a_request_waits_for_the_previous_answer_to_end() {
+    let (mut client, mut server) = pair();
+    let request = ChatRequest::new("m", vec![ChatMessage::new("user", "first")]);
+    let first = client.seal_request(&request).unwrap();
+    receive(&mut server, &first).unwrap();
+    let text = server.seal_record(&Record::Text("one".into())).unwrap();
+    let done = server
+        .seal_record(&Record::Done(Done {
+            stop: StopReason::EndOfGeneration,
+            prompt_tokens: 1,
+            generated_tokens: 1,
+            prefill_micros: 1,
+            decode_micros: 1,
+        }))
+        .unwrap();
+    // The daemon withholds the answer (an HTTP error, say): no second request.
+    let refused = client.seal_request(&request).unwrap_err();
+    assert!(matches!(&refused, E2eError::Broken(why) if why.contains("not read to its end")), "{refused}");
+    // A text record does not end the answer; the done record does.
+    client.open_record(&text).unwrap();
+    assert!(client.seal_request(&request).is_err());
+    client.open_record(&done).unwrap();
+    client.seal_request(&request).unwrap();
 }
