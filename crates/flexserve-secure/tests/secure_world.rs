@@ -668,6 +668,39 @@ fn scoring_needs_the_policy_or_the_vendors_word() {
     world.shutdown().unwrap();
 }
 
+/// The tokenizer tables come with the model and are read in the secure
+/// world: a sealed (so authenticated) model whose vocabulary holds a special
+/// token past MAX_SPECIAL_TOKEN_BYTES is refused when it opens, with an error
+/// naming the bound, and the same session then opens and runs a sound model.
+#[test]
+fn a_hostile_tokenizer_table_is_refused_and_the_secure_world_serves_on() {
+    let sealer = SynthSealer::new();
+    let meta = &sealer.real.header.metadata;
+    let mut tokens: Vec<String> =
+        meta.get_str_array("tokenizer.ggml.tokens").unwrap().unwrap().into_iter().map(str::to_string).collect();
+    let mut types = meta.get_i32_array("tokenizer.ggml.token_type").unwrap().unwrap();
+    let last = tokens.len() - 1;
+    tokens[last] = format!("<{}>", "x".repeat(flexserve_tokenizer::MAX_SPECIAL_TOKEN_BYTES));
+    types[last] = 3; // control
+    let hostile = sealer.seal("long-special", |w| {
+        w.set("tokenizer.ggml.tokens", flexserve_gguf::Value::string_array(tokens));
+        w.set("tokenizer.ggml.token_type", flexserve_gguf::Value::i32_array(types));
+    });
+    let sound = sealer.seal("sound", |_| {});
+    let mut world = SecureWorld::spawn(&sealer.options()).unwrap();
+    match world.open_model(&hostile) {
+        Err(NormalError::Secure { message, .. }) => {
+            assert!(message.contains("MAX_SPECIAL_TOKEN_BYTES") && message.contains(&last.to_string()), "{message}")
+        }
+        Err(e) => panic!("expected the secure world to refuse the model, got {e}"),
+        Ok(_) => panic!("a special token past the bound was accepted"),
+    }
+    let (model, _) = world.open_model(&sound).unwrap();
+    generate(&mut world, &model, "Once upon a time", 4);
+    assert_eq!(world.status().unwrap().models.len(), 1, "the refused model left nothing behind");
+    world.shutdown().unwrap();
+}
+
 /// A chat template comes with the model and runs in the secure world: one
 /// that loops for ever or grows without bound is refused with an error that
 /// names the bound, and the secure world goes on serving.
