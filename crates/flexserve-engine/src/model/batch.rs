@@ -4,7 +4,13 @@
 //! per session, on its own cache. The kernels give each row the value the
 //! plain dot gives it, so a session's tokens are the same batched or alone.
 
-use super::*;
+use rayon::prelude::*;
+
+use super::forward::attend_head;
+use super::scratch::Scratch;
+use super::{Model, Session};
+use crate::memory::heap_scratch;
+use crate::EngineError;
 
 impl<'m> Session<'m> {
     /// Evaluates `tokens[i]` in `sessions[i]` (one token each, all sessions

@@ -1,0 +1,378 @@
+//! The forward pass: a batch of tokens through every layer, its keys and
+//! values into the session's cache, and logits out.
+
+use std::ops::ControlFlow;
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::scratch::Scratch;
+use super::{KvCache, Layer, Logits, Model, Session};
+use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::memory::Buf;
+use crate::ops::{self, QuantizedActs};
+use crate::weights::Tensor;
+use crate::EngineError;
+
+/// Batches of at least this many tokens take the f32 attention path, as
+/// llama.cpp switches to its tiled f32 kernel at this size.
+pub(super) const F32_ATTENTION_MIN_BATCH: usize = 64;
+
+/// Queries per task of the f32 attention: enough rows for the tile kernel,
+/// small enough that a 128-token prompt still makes eight tasks.
+const ATTENTION_QUERY_BLOCK: usize = 16;
+
+/// Largest batch evaluated at once; longer inputs are split.
+pub(super) const MAX_BATCH: usize = 512;
+
+impl<'m> Session<'m> {
+    /// Runs `tokens` through the model after the cached positions and returns
+    /// logits (`n_vocab` per requested position, in order).
+    pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, EngineError> {
+        self.eval_with(tokens, logits, &mut || ControlFlow::Continue(()))
+    }
+
+    /// [`Session::eval`], calling `between_layers` after every layer of every
+    /// batch (on a worker thread): a long prefill can serve other work, such
+    /// as a memory recall, at bounded intervals. When it answers `Break`
+    /// the evaluation stops there with [`EngineError::Cancelled`] (the
+    /// positions of the unfinished batch are not kept).
+    pub fn eval_with(
+        &mut self,
+        tokens: &[u32],
+        logits: Logits,
+        between_layers: &mut (dyn FnMut() -> ControlFlow<()> + Send),
+    ) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        let needed = self.n_past + tokens.len();
+        if needed > self.kv.n_ctx() {
+            return Err(EngineError::ContextFull { n_ctx: self.kv.n_ctx(), needed });
+        }
+        let n_vocab = self.model.config.n_vocab;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(EngineError::BadToken { id: bad, n_vocab });
+        }
+        let mut out = Vec::new();
+        let model = self.model;
+        for (b, batch) in tokens.chunks(MAX_BATCH).enumerate() {
+            let start = b * MAX_BATCH;
+            let want = match logits {
+                Logits::Last if start + batch.len() == tokens.len() => Some(batch.len() - 1),
+                Logits::Last => None,
+                Logits::From(f) if f < start + batch.len() => Some(f.saturating_sub(start)),
+                Logits::From(_) => None,
+            };
+            let l = model.pool.install(|| self.eval_batch(batch, want, &mut *between_layers))?;
+            out.extend_from_slice(&l);
+        }
+        Ok(out)
+    }
+
+    fn eval_batch(
+        &mut self,
+        tokens: &[u32],
+        logits_from: Option<usize>,
+        between_layers: &mut (dyn FnMut() -> ControlFlow<()> + Send),
+    ) -> Result<Vec<f32>, EngineError> {
+        let m = self.model;
+        let c = &m.config;
+        let n = tokens.len();
+        let pos0 = self.n_past;
+        let s = &mut self.s;
+        let kvd = c.kv_dim();
+        s.begin(m, tokens, |t| pos0 + t)?;
+        for (li, layer) in m.weights.layers.iter().enumerate() {
+            s.attention_inputs(c, layer)?;
+            for t in 0..n {
+                self.kv.store(li, pos0 + t, &s.k[t * kvd..(t + 1) * kvd], &s.v[t * kvd..(t + 1) * kvd]);
+            }
+            if n >= F32_ATTENTION_MIN_BATCH {
+                attention_f32(c, &self.kv, li, pos0, &s.q, &mut s.att, &mut s.kv32)?;
+            } else {
+                attention(c, &self.kv, li, pos0, &s.q, &mut s.att);
+            }
+            s.finish_layer(c, layer)?;
+            if between_layers().is_break() {
+                return Err(EngineError::Cancelled);
+            }
+        }
+        self.n_past += n;
+        match logits_from {
+            Some(from) => s.logits(m, from),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+impl Scratch {
+    /// Sizes the buffers for `tokens` and embeds them; row `t` is at
+    /// position `position(t)` (its rotary angles, used by every layer).
+    pub(super) fn begin(
+        &mut self,
+        m: &Model,
+        tokens: &[u32],
+        position: impl Fn(usize) -> usize,
+    ) -> Result<(), EngineError> {
+        let (c, w) = (&m.config, &m.weights);
+        let n = tokens.len();
+        let (e, qd, kvd) = (c.n_embd, c.q_dim(), c.kv_dim());
+        self.x.resize(n * e, 0.0)?;
+        self.h.resize(n * e, 0.0)?;
+        self.q.resize(n * qd, 0.0)?;
+        self.k.resize(n * kvd, 0.0)?;
+        self.v.resize(n * kvd, 0.0)?;
+        self.att.resize(n * qd, 0.0)?;
+        self.gate.resize(n * c.n_ff, 0.0)?;
+        self.up.resize(n * c.n_ff, 0.0)?;
+        let embd = ops::kernels(w.token_embd.ty)?;
+        for (t, &tok) in tokens.iter().enumerate() {
+            (embd.dequantize)(w.token_embd.row(tok as usize), &mut self.x[t * e..(t + 1) * e]);
+        }
+        let pos_scale = match c.rope_scaling {
+            RopeScaling::None => 1.0,
+            RopeScaling::Linear { factor } => 1.0 / factor,
+        };
+        self.angles.resize_with(n, Vec::new);
+        for (t, a) in self.angles.iter_mut().enumerate() {
+            ops::rope_angles(position(t), c.rope_dim, c.rope_base, pos_scale, w.rope_freq_factors.as_deref(), a);
+        }
+        Ok(())
+    }
+
+    /// A layer's queries, keys and values of every row, rotated to the rows' positions.
+    pub(super) fn attention_inputs(&mut self, c: &ModelConfig, layer: &Layer) -> Result<(), EngineError> {
+        let (e, qd, kvd, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
+        ops::rms_norm(&self.x, &layer.attn_norm, c.rms_eps, &mut self.h);
+        quantize_for(&mut self.acts, &self.h, e, &layer.wq)?;
+        ops::matmul(&layer.wq, &self.acts, &mut self.q, &mut self.mm)?;
+        reuse_for(&mut self.acts, &self.h, e, &layer.wk)?;
+        ops::matmul(&layer.wk, &self.acts, &mut self.k, &mut self.mm)?;
+        reuse_for(&mut self.acts, &self.h, e, &layer.wv)?;
+        ops::matmul(&layer.wv, &self.acts, &mut self.v, &mut self.mm)?;
+        add_bias(&mut self.q, layer.bq.as_deref());
+        add_bias(&mut self.k, layer.bk.as_deref());
+        add_bias(&mut self.v, layer.bv.as_deref());
+        let neox = c.arch == Arch::Qwen2;
+        for (t, a) in self.angles.iter().enumerate() {
+            for head in self.q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
+                ops::rope_head(&mut head[..c.rope_dim], a, neox);
+            }
+            for head in self.k[t * kvd..(t + 1) * kvd].chunks_exact_mut(hd) {
+                ops::rope_head(&mut head[..c.rope_dim], a, neox);
+            }
+        }
+        Ok(())
+    }
+
+    /// The rest of a layer once `att` holds its attention: output
+    /// projection, residual, feed-forward, residual.
+    pub(super) fn finish_layer(&mut self, c: &ModelConfig, layer: &Layer) -> Result<(), EngineError> {
+        let (e, qd) = (c.n_embd, c.q_dim());
+        quantize_for(&mut self.acts, &self.att, qd, &layer.wo)?;
+        ops::matmul(&layer.wo, &self.acts, &mut self.h, &mut self.mm)?;
+        add_into(&mut self.x, &self.h);
+        ops::rms_norm(&self.x, &layer.ffn_norm, c.rms_eps, &mut self.h);
+        quantize_for(&mut self.acts, &self.h, e, &layer.w_gate)?;
+        ops::matmul(&layer.w_gate, &self.acts, &mut self.gate, &mut self.mm)?;
+        reuse_for(&mut self.acts, &self.h, e, &layer.w_up)?;
+        ops::matmul(&layer.w_up, &self.acts, &mut self.up, &mut self.mm)?;
+        let silu_mul = flexserve_quant::activations().silu_mul;
+        self.gate.par_chunks_mut(c.n_ff).zip(self.up.par_chunks(c.n_ff)).for_each(|(g, u)| silu_mul(g, u));
+        quantize_for(&mut self.acts, &self.gate, c.n_ff, &layer.w_down)?;
+        ops::matmul(&layer.w_down, &self.acts, &mut self.h, &mut self.mm)?;
+        add_into(&mut self.x, &self.h);
+        Ok(())
+    }
+
+    /// Next-token logits of the rows from `from` on.
+    pub(super) fn logits(&mut self, m: &Model, from: usize) -> Result<Vec<f32>, EngineError> {
+        let (c, w) = (&m.config, &m.weights);
+        let e = c.n_embd;
+        let rows = self.x.len() / e - from;
+        let mut normed = vec![0f32; rows * e];
+        ops::rms_norm(&self.x[from * e..], &w.output_norm, c.rms_eps, &mut normed);
+        quantize_for(&mut self.acts, &normed, e, &w.output)?;
+        let mut logits = vec![0f32; rows * c.n_vocab];
+        ops::matmul(&w.output, &self.acts, &mut logits, &mut self.mm)?;
+        Ok(logits)
+    }
+}
+
+/// Quantizes `x` (rows of `cols`) into the activation format of `w`.
+fn quantize_for(acts: &mut QuantizedActs, x: &[f32], cols: usize, w: &Tensor) -> Result<(), EngineError> {
+    let (_, ty) = ops::dot_kernel(w)?;
+    acts.quantize(x, cols, ty)
+}
+
+/// For a weight that reads the same `x` as the previous one (k/v after q, up
+/// after gate): quantizes again only if its activation format differs.
+fn reuse_for(acts: &mut QuantizedActs, x: &[f32], cols: usize, w: &Tensor) -> Result<(), EngineError> {
+    let (_, ty) = ops::dot_kernel(w)?;
+    if acts.ty != ty {
+        acts.quantize(x, cols, ty)?;
+    }
+    Ok(())
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            for (v, bv) in row.iter_mut().zip(b) {
+                *v += bv;
+            }
+        }
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Causal grouped-query attention of the batch's queries over the cache.
+///
+/// One pass per query with an online softmax, and the weighted sum of values
+/// kept at f16 precision after every step: this is how llama.cpp's CPU flash
+/// attention (its default) computes, and matching its rounding keeps greedy
+/// decoding on the same tokens where two candidates are nearly tied.
+fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32], out: &mut [f32]) {
+    let (kc, vc) = (kv.k(layer), kv.v(layer));
+    let n_head = c.n_head;
+    out.par_chunks_mut(c.head_dim).enumerate().for_each(|(i, o)| {
+        let t = i / n_head;
+        attend_head(c, kc, vc, i % n_head, pos0 + t, &q[i * c.head_dim..(i + 1) * c.head_dim], o);
+    });
+}
+
+/// One head's attention output `o` for the query `q` at position `last`,
+/// over positions `0..=last` of one layer's cache (`kc`, `vc`): online
+/// softmax, f16 accumulation, as llama.cpp's CPU flash attention does.
+pub(super) fn attend_head(c: &ModelConfig, kc: &[u16], vc: &[u16], head: usize, last: usize, q: &[f32], o: &mut [f32]) {
+    let hd = c.head_dim;
+    let kvd = c.kv_dim();
+    let kvh = head / (c.n_head / c.n_head_kv);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let to_f16 = ops::kernels(flexserve_gguf::GgmlType::F16).expect("F16 kernels are always present").quantize;
+    let acc = flexserve_quant::f16_acc();
+    thread_local! {
+        // The query in f16 per worker thread, kept between calls (as `SCORES`
+        // in `attention_f32`): one allocation per task would churn the heap
+        // for every layer of every token.
+        static QUERY_F16: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    QUERY_F16.with_borrow_mut(|q16| {
+        q16.resize(hd * 2, 0);
+        // Queries meet f16 keys in f16, as the cache stores them.
+        to_f16(q, q16);
+        let mut max = f32::NEG_INFINITY;
+        let mut sum = 0f32;
+        o.fill(0.0);
+        for j in 0..=last {
+            let at = j * kvd + kvh * hd;
+            let krow: &[u8] = bytemuck::cast_slice(&kc[at..at + hd]);
+            let s = (acc.dot)(hd, krow, q16) * scale;
+            let weight = if s > max {
+                // New maximum: rescale what was accumulated so far.
+                let rescale = (max - s).exp();
+                max = s;
+                (acc.scale)(o, rescale);
+                sum *= rescale;
+                1.0
+            } else {
+                (s - max).exp()
+            };
+            (acc.mad)(o, bytemuck::cast_slice(&vc[at..at + hd]), weight);
+            sum += weight;
+        }
+        let inv = 1.0 / sum;
+        for v in o.iter_mut() {
+            *v *= inv;
+        }
+    })
+}
+
+/// Causal grouped-query attention in f32 for large batches (prompt
+/// processing), as two matrix products per head and block of queries.
+///
+/// Keys and values are widened from the f16 cache once per layer into one
+/// block per KV head: keys position-major, values transposed (one row of
+/// positions per dimension), so that both products are dot products of rows
+/// and run on the f32 tile kernel: the block's scores against every key up
+/// to its last query's position, then each query's exact softmax over its
+/// own positions (later ones zeroed), then the probabilities against the
+/// value rows, written straight into the output.
+fn attention_f32(
+    c: &ModelConfig,
+    kv: &KvCache,
+    layer: usize,
+    pos0: usize,
+    q: &[f32],
+    out: &mut [f32],
+    kv32: &mut (Buf<f32>, Buf<f32>),
+) -> Result<(), EngineError> {
+    use half::slice::HalfFloatSliceExt;
+    let hd = c.head_dim;
+    let n_head = c.n_head;
+    let group = n_head / c.n_head_kv;
+    let (qd, kvd) = (c.q_dim(), c.kv_dim());
+    let n_pos = pos0 + out.len() / qd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (k32, vt32) = kv32;
+    k32.resize(n_pos * kvd, 0.0)?;
+    vt32.resize(n_pos * kvd, 0.0)?;
+    // Keys of KV head `h`: row `j` at `(h * n_pos + j) * hd`.
+    let keys: &[f16] = bytemuck::cast_slice(&kv.k(layer)[..n_pos * kvd]);
+    k32.par_chunks_mut(n_pos * hd).enumerate().for_each(|(h, block)| {
+        for (j, row) in block.chunks_exact_mut(hd).enumerate() {
+            keys[j * kvd + h * hd..j * kvd + (h + 1) * hd].convert_to_f32_slice(row);
+        }
+    });
+    // Values of KV head `h`, transposed: dimension `d` of position `j` at `(h * hd + d) * n_pos + j`.
+    let values: &[f16] = bytemuck::cast_slice(&kv.v(layer)[..n_pos * kvd]);
+    vt32.par_chunks_mut(n_pos * hd).enumerate().for_each(|(h, block)| {
+        for j in 0..n_pos {
+            for (d, v) in values[j * kvd + h * hd..j * kvd + (h + 1) * hd].iter().enumerate() {
+                block[d * n_pos + j] = v.to_f32();
+            }
+        }
+    });
+    let (k32, vt32) = (&*k32, &*vt32);
+    let f32_bytes = std::mem::size_of::<f32>();
+    let tile = flexserve_quant::tile_kernel(flexserve_gguf::GgmlType::F32).expect("F32 has a tile kernel");
+    let softmax_scaled = flexserve_quant::activations().softmax_scaled;
+    thread_local! {
+        // Scores per worker thread, kept between calls: allocating them per
+        // task would churn the heap for every block of every layer.
+        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    // One task per block of queries (all heads): its output rows are contiguous.
+    out.par_chunks_mut(ATTENTION_QUERY_BLOCK * qd).enumerate().for_each(|(b, o)| {
+        SCORES.with_borrow_mut(|scores| {
+            let t0 = b * ATTENTION_QUERY_BLOCK;
+            let n_q = o.len() / qd;
+            // The block's last query sees this many positions; earlier ones fewer.
+            let n_keys = pos0 + t0 + n_q;
+            scores.resize(n_q * n_keys, 0.0);
+            for h in 0..n_head {
+                let kvh = h / group;
+                let queries: &[u8] = bytemuck::cast_slice(&q[t0 * qd + h * hd..]);
+                let keys: &[u8] = bytemuck::cast_slice(&k32[kvh * n_pos * hd..][..n_keys * hd]);
+                let s = &mut scores[..n_q * n_keys];
+                // Keys as the tile's rows and queries as its tokens: one row of scores per query.
+                tile(hd, keys, hd * f32_bytes, n_keys, queries, qd * f32_bytes, n_q, s, n_keys);
+                for (i, row) in s.chunks_exact_mut(n_keys).enumerate() {
+                    let seen = pos0 + t0 + i + 1;
+                    softmax_scaled(&mut row[..seen], scale);
+                    row[seen..].fill(0.0);
+                }
+                let probs: &[u8] = bytemuck::cast_slice(s);
+                let values_t: &[u8] = bytemuck::cast_slice(&vt32[kvh * hd * n_pos..][..hd * n_pos]);
+                tile(n_keys, values_t, n_pos * f32_bytes, hd, probs, n_keys * f32_bytes, n_q, &mut o[h * hd..], qd);
+            }
+        })
+    });
+    Ok(())
+}

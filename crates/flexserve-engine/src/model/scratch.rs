@@ -1,0 +1,140 @@
+//! A session's activations: the buffers the forward pass works in, and
+//! their sizes for a batch. The plan and the reservation list the buffers in
+//! the fields' order.
+
+use std::sync::Arc;
+
+use super::forward::{F32_ATTENTION_MIN_BATCH, MAX_BATCH};
+use super::{Model, Session};
+use crate::memory::{Buf, ScratchSource};
+use crate::ops::QuantizedActs;
+use crate::weights::Tensor;
+use crate::EngineError;
+
+/// A session's activations: buffers sized for the current batch, in blocks
+/// from the session's [`ScratchSource`].
+pub(super) struct Scratch {
+    pub(super) x: Buf<f32>,
+    pub(super) h: Buf<f32>,
+    pub(super) q: Buf<f32>,
+    pub(super) k: Buf<f32>,
+    pub(super) v: Buf<f32>,
+    pub(super) att: Buf<f32>,
+    pub(super) gate: Buf<f32>,
+    pub(super) up: Buf<f32>,
+    pub(super) acts: QuantizedActs,
+    pub(super) mm: Buf<f32>,
+    pub(super) angles: Vec<Vec<(f32, f32)>>,
+    pub(super) kv32: (Buf<f32>, Buf<f32>),
+}
+
+impl Scratch {
+    pub(super) fn new(source: Arc<dyn ScratchSource>) -> Self {
+        let buf = || Buf::new(source.clone());
+        Scratch {
+            x: buf(),
+            h: buf(),
+            q: buf(),
+            k: buf(),
+            v: buf(),
+            att: buf(),
+            gate: buf(),
+            up: buf(),
+            acts: QuantizedActs::new(source.clone()),
+            mm: buf(),
+            angles: Vec::new(),
+            kv32: (buf(), buf()),
+        }
+    }
+}
+
+/// Bytes of each scratch buffer a batch needs (see [`Model::scratch_plan`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScratchPlan {
+    /// Per buffer: x, h, q, k, v, att, gate, up, quantized activations,
+    /// matmul staging, f32 keys, f32 values.
+    pub buffers: [usize; 12],
+}
+
+impl ScratchPlan {
+    pub fn total(&self) -> usize {
+        self.buffers.iter().sum()
+    }
+}
+
+impl Model {
+    /// What a session's scratch buffers take for batches of up to `batch` tokens
+    /// (at most the engine's largest batch) over up to `n_pos` positions,
+    /// with logits for up to `logit_rows` positions of a batch.
+    pub fn scratch_plan(&self, batch: usize, n_pos: usize, logit_rows: usize) -> ScratchPlan {
+        let c = &self.config;
+        let w = &self.weights;
+        let n = batch.clamp(1, MAX_BATCH);
+        let f = std::mem::size_of::<f32>();
+        let (e, qd, kvd, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
+        // Quantized activations: the largest of the rows each matrix reads.
+        let acts_row = |t: &Tensor| -> usize {
+            let ty = flexserve_quant::kernels(t.ty).map(|k| k.vec_dot_type).unwrap_or(t.ty);
+            ty.row_size(t.cols as u64).unwrap_or(0) as usize
+        };
+        let mut acts = n * acts_row(&w.output);
+        let mut staging = if logit_rows > 1 { w.output.rows * logit_rows.min(n) } else { 0 };
+        for l in &w.layers {
+            for t in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                acts = acts.max(n * acts_row(t));
+                if n > 1 {
+                    staging = staging.max(t.rows * n);
+                }
+            }
+        }
+        let kv32 = if n >= F32_ATTENTION_MIN_BATCH { n_pos.max(n) * kvd * f } else { 0 };
+        ScratchPlan {
+            buffers: [
+                n * e * f,
+                n * e * f,
+                n * qd * f,
+                n * kvd * f,
+                n * kvd * f,
+                n * qd * f,
+                n * ff * f,
+                n * ff * f,
+                acts,
+                staging * f,
+                kv32,
+                kv32,
+            ],
+        }
+    }
+}
+
+impl<'m> Session<'m> {
+    /// Takes the activations' memory from `source` from now on (buffers
+    /// already taken are dropped).
+    pub fn set_scratch_source(&mut self, source: Arc<dyn ScratchSource>) {
+        self.s = Scratch::new(source);
+    }
+
+    /// Takes every scratch buffer's memory for `plan` at once, so that no
+    /// block is taken (or outgrown) while the batches run.
+    pub fn reserve_scratch(&mut self, plan: &ScratchPlan) -> Result<(), EngineError> {
+        let s = &mut self.s;
+        let [x, h, q, k, v, att, gate, up, acts, mm, k32, v32] = plan.buffers;
+        let f = std::mem::size_of::<f32>();
+        for (buf, bytes) in [
+            (&mut s.x, x),
+            (&mut s.h, h),
+            (&mut s.q, q),
+            (&mut s.k, k),
+            (&mut s.v, v),
+            (&mut s.att, att),
+            (&mut s.gate, gate),
+            (&mut s.up, up),
+            (&mut s.mm, mm),
+            (&mut s.kv32.0, k32),
+            (&mut s.kv32.1, v32),
+        ] {
+            buf.reserve(bytes / f)?;
+        }
+        s.acts.data.reserve(acts)
+    }
+}
