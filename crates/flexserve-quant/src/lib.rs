@@ -25,6 +25,8 @@ mod kquants;
 mod legacy;
 mod read;
 mod repack;
+// Per-thread buffers of the x86-64 kernels only; the portable ones need none.
+#[cfg(target_arch = "x86_64")]
 mod scratch;
 mod tile;
 

@@ -71,14 +71,15 @@ mod q6k_avx512;
 #[cfg(target_arch = "x86_64")]
 mod sweep;
 
-use crate::legacy::{Q8_0_BYTES, QK};
+use crate::legacy::QK;
 use crate::{GgmlType, Isa, QuantError};
 use std::marker::PhantomData;
 
 /// Rows per interleaved group.
 pub const REPACK_ROWS: usize = 8;
 /// Bytes of one block column of a `Q8_0x8` group: eight f16 scales and 256 quant bytes.
-const Q8_GROUP_BLOCK_BYTES: usize = REPACK_ROWS * Q8_0_BYTES;
+#[cfg(target_arch = "x86_64")]
+const Q8_GROUP_BLOCK_BYTES: usize = REPACK_ROWS * crate::legacy::Q8_0_BYTES;
 
 /// The layouts as const parameters of the kernels shared between them.
 pub(crate) const Q4_0: u8 = 0;
@@ -545,6 +546,8 @@ macro_rules! entry_points {
         };
     )*};
 }
+// For the SIMD modules' entry points (x86-64 only so far).
+#[cfg(target_arch = "x86_64")]
 use entry_points;
 
 entry_points! {
