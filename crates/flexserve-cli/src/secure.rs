@@ -256,17 +256,7 @@ pub fn import_key(key_file: &Path, name: Option<String>, remove: bool) -> Result
 
 /// Writes a file readable by its owner alone: to a temporary name, synced, then renamed.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    flexserve_client::write_private(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 impl SecureArgs {

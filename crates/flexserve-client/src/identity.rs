@@ -74,19 +74,19 @@ pub fn check_identity(report: &str, signature: &str, expect: Option<&str>, pin_p
 
 /// Writes the pin (mode 0600) under a temporary name, then renames it.
 fn pin(path: &Path, key: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let failed = |what: &str, e: std::io::Error| refuse(format!("{what} {}: {e}", path.display()));
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| failed("creating the directory of", e))?;
+        std::fs::create_dir_all(dir).map_err(|e| refuse(format!("creating {}: {e}", dir.display())))?;
     }
+    write_private(path, format!("{key}\n").as_bytes()).map_err(|e| refuse(format!("writing {}: {e}", path.display())))
+}
+
+/// Writes `bytes` to `path` readable by its owner alone (mode 0600): under a
+/// temporary name first, synced, then renamed, so that no half-written file
+/// is ever left under `path`.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| failed("creating a temporary file for", e))?;
-    f.write_all(format!("{key}\n").as_bytes()).and_then(|_| f.sync_all()).map_err(|e| failed("writing", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| failed("renaming the temporary file to", e))
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes).and_then(|_| f.sync_all())?;
+    std::fs::rename(&tmp, path)
 }

@@ -13,7 +13,7 @@ pub mod proxy;
 pub mod remote;
 pub mod sse;
 
-pub use identity::{check_identity, CheckedIdentity};
+pub use identity::{check_identity, write_private, CheckedIdentity};
 pub use remote::{Remote, Session};
 
 /// What went wrong on the client's side, each failure named.

@@ -7,53 +7,20 @@ use zeroize::Zeroize;
 
 use crate::{E2eError, DEFAULT_MAX_TOKENS};
 
+pub use flexserve_protocol::{Sampling, StopReason, MAX_STOP_BYTES, MAX_STOP_STRINGS};
+
 /// The most tokens a request may ask for (as the daemon's own API allows).
-pub const MAX_MAX_TOKENS: u32 = 1 << 20;
-/// The most stop strings a request may carry (as the daemon's own API allows).
-pub const MAX_STOP_STRINGS: usize = 16;
-/// The longest stop string, in bytes (as the daemon's own API allows).
-pub const MAX_STOP_BYTES: usize = 1024;
+pub const MAX_MAX_TOKENS: u32 = flexserve_protocol::MAX_GENERATED_TOKENS;
 
-/// Sampling settings. The defaults are those of the daemon's HTTP API
-/// (`flexserve-server`: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05,
-/// seed 0) and of its requests to the secure world (repeat penalty 1.0 over
-/// the last 64 tokens).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sampling {
-    /// 0 = greedy.
-    pub temperature: f32,
-    pub top_k: u32,
-    pub top_p: f32,
-    pub min_p: f32,
-    pub repeat_penalty: f32,
-    pub repeat_last_n: u32,
-    pub seed: u64,
-}
-
-impl Default for Sampling {
-    fn default() -> Self {
-        Sampling {
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.95,
-            min_p: 0.05,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: 0,
-        }
-    }
-}
-
-impl Zeroize for Sampling {
-    fn zeroize(&mut self) {
-        self.temperature.zeroize();
-        self.top_k.zeroize();
-        self.top_p.zeroize();
-        self.min_p.zeroize();
-        self.repeat_penalty.zeroize();
-        self.repeat_last_n.zeroize();
-        self.seed.zeroize();
-    }
+/// Overwrites the sampling settings (numbers the client chose, so zeroized too).
+fn zeroize_sampling(s: &mut Sampling) {
+    s.temperature.zeroize();
+    s.top_k.zeroize();
+    s.top_p.zeroize();
+    s.min_p.zeroize();
+    s.repeat_penalty.zeroize();
+    s.repeat_last_n.zeroize();
+    s.seed.zeroize();
 }
 
 /// One turn of a conversation; its text is zeroized on drop.
@@ -156,7 +123,7 @@ impl Drop for ChatRequest {
     fn drop(&mut self) {
         self.model.zeroize();
         self.max_tokens.zeroize();
-        self.sampling.zeroize();
+        zeroize_sampling(&mut self.sampling);
         self.stop.zeroize();
         // The messages zeroize themselves when the vector drops them.
     }
@@ -171,37 +138,6 @@ impl fmt::Debug for ChatRequest {
             .field("stop", &format_args!("<{} strings>", self.stop.len()))
             .field("messages", &self.messages)
             .finish()
-    }
-}
-
-/// Why a generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    EndOfGeneration,
-    MaxTokens,
-    StopString,
-    ContextFull,
-}
-
-impl StopReason {
-    /// Its byte in a `done` record.
-    pub fn code(self) -> u8 {
-        match self {
-            StopReason::EndOfGeneration => 0,
-            StopReason::MaxTokens => 1,
-            StopReason::StopString => 2,
-            StopReason::ContextFull => 3,
-        }
-    }
-
-    pub fn from_code(code: u8) -> Option<StopReason> {
-        Some(match code {
-            0 => StopReason::EndOfGeneration,
-            1 => StopReason::MaxTokens,
-            2 => StopReason::StopString,
-            3 => StopReason::ContextFull,
-            _ => return None,
-        })
     }
 }
 

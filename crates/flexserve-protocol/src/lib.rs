@@ -187,6 +187,15 @@ pub struct Message {
     pub content: String,
 }
 
+/// Most tokens a request may ask for (the HTTP API and encrypted requests alike).
+pub const MAX_GENERATED_TOKENS: u32 = 1 << 20;
+/// Most stop strings a request may carry.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 1024;
+
+/// The sampling settings of a request; [`Sampling::default`] holds the
+/// defaults of the daemon's HTTP API and of encrypted requests.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampling {
     /// 0 = greedy.
@@ -289,6 +298,22 @@ pub enum StopReason {
     MaxTokens,
     StopString,
     ContextFull,
+}
+
+impl Default for Sampling {
+    /// Temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no repeat penalty
+    /// (1.0 over the last 64 tokens), seed 0.
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -60,33 +60,36 @@ fn now_seconds() -> u64 {
 /// Checks the sampling parameters and fills in defaults.
 fn gen_params(p: &Params, ctx: u32) -> Result<GenParams, ApiError> {
     let bad = |param: &'static str, what: String| Err(ApiError::bad_request(what, Some(param)));
+    let defaults = flexserve_protocol::Sampling::default();
+    const MAX_TOKENS: u32 = flexserve_protocol::MAX_GENERATED_TOKENS;
     let max_tokens = p.max_completion_tokens.or(p.max_tokens).unwrap_or(api::DEFAULT_MAX_TOKENS);
-    if max_tokens == 0 || max_tokens > 1 << 20 {
-        return bad("max_tokens", format!("max_tokens must be between 1 and {}, got {max_tokens}", 1 << 20));
+    if max_tokens == 0 || max_tokens > MAX_TOKENS {
+        return bad("max_tokens", format!("max_tokens must be between 1 and {MAX_TOKENS}, got {max_tokens}"));
     }
-    let temperature = p.temperature.unwrap_or(0.8);
+    let temperature = p.temperature.unwrap_or(defaults.temperature);
     if !temperature.is_finite() || !(0.0..=100.0).contains(&temperature) {
         return bad("temperature", format!("temperature must be between 0 and 100, got {temperature}"));
     }
-    let top_p = p.top_p.unwrap_or(0.95);
+    let top_p = p.top_p.unwrap_or(defaults.top_p);
     if !top_p.is_finite() || !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
         return bad("top_p", format!("top_p must be in (0, 1], got {top_p}"));
     }
-    let min_p = p.min_p.unwrap_or(0.05);
+    let min_p = p.min_p.unwrap_or(defaults.min_p);
     if !min_p.is_finite() || !(0.0..=1.0).contains(&min_p) {
         return bad("min_p", format!("min_p must be in [0, 1], got {min_p}"));
     }
     let stop = p.stop.clone().map(api::Stop::into_vec).unwrap_or_default();
-    if stop.len() > 16 || stop.iter().any(|s| s.len() > 1024) {
-        return bad("stop", "at most 16 stop strings of at most 1024 bytes".to_string());
+    use flexserve_protocol::{MAX_STOP_BYTES, MAX_STOP_STRINGS};
+    if stop.len() > MAX_STOP_STRINGS || stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return bad("stop", format!("at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_BYTES} bytes"));
     }
     Ok(GenParams {
         max_tokens,
         temperature,
         top_p,
-        top_k: p.top_k.unwrap_or(40),
+        top_k: p.top_k.unwrap_or(defaults.top_k),
         min_p,
-        seed: p.seed.unwrap_or(0),
+        seed: p.seed.unwrap_or(defaults.seed),
         stop,
         n_ctx: ctx,
     })

@@ -345,9 +345,8 @@ impl SealedModel {
                 top_k: p.top_k,
                 top_p: p.top_p,
                 min_p: p.min_p,
-                repeat_penalty: 1.0,
-                repeat_last_n: 64,
                 seed: p.seed,
+                ..Sampling::default()
             },
             stop: p.stop.clone(),
         };

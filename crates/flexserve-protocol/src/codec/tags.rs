@@ -75,6 +75,19 @@ pub(super) const ERROR_CODES: [ErrorCode; 13] = [
     ErrorCode::EncryptedSession,
 ];
 
+impl StopReason {
+    /// Its number on the wire (the table in the `codec` module), which
+    /// encrypted sessions' `done` records also carry.
+    pub fn code(self) -> u8 {
+        stop_reason_tag(self)
+    }
+
+    /// The stop reason numbered `code`, if any.
+    pub fn from_code(code: u8) -> Option<StopReason> {
+        STOP_REASONS.get(usize::from(code)).copied()
+    }
+}
+
 pub(super) fn stop_reason_tag(stop: StopReason) -> u8 {
     match stop {
         StopReason::EndOfGeneration => 0,

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use flexserve_e2e::{Done, Record, ServerSession};
-use flexserve_protocol::{GenerateRequest, Input, Message, Sampling};
+use flexserve_protocol::{GenerateRequest, Input, Message};
 
 use super::*;
 
@@ -101,15 +101,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             },
             max_tokens: request.effective_max_tokens(),
             n_ctx,
-            sampling: Sampling {
-                temperature: request.sampling.temperature,
-                top_k: request.sampling.top_k,
-                top_p: request.sampling.top_p,
-                min_p: request.sampling.min_p,
-                repeat_penalty: request.sampling.repeat_penalty,
-                repeat_last_n: request.sampling.repeat_last_n,
-                seed: request.sampling.seed,
-            },
+            sampling: request.sampling,
             stop: request.stop.clone(),
         };
         let result = self.generate(g, Some(&mut entry.transport));
@@ -122,12 +114,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         }
         let record = match result {
             Ok(Reply::Generated(r)) => Record::Done(Done {
-                stop: match r.stop {
-                    StopReason::EndOfGeneration => flexserve_e2e::StopReason::EndOfGeneration,
-                    StopReason::MaxTokens => flexserve_e2e::StopReason::MaxTokens,
-                    StopReason::StopString => flexserve_e2e::StopReason::StopString,
-                    StopReason::ContextFull => flexserve_e2e::StopReason::ContextFull,
-                },
+                stop: r.stop,
                 prompt_tokens: r.prompt_tokens + r.cached_tokens,
                 generated_tokens: r.generated_tokens,
                 prefill_micros: r.prefill_micros,
