@@ -76,16 +76,19 @@ kill -TERM "$serve_pid" 2>/dev/null || true
 wait "$serve_pid" 2>/dev/null || true
 rm -f "$serve_out"
 echo
-echo "== designs side by side: time to first token and decode speed (plain, secure world with"
-echo "   Flex-Mem, static carve-out, locked memory); every run starts a development secure world"
-echo "   of its own, so that each design gets its own pool"
+echo "== the paper's designs side by side: time to first token from a sealed model whose weights are not"
+echo "   resident (model-cold: the secure world up and idle, the file in the page cache): plain engine,"
+echo "   strawman (carve-out at request time, load everything, then compute), opt-strawman (carve-out,"
+echo "   pipelined load), flexserve (Flex-Mem reserve prepared ahead, pipelined load); every run starts a"
+echo "   development secure world of its own; timelines in $work/bench/timelines"
 bench_home="$work/bench"
 mkdir -p "$bench_home"
 [ -s "$bench_home/model.key" ] || FLEXSERVE_HOME="$bench_home" "$bin" keygen -o "$bench_home/model.key"
 [ -s "$bench_home/model.fsm" ] ||
   FLEXSERVE_HOME="$bench_home" "$bin" seal --model "$model" --key "$bench_home/model.key" -o "$bench_home/model.fsm"
-FLEXSERVE_HOME="$bench_home" FLEXSERVE_DEV=1 "$bin" bench secure --model "$bench_home/model.fsm" --plain "$model" \
-  --key "$bench_home/model.key" --prompt-tokens 64 --gen-tokens 16 --repetitions "${DEMO_REPETITIONS:-3}" --threads 2
+FLEXSERVE_HOME="$bench_home" FLEXSERVE_DEV=1 "$bin" bench ttft --model "$bench_home/model.fsm" --plain "$model" \
+  --key "$bench_home/model.key" --scenario model-cold --prompt-tokens 128 --gen-tokens 16 \
+  --repetitions "${DEMO_REPETITIONS:-3}" --threads 2 --timeline "$bench_home/timelines"
 if [ "$(id -u)" = 0 ]; then
   echo
   echo "The secure world service keeps running (scripts/secure-world.sh status); stop it with scripts/secure-world.sh stop."

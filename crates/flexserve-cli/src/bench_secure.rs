@@ -11,8 +11,9 @@
 //!   memory), so there is nothing to grant;
 //! - secure (locked memory): flexible, protected by locking instead of memfd_secret.
 //!
-//! This design loads the whole model before computing; the pipelined design
-//! that overlaps loading with computing is the next step.
+//! Every secure design here loads the whole model before computing (the
+//! memory protections compared on equal terms); `bench ttft` compares the
+//! paper's designs, the pipelined ones among them.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -109,7 +110,7 @@ pub fn run(b: &SecureBench) -> Result<()> {
 }
 
 /// A prompt text of about `n` tokens (cut by the model's own tokenizer).
-fn prompt_text(plain: &Path, n: usize) -> Result<String> {
+pub(crate) fn prompt_text(plain: &Path, n: usize) -> Result<String> {
     let file = GgufFile::open(plain).with_context(|| format!("{}", plain.display()))?;
     let tok = Tokenizer::from_gguf(&file.header.metadata)?;
     let base = "The history of computing is a story of people who wanted machines to remember, to count and \

@@ -4,6 +4,7 @@ mod bench;
 mod bench_encrypted;
 mod bench_secure;
 mod bench_serve;
+mod bench_ttft;
 mod client;
 mod plain;
 mod secure;
@@ -275,6 +276,10 @@ enum BenchCommand {
         #[command(flatten)]
         keys: KeyArgs,
     },
+    /// Time to first token of one model under the paper's designs side by side (plain, strawman,
+    /// opt-strawman, flexserve) from a stated state (cold, model-cold, warm), with where the time
+    /// went and, with --timeline, one SVG timeline per design.
+    Ttft(bench_ttft::TtftArgs),
     /// Load an OpenAI-compatible server (`flexserve serve`) with streamed chat completions at each
     /// concurrency level: generated tokens/s, time to first token and per-token latency percentiles.
     Serve(bench_serve::ServeArgs),
@@ -533,6 +538,7 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Bench { what: BenchCommand::Serve(args) } => bench_serve::run(args),
+        Command::Bench { what: BenchCommand::Ttft(args) } => bench_ttft::run(args),
         Command::Bench { what: BenchCommand::Encrypted(args) } => bench_encrypted::run(args),
         Command::Keygen { output } => {
             flexserve_sealed::ModelKey::generate().save(&output)?;

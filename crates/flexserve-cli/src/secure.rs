@@ -322,24 +322,22 @@ pub fn open(path: &Path, keys: &KeyArgs, secure: &SecureArgs, threads: usize) ->
         world.set_memory_floor(Some(secure.memory_floor));
     }
     let started = t0.elapsed();
+    // The weights load with the first request, through the pipeline: each
+    // layer computes as soon as it is verified while the later ones load.
     let (model, load) =
-        world.open_model(path).with_context(|| format!("opening {} in the secure world", path.display()))?;
+        world.open_model_header(path).with_context(|| format!("opening {} in the secure world", path.display()))?;
     let info = world.info().clone();
     eprintln!(
-        "loaded {} into the secure world (pid {}, {}, {} pool) in {:.0} ms: {} chunks, {:.1} MiB; \
-         start {:.0} ms, open {:.0} ms, grant {:.0} ms, read {:.0} ms, decrypt {:.0} ms",
+        "opened {} in the secure world (pid {}, {}, {} pool) in {:.0} ms: start {:.0} ms, header {:.0} ms; \
+         its {} chunks load with the first request",
         path.display(),
         info.pid,
         info.protection,
         info.pool_mode,
         t0.elapsed().as_secs_f64() * 1e3,
-        load.chunks,
-        load.bytes as f64 / (1 << 20) as f64,
         started.as_secs_f64() * 1e3,
         load.open.as_secs_f64() * 1e3,
-        load.grant.as_secs_f64() * 1e3,
-        load.read.as_secs_f64() * 1e3,
-        load.decrypt.as_secs_f64() * 1e3,
+        model.chunks,
     );
     Ok((world, model))
 }

@@ -1,12 +1,11 @@
 //! Text generation on a session: prompt caching, sampling, streaming and stop
 //! conditions.
 
-use std::ops::ControlFlow;
 use std::time::Instant;
 
 use flexserve_tokenizer::{StreamDecoder, Tokenizer};
 
-use crate::model::{Logits, Session};
+use crate::model::{LayerHook, Logits, Session};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::EngineError;
 
@@ -109,18 +108,19 @@ impl<'m> Generator<'m> {
         opts: &GenerateOptions,
         on_text: impl FnMut(&str),
     ) -> Result<GenerationStats, EngineError> {
-        self.generate_with(prompt, opts, on_text, &mut || ControlFlow::Continue(()))
+        self.generate_with(prompt, opts, on_text, &mut |_| Ok(()))
     }
 
-    /// [`Generator::generate`], calling `hook` between the layers of the
-    /// prompt's evaluation (see [`Session::eval_with`]) and before each
-    /// further token; `Break` ends the generation with [`EngineError::Cancelled`].
+    /// [`Generator::generate`], calling `hook` before each layer of the
+    /// prompt's evaluation (see [`Session::eval_with`]) and, as before layer
+    /// 0, before each further token; an error from it ends the generation
+    /// ([`EngineError::Cancelled`] to stop).
     pub fn generate_with(
         &mut self,
         prompt: &[u32],
         opts: &GenerateOptions,
         mut on_text: impl FnMut(&str),
-        hook: &mut (dyn FnMut() -> ControlFlow<()> + Send),
+        hook: &mut LayerHook<'_>,
     ) -> Result<GenerationStats, EngineError> {
         if prompt.is_empty() {
             return Err(EngineError::EmptyInput);
@@ -149,9 +149,7 @@ impl<'m> Generator<'m> {
             match next {
                 Next::Done(stop) => break stop,
                 Next::Evaluate(id) => {
-                    if hook().is_break() {
-                        return Err(EngineError::Cancelled);
-                    }
+                    hook(0)?;
                     logits = self.session.eval(&[id], Logits::Last)?;
                     self.history.push(id);
                 }

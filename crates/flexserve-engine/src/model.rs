@@ -11,8 +11,7 @@ use std::sync::Arc;
 use flexserve_gguf::GgufFile;
 
 use crate::config::ModelConfig;
-use crate::ops;
-use crate::weights::{GgufSource, Tensor};
+use crate::weights::GgufSource;
 use crate::EngineError;
 
 mod batch;
@@ -21,6 +20,7 @@ mod scratch;
 mod session;
 mod weights;
 
+pub use forward::LayerHook;
 pub use scratch::ScratchPlan;
 pub use session::{KvCache, Logits, Session, SessionState};
 pub use weights::{rearranged_by_load, Layer, TokenCost, Weights};
@@ -48,15 +48,15 @@ impl Model {
     }
 
     fn with_pool(config: ModelConfig, weights: Weights, pool: rayon::ThreadPool) -> Result<Self, EngineError> {
-        // Check every weight type has kernels before the first token.
-        let mut all: Vec<&Tensor> = vec![&weights.output];
-        for l in &weights.layers {
-            all.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+        // Every weight type has kernels (checked as the weights were set),
+        // and the weights are this configuration's.
+        if weights.n_layer() != config.n_layer {
+            return Err(EngineError::Weights(format!(
+                "{} layers of weights for a model of {}",
+                weights.n_layer(),
+                config.n_layer
+            )));
         }
-        for t in all {
-            ops::dot_kernel(t)?;
-        }
-        ops::kernels(weights.token_embd.ty)?;
         Ok(Self { config, weights, pool })
     }
 

@@ -2,13 +2,14 @@
 //! storage into the shared buffer, a batch ahead of the secure world's
 //! decryption, granting the memory they need.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::BufReader;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use flexserve_protocol::{BufferRange, ChunkRef, ErrorCode, Reply, Request};
+use flexserve_protocol::{BufferRange, ChunkRef, ChunkSpan, ErrorCode, Reply, Request};
 use flexserve_sealed::SealedHeader;
 
 use crate::{unexpected, NormalError, Result, SecureWorld, LOAD_BATCH_BYTES};
@@ -21,6 +22,15 @@ pub struct OpenedModel {
     pub granules_needed: u32,
     header: SealedHeader,
     file: File,
+}
+
+impl OpenedModel {
+    /// The transformer layer chunk `index` belongs to (`None`: the other
+    /// tensors, embeddings and output), from the public tensor directory.
+    pub fn chunk_layer(&self, index: usize) -> Option<usize> {
+        let chunk = self.header.chunks.get(index)?;
+        self.header.gguf.tensors.get(chunk.tensor_index as usize)?.layer()
+    }
 }
 
 /// Timings of making a model resident.
@@ -38,6 +48,23 @@ pub struct LoadReport {
     /// Verifying the header and preparing tokenizer and template (OpenModel).
     pub open: Duration,
     pub total: Duration,
+    /// When the load started: the generation request for a pipelined load
+    /// (the secure world's timings count from there too).
+    pub started: Option<Instant>,
+    /// Each batch of ciphertext, timed from `started`.
+    pub batches: Vec<BatchSpan>,
+}
+
+/// One batch of ciphertext: read into the shared buffer, sent, answered.
+#[derive(Debug, Clone)]
+pub struct BatchSpan {
+    /// Reading it from storage.
+    pub read_from: Duration,
+    pub read_to: Duration,
+    /// The secure world's answer (its chunks decrypted and verified).
+    pub answered: Duration,
+    /// The chunks it holds.
+    pub chunks: Vec<u32>,
 }
 
 /// Granules a model's weights take in the secure world: one region of whole
@@ -57,6 +84,18 @@ impl SecureWorld {
     /// Opens a sealed model: reads its header, has the secure world verify
     /// it, grants the memory its weights need, and loads every chunk.
     pub fn open_model(&mut self, path: &Path) -> Result<(OpenedModel, LoadReport)> {
+        self.open_model_with(path, true)
+    }
+
+    /// Opens a sealed model without loading its weights: the first
+    /// generation on it loads them through the secure inference pipeline
+    /// (each layer computes as soon as it is verified, while the later ones
+    /// load; see [`SecureWorld::generate`]). The report has only `open`.
+    pub fn open_model_header(&mut self, path: &Path) -> Result<(OpenedModel, LoadReport)> {
+        self.open_model_with(path, false)
+    }
+
+    fn open_model_with(&mut self, path: &Path, load: bool) -> Result<(OpenedModel, LoadReport)> {
         let model_err = |message: String| NormalError::Model { path: path.to_path_buf(), message };
         let file = File::open(path).map_err(|e| model_err(e.to_string()))?;
         let prefix =
@@ -75,12 +114,15 @@ impl SecureWorld {
         // Grant what the weights will need (computed from the public tensor
         // directory) before the secure world even verifies the header: it
         // prepares the granules in the background meanwhile.
-        let estimate = weight_granules(&header.gguf, self.info.granule_size);
-        let status = self.status()?;
-        let free = u64::from(status.prepared.saturating_sub(status.in_use));
-        let tg = Instant::now();
-        self.grant(estimate.saturating_sub(free))?;
-        let grant = tg.elapsed();
+        let mut grant = Duration::ZERO;
+        if load {
+            let estimate = weight_granules(&header.gguf, self.info.granule_size);
+            let status = self.status()?;
+            let free = u64::from(status.prepared.saturating_sub(status.in_use));
+            let tg = Instant::now();
+            self.grant(estimate.saturating_sub(free))?;
+            grant = tg.elapsed();
+        }
         let t0 = Instant::now();
         let (id, chunks, granules_needed) = match self.call(&Request::OpenModel { name, header: range })? {
             Reply::ModelOpened { model, chunks, granules_needed } => (model, chunks, granules_needed),
@@ -88,7 +130,7 @@ impl SecureWorld {
         };
         let open = t0.elapsed();
         let opened = OpenedModel { id, path: path.to_path_buf(), chunks, granules_needed, header, file };
-        let mut report = self.load_missing(&opened, false)?;
+        let mut report = if load { self.load_missing(&opened, false)? } else { LoadReport::default() };
         report.open = open;
         report.grant += grant;
         Ok((opened, report))
@@ -104,7 +146,7 @@ impl SecureWorld {
     /// needs beyond the free granules (else the caller already granted).
     pub(crate) fn load_missing(&mut self, model: &OpenedModel, top_up: bool) -> Result<LoadReport> {
         let t0 = Instant::now();
-        let mut report = LoadReport::default();
+        let mut report = LoadReport { started: Some(t0), ..LoadReport::default() };
         let missing: Vec<usize> = match self.call(&Request::MissingChunks { model: model.id })? {
             Reply::Missing { chunks } => chunks.iter().flat_map(|s| s.start as usize..s.end as usize).collect(),
             other => return Err(unexpected("Missing", &other)),
@@ -133,12 +175,13 @@ impl SecureWorld {
         let half = self.shared.len() as u64 / 2;
         let mut next = 0;
         let mut turn = 0u64;
-        let mut in_flight: Option<(Request, usize, Instant)> = None;
+        let mut in_flight: Option<(Request, usize, Instant, BatchSpan)> = None;
         let mut grant_pending = grant > 0;
         loop {
             let tr = Instant::now();
             let batch = self.read_batch(model, &missing, &mut next, turn * half, half, &mut report)?;
             report.read += tr.elapsed();
+            let read = (tr - t0, t0.elapsed());
             if grant_pending {
                 grant_pending = false;
                 match self.receive()? {
@@ -148,18 +191,25 @@ impl SecureWorld {
                 }
                 report.grant += tg.elapsed();
             }
-            if let Some((request, n, since)) = in_flight.take() {
+            if let Some((request, n, since, span)) = in_flight.take() {
                 self.finish_load(&request)?;
                 report.decrypt += since.elapsed();
                 report.chunks += n;
+                report.batches.push(BatchSpan { answered: t0.elapsed(), ..span });
             }
             if batch.is_empty() {
                 break;
             }
             let n = batch.len();
+            let span = BatchSpan {
+                read_from: read.0,
+                read_to: read.1,
+                answered: Duration::ZERO,
+                chunks: batch.iter().map(|c| c.index).collect(),
+            };
             let request = Request::LoadChunks { model: model.id, chunks: batch };
             self.send(&request)?;
-            in_flight = Some((request, n, Instant::now()));
+            in_flight = Some((request, n, Instant::now(), span));
             turn ^= 1;
         }
         report.total = t0.elapsed();
@@ -232,5 +282,105 @@ impl SecureWorld {
                 other => return Err(unexpected("ChunksLoaded", &other)),
             }
         }
+    }
+}
+
+/// Chunks streamed to a generation that asked for them (`LoadNeeded`):
+/// read into the two halves of the shared buffer in turn, the next batch as
+/// soon as the secure world has answered for a half, so that reading runs
+/// ahead of decryption, which runs alongside the first layers' compute.
+pub(crate) struct ChunkStream {
+    order: Vec<usize>,
+    next: usize,
+    /// Batches sent and not yet answered, oldest first: (half, chunks, span).
+    in_flight: VecDeque<(u64, usize, BatchSpan)>,
+    /// No more batches are sent (the secure world stopped taking them).
+    stopped: bool,
+    /// When the generation that asked for the chunks was sent.
+    since: Instant,
+    report: LoadReport,
+}
+
+impl ChunkStream {
+    /// Whether a batch sent is still to be answered.
+    pub(crate) fn waiting(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+}
+
+impl SecureWorld {
+    /// Starts streaming the chunks in `spans` (in that order): both halves
+    /// of the shared buffer are filled and sent.
+    pub(crate) fn start_stream(
+        &mut self,
+        model: &OpenedModel,
+        spans: &[ChunkSpan],
+        since: Instant,
+        granted_in: Duration,
+    ) -> Result<ChunkStream> {
+        let order = spans.iter().flat_map(|s| s.start as usize..s.end as usize).collect();
+        let mut stream = ChunkStream {
+            order,
+            next: 0,
+            in_flight: VecDeque::new(),
+            stopped: false,
+            since,
+            report: LoadReport { grant: granted_in, started: Some(since), ..LoadReport::default() },
+        };
+        for half in 0..2 {
+            self.send_batch(model, &mut stream, half)?;
+        }
+        Ok(stream)
+    }
+
+    /// The secure world answered the oldest batch (`loaded` of its chunks,
+    /// `None` for an error): its half takes the next batch, unless the
+    /// answer fell short, after which nothing more is sent.
+    pub(crate) fn stream_answered(
+        &mut self,
+        model: &OpenedModel,
+        stream: &mut ChunkStream,
+        loaded: Option<u32>,
+    ) -> Result<()> {
+        let Some((half, sent, span)) = stream.in_flight.pop_front() else { return Ok(()) };
+        stream.report.chunks += loaded.unwrap_or(0) as usize;
+        stream.report.batches.push(BatchSpan { answered: stream.since.elapsed(), ..span });
+        if loaded != Some(sent as u32) {
+            stream.stopped = true;
+        }
+        if stream.next == stream.order.len() && stream.in_flight.is_empty() {
+            stream.report.total = stream.since.elapsed();
+            self.pipelined = Some(stream.report.clone());
+        }
+        self.send_batch(model, stream, half)
+    }
+
+    fn send_batch(&mut self, model: &OpenedModel, stream: &mut ChunkStream, half: u64) -> Result<()> {
+        if stream.stopped || stream.next == stream.order.len() {
+            return Ok(());
+        }
+        let room = self.shared.len() as u64 / 2;
+        let tr = Instant::now();
+        let order = std::mem::take(&mut stream.order);
+        let batch = self.read_batch(model, &order, &mut stream.next, half * room, room, &mut stream.report);
+        stream.order = order;
+        let batch = batch?;
+        stream.report.read += tr.elapsed();
+        let span = BatchSpan {
+            read_from: tr.saturating_duration_since(stream.since),
+            read_to: stream.since.elapsed(),
+            answered: Duration::ZERO,
+            chunks: batch.iter().map(|c| c.index).collect(),
+        };
+        let n = batch.len();
+        self.send(&Request::LoadChunks { model: model.id, chunks: batch })?;
+        stream.in_flight.push_back((half, n, span));
+        Ok(())
+    }
+
+    /// What the last pipelined load (chunks streamed to a generation) read
+    /// and how long it took from the request for chunks to the last answer.
+    pub fn take_pipelined_load(&mut self) -> Option<LoadReport> {
+        self.pipelined.take()
     }
 }

@@ -31,7 +31,7 @@ pub mod link;
 pub mod relay;
 
 pub use budget::{available_memory, pressure_recall_granules, resident_bytes, MemoryBudget};
-pub use feeder::{weight_granules, LoadReport, OpenedModel};
+pub use feeder::{weight_granules, BatchSpan, LoadReport, OpenedModel};
 pub use governor::Recall;
 pub use launch::{
     connect_service, default_dev_state_dir, flexserve_home, peer_pid, secure_binary, send_descriptor, service_socket,

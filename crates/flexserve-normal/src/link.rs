@@ -42,6 +42,8 @@ pub struct SecureWorld {
     pub(crate) recalls: Vec<Recall>,
     /// Where `flexserve recall` reaches this governor, once listening.
     pub(crate) control: Option<control::ControlSocket>,
+    /// What the last generation's pipelined load read and how long it took.
+    pub(crate) pipelined: Option<crate::LoadReport>,
 }
 
 impl Drop for SecureWorld {
@@ -97,6 +99,7 @@ impl SecureWorld {
             pressure: None,
             recalls: Vec::new(),
             control: None,
+            pipelined: None,
         };
         match world.call(&Request::Hello { version: PROTOCOL_VERSION })? {
             Reply::Hello { protection, pool_mode, granule_size, .. } => {

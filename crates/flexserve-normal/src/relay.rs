@@ -26,8 +26,10 @@ pub(crate) struct InFlightRecall {
 }
 
 impl SecureWorld {
-    /// Generates, streaming each piece of text to `on_text`. If the model's
-    /// memory was recalled since, its missing chunks are loaded first.
+    /// Generates, streaming each piece of text to `on_text`. If the model is
+    /// not resident (opened with [`SecureWorld::open_model_header`], or
+    /// recalled since), the secure world asks for its missing chunks and
+    /// they stream while its first layers compute.
     pub fn generate(
         &mut self,
         model: &OpenedModel,
@@ -112,8 +114,12 @@ impl SecureWorld {
         cancelled: impl Fn() -> bool,
     ) -> Result<Option<GenerationReport>> {
         let ends_with_ok = matches!(request, Request::GenerateEncrypted { .. });
-        self.make_resident(model)?;
+        let mut sent_at = Instant::now();
         self.send(&request)?;
+        // Chunks the generation asked for, streaming.
+        let mut stream: Option<crate::feeder::ChunkStream> = None;
+        // Granting the memory the generation asked for (protecting it).
+        let mut granting = std::time::Duration::ZERO;
         // Recalls sent during the generation, oldest first.
         let mut in_flight: VecDeque<InFlightRecall> = VecDeque::new();
         let mut result = None;
@@ -153,10 +159,31 @@ impl SecureWorld {
                             other => return Err(unexpected("Recalled", &other)),
                         }
                     }
+                    let tg = Instant::now();
                     self.grant_for_kv_cache(granules)?;
-                    // A recall answered meanwhile may have evicted layers.
-                    self.make_resident(model)?;
+                    granting += tg.elapsed();
+                    sent_at = Instant::now();
                     self.send(&request)?;
+                }
+                Reply::LoadNeeded { chunks } if result.is_none() && stream.is_none() => {
+                    stream = Some(self.start_stream(model, &chunks, sent_at, granting)?);
+                }
+                // During the generation each batch is answered with the
+                // chunks it loaded; batches it did not take are served after
+                // its end, as ordinary loads (an error then is theirs).
+                Reply::ChunksLoaded { loaded } if stream.as_ref().is_some_and(|s| s.waiting()) => {
+                    let s = stream.as_mut().expect("waiting");
+                    self.stream_answered(model, s, Some(loaded))?;
+                    // Between two batches, as between two tokens: a recall
+                    // due is sent now (the load answers more often than the
+                    // 50 ms of silence the watch above waits for).
+                    if result.is_none() && in_flight.is_empty() {
+                        self.send_due_recall(&mut in_flight)?;
+                    }
+                }
+                Reply::Error { .. } if result.is_some() && stream.as_ref().is_some_and(|s| s.waiting()) => {
+                    let s = stream.as_mut().expect("waiting");
+                    self.stream_answered(model, s, None)?;
                 }
                 Reply::Token { text } => {
                     on_piece(Streamed::Text(&text));
@@ -180,8 +207,9 @@ impl SecureWorld {
                 Reply::Error { code, message } => result = Some(Err(NormalError::Secure { code, message })),
                 other => return Err(unexpected("Token or Generated", &other)),
             }
-            // A recall or a cancel sent as the generation ended is answered after it.
-            if in_flight.is_empty() && (!cancel_sent || cancel_acked) {
+            // A recall, a cancel or chunks sent as the generation ended are answered after it.
+            let loading = stream.as_ref().is_some_and(|s| s.waiting());
+            if in_flight.is_empty() && (!cancel_sent || cancel_acked) && !loading {
                 if let Some(r) = result {
                     return r;
                 }
@@ -235,13 +263,14 @@ impl SecureWorld {
         }
     }
 
-    /// Grants what a KV cache needs, all of it or a budget error.
+    /// Grants what a generation needs (its KV cache, activations and the
+    /// layers it has yet to load), all of it or a budget error.
     pub(crate) fn grant_for_kv_cache(&mut self, granules: u32) -> Result<()> {
         let granted = self.grant(u64::from(granules))?;
         if granted < u64::from(granules) {
             return Err(NormalError::Budget(format!(
-                "the KV cache needs {granules} more granules of {} bytes; the secure memory limit ({} granules) \
-                 is reached",
+                "the request needs {granules} more granules of {} bytes (weights not resident, KV cache, \
+                 activations); the secure memory limit ({} granules) is reached",
                 self.info.granule_size, self.budget_granules
             )));
         }

@@ -43,7 +43,7 @@
 //! | `Identity`        | 0x11 | `EncryptedOpened` | 0x91 |
 //! | `OpenEncrypted`   | 0x12 | `Sealed`      | 0x92 |
 //! | `GenerateEncrypted` | 0x13 |             |      |
-//! | `CloseEncrypted`  | 0x14 |               |      |
+//! | `CloseEncrypted`  | 0x14 | `LoadNeeded`  | 0x93 |
 //!
 //! Requests and replies use disjoint tags so that a message sent the wrong way
 //! is rejected at once.
@@ -131,6 +131,8 @@ const FRAME_HEADER_LEN: usize = 4;
 const MIN_STRING_LEN: usize = 4;
 const CHUNK_REF_LEN: usize = 4 + 8 + 8;
 const CHUNK_SPAN_LEN: usize = 4 + 4;
+/// A `LayerTiming`: the layer and five times.
+const LAYER_TIMING_LEN: usize = 4 + 5 * 8;
 const MIN_MODEL_STATUS_LEN: usize = 4 + MIN_STRING_LEN + 4 * 4 + 8 + 4;
 
 /// Encodes a request's payload (the frame without its length prefix).

@@ -21,7 +21,7 @@ pub use codec::{
 pub use shared::{RangeError, SharedBuffer};
 
 /// Version of this command set; both sides must agree (see [`Request::Hello`]).
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The format name of the secure world's identity report ([`Reply::Identity`]).
 pub const IDENTITY_REPORT_FORMAT: &str = "flexserve-identity-report-1";
 /// Largest frame (one message) either side accepts.
@@ -238,6 +238,16 @@ pub enum Reply {
     Missing {
         chunks: Vec<ChunkSpan>,
     },
+    /// A generation on a model that is not fully resident is admitted (its
+    /// memory is there) and waits for these chunks, in this order (the order
+    /// the forward pass needs them): the normal world streams them as
+    /// `LoadChunks` while the first layers already compute. Each `LoadChunks`
+    /// sent meanwhile is answered `ChunksLoaded` (fewer than sent if the
+    /// generation stopped at one, whose reason its own final `Error` gives);
+    /// those the generation did not take are served after its end as usual.
+    LoadNeeded {
+        chunks: Vec<ChunkSpan>,
+    },
     /// A piece of generated text (complete UTF-8).
     Token {
         text: String,
@@ -323,7 +333,28 @@ pub struct GenerationReport {
     pub generated_tokens: u32,
     pub prefill_micros: u64,
     pub decode_micros: u64,
+    /// Where the prefill's time went, per group of weights (the layers in
+    /// order, then the base group: embeddings and output).
+    pub layers: Vec<LayerTiming>,
     pub stop: StopReason,
+}
+
+/// One group of a model's weights during a generation, in microseconds
+/// since the secure world took the request; `0 .. 0` where nothing happened
+/// (a resident layer is not decrypted; the base group is not a layer of the
+/// forward pass). The normal world can time all of it from outside anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LayerTiming {
+    /// The transformer layer, or the layer count for the base group.
+    pub layer: u32,
+    /// From the first of its chunks decrypted and verified to the last.
+    pub decrypt_from: u64,
+    pub decrypt_to: u64,
+    /// The time spent decrypting and verifying its chunks.
+    pub decrypt_micros: u64,
+    /// Its computation in the prefill (the last layer's ends with the logits).
+    pub compute_from: u64,
+    pub compute_to: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -4,9 +4,9 @@ use std::io::{self, Cursor};
 
 use flexserve_protocol::{
     decode_reply, decode_request, encode_reply, encode_request, read_reply, read_request, write_reply, write_request,
-    BufferRange, ChunkRef, ChunkSpan, Deployment, ErrorCode, GenerateRequest, GenerationReport, Input, Message,
-    ModelStatus, ProtocolError, Reply, Request, Sampling, StatusReport, StopReason, MAX_FRAME_LEN, MAX_LIST_LEN,
-    MAX_TEXT_LEN, PROTOCOL_VERSION,
+    BufferRange, ChunkRef, ChunkSpan, Deployment, ErrorCode, GenerateRequest, GenerationReport, Input, LayerTiming,
+    Message, ModelStatus, ProtocolError, Reply, Request, Sampling, StatusReport, StopReason, MAX_FRAME_LEN,
+    MAX_LIST_LEN, MAX_TEXT_LEN, PROTOCOL_VERSION,
 };
 use rand::{Rng, SeedableRng};
 
@@ -138,6 +138,17 @@ fn all_replies() -> Vec<Reply> {
             generated_tokens: 40,
             prefill_micros: 5000,
             decode_micros: 400_000,
+            layers: vec![
+                LayerTiming {
+                    layer: 0,
+                    decrypt_from: 10,
+                    decrypt_to: 900,
+                    decrypt_micros: 700,
+                    compute_from: 950,
+                    compute_to: 1200,
+                },
+                LayerTiming { layer: 1, ..LayerTiming::default() },
+            ],
             stop: StopReason::EndOfGeneration,
         }),
         Reply::Generated(GenerationReport {
@@ -146,6 +157,14 @@ fn all_replies() -> Vec<Reply> {
             generated_tokens: u32::MAX,
             prefill_micros: u64::MAX,
             decode_micros: u64::MAX,
+            layers: vec![LayerTiming {
+                layer: u32::MAX,
+                decrypt_from: u64::MAX,
+                decrypt_to: u64::MAX,
+                decrypt_micros: u64::MAX,
+                compute_from: u64::MAX,
+                compute_to: u64::MAX,
+            }],
             stop: StopReason::MaxTokens,
         }),
         Reply::Generated(GenerationReport {
@@ -154,6 +173,7 @@ fn all_replies() -> Vec<Reply> {
             generated_tokens: 1,
             prefill_micros: 1,
             decode_micros: 1,
+            layers: vec![],
             stop: StopReason::StopString,
         }),
         Reply::Generated(GenerationReport {
@@ -162,6 +182,7 @@ fn all_replies() -> Vec<Reply> {
             generated_tokens: 1,
             prefill_micros: 1,
             decode_micros: 1,
+            layers: vec![],
             stop: StopReason::ContextFull,
         }),
         Reply::Recalled { released: 8, evicted: 3, micros: 99 },
@@ -221,6 +242,8 @@ fn all_replies() -> Vec<Reply> {
         Reply::Error { code: ErrorCode::BadArgument, message: "a".into() },
         Reply::Error { code: ErrorCode::Engine, message: "e".into() },
         Reply::Error { code: ErrorCode::Internal, message: "i".into() },
+        Reply::LoadNeeded { chunks: vec![] },
+        Reply::LoadNeeded { chunks: vec![ChunkSpan { start: 9, end: 12 }, ChunkSpan { start: 0, end: 9 }] },
     ]
 }
 

@@ -2,42 +2,24 @@
 //!
 //! A model's tensors are grouped by transformer layer (`blk.N.*`), plus one
 //! group for the rest (embeddings, output norm and head). Each group lives in
-//! one contiguous secure region, so a layer can be evicted on recall and
-//! reloaded from its sealed chunks later without touching the others.
+//! one contiguous secure region (`store`), so a layer can be evicted on recall
+//! and reloaded from its sealed chunks later without touching the others, and
+//! the engine model is built as soon as the base group is there, taking each
+//! layer as it becomes resident: a request computes its first layers while
+//! the later ones load.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Instant;
 
-use flexserve_engine::weights::{Layout, Repacked, TensorBytes, TensorSource, WeightStorage};
 use flexserve_engine::{EngineError, MemoryBlock, Model, ModelConfig, ScratchSource, SessionState};
-use flexserve_gguf::{GgufHeader, TensorInfo};
-use flexserve_sealed::{SealedModel, CHUNK_TAG_LEN};
+use flexserve_sealed::SealedModel;
 use flexserve_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 
 use crate::platform::{SecureMemory, SecureRegion};
 
-/// Tensors start at this alignment inside a region (SIMD loads, cache lines).
-const TENSOR_ALIGN: usize = 64;
+mod store;
 
-/// A region shared with the engine's tensors.
-struct RegionStorage<R>(R);
-
-impl<R: SecureRegion> WeightStorage for RegionStorage<R> {
-    fn bytes(&self) -> &[u8] {
-        self.0.bytes()
-    }
-}
-
-/// The tensors of one layer (or of the non-layer rest) and their region.
-struct Group<R> {
-    /// Bytes the group's tensors need, aligned.
-    bytes: usize,
-    /// Chunk indices whose plaintext lands in this group.
-    chunks: Vec<usize>,
-    loaded: usize,
-    region: Option<Arc<RegionStorage<R>>>,
-}
+pub use store::{LoadError, WeightStore};
 
 /// A conversation kept between requests: its messages and KV cache.
 pub struct Conversation {
@@ -94,17 +76,12 @@ impl<M: SecureMemory> ScratchSource for GrantedScratch<M> {
 
 pub struct ResidentModel<R: SecureRegion> {
     pub name: String,
-    sealed: SealedModel,
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
-    groups: Vec<Group<R>>,
-    /// Per tensor (directory order): its group and offset inside the group's region.
-    placement: Vec<(usize, usize)>,
-    chunk_loaded: Vec<bool>,
-    /// Per tensor: the layout its bytes were rearranged into in place for the
-    /// grouped kernels, if they were.
-    rearranged: Vec<Option<Repacked>>,
+    pub store: WeightStore<R>,
+    /// The engine model, once the base group is resident; it holds the
+    /// layers that are resident and have been needed since.
     engine: Option<Model>,
     pub conversations: HashMap<u32, Conversation>,
     pub last_used: Instant,
@@ -115,57 +92,41 @@ pub struct ResidentModel<R: SecureRegion> {
     pub longest_token: usize,
 }
 
-/// Why a chunk could not be loaded.
-pub enum LoadError {
-    BadArgument(String),
-    NoMemory(String),
-    Verification(String),
+/// A model's parts borrowed apart, for a generation: it reads the engine,
+/// tokenizer and template while it loads missing layers into the store.
+pub struct ModelParts<'a, R: SecureRegion> {
+    pub engine: &'a Model,
+    pub config: &'a ModelConfig,
+    pub tokenizer: &'a Tokenizer,
+    pub template: Option<&'a ChatTemplate>,
+    pub conversations: &'a mut HashMap<u32, Conversation>,
+    pub store: &'a mut WeightStore<R>,
 }
 
 impl<R: SecureRegion> ResidentModel<R> {
-    /// Prepares a model from its authenticated header: tokenizer, template,
-    /// configuration and the placement of every tensor. Loads no weights.
     /// Whether the vendor let this model be scored: a boolean `key` set to
     /// true in its authenticated metadata.
     pub fn allows_perplexity(&self, key: &str) -> bool {
-        matches!(self.sealed.header().gguf.metadata.get_bool(key), Ok(Some(true)))
+        matches!(self.store.sealed().header().gguf.metadata.get_bool(key), Ok(Some(true)))
     }
 
+    /// Prepares a model from its authenticated header: tokenizer, template,
+    /// configuration and the placement of every tensor. Loads no weights.
     pub fn new(name: String, sealed: SealedModel) -> Result<Self, String> {
-        let header = &sealed.header().gguf;
-        let meta = &header.metadata;
+        let meta = &sealed.header().gguf.metadata;
         let config = ModelConfig::from_metadata(meta).map_err(|e| format!("model {name}: {e}"))?;
         let tokenizer = Tokenizer::from_gguf(meta).map_err(|e| format!("tokenizer of {name}: {e}"))?;
         let template =
             ChatTemplate::from_gguf(meta, &tokenizer).map_err(|e| format!("chat template of {name}: {e}"))?;
-        let n_groups = config.n_layer + 1;
-        let mut groups: Vec<Group<R>> =
-            (0..n_groups).map(|_| Group { bytes: 0, chunks: Vec::new(), loaded: 0, region: None }).collect();
-        let mut placement = Vec::with_capacity(header.tensors.len());
-        for t in &header.tensors {
-            let g = t.layer().filter(|&l| l < config.n_layer).unwrap_or(config.n_layer);
-            let size = tensor_len(header, t);
-            let at = groups[g].bytes.next_multiple_of(TENSOR_ALIGN);
-            groups[g].bytes = at + size;
-            placement.push((g, at));
-        }
-        for (i, c) in sealed.header().chunks.iter().enumerate() {
-            groups[placement[c.tensor_index as usize].0].chunks.push(i);
-        }
-        let chunk_loaded = vec![false; sealed.header().chunks.len()];
-        let rearranged = vec![None; header.tensors.len()];
         let longest_token =
             (0..tokenizer.n_vocab() as u32).map(|id| tokenizer.token_piece_special(id).len()).max().unwrap_or(0).max(4);
+        let store = WeightStore::new(&name, sealed, config.n_layer);
         Ok(Self {
             name,
-            sealed,
             config,
             tokenizer,
             template,
-            groups,
-            placement,
-            chunk_loaded,
-            rearranged,
+            store,
             engine: None,
             conversations: HashMap::new(),
             last_used: Instant::now(),
@@ -173,156 +134,41 @@ impl<R: SecureRegion> ResidentModel<R> {
         })
     }
 
-    pub fn chunk_count(&self) -> usize {
-        self.chunk_loaded.len()
-    }
-
     pub fn layer_count(&self) -> usize {
         self.config.n_layer
     }
 
-    /// Granules the weights take when every group is resident.
-    pub fn granules_needed(&self, granule_size: usize) -> usize {
-        self.groups.iter().filter(|g| g.bytes > 0).map(|g| g.bytes.div_ceil(granule_size)).sum()
-    }
-
-    pub fn weight_bytes(&self) -> u64 {
-        self.groups.iter().map(|g| g.bytes as u64).sum()
-    }
-
-    pub fn resident_chunks(&self) -> usize {
-        self.chunk_loaded.iter().filter(|&&l| l).count()
-    }
-
-    /// Transformer layers whose every chunk is resident.
-    pub fn resident_layers(&self) -> usize {
-        self.groups[..self.config.n_layer].iter().filter(|g| g.loaded == g.chunks.len()).count()
-    }
-
-    pub fn missing_chunks(&self) -> Vec<std::ops::Range<usize>> {
-        let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
-        for (i, &loaded) in self.chunk_loaded.iter().enumerate() {
-            if loaded {
-                continue;
-            }
-            match spans.last_mut() {
-                Some(s) if s.end == i => s.end = i + 1,
-                _ => spans.push(i..i + 1),
-            }
-        }
-        spans
-    }
-
-    pub fn fully_resident(&self) -> bool {
-        self.groups.iter().all(|g| g.loaded == g.chunks.len())
-    }
-
-    /// Places chunk `index` (its ciphertext and tag copied out of the shared
-    /// buffer by `copy`) into its group's region and decrypts it there.
-    pub fn load_chunk<M: SecureMemory<Region = R>>(
-        &mut self,
-        pool: &M,
-        index: usize,
-        sealed_len: usize,
-        copy: impl FnOnce(&mut [u8], &mut [u8; CHUNK_TAG_LEN]) -> Result<(), String>,
-    ) -> Result<(), LoadError> {
-        let count = self.chunk_loaded.len();
-        let chunk = *self
-            .sealed
-            .header()
-            .chunks
-            .get(index)
-            .ok_or_else(|| LoadError::BadArgument(format!("chunk {index} does not exist (model has {count})")))?;
-        if sealed_len != chunk.sealed_len() {
-            return Err(LoadError::BadArgument(format!(
-                "chunk {index} is {} bytes sealed, {sealed_len} given",
-                chunk.sealed_len()
-            )));
-        }
-        if self.chunk_loaded[index] {
-            return Ok(());
-        }
-        let (g, tensor_at) = self.placement[chunk.tensor_index as usize];
-        let group = &mut self.groups[g];
-        if group.region.is_none() {
-            let region = pool.alloc(group.bytes).map_err(|e| {
-                LoadError::NoMemory(format!("{} of model {}: {e}", group_name(g, self.config.n_layer), self.name))
-            })?;
-            group.region = Some(Arc::new(RegionStorage(region)));
-        }
-        // No tensor borrows the region while a chunk is missing (the engine is
-        // only built on a fully resident model), so it is not shared.
-        let region = group.region.as_mut().and_then(Arc::get_mut).ok_or_else(|| {
-            LoadError::BadArgument(format!("chunk {index}: its region is in use by the running model"))
-        })?;
-        let at = tensor_at + chunk.tensor_offset as usize;
-        let body = &mut region.0.bytes_mut()[at..at + chunk.len as usize];
-        let mut tag = [0u8; CHUNK_TAG_LEN];
-        copy(body, &mut tag).map_err(LoadError::BadArgument)?;
-        self.sealed.open_chunk_detached(index, body, tag).map_err(|e| LoadError::Verification(e.to_string()))?;
-        self.chunk_loaded[index] = true;
-        group.loaded += 1;
-        Ok(())
-    }
-
-    /// The engine model on the resident weights, built on first use.
+    /// The engine model with every layer, on a fully resident model.
     pub fn engine(&mut self, threads: usize) -> Result<&Model, String> {
+        if !self.store.fully_resident() {
+            let missing = self.store.chunk_count() - self.store.resident_chunks();
+            return Err(format!("model {}: {missing} chunks are not resident", self.name));
+        }
+        let parts = self.parts(threads)?;
+        for i in 0..parts.config.n_layer {
+            take_layer(parts.store, parts.engine, parts.config, i)?;
+        }
+        Ok(self.engine.as_ref().expect("built above"))
+    }
+
+    /// The parts of the model for a generation; the engine model is built on
+    /// the base group if it is not yet (which must be resident).
+    pub fn parts(&mut self, threads: usize) -> Result<ModelParts<'_, R>, String> {
         if self.engine.is_none() {
-            if !self.fully_resident() {
-                let missing = self.chunk_loaded.len() - self.resident_chunks();
-                return Err(format!("model {}: {missing} chunks are not resident", self.name));
-            }
-            self.rearrange_in_place().map_err(|e| format!("model {}: {e}", self.name))?;
-            let source = ResidentSource { model: self };
-            let weights = flexserve_engine::model::Weights::load(&source, &self.config)
-                .map_err(|e| format!("model {}: {e}", self.name))?;
+            let weights = self.store.base_weights(&self.config)?;
             let model =
                 Model::new(self.config.clone(), weights, threads).map_err(|e| format!("model {}: {e}", self.name))?;
             self.engine = Some(model);
         }
         self.last_used = Instant::now();
-        Ok(self.engine.as_ref().expect("just built"))
-    }
-
-    /// Rearranges, in their regions, the matrices the engine would otherwise
-    /// copy into a rearranged buffer at load (same size), so that the weights
-    /// stay in secure memory once, inside the granted granules.
-    fn rearrange_in_place(&mut self) -> Result<(), String> {
-        let header = &self.sealed.header().gguf;
-        for (i, t) in header.tensors.iter().enumerate() {
-            let cols = *t.dims.first().unwrap_or(&1) as usize;
-            let rows = t.dims.iter().skip(1).product::<u64>() as usize;
-            let packing = match Repacked::for_matrix(t.ty, rows, cols) {
-                Some(p) if self.rearranged[i].is_none() && flexserve_engine::model::rearranged_by_load(&t.name) => p,
-                _ => continue,
-            };
-            let (g, at) = self.placement[i];
-            let len = tensor_len(header, t);
-            let region = self.groups[g]
-                .region
-                .as_mut()
-                .and_then(Arc::get_mut)
-                .ok_or_else(|| format!("tensor {}: its region is not resident or is in use", t.name))?;
-            let bytes = &mut region.0.bytes_mut()[at..at + len];
-            // Group by group (each is a matrix of its own in either layout), so
-            // that the plaintext copy on the heap is one group, not the whole
-            // matrix: an output matrix over a large vocabulary takes tens of MiB.
-            for group in bytes.chunks_exact_mut(len / rows * flexserve_quant::REPACK_ROWS) {
-                let mut packed = packing
-                    .repack(group, flexserve_quant::REPACK_ROWS, cols)
-                    .map_err(|e| format!("{}: {e}", t.name))?;
-                group.copy_from_slice(&packed);
-                flexserve_engine::weights::wipe(&mut packed);
-            }
-            self.rearranged[i] = Some(packing);
-        }
-        Ok(())
-    }
-
-    /// The engine (if built), the tokenizer and the template, borrowed apart
-    /// from the conversations.
-    pub fn parts(&mut self) -> (Option<&Model>, &Tokenizer, Option<&ChatTemplate>, &mut HashMap<u32, Conversation>) {
-        (self.engine.as_ref(), &self.tokenizer, self.template.as_ref(), &mut self.conversations)
+        Ok(ModelParts {
+            engine: self.engine.as_ref().expect("built above"),
+            config: &self.config,
+            tokenizer: &self.tokenizer,
+            template: self.template.as_ref(),
+            conversations: &mut self.conversations,
+            store: &mut self.store,
+        })
     }
 
     /// Granules held by the KV caches of this model's conversations.
@@ -330,84 +176,30 @@ impl<R: SecureRegion> ResidentModel<R> {
         self.conversations.values().map(|c| c.kv_granules).sum()
     }
 
-    /// Groups that hold memory, as eviction candidates: (group index, granules).
-    /// Later layers first: the next forward pass needs them last.
-    pub fn eviction_candidates(&self) -> Vec<(usize, usize)> {
-        let mut v: Vec<(usize, usize)> = self
-            .groups
-            .iter()
-            .enumerate()
-            .filter_map(|(i, g)| g.region.as_ref().map(|r| (i, r.0.granules())))
-            .collect();
-        // Layers from the last to the first, the non-layer group (embeddings) last.
-        let n = self.config.n_layer;
-        v.sort_by_key(|&(i, _)| if i == n { usize::MAX } else { n - 1 - i });
-        v
-    }
-
-    /// Evicts a group: the engine model goes first (it borrows every region),
-    /// then the region is scrubbed and its granules return to the free list.
+    /// Evicts a group: the engine lets go of it first (of the one layer, or
+    /// of everything for the base group), then its region is scrubbed and
+    /// its granules return to the free list.
     pub fn evict(&mut self, group: usize) -> usize {
-        self.engine = None;
-        let g = &mut self.groups[group];
-        let granules = g.region.take().map_or(0, |r| r.0.granules());
-        for &c in &g.chunks {
-            self.chunk_loaded[c] = false;
+        if group == self.store.base_group() {
+            self.engine = None;
+        } else if let Some(engine) = self.engine.as_mut() {
+            engine.weights.take_layer(group);
         }
-        for (i, &(tg, _)) in self.placement.iter().enumerate() {
-            if tg == group {
-                self.rearranged[i] = None;
-            }
-        }
-        g.loaded = 0;
-        granules
+        self.store.evict(group)
     }
 }
 
-/// The engine's view of a resident model's tensors.
-struct ResidentSource<'a, R: SecureRegion> {
-    model: &'a ResidentModel<R>,
-}
-
-impl<R: SecureRegion> TensorSource for ResidentSource<'_, R> {
-    fn info(&self, name: &str) -> Option<&TensorInfo> {
-        self.model.sealed.header().gguf.tensor(name)
+/// Gives the engine layer `i` if it does not have it and its group is
+/// complete (rearranged in place on the way); an error if the group is not.
+pub fn take_layer<R: SecureRegion>(
+    store: &mut WeightStore<R>,
+    engine: &Model,
+    config: &ModelConfig,
+    i: usize,
+) -> Result<(), String> {
+    if engine.weights.has_layer(i) {
+        return Ok(());
     }
-
-    fn bytes(&self, info: &TensorInfo) -> Result<TensorBytes, EngineError> {
-        let header = &self.model.sealed.header().gguf;
-        let index = header
-            .tensors
-            .iter()
-            .position(|t| t.name == info.name)
-            .ok_or_else(|| EngineError::MissingTensor(info.name.clone()))?;
-        let (g, at) = self.model.placement[index];
-        let region = self.model.groups[g]
-            .region
-            .clone()
-            .ok_or_else(|| EngineError::Weights(format!("tensor {} is not resident", info.name)))?;
-        let storage: Arc<dyn WeightStorage> = region;
-        TensorBytes::new(storage, at..at + tensor_len(header, info))
-    }
-
-    fn layout(&self, info: &TensorInfo) -> Layout {
-        let index = self.model.sealed.header().gguf.tensors.iter().position(|t| t.name == info.name);
-        match index {
-            Some(i) => self.model.rearranged[i].map_or(Layout::Rows, Layout::Packed),
-            None => Layout::Rows,
-        }
-    }
-}
-
-fn tensor_len(header: &GgufHeader, t: &TensorInfo) -> usize {
-    let r = header.tensor_file_range(t);
-    (r.end - r.start) as usize
-}
-
-fn group_name(g: usize, n_layer: usize) -> String {
-    if g == n_layer {
-        "embeddings and output".to_string()
-    } else {
-        format!("layer {g}")
-    }
+    let layer = store.layer(config, i)?;
+    engine.weights.set_layer(i, layer).map_err(|e| e.to_string())
 }

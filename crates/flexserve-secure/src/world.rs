@@ -3,7 +3,6 @@
 //! the secure world.
 
 use std::collections::BTreeMap;
-use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,7 +14,7 @@ use flexserve_protocol::{
     ChunkRef, ChunkSpan, ErrorCode, GenerateRequest, GenerationReport, Input, ModelStatus, ProtocolError, Reply,
     Request, StatusReport, StopReason, PROTOCOL_VERSION,
 };
-use flexserve_sealed::{ModelKey, SealedModel, CHUNK_TAG_LEN, STORED_KEY_LEN};
+use flexserve_sealed::{ModelKey, SealedModel, STORED_KEY_LEN};
 use flexserve_tokenizer::ChatMessage;
 use zeroize::Zeroize;
 
@@ -226,8 +225,11 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             Request::LoadChunks { model, chunks } => self.load_chunks(model, &chunks),
             Request::MissingChunks { model } => {
                 let m = self.model(model)?;
-                let chunks =
-                    m.missing_chunks().into_iter().map(|r| ChunkSpan { start: r.start as u32, end: r.end as u32 });
+                let chunks = m
+                    .store
+                    .missing_chunks()
+                    .into_iter()
+                    .map(|r| ChunkSpan { start: r.start as u32, end: r.end as u32 });
                 Ok(Reply::Missing { chunks: chunks.collect() })
             }
             Request::Generate(g) => {
@@ -337,8 +339,8 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         self.next_model += 1;
         let reply = Reply::ModelOpened {
             model: id,
-            chunks: model.chunk_count() as u32,
-            granules_needed: model.granules_needed(granule) as u32,
+            chunks: model.store.chunk_count() as u32,
+            granules_needed: model.store.granules_needed(granule) as u32,
         };
         self.models.insert(id, model);
         Ok(reply)
@@ -348,23 +350,11 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         let memory = &self.memory;
         let channel = &self.channel;
         let model = self.models.get_mut(&id).ok_or_else(|| no_model(id))?;
-        for (n, c) in chunks.iter().enumerate() {
-            let at = c.at;
-            let copy = |body: &mut [u8], tag: &mut [u8; CHUNK_TAG_LEN]| {
-                let body_len = body.len() as u64;
-                channel.copy_out(flexserve_protocol::BufferRange { offset: at.offset, len: body_len }, body)?;
-                let tag_at = at.offset.checked_add(body_len).ok_or("chunk range overflows")?;
-                channel.copy_out(flexserve_protocol::BufferRange { offset: tag_at, len: CHUNK_TAG_LEN as u64 }, tag)
-            };
-            model.load_chunk(memory, c.index as usize, at.len as usize, copy).map_err(|e| {
-                let (code, msg) = match e {
-                    LoadError::BadArgument(m) => (ErrorCode::BadArgument, m),
-                    LoadError::NoMemory(m) => (ErrorCode::NoMemory, m),
-                    LoadError::Verification(m) => (ErrorCode::Verification, m),
-                };
-                (code, format!("{msg} ({n} of {} chunks of this request loaded)", chunks.len()))
-            })?;
-        }
+        let copy = |range: flexserve_protocol::BufferRange, out: &mut [u8]| channel.copy_out(range, out);
+        model.store.load_chunks(memory, chunks, &copy).map_err(|(n, e)| {
+            let (code, msg) = generation::load_failure(e);
+            (code, format!("{msg} ({n} of {} chunks of this request loaded)", chunks.len()))
+        })?;
         Ok(Reply::ChunksLoaded { loaded: chunks.len() as u32 })
     }
 
@@ -390,7 +380,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 .models
                 .iter()
                 .filter(|&(&id, _)| self.awaiting_memory != Some(id))
-                .filter_map(|(&id, m)| m.eviction_candidates().first().map(|&(g, _)| (m.last_used, id, g)))
+                .filter_map(|(&id, m)| m.store.eviction_candidates().first().map(|&(g, _)| (m.last_used, id, g)))
                 .min();
             let Some((_, id, group)) = victim else { break };
             let model = self.models.get_mut(&id).expect("victim exists");
@@ -442,10 +432,10 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                     model: id,
                     name: m.name.clone(),
                     layers: m.layer_count() as u32,
-                    resident_layers: m.resident_layers() as u32,
-                    chunks: m.chunk_count() as u32,
-                    resident_chunks: m.resident_chunks() as u32,
-                    weight_bytes: m.weight_bytes(),
+                    resident_layers: m.store.resident_layers() as u32,
+                    chunks: m.store.chunk_count() as u32,
+                    resident_chunks: m.store.resident_chunks() as u32,
+                    weight_bytes: m.store.weight_bytes(),
                     kv_granules: m.kv_granules() as u32,
                 })
                 .collect(),

@@ -1,85 +1,16 @@
 //! The secure world as a process: seccomp, memory modes, recall, crashes.
 //! Each test starts real `flexserve-secure` processes on the real model.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::path::PathBuf;
+
+use common::{generate, options, plain_generate, plain_model, request, sealed, Sealed};
 use flexserve_normal::{
     resident_bytes, MemoryBudget, NormalError, OpenedModel, PoolChoice, SecureWorld, SecureWorldOptions,
 };
-use flexserve_protocol::{ErrorCode, GenerateRequest, Input, Sampling};
+use flexserve_protocol::{ErrorCode, GenerateRequest, Input};
 use flexserve_sealed::{ModelKey, SealOptions};
-
-fn plain_model() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh", p.display());
-    p
-}
-
-/// The real model sealed with a fresh key, in a temporary directory.
-struct Sealed {
-    _dir: tempfile::TempDir,
-    model: PathBuf,
-    key: PathBuf,
-}
-
-fn sealed() -> Sealed {
-    let dir = tempfile::tempdir().unwrap();
-    let (model, key) = (dir.path().join("m.fsm"), dir.path().join("m.key"));
-    let k = ModelKey::generate();
-    k.save(&key).unwrap();
-    flexserve_sealed::seal_file(&plain_model(), &model, &k, &SealOptions::default(), &mut |_, _| {}).unwrap();
-    Sealed { _dir: dir, model, key }
-}
-
-fn options(s: &Sealed) -> SecureWorldOptions {
-    SecureWorldOptions {
-        binary: Some(env!("CARGO_BIN_EXE_flexserve-secure").into()),
-        model_keys: vec![s.key.clone()],
-        threads: 2,
-        budget: MemoryBudget::Bytes(1 << 30),
-        ..SecureWorldOptions::default()
-    }
-}
-
-fn request(model: &OpenedModel, prompt: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        model: model.id,
-        conversation: 0,
-        input: Input::Raw { text: prompt.to_string() },
-        max_tokens,
-        n_ctx: 512,
-        sampling: Sampling {
-            temperature: 0.0,
-            top_k: 40,
-            top_p: 0.95,
-            min_p: 0.05,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: 0,
-        },
-        stop: vec![],
-    }
-}
-
-fn generate(world: &mut SecureWorld, model: &OpenedModel, prompt: &str, max_tokens: u32) -> String {
-    let mut text = String::new();
-    let report = world.generate(model, request(model, prompt, max_tokens), |t| text.push_str(t)).unwrap();
-    assert!(report.generated_tokens > 0);
-    text
-}
-
-/// What the plain model generates in this process (the reference).
-fn plain_generate(prompt: &str, max_tokens: usize) -> String {
-    use flexserve_engine::{GenerateOptions, Generator, Model, SamplingParams, Session};
-    let file = std::sync::Arc::new(flexserve_gguf::GgufFile::open(plain_model()).unwrap());
-    let tok = flexserve_tokenizer::Tokenizer::from_gguf(&file.header.metadata).unwrap();
-    let model = Model::from_gguf(file, 2).unwrap();
-    let mut g = Generator::new(Session::new(&model, 512), &tok);
-    let opts = GenerateOptions { max_tokens, sampling: SamplingParams::greedy(), stop: vec![] };
-    let mut text = String::new();
-    g.generate(&tok.encode(prompt, true, true), &opts, |t| text.push_str(t)).unwrap();
-    text
-}
 
 /// Granules a KV cache of `positions` positions of the real model takes.
 fn kv_granules(positions: usize, granule_size: u64) -> u32 {
@@ -474,13 +405,13 @@ fn rearranged_in_place_with_the_plain_tokens(quant: &str, layout: flexserve_engi
     let file = std::sync::Arc::new(flexserve_gguf::GgufFile::open(&plain).unwrap());
     let tok = flexserve_tokenizer::Tokenizer::from_gguf(&file.header.metadata).unwrap();
     let reference = Model::from_gguf(file, 2).unwrap();
-    assert!(reference.weights.layers[0].w_up.layout == flexserve_engine::weights::Layout::Packed(layout));
+    assert!(reference.weights.layer(0).unwrap().w_up.layout == flexserve_engine::weights::Layout::Packed(layout));
     let mut g = Generator::new(Session::new(&reference, 512), &tok);
     let opts = GenerateOptions { max_tokens: 12, sampling: SamplingParams::greedy(), stop: vec![] };
     let mut expected = String::new();
     g.generate(&tok.encode(prompt, true, true), &opts, |t| expected.push_str(t)).unwrap();
 
-    let s = Sealed { _dir: tempfile::tempdir().unwrap(), model: sealed_path, key: key_path };
+    let s = Sealed { dir: tempfile::tempdir().unwrap(), model: sealed_path, key: key_path };
     let mut world = SecureWorld::spawn(&options(&s)).unwrap();
     let (model, _) = world.open_model(&s.model).unwrap();
     let heap_before = world.status().unwrap().heap_bytes;

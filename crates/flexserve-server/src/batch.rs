@@ -5,7 +5,6 @@
 //! ([`Session::decode_batch`]), so that several streams cost little more
 //! than one.
 
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -194,11 +193,11 @@ impl PlainModel {
         let tokens = TokenStream::new(&self.tokenizer, &opts, &ids);
         let events = job.events;
         let t0 = Instant::now();
-        let logits = session.eval_with(&ids, Logits::Last, &mut || {
+        let logits = session.eval_with(&ids, Logits::Last, &mut |_| {
             if events.is_closed() {
-                ControlFlow::Break(())
+                Err(EngineError::Cancelled)
             } else {
-                ControlFlow::Continue(())
+                Ok(())
             }
         });
         let logits = match logits {

@@ -122,6 +122,7 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
         parallel: config.parallel.max(1),
         max_queue: config.max_queue,
         connect: config.connect.clone(),
+        resident_at_load: config.preload,
     };
     let state = Arc::new(AppState {
         registry: Registry::new(config.models.clone(), settings, config.keep_alive),

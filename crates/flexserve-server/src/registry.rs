@@ -75,6 +75,9 @@ pub struct BackendSettings {
     pub parallel: usize,
     pub max_queue: usize,
     pub connect: SessionFactory,
+    /// Make sealed models resident when they load (`--preload`), rather than
+    /// streaming their weights through the pipeline with the first request.
+    pub resident_at_load: bool,
 }
 
 pub struct Registry {
@@ -171,10 +174,11 @@ impl Registry {
         let (path, kind) = (entry.path.clone(), entry.kind);
         let s = &self.settings;
         let (threads, parallel, max_queue, connect) = (s.threads, s.parallel, s.max_queue, s.connect.clone());
+        let resident = s.resident_at_load;
         let t0 = Instant::now();
         let loaded = tokio::task::spawn_blocking(move || match kind {
             Kind::Plain => Backend::start_plain(&path, threads, parallel, max_queue),
-            Kind::Sealed => Backend::start_sealed(&path, &connect, max_queue),
+            Kind::Sealed => Backend::start_sealed(&path, &connect, max_queue, resident),
         })
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("loading: {e}")))?;

@@ -165,12 +165,19 @@ impl Backend {
         Ok(Backend { kind: Kind::Plain, commands: Some(tx), alive, threads: vec![handle] })
     }
 
-    /// Opens a session with the secure world, makes the sealed model
-    /// resident there, and starts the worker that drives the session.
-    pub fn start_sealed(path: &Path, connect: &SessionFactory, max_queue: usize) -> Result<Backend, String> {
+    /// Opens a session with the secure world, opens the sealed model there
+    /// (making it resident now with `resident`, else its weights stream
+    /// through the pipeline with the first request), and starts the worker
+    /// that drives the session.
+    pub fn start_sealed(
+        path: &Path,
+        connect: &SessionFactory,
+        max_queue: usize,
+        resident: bool,
+    ) -> Result<Backend, String> {
         let mut world = connect()?;
-        let (model, _report) =
-            world.open_model(path).map_err(|e| format!("opening {} in the secure world: {e}", path.display()))?;
+        let opened = if resident { world.open_model(path) } else { world.open_model_header(path) };
+        let (model, _report) = opened.map_err(|e| format!("opening {} in the secure world: {e}", path.display()))?;
         let (tx, rx) = mpsc::sync_channel::<Command>(max_queue);
         let alive = Arc::new(AtomicBool::new(true));
         let flag = alive.clone();

@@ -56,7 +56,8 @@ fn decode_step(
     let c = &model.config;
     let (kvd, hd) = (c.kv_dim(), c.head_dim);
     s.begin(model, tokens, |t| sessions[t].n_past)?;
-    for (li, layer) in model.weights.layers.iter().enumerate() {
+    for li in 0..c.n_layer {
+        let layer = model.weights.layer(li)?;
         s.attention_inputs(c, layer)?;
         // Each row into its own cache, at its own position.
         for (t, session) in sessions.iter_mut().enumerate() {

@@ -1,8 +1,6 @@
 //! The forward pass: a batch of tokens through every layer, its keys and
 //! values into the session's cache, and logits out.
 
-use std::ops::ControlFlow;
-
 use half::f16;
 use rayon::prelude::*;
 
@@ -22,6 +20,10 @@ pub(super) const F32_ATTENTION_MIN_BATCH: usize = 64;
 /// small enough that a 128-token prompt still makes eight tasks.
 const ATTENTION_QUERY_BLOCK: usize = 16;
 
+/// Called before each layer of a forward pass with the layer's index (see
+/// [`Session::eval_with`]).
+pub type LayerHook<'a> = dyn FnMut(usize) -> Result<(), EngineError> + Send + 'a;
+
 /// Largest batch evaluated at once; longer inputs are split.
 pub(super) const MAX_BATCH: usize = 512;
 
@@ -29,19 +31,21 @@ impl<'m> Session<'m> {
     /// Runs `tokens` through the model after the cached positions and returns
     /// logits (`n_vocab` per requested position, in order).
     pub fn eval(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, EngineError> {
-        self.eval_with(tokens, logits, &mut || ControlFlow::Continue(()))
+        self.eval_with(tokens, logits, &mut |_| Ok(()))
     }
 
-    /// [`Session::eval`], calling `between_layers` after every layer of every
+    /// [`Session::eval`], calling `before_layer(i)` before layer `i` of every
     /// batch (on a worker thread): a long prefill can serve other work, such
-    /// as a memory recall, at bounded intervals. When it answers `Break`
-    /// the evaluation stops there with [`EngineError::Cancelled`] (the
+    /// as a memory recall, at bounded intervals, and a model whose later
+    /// layers are still loading gets layer `i` set there
+    /// ([`super::Weights::set_layer`]) before it runs. An error from the hook
+    /// ([`EngineError::Cancelled`] to stop) ends the evaluation there (the
     /// positions of the unfinished batch are not kept).
     pub fn eval_with(
         &mut self,
         tokens: &[u32],
         logits: Logits,
-        between_layers: &mut (dyn FnMut() -> ControlFlow<()> + Send),
+        before_layer: &mut LayerHook<'_>,
     ) -> Result<Vec<f32>, EngineError> {
         if tokens.is_empty() {
             return Err(EngineError::EmptyInput);
@@ -64,7 +68,7 @@ impl<'m> Session<'m> {
                 Logits::From(f) if f < start + batch.len() => Some(f.saturating_sub(start)),
                 Logits::From(_) => None,
             };
-            let l = model.pool.install(|| self.eval_batch(batch, want, &mut *between_layers))?;
+            let l = model.pool.install(|| self.eval_batch(batch, want, &mut *before_layer))?;
             out.extend_from_slice(&l);
         }
         Ok(out)
@@ -74,7 +78,7 @@ impl<'m> Session<'m> {
         &mut self,
         tokens: &[u32],
         logits_from: Option<usize>,
-        between_layers: &mut (dyn FnMut() -> ControlFlow<()> + Send),
+        before_layer: &mut LayerHook<'_>,
     ) -> Result<Vec<f32>, EngineError> {
         let m = self.model;
         let c = &m.config;
@@ -83,7 +87,9 @@ impl<'m> Session<'m> {
         let s = &mut self.s;
         let kvd = c.kv_dim();
         s.begin(m, tokens, |t| pos0 + t)?;
-        for (li, layer) in m.weights.layers.iter().enumerate() {
+        for li in 0..c.n_layer {
+            before_layer(li)?;
+            let layer = m.weights.layer(li)?;
             s.attention_inputs(c, layer)?;
             for t in 0..n {
                 self.kv.store(li, pos0 + t, &s.k[t * kvd..(t + 1) * kvd], &s.v[t * kvd..(t + 1) * kvd]);
@@ -94,9 +100,6 @@ impl<'m> Session<'m> {
                 attention(c, &self.kv, li, pos0, &s.q, &mut s.att);
             }
             s.finish_layer(c, layer)?;
-            if between_layers().is_break() {
-                return Err(EngineError::Cancelled);
-            }
         }
         self.n_past += n;
         match logits_from {

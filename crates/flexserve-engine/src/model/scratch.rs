@@ -5,10 +5,12 @@
 use std::sync::Arc;
 
 use super::forward::{F32_ATTENTION_MIN_BATCH, MAX_BATCH};
+use super::weights::{acts_row_bytes, LargestMatrices};
 use super::{Model, Session};
+use crate::config::ModelConfig;
 use crate::memory::{Buf, ScratchSource};
 use crate::ops::QuantizedActs;
-use crate::weights::Tensor;
+use crate::weights::TensorSource;
 use crate::EngineError;
 
 /// A session's activations: buffers sized for the current batch, in blocks
@@ -60,6 +62,31 @@ impl ScratchPlan {
     pub fn total(&self) -> usize {
         self.buffers.iter().sum()
     }
+
+    /// [`Model::scratch_plan`] from a model's tensor directory alone, before
+    /// any of its weights are loaded.
+    pub fn for_source(
+        src: &dyn TensorSource,
+        c: &ModelConfig,
+        batch: usize,
+        n_pos: usize,
+        logit_rows: usize,
+    ) -> Result<Self, EngineError> {
+        let output = src
+            .info("output.weight")
+            .or_else(|| src.info("token_embd.weight"))
+            .ok_or_else(|| EngineError::MissingTensor("token_embd.weight".to_string()))?;
+        let cols = *output.dims.first().unwrap_or(&1);
+        let rows = output.dims.iter().skip(1).product::<u64>() as usize;
+        let output = MatrixShape { acts_row: acts_row_bytes(output.ty, cols), rows };
+        Ok(plan(c, output, LargestMatrices::of(src, c)?, batch, n_pos, logit_rows))
+    }
+}
+
+/// What the scratch plan needs to know of the output matrix.
+struct MatrixShape {
+    acts_row: usize,
+    rows: usize,
 }
 
 impl Model {
@@ -67,43 +94,46 @@ impl Model {
     /// (at most the engine's largest batch) over up to `n_pos` positions,
     /// with logits for up to `logit_rows` positions of a batch.
     pub fn scratch_plan(&self, batch: usize, n_pos: usize, logit_rows: usize) -> ScratchPlan {
-        let c = &self.config;
-        let w = &self.weights;
-        let n = batch.clamp(1, MAX_BATCH);
-        let f = std::mem::size_of::<f32>();
-        let (e, qd, kvd, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
-        // Quantized activations: the largest of the rows each matrix reads.
-        let acts_row = |t: &Tensor| -> usize {
-            let ty = flexserve_quant::kernels(t.ty).map(|k| k.vec_dot_type).unwrap_or(t.ty);
-            ty.row_size(t.cols as u64).unwrap_or(0) as usize
-        };
-        let mut acts = n * acts_row(&w.output);
-        let mut staging = if logit_rows > 1 { w.output.rows * logit_rows.min(n) } else { 0 };
-        for l in &w.layers {
-            for t in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
-                acts = acts.max(n * acts_row(t));
-                if n > 1 {
-                    staging = staging.max(t.rows * n);
-                }
-            }
-        }
-        let kv32 = if n >= F32_ATTENTION_MIN_BATCH { n_pos.max(n) * kvd * f } else { 0 };
-        ScratchPlan {
-            buffers: [
-                n * e * f,
-                n * e * f,
-                n * qd * f,
-                n * kvd * f,
-                n * kvd * f,
-                n * qd * f,
-                n * ff * f,
-                n * ff * f,
-                acts,
-                staging * f,
-                kv32,
-                kv32,
-            ],
-        }
+        let out = &self.weights.output;
+        let output = MatrixShape { acts_row: acts_row_bytes(out.ty, out.cols as u64), rows: out.rows };
+        plan(&self.config, output, self.weights.largest, batch, n_pos, logit_rows)
+    }
+}
+
+fn plan(
+    c: &ModelConfig,
+    output: MatrixShape,
+    largest: LargestMatrices,
+    batch: usize,
+    n_pos: usize,
+    logit_rows: usize,
+) -> ScratchPlan {
+    let n = batch.clamp(1, MAX_BATCH);
+    let f = std::mem::size_of::<f32>();
+    let (e, qd, kvd, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
+    // Quantized activations: the largest of the rows each matrix reads
+    // (the blocks' from the tensor directory: some may not be present yet).
+    let acts = n * output.acts_row.max(largest.acts_row);
+    let mut staging = if logit_rows > 1 { output.rows * logit_rows.min(n) } else { 0 };
+    if n > 1 {
+        staging = staging.max(largest.rows * n);
+    }
+    let kv32 = if n >= F32_ATTENTION_MIN_BATCH { n_pos.max(n) * kvd * f } else { 0 };
+    ScratchPlan {
+        buffers: [
+            n * e * f,
+            n * e * f,
+            n * qd * f,
+            n * kvd * f,
+            n * kvd * f,
+            n * qd * f,
+            n * ff * f,
+            n * ff * f,
+            acts,
+            staging * f,
+            kv32,
+            kv32,
+        ],
     }
 }
 

@@ -1,6 +1,8 @@
 //! The model's weights: every layer's tensors loaded from a source (rearranged
 //! for the matrix kernels where they allow it), and what one token reads of them.
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use crate::config::ModelConfig;
@@ -23,7 +25,16 @@ pub struct Layer {
     pub w_down: Tensor,
 }
 
+/// The names of a block's matrices (`blk.N.{name}.weight`), in the order
+/// [`Layer::matrices`] gives them.
+const LAYER_MATRICES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+
 impl Layer {
+    /// The block's matrices, in the order of [`LAYER_MATRICES`].
+    pub fn matrices(&self) -> [&Tensor; 7] {
+        [&self.wq, &self.wk, &self.wv, &self.wo, &self.w_gate, &self.w_up, &self.w_down]
+    }
+
     pub fn load(src: &dyn TensorSource, c: &ModelConfig, i: usize) -> Result<Self, EngineError> {
         let n = |s: &str| format!("blk.{i}.{s}");
         let (e, q, kv, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
@@ -51,7 +62,6 @@ impl Layer {
 /// never the embeddings. A source that rearranges in place must pick exactly
 /// these ([`Weights::load`] follows the same rule).
 pub fn rearranged_by_load(name: &str) -> bool {
-    const LAYER_MATRICES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
     if name == "output.weight" {
         return true;
     }
@@ -61,26 +71,67 @@ pub fn rearranged_by_load(name: &str) -> bool {
     tensor.is_some_and(|t| LAYER_MATRICES.contains(&t))
 }
 
-/// All weights of a model.
+/// All weights of a model. The transformer blocks may arrive one by one
+/// after the rest ([`Weights::load_staged`], [`Weights::set_layer`]): a
+/// forward pass runs block `i` once it is present, so a model still being
+/// loaded (decrypted and verified block by block) computes its first blocks
+/// while the later ones load, and a block dropped to free memory
+/// ([`Weights::take_layer`]) is loaded again before it is next needed.
 pub struct Weights {
     pub token_embd: Tensor,
-    pub layers: Vec<Layer>,
+    /// Block `i`, once present.
+    layers: Vec<OnceLock<Layer>>,
     pub output_norm: Vec<f32>,
     /// The output projection; the embedding matrix itself when tied.
     pub output: Tensor,
     /// Per-pair divisors of the rotary frequencies (llama3-style scaling).
     pub rope_freq_factors: Option<Vec<f32>>,
+    /// The largest of the blocks' matrices, from the tensor directory: the
+    /// scratch memory a batch needs is known before any block is present.
+    pub(super) largest: LargestMatrices,
+}
+
+/// The largest figures among the blocks' matrices (see [`Weights::largest`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct LargestMatrices {
+    /// Bytes of one quantized activation row, in the format each matrix's kernel multiplies.
+    pub acts_row: usize,
+    /// Output rows.
+    pub rows: usize,
+}
+
+impl LargestMatrices {
+    pub(super) fn of(src: &dyn TensorSource, c: &ModelConfig) -> Result<Self, EngineError> {
+        let mut largest = Self::default();
+        for i in 0..c.n_layer {
+            for m in LAYER_MATRICES {
+                let name = format!("blk.{i}.{m}.weight");
+                let info = src.info(&name).ok_or(EngineError::MissingTensor(name))?;
+                let cols = *info.dims.first().unwrap_or(&1);
+                let rows = info.dims.iter().skip(1).product::<u64>() as usize;
+                largest.rows = largest.rows.max(rows);
+                largest.acts_row = largest.acts_row.max(acts_row_bytes(info.ty, cols));
+            }
+        }
+        Ok(largest)
+    }
+}
+
+/// Bytes of one activation row of `cols` values as a matrix of type `ty` multiplies it.
+pub(super) fn acts_row_bytes(ty: flexserve_gguf::GgmlType, cols: u64) -> usize {
+    let act = flexserve_quant::kernels(ty).map(|k| k.vec_dot_type).unwrap_or(ty);
+    act.row_size(cols).unwrap_or(0) as usize
 }
 
 impl Weights {
+    /// Every tensor of the model, the blocks included.
     pub fn load(src: &dyn TensorSource, c: &ModelConfig) -> Result<Self, EngineError> {
-        let token_embd = Tensor::load(src, "token_embd.weight", c.n_embd, c.n_vocab)?;
-        let mut output = Tensor::load_opt(src, "output.weight", c.n_embd, c.n_vocab)?;
+        let mut w = Self::without_layers(src, c)?;
         let mut layers = (0..c.n_layer).map(|i| Layer::load(src, c, i)).collect::<Result<Vec<_>, _>>()?;
         // Matrix-product weights are rearranged for the grouped kernels where
         // their type allows (Q4_0 as llama.cpp does, Q4_1, Q8_0, Q4_K; Q6_K on AVX-512); the embedding
         // matrix, and so a tied output, is not (its rows are looked up).
-        let mut matrices: Vec<&mut Tensor> = output.iter_mut().collect();
+        let mut matrices: Vec<&mut Tensor> = w.untied_output_mut().into_iter().collect();
         for l in &mut layers {
             matrices.extend([&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down]);
         }
@@ -92,14 +143,83 @@ impl Weights {
         if !matrices.is_empty() {
             matrices.into_par_iter().try_for_each(|t| t.repack_for_matmul())?;
         }
-        let output = output.unwrap_or_else(|| token_embd.clone());
-        Ok(Self {
+        for (i, layer) in layers.into_iter().enumerate() {
+            w.set_layer(i, layer)?;
+        }
+        Ok(w)
+    }
+
+    /// Everything but the transformer blocks, which come later one by one
+    /// ([`Weights::set_layer`]). A source that rearranged an untied output
+    /// matrix in place leaves nothing to do; otherwise it is rearranged here.
+    pub fn load_staged(src: &dyn TensorSource, c: &ModelConfig) -> Result<Self, EngineError> {
+        let mut w = Self::without_layers(src, c)?;
+        if let Some(output) = w.untied_output_mut().filter(|t| t.pending_repack().is_some()) {
+            output.repack_for_matmul()?;
+        }
+        Ok(w)
+    }
+
+    /// Everything but the blocks, as the source has it (nothing rearranged);
+    /// the kernels of the embedding and output matrices are checked.
+    fn without_layers(src: &dyn TensorSource, c: &ModelConfig) -> Result<Self, EngineError> {
+        let token_embd = Tensor::load(src, "token_embd.weight", c.n_embd, c.n_vocab)?;
+        let output = Tensor::load_opt(src, "output.weight", c.n_embd, c.n_vocab)?;
+        let w = Self {
+            output: output.unwrap_or_else(|| token_embd.clone()),
             token_embd,
-            layers,
+            layers: (0..c.n_layer).map(|_| OnceLock::new()).collect(),
             output_norm: load_vector(src, "output_norm.weight", c.n_embd)?,
-            output,
             rope_freq_factors: load_vector_opt(src, "rope_freqs.weight", c.rope_dim / 2)?,
-        })
+            largest: LargestMatrices::of(src, c)?,
+        };
+        crate::ops::dot_kernel(&w.output)?;
+        crate::ops::kernels(w.token_embd.ty)?;
+        Ok(w)
+    }
+
+    /// The output matrix when it is not the embedding matrix itself.
+    fn untied_output_mut(&mut self) -> Option<&mut Tensor> {
+        let tied = std::ptr::eq(self.output.bytes(), self.token_embd.bytes());
+        (!tied).then_some(&mut self.output)
+    }
+
+    /// Transformer blocks the model has (present or not).
+    pub fn n_layer(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Block `i`, or an error naming it if it is not present.
+    pub fn layer(&self, i: usize) -> Result<&Layer, EngineError> {
+        self.layers
+            .get(i)
+            .and_then(OnceLock::get)
+            .ok_or_else(|| EngineError::Weights(format!("layer {i} is not resident")))
+    }
+
+    pub fn has_layer(&self, i: usize) -> bool {
+        self.layers.get(i).is_some_and(|l| l.get().is_some())
+    }
+
+    /// The blocks present, in order.
+    pub fn layers(&self) -> impl Iterator<Item = &Layer> {
+        self.layers.iter().filter_map(OnceLock::get)
+    }
+
+    /// Makes block `i` present (once its weights are in place and verified).
+    /// Its matrices' kernels are checked first: a block the engine cannot
+    /// run is refused here, not in the middle of a forward pass.
+    pub fn set_layer(&self, i: usize, layer: Layer) -> Result<(), EngineError> {
+        let slot = self.layers.get(i).ok_or_else(|| EngineError::Weights(format!("layer {i} does not exist")))?;
+        for t in layer.matrices() {
+            crate::ops::dot_kernel(t)?;
+        }
+        slot.set(layer).map_err(|_| EngineError::Weights(format!("layer {i} is already present")))
+    }
+
+    /// Drops block `i` (its memory can then go), until it is set again.
+    pub fn take_layer(&mut self, i: usize) -> Option<Layer> {
+        self.layers.get_mut(i).and_then(OnceLock::take)
     }
 }
 
@@ -138,13 +258,14 @@ impl TokenCost {
 impl Weights {
     /// What one decoded token reads of these weights and multiplies (see
     /// [`TokenCost`]): at the memory-bandwidth limit, decode speed is the
-    /// machine's read bandwidth over `weight_bytes`.
+    /// machine's read bandwidth over `weight_bytes`. Blocks not present are
+    /// not counted.
     pub fn per_token(&self) -> TokenCost {
         let mut matrices: Vec<&Tensor> = vec![&self.output];
         let mut vectors: Vec<&[f32]> = vec![&self.output_norm];
         vectors.extend(self.rope_freq_factors.as_deref());
-        for l in &self.layers {
-            matrices.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+        for l in self.layers() {
+            matrices.extend(l.matrices());
             vectors.extend([&l.attn_norm[..], &l.ffn_norm[..]]);
             vectors.extend([&l.bq, &l.bk, &l.bv].into_iter().flatten().map(|b| &b[..]));
         }

@@ -3,10 +3,12 @@
 use std::fmt::Display;
 
 use super::tags::{self as tag, DEPLOYMENTS, ERROR_CODES, STOP_REASONS};
-use super::{malformed, ProtocolError, CHUNK_REF_LEN, CHUNK_SPAN_LEN, MIN_MODEL_STATUS_LEN, MIN_STRING_LEN};
+use super::{
+    malformed, ProtocolError, CHUNK_REF_LEN, CHUNK_SPAN_LEN, LAYER_TIMING_LEN, MIN_MODEL_STATUS_LEN, MIN_STRING_LEN,
+};
 use crate::{
-    BufferRange, ChunkRef, ChunkSpan, GenerateRequest, GenerationReport, Input, Message, ModelStatus, Reply, Request,
-    Sampling, StatusReport, MAX_LIST_LEN, MAX_SEALED_LEN, MAX_TEXT_LEN,
+    BufferRange, ChunkRef, ChunkSpan, GenerateRequest, GenerationReport, Input, LayerTiming, Message, ModelStatus,
+    Reply, Request, Sampling, StatusReport, MAX_LIST_LEN, MAX_SEALED_LEN, MAX_TEXT_LEN,
 };
 
 /// Reads fields from the front of an untrusted payload.
@@ -229,6 +231,14 @@ impl<'a> Decoder<'a> {
                     })
                 })?,
             },
+            tag::REP_LOAD_NEEDED => Reply::LoadNeeded {
+                chunks: self.list(&"Reply::LoadNeeded.chunks", CHUNK_SPAN_LEN, |d, what| {
+                    Ok(ChunkSpan {
+                        start: d.u32(&format_args!("{what}.start"))?,
+                        end: d.u32(&format_args!("{what}.end"))?,
+                    })
+                })?,
+            },
             tag::REP_TOKEN => Reply::Token { text: self.string(&"Reply::Token.text")? },
             tag::REP_GENERATED => Reply::Generated(GenerationReport {
                 prompt_tokens: self.u32(&"GenerationReport.prompt_tokens")?,
@@ -236,6 +246,16 @@ impl<'a> Decoder<'a> {
                 generated_tokens: self.u32(&"GenerationReport.generated_tokens")?,
                 prefill_micros: self.u64(&"GenerationReport.prefill_micros")?,
                 decode_micros: self.u64(&"GenerationReport.decode_micros")?,
+                layers: self.list(&"GenerationReport.layers", LAYER_TIMING_LEN, |d, what| {
+                    Ok(LayerTiming {
+                        layer: d.u32(&format_args!("{what}.layer"))?,
+                        decrypt_from: d.u64(&format_args!("{what}.decrypt_from"))?,
+                        decrypt_to: d.u64(&format_args!("{what}.decrypt_to"))?,
+                        decrypt_micros: d.u64(&format_args!("{what}.decrypt_micros"))?,
+                        compute_from: d.u64(&format_args!("{what}.compute_from"))?,
+                        compute_to: d.u64(&format_args!("{what}.compute_to"))?,
+                    })
+                })?,
                 stop: {
                     let t = self.u8(&"GenerationReport.stop tag")?;
                     *STOP_REASONS

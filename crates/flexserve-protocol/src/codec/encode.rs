@@ -3,7 +3,7 @@
 use std::fmt::Display;
 
 use super::tags::{self as tag, deployment_tag, error_code_tag, stop_reason_tag};
-use super::{oversized, ProtocolError, CHUNK_REF_LEN, CHUNK_SPAN_LEN, FRAME_HEADER_LEN};
+use super::{oversized, ProtocolError, CHUNK_REF_LEN, CHUNK_SPAN_LEN, FRAME_HEADER_LEN, LAYER_TIMING_LEN};
 use crate::{
     BufferRange, GenerateRequest, Input, Reply, Request, StatusReport, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_SEALED_LEN,
     MAX_TEXT_LEN,
@@ -264,6 +264,15 @@ impl Encoder {
                     Ok(())
                 })?;
             }
+            Reply::LoadNeeded { chunks } => {
+                self.u8(tag::REP_LOAD_NEEDED);
+                self.list(chunks, &"Reply::LoadNeeded.chunks", |e, span, what| {
+                    e.reserve(CHUNK_SPAN_LEN, what)?;
+                    e.u32(span.start);
+                    e.u32(span.end);
+                    Ok(())
+                })?;
+            }
             Reply::Token { text } => {
                 self.u8(tag::REP_TOKEN);
                 self.string(text, &"Reply::Token.text")?;
@@ -275,6 +284,14 @@ impl Encoder {
                 self.u32(report.generated_tokens);
                 self.u64(report.prefill_micros);
                 self.u64(report.decode_micros);
+                self.list(&report.layers, &"GenerationReport.layers", |e, l, what| {
+                    e.reserve(LAYER_TIMING_LEN, what)?;
+                    e.u32(l.layer);
+                    for v in [l.decrypt_from, l.decrypt_to, l.decrypt_micros, l.compute_from, l.compute_to] {
+                        e.u64(v);
+                    }
+                    Ok(())
+                })?;
                 self.u8(stop_reason_tag(report.stop));
             }
             Reply::Recalled { released, evicted, micros } => {

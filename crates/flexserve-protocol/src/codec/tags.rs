@@ -42,6 +42,7 @@ pub(super) const REP_KEY_IMPORTED: u8 = 0x8f;
 pub(super) const REP_IDENTITY: u8 = 0x90;
 pub(super) const REP_ENCRYPTED_OPENED: u8 = 0x91;
 pub(super) const REP_SEALED: u8 = 0x92;
+pub(super) const REP_LOAD_NEEDED: u8 = 0x93;
 
 pub(super) const INPUT_RAW: u8 = 0;
 pub(super) const INPUT_CHAT_TURN: u8 = 1;
@@ -160,6 +161,7 @@ impl Reply {
             Reply::Granted { .. } => "Reply::Granted",
             Reply::ChunksLoaded { .. } => "Reply::ChunksLoaded",
             Reply::Missing { .. } => "Reply::Missing",
+            Reply::LoadNeeded { .. } => "Reply::LoadNeeded",
             Reply::Token { .. } => "Reply::Token",
             Reply::Generated(_) => "Reply::Generated",
             Reply::Recalled { .. } => "Reply::Recalled",

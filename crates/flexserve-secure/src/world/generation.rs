@@ -3,21 +3,33 @@
 //! while tokens are produced the channel is watched for a recall, a cancel
 //! or a peer that went away.
 
+use std::collections::HashMap;
+
+use flexserve_tokenizer::ChatTemplate;
+
+use flexserve_protocol::LayerTiming;
+
 use super::*;
+use crate::models::{take_layer, ModelParts, WeightStore};
 
 impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
     /// Runs a generation; its text streams as `Token` replies, or with
-    /// `sealer` as records sealed to an encrypted session's client.
+    /// `sealer` as records sealed to an encrypted session's client. On a
+    /// model that is not fully resident it claims the memory of the missing
+    /// layers, asks the normal world for their chunks (`LoadNeeded`) and
+    /// computes each layer of the prompt as soon as that layer is verified.
     pub(super) fn generate(
         &mut self,
         g: GenerateRequest,
         mut sealer: Option<&mut flexserve_e2e::ServerSession>,
     ) -> Result<Reply, Failure> {
+        let started = Instant::now();
         let threads = self.compute.threads();
         let kept_conversations: usize = self.models.values().map(|m| m.conversations.len()).sum();
         let channel = &mut self.channel;
         let memory = &self.memory;
         let model = self.models.get_mut(&g.model).ok_or_else(|| no_model(g.model))?;
+        let mut timeline = Timeline::new(started, model.config.n_layer);
         // A turn of a conversation kept from before, or (id 0) none at all.
         // A new conversation's failed first turn leaves nothing behind.
         let existed = g.conversation != 0 && model.conversations.contains_key(&g.conversation);
@@ -31,63 +43,26 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 ),
             ));
         }
-        if !model.fully_resident() {
-            let missing = model.chunk_count() - model.resident_chunks();
-            return Err((
-                ErrorCode::NotResident,
-                format!("model {}: {missing} of {} chunks are not resident", g.model, model.chunk_count()),
-            ));
-        }
-        model.engine(threads).map_err(|e| (ErrorCode::Engine, e))?;
-        let longest_token = model.longest_token;
-        let (engine, tokenizer, template, conversations) = model.parts();
-        let engine = engine.expect("built above");
-        let mut conv = if g.conversation == 0 {
-            Conversation::default()
-        } else {
-            conversations.remove(&g.conversation).unwrap_or_default()
+        let mut turn = Turn {
+            id: g.conversation,
+            existed,
+            conv: if g.conversation == 0 {
+                Conversation::default()
+            } else {
+                model.conversations.remove(&g.conversation).unwrap_or_default()
+            },
+            kept_messages: 0,
+            replaced: None,
         };
-        conv.last_used = Instant::now();
+        turn.conv.last_used = Instant::now();
+        turn.kept_messages = turn.conv.messages.len();
         let chat = matches!(g.input, Input::ChatTurn { .. } | Input::Messages { .. });
-        // Messages of this turn join the conversation only if the turn runs.
-        let kept_messages = conv.messages.len();
-        let mut replaced: Option<Vec<ChatMessage>> = None;
-        let rendered = match g.input {
-            Input::Raw { text } => Ok(text),
-            Input::ChatTurn { system, user } => match template {
-                None => Err((ErrorCode::Engine, format!("model {} has no chat template", g.model))),
-                Some(template) => {
-                    if conv.messages.is_empty() {
-                        if let Some(s) = system {
-                            conv.messages.push(ChatMessage::new("system", s));
-                        }
-                    }
-                    conv.messages.push(ChatMessage::new("user", user));
-                    template.render(&conv.messages, true).map_err(|e| (ErrorCode::Engine, e.to_string()))
-                }
-            },
-            // The whole conversation, as an OpenAI-style request carries it.
-            Input::Messages { messages } => match template {
-                None => Err((ErrorCode::Engine, format!("model {} has no chat template", g.model))),
-                Some(_) if messages.is_empty() => Err((ErrorCode::BadArgument, "no messages".to_string())),
-                Some(template) => {
-                    let turns = messages.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect();
-                    replaced = Some(std::mem::replace(&mut conv.messages, turns));
-                    template.render(&conv.messages, true).map_err(|e| (ErrorCode::Engine, e.to_string()))
-                }
-            },
-        };
+        let rendered = render(&mut turn, g.input, model.template.as_ref(), g.model);
         let mut text = match rendered {
             Ok(text) => text,
-            Err(failure) => {
-                undo_turn(&mut conv, replaced, kept_messages);
-                if existed {
-                    conversations.insert(g.conversation, conv);
-                }
-                return Err(failure);
-            }
+            Err(failure) => return Err(turn.undo(&mut model.conversations, failure)),
         };
-        let mut ids = tokenizer.encode(&text, true, true);
+        let mut ids = model.tokenizer.encode(&text, true, true);
         text.zeroize();
         // A kept conversation keeps no more text than its prompt can use: what
         // the prompt's tokens can spell, each at most the model's longest
@@ -95,60 +70,109 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         // A template that leaves text out (trims it, drops messages) would
         // otherwise let a conversation's messages grow without bound.
         if chat && g.conversation != 0 {
-            let kept_bytes: usize = conv.messages.iter().map(|m| m.role.len() + m.content.len()).sum();
-            let most = ids.len().saturating_mul(longest_token);
+            let kept_bytes: usize = turn.conv.messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+            let most = ids.len().saturating_mul(model.longest_token);
             if kept_bytes > most {
                 ids.zeroize();
-                undo_turn(&mut conv, replaced, kept_messages);
-                if existed {
-                    conversations.insert(g.conversation, conv);
-                }
-                return Err((
+                let failure = (
                     ErrorCode::BadArgument,
                     format!(
                         "conversation {} would keep {kept_bytes} bytes of messages, more than its prompt of {} \
-                         tokens can use ({most} bytes: at most {longest_token}, the model's longest token, per \
+                         tokens can use ({most} bytes: at most {}, the model's longest token, per \
                          token); the chat template leaves text out, and a conversation keeps only what its \
                          context can use",
                         g.conversation,
-                        ids.len()
+                        ids.len(),
+                        model.longest_token
                     ),
-                ));
+                );
+                return Err(turn.undo(&mut model.conversations, failure));
             }
         }
         // The cache holds the prompt and what may be generated, within the context.
-        let limit = if g.n_ctx == 0 { engine.config.n_ctx_train } else { g.n_ctx as usize };
+        let limit = if g.n_ctx == 0 { model.config.n_ctx_train } else { g.n_ctx as usize };
         let room = g.max_tokens as usize;
         let positions = ids.len().saturating_add(room).min(limit).max(1);
         // A prompt the context cannot hold fails as the engine would, before any memory is asked for.
-        let overflow = (ids.len() > limit).then_some(EngineError::ContextFull { n_ctx: limit, needed: ids.len() });
+        if ids.len() > limit {
+            let e = EngineError::ContextFull { n_ctx: limit, needed: ids.len() };
+            ids.zeroize();
+            return Err(turn.undo(&mut model.conversations, engine_failure(e)));
+        }
         // Activations for the tokens to evaluate: those after the prefix the cache already holds.
-        let cached = if conv.state.is_some() { flexserve_engine::reusable_prefix(&conv.history, &ids) } else { 0 };
+        let cached =
+            if turn.conv.state.is_some() { flexserve_engine::reusable_prefix(&turn.conv.history, &ids) } else { 0 };
         let batch = ids.len() - cached;
-        let plan = engine.scratch_plan(batch, positions, 1);
-        let prepared = match overflow {
-            Some(e) => Err(Box::new(KvShortfall { state: conv.state.take(), reply: Err(engine_failure(e)) })),
-            None => kv_session(memory, engine, conv.state.take(), positions, limit, &plan),
+        let plan = match ScratchPlan::for_source(&model.store.source(), &model.config, batch, positions, 1) {
+            Ok(plan) => plan,
+            Err(e) => {
+                ids.zeroize();
+                return Err(turn.undo(&mut model.conversations, engine_failure(e)));
+            }
         };
-        let session = match prepared {
+        // A model not fully resident: its missing layers' memory is claimed
+        // now, with the KV cache's and the activations' (or the normal world
+        // is told what to grant), and its chunks are asked for in the order
+        // the forward pass needs them. The base group (embeddings, output)
+        // loads first; the layers load while the first ones compute.
+        if !model.store.fully_resident() {
+            let granule = memory.granule_size().max(1);
+            let kept = turn.conv.state.as_ref();
+            let reserve = kv_and_scratch_granules(granule, &model.config, kept, positions, &plan);
+            let needed = reserve.as_ref().map(|&n| n + model.store.granules_missing(granule)).map_err(Clone::clone);
+            let short = needed.and_then(|n| memory_short(memory, n));
+            let claimed = match short {
+                Ok(Some(reply)) => Err(Ok(reply)),
+                Ok(None) => model.store.claim_regions(memory).map_err(|e| Err(load_failure(e))),
+                Err(failure) => Err(Err(failure)),
+            };
+            if let Err(reply) = claimed {
+                ids.zeroize();
+                return turn.undo(&mut model.conversations, reply);
+            }
+            let spans = model.store.missing_chunks();
+            let chunks = spans.into_iter().map(|r| ChunkSpan { start: r.start as u32, end: r.end as u32 }).collect();
+            if channel.send(&Reply::LoadNeeded { chunks }).is_err() {
+                ids.zeroize();
+                return Err(turn.undo(&mut model.conversations, peer_gone_failure()));
+            }
+            let base = model.store.base_group();
+            while !model.store.complete(base) {
+                // The KV cache and activations are taken once the base group
+                // is there: until then a recall leaves their granules.
+                let keep = reserve.as_ref().map_or(0, |&n| n);
+                match serve_while_loading(channel, memory, &mut model.store, &mut timeline, keep) {
+                    Ok(released) => give_back(&mut self.granted_here, &self.principal, released),
+                    Err(failure) => {
+                        ids.zeroize();
+                        return Err(turn.undo(&mut model.conversations, failure));
+                    }
+                }
+            }
+        }
+        let parts = match model.parts(threads) {
+            Ok(parts) => parts,
+            Err(e) => {
+                ids.zeroize();
+                return Err(turn.undo(&mut model.conversations, (ErrorCode::Engine, e)));
+            }
+        };
+        let ModelParts { engine, config, tokenizer, conversations, store, .. } = parts;
+        let session = match kv_session(memory, engine, turn.conv.state.take(), positions, limit, &plan) {
             Ok((session, granules)) => {
                 if let Some(granules) = granules {
-                    conv.kv_granules = granules;
+                    turn.conv.kv_granules = granules;
                 }
                 session
             }
             Err(shortfall) => {
                 let KvShortfall { state, reply } = *shortfall;
                 ids.zeroize();
-                conv.state = state;
-                undo_turn(&mut conv, replaced, kept_messages);
-                if existed {
-                    conversations.insert(g.conversation, conv);
-                }
-                return reply;
+                turn.conv.state = state;
+                return turn.undo(conversations, reply);
             }
         };
-        let mut generator = Generator::resume(session, tokenizer, std::mem::take(&mut conv.history));
+        let mut generator = Generator::resume(session, tokenizer, std::mem::take(&mut turn.conv.history));
         let s = g.sampling;
         let opts = GenerateOptions {
             max_tokens: g.max_tokens as usize,
@@ -164,22 +188,29 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             stop: g.stop,
         };
         let mut answer = String::new();
-        // The channel is shared by the token stream and the prefill's layer
-        // hook (which runs on a worker thread).
+        // The channel and the store are shared by the token stream and the
+        // prefill's layer hook (which runs on a worker thread).
         let channel = std::sync::Mutex::new(channel);
+        let store = std::sync::Mutex::new(store);
+        let timeline = std::sync::Mutex::new(timeline);
+        let lock_timeline = || timeline.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let peer_gone = std::sync::atomic::AtomicBool::new(false);
         let cancelled = std::sync::atomic::AtomicBool::new(false);
         let recalled = std::sync::atomic::AtomicUsize::new(0);
+        let failure: std::sync::Mutex<Option<Failure>> = std::sync::Mutex::new(None);
+        let lock = || channel.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let lock_store = || store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // A recall does not wait for the generation to end: between layers
         // of the prefill and between tokens the free granules go back at once
         // (the layers in use stay; the normal world can ask again once the
         // generation is over). A peer that went away stops the generation
-        // there: nobody is left to read it.
-        let serve_recall = |channel: &mut C| {
+        // there: nobody is left to read it. Chunks sent for a pipelined load
+        // are decrypted and verified here too.
+        let serve = |channel: &mut C, wait: bool| {
             if peer_gone.load(Ordering::Relaxed) {
                 return;
             }
-            match serve_during_generation(channel, memory) {
+            match serve_during_generation(channel, memory, &mut lock_store(), &mut lock_timeline(), wait, 0) {
                 DuringGeneration::Nothing => {}
                 DuringGeneration::PeerGone => peer_gone.store(true, Ordering::Relaxed),
                 DuringGeneration::Cancel => {
@@ -187,6 +218,9 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                     if channel.send(&Reply::Ok).is_err() {
                         peer_gone.store(true, Ordering::Relaxed);
                     }
+                }
+                DuringGeneration::LoadFailed(f) => {
+                    *failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
                 }
                 DuringGeneration::Answer { reply, released } => {
                     recalled.fetch_add(released, Ordering::Relaxed);
@@ -196,17 +230,34 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 }
             }
         };
-        let go_on = || {
-            if peer_gone.load(Ordering::Relaxed) || cancelled.load(Ordering::Relaxed) {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
+        let stopped = || {
+            peer_gone.load(Ordering::Relaxed)
+                || cancelled.load(Ordering::Relaxed)
+                || failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some()
         };
-        let lock = || channel.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut between_layers = || {
-            serve_recall(&mut lock());
-            go_on()
+        let mut before_layer = |layer: usize| -> Result<(), EngineError> {
+            if layer > 0 {
+                lock_timeline().computed(layer - 1, Instant::now());
+            }
+            serve(&mut lock(), false);
+            // A layer still loading: take its chunks as they come, then hand
+            // it to the engine once every one is verified.
+            while !stopped() && !engine.weights.has_layer(layer) {
+                if lock_store().complete(layer) {
+                    if let Err(e) = take_layer(&mut lock_store(), engine, config, layer) {
+                        *failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some((ErrorCode::Engine, e));
+                    }
+                } else {
+                    serve(&mut lock(), true);
+                }
+            }
+            if stopped() {
+                Err(EngineError::Cancelled)
+            } else {
+                lock_timeline().computing(layer, Instant::now());
+                Ok(())
+            }
         };
         let result = generator.generate_with(
             &ids,
@@ -231,15 +282,24 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                     Some(_) => {}
                     None => peer_gone.store(true, Ordering::Relaxed),
                 }
-                serve_recall(&mut channel);
+                serve(&mut channel, false);
             },
-            &mut between_layers,
+            &mut before_layer,
         );
         ids.zeroize();
+        let mut timeline = timeline.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Ok(stats) = &result {
+            timeline.prefill_ended(std::time::Duration::from_secs_f64(stats.prefill_secs));
+        }
         give_back(&mut self.granted_here, &self.principal, recalled.into_inner());
         let (session, history) = generator.into_parts();
+        let mut conv = turn.conv;
         conv.state = Some(session.into_state());
         conv.history = history;
+        if let Some(failure) = failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            answer.zeroize();
+            return Err(failure);
+        }
         let stats = match result {
             Ok(s) => s,
             Err(EngineError::Cancelled) => {
@@ -264,6 +324,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             generated_tokens: stats.generated_tokens as u32,
             prefill_micros: (stats.prefill_secs * 1e6) as u64,
             decode_micros: (stats.decode_secs * 1e6) as u64,
+            layers: timeline.layers,
             stop: match stats.stop {
                 flexserve_engine::StopReason::EndOfGeneration => StopReason::EndOfGeneration,
                 flexserve_engine::StopReason::MaxTokens => StopReason::MaxTokens,
@@ -296,7 +357,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 format!("a scoring context of {n_ctx} is below the policy's minimum of {}", policy.min_scoring_context),
             ));
         }
-        if !model.fully_resident() {
+        if !model.store.fully_resident() {
             return Err((ErrorCode::NotResident, format!("model {id} has chunks that are not resident")));
         }
         // Scoring writes logits for half of every chunk: bound the chunk by
@@ -309,8 +370,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             ));
         }
         model.engine(threads).map_err(|e| (ErrorCode::Engine, e))?;
-        let (engine, tokenizer, _, _) = model.parts();
-        let engine = engine.expect("built above");
+        let ModelParts { engine, tokenizer, .. } = model.parts(threads).map_err(|e| (ErrorCode::Engine, e))?;
         // Every chunk is one batch (the engine splits longer ones) with logits for its scored half.
         let plan = engine.scratch_plan(n_ctx, n_ctx, n_ctx);
         let mut session = match kv_session(&self.memory, engine, None, n_ctx.max(1), n_ctx.max(1), &plan) {
@@ -329,12 +389,163 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
     }
 }
 
-/// Takes a turn that did not run out of its conversation: the messages it
-/// replaced come back, or those it added go.
-fn undo_turn(conv: &mut Conversation, replaced: Option<Vec<ChatMessage>>, kept_messages: usize) {
-    match replaced {
-        Some(old) => conv.messages = old,
-        None => conv.messages.truncate(kept_messages),
+/// The conversation a generation works on, and what it takes to put it
+/// back as it was if the turn does not run.
+struct Turn {
+    id: u32,
+    existed: bool,
+    conv: Conversation,
+    /// Messages the conversation had before this turn.
+    kept_messages: usize,
+    /// The messages a whole-conversation request replaced.
+    replaced: Option<Vec<ChatMessage>>,
+}
+
+impl Turn {
+    /// The turn did not run: the messages it replaced come back, or those it
+    /// added go, and a conversation kept from before is kept again. Returns `then`.
+    fn undo<T>(mut self, conversations: &mut HashMap<u32, Conversation>, then: T) -> T {
+        match self.replaced {
+            Some(old) => self.conv.messages = old,
+            None => self.conv.messages.truncate(self.kept_messages),
+        }
+        if self.existed {
+            conversations.insert(self.id, self.conv);
+        }
+        then
+    }
+}
+
+/// The text of a turn's prompt: raw text, one chat turn added to the
+/// conversation, or a whole conversation that replaces it (through the
+/// model's chat template).
+fn render(turn: &mut Turn, input: Input, template: Option<&ChatTemplate>, model: u32) -> Result<String, Failure> {
+    let conv = &mut turn.conv;
+    match input {
+        Input::Raw { text } => Ok(text),
+        Input::ChatTurn { system, user } => match template {
+            None => Err((ErrorCode::Engine, format!("model {model} has no chat template"))),
+            Some(template) => {
+                if conv.messages.is_empty() {
+                    if let Some(s) = system {
+                        conv.messages.push(ChatMessage::new("system", s));
+                    }
+                }
+                conv.messages.push(ChatMessage::new("user", user));
+                template.render(&conv.messages, true).map_err(|e| (ErrorCode::Engine, e.to_string()))
+            }
+        },
+        // The whole conversation, as an OpenAI-style request carries it.
+        Input::Messages { messages } => match template {
+            None => Err((ErrorCode::Engine, format!("model {model} has no chat template"))),
+            Some(_) if messages.is_empty() => Err((ErrorCode::BadArgument, "no messages".to_string())),
+            Some(template) => {
+                let turns = messages.into_iter().map(|m| ChatMessage::new(m.role, m.content)).collect();
+                turn.replaced = Some(std::mem::replace(&mut conv.messages, turns));
+                template.render(&conv.messages, true).map_err(|e| (ErrorCode::Engine, e.to_string()))
+            }
+        },
+    }
+}
+
+pub(super) fn load_failure(e: LoadError) -> Failure {
+    match e {
+        LoadError::BadArgument(m) => (ErrorCode::BadArgument, m),
+        LoadError::NoMemory(m) => (ErrorCode::NoMemory, m),
+        LoadError::Verification(m) => (ErrorCode::Verification, m),
+    }
+}
+
+fn peer_gone_failure() -> Failure {
+    (ErrorCode::Cancelled, "the normal world went away".to_string())
+}
+
+/// Serves one request during a pipelined load, before the generation's
+/// engine runs: chunks, a recall, a cancel. Waits for it.
+fn serve_while_loading<M: SecureMemory, C: Channel>(
+    channel: &mut C,
+    memory: &M,
+    store: &mut WeightStore<M::Region>,
+    timeline: &mut Timeline,
+    keep: usize,
+) -> Result<usize, Failure> {
+    match serve_during_generation(channel, memory, store, timeline, true, keep) {
+        DuringGeneration::Nothing => Ok(0),
+        DuringGeneration::PeerGone => Err(peer_gone_failure()),
+        DuringGeneration::Cancel => {
+            channel.send(&Reply::Ok).map_err(|_| peer_gone_failure())?;
+            Err((ErrorCode::Cancelled, "the generation was cancelled".to_string()))
+        }
+        DuringGeneration::LoadFailed(failure) => Err(failure),
+        DuringGeneration::Answer { reply, released } => {
+            channel.send(&reply).map_err(|_| peer_gone_failure())?;
+            Ok(released)
+        }
+    }
+}
+
+/// Where a generation's prefill time went, per group of weights (the
+/// layers, then the base group), as the report gives it.
+struct Timeline {
+    start: Instant,
+    layers: Vec<LayerTiming>,
+    /// When the first layer started computing.
+    prefill_from: Option<Instant>,
+}
+
+impl Timeline {
+    fn new(start: Instant, n_layer: usize) -> Self {
+        let layers = (0..=n_layer).map(|l| LayerTiming { layer: l as u32, ..LayerTiming::default() }).collect();
+        Self { start, layers, prefill_from: None }
+    }
+
+    /// Microseconds since the request, at least 1 (0 means "never").
+    fn micros(&self, at: Instant) -> u64 {
+        (at.saturating_duration_since(self.start).as_micros() as u64).max(1)
+    }
+
+    /// A batch of chunks of `groups` was decrypted and verified (on the
+    /// workers, side by side) from `from` to `to`: its time is shared out
+    /// among its groups.
+    fn decrypted(&mut self, groups: &std::collections::BTreeSet<usize>, from: Instant, to: Instant) {
+        let (a, b) = (self.micros(from), self.micros(to));
+        let share = (b - a) / groups.len().max(1) as u64;
+        for &g in groups {
+            if let Some(l) = self.layers.get_mut(g) {
+                if l.decrypt_from == 0 {
+                    l.decrypt_from = a;
+                }
+                l.decrypt_to = b;
+                l.decrypt_micros += share;
+            }
+        }
+    }
+
+    /// Layer `layer` starts computing (a prompt longer than one batch runs
+    /// every layer once per batch: the first start counts).
+    fn computing(&mut self, layer: usize, at: Instant) {
+        self.prefill_from.get_or_insert(at);
+        let t = self.micros(at);
+        if let Some(l) = self.layers.get_mut(layer).filter(|l| l.compute_from == 0) {
+            l.compute_from = t;
+        }
+    }
+
+    /// Layer `layer` is done (the last batch's end counts).
+    fn computed(&mut self, layer: usize, at: Instant) {
+        let t = self.micros(at);
+        if let Some(l) = self.layers.get_mut(layer) {
+            l.compute_to = t;
+        }
+    }
+
+    /// The prefill took `took` from its first layer: the last layer's
+    /// computation (with the logits) ends there.
+    fn prefill_ended(&mut self, took: std::time::Duration) {
+        let n_layer = self.layers.len() - 1;
+        if let (Some(from), Some(last)) = (self.prefill_from, n_layer.checked_sub(1)) {
+            self.computed(last, from + took);
+        }
     }
 }
 
@@ -345,6 +556,9 @@ enum DuringGeneration {
     PeerGone,
     /// The peer asked to stop this generation.
     Cancel,
+    /// A chunk sent for the pipelined load could not be loaded (answered
+    /// already with the count loaded before it): the generation fails so.
+    LoadFailed(Failure),
     /// A request to answer now, and the granules it gave back.
     Answer {
         reply: Box<Reply>,
@@ -352,31 +566,99 @@ enum DuringGeneration {
     },
 }
 
-/// Serves a request that arrived while a generation runs: a recall gives
-/// back free granules at once; anything else waits for the generation's end
-/// and is refused now.
-fn serve_during_generation<M: SecureMemory, C: Channel>(channel: &mut C, memory: &M) -> DuringGeneration {
+/// Serves a request that arrived while a generation runs (waiting for one
+/// with `wait`): a recall gives back free granules at once; chunks for the
+/// model's missing layers are decrypted and verified into their regions;
+/// anything else waits for the generation's end and is refused now.
+fn serve_during_generation<M: SecureMemory, C: Channel>(
+    channel: &mut C,
+    memory: &M,
+    store: &mut WeightStore<M::Region>,
+    timeline: &mut Timeline,
+    wait: bool,
+    keep: usize,
+) -> DuringGeneration {
     let answer = |reply| DuringGeneration::Answer { reply: Box::new(reply), released: 0 };
-    match channel.poll_request() {
+    let request = if wait { Some(channel.recv()) } else { channel.poll_request() };
+    match request {
         None => DuringGeneration::Nothing,
         Some(Ok(Request::Recall { granules })) => {
             let t0 = Instant::now();
-            let released = memory.release(granules as usize);
+            let s = memory.stats();
+            let spare = s.granted.saturating_sub(s.in_use).saturating_sub(keep);
+            let released = memory.release((granules as usize).min(spare));
             let micros = t0.elapsed().as_micros() as u64;
             DuringGeneration::Answer {
                 reply: Box::new(Reply::Recalled { released: released as u32, evicted: 0, micros }),
                 released,
             }
         }
+        Some(Ok(Request::LoadChunks { chunks, .. })) => {
+            let t0 = Instant::now();
+            let copy = |range: flexserve_protocol::BufferRange, out: &mut [u8]| channel.copy_out(range, out);
+            let (loaded, failed) = match store.load_chunks(memory, &chunks, &copy) {
+                Ok(n) => (n as u32, None),
+                Err((n, e)) => (n as u32, Some(load_failure(e))),
+            };
+            let groups: std::collections::BTreeSet<usize> =
+                chunks.iter().filter_map(|c| store.group_of_chunk(c.index as usize)).collect();
+            timeline.decrypted(&groups, t0, Instant::now());
+            if channel.send(&Reply::ChunksLoaded { loaded }).is_err() {
+                return DuringGeneration::PeerGone;
+            }
+            match failed {
+                Some(failure) => DuringGeneration::LoadFailed(failure),
+                None => DuringGeneration::Nothing,
+            }
+        }
         Some(Ok(Request::Cancel)) => DuringGeneration::Cancel,
         Some(Ok(other)) => answer(Reply::Error {
             code: ErrorCode::OutOfOrder,
-            message: format!("{} while a generation runs (only Recall is served then)", request_name(&other)),
+            message: format!(
+                "{} while a generation runs (only Recall, Cancel and the chunks it asked for are served then)",
+                request_name(&other)
+            ),
         }),
+        Some(Err(ProtocolError::Closed)) => DuringGeneration::PeerGone,
         Some(Err(e)) if e.stream_usable() => {
             answer(Reply::Error { code: ErrorCode::Malformed, message: e.to_string() })
         }
         Some(Err(_)) => DuringGeneration::PeerGone,
+    }
+}
+
+/// Granules a request's KV cache (none if `state` already holds `positions`
+/// positions) and activations (`plan`) take, in whole granules.
+fn kv_and_scratch_granules(
+    granule: usize,
+    config: &flexserve_engine::ModelConfig,
+    state: Option<&SessionState>,
+    positions: usize,
+    plan: &ScratchPlan,
+) -> Result<usize, Failure> {
+    let keep = state.is_some_and(|s| s.n_ctx() >= positions);
+    // Whole granules: the slack of the last one holds more positions.
+    let kv = if keep {
+        0
+    } else {
+        let bytes = positions
+            .checked_mul(KvCache::bytes_per_position(config))
+            .ok_or_else(|| (ErrorCode::BadArgument, format!("a KV cache of {positions} positions is too large")))?;
+        bytes.div_ceil(granule)
+    };
+    Ok(kv + plan.buffers.iter().map(|b| b.div_ceil(granule)).sum::<usize>())
+}
+
+/// `MemoryNeeded` if the free granted granules cannot hold `needed` more.
+fn memory_short<M: SecureMemory>(memory: &M, needed: usize) -> Result<Option<Reply>, Failure> {
+    let s = memory.stats();
+    let missing = needed.saturating_sub(s.granted.saturating_sub(s.in_use));
+    if missing == 0 {
+        return Ok(None);
+    }
+    match u32::try_from(missing) {
+        Ok(granules) => Ok(Some(Reply::MemoryNeeded { granules })),
+        Err(_) => Err((ErrorCode::BadArgument, format!("{missing} granules are more than any grant"))),
     }
 }
 
@@ -404,27 +686,19 @@ fn kv_session<'m, M: SecureMemory>(
 ) -> Result<(Session<'m>, Option<usize>), Box<KvShortfall>> {
     let shortfall = |state, reply| Box::new(KvShortfall { state, reply });
     let granule = memory.granule_size().max(1);
-    let too_large = || Err((ErrorCode::BadArgument, format!("a KV cache of {positions} positions is too large")));
     let keep = state.as_ref().is_some_and(|s| s.n_ctx() >= positions);
-    // Whole granules: the slack of the last one holds more positions.
-    let kv_granules = if keep {
-        0
-    } else {
-        match positions.checked_mul(KvCache::bytes_per_position(&engine.config)) {
-            Some(bytes) => bytes.div_ceil(granule),
-            None => return Err(shortfall(state, too_large())),
-        }
+    let needed = match kv_and_scratch_granules(granule, &engine.config, state.as_ref(), positions, plan) {
+        Ok(n) => n,
+        Err(failure) => return Err(shortfall(state, Err(failure))),
     };
-    let scratch_granules: usize = plan.buffers.iter().map(|b| b.div_ceil(granule)).sum();
-    let s = memory.stats();
-    let missing = (kv_granules + scratch_granules).saturating_sub(s.granted.saturating_sub(s.in_use));
-    if missing > 0 {
-        let reply = match u32::try_from(missing) {
-            Ok(granules) => Ok(Reply::MemoryNeeded { granules }),
-            Err(_) => too_large(),
-        };
-        return Err(shortfall(state, reply));
+    match memory_short(memory, needed) {
+        Ok(None) => {}
+        Ok(Some(reply)) => return Err(shortfall(state, Ok(reply))),
+        Err(failure) => return Err(shortfall(state, Err(failure))),
     }
+    // Checked above: the product does not overflow.
+    let kv_granules =
+        if keep { 0 } else { (positions * KvCache::bytes_per_position(&engine.config)).div_ceil(granule) };
     let mut taken = None;
     let session = match state {
         Some(state) if keep => Session::resume(engine, state),
