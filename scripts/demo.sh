@@ -47,7 +47,7 @@ echo
 echo "== sealed model (tensor data encrypted and authenticated chunk by chunk, model key wrapped to this device)"
 as_user inspect "$sealed" | head -n 3
 echo
-echo "== the secure world: who it is, its policy, protection, memory, the model resident in it"
+echo "== the secure world: who it is, its policy, protection, memory, the model opened in it (its weights load with the first request)"
 as_user status --model "$sealed"
 echo
 echo "== chat from the sealed model, answered by the secure world (greedy): $prompt"
