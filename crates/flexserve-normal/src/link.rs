@@ -101,7 +101,20 @@ impl SecureWorld {
             control: None,
             pipelined: None,
         };
-        match world.call(&Request::Hello { version: PROTOCOL_VERSION })? {
+        let hello = world.send(&Request::Hello { version: PROTOCOL_VERSION });
+        // A service that does not serve this peer (a bound reached) answers
+        // one error frame and closes, possibly before the greeting is
+        // written: read what it said rather than report the broken pipe.
+        let reply = match hello.and_then(|()| world.receive()) {
+            Err(e @ NormalError::SessionClosed(_)) => match flexserve_protocol::read_reply(&mut world.reader) {
+                Ok(Reply::Error { code, message }) => return Err(NormalError::Secure { code, message }),
+                _ => return Err(e),
+            },
+            Err(e) => return Err(e),
+            Ok(Reply::Error { code, message }) => return Err(NormalError::Secure { code, message }),
+            Ok(reply) => reply,
+        };
+        match reply {
             Reply::Hello { protection, pool_mode, granule_size, .. } => {
                 world.info = WorldInfo { protection, pool_mode, granule_size, pid };
             }
