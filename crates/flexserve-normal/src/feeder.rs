@@ -306,18 +306,24 @@ impl ChunkStream {
     pub(crate) fn waiting(&self) -> bool {
         !self.in_flight.is_empty()
     }
+
+    /// No more batches are sent.
+    pub(crate) fn stop(&mut self) {
+        self.stopped = true;
+    }
 }
 
 impl SecureWorld {
     /// Starts streaming the chunks in `spans` (in that order): both halves
-    /// of the shared buffer are filled and sent.
+    /// of the shared buffer are filled and sent. The stream is there even if
+    /// reading a batch failed (the one sent before is still to be answered).
     pub(crate) fn start_stream(
         &mut self,
         model: &OpenedModel,
         spans: &[ChunkSpan],
         since: Instant,
         granted_in: Duration,
-    ) -> Result<ChunkStream> {
+    ) -> (ChunkStream, Result<()>) {
         let order = spans.iter().flat_map(|s| s.start as usize..s.end as usize).collect();
         let mut stream = ChunkStream {
             order,
@@ -327,10 +333,8 @@ impl SecureWorld {
             since,
             report: LoadReport { grant: granted_in, started: Some(since), ..LoadReport::default() },
         };
-        for half in 0..2 {
-            self.send_batch(model, &mut stream, half)?;
-        }
-        Ok(stream)
+        let sent = (0..2).try_for_each(|half| self.send_batch(model, &mut stream, half));
+        (stream, sent)
     }
 
     /// The secure world answered the oldest batch (`loaded` of its chunks,

@@ -125,6 +125,8 @@ impl SecureWorld {
         let mut result = None;
         // A Cancel sent, and whether its Ok came back (it must, before the next request).
         let (mut cancel_sent, mut cancel_acked) = (false, false);
+        // Reading the model failed mid-stream: the error the generation ends with.
+        let mut read_failed: Option<NormalError> = None;
         loop {
             // A long prefill sends nothing for a while: the watch goes on meanwhile.
             while in_flight.is_empty() && result.is_none() && !self.reply_ready(PRESSURE_CHECK_INTERVAL) {
@@ -166,14 +168,25 @@ impl SecureWorld {
                     self.send(&request)?;
                 }
                 Reply::LoadNeeded { chunks } if result.is_none() && stream.is_none() => {
-                    stream = Some(self.start_stream(model, &chunks, sent_at, granting)?);
+                    let (s, sent) = self.start_stream(model, &chunks, sent_at, granting);
+                    let s = stream.insert(s);
+                    if let Err(e) = sent {
+                        read_failed = Some(self.abandon_load(e, s, &mut cancel_sent)?);
+                    }
                 }
                 // During the generation each batch is answered with the
                 // chunks it loaded; batches it did not take are served after
                 // its end, as ordinary loads (an error then is theirs).
                 Reply::ChunksLoaded { loaded } if stream.as_ref().is_some_and(|s| s.waiting()) => {
                     let s = stream.as_mut().expect("waiting");
-                    self.stream_answered(model, s, Some(loaded))?;
+                    // Once the generation is over, nothing more is sent.
+                    if result.is_some() {
+                        s.stop();
+                    }
+                    if let Err(e) = self.stream_answered(model, s, Some(loaded)) {
+                        let cancel = &mut cancel_sent;
+                        read_failed = read_failed.or(Some(self.abandon_load(e, s, cancel)?));
+                    }
                     // Between two batches, as between two tokens: a recall
                     // due is sent now (the load answers more often than the
                     // 50 ms of silence the watch above waits for).
@@ -183,6 +196,7 @@ impl SecureWorld {
                 }
                 Reply::Error { .. } if result.is_some() && stream.as_ref().is_some_and(|s| s.waiting()) => {
                     let s = stream.as_mut().expect("waiting");
+                    s.stop();
                     self.stream_answered(model, s, None)?;
                 }
                 Reply::Token { text } => {
@@ -211,10 +225,35 @@ impl SecureWorld {
             let loading = stream.as_ref().is_some_and(|s| s.waiting());
             if in_flight.is_empty() && (!cancel_sent || cancel_acked) && !loading {
                 if let Some(r) = result {
-                    return r;
+                    return match read_failed {
+                        Some(e) => Err(e),
+                        None => r,
+                    };
                 }
             }
         }
+    }
+
+    /// Reading a batch of the model failed (its file changed or went away):
+    /// no more batches are sent and the generation waiting for them is
+    /// cancelled, so that the session is left ready for the next request;
+    /// the error is what the generation ends with. Any other failure (the
+    /// channel) is returned as it is.
+    fn abandon_load(
+        &mut self,
+        e: NormalError,
+        stream: &mut crate::feeder::ChunkStream,
+        cancel_sent: &mut bool,
+    ) -> Result<NormalError> {
+        if !matches!(e, NormalError::Model { .. }) {
+            return Err(e);
+        }
+        stream.stop();
+        if !*cancel_sent {
+            self.send(&Request::Cancel)?;
+            *cancel_sent = true;
+        }
+        Ok(e)
     }
 
     /// Sends the recall that is due (memory pressure first, then a

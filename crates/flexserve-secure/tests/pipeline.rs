@@ -456,3 +456,27 @@ fn after_a_recall_of_the_last_layers_a_request_computes_the_first_while_they_rel
     assert_eq!(model_status(&mut world, &model).resident_layers, LAYERS);
     world.shutdown().unwrap();
 }
+
+#[test]
+fn a_model_file_that_fails_mid_load_ends_the_request_and_leaves_the_session_ready() {
+    let s = sealed();
+    let prompt = "The three primary colors are";
+    let expected = plain_generate(prompt, 8);
+    // A copy of the sealed file, cut short in the middle of its chunks once
+    // it is open (the header is read at open; the chunks as they stream).
+    let cut = s.dir.path().join("cut.fsm");
+    std::fs::copy(&s.model, &cut).unwrap();
+    let mut world = SecureWorld::spawn(&options(&s)).unwrap();
+    let (model, _) = world.open_model_header(&cut).unwrap();
+    let len = std::fs::metadata(&cut).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&cut).unwrap().set_len(len / 2).unwrap();
+    let mut pieces = 0;
+    let e = world.generate(&model, request(&model, prompt, 8), |_| pieces += 1).unwrap_err();
+    assert!(matches!(&e, NormalError::Model { path, message } if path == &cut && message.contains("chunk")), "{e}");
+    assert_eq!(pieces, 0);
+    // The session is ready for the next request: the intact model answers.
+    let (good, _) = world.open_model_header(&s.model).unwrap();
+    assert_eq!(generate(&mut world, &good, prompt, 8), expected);
+    assert!(world.status().is_ok());
+    world.shutdown().unwrap();
+}

@@ -86,6 +86,13 @@ impl<'a> Decoder<'a> {
         }
     }
 
+    /// A list of chunk spans.
+    fn spans(&mut self, what: &dyn Display) -> Result<Vec<ChunkSpan>, ProtocolError> {
+        self.list(what, CHUNK_SPAN_LEN, |d, what| {
+            Ok(ChunkSpan { start: d.u32(&format_args!("{what}.start"))?, end: d.u32(&format_args!("{what}.end"))? })
+        })
+    }
+
     /// A list whose elements each encode to at least `min_element_len` bytes.
     fn list<T>(
         &mut self,
@@ -223,22 +230,8 @@ impl<'a> Decoder<'a> {
                 micros: self.u64(&"Reply::Granted.micros")?,
             },
             tag::REP_CHUNKS_LOADED => Reply::ChunksLoaded { loaded: self.u32(&"Reply::ChunksLoaded.loaded")? },
-            tag::REP_MISSING => Reply::Missing {
-                chunks: self.list(&"Reply::Missing.chunks", CHUNK_SPAN_LEN, |d, what| {
-                    Ok(ChunkSpan {
-                        start: d.u32(&format_args!("{what}.start"))?,
-                        end: d.u32(&format_args!("{what}.end"))?,
-                    })
-                })?,
-            },
-            tag::REP_LOAD_NEEDED => Reply::LoadNeeded {
-                chunks: self.list(&"Reply::LoadNeeded.chunks", CHUNK_SPAN_LEN, |d, what| {
-                    Ok(ChunkSpan {
-                        start: d.u32(&format_args!("{what}.start"))?,
-                        end: d.u32(&format_args!("{what}.end"))?,
-                    })
-                })?,
-            },
+            tag::REP_MISSING => Reply::Missing { chunks: self.spans(&"Reply::Missing.chunks")? },
+            tag::REP_LOAD_NEEDED => Reply::LoadNeeded { chunks: self.spans(&"Reply::LoadNeeded.chunks")? },
             tag::REP_TOKEN => Reply::Token { text: self.string(&"Reply::Token.text")? },
             tag::REP_GENERATED => Reply::Generated(GenerationReport {
                 prompt_tokens: self.u32(&"GenerationReport.prompt_tokens")?,

@@ -5,8 +5,8 @@ use std::fmt::Display;
 use super::tags::{self as tag, deployment_tag, error_code_tag, stop_reason_tag};
 use super::{oversized, ProtocolError, CHUNK_REF_LEN, CHUNK_SPAN_LEN, FRAME_HEADER_LEN, LAYER_TIMING_LEN};
 use crate::{
-    BufferRange, GenerateRequest, Input, Reply, Request, StatusReport, MAX_FRAME_LEN, MAX_LIST_LEN, MAX_SEALED_LEN,
-    MAX_TEXT_LEN,
+    BufferRange, ChunkSpan, GenerateRequest, Input, Reply, Request, StatusReport, MAX_FRAME_LEN, MAX_LIST_LEN,
+    MAX_SEALED_LEN, MAX_TEXT_LEN,
 };
 
 /// Appends fields to a payload, checking the limits the decoder enforces so
@@ -105,6 +105,16 @@ impl Encoder {
             element(self, item, &format_args!("{what}[{i}]"))?;
         }
         self.reserve(0, what)
+    }
+
+    /// A list of chunk spans.
+    fn spans(&mut self, spans: &[ChunkSpan], what: &dyn Display) -> Result<(), ProtocolError> {
+        self.list(spans, what, |e, span, what| {
+            e.reserve(CHUNK_SPAN_LEN, what)?;
+            e.u32(span.start);
+            e.u32(span.end);
+            Ok(())
+        })
     }
 
     fn range(&mut self, range: &BufferRange) {
@@ -257,21 +267,11 @@ impl Encoder {
             }
             Reply::Missing { chunks } => {
                 self.u8(tag::REP_MISSING);
-                self.list(chunks, &"Reply::Missing.chunks", |e, span, what| {
-                    e.reserve(CHUNK_SPAN_LEN, what)?;
-                    e.u32(span.start);
-                    e.u32(span.end);
-                    Ok(())
-                })?;
+                self.spans(chunks, &"Reply::Missing.chunks")?;
             }
             Reply::LoadNeeded { chunks } => {
                 self.u8(tag::REP_LOAD_NEEDED);
-                self.list(chunks, &"Reply::LoadNeeded.chunks", |e, span, what| {
-                    e.reserve(CHUNK_SPAN_LEN, what)?;
-                    e.u32(span.start);
-                    e.u32(span.end);
-                    Ok(())
-                })?;
+                self.spans(chunks, &"Reply::LoadNeeded.chunks")?;
             }
             Reply::Token { text } => {
                 self.u8(tag::REP_TOKEN);
