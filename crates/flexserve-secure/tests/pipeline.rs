@@ -294,9 +294,11 @@ fn a_recall_during_a_pipelined_load_completes_cleanly_and_memory_drops() {
     assert_eq!(world.granted(), granted - released);
     let st = world.status().unwrap();
     assert_eq!(u64::from(st.granted), world.granted(), "the two worlds agree on what is granted: {st:?}");
+    // The generation itself may touch a little more secure heap (its text,
+    // its buffers) meanwhile: up to 1 MiB of that is allowed for.
     let dropped = own_before.saturating_sub(own_resident_bytes(world.pid()));
     assert!(
-        dropped as f64 >= 0.9 * (released * granule) as f64,
+        dropped as f64 >= 0.9 * (released * granule) as f64 - (1 << 20) as f64,
         "resident memory fell by {dropped} bytes after {released} granules of {granule} went back"
     );
 
