@@ -39,9 +39,11 @@ struct Group<R> {
     region: Option<Arc<RegionStorage<R>>>,
 }
 
-/// One chunk of a batch to load: where its plaintext goes and where its
-/// ciphertext is in the shared buffer.
+/// One chunk of a batch to load: its place in the batch, where its
+/// plaintext goes and where its ciphertext is in the shared buffer.
+#[derive(Clone, Copy)]
 struct Job {
+    position: usize,
     index: usize,
     group: usize,
     /// Offset in the group's region.
@@ -65,14 +67,6 @@ pub enum LoadError {
     BadArgument(String),
     NoMemory(String),
     Verification(String),
-}
-
-impl LoadError {
-    pub fn message(&self) -> &str {
-        match self {
-            Self::BadArgument(m) | Self::NoMemory(m) | Self::Verification(m) => m,
-        }
-    }
 }
 
 /// The weights of one sealed model: groups `0 .. n_layer` are the
@@ -225,7 +219,7 @@ impl<R: SecureRegion> WeightStore<R> {
         let mut seen = std::collections::HashSet::with_capacity(chunks.len());
         let mut refused = None;
         for (n, c) in chunks.iter().enumerate() {
-            match self.job(pool, c) {
+            match self.job(pool, n, c) {
                 Ok(Some(job)) if seen.insert(job.index) => todo.push(job),
                 Ok(_) => {}
                 Err(e) => {
@@ -236,9 +230,8 @@ impl<R: SecureRegion> WeightStore<R> {
         }
         // Disjoint pieces of the regions, one per chunk.
         let mut pieces: Vec<Piece> = Vec::with_capacity(todo.len());
-        let mut by_group: Vec<&Job> = todo.iter().collect();
-        by_group.sort_by_key(|j| (j.group, j.at));
-        let mut jobs = by_group.into_iter().peekable();
+        todo.sort_by_key(|j| (j.group, j.at));
+        let mut jobs = todo.iter().peekable();
         for (g, group) in self.groups.iter_mut().enumerate() {
             let Some(region) = group.region.as_mut().and_then(Arc::get_mut) else { continue };
             let mut rest: &mut [u8] = region.0.bytes_mut();
@@ -268,19 +261,24 @@ impl<R: SecureRegion> WeightStore<R> {
                     .map_err(|e| LoadError::Verification(e.to_string())),
                 Err(e) => Err(LoadError::BadArgument(e)),
             };
-            (piece.job.index, result)
+            (*piece.job, result)
         };
-        let results: Vec<(usize, Result<(), LoadError>)> = if rayon::current_thread_index().is_some() {
+        let results: Vec<(Job, Result<(), LoadError>)> = if rayon::current_thread_index().is_some() {
             use rayon::prelude::*;
             pieces.into_par_iter().map(open).collect()
         } else {
             pieces.into_iter().map(open).collect()
         };
-        self.finish(chunks, todo, results, refused)
+        self.finish(chunks, results, refused)
     }
 
     /// What loading chunk `c` takes: `None` if it is loaded already.
-    fn job<M: SecureMemory<Region = R>>(&mut self, pool: &M, c: &ChunkRef) -> Result<Option<Job>, LoadError> {
+    fn job<M: SecureMemory<Region = R>>(
+        &mut self,
+        pool: &M,
+        position: usize,
+        c: &ChunkRef,
+    ) -> Result<Option<Job>, LoadError> {
         let index = c.index as usize;
         let count = self.chunk_loaded.len();
         let chunk = *self
@@ -303,19 +301,19 @@ impl<R: SecureRegion> WeightStore<R> {
             return Ok(None);
         }
         let (group, tensor_at) = self.placement[chunk.tensor_index as usize];
-        let what = || format!("chunk {index} ({} of model {})", group_name(group, self.n_layer), self.name);
-        let g = &mut self.groups[group];
-        if g.region.is_none() {
-            let region = pool.alloc(g.bytes).map_err(|e| LoadError::NoMemory(format!("{}: {e}", what())))?;
-            g.region = Some(Arc::new(RegionStorage(region)));
+        if self.groups[group].region.is_none() {
+            let bytes = self.groups[group].bytes;
+            let region = pool.alloc(bytes).map_err(|e| LoadError::NoMemory(format!("{}: {e}", self.what(index))))?;
+            self.groups[group].region = Some(Arc::new(RegionStorage(region)));
         }
         // No tensor borrows a group's region before every chunk of it is
         // verified (the engine takes a group only once it is complete).
-        if g.region.as_mut().and_then(Arc::get_mut).is_none() {
-            return Err(LoadError::BadArgument(format!("{}: its region is in use by the running model", what())));
+        if self.groups[group].region.as_mut().and_then(Arc::get_mut).is_none() {
+            let what = self.what(index);
+            return Err(LoadError::BadArgument(format!("{what}: its region is in use by the running model")));
         }
         let at = tensor_at + chunk.tensor_offset as usize;
-        Ok(Some(Job { index, group, at, len: chunk.len as usize, at_shared: c.at }))
+        Ok(Some(Job { position, index, group, at, len: chunk.len as usize, at_shared: c.at }))
     }
 
     /// Marks what loaded; on a failure (the first of the batch in its
@@ -323,25 +321,17 @@ impl<R: SecureRegion> WeightStore<R> {
     fn finish(
         &mut self,
         chunks: &[ChunkRef],
-        todo: Vec<Job>,
-        results: Vec<(usize, Result<(), LoadError>)>,
+        results: Vec<(Job, Result<(), LoadError>)>,
         refused: Option<(usize, LoadError)>,
     ) -> Result<usize, (usize, LoadError)> {
         let mut failed: Option<(usize, LoadError)> = refused;
-        // A chunk's place in the batch: its first mention.
-        let mut position = std::collections::HashMap::with_capacity(chunks.len());
-        for (n, c) in chunks.iter().enumerate() {
-            position.entry(c.index as usize).or_insert(n);
-        }
-        let groups: std::collections::HashMap<usize, usize> = todo.iter().map(|j| (j.index, j.group)).collect();
-        for (index, result) in results {
-            let at = position.get(&index).copied().unwrap_or(0);
+        for (job, result) in results {
             match result {
                 Ok(()) => {
-                    self.chunk_loaded[index] = true;
-                    self.groups[groups[&index]].loaded += 1;
+                    self.chunk_loaded[job.index] = true;
+                    self.groups[job.group].loaded += 1;
                 }
-                Err(e) if failed.as_ref().is_none_or(|(p, _)| at < *p) => failed = Some((at, e)),
+                Err(e) if failed.as_ref().is_none_or(|(p, _)| job.position < *p) => failed = Some((job.position, e)),
                 Err(_) => {}
             }
         }

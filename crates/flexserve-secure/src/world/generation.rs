@@ -62,7 +62,8 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             Ok(text) => text,
             Err(failure) => return Err(turn.undo(&mut model.conversations, failure)),
         };
-        let mut ids = model.tokenizer.encode(&text, true, true);
+        // The prompt's token ids, wiped however this request ends.
+        let ids = zeroize::Zeroizing::new(model.tokenizer.encode(&text, true, true));
         text.zeroize();
         // A kept conversation keeps no more text than its prompt can use: what
         // the prompt's tokens can spell, each at most the model's longest
@@ -73,7 +74,6 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             let kept_bytes: usize = turn.conv.messages.iter().map(|m| m.role.len() + m.content.len()).sum();
             let most = ids.len().saturating_mul(model.longest_token);
             if kept_bytes > most {
-                ids.zeroize();
                 let failure = (
                     ErrorCode::BadArgument,
                     format!(
@@ -96,7 +96,6 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         // A prompt the context cannot hold fails as the engine would, before any memory is asked for.
         if ids.len() > limit {
             let e = EngineError::ContextFull { n_ctx: limit, needed: ids.len() };
-            ids.zeroize();
             return Err(turn.undo(&mut model.conversations, engine_failure(e)));
         }
         // Activations for the tokens to evaluate: those after the prefix the cache already holds.
@@ -106,7 +105,6 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         let plan = match ScratchPlan::for_source(&model.store.source(), &model.config, batch, positions, 1) {
             Ok(plan) => plan,
             Err(e) => {
-                ids.zeroize();
                 return Err(turn.undo(&mut model.conversations, engine_failure(e)));
             }
         };
@@ -127,13 +125,11 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 Err(failure) => Err(Err(failure)),
             };
             if let Err(reply) = claimed {
-                ids.zeroize();
                 return turn.undo(&mut model.conversations, reply);
             }
             let spans = model.store.missing_chunks();
             let chunks = spans.into_iter().map(|r| ChunkSpan { start: r.start as u32, end: r.end as u32 }).collect();
             if channel.send(&Reply::LoadNeeded { chunks }).is_err() {
-                ids.zeroize();
                 return Err(turn.undo(&mut model.conversations, peer_gone_failure()));
             }
             let base = model.store.base_group();
@@ -144,7 +140,6 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 match serve_while_loading(channel, memory, &mut model.store, &mut timeline, keep) {
                     Ok(released) => give_back(&mut self.granted_here, &self.principal, released),
                     Err(failure) => {
-                        ids.zeroize();
                         return Err(turn.undo(&mut model.conversations, failure));
                     }
                 }
@@ -153,7 +148,6 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         let parts = match model.parts(threads) {
             Ok(parts) => parts,
             Err(e) => {
-                ids.zeroize();
                 return Err(turn.undo(&mut model.conversations, (ErrorCode::Engine, e)));
             }
         };
@@ -167,7 +161,6 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             }
             Err(shortfall) => {
                 let KvShortfall { state, reply } = *shortfall;
-                ids.zeroize();
                 turn.conv.state = state;
                 return turn.undo(conversations, reply);
             }
@@ -260,7 +253,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             }
         };
         let result = generator.generate_with(
-            &ids,
+            &ids[..],
             &opts,
             |piece| {
                 answer.push_str(piece);
@@ -286,7 +279,6 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             },
             &mut before_layer,
         );
-        ids.zeroize();
         let mut timeline = timeline.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Ok(stats) = &result {
             timeline.prefill_ended(std::time::Duration::from_secs_f64(stats.prefill_secs));

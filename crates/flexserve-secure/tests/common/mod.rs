@@ -61,15 +61,7 @@ pub fn request_to(model: u32, prompt: &str, max_tokens: u32) -> GenerateRequest 
         input: Input::Raw { text: prompt.to_string() },
         max_tokens,
         n_ctx: 512,
-        sampling: Sampling {
-            temperature: 0.0,
-            top_k: 40,
-            top_p: 0.95,
-            min_p: 0.05,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            seed: 0,
-        },
+        sampling: Sampling { temperature: 0.0, ..Sampling::default() },
         stop: vec![],
     }
 }
