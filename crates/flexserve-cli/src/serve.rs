@@ -58,9 +58,10 @@ pub struct ServeArgs {
     /// Context of every request (0 = the model's own).
     #[arg(long)]
     ctx: Option<u32>,
-    /// Secure memory to grant and prepare at start, ahead of need (e.g. 256M): sealed models then
-    /// load into prepared granules instead of protecting memory at request time. Shared by every
-    /// session of the secure world service; a development secure world (--dev) cannot share it.
+    /// Secure memory kept prepared ahead of need (e.g. 256M): granted at start, topped up while the
+    /// daemon is idle, and what unloaded sealed models used is kept (scrubbed) for the next instead
+    /// of released; `flexserve recall` takes it back. Needs the secure world service (a development
+    /// secure world, --dev, shares no memory between sessions).
     #[arg(long, value_parser = secure::parse_bytes)]
     secure_reserve: Option<u64>,
     #[command(flatten)]

@@ -425,12 +425,15 @@ fn a_peer_that_leaves_mid_generation_stops_it_and_the_service_serves_on() {
     assert!(log.lines().all(|l| !l.unwrap().contains("panicked")));
 }
 
-/// Flex-Mem's reserve through the daemon: `flexserve serve --secure-reserve`
-/// has the secure world prepare granules at start; a sealed model then loads
-/// into them (no granule is granted at load time), and stopping the daemon
-/// gives them back.
+/// Flex-Mem's reserve through the daemon (`flexserve serve --secure-reserve`):
+/// the secure world prepares it at start; a sealed model larger than it gets
+/// the rest granted through the reserve's session; while the daemon is idle
+/// the reserve grows back; an unloaded model's granules stay prepared and the
+/// model loads into them again without a grant; `flexserve recall` takes
+/// free granules back at once and the reserve does not grow over it; stopping
+/// the daemon gives everything back.
 #[test]
-fn a_daemon_reserve_is_prepared_ahead_and_sealed_models_load_into_it() {
+fn a_daemon_reserve_is_prepared_ahead_kept_topped_up_and_reused() {
     if !accounts() {
         return;
     }
@@ -442,11 +445,12 @@ fn a_daemon_reserve_is_prepared_ahead_and_sealed_models_load_into_it() {
         s["granted"].as_u64().unwrap()
     };
     assert_eq!(granted(), 0);
-
+    let runtime = service.home(user).join("run");
     let mut daemon = service
-        .flexserve(user, &["serve", "--port", "0", "--secure-reserve", "160M"])
+        .flexserve(user, &["serve", "--port", "0", "--secure-reserve", "32M"])
         .arg("--model")
         .arg(format!("sealed={}", sealed.display()))
+        .env("FLEXSERVE_RUNTIME_DIR", &runtime)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -462,25 +466,69 @@ fn a_daemon_reserve_is_prepared_ahead_and_sealed_models_load_into_it() {
         }
         ok(c.arg(format!("{url}{path}")).output().unwrap())
     };
+    let reserve = || -> serde_json::Value {
+        let status: serde_json::Value = serde_json::from_str(&curl("GET", "/status", None)).unwrap();
+        status["secure_reserve"].clone()
+    };
+    let chat = || {
+        let answer = curl(
+            "POST",
+            "/v1/chat/completions",
+            Some(r#"{"model":"sealed","messages":[{"role":"user","content":"Hi"}],"max_tokens":4,"temperature":0}"#),
+        );
+        assert!(answer.contains("chat.completion"), "{answer}");
+    };
     let t0 = Instant::now();
     while !curl("GET", "/health", None).contains("\"ok\"") {
         assert!(t0.elapsed() < Duration::from_secs(60), "the reserve was not prepared");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let status: serde_json::Value = serde_json::from_str(&curl("GET", "/status", None)).unwrap();
-    let reserve = status["secure_reserve"]["granules"].as_u64().unwrap();
-    assert_eq!(reserve, 640, "160 MiB of 256 KiB granules: {status}");
-    assert_eq!(granted(), reserve);
+    let r = reserve();
+    assert_eq!(r["granules"], 128, "32 MiB of 256 KiB granules: {r}");
+    assert_eq!(granted(), 128);
 
-    // The model loads into the reserve: the pool grows by nothing.
-    curl("POST", "/models/load", Some(r#"{"model":"sealed"}"#));
-    assert_eq!(granted(), reserve, "loading the sealed model granted memory beyond the reserve");
-    let answer = curl(
-        "POST",
-        "/v1/chat/completions",
-        Some(r#"{"model":"sealed","messages":[{"role":"user","content":"Hi"}],"max_tokens":4,"temperature":0}"#),
-    );
-    assert!(answer.contains("chat.completion"), "{answer}");
+    // The model needs more than the reserve: the rest is granted through the
+    // reserve's session, and once the daemon is idle the reserve grows back.
+    chat();
+    let t0 = Instant::now();
+    let r = loop {
+        let r = reserve();
+        if r["free"].as_u64().unwrap() >= 128 {
+            break r;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the reserve did not grow back: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(r["granted_for_models"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["grown_in_background"].as_u64().unwrap() > 0, "{r}");
+    let full = granted();
+    assert!(full > 128, "{full}");
+
+    // Unloading keeps what the model used, scrubbed: nothing is released and
+    // the model loads into it again without a grant.
+    curl("POST", "/models/unload", Some(r#"{"model":"sealed"}"#));
+    let t0 = Instant::now();
+    while reserve()["free"].as_u64().unwrap() < full {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the model's memory did not come back free: {}", reserve());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(granted(), full, "unloading released memory instead of keeping it");
+    let before = reserve()["granted_for_models"].as_u64().unwrap();
+    chat();
+    assert_eq!(granted(), full, "loading the model again granted memory");
+    assert_eq!(reserve()["granted_for_models"].as_u64().unwrap(), before);
+
+    // A recall takes free granules back at once, and the reserve stays down.
+    let recalled = ok(service
+        .flexserve(user, &["recall", "--memory", "16M", "--pid", &daemon.id().to_string()])
+        .env("FLEXSERVE_RUNTIME_DIR", &runtime)
+        .output()
+        .unwrap());
+    assert!(recalled.contains("released 64 granules"), "{recalled}");
+    assert_eq!(granted(), full - 64);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(granted(), full - 64, "the reserve grew over a recall");
+    assert_eq!(reserve()["recalled"], 64);
 
     // SAFETY: kill sends SIGTERM to our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };

@@ -44,7 +44,20 @@ pub struct SecureWorld {
     pub(crate) control: Option<control::ControlSocket>,
     /// What the last generation's pipelined load read and how long it took.
     pub(crate) pipelined: Option<crate::LoadReport>,
+    /// Grants on this session's behalf through another session (see [`Granter`]).
+    pub(crate) granter: Option<Granter>,
 }
+
+/// Grants `granules` of secure memory through another session of the secure
+/// world whose pid is given, and says how many it granted; an error when it
+/// cannot (no session with that secure world, or that session is lost).
+///
+/// Granules a session grants itself go back to the system when it ends;
+/// granules granted through a long-lived session (a daemon's reserve keeper)
+/// stay in the secure world's shared pool when the session that used them
+/// ends, scrubbed, and the next model loads into them without protecting
+/// memory again.
+pub type Granter = std::sync::Arc<dyn Fn(u32, u64) -> std::result::Result<u64, String> + Send + Sync>;
 
 impl Drop for SecureWorld {
     fn drop(&mut self) {
@@ -100,6 +113,7 @@ impl SecureWorld {
             recalls: Vec::new(),
             control: None,
             pipelined: None,
+            granter: None,
         };
         let hello = world.send(&Request::Hello { version: PROTOCOL_VERSION });
         // A service that does not serve this peer (a bound reached) answers
@@ -217,8 +231,27 @@ impl SecureWorld {
         NormalError::Protocol(e)
     }
 
+    /// Has this session's grants made through `granter` from now on, falling
+    /// back to granting itself whenever the granter cannot.
+    pub fn set_granter(&mut self, granter: Granter) {
+        self.granter = Some(granter);
+    }
+
+    /// Whether grants go through a granter (see [`SecureWorld::set_granter`]).
+    pub(crate) fn grants_elsewhere(&self) -> bool {
+        self.granter.is_some()
+    }
+
     /// Grants up to `granules` more (within the budget); returns how many were granted.
     pub fn grant(&mut self, granules: u64) -> Result<u64> {
+        if let Some(granter) = &self.granter {
+            // The granter holds the budget of all the sessions it serves: its
+            // answer stands. When it cannot answer, this session grants itself.
+            if let Ok(n) = granter(self.info.pid, granules) {
+                self.granted += n;
+                return Ok(n);
+            }
+        }
         let room = self.budget_granules.saturating_sub(self.granted);
         let n = granules.min(room);
         if n == 0 {

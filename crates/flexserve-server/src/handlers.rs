@@ -410,7 +410,14 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Json<Value> {
             Err(e) => json!({"model": name, "error": e}),
         })
         .collect();
-    let reserve = state.reserve_figures().map(|(granules, ms)| json!({"granules": granules, "prepared_ms": ms}));
+    let reserve = state.reserve_figures().map(|r| {
+        json!({
+            "granules": r.target, "free": r.free, "granted": r.granted, "granule_size": r.granule_size,
+            "prepared_ms": r.prepared_in.map(|d| d.as_secs_f64() * 1e3),
+            "grown_in_background": r.grown, "granted_for_models": r.granted_for_sessions,
+            "recalled": r.recalled, "lost": r.lost,
+        })
+    });
     Json(json!({"models": models, "secure_world": secure, "secure_reserve": reserve}))
 }
 

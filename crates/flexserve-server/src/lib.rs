@@ -15,13 +15,14 @@ mod encrypted;
 mod handlers;
 pub mod metrics;
 pub mod registry;
+pub mod reserve;
 pub mod worker;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::Next;
@@ -81,19 +82,10 @@ pub struct AppState {
     /// False while models preload (`/health` answers 503).
     ready: AtomicBool,
     next_id: AtomicU64,
-    /// The session that holds the reserve (granted granules nobody uses yet).
-    reserve: Mutex<Option<Reserve>>,
+    /// Flex-Mem's reserve, kept by a session of its own (`--secure-reserve`).
+    reserve: Option<reserve::ReserveKeeper>,
     /// Encrypted sessions: which model's secure world holds each.
     encrypted: encrypted::SessionRoutes,
-}
-
-/// Granted secure memory held ahead of need, and the session that granted it.
-struct Reserve {
-    /// Held for the daemon's life: dropping it ends the session, and the
-    /// secure world scrubs and releases what it granted.
-    _session: flexserve_normal::SecureWorld,
-    granules: u64,
-    took: Duration,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Prints `listening on http://ADDR`
@@ -124,14 +116,28 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
         connect: config.connect.clone(),
         resident_at_load: config.preload,
     };
+    let mut registry = Registry::new(config.models.clone(), settings, config.keep_alive);
+    let keeper = (config.secure_reserve > 0).then(|| {
+        reserve::ReserveKeeper::start(config.connect.clone(), config.secure_reserve, registry.activity.clone())
+    });
+    if let Some(keeper) = &keeper {
+        // Models' sessions grant through the keeper, so that what they used
+        // stays prepared in the shared pool when they end.
+        let (inner, granter) = (config.connect.clone(), keeper.granter());
+        registry.settings.connect = Arc::new(move || {
+            let mut world = inner()?;
+            world.set_granter(granter.clone());
+            Ok(world)
+        });
+    }
     let state = Arc::new(AppState {
-        registry: Registry::new(config.models.clone(), settings, config.keep_alive),
+        registry,
         metrics: metrics::Metrics::default(),
         api_key: config.api_key.clone(),
         ctx: config.ctx,
         ready: AtomicBool::new(!config.preload && config.secure_reserve == 0),
         next_id: AtomicU64::new(1),
-        reserve: Mutex::new(None),
+        reserve: keeper,
         encrypted: encrypted::SessionRoutes::default(),
     });
     let addr = SocketAddr::new(config.host, config.port);
@@ -147,29 +153,17 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
     }
     if config.preload || config.secure_reserve > 0 {
         let s = state.clone();
-        let (reserve_bytes, preload, connect) = (config.secure_reserve, config.preload, config.connect.clone());
+        let preload = config.preload;
         tokio::spawn(async move {
-            if reserve_bytes > 0 {
-                match tokio::task::spawn_blocking(move || grant_reserve(&connect, reserve_bytes)).await {
-                    Ok(Ok(r)) => {
-                        eprintln!(
-                            "flexserve serve: secure reserve of {} granules prepared in {:.0} ms",
-                            r.granules,
-                            r.took.as_secs_f64() * 1e3
-                        );
-                        *s.reserve.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r);
+            // `/health` says ready once the reserve is prepared (or could not be).
+            while s.reserve.as_ref().is_some_and(|k| !k.settled()) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if preload {
+                for entry in s.registry.models.values() {
+                    if let Err(e) = s.registry.lease(entry, None, &s.metrics).await {
+                        eprintln!("flexserve serve: preloading {}: {e}", entry.name);
                     }
-                    Ok(Err(e)) => eprintln!("flexserve serve: no secure reserve: {e}"),
-                    Err(e) => eprintln!("flexserve serve: no secure reserve: {e}"),
-                }
-            }
-            if !preload {
-                s.ready.store(true, Ordering::SeqCst);
-                return;
-            }
-            for entry in s.registry.models.values() {
-                if let Err(e) = s.registry.lease(entry, None, &s.metrics).await {
-                    eprintln!("flexserve serve: preloading {}: {e}", entry.name);
                 }
             }
             s.ready.store(true, Ordering::SeqCst);
@@ -204,27 +198,18 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
     // Unloading ends the secure world sessions (each scrubbed by the secure world).
     state.registry.unload_all().await;
     // The reserve's session ends last: the secure world scrubs and releases what it granted.
-    let reserve = state.reserve.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-    drop(reserve);
+    if let Some(keeper) = state.reserve.as_ref() {
+        // Blocking: the secure world scrubs and releases before this returns.
+        tokio::task::block_in_place(|| keeper.stop());
+    }
     eprintln!("flexserve serve: stopped");
     Ok(())
 }
 
-/// Opens a session that grants `bytes` of secure memory and keeps it:
-/// the secure world prepares the granules now, before any request.
-fn grant_reserve(connect: &SessionFactory, bytes: u64) -> Result<Reserve, String> {
-    let t0 = Instant::now();
-    let mut world = connect()?;
-    let granules = bytes.div_ceil(world.info().granule_size.max(1));
-    let granted = world.grant(granules).map_err(|e| format!("granting {granules} granules: {e}"))?;
-    Ok(Reserve { _session: world, granules: granted, took: t0.elapsed() })
-}
-
 impl AppState {
-    /// The reserve's figures for /status: (granules, milliseconds it took).
-    fn reserve_figures(&self) -> Option<(u64, f64)> {
-        let r = self.reserve.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        r.as_ref().map(|r| (r.granules, r.took.as_secs_f64() * 1e3))
+    /// The reserve's figures for /status.
+    fn reserve_figures(&self) -> Option<reserve::ReserveFigures> {
+        self.reserve.as_ref().map(reserve::ReserveKeeper::figures)
     }
 }
 

@@ -84,12 +84,32 @@ pub struct Registry {
     pub models: BTreeMap<String, Arc<ModelEntry>>,
     pub settings: BackendSettings,
     pub default_keep_alive: KeepAlive,
+    /// Requests being served and models being loaded, over all models: the
+    /// daemon is idle when it is zero (the reserve grows only then).
+    pub activity: Arc<AtomicUsize>,
+}
+
+/// Counts one piece of work in [`Registry::activity`] until dropped.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn begin(activity: &Arc<AtomicUsize>) -> Busy {
+        activity.fetch_add(1, Ordering::SeqCst);
+        Busy(activity.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A backend in use by one request: counted in flight until dropped.
 pub struct Lease {
     pub backend: Arc<Backend>,
     entry: Arc<ModelEntry>,
+    _busy: Busy,
 }
 
 impl Drop for Lease {
@@ -117,7 +137,7 @@ impl Registry {
                 (name, Arc::new(entry))
             })
             .collect();
-        Registry { models, settings, default_keep_alive: keep_alive }
+        Registry { models, settings, default_keep_alive: keep_alive, activity: Arc::new(AtomicUsize::new(0)) }
     }
 
     pub fn entry(&self, name: &str) -> Result<Arc<ModelEntry>, ApiError> {
@@ -140,6 +160,7 @@ impl Registry {
         keep_alive: Option<KeepAlive>,
         metrics: &Metrics,
     ) -> Result<Lease, ApiError> {
+        let busy = Busy::begin(&self.activity);
         let mut slot = entry.backend.lock().await;
         if let Some(b) = slot.as_ref() {
             if !b.is_alive() {
@@ -167,7 +188,7 @@ impl Registry {
                 usage.1 = k;
             }
         }
-        Ok(Lease { backend, entry: entry.clone() })
+        Ok(Lease { backend, entry: entry.clone(), _busy: busy })
     }
 
     async fn load(&self, entry: &Arc<ModelEntry>) -> Result<Backend, ApiError> {
