@@ -89,6 +89,15 @@ mkdir -p "$bench_home"
 FLEXSERVE_HOME="$bench_home" FLEXSERVE_DEV=1 "$bin" bench ttft --model "$bench_home/model.fsm" --plain "$model" \
   --key "$bench_home/model.key" --scenario model-cold --prompt-tokens 128 --gen-tokens 16 \
   --repetitions "${DEMO_REPETITIONS:-3}" --threads 2 --timeline "$bench_home/timelines"
+echo
+echo "== a multi-model workflow (examples/workflows/plan-execute-summarize.toml): a sealed planner, a plain"
+echo "   executor and a sealed summarizer under a 160 MiB secure memory budget, each step streamed"
+FLEXSERVE_HOME="$bench_home" FLEXSERVE_DEV=1 "$bin" workflow run examples/workflows/plan-execute-summarize.toml \
+  --input "How do I make a cup of tea?" --key "$bench_home/model.key" --threads 2
+echo
+echo "== the same workflow under the paper's designs side by side (end to end, per-step first token)"
+FLEXSERVE_HOME="$bench_home" FLEXSERVE_DEV=1 "$bin" bench workflow examples/workflows/plan-execute-summarize.toml \
+  --key "$bench_home/model.key" --repetitions "${DEMO_REPETITIONS:-3}" --threads 2
 if [ "$(id -u)" = 0 ]; then
   echo
   echo "The secure world service keeps running (scripts/secure-world.sh status); stop it with scripts/secure-world.sh stop."

@@ -5,10 +5,12 @@ mod bench_encrypted;
 mod bench_secure;
 mod bench_serve;
 mod bench_ttft;
+mod bench_workflow;
 mod client;
 mod plain;
 mod secure;
 mod serve;
+mod workflow;
 
 use plain::{chat, inspect, is_sealed, report, Loaded, ModelFile};
 
@@ -100,6 +102,11 @@ enum Command {
         seed: u64,
         #[arg(short, long)]
         output: PathBuf,
+    },
+    /// Multi-model workflows: declared steps over sealed and plain models (docs/workflows.md).
+    Workflow {
+        #[command(subcommand)]
+        what: WorkflowCommand,
     },
     /// Benchmarks.
     Bench {
@@ -229,6 +236,12 @@ enum KeyCommand {
 }
 
 #[derive(Subcommand)]
+enum WorkflowCommand {
+    /// Run a workflow file on an input: each step's output as it comes, then the answer.
+    Run(workflow::RunArgs),
+}
+
+#[derive(Subcommand)]
 enum BenchCommand {
     /// Prefill and decode tokens per second (median and spread over repetitions, after a warm-up).
     Engine {
@@ -280,6 +293,9 @@ enum BenchCommand {
     /// opt-strawman, flexserve) from a stated state (cold, model-cold, warm), with where the time
     /// went and, with --timeline, one SVG timeline per design.
     Ttft(bench_ttft::TtftArgs),
+    /// A multi-model workflow end to end under the paper's designs side by side (strawman,
+    /// opt-strawman, flexserve), under a secure memory budget: per-step first token and decode.
+    Workflow(bench_workflow::WorkflowBenchArgs),
     /// Load an OpenAI-compatible server (`flexserve serve`) with streamed chat completions at each
     /// concurrency level: generated tokens/s, time to first token and per-token latency percentiles.
     Serve(bench_serve::ServeArgs),
@@ -537,7 +553,9 @@ fn run(cli: Cli) -> Result<()> {
                 budget: secure_memory_limit,
             })
         }
+        Command::Workflow { what: WorkflowCommand::Run(args) } => workflow::run(args),
         Command::Bench { what: BenchCommand::Serve(args) } => bench_serve::run(args),
+        Command::Bench { what: BenchCommand::Workflow(args) } => bench_workflow::run(args),
         Command::Bench { what: BenchCommand::Ttft(args) } => bench_ttft::run(args),
         Command::Bench { what: BenchCommand::Encrypted(args) } => bench_encrypted::run(args),
         Command::Keygen { output } => {

@@ -45,9 +45,12 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     }
 }
 
-/// Says what the pressure watch (or `flexserve recall`) took back since the last report.
-fn report_recalls(world: &mut SecureWorld) {
+/// Says what the pressure watch (or `flexserve recall`) took back since the
+/// last report; returns how many granules that was.
+pub(crate) fn report_recalls(world: &mut SecureWorld) -> u64 {
+    let mut released = 0;
     for r in world.take_recalls() {
+        released += u64::from(r.released);
         eprintln!(
             "{}: recalled {} of {} granules{} in {:.1} ms",
             if r.by_client { "flexserve recall" } else { "memory pressure" },
@@ -57,6 +60,7 @@ fn report_recalls(world: &mut SecureWorld) {
             r.took.as_secs_f64() * 1e3
         );
     }
+    released
 }
 
 /// The governor's pressure check while the secure world is idle.
@@ -293,7 +297,7 @@ pub fn spawn(keys: &KeyArgs, secure: &SecureArgs, threads: usize) -> Result<Secu
 }
 
 /// Lets `flexserve recall` reach this process's memory governor.
-fn listen_for_recalls(world: &mut SecureWorld) {
+pub(crate) fn listen_for_recalls(world: &mut SecureWorld) {
     let dir = flexserve_normal::control::runtime_dir();
     if let Err(e) = world.listen(&dir) {
         eprintln!("warning: `flexserve recall` cannot reach this session (control socket in {}: {e})", dir.display());

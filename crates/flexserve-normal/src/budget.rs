@@ -11,26 +11,12 @@ pub enum MemoryBudget {
 }
 
 impl MemoryBudget {
-    /// Parses `auto`, a number of bytes, or a number with K, M, G (binary units).
+    /// Parses `auto`, or a size as [`parse_size`] reads it.
     pub fn parse(text: &str) -> std::result::Result<MemoryBudget, String> {
-        let t = text.trim();
-        if t.eq_ignore_ascii_case("auto") {
+        if text.trim().eq_ignore_ascii_case("auto") {
             return Ok(MemoryBudget::Auto);
         }
-        let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit() && *c != '.') {
-            Some((i, _)) => t.split_at(i),
-            None => (t, ""),
-        };
-        let value: f64 = digits.parse().map_err(|_| format!("memory size {text:?}: expected e.g. 512M, 2G or auto"))?;
-        let scale = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-            "" => 1u64,
-            "K" => 1 << 10,
-            "M" => 1 << 20,
-            "G" => 1 << 30,
-            "T" => 1 << 40,
-            _ => return Err(format!("memory size {text:?}: unknown unit {unit:?} (use K, M, G)")),
-        };
-        Ok(MemoryBudget::Bytes((value * scale as f64) as u64))
+        parse_size(text).map(MemoryBudget::Bytes)
     }
 
     pub(crate) fn bytes(self) -> u64 {
@@ -39,6 +25,30 @@ impl MemoryBudget {
             MemoryBudget::Auto => available_memory().map_or(4 << 30, |a| a / 4 * 3),
         }
     }
+}
+
+/// Parses a memory size: a whole number of bytes, or a whole number
+/// followed by K, M, G or T (binary units: "M", "MB" and "MiB" all mean
+/// 2^20). Whole numbers only, so the result is exact; one that does not fit
+/// in 64 bits is an error, not a wrapped value.
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(format!("memory size {text:?}: expected a whole number of bytes or e.g. 512M, 2G"));
+    }
+    let value: u64 = digits.parse().map_err(|_| format!("memory size {text:?} is too large"))?;
+    let unit = unit.trim();
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("memory size {text:?}: unknown unit {unit:?} (use K, M, G or T: binary units)")),
+    };
+    value.checked_mul(1u64 << shift).ok_or_else(|| format!("memory size {text:?} is too large"))
 }
 
 /// Granules to recall so that `available` bytes rise back to `floor`, at
@@ -88,5 +98,18 @@ mod tests {
         assert_eq!(MemoryBudget::parse("4096"), Ok(MemoryBudget::Bytes(4096)));
         assert!(MemoryBudget::parse("lots").unwrap_err().contains("lots"));
         assert!(MemoryBudget::parse("3Q").unwrap_err().contains("unit"));
+    }
+
+    #[test]
+    fn sizes_are_whole_and_exact() {
+        assert_eq!(parse_size("320M"), Ok(320 << 20));
+        assert_eq!(parse_size("1 GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("0"), Ok(0));
+        for bad in ["M", "", "1.5G", "-1M", "auto"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(parse_size("99999999999999999999").unwrap_err().contains("too large"));
+        assert!(parse_size("17179869184G").unwrap_err().contains("too large"));
     }
 }

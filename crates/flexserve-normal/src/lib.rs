@@ -30,7 +30,7 @@ pub mod launch;
 pub mod link;
 pub mod relay;
 
-pub use budget::{available_memory, pressure_recall_granules, resident_bytes, MemoryBudget};
+pub use budget::{available_memory, parse_size, pressure_recall_granules, resident_bytes, MemoryBudget};
 pub use feeder::{weight_granules, BatchSpan, LoadReport, OpenedModel};
 pub use governor::Recall;
 pub use launch::{

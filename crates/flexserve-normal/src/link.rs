@@ -46,6 +46,9 @@ pub struct SecureWorld {
     pub(crate) pipelined: Option<crate::LoadReport>,
     /// Grants on this session's behalf through another session (see [`Granter`]).
     pub(crate) granter: Option<Granter>,
+    /// Models whose layers may be evicted, in this order, when a request
+    /// needs more memory than the budget has left (see [`SecureWorld::set_eviction_order`]).
+    pub(crate) eviction_order: Vec<u32>,
 }
 
 /// Grants `granules` of secure memory through another session of the secure
@@ -114,6 +117,7 @@ impl SecureWorld {
             control: None,
             pipelined: None,
             granter: None,
+            eviction_order: Vec::new(),
         };
         let hello = world.send(&Request::Hello { version: PROTOCOL_VERSION });
         // A service that does not serve this peer (a bound reached) answers
@@ -275,6 +279,32 @@ impl SecureWorld {
             }
             other => Err(unexpected("Recalled", &other)),
         }
+    }
+
+    /// Has the secure world scrub layers of `model` (its last layers first)
+    /// until `granules` granules are free; they stay granted, for the next
+    /// load. Returns (granules freed, layer groups scrubbed, time).
+    pub fn evict(&mut self, model: u32, granules: u32) -> Result<(u32, u32, Duration)> {
+        match self.call(&Request::Evict { model, granules })? {
+            Reply::Evicted { freed, groups, micros } => Ok((freed, groups, Duration::from_micros(micros))),
+            other => Err(unexpected("Evicted", &other)),
+        }
+    }
+
+    /// Closes a model: its memory is scrubbed back into the free pool (still granted).
+    pub fn unload(&mut self, model: &crate::OpenedModel) -> Result<()> {
+        match self.call(&Request::Unload { model: model.id })? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected("Ok", &other)),
+        }
+    }
+
+    /// The models whose layers may be given up, first to last, when a request
+    /// needs more memory than the budget has left: a scheduler that knows
+    /// what runs next puts the model needed furthest ahead first. Empty (the
+    /// default): such a request fails with a budget error.
+    pub fn set_eviction_order(&mut self, models: Vec<u32>) {
+        self.eviction_order = models;
     }
 
     pub fn status(&mut self) -> Result<StatusReport> {

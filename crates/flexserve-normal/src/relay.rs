@@ -305,8 +305,17 @@ impl SecureWorld {
     /// Grants what a generation needs (its KV cache, activations and the
     /// layers it has yet to load), all of it or a budget error.
     pub(crate) fn grant_for_kv_cache(&mut self, granules: u32) -> Result<()> {
-        let granted = self.grant(u64::from(granules))?;
-        if granted < u64::from(granules) {
+        let mut short = u64::from(granules).saturating_sub(self.grant(u64::from(granules))?);
+        // The budget is spent: give up layers of the models the scheduler
+        // named, in its order; their granules stay granted and serve this request.
+        for model in self.eviction_order.clone() {
+            if short == 0 {
+                break;
+            }
+            let (freed, _, _) = self.evict(model, short as u32)?;
+            short = short.saturating_sub(u64::from(freed));
+        }
+        if short > 0 {
             return Err(NormalError::Budget(format!(
                 "the request needs {granules} more granules of {} bytes (weights not resident, KV cache, \
                  activations); the secure memory limit ({} granules) is reached",

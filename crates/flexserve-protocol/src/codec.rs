@@ -44,6 +44,7 @@
 //! | `OpenEncrypted`   | 0x12 | `Sealed`      | 0x92 |
 //! | `GenerateEncrypted` | 0x13 |             |      |
 //! | `CloseEncrypted`  | 0x14 | `LoadNeeded`  | 0x93 |
+//! | `Evict`           | 0x15 | `Evicted`     | 0x94 |
 //!
 //! Requests and replies use disjoint tags so that a message sent the wrong way
 //! is rejected at once.

@@ -21,7 +21,7 @@ pub use codec::{
 pub use shared::{RangeError, SharedBuffer};
 
 /// Version of this command set; both sides must agree (see [`Request::Hello`]).
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// The format name of the secure world's identity report ([`Reply::Identity`]).
 pub const IDENTITY_REPORT_FORMAT: &str = "flexserve-identity-report-1";
 /// Largest frame (one message) either side accepts.
@@ -99,6 +99,15 @@ pub enum Request {
     /// Management right: take back this many granules; the secure world
     /// picks which, scrubs and releases them, and says how many it gave.
     Recall {
+        granules: u32,
+    },
+    /// Scrub layers of one model (its last layers first, its base last)
+    /// until `granules` granules have come free; they stay granted, in the
+    /// free pool, for the next model to load into. The normal world's
+    /// scheduler picks the model (the one needed furthest ahead); answered
+    /// by [`Reply::Evicted`].
+    Evict {
+        model: u32,
         granules: u32,
     },
     Status,
@@ -258,6 +267,14 @@ pub enum Reply {
         released: u32,
         /// Of those, granules that held model layers or KV caches (evicted).
         evicted: u32,
+        micros: u64,
+    },
+    /// What an [`Request::Evict`] freed.
+    Evicted {
+        /// Granules that came free (at least those asked for, unless the model had no more).
+        freed: u32,
+        /// Layer groups scrubbed (the base group counts as one).
+        groups: u32,
         micros: u64,
     },
     Status(StatusReport),

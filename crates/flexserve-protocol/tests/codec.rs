@@ -76,6 +76,7 @@ fn all_requests() -> Vec<Request> {
         Request::EndConversation { model: 1, conversation: 2 },
         Request::Unload { model: 4 },
         Request::Recall { granules: 12 },
+        Request::Evict { model: 2, granules: 40 },
         Request::Status,
         Request::Shutdown,
         Request::DevicePublicKey,
@@ -186,6 +187,7 @@ fn all_replies() -> Vec<Reply> {
             stop: StopReason::ContextFull,
         }),
         Reply::Recalled { released: 8, evicted: 3, micros: 99 },
+        Reply::Evicted { freed: 41, groups: 2, micros: 77 },
         Reply::Status(StatusReport {
             deployment: Deployment::Service,
             secure_uid: 998,

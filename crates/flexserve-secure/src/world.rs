@@ -149,10 +149,14 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 Request::GenerateEncrypted { session, .. } => self.encrypted_model(*session),
                 _ => None,
             };
-            // Between `MemoryNeeded` and the retry come grants, recalls and status.
+            // Between `MemoryNeeded` and the retry come grants, recalls, evictions and status.
             if !matches!(
                 request,
-                Request::Grant { .. } | Request::Recall { .. } | Request::Status | Request::MissingChunks { .. }
+                Request::Grant { .. }
+                    | Request::Recall { .. }
+                    | Request::Evict { .. }
+                    | Request::Status
+                    | Request::MissingChunks { .. }
             ) {
                 self.awaiting_memory = None;
             }
@@ -259,6 +263,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 self.models.remove(&model).map(|_| Reply::Ok).ok_or_else(|| no_model(model))
             }
             Request::Recall { granules } => Ok(self.recall(granules as usize)),
+            Request::Evict { model, granules } => self.evict(model, granules as usize),
             // Nothing runs between requests: nothing to stop.
             Request::Cancel => Ok(Reply::Ok),
             Request::Identity => {
@@ -367,6 +372,28 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             give_back(&mut self.granted_here, &self.principal, released as usize);
         }
         reply
+    }
+
+    /// Scrubs groups of `model`, last layers first, until `wanted` granules
+    /// have come free; they stay granted, free for the next load.
+    fn evict(&mut self, model: u32, wanted: usize) -> Result<Reply, Failure> {
+        if self.awaiting_memory == Some(model) {
+            return Err((
+                ErrorCode::BadArgument,
+                format!("model {model} is the one waiting for memory: evicting it would undo what it waits for"),
+            ));
+        }
+        let t0 = Instant::now();
+        let m = self.models.get_mut(&model).ok_or_else(|| no_model(model))?;
+        let (mut freed, mut groups) = (0, 0);
+        for (group, _) in m.store.eviction_candidates() {
+            if freed >= wanted {
+                break;
+            }
+            freed += m.evict(group);
+            groups += 1;
+        }
+        Ok(Reply::Evicted { freed: freed as u32, groups, micros: t0.elapsed().as_micros() as u64 })
     }
 
     fn recall_in_full(&mut self, wanted: usize) -> Reply {

@@ -409,6 +409,8 @@ fn corpus(fx: &Fixture, target: &Target) -> Vec<Request> {
         Request::EndConversation { model: tiny, conversation: 9 },
         Request::Unload { model: tiny + 1000 },
         Request::Recall { granules: 1 },
+        Request::Evict { model: tiny, granules: 3 },
+        Request::Evict { model: tiny + 1000, granules: 1 },
         Request::Status,
     ]
 }
@@ -451,6 +453,7 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                 Request::MissingChunks { .. } | Request::Unload { .. } | Request::EndConversation { .. } => {
                     matches!(code, ErrorCode::NoSuchModel)
                 }
+                Request::Evict { .. } => matches!(code, ErrorCode::NoSuchModel | ErrorCode::BadArgument),
                 Request::Generate(_) => matches!(
                     code,
                     ErrorCode::NoSuchModel | ErrorCode::NotResident | ErrorCode::Engine | ErrorCode::BadArgument
@@ -486,6 +489,7 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                     | (Request::MissingChunks { .. }, Reply::Missing { .. })
                     | (Request::EndConversation { .. } | Request::Unload { .. }, Reply::Ok)
                     | (Request::Recall { .. }, Reply::Recalled { .. })
+                    | (Request::Evict { .. }, Reply::Evicted { .. })
                     | (Request::Status, Reply::Status(_))
                     | (Request::DevicePublicKey, Reply::DevicePublicKey { .. })
                     | (Request::ImportKey { .. }, Reply::KeyImported { .. })

@@ -148,6 +148,10 @@ impl<'a> Decoder<'a> {
             },
             tag::REQ_UNLOAD => Request::Unload { model: self.u32(&"Request::Unload.model")? },
             tag::REQ_RECALL => Request::Recall { granules: self.u32(&"Request::Recall.granules")? },
+            tag::REQ_EVICT => Request::Evict {
+                model: self.u32(&"Request::Evict.model")?,
+                granules: self.u32(&"Request::Evict.granules")?,
+            },
             tag::REQ_STATUS => Request::Status,
             tag::REQ_SHUTDOWN => Request::Shutdown,
             tag::REQ_PERPLEXITY => Request::Perplexity {
@@ -256,6 +260,11 @@ impl<'a> Decoder<'a> {
                         .ok_or_else(|| malformed(format!("unknown GenerationReport.stop tag {t:#04x}")))?
                 },
             }),
+            tag::REP_EVICTED => Reply::Evicted {
+                freed: self.u32(&"Reply::Evicted.freed")?,
+                groups: self.u32(&"Reply::Evicted.groups")?,
+                micros: self.u64(&"Reply::Evicted.micros")?,
+            },
             tag::REP_RECALLED => Reply::Recalled {
                 released: self.u32(&"Reply::Recalled.released")?,
                 evicted: self.u32(&"Reply::Recalled.evicted")?,

@@ -168,6 +168,11 @@ impl Encoder {
                 self.u8(tag::REQ_RECALL);
                 self.u32(*granules);
             }
+            Request::Evict { model, granules } => {
+                self.u8(tag::REQ_EVICT);
+                self.u32(*model);
+                self.u32(*granules);
+            }
             Request::Status => self.u8(tag::REQ_STATUS),
             Request::Shutdown => self.u8(tag::REQ_SHUTDOWN),
             Request::Perplexity { model, text, n_ctx } => {
@@ -298,6 +303,12 @@ impl Encoder {
                 self.u8(tag::REP_RECALLED);
                 self.u32(*released);
                 self.u32(*evicted);
+                self.u64(*micros);
+            }
+            Reply::Evicted { freed, groups, micros } => {
+                self.u8(tag::REP_EVICTED);
+                self.u32(*freed);
+                self.u32(*groups);
                 self.u64(*micros);
             }
             Reply::Status(status) => {

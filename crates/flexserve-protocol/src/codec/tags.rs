@@ -23,6 +23,7 @@ pub(super) const REQ_IDENTITY: u8 = 0x11;
 pub(super) const REQ_OPEN_ENCRYPTED: u8 = 0x12;
 pub(super) const REQ_GENERATE_ENCRYPTED: u8 = 0x13;
 pub(super) const REQ_CLOSE_ENCRYPTED: u8 = 0x14;
+pub(super) const REQ_EVICT: u8 = 0x15;
 
 pub(super) const REP_HELLO: u8 = 0x81;
 pub(super) const REP_MODEL_OPENED: u8 = 0x82;
@@ -43,6 +44,7 @@ pub(super) const REP_IDENTITY: u8 = 0x90;
 pub(super) const REP_ENCRYPTED_OPENED: u8 = 0x91;
 pub(super) const REP_SEALED: u8 = 0x92;
 pub(super) const REP_LOAD_NEEDED: u8 = 0x93;
+pub(super) const REP_EVICTED: u8 = 0x94;
 
 pub(super) const INPUT_RAW: u8 = 0;
 pub(super) const INPUT_CHAT_TURN: u8 = 1;
@@ -137,6 +139,7 @@ impl Request {
             Request::EndConversation { .. } => "Request::EndConversation",
             Request::Unload { .. } => "Request::Unload",
             Request::Recall { .. } => "Request::Recall",
+            Request::Evict { .. } => "Request::Evict",
             Request::Status => "Request::Status",
             Request::Shutdown => "Request::Shutdown",
             Request::Perplexity { .. } => "Request::Perplexity",
@@ -165,6 +168,7 @@ impl Reply {
             Reply::Token { .. } => "Reply::Token",
             Reply::Generated(_) => "Reply::Generated",
             Reply::Recalled { .. } => "Reply::Recalled",
+            Reply::Evicted { .. } => "Reply::Evicted",
             Reply::Status(_) => "Reply::Status",
             Reply::Ok => "Reply::Ok",
             Reply::Error { .. } => "Reply::Error",
