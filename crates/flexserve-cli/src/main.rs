@@ -1,6 +1,7 @@
 //! `flexserve`: the command line of the normal world.
 
 mod bench;
+mod bench_cores;
 mod bench_encrypted;
 mod bench_secure;
 mod bench_serve;
@@ -296,6 +297,9 @@ enum BenchCommand {
     /// A multi-model workflow end to end under the paper's designs side by side (strawman,
     /// opt-strawman, flexserve), under a secure memory budget: per-step first token and decode.
     Workflow(bench_workflow::WorkflowBenchArgs),
+    /// Flex-NPU under mixed load: sealed requests back to back while plain ones arrive, with the
+    /// cores leased to one world at a time and split between them for good, side by side.
+    Cores(bench_cores::CoresBenchArgs),
     /// Load an OpenAI-compatible server (`flexserve serve`) with streamed chat completions at each
     /// concurrency level: generated tokens/s, time to first token and per-token latency percentiles.
     Serve(bench_serve::ServeArgs),
@@ -556,6 +560,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Workflow { what: WorkflowCommand::Run(args) } => workflow::run(args),
         Command::Bench { what: BenchCommand::Serve(args) } => bench_serve::run(args),
         Command::Bench { what: BenchCommand::Workflow(args) } => bench_workflow::run(args),
+        Command::Bench { what: BenchCommand::Cores(args) } => bench_cores::run(args),
         Command::Bench { what: BenchCommand::Ttft(args) } => bench_ttft::run(args),
         Command::Bench { what: BenchCommand::Encrypted(args) } => bench_encrypted::run(args),
         Command::Keygen { output } => {

@@ -93,7 +93,7 @@ pub fn set_development(on: bool) {
     let _ = DEVELOPMENT.set(on);
 }
 
-fn development() -> bool {
+pub(crate) fn development() -> bool {
     DEVELOPMENT.get().copied().unwrap_or(false)
 }
 

@@ -64,6 +64,11 @@ pub struct ServeArgs {
     /// secure world, --dev, shares no memory between sessions).
     #[arg(long, value_parser = secure::parse_bytes)]
     secure_reserve: Option<u64>,
+    /// How the cores are shared between the worlds (Flex-NPU): `lease` (default) gives every core
+    /// to one world at a time, a sealed generation pausing between tokens (its workers' scratch
+    /// scrubbed) while plain work waits; `split` gives each world half the cores for good.
+    #[arg(long, value_parser = flexserve_server::lease::CoreSharing::parse)]
+    cores: Option<flexserve_server::lease::CoreSharing>,
     #[command(flatten)]
     keys: KeyArgs,
     #[command(flatten)]
@@ -116,6 +121,8 @@ struct ConfigFile {
     ctx: Option<u32>,
     /// e.g. "256M".
     secure_reserve: Option<String>,
+    /// "lease" or "split".
+    cores: Option<String>,
 }
 
 /// Largest config file read.
@@ -205,9 +212,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         (None, Some(text)) => secure::parse_bytes(text).map_err(|e| anyhow::anyhow!("secure_reserve: {e}"))?,
         (None, None) => 0,
     };
+    let cores = match (args.cores, &file.cores) {
+        (Some(c), _) => c,
+        (None, Some(text)) => flexserve_server::lease::CoreSharing::parse(text).map_err(|e| anyhow::anyhow!(e))?,
+        (None, None) => flexserve_server::lease::CoreSharing::default(),
+    };
+    let (secure_threads, plain_threads) = cores.threads(threads);
     let (keys, secure_args) = (args.keys.clone(), args.secure.clone());
     let connect: flexserve_server::SessionFactory =
-        Arc::new(move || secure::connect(&keys, &secure_args, threads).map_err(|e| format!("{e:#}")));
+        Arc::new(move || secure::connect(&keys, &secure_args, secure_threads).map_err(|e| format!("{e:#}")));
     flexserve_server::run(flexserve_server::ServeConfig {
         host: args.host.or(file.host).unwrap_or(flexserve_server::DEFAULT_HOST),
         port: args.port.or(file.port).unwrap_or(flexserve_server::DEFAULT_PORT),
@@ -216,11 +229,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         insecure_no_auth: args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false),
         keep_alive,
         preload: args.preload || file.preload.unwrap_or(false),
-        threads,
+        threads: plain_threads,
         parallel: args.parallel.or(file.parallel).unwrap_or(flexserve_server::DEFAULT_PARALLEL),
         max_queue: args.max_queue.or(file.max_queue).unwrap_or(flexserve_server::DEFAULT_MAX_QUEUE),
         ctx: args.ctx.or(file.ctx).unwrap_or(0),
         secure_reserve,
+        cores,
         connect,
     })
     .map_err(|e| anyhow::anyhow!(e))

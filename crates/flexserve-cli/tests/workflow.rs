@@ -10,27 +10,10 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{flexserve, model, ok};
+use common::{flexserve, model, ok, seal};
 
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/workflows").join(name)
-}
-
-/// The real model sealed with a fresh key in `home`: (sealed file, key file).
-fn seal(home: &Path) -> (PathBuf, PathBuf) {
-    let (key, sealed) = (home.join("m.key"), home.join("m.fsm"));
-    ok(flexserve(home).args(["keygen", "-o"]).arg(&key).output().unwrap());
-    ok(flexserve(home)
-        .arg("seal")
-        .arg("--model")
-        .arg(model())
-        .arg("--key")
-        .arg(&key)
-        .arg("-o")
-        .arg(&sealed)
-        .output()
-        .unwrap());
-    (sealed, key)
 }
 
 /// `workflow run --json` and its JSON (the last line of stdout).

@@ -60,6 +60,18 @@ impl Model {
         Ok(Self { config, weights, pool })
     }
 
+    /// Scrubs the scratch each worker thread keeps between calls (kernel
+    /// buffers, attention queries and scores: all derived from a prompt), as
+    /// a world does before its cores go to the other (Flex-NPU's change of
+    /// owner). Returns whether every worker's scratch reads zero afterwards.
+    pub fn scrub_worker_scratch(&self) -> bool {
+        let clean = self.pool.broadcast(|_| {
+            forward::scrub_thread_scratch();
+            forward::thread_scratch_is_zero()
+        });
+        clean.into_iter().all(|zero| zero)
+    }
+
     /// Loads a model from a GGUF file's metadata and tensors.
     pub fn from_gguf(file: Arc<GgufFile>, threads: usize) -> Result<Self, EngineError> {
         Self::from_source(&GgufSource::from_file(file), threads)
@@ -81,4 +93,30 @@ impl Model {
 /// Number of CPU cores available to this process.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Arch;
+    use crate::synth::{synth_model, SynthSpec};
+    use flexserve_gguf::GgmlType;
+
+    #[test]
+    fn worker_scratch_holds_the_prompts_traces_until_scrubbed() {
+        let mut image = Vec::new();
+        synth_model(&SynthSpec::tiny(Arch::Llama, GgmlType::Q4_0), None).unwrap().write_to(&mut image).unwrap();
+        let model = Model::from_source(&GgufSource::from_bytes(image).unwrap(), 2).unwrap();
+        let mut session = Session::new(&model, 64);
+        session.eval(&[1, 5, 9, 12, 40, 41, 42, 43], Logits::Last).unwrap();
+        session.eval(&[7], Logits::Last).unwrap();
+        let traces = model.pool.broadcast(|_| !forward::thread_scratch_is_zero());
+        assert!(traces.iter().any(|&t| t), "no worker kept scratch: the test proves nothing");
+        assert!(model.scrub_worker_scratch());
+        assert!(model.pool.broadcast(|_| forward::thread_scratch_is_zero()).into_iter().all(|z| z));
+        // Scrubbed scratch serves the next call as before.
+        let again = Session::new(&model, 64).eval(&[1, 5, 9, 12, 40, 41, 42, 43], Logits::Last).unwrap();
+        let mut first = Session::new(&model, 64);
+        assert_eq!(again, first.eval(&[1, 5, 9, 12, 40, 41, 42, 43], Logits::Last).unwrap());
+    }
 }

@@ -37,7 +37,7 @@ pub use launch::{
     connect_service, default_dev_state_dir, flexserve_home, peer_pid, secure_binary, send_descriptor, service_socket,
     spawn_process, PoolChoice, RawSecureWorld, RawSession, SecureWorldOptions, DEFAULT_SERVICE_SOCKET,
 };
-pub use link::{Granter, SecureWorld, WorldInfo};
+pub use link::{CoreLease, Granter, SecureWorld, WorldInfo};
 
 /// Name of the secure world's executable.
 pub const SECURE_BINARY: &str = "flexserve-secure";

@@ -49,6 +49,22 @@ pub struct SecureWorld {
     /// Models whose layers may be evicted, in this order, when a request
     /// needs more memory than the budget has left (see [`SecureWorld::set_eviction_order`]).
     pub(crate) eviction_order: Vec<u32>,
+    /// The cores' lease, when they are shared with the normal world's work (Flex-NPU).
+    pub(crate) lease: Option<std::sync::Arc<dyn CoreLease>>,
+}
+
+/// Flex-NPU on this platform: the compute cores are leased to one world at
+/// a time. A session given a lease (see [`SecureWorld::set_core_lease`])
+/// asks it between tokens whether the other world waits; if so the secure
+/// world pauses (its workers' scratch scrubbed), the lease is handed over,
+/// and the generation resumes once it is back.
+pub trait CoreLease: Send + Sync {
+    /// Whether work of the other world waits for the cores.
+    fn contended(&self) -> bool;
+    /// Hands the cores to the waiting work (the secure world has paused;
+    /// `scrubbed`: every worker's scratch read zero after it scrubbed them)
+    /// and returns once they are this session's again.
+    fn hand_over(&self, scrubbed: bool);
 }
 
 /// Grants `granules` of secure memory through another session of the secure
@@ -118,6 +134,7 @@ impl SecureWorld {
             pipelined: None,
             granter: None,
             eviction_order: Vec::new(),
+            lease: None,
         };
         let hello = world.send(&Request::Hello { version: PROTOCOL_VERSION });
         // A service that does not serve this peer (a bound reached) answers
@@ -233,6 +250,12 @@ impl SecureWorld {
             return NormalError::Died(format!("channel closed: {e}"));
         }
         NormalError::Protocol(e)
+    }
+
+    /// Shares the cores with the normal world's work through `lease`: a
+    /// generation pauses between tokens when the other world waits.
+    pub fn set_core_lease(&mut self, lease: std::sync::Arc<dyn CoreLease>) {
+        self.lease = Some(lease);
     }
 
     /// Has this session's grants made through `granter` from now on, falling

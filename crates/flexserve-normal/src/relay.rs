@@ -10,6 +10,10 @@ use flexserve_protocol::{ErrorCode, GenerateRequest, GenerationReport, Reply, Re
 use crate::governor::PRESSURE_CHECK_INTERVAL;
 use crate::{control, unexpected, NormalError, OpenedModel, Result, SecureWorld};
 
+/// How often a generation under a core lease looks for work of the other
+/// world waiting (a Pause then takes effect at the secure world's next token).
+const LEASE_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// A piece of a generation's stream: plain text, or a record sealed to an
 /// encrypted session's client.
 enum Streamed<'a> {
@@ -127,13 +131,21 @@ impl SecureWorld {
         let (mut cancel_sent, mut cancel_acked) = (false, false);
         // Reading the model failed mid-stream: the error the generation ends with.
         let mut read_failed: Option<NormalError> = None;
+        // A Pause sent for the core lease, not yet answered.
+        let mut pause_sent = false;
+        // Under a core lease, work of the other world that starts waiting is
+        // noticed within LEASE_POLL, not at the next token only.
+        let wait = if self.lease.is_some() { LEASE_POLL } else { PRESSURE_CHECK_INTERVAL };
         loop {
             // A long prefill sends nothing for a while: the watch goes on meanwhile.
-            while in_flight.is_empty() && result.is_none() && !self.reply_ready(PRESSURE_CHECK_INTERVAL) {
+            while in_flight.is_empty() && result.is_none() && !self.reply_ready(wait) {
                 self.send_due_recall(&mut in_flight)?;
                 if !cancel_sent && cancelled() {
                     self.send(&Request::Cancel)?;
                     cancel_sent = true;
+                }
+                if !cancel_sent {
+                    pause_sent |= self.pause_if_contended(pause_sent, &stream)?;
                 }
             }
             if !cancel_sent && result.is_none() && cancelled() {
@@ -204,11 +216,25 @@ impl SecureWorld {
                     if in_flight.is_empty() {
                         self.send_due_recall(&mut in_flight)?;
                     }
+                    pause_sent |= self.pause_if_contended(pause_sent, &stream)?;
                 }
                 Reply::Sealed { record } if ends_with_ok => {
                     on_piece(Streamed::Sealed(record));
                     if in_flight.is_empty() {
                         self.send_due_recall(&mut in_flight)?;
+                    }
+                    pause_sent |= self.pause_if_contended(pause_sent, &stream)?;
+                }
+                Reply::Paused { scrubbed } if pause_sent => {
+                    pause_sent = false;
+                    // Paused mid-generation: the cores go to the waiting work
+                    // and come back. A generation that ended first, or that a
+                    // Cancel ends (which also ends a pause), has nothing to resume.
+                    if result.is_none() && !cancel_sent {
+                        if let Some(lease) = self.lease.clone() {
+                            lease.hand_over(scrubbed);
+                        }
+                        self.send(&Request::Resume)?;
                     }
                 }
                 Reply::Recalled { released, evicted, micros } => {
@@ -223,7 +249,7 @@ impl SecureWorld {
             }
             // A recall, a cancel or chunks sent as the generation ended are answered after it.
             let loading = stream.as_ref().is_some_and(|s| s.waiting());
-            if in_flight.is_empty() && (!cancel_sent || cancel_acked) && !loading {
+            if in_flight.is_empty() && (!cancel_sent || cancel_acked) && !loading && !pause_sent {
                 if let Some(r) = result {
                     return match read_failed {
                         Some(e) => Err(e),
@@ -232,6 +258,18 @@ impl SecureWorld {
                 }
             }
         }
+    }
+
+    /// Between two tokens: when the core lease is contended (and no chunks
+    /// are on their way, which the secure world would decrypt on the cores),
+    /// asks the secure world to pause. Whether a Pause was sent.
+    fn pause_if_contended(&mut self, pause_sent: bool, stream: &Option<crate::feeder::ChunkStream>) -> Result<bool> {
+        let loading = stream.as_ref().is_some_and(|s| s.waiting());
+        if pause_sent || loading || !self.lease.as_ref().is_some_and(|l| l.contended()) {
+            return Ok(false);
+        }
+        self.send(&Request::Pause)?;
+        Ok(true)
     }
 
     /// Reading a batch of the model failed (its file changed or went away):

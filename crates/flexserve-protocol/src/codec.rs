@@ -45,6 +45,8 @@
 //! | `GenerateEncrypted` | 0x13 |             |      |
 //! | `CloseEncrypted`  | 0x14 | `LoadNeeded`  | 0x93 |
 //! | `Evict`           | 0x15 | `Evicted`     | 0x94 |
+//! | `Pause`           | 0x16 | `Paused`      | 0x95 |
+//! | `Resume`          | 0x17 |               |      |
 //!
 //! Requests and replies use disjoint tags so that a message sent the wrong way
 //! is rejected at once.

@@ -110,6 +110,15 @@ pub enum Request {
         model: u32,
         granules: u32,
     },
+    /// Flex-NPU: the normal world takes the cores back. A running generation
+    /// stops at its next layer or token, scrubs the scratch its worker
+    /// threads keep, answers [`Reply::Paused`] and waits for
+    /// [`Request::Resume`] (serving recalls and Cancel meanwhile). Between
+    /// requests nothing runs: the scratch is scrubbed and `Paused` answered.
+    Pause,
+    /// The cores come back to a paused generation, which goes on (its tokens
+    /// are the answer); between requests, answered `Ok`.
+    Resume,
     Status,
     Shutdown,
     /// Perplexity of a text (scored in chunks of `n_ctx` tokens, second
@@ -268,6 +277,11 @@ pub enum Reply {
         /// Of those, granules that held model layers or KV caches (evicted).
         evicted: u32,
         micros: u64,
+    },
+    /// The secure world's compute has stopped for [`Request::Pause`].
+    Paused {
+        /// Whether every worker thread's scratch read zero after scrubbing.
+        scrubbed: bool,
     },
     /// What an [`Request::Evict`] freed.
     Evicted {

@@ -77,6 +77,8 @@ fn all_requests() -> Vec<Request> {
         Request::Unload { model: 4 },
         Request::Recall { granules: 12 },
         Request::Evict { model: 2, granules: 40 },
+        Request::Pause,
+        Request::Resume,
         Request::Status,
         Request::Shutdown,
         Request::DevicePublicKey,
@@ -188,6 +190,8 @@ fn all_replies() -> Vec<Reply> {
         }),
         Reply::Recalled { released: 8, evicted: 3, micros: 99 },
         Reply::Evicted { freed: 41, groups: 2, micros: 77 },
+        Reply::Paused { scrubbed: true },
+        Reply::Paused { scrubbed: false },
         Reply::Status(StatusReport {
             deployment: Deployment::Service,
             secure_uid: 998,
@@ -456,6 +460,15 @@ fn option_flag_must_be_zero_or_one() {
     payload[10] = 2;
     let what = malformed_what(decode_request(&payload).unwrap_err());
     assert_eq!(what, "GenerateRequest.input.system: invalid Option flag 0x02");
+}
+
+#[test]
+fn boolean_flag_must_be_zero_or_one() {
+    let mut payload = encode_reply(&Reply::Paused { scrubbed: true }).unwrap();
+    assert_eq!(payload, [0x95, 1]);
+    payload[1] = 2;
+    let what = malformed_what(decode_reply(&payload).unwrap_err());
+    assert_eq!(what, "Reply::Paused.scrubbed: invalid flag 0x02");
 }
 
 #[test]

@@ -35,6 +35,19 @@ pub use f16acc::{f16_acc, f16_acc_for, F16Acc};
 pub use gemv::{gemv_kernel, gemv_kernel_for, GemvFn};
 pub use read::{read_checksum, read_kernel, read_kernel_for, ReadFn};
 pub use repack::{ColumnPart, ColumnParts, Repacked, RepackedMatmulFn, REPACK_ROWS};
+#[cfg(target_arch = "x86_64")]
+pub use scratch::{scrub_thread_scratch, thread_scratch_is_zero};
+
+/// The portable kernels keep no scratch between calls: nothing to scrub.
+#[cfg(not(target_arch = "x86_64"))]
+pub fn scrub_thread_scratch() {}
+
+/// The portable kernels keep no scratch between calls: always scrubbed.
+#[cfg(not(target_arch = "x86_64"))]
+#[doc(hidden)]
+pub fn thread_scratch_is_zero() -> bool {
+    true
+}
 pub use tile::{tile_kernel, tile_kernel_for, TileFn};
 
 /// `dst[i] = dequant(src)[i]`; `src.len()` must be the row size of `dst.len()` elements.

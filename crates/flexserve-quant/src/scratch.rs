@@ -7,21 +7,21 @@
 
 /// Defines `fn $name<R>(len, fill, body) -> R`, which runs `body` with `len`
 /// elements of type `$ty` set to `fill`, taken from the calling thread's
-/// buffer of that function.
+/// buffer `$buffer` (a thread-local of the module that invokes it).
 macro_rules! scratch_fn {
-    ($($(#[$doc:meta])* $vis:vis fn $name:ident: $ty:ty;)*) => {$(
+    ($($(#[$doc:meta])* $vis:vis fn $name:ident: $ty:ty => $buffer:ident;)*) => {$(
+        thread_local! {
+            static $buffer: std::cell::Cell<Vec<$ty>> = const { std::cell::Cell::new(Vec::new()) };
+        }
         $(#[$doc])*
         $vis fn $name<R>(len: usize, fill: $ty, body: impl FnOnce(&mut [$ty]) -> R) -> R {
-            thread_local! {
-                static BUFFER: std::cell::Cell<Vec<$ty>> = const { std::cell::Cell::new(Vec::new()) };
-            }
             // Taken out of the cell while in use, so that a nested call gets a
             // buffer of its own rather than this one.
-            let mut buffer = BUFFER.take();
+            let mut buffer = $buffer.take();
             buffer.clear();
             buffer.resize(len, fill);
             let result = body(&mut buffer);
-            BUFFER.set(buffer);
+            $buffer.set(buffer);
             result
         }
     )*};
@@ -30,9 +30,39 @@ pub(crate) use scratch_fn;
 
 scratch_fn! {
     /// Scratch of f32 values (scales, scale products).
-    pub(crate) fn with_f32: f32;
+    pub(crate) fn with_f32: f32 => F32_SCRATCH;
     /// Scratch of i32 values (block sums).
-    pub(crate) fn with_i32: i32;
+    pub(crate) fn with_i32: i32 => I32_SCRATCH;
+}
+
+/// Zeroes the calling thread's scratch that may hold values derived from
+/// activations (and so from a user's prompt), over its whole capacity: what
+/// a thread scrubs before its core goes to another world (Flex-NPU). The
+/// buffers of unpacked weight factors hold nothing of the user's and stay.
+pub fn scrub_thread_scratch() {
+    fn scrub<T: zeroize::DefaultIsZeroes>(cell: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>) {
+        let mut buffer = cell.take();
+        // Every element up to the capacity is written, so all of it is
+        // initialised and zero (the zeroing is not optimised away).
+        buffer.resize(buffer.capacity(), T::default());
+        zeroize::Zeroize::zeroize(buffer.as_mut_slice());
+        cell.set(buffer);
+    }
+    scrub(&F32_SCRATCH);
+    scrub(&I32_SCRATCH);
+}
+
+/// Whether the calling thread's activation scratch is scrubbed: every
+/// element zero, over its whole capacity (for tests of [`scrub_thread_scratch`]).
+#[doc(hidden)]
+pub fn thread_scratch_is_zero() -> bool {
+    fn zero<T: Copy + Default + PartialEq>(cell: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>) -> bool {
+        let buffer = cell.take();
+        let ok = buffer.len() == buffer.capacity() && buffer.iter().all(|&v| v == T::default());
+        cell.set(buffer);
+        ok
+    }
+    zero(&F32_SCRATCH) && zero(&I32_SCRATCH)
 }
 
 #[cfg(test)]
@@ -50,5 +80,17 @@ mod tests {
         // The next call sees the requested fill, not the last contents.
         with_f32(4, 2.0, |again| assert_eq!(again, [2.0; 4]));
         with_i32(2, -1, |ints| assert_eq!(ints, [-1, -1]));
+    }
+
+    #[test]
+    fn scrubbing_zeroes_the_whole_capacity() {
+        with_f32(64, 3.25, |b| b.fill(9.5));
+        with_i32(16, 7, |_| ());
+        with_f32(4, 1.0, |_| ());
+        assert!(!thread_scratch_is_zero());
+        scrub_thread_scratch();
+        assert!(thread_scratch_is_zero());
+        // Still usable, filled as asked.
+        with_f32(8, 2.0, |b| assert_eq!(b, [2.0; 8]));
     }
 }

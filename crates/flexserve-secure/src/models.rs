@@ -172,6 +172,12 @@ impl<R: SecureRegion> ResidentModel<R> {
     }
 
     /// Granules held by the KV caches of this model's conversations.
+    /// The engine, if it has been built (a model opened header-only has none
+    /// before its first request).
+    pub fn engine_if_built(&self) -> Option<&Model> {
+        self.engine.as_ref()
+    }
+
     pub fn kv_granules(&self) -> usize {
         self.conversations.values().map(|c| c.kv_granules).sum()
     }

@@ -238,17 +238,25 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             }
             Request::Generate(g) => {
                 (self.heap.reset_peak)();
-                self.generate(g, None)
+                let reply = self.generate(g, None);
+                // The secure step is over and its cores may go to the normal
+                // world: nothing of it stays in the workers' scratch.
+                self.scrub_workers();
+                reply
             }
             Request::OpenEncrypted { model, handshake } => self.open_encrypted(model, &handshake),
             Request::GenerateEncrypted { session, n_ctx, message } => {
                 (self.heap.reset_peak)();
-                self.generate_encrypted(session, n_ctx, &message)
+                let reply = self.generate_encrypted(session, n_ctx, &message);
+                self.scrub_workers();
+                reply
             }
             Request::CloseEncrypted { session } => Ok(self.close_encrypted(session)),
             Request::Perplexity { model, text, n_ctx } => {
                 (self.heap.reset_peak)();
-                self.perplexity(model, text, n_ctx as usize)
+                let reply = self.perplexity(model, text, n_ctx as usize);
+                self.scrub_workers();
+                reply
             }
             Request::EndConversation { model, conversation } => {
                 let m = self.models.get_mut(&model).ok_or_else(|| no_model(model))?;
@@ -266,6 +274,10 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             Request::Evict { model, granules } => self.evict(model, granules as usize),
             // Nothing runs between requests: nothing to stop.
             Request::Cancel => Ok(Reply::Ok),
+            // Nothing computes between requests; the workers' scratch was
+            // scrubbed when the last request ended, and is again now.
+            Request::Pause => Ok(Reply::Paused { scrubbed: self.scrub_workers() }),
+            Request::Resume => Ok(Reply::Ok),
             Request::Identity => {
                 let (report, signature) = crate::identity::report(&self.principal, self.memory.protection());
                 Ok(Reply::Identity { report, signature })
@@ -372,6 +384,17 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             give_back(&mut self.granted_here, &self.principal, released as usize);
         }
         reply
+    }
+
+    /// Scrubs the scratch every model's worker threads keep (Flex-NPU's
+    /// change of owner); whether all of it reads zero afterwards.
+    fn scrub_workers(&self) -> bool {
+        // Every engine scrubs, whatever an earlier one found.
+        let mut clean = true;
+        for engine in self.models.values().filter_map(|m| m.engine_if_built()) {
+            clean &= engine.scrub_worker_scratch();
+        }
+        clean
     }
 
     /// Scrubs groups of `model`, last layers first, until `wanted` granules

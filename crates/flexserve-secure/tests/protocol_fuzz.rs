@@ -411,6 +411,8 @@ fn corpus(fx: &Fixture, target: &Target) -> Vec<Request> {
         Request::Recall { granules: 1 },
         Request::Evict { model: tiny, granules: 3 },
         Request::Evict { model: tiny + 1000, granules: 1 },
+        Request::Pause,
+        Request::Resume,
         Request::Status,
     ]
 }
@@ -471,6 +473,8 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                 Request::GenerateEncrypted { .. } => matches!(code, ErrorCode::EncryptedSession),
                 Request::AddStoredKey { .. } => matches!(code, ErrorCode::BadArgument | ErrorCode::Verification),
                 Request::Recall { .. }
+                | Request::Pause
+                | Request::Resume
                 | Request::Status
                 | Request::Shutdown
                 | Request::DevicePublicKey
@@ -490,6 +494,8 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                     | (Request::EndConversation { .. } | Request::Unload { .. }, Reply::Ok)
                     | (Request::Recall { .. }, Reply::Recalled { .. })
                     | (Request::Evict { .. }, Reply::Evicted { .. })
+                    | (Request::Pause, Reply::Paused { .. })
+                    | (Request::Resume, Reply::Ok)
                     | (Request::Status, Reply::Status(_))
                     | (Request::DevicePublicKey, Reply::DevicePublicKey { .. })
                     | (Request::ImportKey { .. }, Reply::KeyImported { .. })

@@ -17,6 +17,7 @@ use flexserve_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use tokio::sync::mpsc as async_mpsc;
 
 use crate::api::{ApiError, ErrorKind};
+use crate::lease::{CoreArbiter, Owner};
 use crate::worker::{context_exceeded, finish_reason, Command, Event, Finish, Job, JobInput};
 
 /// A plain model in this process.
@@ -25,6 +26,8 @@ pub(crate) struct PlainModel {
     model: Model,
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
+    /// The cores' lease (`--cores lease`): each step takes it.
+    cores: Option<Arc<CoreArbiter>>,
 }
 
 /// A request in the batch.
@@ -41,7 +44,7 @@ struct Active<'m> {
 }
 
 impl PlainModel {
-    pub(crate) fn open(path: &Path, threads: usize) -> Result<PlainModel, String> {
+    pub(crate) fn open(path: &Path, threads: usize, cores: Option<Arc<CoreArbiter>>) -> Result<PlainModel, String> {
         let file = flexserve_gguf::GgufFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let source = GgufSource::from_file(Arc::new(file));
         let meta = &source.header().metadata;
@@ -49,7 +52,20 @@ impl PlainModel {
         let template = ChatTemplate::from_gguf(meta, &tokenizer)
             .map_err(|e| format!("chat template of {}: {e}", path.display()))?;
         let model = Model::from_source(&source, threads).map_err(|e| format!("loading {}: {e}", path.display()))?;
-        Ok(PlainModel { path: path.to_path_buf(), model, tokenizer, template })
+        Ok(PlainModel { path: path.to_path_buf(), model, tokenizer, template, cores })
+    }
+
+    /// Runs `work` (a prefill or a batch step) holding the cores when they
+    /// are leased; when the secure world waits for them next, nothing of this
+    /// world's prompts stays in the workers' scratch.
+    fn on_cores<T>(&self, work: impl FnOnce() -> T) -> T {
+        let Some(arbiter) = &self.cores else { return work() };
+        let _turn = arbiter.acquire(Owner::Normal);
+        let out = work();
+        if arbiter.contended_by_other_than(Owner::Normal) {
+            self.model.scrub_worker_scratch();
+        }
+        out
     }
 
     /// Serves commands until the queue closes and the batch is empty.
@@ -114,7 +130,7 @@ impl PlainModel {
         let ids: Vec<u32> = going.iter().map(|(_, id)| *id).collect();
         let result = {
             let mut sessions: Vec<&mut Session<'m>> = going.iter_mut().map(|(a, _)| &mut a.session).collect();
-            Session::decode_batch(&mut sessions, &ids)
+            self.on_cores(|| Session::decode_batch(&mut sessions, &ids))
         };
         match result {
             Ok(logits) => going
@@ -193,12 +209,14 @@ impl PlainModel {
         let tokens = TokenStream::new(&self.tokenizer, &opts, &ids);
         let events = job.events;
         let t0 = Instant::now();
-        let logits = session.eval_with(&ids, Logits::Last, &mut |_| {
-            if events.is_closed() {
-                Err(EngineError::Cancelled)
-            } else {
-                Ok(())
-            }
+        let logits = self.on_cores(|| {
+            session.eval_with(&ids, Logits::Last, &mut |_| {
+                if events.is_closed() {
+                    Err(EngineError::Cancelled)
+                } else {
+                    Ok(())
+                }
+            })
         });
         let logits = match logits {
             Ok(l) => l,

@@ -418,7 +418,23 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Json<Value> {
             "recalled": r.recalled, "lost": r.lost,
         })
     });
-    Json(json!({"models": models, "secure_world": secure, "secure_reserve": reserve}))
+    let cores = match &state.cores {
+        None => json!({"sharing": "split"}),
+        Some(arbiter) => {
+            let f = arbiter.figures();
+            let turns: Vec<Value> = f
+                .turns
+                .iter()
+                .map(|t| json!({"owner": t.owner.name(), "from_ms": t.from_ms, "to_ms": t.to_ms}))
+                .collect();
+            json!({
+                "sharing": "lease", "secure_turns": f.secure_turns, "normal_turns": f.normal_turns,
+                "changes_of_owner": f.changes_of_owner, "secure_pauses": f.secure_pauses,
+                "unscrubbed_pauses": f.unscrubbed_pauses, "turns": turns,
+            })
+        }
+    };
+    Json(json!({"models": models, "secure_world": secure, "secure_reserve": reserve, "cores": cores}))
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {

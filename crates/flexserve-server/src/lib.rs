@@ -13,6 +13,7 @@ pub mod api;
 mod batch;
 mod encrypted;
 mod handlers;
+pub mod lease;
 pub mod metrics;
 pub mod registry;
 pub mod reserve;
@@ -71,6 +72,9 @@ pub struct ServeConfig {
     /// time (Flex-Mem's reserve; it takes effect with the secure world
     /// service, whose pool all sessions share). 0: none.
     pub secure_reserve: u64,
+    /// How the cores are shared between the worlds (the secure world's
+    /// threads are set by `connect`, from [`lease::CoreSharing::threads`]).
+    pub cores: lease::CoreSharing,
     pub connect: SessionFactory,
 }
 
@@ -86,6 +90,8 @@ pub struct AppState {
     reserve: Option<reserve::ReserveKeeper>,
     /// Encrypted sessions: which model's secure world holds each.
     encrypted: encrypted::SessionRoutes,
+    /// The cores' lease between the worlds, when they are leased.
+    cores: Option<Arc<lease::CoreArbiter>>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Prints `listening on http://ADDR`
@@ -115,6 +121,7 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
         max_queue: config.max_queue,
         connect: config.connect.clone(),
         resident_at_load: config.preload,
+        cores: (config.cores == lease::CoreSharing::Lease).then(lease::CoreArbiter::new),
     };
     let mut registry = Registry::new(config.models.clone(), settings, config.keep_alive);
     let keeper = (config.secure_reserve > 0).then(|| {
@@ -130,6 +137,7 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
             Ok(world)
         });
     }
+    let cores = registry.settings.cores.clone();
     let state = Arc::new(AppState {
         registry,
         metrics: metrics::Metrics::default(),
@@ -139,6 +147,7 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
         next_id: AtomicU64::new(1),
         reserve: keeper,
         encrypted: encrypted::SessionRoutes::default(),
+        cores,
     });
     let addr = SocketAddr::new(config.host, config.port);
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("binding {addr}: {e}"))?;

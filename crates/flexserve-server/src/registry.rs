@@ -78,6 +78,8 @@ pub struct BackendSettings {
     /// Make sealed models resident when they load (`--preload`), rather than
     /// streaming their weights through the pipeline with the first request.
     pub resident_at_load: bool,
+    /// The cores' lease between the worlds (`--cores lease`); `None`: split.
+    pub cores: Option<Arc<crate::lease::CoreArbiter>>,
 }
 
 pub struct Registry {
@@ -196,10 +198,11 @@ impl Registry {
         let s = &self.settings;
         let (threads, parallel, max_queue, connect) = (s.threads, s.parallel, s.max_queue, s.connect.clone());
         let resident = s.resident_at_load;
+        let cores = s.cores.clone();
         let t0 = Instant::now();
         let loaded = tokio::task::spawn_blocking(move || match kind {
-            Kind::Plain => Backend::start_plain(&path, threads, parallel, max_queue),
-            Kind::Sealed => Backend::start_sealed(&path, &connect, max_queue, resident),
+            Kind::Plain => Backend::start_plain(&path, threads, parallel, max_queue, cores),
+            Kind::Sealed => Backend::start_sealed(&path, &connect, max_queue, resident, cores),
         })
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("loading: {e}")))?;

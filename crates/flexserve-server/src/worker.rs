@@ -6,6 +6,7 @@
 //! reader has gone (the client disconnected) is cancelled at the next layer
 //! or token.
 
+use crate::lease::{CoreArbiter, SecureTenant};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -154,8 +155,14 @@ pub struct Backend {
 impl Backend {
     /// Loads a plain model and starts the thread that serves it: up to
     /// `slots` requests decoded together, one batched step at a time.
-    pub fn start_plain(path: &Path, threads: usize, slots: usize, max_queue: usize) -> Result<Backend, String> {
-        let plain = PlainModel::open(path, threads)?;
+    pub fn start_plain(
+        path: &Path,
+        threads: usize,
+        slots: usize,
+        max_queue: usize,
+        cores: Option<Arc<CoreArbiter>>,
+    ) -> Result<Backend, String> {
+        let plain = PlainModel::open(path, threads, cores)?;
         let (tx, rx) = mpsc::sync_channel::<Command>(max_queue);
         let alive = Arc::new(AtomicBool::new(true));
         let handle = std::thread::Builder::new()
@@ -174,14 +181,19 @@ impl Backend {
         connect: &SessionFactory,
         max_queue: usize,
         resident: bool,
+        cores: Option<Arc<CoreArbiter>>,
     ) -> Result<Backend, String> {
         let mut world = connect()?;
+        let tenant = cores.map(SecureTenant::new);
+        if let Some(t) = &tenant {
+            world.set_core_lease(t.clone());
+        }
         let opened = if resident { world.open_model(path) } else { world.open_model_header(path) };
         let (model, _report) = opened.map_err(|e| format!("opening {} in the secure world: {e}", path.display()))?;
         let (tx, rx) = mpsc::sync_channel::<Command>(max_queue);
         let alive = Arc::new(AtomicBool::new(true));
         let flag = alive.clone();
-        let mut sealed = SealedModel { world, model, path: path.to_path_buf() };
+        let mut sealed = SealedModel { world, model, path: path.to_path_buf(), tenant };
         let handle = std::thread::Builder::new()
             .name("sealed".to_string())
             .spawn(move || {
@@ -303,6 +315,23 @@ struct SealedModel {
     world: SecureWorld,
     model: OpenedModel,
     path: PathBuf,
+    /// The session's share of the cores' lease (`--cores lease`).
+    tenant: Option<Arc<crate::lease::SecureTenant>>,
+}
+
+impl SealedModel {
+    /// Runs `work` (one generation) holding the cores when they are leased.
+    fn on_cores<T>(&mut self, work: impl FnOnce(&mut SealedModel) -> T) -> T {
+        let tenant = self.tenant.clone();
+        if let Some(t) = &tenant {
+            t.begin();
+        }
+        let out = work(self);
+        if let Some(t) = &tenant {
+            t.end();
+        }
+        out
+    }
 }
 
 impl SealedModel {
@@ -310,16 +339,19 @@ impl SealedModel {
     /// session with the secure world is lost.
     fn run_encrypted(&mut self, job: EncryptedJob) -> bool {
         let events = &job.events;
-        let result = self.world.generate_encrypted(
-            &self.model,
-            job.session,
-            job.n_ctx,
-            job.message,
-            |record| {
-                let _ = events.blocking_send(SealedEvent::Record(record));
-            },
-            || events.is_closed(),
-        );
+        let (session, n_ctx, message) = (job.session, job.n_ctx, job.message);
+        let result = self.on_cores(|s| {
+            s.world.generate_encrypted(
+                &s.model,
+                session,
+                n_ctx,
+                message,
+                |record| {
+                    let _ = events.blocking_send(SealedEvent::Record(record));
+                },
+                || events.is_closed(),
+            )
+        });
         let (event, healthy) = match result {
             Ok(()) => (SealedEvent::End, true),
             Err(NormalError::Secure { code: ErrorCode::Cancelled, .. }) => {
@@ -359,14 +391,16 @@ impl SealedModel {
         };
         let events = &job.events;
         let started = Instant::now();
-        let result = self.world.generate_until(
-            &self.model,
-            request,
-            |piece| {
-                let _ = events.blocking_send(Event::Text(piece.to_string()));
-            },
-            || events.is_closed(),
-        );
+        let result = self.on_cores(|s| {
+            s.world.generate_until(
+                &s.model,
+                request,
+                |piece| {
+                    let _ = events.blocking_send(Event::Text(piece.to_string()));
+                },
+                || events.is_closed(),
+            )
+        });
         let (event, healthy) = match result {
             Ok(report) => (
                 Event::Done(Finish {

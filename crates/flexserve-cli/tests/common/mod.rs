@@ -20,6 +20,24 @@ pub fn model() -> PathBuf {
     p
 }
 
+/// The real model sealed with a fresh key (`flexserve keygen`, `flexserve
+/// seal`) in `home`: (sealed file, key file).
+pub fn seal(home: &Path) -> (PathBuf, PathBuf) {
+    let (key, sealed) = (home.join("m.key"), home.join("m.fsm"));
+    ok(flexserve(home).args(["keygen", "-o"]).arg(&key).output().unwrap());
+    ok(flexserve(home)
+        .arg("seal")
+        .arg("--model")
+        .arg(model())
+        .arg("--key")
+        .arg(&key)
+        .arg("-o")
+        .arg(&sealed)
+        .output()
+        .unwrap());
+    (sealed, key)
+}
+
 /// `--model plain=MODEL --model sealed=SEALED`: the real model served plain and, sealed, as `sealed`.
 pub fn plain_and_sealed(sealed: &Path) -> [String; 4] {
     let (plain, sealed) = (format!("plain={}", model().display()), format!("sealed={}", sealed.display()));

@@ -250,6 +250,35 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
     });
 }
 
+thread_local! {
+    // Per worker thread, kept between calls: one allocation per task would
+    // churn the heap for every layer of every token. The query in f16 (for
+    // `attend_head`) and the scores (for `attention_f32`).
+    static QUERY_F16: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Zeroes the calling thread's attention scratch (queries, scores: derived
+/// from the prompt) over its whole capacity, and its kernels' scratch.
+pub(crate) fn scrub_thread_scratch() {
+    QUERY_F16.with_borrow_mut(|q| {
+        q.resize(q.capacity(), 0);
+        zeroize::Zeroize::zeroize(q.as_mut_slice());
+    });
+    SCORES.with_borrow_mut(|s| {
+        s.resize(s.capacity(), 0.0);
+        zeroize::Zeroize::zeroize(s.as_mut_slice());
+    });
+    flexserve_quant::scrub_thread_scratch();
+}
+
+/// Whether the calling thread's scratch is scrubbed (see [`scrub_thread_scratch`]).
+pub(crate) fn thread_scratch_is_zero() -> bool {
+    let q = QUERY_F16.with_borrow(|q| q.len() == q.capacity() && q.iter().all(|&b| b == 0));
+    let s = SCORES.with_borrow(|s| s.len() == s.capacity() && s.iter().all(|&v| v == 0.0));
+    q && s && flexserve_quant::thread_scratch_is_zero()
+}
+
 /// One head's attention output `o` for the query `q` at position `last`,
 /// over positions `0..=last` of one layer's cache (`kc`, `vc`): online
 /// softmax, f16 accumulation, as llama.cpp's CPU flash attention does.
@@ -260,12 +289,6 @@ pub(super) fn attend_head(c: &ModelConfig, kc: &[u16], vc: &[u16], head: usize, 
     let scale = 1.0 / (hd as f32).sqrt();
     let to_f16 = ops::kernels(flexserve_gguf::GgmlType::F16).expect("F16 kernels are always present").quantize;
     let acc = flexserve_quant::f16_acc();
-    thread_local! {
-        // The query in f16 per worker thread, kept between calls (as `SCORES`
-        // in `attention_f32`): one allocation per task would churn the heap
-        // for every layer of every token.
-        static QUERY_F16: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
     QUERY_F16.with_borrow_mut(|q16| {
         q16.resize(hd * 2, 0);
         // Queries meet f16 keys in f16, as the cache stores them.
@@ -346,11 +369,6 @@ fn attention_f32(
     let f32_bytes = std::mem::size_of::<f32>();
     let tile = flexserve_quant::tile_kernel(flexserve_gguf::GgmlType::F32).expect("F32 has a tile kernel");
     let softmax_scaled = flexserve_quant::activations().softmax_scaled;
-    thread_local! {
-        // Scores per worker thread, kept between calls: allocating them per
-        // task would churn the heap for every block of every layer.
-        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
     // One task per block of queries (all heads): its output rows are contiguous.
     out.par_chunks_mut(ATTENTION_QUERY_BLOCK * qd).enumerate().for_each(|(b, o)| {
         SCORES.with_borrow_mut(|scores| {

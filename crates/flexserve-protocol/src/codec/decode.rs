@@ -36,6 +36,15 @@ impl<'a> Decoder<'a> {
         Ok(self.array::<1>(what)?[0])
     }
 
+    /// A boolean: 0 or 1, anything else malformed (the encoding stays canonical).
+    fn flag(&mut self, what: &dyn Display) -> Result<bool, ProtocolError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(malformed(format!("{what}: invalid flag {other:#04x}"))),
+        }
+    }
+
     fn u16(&mut self, what: &dyn Display) -> Result<u16, ProtocolError> {
         Ok(u16::from_le_bytes(self.array(what)?))
     }
@@ -148,6 +157,8 @@ impl<'a> Decoder<'a> {
             },
             tag::REQ_UNLOAD => Request::Unload { model: self.u32(&"Request::Unload.model")? },
             tag::REQ_RECALL => Request::Recall { granules: self.u32(&"Request::Recall.granules")? },
+            tag::REQ_PAUSE => Request::Pause,
+            tag::REQ_RESUME => Request::Resume,
             tag::REQ_EVICT => Request::Evict {
                 model: self.u32(&"Request::Evict.model")?,
                 granules: self.u32(&"Request::Evict.granules")?,
@@ -260,6 +271,7 @@ impl<'a> Decoder<'a> {
                         .ok_or_else(|| malformed(format!("unknown GenerationReport.stop tag {t:#04x}")))?
                 },
             }),
+            tag::REP_PAUSED => Reply::Paused { scrubbed: self.flag(&"Reply::Paused.scrubbed")? },
             tag::REP_EVICTED => Reply::Evicted {
                 freed: self.u32(&"Reply::Evicted.freed")?,
                 groups: self.u32(&"Reply::Evicted.groups")?,

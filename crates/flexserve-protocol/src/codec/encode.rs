@@ -168,6 +168,8 @@ impl Encoder {
                 self.u8(tag::REQ_RECALL);
                 self.u32(*granules);
             }
+            Request::Pause => self.u8(tag::REQ_PAUSE),
+            Request::Resume => self.u8(tag::REQ_RESUME),
             Request::Evict { model, granules } => {
                 self.u8(tag::REQ_EVICT);
                 self.u32(*model);
@@ -304,6 +306,10 @@ impl Encoder {
                 self.u32(*released);
                 self.u32(*evicted);
                 self.u64(*micros);
+            }
+            Reply::Paused { scrubbed } => {
+                self.u8(tag::REP_PAUSED);
+                self.u8(u8::from(*scrubbed));
             }
             Reply::Evicted { freed, groups, micros } => {
                 self.u8(tag::REP_EVICTED);

@@ -24,6 +24,8 @@ pub(super) const REQ_OPEN_ENCRYPTED: u8 = 0x12;
 pub(super) const REQ_GENERATE_ENCRYPTED: u8 = 0x13;
 pub(super) const REQ_CLOSE_ENCRYPTED: u8 = 0x14;
 pub(super) const REQ_EVICT: u8 = 0x15;
+pub(super) const REQ_PAUSE: u8 = 0x16;
+pub(super) const REQ_RESUME: u8 = 0x17;
 
 pub(super) const REP_HELLO: u8 = 0x81;
 pub(super) const REP_MODEL_OPENED: u8 = 0x82;
@@ -45,6 +47,7 @@ pub(super) const REP_ENCRYPTED_OPENED: u8 = 0x91;
 pub(super) const REP_SEALED: u8 = 0x92;
 pub(super) const REP_LOAD_NEEDED: u8 = 0x93;
 pub(super) const REP_EVICTED: u8 = 0x94;
+pub(super) const REP_PAUSED: u8 = 0x95;
 
 pub(super) const INPUT_RAW: u8 = 0;
 pub(super) const INPUT_CHAT_TURN: u8 = 1;
@@ -140,6 +143,8 @@ impl Request {
             Request::Unload { .. } => "Request::Unload",
             Request::Recall { .. } => "Request::Recall",
             Request::Evict { .. } => "Request::Evict",
+            Request::Pause => "Request::Pause",
+            Request::Resume => "Request::Resume",
             Request::Status => "Request::Status",
             Request::Shutdown => "Request::Shutdown",
             Request::Perplexity { .. } => "Request::Perplexity",
@@ -169,6 +174,7 @@ impl Reply {
             Reply::Generated(_) => "Reply::Generated",
             Reply::Recalled { .. } => "Reply::Recalled",
             Reply::Evicted { .. } => "Reply::Evicted",
+            Reply::Paused { .. } => "Reply::Paused",
             Reply::Status(_) => "Reply::Status",
             Reply::Ok => "Reply::Ok",
             Reply::Error { .. } => "Reply::Error",

@@ -245,7 +245,7 @@ pub(super) struct Q4kFactors {
 
 crate::scratch::scratch_fn! {
     /// Scratch for the unpacked factors of a chunk of rows.
-    fn with_q4k_factors: Q4kFactors;
+    fn with_q4k_factors: Q4kFactors => Q4K_FACTORS;
 }
 
 impl Q4kFactors {

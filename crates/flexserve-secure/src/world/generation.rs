@@ -200,27 +200,54 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         // there: nobody is left to read it. Chunks sent for a pipelined load
         // are decrypted and verified here too.
         let serve = |channel: &mut C, wait: bool| {
-            if peer_gone.load(Ordering::Relaxed) {
-                return;
-            }
-            match serve_during_generation(channel, memory, &mut lock_store(), &mut lock_timeline(), wait, 0) {
-                DuringGeneration::Nothing => {}
-                DuringGeneration::PeerGone => peer_gone.store(true, Ordering::Relaxed),
-                DuringGeneration::Cancel => {
-                    cancelled.store(true, Ordering::Relaxed);
-                    if channel.send(&Reply::Ok).is_err() {
-                        peer_gone.store(true, Ordering::Relaxed);
+            let mut paused = false;
+            let mut wait = wait;
+            loop {
+                if peer_gone.load(Ordering::Relaxed) {
+                    return;
+                }
+                match serve_during_generation(channel, memory, &mut lock_store(), &mut lock_timeline(), wait, 0) {
+                    DuringGeneration::Nothing => {}
+                    DuringGeneration::PeerGone => peer_gone.store(true, Ordering::Relaxed),
+                    DuringGeneration::Cancel => {
+                        cancelled.store(true, Ordering::Relaxed);
+                        if channel.send(&Reply::Ok).is_err() {
+                            peer_gone.store(true, Ordering::Relaxed);
+                        }
+                        return;
                     }
-                }
-                DuringGeneration::LoadFailed(f) => {
-                    *failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
-                }
-                DuringGeneration::Answer { reply, released } => {
-                    recalled.fetch_add(released, Ordering::Relaxed);
-                    if channel.send(&reply).is_err() {
-                        peer_gone.store(true, Ordering::Relaxed);
+                    DuringGeneration::LoadFailed(f) => {
+                        *failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
                     }
+                    DuringGeneration::Answer { reply, released } => {
+                        recalled.fetch_add(released, Ordering::Relaxed);
+                        if channel.send(&reply).is_err() {
+                            peer_gone.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    // The cores go to the normal world: nothing of this
+                    // generation stays in the workers' scratch, and nothing
+                    // computes until they come back.
+                    DuringGeneration::Pause if !paused => {
+                        let scrubbed = engine.scrub_worker_scratch();
+                        if channel.send(&Reply::Paused { scrubbed }).is_err() {
+                            peer_gone.store(true, Ordering::Relaxed);
+                        }
+                        // A cancelled generation ends instead: the normal
+                        // world, having cancelled, sends no Resume.
+                        paused = !cancelled.load(Ordering::Relaxed);
+                    }
+                    DuringGeneration::Pause => {
+                        if channel.send(&Reply::Paused { scrubbed: true }).is_err() {
+                            peer_gone.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    DuringGeneration::Resume => paused = false,
                 }
+                if !paused {
+                    return;
+                }
+                wait = true;
             }
         };
         let stopped = || {
@@ -461,17 +488,30 @@ fn serve_while_loading<M: SecureMemory, C: Channel>(
     timeline: &mut Timeline,
     keep: usize,
 ) -> Result<usize, Failure> {
-    match serve_during_generation(channel, memory, store, timeline, true, keep) {
-        DuringGeneration::Nothing => Ok(0),
-        DuringGeneration::PeerGone => Err(peer_gone_failure()),
-        DuringGeneration::Cancel => {
-            channel.send(&Reply::Ok).map_err(|_| peer_gone_failure())?;
-            Err((ErrorCode::Cancelled, "the generation was cancelled".to_string()))
+    let mut paused = false;
+    let mut released = 0;
+    loop {
+        match serve_during_generation(channel, memory, store, timeline, true, keep) {
+            DuringGeneration::Nothing => {}
+            DuringGeneration::PeerGone => return Err(peer_gone_failure()),
+            DuringGeneration::Cancel => {
+                channel.send(&Reply::Ok).map_err(|_| peer_gone_failure())?;
+                return Err((ErrorCode::Cancelled, "the generation was cancelled".to_string()));
+            }
+            DuringGeneration::LoadFailed(failure) => return Err(failure),
+            DuringGeneration::Answer { reply, released: n } => {
+                channel.send(&reply).map_err(|_| peer_gone_failure())?;
+                released += n;
+            }
+            // No engine runs yet: no worker holds anything of this request.
+            DuringGeneration::Pause => {
+                channel.send(&Reply::Paused { scrubbed: true }).map_err(|_| peer_gone_failure())?;
+                paused = true;
+            }
+            DuringGeneration::Resume => paused = false,
         }
-        DuringGeneration::LoadFailed(failure) => Err(failure),
-        DuringGeneration::Answer { reply, released } => {
-            channel.send(&reply).map_err(|_| peer_gone_failure())?;
-            Ok(released)
+        if !paused {
+            return Ok(released);
         }
     }
 }
@@ -548,6 +588,10 @@ enum DuringGeneration {
     PeerGone,
     /// The peer asked to stop this generation.
     Cancel,
+    /// The normal world takes the cores back until it sends Resume (Flex-NPU).
+    Pause,
+    /// The cores come back.
+    Resume,
     /// A chunk sent for the pipelined load could not be loaded (answered
     /// already with the count loaded before it): the generation fails so.
     LoadFailed(Failure),
@@ -604,10 +648,13 @@ fn serve_during_generation<M: SecureMemory, C: Channel>(
             }
         }
         Some(Ok(Request::Cancel)) => DuringGeneration::Cancel,
+        Some(Ok(Request::Pause)) => DuringGeneration::Pause,
+        Some(Ok(Request::Resume)) => DuringGeneration::Resume,
         Some(Ok(other)) => answer(Reply::Error {
             code: ErrorCode::OutOfOrder,
             message: format!(
-                "{} while a generation runs (only Recall, Cancel and the chunks it asked for are served then)",
+                "{} while a generation runs (only Recall, Cancel, Pause, Resume and the chunks it asked for are \
+                 served then)",
                 request_name(&other)
             ),
         }),
