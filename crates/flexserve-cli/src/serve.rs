@@ -69,6 +69,10 @@ pub struct ServeArgs {
     /// scrubbed) while plain work waits; `split` gives each world half the cores for good.
     #[arg(long, value_parser = flexserve_server::lease::CoreSharing::parse)]
     cores: Option<flexserve_server::lease::CoreSharing>,
+    /// A workflow to serve at POST /v1/workflows/run (repeatable; docs/workflows.md). Its models
+    /// run on the served models with the same files, or are served as WORKFLOW.MODEL.
+    #[arg(long = "workflow")]
+    workflows: Vec<PathBuf>,
     #[command(flatten)]
     keys: KeyArgs,
     #[command(flatten)]
@@ -123,6 +127,9 @@ struct ConfigFile {
     secure_reserve: Option<String>,
     /// "lease" or "split".
     cores: Option<String>,
+    /// Workflow files.
+    #[serde(default)]
+    workflows: Vec<PathBuf>,
 }
 
 /// Largest config file read.
@@ -146,6 +153,7 @@ impl ConfigFile {
         config.models.values_mut().for_each(resolve);
         config.models_dir.as_mut().map(resolve);
         config.api_key_file.as_mut().map(resolve);
+        config.workflows.iter_mut().for_each(resolve);
         Ok(config)
     }
 }
@@ -163,6 +171,48 @@ fn models_in(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     }
     found.sort();
     Ok(found)
+}
+
+/// The workflows to serve, each of its models on the served model with the
+/// same file, or added to `models` as WORKFLOW.MODEL.
+fn served_workflows<'a>(
+    files: impl Iterator<Item = &'a PathBuf>,
+    models: &mut Vec<(String, PathBuf, flexserve_server::Kind)>,
+) -> Result<flexserve_server::workflows::Workflows> {
+    let mut served = flexserve_server::workflows::Workflows::new();
+    for file in files {
+        let workflow = flexserve_workflow::Workflow::from_file(file)?;
+        if served.contains_key(&workflow.name) {
+            bail!("workflow name {:?} is given twice ({})", workflow.name, file.display());
+        }
+        let mut names = Vec::new();
+        for spec in &workflow.models {
+            let same_file = |p: &PathBuf| match (p.canonicalize(), spec.path.canonicalize()) {
+                (Ok(a), Ok(b)) => a == b,
+                _ => false,
+            };
+            let name = match models.iter().find(|(_, p, _)| same_file(p)) {
+                Some((name, _, _)) => name.clone(),
+                None => {
+                    let name = format!("{}.{}", workflow.name, spec.name);
+                    if models.iter().any(|(n, _, _)| *n == name) {
+                        bail!("model name {name:?} (workflow {}) is given twice", workflow.name);
+                    }
+                    let sealed = is_sealed(&spec.path)
+                        .with_context(|| format!("workflow {} model {}", workflow.name, spec.name))?;
+                    let kind = if sealed { flexserve_server::Kind::Sealed } else { flexserve_server::Kind::Plain };
+                    models.push((name.clone(), spec.path.clone(), kind));
+                    name
+                }
+            };
+            names.push(name);
+        }
+        served.insert(
+            workflow.name.clone(),
+            Arc::new(flexserve_server::workflows::ServedWorkflow { workflow, models: names }),
+        );
+    }
+    Ok(served)
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -184,6 +234,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let kind = if is_sealed(&path)? { flexserve_server::Kind::Sealed } else { flexserve_server::Kind::Plain };
         models.push((name, path, kind));
     }
+    let workflows = served_workflows(file.workflows.iter().chain(&args.workflows), &mut models)?;
     let api_key = match (&args.api_key, args.api_key_file.as_ref().or(file.api_key_file.as_ref())) {
         (Some(k), _) => Some(k.clone()),
         (None, Some(f)) => {
@@ -235,6 +286,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ctx: args.ctx.or(file.ctx).unwrap_or(0),
         secure_reserve,
         cores,
+        workflows,
         connect,
     })
     .map_err(|e| anyhow::anyhow!(e))

@@ -60,6 +60,9 @@ pub struct Params {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub keep_alive: Option<KeepAliveValue>,
+    /// The model the client will ask next (an agent loop's next step): the
+    /// daemon loads it, weights and all, once this request is answered.
+    pub next_model: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -147,12 +147,15 @@ async fn complete(
     let params = gen_params(p, state.ctx)?;
     let keep_alive = p.keep_alive.as_ref().map(api::keep_alive).transpose()?;
     let entry = state.registry.entry(model)?;
+    // Named now, so that an unknown one fails the request before it runs.
+    let next = p.next_model.as_deref().map(|n| state.registry.entry(n)).transpose()?;
     let lease = state.registry.lease(&entry, keep_alive, &state.metrics).await?;
     let (tx, rx) = mpsc::channel(EVENT_BUFFER);
     let started = Instant::now();
     let cancelled = state.metrics.cancelled.clone();
     lease.backend.submit(Command::Generate(Job { input, params, events: tx, cancelled }))?;
-    let reply = Reply { state: state.clone(), endpoint, model: model.to_string(), created: now_seconds(), started };
+    let reply =
+        Reply { state: state.clone(), endpoint, model: model.to_string(), created: now_seconds(), started, next };
     if p.stream {
         let include_usage = p.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Ok(reply.stream(rx, lease, include_usage))
@@ -168,6 +171,8 @@ struct Reply {
     model: String,
     created: u64,
     started: Instant,
+    /// The model the client said it asks next: loaded once this answer is done.
+    next: Option<Arc<crate::registry::ModelEntry>>,
 }
 
 impl Reply {
@@ -183,6 +188,11 @@ impl Reply {
         let m = &self.state.metrics;
         m.prompt_tokens.fetch_add(u64::from(finish.prompt_tokens), Ordering::Relaxed);
         m.generated_tokens.fetch_add(u64::from(finish.completion_tokens), Ordering::Relaxed);
+        // The answer is done: the next model loads now, not beside its generation.
+        if let Some(next) = self.next.clone() {
+            let state = self.state.clone();
+            tokio::spawn(async move { state.registry.prefetch(&next).await });
+        }
     }
 
     async fn whole(self, mut rx: mpsc::Receiver<Event>, lease: Lease) -> Result<Response, ApiError> {

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod registry;
 pub mod reserve;
 pub mod worker;
+pub mod workflows;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -75,6 +76,8 @@ pub struct ServeConfig {
     /// How the cores are shared between the worlds (the secure world's
     /// threads are set by `connect`, from [`lease::CoreSharing::threads`]).
     pub cores: lease::CoreSharing,
+    /// Workflows served at `/v1/workflows/run`, by name.
+    pub workflows: workflows::Workflows,
     pub connect: SessionFactory,
 }
 
@@ -92,6 +95,7 @@ pub struct AppState {
     encrypted: encrypted::SessionRoutes,
     /// The cores' lease between the worlds, when they are leased.
     cores: Option<Arc<lease::CoreArbiter>>,
+    workflows: workflows::Workflows,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Prints `listening on http://ADDR`
@@ -148,6 +152,7 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
         reserve: keeper,
         encrypted: encrypted::SessionRoutes::default(),
         cores,
+        workflows: config.workflows.clone(),
     });
     let addr = SocketAddr::new(config.host, config.port);
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("binding {addr}: {e}"))?;
@@ -227,6 +232,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::list_models))
+        .route("/v1/workflows", get(workflows::list))
+        .route("/v1/workflows/run", post(workflows::run))
         .route("/models/load", post(handlers::load_model))
         .route("/models/unload", post(handlers::unload_model))
         .route("/status", get(handlers::status))

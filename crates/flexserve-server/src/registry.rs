@@ -193,11 +193,36 @@ impl Registry {
         Ok(Lease { backend, entry: entry.clone(), _busy: busy })
     }
 
+    /// Loads a model that is not loaded, weights and all (a sealed one
+    /// made resident), ahead of the request a client said comes next; a
+    /// loaded (or loading) model is left as it is.
+    pub async fn prefetch(&self, entry: &Arc<ModelEntry>) {
+        let Ok(mut slot) = entry.backend.try_lock() else { return };
+        if slot.is_some() {
+            return;
+        }
+        entry.set_state(LoadState::Loading);
+        let _busy = Busy::begin(&self.activity);
+        let loaded = self.load_as(entry, true).await;
+        entry.set_state(if loaded.is_ok() { LoadState::Loaded } else { LoadState::Unloaded });
+        match loaded {
+            Ok(b) => {
+                entry.usage.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0 = Instant::now();
+                *slot = Some(Arc::new(b));
+            }
+            Err(e) => eprintln!("flexserve serve: prefetching {}: {}", entry.name, e.message),
+        }
+    }
+
     async fn load(&self, entry: &Arc<ModelEntry>) -> Result<Backend, ApiError> {
+        self.load_as(entry, self.settings.resident_at_load).await
+    }
+
+    /// Loads a model; `resident`: a sealed model's weights too, now.
+    async fn load_as(&self, entry: &Arc<ModelEntry>, resident: bool) -> Result<Backend, ApiError> {
         let (path, kind) = (entry.path.clone(), entry.kind);
         let s = &self.settings;
         let (threads, parallel, max_queue, connect) = (s.threads, s.parallel, s.max_queue, s.connect.clone());
-        let resident = s.resident_at_load;
         let cores = s.cores.clone();
         let t0 = Instant::now();
         let loaded = tokio::task::spawn_blocking(move || match kind {

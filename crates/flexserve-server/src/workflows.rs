@@ -1,0 +1,219 @@
+//! `POST /v1/workflows/run` and `GET /v1/workflows`: the daemon runs a
+//! declared multi-model workflow (`docs/workflows.md`) step by step on the
+//! models it serves, each step's output streamed as it comes, then the
+//! workflow's answer. Sealed steps run in their model's secure world
+//! session; plain ones in this process.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive as SseKeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use flexserve_protocol::Message;
+use flexserve_workflow::{Outputs, Workflow};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+
+use crate::api::{ApiError, ErrorKind};
+use crate::handlers::{parse, Body};
+use crate::worker::{Command, Event, Finish, GenParams, Job, JobInput};
+use crate::AppState;
+
+/// A workflow the daemon serves, with the served model each of its models runs on.
+pub struct ServedWorkflow {
+    pub workflow: Workflow,
+    /// The daemon's model name for each of the workflow's models (by index).
+    pub models: Vec<String>,
+}
+
+/// The served workflows, by name.
+pub type Workflows = BTreeMap<String, Arc<ServedWorkflow>>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunRequest {
+    workflow: String,
+    input: String,
+    #[serde(default)]
+    stream: bool,
+}
+
+/// What one step did.
+struct StepDone {
+    step: usize,
+    finish: Finish,
+    first_token_ms: Option<f64>,
+}
+
+pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .workflows
+        .iter()
+        .map(|(name, w)| {
+            let steps: Vec<Value> = w
+                .workflow
+                .order()
+                .iter()
+                .map(|&s| json!({"name": w.workflow.steps[s].name, "model": w.models[w.workflow.steps[s].model]}))
+                .collect();
+            json!({"id": name, "object": "workflow", "description": w.workflow.description, "steps": steps})
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+pub async fn run(State(state): State<Arc<AppState>>, Body(body): Body) -> Response {
+    let result = async {
+        let req: RunRequest = parse(&body)?;
+        let served = state.workflows.get(&req.workflow).cloned().ok_or_else(|| {
+            let known: Vec<&str> = state.workflows.keys().map(String::as_str).collect();
+            ApiError::new(
+                ErrorKind::NotFound,
+                format!("workflow {:?} is not served here (workflows: {})", req.workflow, known.join(", ")),
+            )
+        })?;
+        if req.stream {
+            Ok(stream(state.clone(), served, req.input))
+        } else {
+            whole(&state, &served, &req.input).await
+        }
+    }
+    .await;
+    result.unwrap_or_else(|e: ApiError| e.into_response())
+}
+
+async fn whole(state: &Arc<AppState>, served: &ServedWorkflow, input: &str) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let (outputs, done) = run_steps(state, served, input, &mut |_| true).await?;
+    let wf = &served.workflow;
+    let steps: Vec<Value> = done.iter().map(|d| step_json(served, &outputs, d)).collect();
+    Ok(Json(json!({
+        "object": "workflow.run", "workflow": wf.name,
+        "answer": outputs.get(wf.output_step()).unwrap_or_default(),
+        "steps": steps, "total_ms": started.elapsed().as_secs_f64() * 1e3,
+    }))
+    .into_response())
+}
+
+fn step_json(served: &ServedWorkflow, outputs: &Outputs, d: &StepDone) -> Value {
+    let step = &served.workflow.steps[d.step];
+    json!({
+        "name": step.name, "model": served.models[step.model],
+        "output": outputs.get(d.step).unwrap_or_default(),
+        "finish_reason": d.finish.finish_reason, "first_token_ms": d.first_token_ms,
+        "usage": {"prompt_tokens": d.finish.prompt_tokens, "completion_tokens": d.finish.completion_tokens},
+    })
+}
+
+/// Server-sent events: `{"type": "step", ...}` as a step starts, `{"type":
+/// "text", "step", "text"}` for each piece, `{"type": "step_done", ...}`, then
+/// `{"type": "answer", "text"}` and `[DONE]`; a failing step sends
+/// `{"type": "error", "step", "error"}` and `[DONE]`.
+fn stream(state: Arc<AppState>, served: Arc<ServedWorkflow>, input: String) -> Response {
+    // Unbounded: each step's pieces are bounded by its max_tokens, and a
+    // piece is never dropped for a slow reader.
+    let (out, sse) = mpsc::unbounded_channel::<SseEvent>();
+    tokio::spawn(async move {
+        let send = |value: Value| out.send(SseEvent::default().data(value.to_string())).is_ok();
+        // A closed stream (the client went away) stops the run.
+        let mut on_event = |value: Value| send(value);
+        let last = match run_steps(&state, &served, &input, &mut on_event).await {
+            Ok((outputs, _)) => {
+                let answer = outputs.get(served.workflow.output_step()).unwrap_or_default();
+                json!({"type": "answer", "text": answer})
+            }
+            Err(e) => json!({"type": "error", "error": e.body()["error"]}),
+        };
+        if send(last) {
+            let _ = out.send(SseEvent::default().data("[DONE]"));
+        }
+    });
+    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(sse).map(Ok::<_, Infallible>);
+    Sse::new(stream).keep_alive(SseKeepAlive::default()).into_response()
+}
+
+/// Runs the steps in order on the served models; `on_event` gets each
+/// step's start, pieces and end (false: the client went away, stop).
+async fn run_steps(
+    state: &Arc<AppState>,
+    served: &ServedWorkflow,
+    input: &str,
+    on_event: &mut (dyn FnMut(Value) -> bool + Send),
+) -> Result<(Outputs, Vec<StepDone>), ApiError> {
+    let wf = &served.workflow;
+    let mut outputs = Outputs::new(wf.steps.len());
+    let mut done = Vec::new();
+    for &s in wf.order() {
+        let step = &wf.steps[s];
+        let model = &served.models[step.model];
+        let named = |e: ApiError| ApiError::new(e.kind, format!("step {:?} (model {model}): {}", step.name, e.message));
+        let render_failed =
+            |e: flexserve_workflow::WorkflowError| ApiError::new(ErrorKind::InvalidRequest, e.to_string());
+        let prompt = wf.render_prompt(s, input, &outputs).map_err(render_failed).map_err(named)?;
+        let system = wf.render_system(s, input, &outputs).map_err(render_failed).map_err(named)?;
+        if !on_event(json!({"type": "step", "step": step.name, "model": model})) {
+            return Err(ApiError::new(ErrorKind::InvalidRequest, "the client went away"));
+        }
+        let job_input = if step.chat {
+            let mut messages: Vec<Message> = Vec::new();
+            if let Some(system) = system {
+                messages.push(Message { role: "system".to_string(), content: system });
+            }
+            messages.push(Message { role: "user".to_string(), content: prompt });
+            JobInput::Chat(messages)
+        } else {
+            JobInput::Prompt(prompt)
+        };
+        let sampling = &step.sampling;
+        let params = GenParams {
+            max_tokens: step.max_tokens,
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
+            top_k: sampling.top_k,
+            min_p: sampling.min_p,
+            seed: sampling.seed.unwrap_or(0),
+            stop: step.stop.clone(),
+            n_ctx: state.ctx,
+        };
+        let entry = state.registry.entry(model).map_err(named)?;
+        let lease = state.registry.lease(&entry, None, &state.metrics).await.map_err(named)?;
+        let (tx, mut rx) = mpsc::channel(64);
+        let started = Instant::now();
+        let cancelled = state.metrics.cancelled.clone();
+        lease
+            .backend
+            .submit(Command::Generate(Job { input: job_input, params, events: tx, cancelled }))
+            .map_err(named)?;
+        let mut text = String::new();
+        let mut first_token_ms = None;
+        let finish = loop {
+            match rx.recv().await {
+                Some(Event::Text(t)) => {
+                    first_token_ms.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
+                    if !on_event(json!({"type": "text", "step": step.name, "text": t})) {
+                        // Dropping the receiver cancels the generation.
+                        return Err(ApiError::new(ErrorKind::InvalidRequest, "the client went away"));
+                    }
+                    text.push_str(&t);
+                }
+                Some(Event::Done(f)) => break f,
+                Some(Event::Failed(e)) => return Err(named(e)),
+                None => return Err(named(ApiError::new(ErrorKind::Internal, "the model stopped without an answer"))),
+            }
+        };
+        drop(lease);
+        on_event(json!({
+            "type": "step_done", "step": step.name, "finish_reason": finish.finish_reason,
+            "usage": {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens},
+        }));
+        outputs.set(s, text);
+        done.push(StepDone { step: s, finish, first_token_ms });
+    }
+    Ok((outputs, done))
+}
