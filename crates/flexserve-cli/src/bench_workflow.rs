@@ -7,10 +7,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use flexserve_normal::MemoryBudget;
 
 use crate::bench::median;
+use crate::timeline_svg::Chart;
 use crate::workflow::runner::{self, Design, RunConfig, RunReport, Worlds};
 use crate::KeyArgs;
 
@@ -37,6 +38,9 @@ pub struct WorkflowBenchArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    /// Write one SVG timeline per design (its last repetition) into this directory.
+    #[arg(long)]
+    pub timeline: Option<PathBuf>,
     #[command(flatten)]
     pub keys: KeyArgs,
 }
@@ -81,10 +85,42 @@ pub fn run(args: WorkflowBenchArgs) -> Result<()> {
     let same = runs.iter().flatten().all(|r| r.outputs == *reference);
     print_table(&args, &runs);
     eprintln!("outputs identical under every design and repetition: {}", if same { "yes" } else { "NO" });
+    if let Some(dir) = &args.timeline {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (design, runs) in args.designs.iter().zip(&runs) {
+            let last = runs.last().expect("at least one repetition");
+            let path = dir.join(format!("workflow-{}-{}.svg", workflow.name, design.name()));
+            let title = format!("{} ({}): {:.0} ms end to end", workflow.name, design.name(), ms(last.total));
+            timeline(last).write_svg(&path, &title)?;
+            eprintln!("wrote {}", path.display());
+        }
+    }
     if args.json {
         println!("{}", to_json(&workflow.name, &args.designs, &runs));
     }
     Ok(())
+}
+
+/// Lanes of a workflow's timeline.
+static LANES: [(&str, &str); 3] = [("protect", "#b5651d"), ("load + prefill", "#6a1b9a"), ("decode", "#1565c0")];
+
+/// A run drawn step by step: protecting memory, loading and prefilling
+/// (the step's start to its first token), decoding.
+fn timeline(run: &RunReport) -> Chart {
+    let mut chart = Chart::new(&LANES);
+    if !run.carve_out.is_zero() {
+        chart.bar(0, "carve-out", false, 0.0, ms(run.carve_out));
+    }
+    for (i, s) in run.steps.iter().enumerate() {
+        let (start, light) = (ms(s.started), i % 2 == 1);
+        let label = format!("step {} (model {}{})", s.name, s.model, if s.sealed { ", sealed" } else { "" });
+        if !s.protect.is_zero() {
+            chart.bar(0, format!("{label}: protect"), light, start, start + ms(s.protect));
+        }
+        chart.bar(1, label.clone(), light, start, start + ms(s.ttft));
+        chart.bar(2, label, light, start + ms(s.ttft), start + ms(s.total));
+    }
+    chart
 }
 
 fn ms(d: std::time::Duration) -> f64 {

@@ -11,6 +11,7 @@ mod client;
 mod plain;
 mod secure;
 mod serve;
+mod timeline_svg;
 mod workflow;
 
 use plain::{chat, inspect, is_sealed, report, Loaded, ModelFile};

@@ -223,3 +223,42 @@ fn a_failing_step_stops_the_workflow_and_is_named() {
     assert!(err.contains("\"only\"") && err.contains("ghost") && err.contains("bad.toml"), "{err}");
     assert!(!err.contains("== step"), "{err}");
 }
+
+#[test]
+fn bench_workflow_runs_every_design_with_the_documented_json_and_timelines() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let (_, key) = seal(home);
+    let file = home.join("a-b-a.toml");
+    std::fs::write(&file, OVER_BUDGET).unwrap();
+    let timelines = home.join("timelines");
+    let o = flexserve(home)
+        .args(["bench", "workflow"])
+        .arg(&file)
+        .args(["--key", key.to_str().unwrap(), "--repetitions", "1", "--threads", "2", "--json", "--timeline"])
+        .arg(&timelines)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let out = ok(o);
+    assert!(err.contains("outputs identical under every design and repetition: yes"), "{err}");
+    let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(report["workflow"], "a-b-a");
+    let designs = report["designs"].as_array().unwrap();
+    let names: Vec<&str> = designs.iter().map(|d| d["design"].as_str().unwrap()).collect();
+    assert_eq!(names, ["strawman", "opt-strawman", "flexserve"]);
+    for d in designs {
+        assert_eq!(d["end_to_end_ms"].as_array().unwrap().len(), 1, "{d}");
+        let steps = d["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 3, "{d}");
+        for s in steps {
+            assert!(s["name"].is_string() && s["model"].is_string(), "{s}");
+            assert_eq!(s["ttft_ms"].as_array().unwrap().len(), 1, "{s}");
+            assert_eq!(s["decode_tokens_per_s"].as_array().unwrap().len(), 1, "{s}");
+        }
+        let svg =
+            std::fs::read_to_string(timelines.join(format!("workflow-a-b-a-{}.svg", d["design"].as_str().unwrap())))
+                .unwrap();
+        assert!(svg.matches("<rect").count() >= 6 && svg.contains("step second"), "{svg}");
+    }
+}

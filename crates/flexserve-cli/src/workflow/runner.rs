@@ -79,6 +79,10 @@ pub struct StepReport {
     pub name: String,
     pub model: String,
     pub sealed: bool,
+    /// When the step started, since the workflow's clock did.
+    pub started: Duration,
+    /// Time spent protecting memory the step was granted.
+    pub protect: Duration,
     /// From the step's start (opening its model included) to its first token.
     pub ttft: Duration,
     pub total: Duration,
@@ -97,6 +101,8 @@ pub struct RunReport {
     pub total: Duration,
     /// Granules the normal world took back during the run (`flexserve recall`, memory pressure).
     pub recalled: u64,
+    /// Time spent protecting a carve-out when the workflow started (`opt-strawman`).
+    pub carve_out: Duration,
 }
 
 /// What the runner tells its caller as it goes.
@@ -138,10 +144,12 @@ pub fn run(workflow: &Workflow, input: &str, cfg: &RunConfig, on_event: &mut dyn
         s.world.grant(budget).context("preparing the reserve")?;
     }
     let t0 = Instant::now();
+    let mut carve_out = Duration::ZERO;
     if let (Some(s), Design::OptStrawman) = (side.as_mut(), cfg.design) {
         // The carve-out: the whole budget, protected when the workflow starts.
         let budget = s.world.budget_granules();
         s.world.grant(budget).context("making the carve-out")?;
+        carve_out = t0.elapsed();
     }
     let plan = workflow.plan();
     let mut plains: Vec<Option<Loaded>> = workflow.models.iter().map(|_| None).collect();
@@ -167,6 +175,8 @@ pub fn run(workflow: &Workflow, input: &str, cfg: &RunConfig, on_event: &mut dyn
             name: step.name.clone(),
             model: spec.name.clone(),
             sealed: sealed[sp.model],
+            started: started - t0,
+            protect: Duration::ZERO,
             ttft: Duration::ZERO,
             total: Duration::ZERO,
             prompt_tokens: 0,
@@ -184,7 +194,9 @@ pub fn run(workflow: &Workflow, input: &str, cfg: &RunConfig, on_event: &mut dyn
                 } else {
                     s.world.open_model_header(&spec.path)
                 };
-                s.opened[sp.model] = Some(opened.with_context(context)?.0);
+                let (opened, load) = opened.with_context(context)?;
+                report.protect += load.grant;
+                s.opened[sp.model] = Some(opened);
             }
             // Models needed later, the one needed furthest ahead first.
             let order = sp.eviction_order.iter().filter_map(|&m| s.opened[m].as_ref().map(|o| o.id)).collect();
@@ -193,6 +205,7 @@ pub fn run(workflow: &Workflow, input: &str, cfg: &RunConfig, on_event: &mut dyn
             let request = sealed_request(model, step, prompt, system);
             let r = s.world.generate(model, request, &mut on_text).with_context(context)?;
             let after = s.world.status().with_context(context)?;
+            report.protect += s.world.take_pipelined_load().map_or(Duration::ZERO, |l| l.grant);
             report.prompt_tokens = r.prompt_tokens as usize;
             report.generated_tokens = r.generated_tokens as usize;
             report.decode_tokens_per_s =
@@ -241,7 +254,7 @@ pub fn run(workflow: &Workflow, input: &str, cfg: &RunConfig, on_event: &mut dyn
     if let Some(s) = side {
         s.world.shutdown().context("shutting the secure world down")?;
     }
-    Ok(RunReport { steps: reports, outputs, total, recalled })
+    Ok(RunReport { steps: reports, outputs, total, recalled, carve_out })
 }
 
 fn start_world(cfg: &RunConfig, threads: usize) -> Result<SecureWorld> {
