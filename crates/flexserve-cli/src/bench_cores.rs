@@ -2,8 +2,8 @@
 //! (a plain and a sealed model) runs once with the cores leased to one world
 //! at a time (`--cores lease`) and once split between the worlds for good
 //! (`--cores split`, the optimized strawman's static "secure NPU"). In each,
-//! sealed requests run back to back while plain requests arrive at a steady
-//! pace, and both sides' latency is reported.
+//! sealed requests (or runs of a workflow) go back to back while plain
+//! requests arrive at a steady pace, and both sides' latency is reported.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -22,8 +22,12 @@ pub struct CoresBenchArgs {
     #[arg(long)]
     pub plain: PathBuf,
     /// The sealed model.
+    #[arg(long, required_unless_present = "workflow")]
+    pub sealed: Option<PathBuf>,
+    /// Instead of requests to the sealed model, run this workflow back to back on the daemon
+    /// (`POST /v1/workflows/run`, `--sealed-requests` times): a sealed agent flow beside plain traffic.
     #[arg(long)]
-    pub sealed: PathBuf,
+    pub workflow: Option<PathBuf>,
     /// Cores in all (0 = every core): each world's under the lease, halved by the split.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -116,9 +120,17 @@ fn one_mode(args: &CoresBenchArgs, mode: &'static str) -> Result<Figures> {
     command
         .args(["serve", "--port", "0", "--cores", mode, "--threads", &args.threads.to_string()])
         .arg("--model")
-        .arg(format!("plain={}", args.plain.display()))
-        .arg("--model")
-        .arg(format!("sealed={}", args.sealed.display()));
+        .arg(format!("plain={}", args.plain.display()));
+    if let Some(sealed) = &args.sealed {
+        command.arg("--model").arg(format!("sealed={}", sealed.display()));
+    }
+    let workflow = match &args.workflow {
+        Some(file) => {
+            command.arg("--workflow").arg(file);
+            Some(flexserve_workflow::Workflow::from_file(file)?.name)
+        }
+        None => None,
+    };
     if let Some(key) = &args.keys.key {
         command.arg("--key").arg(key);
     }
@@ -136,20 +148,33 @@ fn one_mode(args: &CoresBenchArgs, mode: &'static str) -> Result<Figures> {
     let client = reqwest::Client::builder().timeout(timeout).no_proxy().build()?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let figures = runtime.block_on(async {
-        // Warm-up, not counted: both models loaded.
-        for target in [&plain, &sealed] {
-            if let Some(e) = request(&client, target, &prompt(0, 8), 4).await.error {
-                bail!("warm-up of {}: {e}", target.model);
+        // Warm-up, not counted: the models loaded.
+        if let Some(e) = request(&client, &plain, &prompt(0, 8), 4).await.error {
+            bail!("warm-up of the plain model: {e}");
+        }
+        match &workflow {
+            Some(name) => run_workflow(&client, &sealed.base, name, 0).await.map_err(anyhow::Error::msg)?,
+            None => {
+                if let Some(e) = request(&client, &sealed, &prompt(0, 8), 4).await.error {
+                    bail!("warm-up of the sealed model: {e}");
+                }
             }
         }
         let sealed_run = {
             let (client, sealed, n, tokens) =
                 (client.clone(), sealed.clone(), args.sealed_requests, args.sealed_tokens);
+            let workflow = workflow.clone();
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 for i in 0..n {
                     let t0 = Instant::now();
-                    let o = request(&client, &sealed, &prompt(100 + i, 32), tokens).await;
+                    let o = match &workflow {
+                        Some(name) => match run_workflow(&client, &sealed.base, name, 100 + i).await {
+                            Ok(()) => Outcome::default(),
+                            Err(e) => Outcome { error: Some(e), ..Outcome::default() },
+                        },
+                        None => request(&client, &sealed, &prompt(100 + i, 32), tokens).await,
+                    };
                     out.push((o, t0.elapsed()));
                 }
                 out
@@ -199,4 +224,16 @@ fn one_mode(args: &CoresBenchArgs, mode: &'static str) -> Result<Figures> {
     })?;
     drop(daemon);
     Ok(figures)
+}
+
+/// One run of workflow `name` on the daemon at `base`, on an input of its own.
+async fn run_workflow(client: &reqwest::Client, base: &str, name: &str, i: usize) -> Result<(), String> {
+    let body = serde_json::json!({"workflow": name, "input": prompt(i, 8)});
+    let url = format!("{}/v1/workflows/run", base.trim_end_matches('/'));
+    let resp = client.post(&url).json(&body).send().await.map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(format!("{url}: HTTP {status}: {}", resp.text().await.unwrap_or_default()));
+    }
+    Ok(())
 }

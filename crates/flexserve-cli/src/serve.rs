@@ -65,7 +65,7 @@ pub struct ServeArgs {
     #[arg(long, value_parser = secure::parse_bytes)]
     secure_reserve: Option<u64>,
     /// How the cores are shared between the worlds (Flex-NPU): `lease` (default) gives every core
-    /// to one world at a time, a sealed generation pausing between tokens (its workers' scratch
+    /// to one world at a time, a sealed generation pausing at its next layer or token (its workers' scratch
     /// scrubbed) while plain work waits; `split` gives each world half the cores for good.
     #[arg(long, value_parser = flexserve_server::lease::CoreSharing::parse)]
     cores: Option<flexserve_server::lease::CoreSharing>,

@@ -55,7 +55,7 @@ pub struct SecureWorld {
 
 /// Flex-NPU on this platform: the compute cores are leased to one world at
 /// a time. A session given a lease (see [`SecureWorld::set_core_lease`])
-/// asks it between tokens whether the other world waits; if so the secure
+/// asks it (every millisecond) whether the other world waits; if so the secure
 /// world pauses (its workers' scratch scrubbed), the lease is handed over,
 /// and the generation resumes once it is back.
 pub trait CoreLease: Send + Sync {
@@ -253,7 +253,7 @@ impl SecureWorld {
     }
 
     /// Shares the cores with the normal world's work through `lease`: a
-    /// generation pauses between tokens when the other world waits.
+    /// generation pauses at its next layer or token when the other world waits.
     pub fn set_core_lease(&mut self, lease: std::sync::Arc<dyn CoreLease>) {
         self.lease = Some(lease);
     }

@@ -1,5 +1,5 @@
 //! Flex-NPU's pause as a process: a generation whose cores are always
-//! wanted elsewhere pauses between tokens again and again, scrubs its workers'
+//! wanted elsewhere pauses between layers and tokens again and again, scrubs its workers'
 //! scratch each time, and still gives the plain model's tokens; a Cancel
 //! sent while it pauses ends it without a Resume.
 
@@ -40,12 +40,13 @@ fn a_generation_pauses_between_tokens_with_its_scratch_scrubbed_and_gives_the_sa
     world.set_core_lease(lease.clone());
     let (model, _) = world.open_model_header(&s.model).unwrap();
     let mut text = String::new();
-    let report = world.generate(&model, request(&model, prompt, 12), |t| text.push_str(t)).unwrap();
+    world.generate(&model, request(&model, prompt, 12), |t| text.push_str(t)).unwrap();
     assert_eq!(text, expected);
     let hand_overs = lease.hand_overs.load(Ordering::SeqCst);
-    // A Pause is sent after a token and takes effect at the next boundary
-    // the secure world reaches after it arrives: about every other token here.
-    assert!(hand_overs >= 2 && hand_overs < u64::from(report.generated_tokens), "{hand_overs} hand-overs");
+    // The normal world asks as soon as it sees the other world waiting (here:
+    // always), and the secure world pauses at its next layer of the prompt
+    // or its next token: many times over a 12-token generation.
+    assert!(hand_overs >= 2, "{hand_overs} hand-overs");
     assert_eq!(lease.unscrubbed.load(Ordering::SeqCst), 0);
     // The session is ready for the next request.
     assert_eq!(common::generate(&mut world, &model, prompt, 12), expected);

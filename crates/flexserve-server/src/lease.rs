@@ -1,7 +1,7 @@
 //! Flex-NPU on this platform: the CPU cores are leased to one world at a
 //! time (`--cores lease`, the default). Plain models take the lease for each
 //! step of their batch; a sealed generation takes it for its whole run and
-//! hands it over between two tokens whenever plain work waits: the secure
+//! hands it over at its next layer or token whenever plain work waits: the secure
 //! world pauses, scrubs its workers' scratch, and resumes once the lease is
 //! back. Each world gets every core while it holds them. Tickets are served
 //! in arrival order, so neither world starves the other.
@@ -193,7 +193,7 @@ impl CoreArbiter {
 }
 
 /// A sealed model's session as a tenant of the lease: it holds the cores
-/// while it generates and hands them over between tokens when plain work waits.
+/// while it generates and hands them over at its next layer or token when plain work waits.
 pub struct SecureTenant {
     arbiter: Arc<CoreArbiter>,
     guard: Mutex<Option<CoreGuard>>,
