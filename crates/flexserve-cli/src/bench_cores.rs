@@ -109,8 +109,12 @@ struct Daemon(Child);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: kill signals our own child, not yet reaped.
-        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        // SIGTERM: the daemon's graceful stop (its secure world sessions scrubbed);
+        // killed outright only if `kill` cannot be run.
+        let stopped = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        if !stopped.is_ok_and(|s| s.success()) {
+            let _ = self.0.kill();
+        }
         let _ = self.0.wait();
     }
 }

@@ -146,4 +146,7 @@ fn a_next_model_hint_loads_that_model_with_its_weights_after_the_answer() {
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     let secure = status["secure_world"].as_array().unwrap().iter().find(|s| s["model"] == "sealed").unwrap().clone();
     assert!(secure["in_use"].as_u64().unwrap() > 300, "{secure}");
+    let opened = &secure["models"][0];
+    assert_eq!(opened["resident_layers"], opened["layers"], "{secure}");
+    assert_eq!(opened["layers"], 30, "{secure}");
 }

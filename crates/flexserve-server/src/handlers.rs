@@ -416,6 +416,10 @@ pub async fn status(State(state): State<Arc<AppState>>) -> Json<Value> {
                 "secure_uid": s.secure_uid, "protection": s.protection, "pool_mode": s.pool_mode,
                 "granule_size": s.granule_size, "granted": s.granted, "prepared": s.prepared, "in_use": s.in_use,
                 "policy": s.policy, "warnings": s.warnings,
+                "models": s.models.iter().map(|m| json!({
+                    "name": m.name, "layers": m.layers, "resident_layers": m.resident_layers,
+                    "kv_granules": m.kv_granules,
+                })).collect::<Vec<_>>(),
             }),
             Err(e) => json!({"model": name, "error": e}),
         })
