@@ -164,13 +164,17 @@ impl SecureWorld {
                 }
                 // Before any token: the KV cache needs more granules; grant, ask again.
                 Reply::MemoryNeeded { granules } if result.is_none() => {
-                    // A recall sent meanwhile is answered next, as a request of its own.
-                    while let Some(recall) = in_flight.pop_front() {
+                    // A recall or a Pause sent meanwhile (the generation had not
+                    // started) is answered next, as a request of its own, in the
+                    // order sent: nothing runs, so a pause needs no resume.
+                    while !in_flight.is_empty() || pause_sent {
                         match self.receive()? {
-                            Reply::Recalled { released, evicted, micros } => {
+                            Reply::Recalled { released, evicted, micros } if !in_flight.is_empty() => {
+                                let recall = in_flight.pop_front().expect("not empty");
                                 self.recall_answered(recall, released, evicted, micros, false)
                             }
-                            other => return Err(unexpected("Recalled", &other)),
+                            Reply::Paused { .. } if pause_sent => pause_sent = false,
+                            other => return Err(unexpected("Recalled or Paused", &other)),
                         }
                     }
                     let tg = Instant::now();

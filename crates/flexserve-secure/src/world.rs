@@ -149,12 +149,15 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 Request::GenerateEncrypted { session, .. } => self.encrypted_model(*session),
                 _ => None,
             };
-            // Between `MemoryNeeded` and the retry come grants, recalls, evictions and status.
+            // Between `MemoryNeeded` and the retry come grants, recalls, evictions,
+            // pauses (a lease asked before the request was admitted) and status.
             if !matches!(
                 request,
                 Request::Grant { .. }
                     | Request::Recall { .. }
                     | Request::Evict { .. }
+                    | Request::Pause
+                    | Request::Resume
                     | Request::Status
                     | Request::MissingChunks { .. }
             ) {
