@@ -1214,6 +1214,17 @@ fn grant_of_u32_max_granules_fails_cleanly() {
 /// 361-token prompt sent and answered `MemoryNeeded`: the peer, the encoded
 /// request and the granules it needs.
 fn long_generate_awaiting_memory() -> (Peer, Vec<u8>, u32) {
+    let (mut peer, encoded) = long_generate_on_resident_model();
+    peer.send_payload(&encoded);
+    match peer.reply(&"long Generate") {
+        Reply::MemoryNeeded { granules } => (peer, encoded, granules),
+        other => panic!("expected MemoryNeeded for the long prompt's cache and activations, got {}", short(&other)),
+    }
+}
+
+/// A secure world with the real model resident (every granule in use), and
+/// a Generate of a 361-token prompt, encoded, not yet sent.
+fn long_generate_on_resident_model() -> (Peer, Vec<u8>) {
     let fx = fixture();
     let mut peer = spawn(vec![fx.key_path.clone()], SHARED_LEN);
     peer.hello();
@@ -1222,12 +1233,52 @@ fn long_generate_awaiting_memory() -> (Peer, Vec<u8>, u32) {
     healthy_real_flow(&mut peer, &real);
     let model = peer.status().models[0].model;
     let long = generate(model, &"The lighthouse keeper counted the ships that passed. ".repeat(40), 2, 1024);
-    let encoded = encode_request(&long).unwrap();
+    (peer, encode_request(&long).unwrap())
+}
+
+/// Flex-NPU: a Pause sent right behind a Generate that is answered
+/// `MemoryNeeded` (a core lease asked before the request was admitted) is
+/// answered after it, in the order sent, and leaves the waiting request as
+/// it was: a recall then takes no layer of its model, and the retry runs.
+#[test]
+fn a_pause_sent_before_a_generation_is_admitted_is_answered_after_memory_needed() {
+    let (mut peer, encoded) = long_generate_on_resident_model();
     peer.send_payload(&encoded);
-    match peer.reply(&"long Generate") {
-        Reply::MemoryNeeded { granules } => (peer, encoded, granules),
-        other => panic!("expected MemoryNeeded for the long prompt's cache and activations, got {}", short(&other)),
+    peer.send_payload(&encode_request(&Request::Pause).unwrap());
+    let needed = match peer.reply(&"long Generate") {
+        Reply::MemoryNeeded { granules } => granules,
+        other => panic!("expected MemoryNeeded first, got {}", short(&other)),
+    };
+    match peer.reply(&"Pause") {
+        Reply::Paused { scrubbed: true } => {}
+        other => panic!("expected Paused next, got {}", short(&other)),
     }
+    match peer.call(&Request::Recall { granules: 1 << 20 }) {
+        Reply::Recalled { evicted: 0, .. } => {}
+        other => panic!("the recall took layers of the model waiting for memory: {}", short(&other)),
+    }
+    // The recall also took the free granules: grant what the retry asks for.
+    let mut grant = needed;
+    loop {
+        peer.grant(grant);
+        peer.send_payload(&encoded);
+        match peer.reply(&"long Generate, sent again") {
+            Reply::MemoryNeeded { granules } => grant = granules,
+            Reply::Token { .. } => break,
+            other => panic!("long Generate, sent again: {}", short(&other)),
+        }
+    }
+    loop {
+        match peer.reply(&"long Generate, sent again") {
+            Reply::Token { .. } => {}
+            Reply::Generated(report) => {
+                assert!(report.prompt_tokens > 300, "{report:?}");
+                break;
+            }
+            other => panic!("long Generate, sent again: {}", short(&other)),
+        }
+    }
+    assert!(matches!(peer.call(&Request::Shutdown), Reply::Ok));
 }
 
 #[test]
