@@ -23,7 +23,7 @@ pub struct WorkflowBenchArgs {
     #[arg(long, default_value = "How do I make a cup of tea?")]
     pub input: String,
     /// Another file for one of the workflow's models (repeatable): NAME=PATH.
-    #[arg(long = "model", value_parser = crate::workflow::parse_model_override)]
+    #[arg(long = "model", value_parser = crate::serve::parse_named_model)]
     pub models: Vec<(String, PathBuf)>,
     #[arg(long, value_enum, value_delimiter = ',', default_value = "strawman,opt-strawman,flexserve")]
     pub designs: Vec<Design>,

@@ -79,7 +79,8 @@ pub struct ServeArgs {
     secure: secure::SecureArgs,
 }
 
-fn parse_named_model(s: &str) -> std::result::Result<(String, PathBuf), String> {
+/// `NAME=PATH`, as `--model` takes it (also a workflow's model override).
+pub(crate) fn parse_named_model(s: &str) -> std::result::Result<(String, PathBuf), String> {
     match s.split_once('=') {
         Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok((name.to_string(), PathBuf::from(path))),
         _ => Err(format!("{s:?}: expected NAME=PATH")),

@@ -23,7 +23,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub input: String,
     /// Another file for one of the workflow's models (repeatable): NAME=PATH.
-    #[arg(long = "model", value_parser = parse_model_override)]
+    #[arg(long = "model", value_parser = crate::serve::parse_named_model)]
     pub models: Vec<(String, PathBuf)>,
     /// Secure memory budget (default: the workflow's `secure_memory_limit`, else `auto`).
     #[arg(long, value_parser = MemoryBudget::parse)]
@@ -39,13 +39,6 @@ pub struct RunArgs {
     pub json: bool,
     #[command(flatten)]
     pub keys: KeyArgs,
-}
-
-pub fn parse_model_override(text: &str) -> Result<(String, PathBuf), String> {
-    match text.split_once('=') {
-        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok((name.to_string(), PathBuf::from(path))),
-        _ => Err(format!("{text:?}: expected NAME=PATH")),
-    }
 }
 
 /// The workflow file with the command line's model overrides applied.
