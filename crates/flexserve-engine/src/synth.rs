@@ -220,6 +220,85 @@ pub fn synth_model(spec: &SynthSpec, tokenizer: Option<&Metadata>) -> Result<Ggu
     Ok(w)
 }
 
+/// A nomic-bert encoder with random weights (see [`crate::encoder`]): the
+/// tensors and metadata of the real one, small. `n_head` must divide
+/// `n_embd` into heads of even size.
+#[derive(Debug, Clone)]
+pub struct EncoderSynthSpec {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_ff: usize,
+    pub n_vocab: usize,
+    pub n_ctx: usize,
+    /// Type of the block matrices and the token embedding.
+    pub weight_type: GgmlType,
+    /// GGUF's pooling number (1 mean, 2 cls, 3 last).
+    pub pooling_type: u32,
+    pub seed: u64,
+}
+
+impl EncoderSynthSpec {
+    pub fn tiny(weight_type: GgmlType) -> Self {
+        Self {
+            n_layer: 2,
+            n_embd: 128,
+            n_head: 4,
+            n_ff: 256,
+            n_vocab: 200,
+            n_ctx: 64,
+            weight_type,
+            pooling_type: 1,
+            seed: 7,
+        }
+    }
+}
+
+pub fn synth_encoder(spec: &EncoderSynthSpec) -> Result<GgufWriter, EngineError> {
+    let mut w = GgufWriter::new();
+    let a = "nomic-bert";
+    w.set("general.architecture", Value::from(a));
+    w.set("general.name", Value::from(format!("synthetic {a} {}", spec.weight_type)));
+    w.set(format!("{a}.block_count"), Value::U32(spec.n_layer as u32));
+    w.set(format!("{a}.context_length"), Value::U32(spec.n_ctx as u32));
+    w.set(format!("{a}.embedding_length"), Value::U32(spec.n_embd as u32));
+    w.set(format!("{a}.feed_forward_length"), Value::U32(spec.n_ff as u32));
+    w.set(format!("{a}.attention.head_count"), Value::U32(spec.n_head as u32));
+    w.set(format!("{a}.attention.layer_norm_epsilon"), Value::F32(1e-12));
+    w.set(format!("{a}.attention.causal"), Value::Bool(false));
+    w.set(format!("{a}.pooling_type"), Value::U32(spec.pooling_type));
+    w.set(format!("{a}.rope.freq_base"), Value::F32(1000.0));
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let (e, ff) = (spec.n_embd, spec.n_ff);
+    let mut matrix =
+        |w: &mut GgufWriter, name: &str, ty: GgmlType, cols: usize, rows: usize, offset: f32, scale: f32| {
+            let data: Vec<f32> = (0..cols * rows).map(|_| offset + gaussian(&mut rng) * scale).collect();
+            let bytes =
+                quantize_parallel(ty, &data, cols).map_err(|err| EngineError::Weights(format!("{name}: {err}")))?;
+            w.add_tensor(name, ty, &[cols as u64, rows as u64], bytes)?;
+            Ok::<(), EngineError>(())
+        };
+    let std_in = |n: usize| 1.0 / (n as f32).sqrt();
+    let ty = spec.weight_type;
+    matrix(&mut w, "token_embd.weight", ty, e, spec.n_vocab, 0.0, 1.0)?;
+    matrix(&mut w, "token_types.weight", GgmlType::F32, e, 2, 0.0, 0.1)?;
+    matrix(&mut w, "token_embd_norm.weight", GgmlType::F32, e, 1, 1.0, 0.1)?;
+    matrix(&mut w, "token_embd_norm.bias", GgmlType::F32, e, 1, 0.0, 0.1)?;
+    for i in 0..spec.n_layer {
+        let n = |s: &str| format!("blk.{i}.{s}");
+        matrix(&mut w, &n("attn_qkv.weight"), ty, e, 3 * e, 0.0, std_in(e))?;
+        matrix(&mut w, &n("attn_output.weight"), ty, e, e, 0.0, std_in(e))?;
+        matrix(&mut w, &n("attn_output_norm.weight"), GgmlType::F32, e, 1, 1.0, 0.1)?;
+        matrix(&mut w, &n("attn_output_norm.bias"), GgmlType::F32, e, 1, 0.0, 0.1)?;
+        matrix(&mut w, &n("ffn_up.weight"), ty, e, ff, 0.0, std_in(e))?;
+        matrix(&mut w, &n("ffn_gate.weight"), ty, e, ff, 0.0, std_in(e))?;
+        matrix(&mut w, &n("ffn_down.weight"), ty, ff, e, 0.0, std_in(ff))?;
+        matrix(&mut w, &n("layer_output_norm.weight"), GgmlType::F32, e, 1, 1.0, 0.1)?;
+        matrix(&mut w, &n("layer_output_norm.bias"), GgmlType::F32, e, 1, 0.0, 0.1)?;
+    }
+    Ok(w)
+}
+
 fn quantize_parallel(ty: GgmlType, data: &[f32], cols: usize) -> Result<Vec<u8>, flexserve_quant::QuantError> {
     let k = flexserve_quant::kernels(ty)?;
     let row_bytes = ty.row_size(cols as u64).ok_or(flexserve_quant::QuantError::NotBlockMultiple {

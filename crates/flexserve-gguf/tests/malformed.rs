@@ -87,6 +87,37 @@ fn every_truncation_is_an_error() {
     }
 }
 
+/// A file without tensors may end right after its metadata, without the
+/// padding that would align a data section (llama.cpp's vocabulary-only files
+/// do); one with tensors may not.
+#[test]
+fn files_without_tensors_may_end_after_the_metadata() {
+    let mut raw = Raw::header(3, 0, 1);
+    raw.kv_u32("k", 7);
+    let end = raw.0.len();
+    assert!(!end.is_multiple_of(32), "the test needs an unaligned metadata end");
+    raw.pad_and_data(32, 0);
+    let padded = raw.0.clone();
+    for n in end..=padded.len() {
+        let h = GgufHeader::parse(&padded[..n]).unwrap_or_else(|e| panic!("{n} bytes: {e}"));
+        assert_eq!(h.data_offset, n as u64);
+        assert_eq!(h.metadata.get_u32("k").unwrap(), Some(7));
+        let mut cursor = Cursor::new(&padded[..n]);
+        let streamed = GgufHeader::read(&mut cursor).unwrap();
+        assert_eq!((streamed.data_offset, cursor.position()), (n as u64, n as u64));
+    }
+    // Cut inside the metadata, it is still truncated.
+    let err = parse_err(&padded[..end - 1], &["truncated", "metadata key \"k\""]);
+    assert!(matches!(err, GgufError::Truncated { .. }));
+
+    // With a tensor, the padding before its data is required.
+    let with_tensor = one_tensor(0, 32);
+    let h = GgufHeader::parse(&with_tensor).unwrap();
+    let metadata_end = h.data_offset as usize - 1;
+    let err = parse_err(&with_tensor[..metadata_end], &["truncated", "padding before the data section"]);
+    assert!(matches!(err, GgufError::Truncated { .. }));
+}
+
 #[test]
 fn truncation_messages_say_where() {
     let bytes = small_file();

@@ -204,10 +204,28 @@ fn chunked_sweeps_cover_every_pair() {
     }
     // Float rows of 64-128 KiB: the float tile takes tokens three at a time
     // per chunk, so 11 tokens make four chunks, the last one short.
-    for (i, ty) in [GgmlType::F32, GgmlType::F16, GgmlType::BF16].into_iter().enumerate() {
-        let dot = simd(ty).dot.expect("weight type has a dot");
-        let case = Case::new(ty, 32_768, 13, 11, 0, 320 + i as u64);
-        assert_matches_dot(&case, tile_for(ty, Isa::Avx2), dot, 13, 11, "chunked floats");
+    for isa in simd_tiers() {
+        for (i, ty) in [GgmlType::F32, GgmlType::F16, GgmlType::BF16].into_iter().enumerate() {
+            let case = Case::new(ty, 32_768, 13, 11, 0, 320 + i as u64);
+            assert_matches_dot(&case, tile_for(ty, isa), dot_for(ty, isa), 13, 11, "chunked floats");
+        }
+    }
+}
+
+#[test]
+fn widened_float_tiles_equal_the_dot() {
+    // 16-bit rows whose length is a multiple of the lanes, over several token
+    // groups, are widened to f32 a block of rows and a chunk of tokens at a
+    // time: blocks of 16 rows with a short last one, partial token groups.
+    for isa in simd_tiers() {
+        for (i, ty) in [GgmlType::F16, GgmlType::BF16].into_iter().enumerate() {
+            for (j, n) in [64, 768].into_iter().enumerate() {
+                let case = Case::new(ty, n, 40, 41, 5, 400 + (i * 10 + j) as u64);
+                for (rows, toks) in [(40, 41), (16, 9), (13, 5), (33, 17)] {
+                    assert_matches_dot(&case, tile_for(ty, isa), dot_for(ty, isa), rows, toks, "widened");
+                }
+            }
+        }
     }
 }
 

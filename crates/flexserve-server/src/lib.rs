@@ -11,6 +11,7 @@
 
 pub mod api;
 mod batch;
+pub mod embeddings;
 mod encrypted;
 mod handlers;
 pub mod lease;
@@ -231,6 +232,7 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/workflows", get(workflows::list))
         .route("/v1/workflows/run", post(workflows::run))

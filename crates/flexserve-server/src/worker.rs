@@ -76,6 +76,8 @@ pub struct Job {
 
 pub enum Command {
     Generate(Job),
+    /// Embeddings of some inputs (encoder models only).
+    Embed(crate::embeddings::EmbedJob),
     /// The secure world's status (sealed models only).
     Status(oneshot::Sender<Result<StatusReport, String>>),
     /// Opens an encrypted session with a client (sealed models only): the
@@ -133,6 +135,9 @@ pub(crate) fn refuse_on_plain(command: Command) {
         Command::Encrypted(job) => {
             let _ = job.events.blocking_send(SealedEvent::Failed(not_sealed()));
         }
+        Command::Embed(job) => {
+            let _ = job.reply.send(Err(crate::embeddings::not_an_encoder()));
+        }
         Command::Generate(_) | Command::CloseEncrypted { .. } => {}
     }
 }
@@ -153,8 +158,9 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Loads a plain model and starts the thread that serves it: up to
-    /// `slots` requests decoded together, one batched step at a time.
+    /// Loads a plain model and starts the thread that serves it: for a
+    /// generative model, up to `slots` requests decoded together, one batched
+    /// step at a time; for an encoder, embeddings one input after another.
     pub fn start_plain(
         path: &Path,
         threads: usize,
@@ -162,13 +168,17 @@ impl Backend {
         max_queue: usize,
         cores: Option<Arc<CoreArbiter>>,
     ) -> Result<Backend, String> {
-        let plain = PlainModel::open(path, threads, cores)?;
         let (tx, rx) = mpsc::sync_channel::<Command>(max_queue);
         let alive = Arc::new(AtomicBool::new(true));
-        let handle = std::thread::Builder::new()
-            .name("plain".to_string())
-            .spawn(move || plain.serve(&rx, slots.max(1)))
-            .map_err(|e| format!("starting a worker: {e}"))?;
+        let worker = std::thread::Builder::new().name("plain".to_string());
+        let handle = if crate::embeddings::is_encoder(path)? {
+            let encoder = crate::embeddings::EncoderModel::open(path, threads, cores)?;
+            worker.spawn(move || encoder.serve(&rx))
+        } else {
+            let plain = PlainModel::open(path, threads, cores)?;
+            worker.spawn(move || plain.serve(&rx, slots.max(1)))
+        }
+        .map_err(|e| format!("starting a worker: {e}"))?;
         Ok(Backend { kind: Kind::Plain, commands: Some(tx), alive, threads: vec![handle] })
     }
 
@@ -213,6 +223,11 @@ impl Backend {
                             healthy
                         }
                         Command::Encrypted(job) => sealed.run_encrypted(job),
+                        Command::Embed(job) => {
+                            // Sealed models in the secure world are generative ones for now.
+                            let _ = job.reply.send(Err(crate::embeddings::not_an_encoder()));
+                            true
+                        }
                         Command::CloseEncrypted { session } => {
                             !matches!(sealed.world.close_encrypted(session), Err(ref e) if session_lost(e))
                         }
@@ -230,6 +245,9 @@ impl Backend {
                                 }
                                 Command::OpenEncrypted { reply, .. } => {
                                     let _ = reply.send(Err(secure_world_gone()));
+                                }
+                                Command::Embed(job) => {
+                                    let _ = job.reply.send(Err(secure_world_gone()));
                                 }
                                 Command::Status(_) | Command::CloseEncrypted { .. } => {}
                             }

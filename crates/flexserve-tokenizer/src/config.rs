@@ -25,6 +25,11 @@ pub mod keys {
     pub const ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
     pub const ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
     pub const ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
+    /// Spelled as llama.cpp (and so every GGUF file) spells it.
+    pub const SEP_ID: &str = "tokenizer.ggml.seperator_token_id";
+    pub const ADD_SEP: &str = "tokenizer.ggml.add_sep_token";
+    pub const NORMALIZER_LOWERCASE: &str = "tokenizer.ggml.normalizer.lowercase";
+    pub const NORMALIZER_STRIP_ACCENTS: &str = "tokenizer.ggml.normalizer.strip_accents";
     pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
 }
 
@@ -35,6 +40,8 @@ pub enum ModelKind {
     Bpe,
     /// `llama`: SentencePiece-style BPE driven by token scores, with byte fallback.
     Spm,
+    /// `bert`: WordPiece, greedy longest match over normalized words.
+    WordPiece,
 }
 
 /// `tokenizer.ggml.token_type` values.
@@ -98,8 +105,17 @@ pub struct TokenizerConfig {
     pub add_bos: Option<bool>,
     /// `None`: false.
     pub add_eos: Option<bool>,
-    /// `None`: true for SPM, false for BPE.
+    /// `None`: true for SPM, false for BPE and WordPiece.
     pub add_space_prefix: Option<bool>,
+    /// The separator ending a WordPiece sequence. `None` falls back to `eos`,
+    /// then to id 102 (when the vocabulary has it).
+    pub sep: Option<u32>,
+    /// Whether [`ModelKind::WordPiece`] ends a sequence with `sep`. `None`: true.
+    pub add_sep: Option<bool>,
+    /// WordPiece lower-casing. `None`: true.
+    pub lowercase: Option<bool>,
+    /// WordPiece accent stripping. `None`: as `lowercase`.
+    pub strip_accents: Option<bool>,
 }
 
 impl TokenizerConfig {
@@ -124,6 +140,10 @@ impl TokenizerConfig {
             add_bos: None,
             add_eos: None,
             add_space_prefix: None,
+            sep: None,
+            add_sep: None,
+            lowercase: None,
+            strip_accents: None,
         }
     }
 
@@ -135,9 +155,12 @@ impl TokenizerConfig {
         let model = match model_name {
             "gpt2" => ModelKind::Bpe,
             "llama" => ModelKind::Spm,
+            "bert" => ModelKind::WordPiece,
             other => return Err(TokenizerError::UnknownModel(other.to_owned())),
         };
         let pre = match typed(keys::PRE, meta.get_str(keys::PRE))? {
+            // WordPiece has no split rules of its own to choose (`bert-bge`, ...).
+            _ if model == ModelKind::WordPiece => PreTokenizerKind::Default,
             None => PreTokenizerKind::Default,
             Some(name) => PreTokenizerKind::from_name(name).ok_or_else(|| TokenizerError::UnknownPreTokenizer {
                 found: name.to_owned(),
@@ -163,7 +186,7 @@ impl TokenizerConfig {
         let scores = typed(keys::SCORES, meta.get_f32_array(keys::SCORES))?;
 
         let merges = match model {
-            ModelKind::Spm => Vec::new(),
+            ModelKind::Spm | ModelKind::WordPiece => Vec::new(),
             ModelKind::Bpe => typed(keys::MERGES, meta.get_str_array(keys::MERGES))?
                 .ok_or(TokenizerError::MissingKey { key: keys::MERGES, what: "byte-level BPE needs its merge list" })?
                 .into_iter()
@@ -195,6 +218,10 @@ impl TokenizerConfig {
             add_bos: flag(keys::ADD_BOS)?,
             add_eos: flag(keys::ADD_EOS)?,
             add_space_prefix: flag(keys::ADD_SPACE_PREFIX)?,
+            sep: id(keys::SEP_ID)?,
+            add_sep: flag(keys::ADD_SEP)?,
+            lowercase: flag(keys::NORMALIZER_LOWERCASE)?,
+            strip_accents: flag(keys::NORMALIZER_STRIP_ACCENTS)?,
         })
     }
 }

@@ -18,7 +18,7 @@ pub enum TokenizerError {
     },
 
     /// `tokenizer.ggml.model` names a tokenizer this crate does not implement.
-    #[error("metadata key tokenizer.ggml.model is {0:?}; supported: \"gpt2\" (byte-level BPE), \"llama\" (SentencePiece BPE)")]
+    #[error("metadata key tokenizer.ggml.model is {0:?}; supported: \"gpt2\" (byte-level BPE), \"llama\" (SentencePiece BPE), \"bert\" (WordPiece)")]
     UnknownModel(String),
 
     /// `tokenizer.ggml.pre` names split rules this crate does not implement.
@@ -60,6 +60,10 @@ pub enum TokenizerError {
     /// A special token longer than the bound on special tokens' texts.
     #[error("metadata key tokenizer.ggml.tokens[{id}] is a special token of {len} bytes; special tokens are at most {max} bytes (MAX_SPECIAL_TOKEN_BYTES)")]
     SpecialTokenTooLong { id: u32, len: usize, max: usize },
+
+    /// A WordPiece token longer than the bound on what a word is matched against.
+    #[error("metadata key tokenizer.ggml.tokens[{id}] is {len} bytes; WordPiece tokens are at most {max} bytes (MAX_WORDPIECE_TOKEN_BYTES)")]
+    WordPieceTokenTooLong { id: u32, len: usize, max: usize },
 
     /// The chat template does not parse.
     #[error("chat template does not compile: {0}")]

@@ -11,7 +11,9 @@
 //! | `smollm`  | `\p{N}` (every digit alone), then the `gpt2` pattern |
 //! | `llama-bpe` | `(?i:'s\|'t\|'re\|'ve\|'m\|'ll\|'d)\|[^\r\n\p{L}\p{N}]?\p{L}+\|\p{N}{1,3}\| ?[^\s\p{L}\p{N}]+[\r\n]*\|\s*[\r\n]+\|\s+(?!\S)\|\s+` |
 //! | `qwen2`   | as `llama-bpe` with `\p{N}` (single digits) |
+//! | `qwen35`  | as `qwen2` with `[\p{L}\p{M}]` for `\p{L}` (and marks not in `[^\s\p{L}\p{N}]`) |
 //! | `default` | `[\p{P}$+<=>^~\|]+`, the `gpt2` pattern, `\p{N}+`, `[0-9][0-9][0-9]` |
+//! | `falcon`  | ``[\p{P}$+<=>^~\|`]+``, the `gpt2` pattern, `[0-9][0-9][0-9]` |
 //!
 //! Note the `gpt2` pattern has no final `\s+`: a single space before a word-less
 //! character (say `" \n"`) is left unmatched and so becomes a piece by itself,
@@ -19,21 +21,26 @@
 
 use std::ops::Range;
 
-use crate::unicode::{classify, is_number, is_punctuation, CharClass};
+use crate::unicode::{classify, is_mark, is_number, is_punctuation, CharClass};
 
 /// Which split rules run before the BPE merges (`tokenizer.ggml.pre`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PreTokenizerKind {
     /// `default`, or no `tokenizer.ggml.pre` at all.
     Default,
-    /// `gpt2` / `gpt-2`.
+    /// `gpt2` / `gpt-2`, and `mpt` / `olmo` which share its rules.
     Gpt2,
     /// `llama-bpe` / `llama3` / `llama-v3` / `falcon3`: Llama 3's rules.
     Llama3,
     /// `qwen2` / `deepseek-r1-qwen`.
     Qwen2,
-    /// `smollm` and the others sharing its rules (`starcoder`, `refact`, `codeshell`, `exaone`, `minerva`).
+    /// `qwen35`: as `qwen2` with combining marks counted as letters.
+    Qwen35,
+    /// `smollm` and the others sharing its rules (`starcoder`, `refact`, `command-r`, `codeshell`,
+    /// `exaone`, `minerva`).
     SmolLm,
+    /// `falcon`.
+    Falcon,
 }
 
 impl PreTokenizerKind {
@@ -41,17 +48,21 @@ impl PreTokenizerKind {
     pub fn from_name(name: &str) -> Option<PreTokenizerKind> {
         Some(match name {
             "default" => PreTokenizerKind::Default,
-            "gpt2" | "gpt-2" => PreTokenizerKind::Gpt2,
+            "gpt2" | "gpt-2" | "mpt" | "olmo" => PreTokenizerKind::Gpt2,
             "llama-bpe" | "llama3" | "llama-v3" | "falcon3" => PreTokenizerKind::Llama3,
             "qwen2" | "deepseek-r1-qwen" => PreTokenizerKind::Qwen2,
-            "smollm" | "starcoder" | "refact" | "codeshell" | "exaone" | "minerva" => PreTokenizerKind::SmolLm,
+            "qwen35" => PreTokenizerKind::Qwen35,
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
+                PreTokenizerKind::SmolLm
+            }
+            "falcon" => PreTokenizerKind::Falcon,
             _ => return None,
         })
     }
 
     /// Names accepted by [`PreTokenizerKind::from_name`], for error messages.
-    pub const SUPPORTED: &'static str = "default, gpt2, gpt-2, llama-bpe, llama3, llama-v3, falcon3, qwen2, \
-        deepseek-r1-qwen, smollm, starcoder, refact, codeshell, exaone, minerva";
+    pub const SUPPORTED: &'static str = "default, gpt2, gpt-2, mpt, olmo, llama-bpe, llama3, llama-v3, falcon3, \
+        qwen2, deepseek-r1-qwen, qwen35, smollm, starcoder, refact, command-r, codeshell, exaone, minerva, falcon";
 
     /// Splits `text` into pieces (consecutive, covering all of it).
     pub fn split(self, text: &str) -> Vec<&str> {
@@ -65,10 +76,14 @@ impl PreTokenizerKind {
         let stages: &[Stage] = match self {
             PreTokenizerKind::Gpt2 => &[Stage::Gpt2],
             PreTokenizerKind::SmolLm => &[Stage::EachNumber, Stage::Gpt2],
-            PreTokenizerKind::Llama3 => &[Stage::Llama3 { digit_group: 3 }],
-            PreTokenizerKind::Qwen2 => &[Stage::Llama3 { digit_group: 1 }],
+            PreTokenizerKind::Llama3 => &[Stage::Llama3 { digit_group: 3, marks_are_letters: false }],
+            PreTokenizerKind::Qwen2 => &[Stage::Llama3 { digit_group: 1, marks_are_letters: false }],
+            PreTokenizerKind::Qwen35 => &[Stage::Llama3 { digit_group: 1, marks_are_letters: true }],
             PreTokenizerKind::Default => {
-                &[Stage::PunctuationRuns, Stage::Gpt2, Stage::NumberRuns, Stage::AsciiDigitTriples]
+                &[Stage::PunctuationRuns { backtick: false }, Stage::Gpt2, Stage::NumberRuns, Stage::AsciiDigitTriples]
+            }
+            PreTokenizerKind::Falcon => {
+                &[Stage::PunctuationRuns { backtick: true }, Stage::Gpt2, Stage::AsciiDigitTriples]
             }
         };
         for stage in stages {
@@ -89,13 +104,16 @@ enum Stage {
     Gpt2,
     Llama3 {
         digit_group: usize,
+        marks_are_letters: bool,
     },
     /// `\p{N}`: every number character on its own.
     EachNumber,
     /// `\p{N}+`
     NumberRuns,
-    /// `[\p{P}$+<=>^~|]+`
-    PunctuationRuns,
+    /// `[\p{P}$+<=>^~|]+`, with `` ` `` too when `backtick`.
+    PunctuationRuns {
+        backtick: bool,
+    },
     /// `[0-9][0-9][0-9]`
     AsciiDigitTriples,
 }
@@ -124,14 +142,20 @@ impl Stage {
     fn run(self, chars: &[char], range: Range<usize>, sink: &mut Sink) {
         match self {
             Stage::Gpt2 => split_gpt2(chars, range, sink),
-            Stage::Llama3 { digit_group } => split_llama3(chars, range, digit_group, sink),
+            Stage::Llama3 { digit_group, marks_are_letters } => {
+                split_llama3(chars, range, digit_group, marks_are_letters, sink)
+            }
             Stage::EachNumber => split_class(chars, range, false, is_number, sink),
             Stage::NumberRuns => split_class(chars, range, true, is_number, sink),
-            Stage::PunctuationRuns => split_class(
+            Stage::PunctuationRuns { backtick } => split_class(
                 chars,
                 range,
                 true,
-                |c| is_punctuation(c) || matches!(c, '$' | '+' | '<' | '=' | '>' | '^' | '~' | '|'),
+                |c| {
+                    is_punctuation(c)
+                        || matches!(c, '$' | '+' | '<' | '=' | '>' | '^' | '~' | '|')
+                        || (backtick && c == '`')
+                },
                 sink,
             ),
             Stage::AsciiDigitTriples => {
@@ -234,8 +258,14 @@ fn split_gpt2(chars: &[char], range: Range<usize>, sink: &mut Sink) {
     }
 }
 
-fn split_llama3(chars: &[char], range: Range<usize>, digit_group: usize, sink: &mut Sink) {
+fn split_llama3(chars: &[char], range: Range<usize>, digit_group: usize, marks_are_letters: bool, sink: &mut Sink) {
     let end = range.end;
+    // Qwen 3.5's rules put combining marks with letters (`[\p{L}\p{M}]+`).
+    let class_of = |c: char| match classify(c) {
+        CharClass::Other if marks_are_letters && is_mark(c) => CharClass::Letter,
+        class => class,
+    };
+    let class_of_at = |pos: usize| (pos < end).then(|| class_of(chars[pos]));
     let mut pos = range.start;
     while pos < end {
         let c = chars[pos];
@@ -244,13 +274,13 @@ fn split_llama3(chars: &[char], range: Range<usize>, digit_group: usize, sink: &
             sink.cut(pos);
             continue;
         }
-        let class = classify(c);
+        let class = class_of(c);
         // `[^\r\n\p{L}\p{N}]?\p{L}+`
         if !(c == '\r' || c == '\n' || class == CharClass::Number)
-            && (class == CharClass::Letter || class_at(chars, end, pos + 1) == Some(CharClass::Letter))
+            && (class == CharClass::Letter || class_of_at(pos + 1) == Some(CharClass::Letter))
         {
             pos += 1;
-            while class_at(chars, end, pos) == Some(CharClass::Letter) {
+            while class_of_at(pos) == Some(CharClass::Letter) {
                 pos += 1;
             }
             sink.cut(pos);
@@ -259,7 +289,7 @@ fn split_llama3(chars: &[char], range: Range<usize>, digit_group: usize, sink: &
         // `\p{N}{1,3}` (or `\p{N}` alone): a digit run cut into groups.
         if class == CharClass::Number {
             let mut group_start = pos;
-            while class_at(chars, end, pos) == Some(CharClass::Number) {
+            while class_of_at(pos) == Some(CharClass::Number) {
                 pos += 1;
                 if pos - group_start >= digit_group {
                     sink.cut(pos);
@@ -271,10 +301,10 @@ fn split_llama3(chars: &[char], range: Range<usize>, digit_group: usize, sink: &
         }
         // ` ?[^\s\p{L}\p{N}]+[\r\n]*`
         let space = c == ' ';
-        let lead = if space { class_at(chars, end, pos + 1) } else { Some(class) };
+        let lead = if space { class_of_at(pos + 1) } else { Some(class) };
         if !matches!(lead, Some(CharClass::Space | CharClass::Letter | CharClass::Number)) {
             pos += usize::from(space);
-            while class_at(chars, end, pos) == Some(CharClass::Other) {
+            while class_of_at(pos) == Some(CharClass::Other) {
                 pos += 1;
             }
             while pos < end && matches!(chars[pos], '\r' | '\n') {
@@ -286,7 +316,7 @@ fn split_llama3(chars: &[char], range: Range<usize>, digit_group: usize, sink: &
         // `\s*[\r\n]+`: whitespace up to and including its last line break.
         let mut n = 0;
         let mut after_last_break = None;
-        while class_at(chars, end, pos + n) == Some(CharClass::Space) {
+        while class_of_at(pos + n) == Some(CharClass::Space) {
             if matches!(chars[pos + n], '\r' | '\n') {
                 after_last_break = Some(pos + n + 1);
             }
@@ -335,18 +365,33 @@ mod tests {
         assert_eq!(split(Llama3, "x  \n y"), ["x", "  \n", " y"]);
         assert_eq!(split(Llama3, "(hi)...\n"), ["(hi", ")...\n"]);
         assert_eq!(split(Qwen2, "123"), ["1", "2", "3"]);
+        // A combining mark after a space: its own piece for Qwen 2, part of the word for Qwen 3.5.
+        assert_eq!(split(Qwen2, "a \u{301}b"), ["a", " \u{301}", "b"]);
+        assert_eq!(split(Qwen35, "a \u{301}b"), ["a", " \u{301}b"]);
     }
 
     #[test]
     fn default_rules() {
         assert_eq!(split(Default, "1234567"), ["123", "456", "7"]);
         assert_eq!(split(Default, "a+b=c"), ["a", "+", "b", "=", "c"]);
+        assert_eq!(split(Default, "x`!y"), ["x", "`", "!", "y"]);
+    }
+
+    #[test]
+    fn falcon_rules() {
+        // A backtick joins the punctuation run.
+        assert_eq!(split(Falcon, "x`!y"), ["x", "`!", "y"]);
+        // Digit runs are not cut apart before the triples are.
+        assert_eq!(split(Falcon, "x 1234567"), ["x", " ", "123", "456", "7"]);
+        assert_eq!(PreTokenizerKind::from_name("falcon"), Some(Falcon));
+        assert_eq!(PreTokenizerKind::from_name("mpt"), Some(Gpt2));
+        assert_eq!(PreTokenizerKind::from_name("command-r"), Some(SmolLm));
     }
 
     #[test]
     fn pieces_cover_the_text() {
         let text = "Ünïcödé  \u{3000}x\r\n\t¹²³ 'll ()";
-        for kind in [Default, Gpt2, Llama3, Qwen2, SmolLm] {
+        for kind in [Default, Gpt2, Llama3, Qwen2, Qwen35, SmolLm, Falcon] {
             assert_eq!(split(kind, text).concat(), text, "{kind:?}");
         }
     }

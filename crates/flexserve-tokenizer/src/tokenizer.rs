@@ -9,6 +9,7 @@ use crate::merge::{Merger, RankedMerges, ScoredMerges};
 use crate::pretokenize::PreTokenizerKind;
 use crate::special::{Piece, SpecialTrie, MAX_SPECIAL_TOKEN_BYTES};
 use crate::unicode::ByteMap;
+use crate::wordpiece::{Normalize, WordPiece, MAX_WORDPIECE_TOKEN_BYTES};
 use crate::TokenizerError;
 
 /// Token attribute bits (a token may gain CONTROL when its text marks it as an end token).
@@ -76,6 +77,8 @@ pub struct Tokenizer {
     ranked: RankedMerges,
     /// SentencePiece merges (empty for byte-level BPE).
     scored: ScoredMerges,
+    /// WordPiece's vocabulary search (empty for the other models).
+    wordpiece: WordPiece,
     /// The token of each raw byte in SentencePiece byte fallback.
     spm_byte_tokens: [Option<u32>; 256],
     byte_map: ByteMap,
@@ -89,10 +92,12 @@ pub struct Tokenizer {
     eom: Option<u32>,
     unk: Option<u32>,
     pad: Option<u32>,
+    sep: Option<u32>,
     /// Sorted.
     eog: Vec<u32>,
     add_bos: bool,
     add_eos: bool,
+    add_sep: bool,
     add_space_prefix: bool,
     /// Look whole words up in the vocabulary before merging (Llama 3 rules).
     ignore_merges: bool,
@@ -149,6 +154,13 @@ impl Tokenizer {
         }
 
         let spm = config.model == ModelKind::Spm;
+        let wpm = config.model == ModelKind::WordPiece;
+        if wpm {
+            if let Some((id, text)) = tokens.iter().enumerate().find(|(_, t)| t.len() > MAX_WORDPIECE_TOKEN_BYTES) {
+                let (id, len, max) = (id as u32, text.len(), MAX_WORDPIECE_TOKEN_BYTES);
+                return Err(TokenizerError::WordPieceTokenTooLong { id, len, max });
+            }
+        }
         let byte_map = ByteMap::new();
         let token_id = |text: &str| token_to_id.get(text).copied();
         let ranked = RankedMerges::new(byte_map.chars(), if spm { Vec::new() } else { config.merges }, token_id);
@@ -158,12 +170,26 @@ impl Tokenizer {
             Some(id) if id as usize >= n_vocab => Err(TokenizerError::IdOutOfRange { key, id, n_vocab }),
             _ => Ok(id),
         };
-        // SentencePiece vocabularies conventionally put <unk>, <s>, </s> at 0, 1, 2.
-        let spm_default = |id: u32| (spm && (id as usize) < n_vocab).then_some(id);
-        let bos = in_vocab(keys::BOS_ID, config.bos)?.or_else(|| spm_default(1));
-        let eos = in_vocab(keys::EOS_ID, config.eos)?.or_else(|| spm_default(2));
-        let unk = in_vocab(keys::UNK_ID, config.unk)?.or_else(|| spm_default(0));
-        let pad = in_vocab(keys::PAD_ID, config.pad)?;
+        // Conventional ids where the metadata names none (as llama.cpp assumes):
+        // SentencePiece's <unk>, <s>, </s> at 0, 1, 2; BERT's [PAD], [UNK],
+        // [CLS], [SEP] at 0, 100, 101, 102.
+        let conventional = |spm_id: Option<u32>, wpm_id: Option<u32>| {
+            let id = match config.model {
+                ModelKind::Spm => spm_id,
+                ModelKind::WordPiece => wpm_id,
+                ModelKind::Bpe => None,
+            };
+            id.filter(|&id| (id as usize) < n_vocab)
+        };
+        let bos = in_vocab(keys::BOS_ID, config.bos)?.or_else(|| conventional(Some(1), Some(101)));
+        let eos = in_vocab(keys::EOS_ID, config.eos)?.or_else(|| conventional(Some(2), None));
+        let unk = in_vocab(keys::UNK_ID, config.unk)?.or_else(|| conventional(Some(0), Some(100)));
+        let pad = in_vocab(keys::PAD_ID, config.pad)?.or_else(|| conventional(None, Some(0)));
+        let sep = match in_vocab(keys::SEP_ID, config.sep)? {
+            Some(id) => Some(id),
+            None if wpm => eos.or_else(|| conventional(None, Some(102))),
+            None => None,
+        };
 
         // Special tokens the metadata does not name are found by their text; they
         // become control tokens so they are never shown as text.
@@ -216,12 +242,20 @@ impl Tokenizer {
         if config.add_bos == Some(true) && bos.is_none() {
             return Err(TokenizerError::MissingSpecialToken { flag: keys::ADD_BOS, key: keys::BOS_ID });
         }
-        let add_bos = config.add_bos.unwrap_or((spm || config.pre == PreTokenizerKind::Llama3) && bos.is_some());
+        let add_bos = config.add_bos.unwrap_or((spm || wpm || config.pre == PreTokenizerKind::Llama3) && bos.is_some());
         let add_eos = config.add_eos.unwrap_or(false);
         let add_space_prefix = config.add_space_prefix.unwrap_or(spm);
         if add_eos && eos.is_none() {
             return Err(TokenizerError::MissingSpecialToken { flag: keys::ADD_EOS, key: keys::EOS_ID });
         }
+        // Only WordPiece ends a sequence with a separator (the others' flag is informational).
+        if wpm && config.add_sep == Some(true) && sep.is_none() {
+            return Err(TokenizerError::MissingSpecialToken { flag: keys::ADD_SEP, key: keys::SEP_ID });
+        }
+        let add_sep = wpm && config.add_sep.unwrap_or(true) && sep.is_some();
+        let lowercase = config.lowercase.unwrap_or(true);
+        let normalize = Normalize { lowercase, strip_accents: config.strip_accents.unwrap_or(lowercase) };
+        let wordpiece = WordPiece::new(if wpm { &tokens[..] } else { &[] }, normalize, unk);
 
         let special_ids: Vec<u32> = (0..n_vocab as u32)
             .filter(|&id| attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0)
@@ -246,6 +280,7 @@ impl Tokenizer {
             token_to_id,
             ranked,
             scored,
+            wordpiece,
             spm_byte_tokens: [None; 256],
             byte_map,
             pieces,
@@ -256,9 +291,11 @@ impl Tokenizer {
             eom,
             unk,
             pad,
+            sep,
             eog,
             add_bos,
             add_eos,
+            add_sep,
             add_space_prefix,
             ignore_merges: !spm && config.pre == PreTokenizerKind::Llama3,
         };
@@ -268,9 +305,10 @@ impl Tokenizer {
 
     /// Token ids for `text`.
     ///
-    /// `add_special` adds BOS / EOS as the model's flags say. With `parse_special`,
-    /// control tokens written literally in the text (`<|im_start|>`) become those
-    /// tokens; user-defined tokens are always split out.
+    /// `add_special` adds BOS / EOS (and WordPiece's separator) as the model's
+    /// flags say. With `parse_special`, control tokens written literally in the
+    /// text (`<|im_start|>`) become those tokens; user-defined tokens are always
+    /// split out.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
         let fragments = self.split_special(text, parse_special);
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
@@ -313,9 +351,20 @@ impl Tokenizer {
                     }
                 }
             }
+            ModelKind::WordPiece => {
+                for fragment in fragments {
+                    match fragment {
+                        Piece::Text(text) => self.wordpiece.encode(&self.tokens, text, &mut out),
+                        Piece::Token(id) => out.push(id),
+                    }
+                }
+            }
         }
         if add_special && self.add_eos {
             out.extend(self.eos);
+        }
+        if add_special && self.add_sep {
+            out.extend(self.sep);
         }
         out
     }
@@ -428,6 +477,11 @@ impl Tokenizer {
         self.pad
     }
 
+    /// The separator (`[SEP]`) that WordPiece sequences end with.
+    pub fn sep(&self) -> Option<u32> {
+        self.sep
+    }
+
     /// Whether `encode(.., add_special = true, ..)` starts with BOS.
     pub fn adds_bos(&self) -> bool {
         self.add_bos
@@ -436,6 +490,11 @@ impl Tokenizer {
     /// Whether `encode(.., add_special = true, ..)` ends with EOS.
     pub fn adds_eos(&self) -> bool {
         self.add_eos
+    }
+
+    /// Whether `encode(.., add_special = true, ..)` ends with the separator.
+    pub fn adds_sep(&self) -> bool {
+        self.add_sep
     }
 
     /// Whether generating `id` ends generation: eos, eot, eom, fill-in-the-middle
@@ -480,7 +539,7 @@ fn render_piece(model: ModelKind, byte_map: &ByteMap, text: &str, a: u8) -> Vec<
     }
     if a & attr::NORMAL != 0 {
         return match model {
-            ModelKind::Spm => text.replace('\u{2581}', " ").into_bytes(),
+            ModelKind::Spm | ModelKind::WordPiece => text.replace('\u{2581}', " ").into_bytes(),
             ModelKind::Bpe => byte_map.decode(text),
         };
     }

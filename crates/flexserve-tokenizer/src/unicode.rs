@@ -69,6 +69,11 @@ pub(crate) fn is_punctuation(c: char) -> bool {
     )
 }
 
+/// `\p{M}`: combining marks.
+pub(crate) fn is_mark(c: char) -> bool {
+    !c.is_ascii() && matches!(get_general_category(c), Gc::NonspacingMark | Gc::SpacingMark | Gc::EnclosingMark)
+}
+
 pub(crate) fn classify(c: char) -> CharClass {
     if c.is_ascii() {
         return if c.is_ascii_alphabetic() {

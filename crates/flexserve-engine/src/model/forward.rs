@@ -8,8 +8,7 @@ use super::scratch::Scratch;
 use super::{KvCache, Layer, Logits, Model, Session};
 use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::memory::Buf;
-use crate::ops::{self, QuantizedActs};
-use crate::weights::Tensor;
+use crate::ops;
 use crate::EngineError;
 
 /// Batches of at least this many tokens take the f32 attention path, as
@@ -148,11 +147,11 @@ impl Scratch {
     pub(super) fn attention_inputs(&mut self, c: &ModelConfig, layer: &Layer) -> Result<(), EngineError> {
         let (e, qd, kvd, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
         ops::rms_norm(&self.x, &layer.attn_norm, c.rms_eps, &mut self.h);
-        quantize_for(&mut self.acts, &self.h, e, &layer.wq)?;
+        ops::quantize_for(&mut self.acts, &self.h, e, &layer.wq)?;
         ops::matmul(&layer.wq, &self.acts, &mut self.q, &mut self.mm)?;
-        reuse_for(&mut self.acts, &self.h, e, &layer.wk)?;
+        ops::reuse_for(&mut self.acts, &self.h, e, &layer.wk)?;
         ops::matmul(&layer.wk, &self.acts, &mut self.k, &mut self.mm)?;
-        reuse_for(&mut self.acts, &self.h, e, &layer.wv)?;
+        ops::reuse_for(&mut self.acts, &self.h, e, &layer.wv)?;
         ops::matmul(&layer.wv, &self.acts, &mut self.v, &mut self.mm)?;
         add_bias(&mut self.q, layer.bq.as_deref());
         add_bias(&mut self.k, layer.bk.as_deref());
@@ -173,19 +172,19 @@ impl Scratch {
     /// projection, residual, feed-forward, residual.
     pub(super) fn finish_layer(&mut self, c: &ModelConfig, layer: &Layer) -> Result<(), EngineError> {
         let (e, qd) = (c.n_embd, c.q_dim());
-        quantize_for(&mut self.acts, &self.att, qd, &layer.wo)?;
+        ops::quantize_for(&mut self.acts, &self.att, qd, &layer.wo)?;
         ops::matmul(&layer.wo, &self.acts, &mut self.h, &mut self.mm)?;
-        add_into(&mut self.x, &self.h);
+        ops::add_into(&mut self.x, &self.h);
         ops::rms_norm(&self.x, &layer.ffn_norm, c.rms_eps, &mut self.h);
-        quantize_for(&mut self.acts, &self.h, e, &layer.w_gate)?;
+        ops::quantize_for(&mut self.acts, &self.h, e, &layer.w_gate)?;
         ops::matmul(&layer.w_gate, &self.acts, &mut self.gate, &mut self.mm)?;
-        reuse_for(&mut self.acts, &self.h, e, &layer.w_up)?;
+        ops::reuse_for(&mut self.acts, &self.h, e, &layer.w_up)?;
         ops::matmul(&layer.w_up, &self.acts, &mut self.up, &mut self.mm)?;
         let silu_mul = flexserve_quant::activations().silu_mul;
         self.gate.par_chunks_mut(c.n_ff).zip(self.up.par_chunks(c.n_ff)).for_each(|(g, u)| silu_mul(g, u));
-        quantize_for(&mut self.acts, &self.gate, c.n_ff, &layer.w_down)?;
+        ops::quantize_for(&mut self.acts, &self.gate, c.n_ff, &layer.w_down)?;
         ops::matmul(&layer.w_down, &self.acts, &mut self.h, &mut self.mm)?;
-        add_into(&mut self.x, &self.h);
+        ops::add_into(&mut self.x, &self.h);
         Ok(())
     }
 
@@ -196,27 +195,11 @@ impl Scratch {
         let rows = self.x.len() / e - from;
         let mut normed = vec![0f32; rows * e];
         ops::rms_norm(&self.x[from * e..], &w.output_norm, c.rms_eps, &mut normed);
-        quantize_for(&mut self.acts, &normed, e, &w.output)?;
+        ops::quantize_for(&mut self.acts, &normed, e, &w.output)?;
         let mut logits = vec![0f32; rows * c.n_vocab];
         ops::matmul(&w.output, &self.acts, &mut logits, &mut self.mm)?;
         Ok(logits)
     }
-}
-
-/// Quantizes `x` (rows of `cols`) into the activation format of `w`.
-fn quantize_for(acts: &mut QuantizedActs, x: &[f32], cols: usize, w: &Tensor) -> Result<(), EngineError> {
-    let (_, ty) = ops::dot_kernel(w)?;
-    acts.quantize(x, cols, ty)
-}
-
-/// For a weight that reads the same `x` as the previous one (k/v after q, up
-/// after gate): quantizes again only if its activation format differs.
-fn reuse_for(acts: &mut QuantizedActs, x: &[f32], cols: usize, w: &Tensor) -> Result<(), EngineError> {
-    let (_, ty) = ops::dot_kernel(w)?;
-    if acts.ty != ty {
-        acts.quantize(x, cols, ty)?;
-    }
-    Ok(())
 }
 
 fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
@@ -226,12 +209,6 @@ fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
                 *v += bv;
             }
         }
-    }
-}
-
-fn add_into(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
     }
 }
 

@@ -52,6 +52,7 @@ macro_rules! float_tier {
             zero: $zero:path,
             fma: $fma:path,
             load: $load:path,
+            store: $store:path,
             finish: $finish:path,
             pin: $pin:path,
             micro_tile: ($rows:literal, $toks:literal),
@@ -194,6 +195,9 @@ macro_rules! float_tier {
                 out: *mut f32,
                 out_stride: usize,
             ) {
+                if F != F32 && n % $lanes == 0 && toks > TOKS {
+                    return widened_sweep::<F>(n, w, w_stride, rows, a, a_stride, toks, out, out_stride);
+                }
                 let row_bytes = n * format_type(F).type_size();
                 let tok_chunk = (TOK_CHUNK_BYTES / row_bytes.max(1) / TOKS).max(1) * TOKS;
                 for_each_micro_tile(rows, toks, (ROWS, TOKS), (ROW_BLOCK, tok_chunk), |_, _| {}, |r, rr, t, tt, _| {
@@ -203,6 +207,79 @@ macro_rules! float_tier {
                         _ => unreachable!("no {rr} x {tt} micro-tile"),
                     }
                 });
+            }
+
+            /// [`sweep`] of 16-bit rows over several token groups: each chunk
+            /// of tokens and each block of rows is widened to f32 once, in the
+            /// thread's scratch, and the micro-tiles run on the f32 copies,
+            /// instead of converting every vector again for every micro-tile
+            /// that reads it. The products and their order are the same
+            /// (widening is exact, and with `n` a multiple of the lanes no
+            /// element is left for `finish`, whose f32 and 16-bit forms then
+            /// agree), so results are bit-identical to [`sweep`]'s.
+            ///
+            /// # Safety
+            /// As for [`sweep`]; `n` must be a multiple of the lanes.
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $features)]
+            unsafe fn widened_sweep<const F: u8>(
+                n: usize,
+                w: *const u8,
+                w_stride: usize,
+                rows: usize,
+                a: *const u8,
+                a_stride: usize,
+                toks: usize,
+                out: *mut f32,
+                out_stride: usize,
+            ) {
+                let f32_row = n * 4;
+                let tok_chunk = (TOK_CHUNK_BYTES / f32_row.max(1) / TOKS).max(1) * TOKS;
+                let chunk_toks = tok_chunk.min(toks);
+                // Activations (a prompt's) and weights in the scratch that
+                // `scrub_thread_scratch` clears.
+                crate::scratch::with_f32((chunk_toks + ROW_BLOCK) * n, 0.0, |buffer| {
+                    let (acts, weights) = buffer.split_at_mut(chunk_toks * n);
+                    for t0 in (0..toks).step_by(tok_chunk) {
+                        let t_count = tok_chunk.min(toks - t0);
+                        for (t, row) in acts.chunks_exact_mut(n).take(t_count).enumerate() {
+                            widen::<F>(a.add((t0 + t) * a_stride), row);
+                        }
+                        for r0 in (0..rows).step_by(ROW_BLOCK) {
+                            let r_count = ROW_BLOCK.min(rows - r0);
+                            for (r, row) in weights.chunks_exact_mut(n).take(r_count).enumerate() {
+                                widen::<F>(w.add((r0 + r) * w_stride), row);
+                            }
+                            let (wp, ap) = (weights.as_ptr().cast::<u8>(), acts.as_ptr().cast::<u8>());
+                            for t in (0..t_count).step_by(TOKS) {
+                                let tt = TOKS.min(t_count - t);
+                                for r in (0..r_count).step_by(ROWS) {
+                                    let rr = ROWS.min(r_count - r);
+                                    let (w, a) = (wp.add(r * f32_row), ap.add(t * f32_row));
+                                    let out = out.add((t0 + t) * out_stride + r0 + r);
+                                    match (rr, tt) {
+                                        $(($r, $t) => micro::<F32, $r, $t>(n, w, f32_row, a, f32_row, out, 1, out_stride),)*
+                                        _ => unreachable!("no {rr} x {tt} micro-tile"),
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+
+            /// Widens the `dst.len()` elements of format `F` at `src` (a
+            /// multiple of the lanes) to f32.
+            ///
+            /// # Safety
+            /// The CPU must support `$features`; `dst.len()` elements must be
+            /// readable at `src`.
+            #[inline]
+            #[target_feature(enable = $features)]
+            unsafe fn widen<const F: u8>(src: *const u8, dst: &mut [f32]) {
+                for i in (0..dst.len()).step_by($lanes) {
+                    $store(dst.as_mut_ptr().add(i), load::<F>(src, i));
+                }
             }
 
             /// One micro-tile of `R` weight rows (at `w`, `w_stride` bytes
@@ -266,6 +343,7 @@ float_tier! {
         zero: _mm256_setzero_ps,
         fma: _mm256_fmadd_ps,
         load: crate::float::avx2::eight,
+        store: _mm256_storeu_ps,
         finish: crate::float::avx2::finish,
         pin: crate::legacy::avx2::pin_ps,
         micro_tile: (4, 3),
@@ -282,6 +360,7 @@ float_tier! {
         zero: _mm512_setzero_ps,
         fma: _mm512_fmadd_ps,
         load: crate::float::avx512::sixteen,
+        store: _mm512_storeu_ps,
         finish: crate::float::avx512::finish,
         pin: crate::repack::avx512::pin_ps,
         micro_tile: (4, 4),

@@ -232,6 +232,7 @@ impl OracleEncoder {
                         }
                     }
                 }
+                ModelKind::WordPiece => unreachable!("WordPiece has no merge loops to compare"),
             }
             after_special = false;
         }
