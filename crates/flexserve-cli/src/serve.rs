@@ -208,10 +208,8 @@ fn served_workflows<'a>(
             };
             names.push(name);
         }
-        served.insert(
-            workflow.name.clone(),
-            Arc::new(flexserve_server::workflows::ServedWorkflow { workflow, models: names }),
-        );
+        served
+            .insert(workflow.name.clone(), Arc::new(flexserve_server::workflows::ServedWorkflow::new(workflow, names)));
     }
     Ok(served)
 }

@@ -11,6 +11,7 @@ use flexserve_workflow::Workflow;
 
 use crate::KeyArgs;
 
+mod retrieve;
 pub mod runner;
 
 use runner::{Design, Event, RunConfig, RunReport, Worlds};

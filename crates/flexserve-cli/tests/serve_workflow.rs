@@ -150,3 +150,69 @@ fn a_next_model_hint_loads_that_model_with_its_weights_after_the_answer() {
     assert_eq!(opened["resident_layers"], opened["layers"], "{secure}");
     assert_eq!(opened["layers"], 30, "{secure}");
 }
+
+/// A workflow with a retrieve step through the daemon: the encoder is served
+/// plain beside the sealed answerer; the passages are embedded on the first
+/// run and kept; the outputs are the command line's.
+#[test]
+fn a_retrieve_workflow_runs_through_the_daemon() {
+    let home = tempfile::tempdir().unwrap();
+    let (sealed, key) = common::seal(home.path());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let encoder = root.join(".cache/models/nomic-embed-text-v1.5.f16.gguf");
+    assert!(encoder.exists(), "{} is missing: run scripts/fetch-model.sh nomic-embed", encoder.display());
+    let documents = root.join("examples/workflows/knowledge/flexserve.txt");
+    let file = home.path().join("rag.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+name = "rag"
+[models.embedder]
+path = "{encoder}"
+[models.answerer]
+path = "{sealed}"
+[[steps]]
+name = "retrieve"
+model = "embedder"
+prompt = "search_query: {{{{ input }}}}"
+retrieve = {{ documents = "{documents}", prefix = "search_document: ", passages = 1 }}
+[[steps]]
+name = "answer"
+model = "answerer"
+prompt = "Context: {{{{ steps.retrieve }}}}\nQuestion: {{{{ input }}}}"
+max_tokens = 24
+"#,
+            encoder = encoder.display(),
+            sealed = sealed.display(),
+            documents = documents.display()
+        ),
+    )
+    .unwrap();
+    let input = "How are the cores shared between the worlds?";
+    let out = ok(flexserve(home.path())
+        .args(["workflow", "run", "--json", "--input", input, "--key"])
+        .arg(&key)
+        .arg(&file)
+        .output()
+        .unwrap());
+    let reference: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let outputs: Vec<String> =
+        reference["steps"].as_array().unwrap().iter().map(|s| s["output"].as_str().unwrap().to_string()).collect();
+    assert!(outputs[0].starts_with("Flex-NPU leases the CPU cores"), "{outputs:?}");
+
+    let daemon = Daemon::spawn(home, |c| c.arg("--key").arg(&key).arg("--workflow").arg(&file));
+    let body = format!(r#"{{"workflow":"rag","input":"{input}"}}"#);
+    for run in 0..2 {
+        let (code, whole) = curl(&daemon.url, "/v1/workflows/run", Some(&body));
+        assert_eq!(code, 200, "run {run}: {whole}\n{}", daemon.log());
+        let whole: serde_json::Value = serde_json::from_str(&whole).unwrap();
+        let got: Vec<&str> = whole["steps"].as_array().unwrap().iter().map(|s| s["output"].as_str().unwrap()).collect();
+        assert_eq!(got, outputs, "run {run}: {whole}");
+        assert_eq!(whole["steps"][0]["usage"]["completion_tokens"], 0);
+    }
+    // The encoder answers embeddings as a served model too.
+    let (code, listed) = curl(&daemon.url, "/v1/models", None);
+    assert_eq!(code, 200);
+    assert!(listed.contains("rag.embedder"), "{listed}");
+}

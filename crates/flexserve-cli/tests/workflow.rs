@@ -262,3 +262,45 @@ fn bench_workflow_runs_every_design_with_the_documented_json_and_timelines() {
         assert!(svg.matches("<rect").count() >= 6 && svg.contains("step second"), "{svg}");
     }
 }
+
+#[test]
+fn a_retrieve_step_finds_the_passage_that_answers_and_every_design_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path();
+    let (sealed, key) = seal(home);
+    let path = example("retrieve-answer.toml");
+    let answerer = format!("--model=answerer={}", sealed.display());
+    let cases = [
+        ("Can the normal world take secure memory back?", "Flex-Mem grants secure memory"),
+        ("How long should tea leaves steep?", "To make tea"),
+        ("When was the Eiffel Tower built?", "The Eiffel Tower"),
+    ];
+    for (i, (input, passage)) in cases.into_iter().enumerate() {
+        // Every design on the first question; the default one on the others.
+        let designs: &[&str] = if i == 0 { &["flexserve", "opt-strawman", "strawman"] } else { &["flexserve"] };
+        let mut reference: Option<Vec<String>> = None;
+        for design in designs {
+            let args = [
+                path.to_str().unwrap(),
+                "--input",
+                input,
+                "--key",
+                key.to_str().unwrap(),
+                "--design",
+                design,
+                &answerer,
+            ];
+            let report = run_json(home, &args);
+            let got = outputs(&report);
+            let found = got[0].split("\n\n").collect::<Vec<_>>();
+            assert_eq!(found.len(), 2, "{design}: two passages expected: {got:?}");
+            assert!(found[0].starts_with(passage), "{input:?} ({design}): nearest passage {:?}", found[0]);
+            assert!(!got[1].trim().is_empty(), "{design}: empty answer");
+            assert_eq!(report["steps"][0]["generated_tokens"], 0, "{report}");
+            match &reference {
+                None => reference = Some(got),
+                Some(r) => assert_eq!(&got, r, "{design} differs from flexserve"),
+            }
+        }
+    }
+}

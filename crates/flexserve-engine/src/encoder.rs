@@ -20,9 +20,11 @@ use crate::weights::{GgufSource, TensorSource};
 use crate::EngineError;
 
 mod config;
+mod retrieval;
 mod weights;
 
 pub use config::{EncoderArch, EncoderConfig, Pooling};
+pub use retrieval::{join_passages, PassageIndex};
 pub use weights::{EncoderLayer, EncoderWeights, Norm};
 
 /// Queries per attention task: enough rows for the tile kernel, few enough

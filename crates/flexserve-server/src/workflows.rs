@@ -13,15 +13,18 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive as SseKeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use flexserve_engine::encoder::{join_passages, PassageIndex};
 use flexserve_protocol::Message;
-use flexserve_workflow::{Outputs, Workflow};
+use flexserve_workflow::{Outputs, Retrieval, Step, StepKind, Workflow};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 use crate::api::{ApiError, ErrorKind};
+use crate::embeddings::{EmbedInput, EmbedJob, Embeddings};
 use crate::handlers::{parse, Body};
+use crate::registry::Lease;
 use crate::worker::{Command, Event, Finish, GenParams, Job, JobInput};
 use crate::AppState;
 
@@ -30,6 +33,17 @@ pub struct ServedWorkflow {
     pub workflow: Workflow,
     /// The daemon's model name for each of the workflow's models (by index).
     pub models: Vec<String>,
+    /// Each retrieve step's passages with their embeddings (by step index),
+    /// made when the step first runs and kept for the daemon's life.
+    indexes: Vec<tokio::sync::OnceCell<PassageIndex>>,
+}
+
+impl ServedWorkflow {
+    /// `workflow` served with `models[i]` running its model `i`.
+    pub fn new(workflow: Workflow, models: Vec<String>) -> ServedWorkflow {
+        let indexes = workflow.steps.iter().map(|_| tokio::sync::OnceCell::new()).collect();
+        ServedWorkflow { workflow, models, indexes }
+    }
 }
 
 /// The served workflows, by name.
@@ -60,7 +74,14 @@ pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
                 .workflow
                 .order()
                 .iter()
-                .map(|&s| json!({"name": w.workflow.steps[s].name, "model": w.models[w.workflow.steps[s].model]}))
+                .map(|&s| {
+                    let step = &w.workflow.steps[s];
+                    let kind = match step.kind {
+                        StepKind::Generate => "generate",
+                        StepKind::Retrieve(_) => "retrieve",
+                    };
+                    json!({"name": step.name, "model": w.models[step.model], "kind": kind})
+                })
                 .collect();
             json!({"id": name, "object": "workflow", "description": w.workflow.description, "steps": steps})
         })
@@ -160,51 +181,30 @@ async fn run_steps(
         if !on_event(json!({"type": "step", "step": step.name, "model": model})) {
             return Err(ApiError::new(ErrorKind::InvalidRequest, "the client went away"));
         }
-        let job_input = if step.chat {
-            let mut messages: Vec<Message> = Vec::new();
-            if let Some(system) = system {
-                messages.push(Message { role: "system".to_string(), content: system });
-            }
-            messages.push(Message { role: "user".to_string(), content: prompt });
-            JobInput::Chat(messages)
-        } else {
-            JobInput::Prompt(prompt)
-        };
-        let sampling = &step.sampling;
-        let params = GenParams {
-            max_tokens: step.max_tokens,
-            temperature: sampling.temperature,
-            top_p: sampling.top_p,
-            top_k: sampling.top_k,
-            min_p: sampling.min_p,
-            seed: sampling.seed.unwrap_or(0),
-            stop: step.stop.clone(),
-            n_ctx: state.ctx,
-        };
         let entry = state.registry.entry(model).map_err(named)?;
         let lease = state.registry.lease(&entry, None, &state.metrics).await.map_err(named)?;
-        let (tx, mut rx) = mpsc::channel(64);
         let started = Instant::now();
-        let cancelled = state.metrics.cancelled.clone();
-        lease
-            .backend
-            .submit(Command::Generate(Job { input: job_input, params, events: tx, cancelled }))
-            .map_err(named)?;
-        let mut text = String::new();
-        let mut first_token_ms = None;
-        let finish = loop {
-            match rx.recv().await {
-                Some(Event::Text(t)) => {
-                    first_token_ms.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
-                    if !on_event(json!({"type": "text", "step": step.name, "text": t})) {
-                        // Dropping the receiver cancels the generation.
-                        return Err(ApiError::new(ErrorKind::InvalidRequest, "the client went away"));
-                    }
-                    text.push_str(&t);
+        let (text, finish, first_token_ms) = match &step.kind {
+            StepKind::Generate => {
+                generate_step(state, &lease, step, prompt, system, &mut *on_event).await.map_err(named)?
+            }
+            StepKind::Retrieve(retrieval) => {
+                let index =
+                    served.indexes[s].get_or_try_init(|| passage_index(&lease, retrieval)).await.map_err(named)?;
+                let query = embed(&lease, vec![EmbedInput::Text(prompt)]).await.map_err(named)?;
+                let found = join_passages(&index.search(&query.vectors[0], retrieval.passages));
+                let first_token_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+                if !on_event(json!({"type": "text", "step": step.name, "text": found})) {
+                    return Err(ApiError::new(ErrorKind::InvalidRequest, "the client went away"));
                 }
-                Some(Event::Done(f)) => break f,
-                Some(Event::Failed(e)) => return Err(named(e)),
-                None => return Err(named(ApiError::new(ErrorKind::Internal, "the model stopped without an answer"))),
+                let finish = Finish {
+                    prompt_tokens: query.prompt_tokens,
+                    completion_tokens: 0,
+                    prompt_ms: started.elapsed().as_secs_f64() * 1e3,
+                    predicted_ms: 0.0,
+                    finish_reason: "stop",
+                };
+                (found, finish, first_token_ms)
             }
         };
         drop(lease);
@@ -216,4 +216,79 @@ async fn run_steps(
         done.push(StepDone { step: s, finish, first_token_ms });
     }
     Ok((outputs, done))
+}
+
+/// A generation step on its model's backend: its text, how it ended, and
+/// when its first piece came (ms from its start).
+async fn generate_step(
+    state: &Arc<AppState>,
+    lease: &Lease,
+    step: &Step,
+    prompt: String,
+    system: Option<String>,
+    on_event: &mut (dyn FnMut(Value) -> bool + Send),
+) -> Result<(String, Finish, Option<f64>), ApiError> {
+    let job_input = if step.chat {
+        let mut messages: Vec<Message> = Vec::new();
+        if let Some(system) = system {
+            messages.push(Message { role: "system".to_string(), content: system });
+        }
+        messages.push(Message { role: "user".to_string(), content: prompt });
+        JobInput::Chat(messages)
+    } else {
+        JobInput::Prompt(prompt)
+    };
+    let sampling = &step.sampling;
+    let params = GenParams {
+        max_tokens: step.max_tokens,
+        temperature: sampling.temperature,
+        top_p: sampling.top_p,
+        top_k: sampling.top_k,
+        min_p: sampling.min_p,
+        seed: sampling.seed.unwrap_or(0),
+        stop: step.stop.clone(),
+        n_ctx: state.ctx,
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    let started = Instant::now();
+    let cancelled = state.metrics.cancelled.clone();
+    lease.backend.submit(Command::Generate(Job { input: job_input, params, events: tx, cancelled }))?;
+    let mut text = String::new();
+    let mut first_token_ms = None;
+    let finish = loop {
+        match rx.recv().await {
+            Some(Event::Text(t)) => {
+                first_token_ms.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
+                if !on_event(json!({"type": "text", "step": step.name, "text": t})) {
+                    // Dropping the receiver cancels the generation.
+                    return Err(ApiError::new(ErrorKind::InvalidRequest, "the client went away"));
+                }
+                text.push_str(&t);
+            }
+            Some(Event::Done(f)) => break f,
+            Some(Event::Failed(e)) => return Err(e),
+            None => return Err(ApiError::new(ErrorKind::Internal, "the model stopped without an answer")),
+        }
+    };
+    Ok((text, finish, first_token_ms))
+}
+
+/// Embeddings of `inputs` from the leased (encoder) backend.
+async fn embed(lease: &Lease, inputs: Vec<EmbedInput>) -> Result<Embeddings, ApiError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    lease.backend.submit(Command::Embed(EmbedJob { inputs, reply }))?;
+    answer.await.map_err(|_| ApiError::new(ErrorKind::Internal, "the model stopped without an answer"))?
+}
+
+/// A retrieve step's passages, each embedded with the step's prefix.
+async fn passage_index(lease: &Lease, retrieval: &Retrieval) -> Result<PassageIndex, ApiError> {
+    let documents = retrieval.clone();
+    let passages = tokio::task::spawn_blocking(move || documents.read_passages())
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Internal, format!("reading the documents: {e}")))?
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?;
+    let inputs = passages.iter().map(|p| EmbedInput::Text(format!("{}{p}", retrieval.prefix))).collect();
+    let embedded = embed(lease, inputs).await?;
+    PassageIndex::new(passages, embedded.vectors)
+        .ok_or_else(|| ApiError::new(ErrorKind::Internal, "the encoder did not embed every passage"))
 }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::error::WorkflowError;
 use crate::graph::execution_order;
 use crate::template::{self, Reference};
-use crate::workflow::{ModelSpec, Step, StepSampling, StepTemplates, Workflow};
+use crate::workflow::{ModelSpec, Retrieval, Step, StepKind, StepSampling, StepTemplates, Workflow};
 
 /// The most tokens a step may ask for: enough for any step of a small
 /// agent flow, small enough that a typo (an extra zero or three) is caught.
@@ -23,6 +23,13 @@ pub const MAX_TOKENS_LIMIT: u32 = 32768;
 
 /// `max_tokens` when a step doesn't say.
 pub const DEFAULT_MAX_TOKENS: u32 = 128;
+
+/// Passages a retrieve step outputs when it doesn't say.
+pub const DEFAULT_PASSAGES: usize = 2;
+
+/// The most passages a retrieve step may output: they go into a later
+/// step's prompt, which has a context to fit in.
+pub const MAX_PASSAGES: usize = 16;
 
 /// The top level of a workflow file.
 #[derive(Debug, Deserialize)]
@@ -66,6 +73,17 @@ struct RawStep {
     seed: Option<u64>,
     stop: Option<Vec<String>>,
     after: Option<Vec<String>>,
+    retrieve: Option<RawRetrieve>,
+}
+
+/// A step's `retrieve = { ... }` table: the step embeds its rendered prompt
+/// (the query) and outputs the passages nearest to it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetrieve {
+    documents: String,
+    prefix: Option<String>,
+    passages: Option<usize>,
 }
 
 /// `secure_memory_limit` as written: a string such as "320M", or a plain
@@ -177,6 +195,8 @@ fn build(raw: RawWorkflow, origin: &Path) -> Result<Workflow, WorkflowError> {
         }
         models.push(ModelSpec { name, path: base.join(model.path) });
     }
+    // The same rule for a retrieve step's documents.
+    let base = base.to_path_buf();
     let model_index: HashMap<&str, usize> = models.iter().enumerate().map(|(i, m)| (m.name.as_str(), i)).collect();
 
     if raw.steps.is_empty() {
@@ -201,7 +221,7 @@ fn build(raw: RawWorkflow, origin: &Path) -> Result<Workflow, WorkflowError> {
     let mut steps = Vec::with_capacity(raw.steps.len());
     let mut templates = Vec::with_capacity(raw.steps.len());
     for (i, step) in raw.steps.iter().enumerate() {
-        let (built, sources) = build_step(&check, step, i, &model_index, &step_index, &models)?;
+        let (built, sources) = build_step(&check, step, i, &model_index, &step_index, &models, &base)?;
         steps.push(built);
         templates.push(sources);
     }
@@ -257,6 +277,7 @@ fn build_step(
     model_index: &HashMap<&str, usize>,
     step_index: &HashMap<&str, usize>,
     models: &[ModelSpec],
+    base: &Path,
 ) -> Result<(Step, StepTemplates), WorkflowError> {
     let name = step.name.as_str();
     let model = *model_index.get(step.model.as_str()).ok_or_else(|| {
@@ -309,8 +330,13 @@ fn build_step(
     depends_on.sort_unstable();
     depends_on.dedup();
 
+    let kind = match &step.retrieve {
+        None => StepKind::Generate,
+        Some(r) => StepKind::Retrieve(build_retrieval(check, step, r, base)?),
+    };
     let built = Step {
         name: step.name.clone(),
+        kind,
         model,
         chat: step.chat.unwrap_or(true),
         max_tokens,
@@ -319,6 +345,38 @@ fn build_step(
         depends_on,
     };
     Ok((built, StepTemplates { prompt: step.prompt.clone(), system: step.system.clone() }))
+}
+
+/// A retrieve step's settings; its generation settings must be absent.
+fn build_retrieval(
+    check: &Checker<'_>,
+    step: &RawStep,
+    raw: &RawRetrieve,
+    base: &Path,
+) -> Result<Retrieval, WorkflowError> {
+    let name = step.name.as_str();
+    let generation_only = [
+        ("system", step.system.is_some()),
+        ("chat", step.chat.is_some()),
+        ("max_tokens", step.max_tokens.is_some()),
+        ("temperature", step.temperature.is_some()),
+        ("top_k", step.top_k.is_some()),
+        ("top_p", step.top_p.is_some()),
+        ("min_p", step.min_p.is_some()),
+        ("seed", step.seed.is_some()),
+        ("stop", step.stop.is_some()),
+    ];
+    if let Some((field, _)) = generation_only.iter().find(|(_, given)| *given) {
+        return Err(check.invalid(at(name, field), "a retrieve step generates nothing: leave the field out"));
+    }
+    if raw.documents.trim().is_empty() {
+        return Err(check.invalid(at(name, "retrieve.documents"), "the path is empty"));
+    }
+    let passages = raw.passages.unwrap_or(DEFAULT_PASSAGES);
+    if !(1..=MAX_PASSAGES).contains(&passages) {
+        return Err(check.invalid(at(name, "retrieve.passages"), format!("{passages} is not in 1..={MAX_PASSAGES}")));
+    }
+    Ok(Retrieval { documents: base.join(&raw.documents), prefix: raw.prefix.clone().unwrap_or_default(), passages })
 }
 
 /// A float setting: the default if absent; otherwise it must be finite

@@ -40,6 +40,15 @@ pub enum WorkflowError {
         message: String,
     },
 
+    /// A retrieve step's documents file is unusable.
+    #[error("{}: documents: {message}", .path.display())]
+    Documents {
+        /// The documents file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
     /// The steps' dependencies form a cycle, so no order can run them.
     #[error(
         "{}: steps {} form a cycle (each step needs the one before it)",

@@ -47,10 +47,10 @@ pub mod workflow;
 
 use std::path::Path;
 
-pub use definition::{DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT};
+pub use definition::{DEFAULT_MAX_TOKENS, DEFAULT_PASSAGES, MAX_PASSAGES, MAX_TOKENS_LIMIT};
 pub use error::WorkflowError;
 pub use plan::{next_use, ResidencyPlan, StepPlan};
-pub use workflow::{ModelSpec, Outputs, Step, StepSampling, Workflow};
+pub use workflow::{ModelSpec, Outputs, Retrieval, Step, StepKind, StepSampling, Workflow, MAX_DOCUMENTS_BYTES};
 
 impl Workflow {
     /// Reads and validates the workflow file at `path`. Errors name the

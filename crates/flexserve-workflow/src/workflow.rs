@@ -55,6 +55,8 @@ pub struct ModelSpec {
 pub struct Step {
     /// Its name, unique within the workflow (`steps.NAME` in templates).
     pub name: String,
+    /// What the step does with its model.
+    pub kind: StepKind,
     /// The model it runs (an index into [`Workflow::models`]).
     pub model: usize,
     /// `true`: the prompt goes through the model's chat template as a user
@@ -69,6 +71,69 @@ pub struct Step {
     /// The steps that must run first (indices; sorted, no duplicates):
     /// those its templates reference, and those its `after` names.
     pub depends_on: Vec<usize>,
+}
+
+/// What a step does with its model and rendered prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepKind {
+    /// Generates text from the prompt (the generation settings apply).
+    Generate,
+    /// Embeds the prompt as a query with an encoder model and outputs the
+    /// passages of a document file nearest to it (the generation settings
+    /// are unused).
+    Retrieve(Retrieval),
+}
+
+/// A retrieve step's documents and how many passages it outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retrieval {
+    /// A text file of passages separated by blank lines. A relative path in
+    /// the workflow file is resolved against the workflow file's directory.
+    pub documents: PathBuf,
+    /// Prepended to every passage when it is embedded (an encoder's task
+    /// prefix, such as nomic-embed's `search_document: `); not in the output.
+    pub prefix: String,
+    /// Passages output, the nearest first.
+    pub passages: usize,
+}
+
+/// Passages in a documents file larger than this are refused: they are all
+/// embedded when the step first runs.
+pub const MAX_DOCUMENTS_BYTES: u64 = 4 << 20;
+
+impl Retrieval {
+    /// The passages of the documents file: runs of non-blank lines, trimmed,
+    /// in file order. Errors name the file.
+    pub fn read_passages(&self) -> Result<Vec<String>, WorkflowError> {
+        let read = |source| WorkflowError::Read { path: self.documents.clone(), source };
+        let size = std::fs::metadata(&self.documents).map_err(read)?.len();
+        if size > MAX_DOCUMENTS_BYTES {
+            return Err(WorkflowError::Documents {
+                path: self.documents.clone(),
+                message: format!("{size} bytes is over the {MAX_DOCUMENTS_BYTES}-byte bound of a documents file"),
+            });
+        }
+        let text = std::fs::read_to_string(&self.documents).map_err(read)?;
+        let mut passages = Vec::new();
+        let mut current: Vec<&str> = Vec::new();
+        for line in text.lines().chain(std::iter::once("")) {
+            if line.trim().is_empty() {
+                if !current.is_empty() {
+                    passages.push(current.join("\n"));
+                    current.clear();
+                }
+            } else {
+                current.push(line.trim());
+            }
+        }
+        if passages.is_empty() {
+            return Err(WorkflowError::Documents {
+                path: self.documents.clone(),
+                message: "the file holds no passages (passages are separated by blank lines)".into(),
+            });
+        }
+        Ok(passages)
+    }
 }
 
 /// Sampling settings of a step.

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use flexserve_workflow::{Outputs, Workflow, WorkflowError};
+use flexserve_workflow::{Outputs, Retrieval, StepKind, Workflow, WorkflowError, DEFAULT_PASSAGES};
 
 const ORIGIN: &str = "flows/wf.toml";
 
@@ -476,6 +476,11 @@ fn example_workflows_parse() {
     outputs.set(0, "1. think");
     assert!(wf.render_prompt(1, "a haiku", &outputs).unwrap().contains("1. think"));
 
+    let wf = Workflow::from_file(&example("retrieve-answer.toml")).unwrap();
+    let StepKind::Retrieve(r) = &wf.steps[0].kind else { panic!("{:?}", wf.steps[0].kind) };
+    assert_eq!(r.read_passages().unwrap().len(), 10);
+    assert_eq!(wf.steps[1].depends_on, [0]);
+
     let wf = Workflow::from_file(&example("classify-answer.toml")).unwrap();
     let order: Vec<&str> = wf.order().iter().map(|&s| wf.steps[s].name.as_str()).collect();
     assert_eq!(order, ["classify", "answer"]);
@@ -485,4 +490,40 @@ fn example_workflows_parse() {
     outputs.set(0, " Physics\n");
     let prompt = wf.render_prompt(1, "Why is the sky blue?", &outputs).unwrap();
     assert!(prompt.contains("Topic: Physics\nQuestion: Why is the sky blue?"), "{prompt:?}");
+}
+
+#[test]
+fn a_retrieve_step_takes_documents_and_no_generation_settings() {
+    let wf =
+        parse(&one_step_with(r#"retrieve = { documents = "kb/docs.txt", prefix = "search_document: " }"#)).unwrap();
+    let StepKind::Retrieve(r) = &wf.steps[0].kind else { panic!("{:?}", wf.steps[0].kind) };
+    assert_eq!(r.documents, Path::new("flows/kb/docs.txt"));
+    assert_eq!((r.prefix.as_str(), r.passages), ("search_document: ", DEFAULT_PASSAGES));
+    assert_eq!(parse(&one_step_with("")).unwrap().steps[0].kind, StepKind::Generate);
+
+    for field in ["max_tokens = 8", "temperature = 0.5", "system = \"x\"", "chat = false", "stop = [\"x\"]"] {
+        let text = one_step_with(&format!("{field}\nretrieve = {{ documents = \"d.txt\" }}"));
+        let name = field.split(' ').next().unwrap();
+        assert_mentions(&error(&text), &[ORIGIN, "step \"s\" field", name, "a retrieve step generates nothing"]);
+    }
+    let e = error(&one_step_with(r#"retrieve = { documents = "d.txt", passages = 17 }"#));
+    assert_mentions(&e, &["step \"s\" field retrieve.passages", "17 is not in 1..=16"]);
+    let e = error(&one_step_with(r#"retrieve = { documents = " " }"#));
+    assert_mentions(&e, &["step \"s\" field retrieve.documents", "the path is empty"]);
+    let e = error(&one_step_with(r#"retrieve = { documents = "d.txt", top = 2 }"#));
+    assert_mentions(&e, &[ORIGIN, "top"]);
+}
+
+#[test]
+fn passages_are_runs_of_lines_between_blank_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = dir.path().join("docs.txt");
+    let retrieval = |path: &Path| Retrieval { documents: path.to_path_buf(), prefix: String::new(), passages: 2 };
+    std::fs::write(&docs, "\n\nfirst line\n  second line  \n\n \n\t\nthird\n\nlast").unwrap();
+    assert_eq!(retrieval(&docs).read_passages().unwrap(), ["first line\nsecond line", "third", "last"]);
+    std::fs::write(&docs, " \n\n").unwrap();
+    let e = retrieval(&docs).read_passages().unwrap_err().to_string();
+    assert_mentions(&e, &["docs.txt", "no passages"]);
+    let e = retrieval(&dir.path().join("missing.txt")).read_passages().unwrap_err().to_string();
+    assert_mentions(&e, &["missing.txt", "cannot read"]);
 }

@@ -24,11 +24,14 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use flexserve_engine::encoder::PassageIndex;
 use flexserve_engine::{GenerateOptions, Generator, SamplingParams, Session};
 use flexserve_normal::{MemoryBudget, OpenedModel, PoolChoice, SecureWorld};
 use flexserve_protocol::{GenerateRequest, Input, Message, Sampling, StatusReport};
 use flexserve_tokenizer::ChatMessage;
-use flexserve_workflow::{Outputs, Step, Workflow};
+use flexserve_workflow::{Outputs, Step, StepKind, Workflow};
+
+use super::retrieve::Retriever;
 
 use crate::plain::Loaded;
 use crate::secure::SecureArgs;
@@ -153,6 +156,9 @@ pub fn run(workflow: &Workflow, input: &str, cfg: &RunConfig, on_event: &mut dyn
     }
     let plan = workflow.plan();
     let mut plains: Vec<Option<Loaded>> = workflow.models.iter().map(|_| None).collect();
+    let mut encoders: Vec<Option<Retriever>> = workflow.models.iter().map(|_| None).collect();
+    // A retrieve step's passages, embedded when it first runs.
+    let mut indexes: Vec<Option<PassageIndex>> = workflow.steps.iter().map(|_| None).collect();
     let mut outputs = Outputs::new(workflow.steps.len());
     let mut reports = Vec::new();
     let mut recalled = 0;
@@ -185,7 +191,24 @@ pub fn run(workflow: &Workflow, input: &str, cfg: &RunConfig, on_event: &mut dyn
             granted: 0,
             evicted_layers: 0,
         };
-        if sealed[sp.model] {
+        if let StepKind::Retrieve(retrieval) = &step.kind {
+            if encoders[sp.model].is_none() {
+                encoders[sp.model] = Some(Retriever::open(&spec.path, plain_threads).with_context(context)?);
+            }
+            let retriever = encoders[sp.model].as_ref().expect("opened above");
+            if indexes[sp.step].is_none() {
+                let (index, tokens) = retriever.index(retrieval).with_context(context)?;
+                indexes[sp.step] = Some(index);
+                report.prompt_tokens += tokens;
+            }
+            let index = indexes[sp.step].as_ref().expect("built above");
+            let (found, tokens) = retriever.retrieve(index, retrieval, &prompt).with_context(context)?;
+            report.prompt_tokens += tokens;
+            on_text(&found);
+            if cfg.design != Design::Flexserve || sp.unload_after.contains(&sp.model) {
+                encoders[sp.model] = None;
+            }
+        } else if sealed[sp.model] {
             let s = side.as_mut().expect("a secure world for the sealed steps");
             let before = s.world.status().with_context(context)?;
             if s.opened[sp.model].is_none() {
