@@ -11,7 +11,8 @@ use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
 struct Vocabulary {
-    spm: bool,
+    /// Index into MODEL_NAMES (wrapping).
+    model: u8,
     /// Index into PRE_NAMES; past its end, a name no split rules have.
     pre: u8,
     tokens: Vec<String>,
@@ -23,7 +24,8 @@ struct Vocabulary {
     text: String,
 }
 
-const PRE_NAMES: &[&str] = &["default", "gpt2", "smollm", "llama-bpe", "qwen2"];
+const MODEL_NAMES: &[&str] = &["llama", "gpt2", "bert"];
+const PRE_NAMES: &[&str] = &["default", "gpt2", "smollm", "llama-bpe", "qwen2", "qwen35", "falcon", "mpt", "command-r"];
 const ID_KEYS: [&str; 9] = [
     keys::BOS_ID,
     keys::EOS_ID,
@@ -39,7 +41,7 @@ const FLAG_KEYS: [&str; 3] = [keys::ADD_BOS, keys::ADD_EOS, keys::ADD_SPACE_PREF
 
 fn metadata(v: &Vocabulary) -> Metadata {
     let mut meta = Metadata::new();
-    meta.insert(keys::MODEL, Value::from(if v.spm { "llama" } else { "gpt2" }));
+    meta.insert(keys::MODEL, Value::from(MODEL_NAMES[usize::from(v.model) % MODEL_NAMES.len()]));
     meta.insert(keys::PRE, Value::from(PRE_NAMES.get(usize::from(v.pre)).copied().unwrap_or("no-such-rules")));
     meta.insert(keys::TOKENS, Value::string_array(v.tokens.clone()));
     if let Some(types) = &v.types {
