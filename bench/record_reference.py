@@ -82,6 +82,7 @@ def main():
     with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".part") as f:
         f.write(text)
         tmp = f.name
+    os.chmod(tmp, 0o644)  # a temporary file is its owner's alone; the reference is for everyone
     os.replace(tmp, a.out)
 
 

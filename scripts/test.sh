@@ -11,6 +11,8 @@ fi
 scripts/fetch-model.sh >/dev/null
 scripts/fetch-vocab-suite.sh >/dev/null
 scripts/fetch-model.sh nomic-embed >/dev/null
+scripts/fetch-model.sh gemma3 >/dev/null
+scripts/fetch-model.sh qwen2.5-coder >/dev/null
 # The HTTP API is tested with the clients its users use: the openai package and curl.
 # The identity report is verified outside FlexServe's code, with `cryptography`.
 if ! python3 -c "import openai, cryptography" >/dev/null 2>&1; then

@@ -5,7 +5,9 @@
 //!
 //! `PROMPT_IDS` and `DECODE_IDS` are comma-separated token ids. The prompt is
 //! evaluated as one batch (every position's logits are printed), then each
-//! decode id is evaluated alone.
+//! decode id is evaluated alone. `FLEXSERVE_ISA=portable|avx2|avx512` caps
+//! the kernel tier (`flexserve_quant::limit_isa`); `FLEXSERVE_LAST=1` asks the
+//! prompt for its last row's logits only, as generation does.
 
 use std::sync::Arc;
 
@@ -31,12 +33,23 @@ fn main() {
         std::process::exit(2);
     }
     let threads = args.get(4).map_or(2, |t| t.parse().expect("threads is an integer"));
+    if let Ok(isa) = std::env::var("FLEXSERVE_ISA") {
+        let isa = match isa.as_str() {
+            "portable" => flexserve_quant::Isa::Portable,
+            "avx2" => flexserve_quant::Isa::Avx2,
+            "avx512" => flexserve_quant::Isa::Avx512,
+            other => panic!("FLEXSERVE_ISA={other}: portable, avx2 or avx512"),
+        };
+        // Before the model loads: tables are picked as it does.
+        flexserve_quant::limit_isa(isa);
+    }
     let file = Arc::new(GgufFile::open(&args[1]).expect("model opens"));
     let model = Model::from_gguf(file, threads).expect("model loads");
     let n_vocab = model.config.n_vocab;
     let (prompt, decode) = (ids(&args[2]), ids(&args[3]));
     let mut session = Session::new(&model, prompt.len() + decode.len() + 16);
-    let all = session.eval(&prompt, Logits::From(0)).expect("prompt evaluates");
+    let which = if std::env::var_os("FLEXSERVE_LAST").is_some() { Logits::Last } else { Logits::From(0) };
+    let all = session.eval(&prompt, which).expect("prompt evaluates");
     let prefill: Vec<Vec<f32>> = all.chunks_exact(n_vocab).map(|c| c.to_vec()).collect();
     let steps: Vec<Vec<f32>> =
         decode.iter().map(|&t| session.eval(&[t], Logits::Last).expect("decode step evaluates")).collect();

@@ -1,4 +1,4 @@
-//! The transformer: weights of a llama-family or qwen2 model and the forward
+//! The transformer: weights of a llama-family, qwen2 or gemma3 model and the forward
 //! pass over a batch of tokens with a KV cache.
 //!
 //! [`Model`] (here) ties the weights (`weights`) to its worker threads; a
@@ -18,6 +18,8 @@ mod batch;
 mod forward;
 mod scratch;
 mod session;
+#[cfg(test)]
+mod sliding_window_tests;
 mod weights;
 
 pub use forward::LayerHook;

@@ -15,8 +15,9 @@ use crate::EngineError;
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let n = w.len();
     for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        // Sum of squares in f64: long rows would lose digits in f32.
-        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        // Squares rounded to f32 and summed in f64, in order, as llama.cpp's
+        // norm does: long rows would lose digits in an f32 sum.
+        let ss: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
         let scale = 1.0 / ((ss / n as f64) as f32 + eps).sqrt();
         for ((o, &xv), &wv) in or.iter_mut().zip(xr).zip(w) {
             *o = (xv * scale) * wv;
@@ -51,6 +52,12 @@ pub fn add_into(x: &mut [f32], y: &[f32]) {
 /// `cos_sin` holds the precomputed (cos, sin) per rotated pair for this
 /// position. `neox` pairs element i with i + rope_dim/2 (Qwen2); otherwise
 /// adjacent elements 2i, 2i+1 are paired (Llama as stored in GGUF).
+///
+/// Each output is one product rounded and one fused multiply-add, as
+/// llama.cpp's compiled rotation has them (`x0 c - x1 s` and `x0 s + x1 c`,
+/// the first product of each fused; checked against its traced outputs):
+/// two separate products differ from it in the last bit now and then, and
+/// that bit can flip the f16 rounding of a cached key.
 #[inline]
 pub fn rope_head(head: &mut [f32], cos_sin: &[(f32, f32)], neox: bool) {
     let half = cos_sin.len();
@@ -58,8 +65,8 @@ pub fn rope_head(head: &mut [f32], cos_sin: &[(f32, f32)], neox: bool) {
         let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
         let x0 = head[a];
         let x1 = head[b];
-        head[a] = x0 * c - x1 * s;
-        head[b] = x0 * s + x1 * c;
+        head[a] = x0.mul_add(c, -(x1 * s));
+        head[b] = x0.mul_add(s, x1 * c);
     }
 }
 
@@ -83,18 +90,80 @@ pub fn rope_angles(
     }
 }
 
+/// [`rms_norm`] in place, with the same arithmetic (a test holds them to the
+/// same bits): per row of `w.len()` values, as for the per-head norms of
+/// queries and keys, and the norms of a block's outputs (gemma3).
+pub fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for xr in x.chunks_exact_mut(n) {
+        let ss: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+        let scale = 1.0 / ((ss / n as f64) as f32 + eps).sqrt();
+        for (xv, &wv) in xr.iter_mut().zip(w) {
+            *xv = (*xv * scale) * wv;
+        }
+    }
+}
+
+/// GELU with the tanh approximation: `0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))`.
+pub fn gelu(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044715;
+    // `1 + a x^2` as one multiply-add, as llama.cpp's build fuses it.
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (COEF_A * x).mul_add(x, 1.0)).tanh())
+}
+
+/// `gate[i] = gelu(gate[i]) * up[i]`, as llama.cpp's CPU backend computes the
+/// GELU-gated product: inputs up to -10 give 0, inputs from 10 on themselves,
+/// and the rest are rounded to f16 and looked up in a table holding, for
+/// every f16 value, its [`gelu`] rounded to f16.
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    let table = gelu_f16_table();
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = if x <= -10.0 {
+            0.0
+        } else if x >= 10.0 {
+            x * u
+        } else {
+            half::f16::from_bits(table[half::f16::from_f32(x).to_bits() as usize]).to_f32() * u
+        };
+    }
+}
+
+/// [`gelu`] of every f16 value (by its bits), rounded to f16; built once.
+fn gelu_f16_table() -> &'static [u16] {
+    static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX).map(|bits| half::f16::from_f32(gelu(half::f16::from_bits(bits).to_f32())).to_bits()).collect()
+    })
+}
+
+/// Soft-caps logits in place: `cap * tanh(x / cap)` (as `x * (1 / cap)`, as llama.cpp scales).
+pub fn softcap(x: &mut [f32], cap: f32) {
+    let inv = 1.0 / cap;
+    for v in x {
+        *v = (*v * inv).tanh() * cap;
+    }
+}
+
 /// Activations quantized to one weight type's dot-product format.
 pub struct QuantizedActs {
     pub ty: GgmlType,
     pub row_bytes: usize,
     pub n_rows: usize,
     pub data: Buf<u8>,
+    /// The rows are one token each of different sessions (a batched decode
+    /// step), not one sequence's consecutive tokens: every row then takes
+    /// the arithmetic it takes alone, where llama.cpp's rearranged K-quant
+    /// products would take a sequence's tokens four at a time with another
+    /// (`flexserve_quant::Repacked::matmul_part`).
+    pub independent_rows: bool,
 }
 
 impl QuantizedActs {
     /// Empty, taking memory from `source` as it grows.
     pub fn new(source: Arc<dyn ScratchSource>) -> Self {
-        Self { ty: GgmlType::F32, row_bytes: 0, n_rows: 0, data: Buf::new(source) }
+        Self { ty: GgmlType::F32, row_bytes: 0, n_rows: 0, data: Buf::new(source), independent_rows: false }
     }
 
     /// Quantizes `n_rows` rows of `cols` values from `x` to `ty`.
@@ -201,7 +270,13 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut B
     // Tile kernels reuse each activation block across several weight rows;
     // tasks cover whole micro-tiles (multiples of 4 rows).
     let per_task = per_task.next_multiple_of(4);
-    let tile = flexserve_quant::tile_kernel(w.ty);
+    // A sequence's tokens take llama.cpp's kernel for their count; rows of
+    // different sessions each take what they take alone.
+    let tile = if acts.independent_rows {
+        flexserve_quant::tile_kernel(w.ty)
+    } else {
+        flexserve_quant::sequence_tile_kernel(w.ty, n_tok)
+    };
     let w_bytes = w.bytes();
     scratch.par_chunks_mut(per_task * n_tok).enumerate().for_each(|(c, part)| {
         let base = c * per_task;
@@ -274,7 +349,7 @@ fn matmul_packed(w: &Tensor, packing: Repacked, acts: &QuantizedActs, out: &mut 
     let parts = flexserve_quant::ColumnParts::new(out, n_tok, rows, rows, per_task);
     parts.par_bridge().for_each(|part| {
         let w_task = &w_bytes[part.first() * w.row_bytes..];
-        packing.matmul_part(n, w_task, &acts.data, acts.row_bytes, n_tok, part);
+        packing.matmul_part(n, w_task, &acts.data, acts.row_bytes, n_tok, !acts.independent_rows, part);
     });
     Ok(())
 }
@@ -282,6 +357,67 @@ fn matmul_packed(w: &Tensor, packing: Repacked, acts: &QuantizedActs, out: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gelu_table_is_llama_cpp_s() {
+        // FNV-1a (64-bit) of the table's entries for every f16 value but the
+        // NaNs, little-endian, as read from llama.cpp's `ggml_table_gelu_f16`
+        // (libggml-cpu of llama-cpp-python 0.3.36): with `1 + a x^2` not
+        // fused into one multiply-add, one entry (x = -1.999) would differ.
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        for (bits, &v) in gelu_f16_table().iter().enumerate() {
+            if half::f16::from_bits(bits as u16).is_nan() {
+                continue;
+            }
+            for b in v.to_le_bytes() {
+                hash = (hash ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        assert_eq!(hash, 0x097b_67b4_465d_8b6c);
+    }
+
+    #[test]
+    fn gelu_mul_follows_the_table_and_its_bounds() {
+        let up = [3.0f32; 8];
+        let mut g = [-20.0f32, -10.0, -1.0, 0.0, 0.5, 2.0, 10.0, 12.5];
+        gelu_mul(&mut g, &up);
+        assert_eq!(&g[..2], &[0.0, 0.0]);
+        assert_eq!(&g[6..], &[30.0, 37.5]);
+        assert_eq!(g[3], 0.0);
+        // Within the bounds: the f16-rounded GELU (to f16 precision) of the f16-rounded input.
+        for (x, got) in [(-1.0f32, g[2]), (0.5, g[4]), (2.0, g[5])] {
+            let exact = 0.5
+                * x as f64
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x as f64 + 0.044715 * (x as f64).powi(3))).tanh());
+            assert!(
+                (got as f64 - 3.0 * exact).abs() <= 3.0 * exact.abs() * 1e-3,
+                "gelu({x}) * 3 = {got}, want {}",
+                3.0 * exact
+            );
+        }
+        // GELU's shape: about x for large x, small and negative just below 0.
+        assert!((gelu(5.0) - 5.0).abs() < 1e-4 && gelu(-0.5) < 0.0 && gelu(-0.5) > -0.2);
+    }
+
+    #[test]
+    fn rms_norm_in_place_is_rms_norm() {
+        let w: Vec<f32> = (0..64).map(|i| 0.5 + (i as f32 * 0.37).sin()).collect();
+        let x: Vec<f32> = (0..256).map(|i| (i as f32 * 1.7).cos() * (1.0 + i as f32 / 50.0)).collect();
+        let mut out = vec![0f32; x.len()];
+        rms_norm(&x, &w, 1e-6, &mut out);
+        let mut inplace = x.clone();
+        rms_norm_in_place(&mut inplace, &w, 1e-6);
+        assert_eq!(out, inplace);
+    }
+
+    #[test]
+    fn softcap_bounds_logits() {
+        let mut x = [0.0f32, 1.0, 100.0, -1000.0];
+        softcap(&mut x, 30.0);
+        assert_eq!(x[0], 0.0);
+        assert!((x[1] - 30.0 * (1.0f32 / 30.0).tanh()).abs() < 1e-6);
+        assert!(x[2] < 30.0 && x[2] > 29.0 && x[3] >= -30.0);
+    }
 
     #[test]
     fn rms_norm_unit_rows() {

@@ -19,6 +19,12 @@ pub struct SynthSpec {
     pub n_ff: usize,
     pub n_vocab: usize,
     pub n_ctx: usize,
+    /// Width of an attention head; `None`: `n_embd / n_head`.
+    pub head_dim: Option<usize>,
+    /// Sliding-window attention (gemma3): the window, 0 for none.
+    pub sliding_window: usize,
+    /// Every this many layers one is global, the others local (gemma3).
+    pub sliding_window_pattern: u32,
     /// Type of the attention and feed-forward matrices.
     pub weight_type: GgmlType,
     /// How types vary between tensors.
@@ -35,16 +41,23 @@ pub struct SynthSpec {
 
 impl SynthSpec {
     /// A model small enough for unit tests (dimensions are K-quant compatible).
+    /// A gemma3 has heads of 128 (queries 512 wide, twice the embedding),
+    /// one KV head, and a first layer attending within a window of 8, the
+    /// second to every position.
     pub fn tiny(arch: Arch, weight_type: GgmlType) -> Self {
+        let gemma3 = arch == Arch::Gemma3;
         Self {
             arch,
             n_layer: 2,
             n_embd: 256,
             n_head: 4,
-            n_head_kv: 2,
+            n_head_kv: if gemma3 { 1 } else { 2 },
             n_ff: 512,
             n_vocab: 300,
             n_ctx: 128,
+            head_dim: gemma3.then_some(128),
+            sliding_window: if gemma3 { 8 } else { 0 },
+            sliding_window_pattern: 2,
             weight_type,
             mix: QuantMix::Uniform,
             embd_type: GgmlType::Q8_0,
@@ -105,6 +118,9 @@ impl SynthSpec {
             n_ff,
             n_vocab: 32000,
             n_ctx: 4096,
+            head_dim: None,
+            sliding_window: 0,
+            sliding_window_pattern: 6,
             weight_type,
             mix,
             embd_type: weight_type,
@@ -151,7 +167,8 @@ pub fn synth_model(spec: &SynthSpec, tokenizer: Option<&Metadata>) -> Result<Ggu
             n_vocab = t.len();
         }
     }
-    let head_dim = spec.n_embd / spec.n_head;
+    let head_dim = spec.head_dim.unwrap_or(spec.n_embd / spec.n_head);
+    let gemma3 = spec.arch == Arch::Gemma3;
     w.set("general.architecture", Value::from(a));
     w.set("general.name", Value::from(format!("synthetic {a} {}", spec.weight_type)));
     w.set(format!("{a}.block_count"), Value::U32(spec.n_layer as u32));
@@ -160,7 +177,15 @@ pub fn synth_model(spec: &SynthSpec, tokenizer: Option<&Metadata>) -> Result<Ggu
     w.set(format!("{a}.feed_forward_length"), Value::U32(spec.n_ff as u32));
     w.set(format!("{a}.attention.head_count"), Value::U32(spec.n_head as u32));
     w.set(format!("{a}.attention.head_count_kv"), Value::U32(spec.n_head_kv as u32));
-    w.set(format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5));
+    w.set(format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(if gemma3 { 1e-6 } else { 1e-5 }));
+    if spec.head_dim.is_some() {
+        w.set(format!("{a}.attention.key_length"), Value::U32(head_dim as u32));
+        w.set(format!("{a}.attention.value_length"), Value::U32(head_dim as u32));
+    }
+    if spec.sliding_window > 0 {
+        w.set(format!("{a}.attention.sliding_window"), Value::U32(spec.sliding_window as u32));
+        w.set(format!("{a}.attention.sliding_window_pattern"), Value::U32(spec.sliding_window_pattern));
+    }
     w.set(format!("{a}.rope.freq_base"), Value::F32(spec.rope_base));
     w.set(format!("{a}.rope.dimension_count"), Value::U32(head_dim as u32));
     w.set(format!("{a}.vocab_size"), Value::U32(n_vocab as u32));
@@ -192,16 +217,26 @@ pub fn synth_model(spec: &SynthSpec, tokenizer: Option<&Metadata>) -> Result<Ggu
         matrix(&mut w, &n("attn_q.weight"), spec.matrix_type("attn_q", i), e, q, std_in(e))?;
         matrix(&mut w, &n("attn_k.weight"), spec.matrix_type("attn_k", i), e, kv, std_in(e))?;
         matrix(&mut w, &n("attn_v.weight"), spec.matrix_type("attn_v", i), e, kv, std_in(e))?;
+        if gemma3 {
+            matrix(&mut w, &n("attn_q_norm.weight"), GgmlType::F32, head_dim, 1, 0.1)?;
+            matrix(&mut w, &n("attn_k_norm.weight"), GgmlType::F32, head_dim, 1, 0.1)?;
+        }
         if spec.arch == Arch::Qwen2 {
             matrix(&mut w, &n("attn_q.bias"), GgmlType::F32, q, 1, 0.1)?;
             matrix(&mut w, &n("attn_k.bias"), GgmlType::F32, kv, 1, 0.1)?;
             matrix(&mut w, &n("attn_v.bias"), GgmlType::F32, kv, 1, 0.1)?;
         }
         matrix(&mut w, &n("attn_output.weight"), spec.matrix_type("attn_output", i), q, e, std_in(q))?;
+        if gemma3 {
+            matrix(&mut w, &n("post_attention_norm.weight"), GgmlType::F32, e, 1, 0.1)?;
+        }
         matrix(&mut w, &n("ffn_norm.weight"), GgmlType::F32, e, 1, 0.1)?;
         matrix(&mut w, &n("ffn_gate.weight"), spec.matrix_type("ffn_gate", i), e, ff, std_in(e))?;
         matrix(&mut w, &n("ffn_up.weight"), spec.matrix_type("ffn_up", i), e, ff, std_in(e))?;
         matrix(&mut w, &n("ffn_down.weight"), spec.matrix_type("ffn_down", i), ff, e, std_in(ff))?;
+        if gemma3 {
+            matrix(&mut w, &n("post_ffw_norm.weight"), GgmlType::F32, e, 1, 0.1)?;
+        }
     }
     matrix(&mut w, "output_norm.weight", GgmlType::F32, e, 1, 0.1)?;
     if spec.rope_freq_factors {

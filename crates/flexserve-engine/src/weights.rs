@@ -195,11 +195,10 @@ impl Tensor {
     }
 
     /// Rearranges a matrix-product weight for the grouped kernels where its
-    /// type and shape allow it (`Repacked::for_matrix`: Q4_0, as llama.cpp's
-    /// default CPU path does, so that products agree with it bit for bit;
-    /// Q4_1, Q8_0, Q4_K, and Q6_K at the AVX-512 tier, whose grouped products
-    /// are faster than the row tiles, the K-quants' equal to the plain dot bit for bit); other
-    /// tensors are left as they are. The rearranged bytes go to a new buffer
+    /// type and shape allow it (`Repacked::for_matrix`: Q4_0 and Q4_K, as
+    /// llama.cpp's default CPU path does, with its arithmetic for them, so
+    /// that products agree with it bit for bit); other tensors are left as
+    /// they are. The rearranged bytes go to a new buffer
     /// (wiped on drop) and the tensor lets go of the original ones.
     pub fn repack_for_matmul(&mut self) -> Result<(), EngineError> {
         let Some(packing) = self.pending_repack() else {

@@ -1,5 +1,5 @@
 //! The engine's forward pass against a straightforward f32 implementation
-//! written independently here, on synthetic models of both architectures and
+//! written independently here, on synthetic models of every architecture and
 //! every weight type.
 
 use std::sync::Arc;
@@ -17,6 +17,10 @@ struct RefModel {
     eps: f32,
     base: f32,
     file: Arc<GgufFile>,
+    /// Gemma 3 only: head width, and the window of its local layers with
+    /// the period of its global ones.
+    head_dim: Option<usize>,
+    window: Option<(usize, usize)>,
 }
 
 impl RefModel {
@@ -31,10 +35,15 @@ impl RefModel {
     /// Logits for every position of `tokens`, computed from scratch.
     fn forward(&self, tokens: &[u32]) -> Vec<Vec<f32>> {
         let e = self.n_embd;
-        let hd = e / self.n_head;
+        let gemma3 = self.arch == Arch::Gemma3;
+        let hd = self.head_dim.unwrap_or(e / self.n_head);
+        let qd = self.n_head * hd;
         let emb = self.t("token_embd.weight").unwrap();
-        let mut xs: Vec<Vec<f32>> =
-            tokens.iter().map(|&t| emb[t as usize * e..(t as usize + 1) * e].to_vec()).collect();
+        let emb_scale = if gemma3 { (e as f32).sqrt() } else { 1.0 };
+        let mut xs: Vec<Vec<f32>> = tokens
+            .iter()
+            .map(|&t| emb[t as usize * e..(t as usize + 1) * e].iter().map(|v| v * emb_scale).collect())
+            .collect();
         let n_layer =
             (0..).take_while(|i| self.file.header.tensor(&format!("blk.{i}.attn_q.weight")).is_some()).count();
         for l in 0..n_layer {
@@ -49,6 +58,11 @@ impl RefModel {
             let (wg, wu, wd) =
                 (g("ffn_gate.weight").unwrap(), g("ffn_up.weight").unwrap(), g("ffn_down.weight").unwrap());
             let (an, fnw) = (g("attn_norm.weight").unwrap(), g("ffn_norm.weight").unwrap());
+            let (qn, kn) = (g("attn_q_norm.weight"), g("attn_k_norm.weight"));
+            let (post_attn, post_ffn) = (g("post_attention_norm.weight"), g("post_ffw_norm.weight"));
+            // Gemma 3's local layers: a window, and a rotary base of 10000.
+            let window = self.window.filter(|&(_, period)| l % period != period - 1).map(|(w, _)| w);
+            let base = if window.is_some() { 10000.0 } else { self.base };
             let mut ks = Vec::new();
             let mut vs = Vec::new();
             let mut qs = Vec::new();
@@ -57,21 +71,30 @@ impl RefModel {
                 let mut q = matvec(&wq, &h, bq.as_deref());
                 let mut k = matvec(&wk, &h, bk.as_deref());
                 let v = matvec(&wv, &h, bv.as_deref());
+                if let (Some(qn), Some(kn)) = (&qn, &kn) {
+                    q = q.chunks(hd).flat_map(|head| norm(head, qn, self.eps)).collect();
+                    k = k.chunks(hd).flat_map(|head| norm(head, kn, self.eps)).collect();
+                }
                 let factors = self.t("rope_freqs.weight");
                 for head in q.chunks_mut(hd).chain(k.chunks_mut(hd)) {
-                    rope(head, p, self.base, self.arch == Arch::Qwen2, factors.as_deref());
+                    rope(head, p, base, self.arch != Arch::Llama, factors.as_deref());
                 }
                 qs.push(q);
                 ks.push(k);
                 vs.push(v);
             }
             for p in 0..xs.len() {
-                let mut att = vec![0f32; e];
+                let mut att = vec![0f32; qd];
+                // Positions before the window's start weigh nothing.
+                let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
                 for h in 0..self.n_head {
                     let kvh = h / (self.n_head / self.n_head_kv);
                     let q = &qs[p][h * hd..(h + 1) * hd];
                     let mut sc: Vec<f32> = (0..=p)
                         .map(|j| {
+                            if j < first {
+                                return f32::NEG_INFINITY;
+                            }
                             q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f32>()
                                 / (hd as f32).sqrt()
                         })
@@ -90,15 +113,25 @@ impl RefModel {
                         }
                     }
                 }
-                let o = matvec(&wo, &att, None);
+                let mut o = matvec(&wo, &att, None);
+                if let Some(w) = &post_attn {
+                    o = norm(&o, w, self.eps);
+                }
                 for (a, b) in xs[p].iter_mut().zip(&o) {
                     *a += b;
                 }
                 let h = norm(&xs[p], &fnw, self.eps);
                 let gt = matvec(&wg, &h, None);
                 let up = matvec(&wu, &h, None);
-                let f: Vec<f32> = gt.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-                let d = matvec(&wd, &f, None);
+                let f: Vec<f32> = if gemma3 {
+                    gt.iter().zip(&up).map(|(g, u)| gelu(*g) * u).collect()
+                } else {
+                    gt.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect()
+                };
+                let mut d = matvec(&wd, &f, None);
+                if let Some(w) = &post_ffn {
+                    d = norm(&d, w, self.eps);
+                }
                 for (a, b) in xs[p].iter_mut().zip(&d) {
                     *a += b;
                 }
@@ -110,6 +143,12 @@ impl RefModel {
         assert!(logits.iter().all(|v| v.len() == self.n_vocab));
         logits
     }
+}
+
+/// GELU in f64, with tanh's approximation.
+fn gelu(x: f32) -> f32 {
+    let x = x as f64;
+    (0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())) as f32
 }
 
 fn norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
@@ -159,9 +198,11 @@ fn check_with(spec: SynthSpec, tokens: &[u32], batches: &[usize]) {
         n_head: spec.n_head,
         n_head_kv: spec.n_head_kv,
         n_vocab: spec.n_vocab,
-        eps: 1e-5,
+        eps: if spec.arch == Arch::Gemma3 { 1e-6 } else { 1e-5 },
         base: spec.rope_base,
         file,
+        head_dim: spec.head_dim,
+        window: (spec.sliding_window > 0).then_some((spec.sliding_window, spec.sliding_window_pattern as usize)),
     };
     let want = r.forward(tokens);
 
@@ -239,6 +280,28 @@ fn long_prompt_batches_take_the_f32_attention_path_and_match() {
     // A second long batch after the first: its queries also see the earlier positions.
     let tokens: Vec<u32> = (0..139u32).map(|i| (i * 37 + 11) % 300).collect();
     check_with(SynthSpec::tiny(Arch::Llama, GgmlType::F16), &tokens, &[70, 66]);
+}
+
+#[test]
+fn gemma3_matches_reference_in_and_beyond_its_window() {
+    // Tiny gemma3: heads of 128 (queries twice the embedding), one KV head,
+    // layer 0 local with a window of 8, layer 1 global. 20 positions: the
+    // local layer's later queries no longer see the first ones.
+    let tokens: Vec<u32> = (0..20u32).map(|i| (i * 53 + 7) % 300).collect();
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_0, GgmlType::F16] {
+        check_with(SynthSpec::tiny(Arch::Gemma3, ty), &tokens, &[5, 3]);
+    }
+    // Decode only, and an untied output.
+    let mut spec = SynthSpec::tiny(Arch::Gemma3, GgmlType::Q6_K);
+    spec.tied_output = false;
+    check_with(spec, &tokens, &[]);
+    // Long batches (the f32 attention path), the window smaller than a query block and larger.
+    let tokens: Vec<u32> = (0..139u32).map(|i| (i * 37 + 11) % 300).collect();
+    for window in [5, 40] {
+        let mut spec = SynthSpec::tiny(Arch::Gemma3, GgmlType::Q4_K);
+        spec.sliding_window = window;
+        check_with(spec, &tokens, &[70, 66]);
+    }
 }
 
 #[test]

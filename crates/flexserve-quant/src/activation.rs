@@ -1,7 +1,12 @@
 //! Element-wise kernels the layers apply between matmuls: the scaled softmax
 //! of attention scores and the SiLU-gated product of the feed-forward block.
 //!
-//! Both rest on one exponential: `2^k * p(r)` with `k = round(x * log2 e)`
+//! The SiLU-gated product follows llama.cpp's AVX-512 build exactly (see
+//! [`silu_llama`]): its exponential is a fast polynomial that differs from the
+//! correctly rounded one by an ulp now and then, and the feed-forward output
+//! is quantized to 8 bits right after, where one ulp can move a quant.
+//!
+//! The softmax rests on one exponential: `2^k * p(r)` with `k = round(x * log2 e)`
 //! (in f32), `r = x - k ln 2` and `p` the Taylor polynomial of degree 9,
 //! both in f64 (on |r| <= ln 2 / 2 the polynomial's error is below 1e-11
 //! relative), then `p(r)` rounded once to f32 and scaled by the exact
@@ -93,11 +98,81 @@ fn softmax_portable(x: &mut [f32], scale: f32) {
     }
 }
 
+/// `0x1.8p23`: added and subtracted, it rounds `x * log2(e)` to an integer.
+const EXPF_SHIFT: f32 = 12_582_912.0;
+/// llama.cpp's exponential's constants (its hexadecimal literals, as bits):
+/// log2(e), ln 2 in two parts, and the polynomial's coefficients.
+const EXPF_LOG2E: u32 = 0x3fb8_aa3b;
+const EXPF_LN2_HI: u32 = 0x3f31_7200;
+const EXPF_LN2_LO: u32 = 0x35bf_be8e;
+const EXPF_C5: u32 = 0x3c07_2010;
+const EXPF_C4: u32 = 0x3d2b_9f17;
+const EXPF_C3: u32 = 0x3e2a_af33;
+const EXPF_C2: u32 = 0x3eff_fedb;
+const EXPF_C1: u32 = 0x3f7f_fff6;
+
+/// llama.cpp's vector exponential of its AVX-512 build (`ggml_v_expf`, after
+/// ARM's optimized routine), one element: `n = round(x log2 e)`, `b = x - n
+/// ln 2` in two fused steps, `j` a degree-5 polynomial in `b` (fused steps in
+/// its order), and `j * 2^n` rounded once (`scalef`); `|n| > 192` gives
+/// infinity or zero. Within 1.5 ulp of the true value, and not the correctly
+/// rounded one: the feed-forward block must use this one to agree.
+#[inline(always)]
+fn expf_llama(x: f32) -> f32 {
+    let c = f32::from_bits;
+    let z = x.mul_add(c(EXPF_LOG2E), EXPF_SHIFT);
+    let n = z - EXPF_SHIFT;
+    let b = (-n).mul_add(c(EXPF_LN2_LO), (-n).mul_add(c(EXPF_LN2_HI), x));
+    let u = b * b;
+    let j = c(EXPF_C5)
+        .mul_add(b, c(EXPF_C4))
+        .mul_add(u, c(EXPF_C3).mul_add(b, c(EXPF_C2)))
+        .mul_add(u, c(EXPF_C1).mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    scalef(j, n)
+}
+
+/// `j * 2^n` for an integral `n`, rounded once to f32 (as `vscalefps`): the
+/// product is exact in f64, whose exponent range holds every case here.
+#[inline(always)]
+fn scalef(j: f32, n: f32) -> f32 {
+    (j as f64 * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
+}
+
+/// `silu(g) = g / (1 + exp(-g))` with [`expf_llama`], as llama.cpp's
+/// `ggml_v_silu` computes it.
+#[inline(always)]
+fn silu_llama(g: f32) -> f32 {
+    g / (1.0 + expf_llama(0.0 - g))
+}
+
+/// Elements llama.cpp's SiLU-gated product takes per vector: past the last
+/// whole vector of a row it computes `g / (1 + expf(-g))` with the C
+/// library's `expf` instead.
+const SILU_VECTOR: usize = 16;
+
+/// [`silu_llama`] times `up`, every element.
+fn silu_mul_poly(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = silu_llama(*g) * u;
+    }
+}
+
+/// The elements past the last whole vector, with the C library's `expf`
+/// (Rust's `f32::exp`), as llama.cpp's scalar tail computes them.
+fn silu_mul_tail(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
 fn silu_mul_portable(gate: &mut [f32], up: &[f32]) {
     let up = &up[..gate.len()];
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + exp_portable(-*g)) * u;
-    }
+    let main = gate.len() - gate.len() % SILU_VECTOR;
+    silu_mul_poly(&mut gate[..main], &up[..main]);
+    silu_mul_tail(&mut gate[main..], &up[main..]);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -181,20 +256,51 @@ mod avx2 {
         }
     }
 
+    /// [`expf_llama`] of eight values whose `n` lies in the normal range
+    /// (`|n| <= 126`, where `2^n` is a normal f32 and the product rounds
+    /// once); the caller computes the other vectors element by element.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn expf_llama8(x: __m256, n_out: &mut __m256) -> __m256 {
+        let c = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
+        let shift = _mm256_set1_ps(EXPF_SHIFT);
+        let z = _mm256_fmadd_ps(x, c(EXPF_LOG2E), shift);
+        let n = _mm256_sub_ps(z, shift);
+        let b = _mm256_fnmadd_ps(n, c(EXPF_LN2_LO), _mm256_fnmadd_ps(n, c(EXPF_LN2_HI), x));
+        let u = _mm256_mul_ps(b, b);
+        let j = _mm256_fmadd_ps(
+            _mm256_fmadd_ps(_mm256_fmadd_ps(c(EXPF_C5), b, c(EXPF_C4)), u, _mm256_fmadd_ps(c(EXPF_C3), b, c(EXPF_C2))),
+            u,
+            _mm256_fmadd_ps(c(EXPF_C1), b, _mm256_set1_ps(1.0)),
+        );
+        *n_out = n;
+        // 2^n from its exponent bits: exact for the normal range.
+        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(j, _mm256_castsi256_ps(pow2))
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn silu_mul_impl(gate: &mut [f32], up: &[f32]) {
-        let main = gate.len() - gate.len() % LANES;
+        let main = gate.len() - gate.len() % SILU_VECTOR;
         let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
         let one = _mm256_set1_ps(1.0);
-        let sign = _mm256_set1_ps(-0.0);
+        let limit = _mm256_set1_ps(126.0);
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         // Every vector access is at `i + LANES <= main <= gate.len() == up.len()`.
         for i in (0..main).step_by(LANES) {
             let gv = _mm256_loadu_ps(g.add(i));
-            let e = exp8(_mm256_xor_ps(gv, sign));
+            let mut n = _mm256_setzero_ps();
+            let e = expf_llama8(_mm256_sub_ps(_mm256_setzero_ps(), gv), &mut n);
+            // Outside the normal range (or NaN), element by element.
+            let outside = _mm256_cmp_ps::<_CMP_NLE_UQ>(_mm256_and_ps(n, abs), limit);
+            if _mm256_movemask_ps(outside) != 0 {
+                silu_mul_poly(&mut gate[i..i + LANES], &up[i..i + LANES]);
+                continue;
+            }
             let silu = _mm256_div_ps(gv, _mm256_add_ps(one, e));
             _mm256_storeu_ps(g.add(i), _mm256_mul_ps(silu, _mm256_loadu_ps(u.add(i))));
         }
-        silu_mul_portable(&mut gate[main..], &up[main..]);
+        silu_mul_tail(&mut gate[main..], &up[main..]);
     }
 }
 

@@ -1,23 +1,28 @@
-//! Vector accumulation at f16 precision, for attention over an f16 KV cache.
+//! Vector accumulation at f16 precision, for attention over an f16 KV cache,
+//! with the arithmetic of llama.cpp's CPU flash attention in its AVX-512
+//! build (the reference the engine is checked against), at every tier.
 //!
-//! The key-query dot follows llama.cpp's f16 dot step for step (four 8-lane
-//! accumulators over steps of 32, folded 0+2, 1+3, then 0+1, reduced with two
-//! horizontal adds, the remaining products summed in f64), not the weights'
-//! dot, whose order serves the tiled matmuls instead.
+//! The key-query dot follows llama.cpp's f16 dot on AVX-512 step for step:
+//! four 16-lane accumulators over steps of 64 (one fused multiply-add per
+//! element), folded 0+2 and 1+3, then 0+1, then reduced as
+//! `_mm512_reduce_add_ps` does (upper 8 lanes onto the lower 8, upper 4 onto
+//! the lower 4, lanes 0+2 and 1+3, then those two), the remaining products
+//! (rounded to f32) summed in f64. The AVX2 kernel keeps each 16-lane
+//! accumulator in two registers; the portable one lane by lane. Its own
+//! 8-lane order would round differently, and the attention weights that
+//! follow amplify a last-bit difference into a different f16 rounding of the
+//! output.
 //!
 //! The running weighted sum of value rows is rounded to f16 after every
-//! update, as llama.cpp's CPU flash attention keeps it; reproducing that
-//! rounding keeps greedy decoding on llama.cpp's tokens at near ties. The
-//! product and the sum are rounded separately (no fused multiply-add): of the
-//! two ways llama.cpp builds compute this step, that one reproduces the
-//! recorded reference outputs (4 of 5 greedy continuations exact against 1
-//! of 5 with the fused form).
+//! update, as llama.cpp's CPU flash attention keeps it, each update one fused
+//! multiply-add (`acc + w * v`, rounded once to f32, then to f16), as its
+//! SIMD loop computes it; rescaling multiplies and rounds to f16.
 
 use half::f16;
 
-use crate::{DotFn, GgmlType, Isa};
+use crate::{DotFn, Isa};
 
-/// `acc[i] = round_f16(acc[i] + w * v[i])`, `v` holding little-endian f16.
+/// `acc[i] = round_f16(fma(v[i], w, acc[i]))`, `v` holding little-endian f16.
 pub type MadFn = fn(acc: &mut [f32], v: &[u8], w: f32);
 /// `acc[i] = round_f16(acc[i] * s)`.
 pub type ScaleFn = fn(acc: &mut [f32], s: f32);
@@ -37,9 +42,7 @@ pub fn f16_acc_for(isa: Isa) -> F16Acc {
         return F16Acc { dot: dot_avx2, mad: mad_avx2, scale: scale_avx2 };
     }
     let _ = isa;
-    let dot =
-        crate::kernels_for(GgmlType::F16, Isa::Portable).ok().and_then(|k| k.dot).expect("F16 has a portable dot");
-    F16Acc { dot, mad: mad_portable, scale: scale_portable }
+    F16Acc { dot: dot_portable, mad: mad_portable, scale: scale_portable }
 }
 
 /// The accumulation kernels for this CPU.
@@ -52,10 +55,46 @@ fn round(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
+/// Elements per step of the dot: four accumulators of 16 lanes.
+const DOT_STEP: usize = 64;
+const DOT_LANES: usize = 16;
+
+/// Reduces one 16-lane accumulator as `_mm512_reduce_add_ps` does.
+#[inline(always)]
+fn reduce16(x: &[f32; DOT_LANES]) -> f32 {
+    let t3: [f32; 8] = std::array::from_fn(|i| x[8 + i] + x[i]);
+    let t6: [f32; 4] = std::array::from_fn(|i| t3[4 + i] + t3[i]);
+    (t6[0] + t6[2]) + (t6[1] + t6[3])
+}
+
+/// The products past the last whole step, each rounded to f32, summed in f64 onto `sum`.
+#[inline(always)]
+fn dot_tail(sum: f32, k: &[u8], q: &[u8], from: usize, n: usize) -> f32 {
+    let value = |b: &[u8], i: usize| f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32();
+    (from..n).fold(sum as f64, |s, i| s + (value(k, i) * value(q, i)) as f64) as f32
+}
+
+fn dot_portable(n: usize, k: &[u8], q: &[u8]) -> f32 {
+    assert!(k.len() >= 2 * n && q.len() >= 2 * n, "dot of {n} f16 values: rows of {} and {} bytes", k.len(), q.len());
+    let value = |b: &[u8], i: usize| f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32();
+    let main = n - n % DOT_STEP;
+    let mut acc = [[0f32; DOT_LANES]; 4];
+    for i in (0..main).step_by(DOT_STEP) {
+        for (j, lanes) in acc.iter_mut().enumerate() {
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                let at = i + DOT_LANES * j + l;
+                *lane = value(k, at).mul_add(value(q, at), *lane);
+            }
+        }
+    }
+    let folded: [f32; DOT_LANES] = std::array::from_fn(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]));
+    dot_tail(reduce16(&folded), k, q, main, n)
+}
+
 fn mad_portable(acc: &mut [f32], v: &[u8], w: f32) {
     for (a, b) in acc.iter_mut().zip(v.chunks_exact(2)) {
         let vv = f16::from_le_bytes([b[0], b[1]]).to_f32();
-        *a = round(vv * w + *a);
+        *a = round(vv.mul_add(w, *a));
     }
 }
 
@@ -70,30 +109,32 @@ fn dot_avx2(n: usize, k: &[u8], q: &[u8]) -> f32 {
     assert!(k.len() >= 2 * n && q.len() >= 2 * n, "dot of {n} f16 values: rows of {} and {} bytes", k.len(), q.len());
     // SAFETY: only handed out when the CPU has AVX2, FMA and F16C; both rows
     // hold `n` f16 values (checked above), which is all the kernel reads.
-    unsafe { dot_avx2_impl(n, k.as_ptr(), q.as_ptr()) }
+    let main = unsafe { dot_avx2_impl(n - n % DOT_STEP, k.as_ptr(), q.as_ptr()) };
+    dot_tail(main, k, q, n - n % DOT_STEP, n)
 }
 
+/// The reduced sum over the first `main` (a multiple of 64) elements.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2_impl(n: usize, k: *const u8, q: *const u8) -> f32 {
+unsafe fn dot_avx2_impl(main: usize, k: *const u8, q: *const u8) -> f32 {
     use std::arch::x86_64::*;
     let load = |p: *const u8, i: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i).cast()));
-    let main = n - n % 32;
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for i in (0..main).step_by(32) {
-        for (j, acc_j) in acc.iter_mut().enumerate() {
-            *acc_j = _mm256_fmadd_ps(load(k, i + 8 * j), load(q, i + 8 * j), *acc_j);
+    // Accumulator j's lanes 0..8 in `lo[j]`, lanes 8..16 in `hi[j]`.
+    let mut lo = [_mm256_setzero_ps(); 4];
+    let mut hi = [_mm256_setzero_ps(); 4];
+    for i in (0..main).step_by(DOT_STEP) {
+        for j in 0..4 {
+            let at = i + DOT_LANES * j;
+            lo[j] = _mm256_fmadd_ps(load(k, at), load(q, at), lo[j]);
+            hi[j] = _mm256_fmadd_ps(load(k, at + 8), load(q, at + 8), hi[j]);
         }
     }
-    let all = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
-    let quad = _mm_add_ps(_mm256_castps256_ps128(all), _mm256_extractf128_ps::<1>(all));
-    let dual = _mm_hadd_ps(quad, quad);
-    let mut sum = _mm_cvtss_f32(_mm_hadd_ps(dual, dual)) as f64;
-    let value = |p: *const u8, i: usize| f16::from_le_bytes(p.add(2 * i).cast::<[u8; 2]>().read_unaligned()).to_f32();
-    for i in main..n {
-        sum += (value(k, i) * value(q, i)) as f64;
-    }
-    sum as f32
+    let lo = _mm256_add_ps(_mm256_add_ps(lo[0], lo[2]), _mm256_add_ps(lo[1], lo[3]));
+    let hi = _mm256_add_ps(_mm256_add_ps(hi[0], hi[2]), _mm256_add_ps(hi[1], hi[3]));
+    let t3 = _mm256_add_ps(hi, lo);
+    let t6 = _mm_add_ps(_mm256_extractf128_ps::<1>(t3), _mm256_castps256_ps128(t3));
+    let t8 = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
+    _mm_cvtss_f32(_mm_add_ss(t8, _mm_movehdup_ps(t8)))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -115,7 +156,7 @@ unsafe fn mad_avx2_impl(acc: &mut [f32], v: &[u8], w: f32) {
         unsafe {
             let vv = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(2 * i) as *const __m128i));
             let a = _mm256_loadu_ps(acc.as_ptr().add(i));
-            let r = _mm256_add_ps(_mm256_mul_ps(vv, wv), a);
+            let r = _mm256_fmadd_ps(vv, wv, a);
             let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(r);
             _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
         }
@@ -167,36 +208,39 @@ mod tests {
         }
     }
 
-    /// llama.cpp's f16 dot, lane by lane (see the module comment).
+    /// llama.cpp's f16 dot of its AVX-512 build, written out as its macros
+    /// expand: 16-lane accumulators folded 0+2, 1+3, 0+1, then
+    /// `_mm512_reduce_add_ps` (halves of 256, then 128 bits, then lanes 0+2
+    /// and 1+3, then the two), the rest in f64.
     fn llama_cpp_dot(n: usize, k: &[u8], q: &[u8]) -> f32 {
         let value = |b: &[u8], i: usize| f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32();
-        let main = n - n % 32;
-        let mut acc = [[0f32; 8]; 4];
-        for i in (0..main).step_by(32) {
-            for (j, lanes) in acc.iter_mut().enumerate() {
+        let main = n - n % 64;
+        let mut sum = vec![vec![0f32; 16]; 4];
+        for i in (0..main).step_by(64) {
+            for (j, lanes) in sum.iter_mut().enumerate() {
                 for (l, lane) in lanes.iter_mut().enumerate() {
-                    let at = i + 8 * j + l;
-                    *lane = value(k, at).mul_add(value(q, at), *lane);
+                    *lane = value(k, i + 16 * j + l).mul_add(value(q, i + 16 * j + l), *lane);
                 }
             }
         }
-        let all: Vec<f32> = (0..8).map(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l])).collect();
-        let quad: Vec<f32> = (0..4).map(|l| all[l] + all[l + 4]).collect();
-        let folded = (quad[0] + quad[1]) + (quad[2] + quad[3]);
-        (main..n).fold(folded as f64, |sum, i| sum + (value(k, i) * value(q, i)) as f64) as f32
+        let add = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<f32>>();
+        let x0 = add(&add(&sum[0], &sum[2]), &add(&sum[1], &sum[3]));
+        let t3 = add(&x0[8..], &x0[..8]);
+        let t6 = add(&t3[4..], &t3[..4]);
+        let t8 = [t6[0] + t6[2], t6[1] + t6[3]];
+        (main..n).fold((t8[0] + t8[1]) as f64, |s, i| s + (value(k, i) * value(q, i)) as f64) as f32
     }
 
     #[test]
     fn the_key_query_dot_follows_llama_cpp() {
-        for n in [1usize, 31, 32, 64, 67, 128] {
+        for n in [1usize, 31, 32, 64, 67, 128, 200, 256] {
             let k = f16_bytes(&(0..n).map(|i| ((i * 7919) % 113) as f32 / 13.0 - 4.0).collect::<Vec<_>>());
             let q = f16_bytes(&(0..n).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect::<Vec<_>>());
             let want = llama_cpp_dot(n, &k, &q);
             if crate::detected_isa() >= Isa::Avx2 {
                 assert_eq!((f16_acc_for(Isa::Avx2).dot)(n, &k, &q).to_bits(), want.to_bits(), "n = {n}");
             }
-            let portable = (f16_acc_for(Isa::Portable).dot)(n, &k, &q);
-            assert!((portable - want).abs() <= 1e-5 * want.abs().max(1.0), "n = {n}: {portable} vs {want}");
+            assert_eq!((f16_acc_for(Isa::Portable).dot)(n, &k, &q).to_bits(), want.to_bits(), "n = {n}");
         }
     }
 

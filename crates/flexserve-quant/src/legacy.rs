@@ -317,103 +317,174 @@ fn quantize_q8_1(src: &[f32], dst: &mut [u8]) {
 // Dot products. Each takes `n / 32` blocks from both rows; rows shorter than
 // that are a caller bug and panic on the slice bounds.
 
-/// Integer dot product of one block's weights — the nibbles `qs`, with the
-/// fifth bits `qh` on top (0 for the 4-bit formats), minus `offset` — with
-/// the 32 activation bytes `a`. The 16-bit products cannot overflow and
-/// vectorise even on plain SSE2.
+/// Lanes of the x86 dot products: lane `j` holds the products of elements
+/// `4j..4j + 4` of every block.
+const LANES: usize = 8;
+
+/// Per lane, the integer sum of the four products `w[k] * a[k]` it holds.
+/// Products fit in 16 bits (|w| <= 128, |a| <= 127) and each pair's sum in
+/// 32: the loops compile to SSE2's multiply-and-add of pairs.
 #[inline(always)]
-fn weight_dot(qs: &[u8], qh: u32, offset: i16, a: &[u8]) -> i32 {
-    let qs: &[u8; QK / 2] = qs.try_into().expect("16 bytes of nibbles");
+fn lane_sums(w: &[i8; QK], a: &[u8]) -> [i32; LANES] {
     let a: &[u8; QK] = a.try_into().expect("32 activation bytes");
-    let (a_lo, a_hi) = a.split_at(QK / 2);
-    // Low nibbles pair with elements 0..16, high nibbles with 16..32.
-    let lo: i32 = qs
-        .iter()
-        .zip(a_lo)
-        .enumerate()
-        .map(|(j, (&q, &a))| {
-            let w = (q & 0x0F) as i16 | (((qh >> j) & 1) as i16) << 4;
-            ((w - offset) * a as i8 as i16) as i32
-        })
-        .sum();
-    let hi: i32 = qs
-        .iter()
-        .zip(a_hi)
-        .enumerate()
-        .map(|(j, (&q, &a))| {
-            let w = (q >> 4) as i16 | (((qh >> (j + QK / 2)) & 1) as i16) << 4;
-            ((w - offset) * a as i8 as i16) as i32
-        })
-        .sum();
-    lo + hi
+    let mut pairs = [0i32; QK / 2];
+    for (k, p) in pairs.iter_mut().enumerate() {
+        *p = w[2 * k] as i16 as i32 * a[2 * k] as i8 as i16 as i32
+            + w[2 * k + 1] as i16 as i32 * a[2 * k + 1] as i8 as i16 as i32;
+    }
+    let mut lanes = [0i32; LANES];
+    for (j, l) in lanes.iter_mut().enumerate() {
+        *l = pairs[2 * j] + pairs[2 * j + 1];
+    }
+    lanes
 }
 
-/// Integer dot product of two blocks of 32 signed bytes.
+/// The weight levels of a 4-bit block, less `offset`.
 #[inline(always)]
-fn byte_dot(w: &[u8], a: &[u8]) -> i32 {
-    let w: &[u8; QK] = w.try_into().expect("32 weight bytes");
-    let a: &[u8; QK] = a.try_into().expect("32 activation bytes");
-    w.iter().zip(a).map(|(&w, &a)| (w as i8 as i16 * a as i8 as i16) as i32).sum()
+fn levels4(qs: &[u8], offset: i8) -> [i8; QK] {
+    let q = unpack_nibbles(qs);
+    std::array::from_fn(|k| q[k] as i8 - offset)
 }
 
-fn dot_q4_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let nb = n / QK;
-    let blocks = w[..nb * Q4_0_BYTES].chunks_exact(Q4_0_BYTES);
-    let mut sum = 0.0f32;
-    for (wb, ab) in blocks.zip(a[..nb * Q8_0_BYTES].chunks_exact(Q8_0_BYTES)) {
-        let sumi = weight_dot(&wb[2..18], 0, 8, &ab[2..34]);
-        sum += sumi as f32 * (read_f16(wb, 0) * read_f16(ab, 0));
-    }
-    sum
+/// The weight levels of a 5-bit block (`qh` the fifth bits), less `offset`.
+#[inline(always)]
+fn levels5(qs: &[u8], qh: u32, offset: i8) -> [i8; QK] {
+    let q = unpack_5bit(qh, qs);
+    std::array::from_fn(|k| q[k] as i8 - offset)
 }
 
-fn dot_q4_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let nb = n / QK;
-    let blocks = w[..nb * Q4_1_BYTES].chunks_exact(Q4_1_BYTES);
-    let mut sum = 0.0f32;
-    for (wb, ab) in blocks.zip(a[..nb * Q8_1_BYTES].chunks_exact(Q8_1_BYTES)) {
-        let sumi = weight_dot(&wb[4..20], 0, 0, &ab[4..36]);
-        sum += sumi as f32 * (read_f16(wb, 0) * read_f16(ab, 0)) + read_f16(wb, 2) * read_f16(ab, 2);
+/// The float arithmetic of the x86 dot products (llama.cpp's, and the AVX2
+/// kernels'), lane by lane: per block `acc[j] = fma(d_w * d_a, lane_j,
+/// acc[j])`, the minimum terms `m_w * s_a` (Q4_1, Q5_1) in a chain of fused
+/// multiply-adds of their own, then the lanes folded 4 onto 0, 2 onto 0,
+/// 1 onto 0, plus the minimum terms. The order of these roundings is the
+/// result's last bits, which the next activation quantization can turn into
+/// a different quant: every tier keeps this one.
+#[inline(always)]
+fn lanes_dot<const HW: bool>(blocks: impl Iterator<Item = ([i32; LANES], f32, Option<(f32, f32)>)>) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut offsets = 0f32;
+    for (lanes, scale, min) in blocks {
+        crate::fma_f32_lanes::<HW>(scale, &lanes.map(|l| l as f32), &mut acc);
+        if let Some((m, s)) = min {
+            offsets = if HW { m.mul_add(s, offsets) } else { crate::fma_f32(m, s, offsets) };
+        }
     }
-    sum
+    let t: [f32; 4] = std::array::from_fn(|j| acc[j + 4] + acc[j]);
+    ((t[0] + t[2]) + (t[1] + t[3])) + offsets
 }
 
-fn dot_q5_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
-    let nb = n / QK;
-    let blocks = w[..nb * Q5_0_BYTES].chunks_exact(Q5_0_BYTES);
-    let mut sum = 0.0f32;
-    for (wb, ab) in blocks.zip(a[..nb * Q8_0_BYTES].chunks_exact(Q8_0_BYTES)) {
-        let sumi = weight_dot(&wb[6..22], read_u32(wb, 2), 16, &ab[2..34]);
-        sum += sumi as f32 * (read_f16(wb, 0) * read_f16(ab, 0));
-    }
-    sum
+crate::with_fma! {
+    fn dot_q4_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 = dot_q4_0_q8_0_lanes;
 }
 
-fn dot_q5_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 {
+#[inline(always)]
+fn dot_q4_0_q8_0_lanes<const HW: bool>(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let nb = n / QK;
-    let blocks = w[..nb * Q5_1_BYTES].chunks_exact(Q5_1_BYTES);
-    let mut sum = 0.0f32;
-    for (wb, ab) in blocks.zip(a[..nb * Q8_1_BYTES].chunks_exact(Q8_1_BYTES)) {
-        let sumi = weight_dot(&wb[8..24], read_u32(wb, 4), 0, &ab[4..36]);
-        sum += sumi as f32 * (read_f16(wb, 0) * read_f16(ab, 0)) + read_f16(wb, 2) * read_f16(ab, 2);
-    }
-    sum
+    let blocks = w[..nb * Q4_0_BYTES].chunks_exact(Q4_0_BYTES).zip(a[..nb * Q8_0_BYTES].chunks_exact(Q8_0_BYTES));
+    lanes_dot::<HW>(
+        blocks
+            .map(|(wb, ab)| (lane_sums(&levels4(&wb[2..18], 8), &ab[2..34]), read_f16(wb, 0) * read_f16(ab, 0), None)),
+    )
 }
 
-fn dot_q8_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 {
+crate::with_fma! {
+    fn dot_q4_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 = dot_q4_1_q8_1_lanes;
+}
+
+#[inline(always)]
+fn dot_q4_1_q8_1_lanes<const HW: bool>(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let nb = n / QK;
-    let blocks = w[..nb * Q8_0_BYTES].chunks_exact(Q8_0_BYTES);
-    let mut sum = 0.0f32;
-    for (wb, ab) in blocks.zip(a[..nb * Q8_0_BYTES].chunks_exact(Q8_0_BYTES)) {
-        let sumi = byte_dot(&wb[2..34], &ab[2..34]);
-        sum += sumi as f32 * (read_f16(wb, 0) * read_f16(ab, 0));
-    }
-    sum
+    let blocks = w[..nb * Q4_1_BYTES].chunks_exact(Q4_1_BYTES).zip(a[..nb * Q8_1_BYTES].chunks_exact(Q8_1_BYTES));
+    lanes_dot::<HW>(blocks.map(|(wb, ab)| {
+        let min = (read_f16(wb, 2), read_f16(ab, 2));
+        (lane_sums(&levels4(&wb[4..20], 0), &ab[4..36]), read_f16(wb, 0) * read_f16(ab, 0), Some(min))
+    }))
+}
+
+crate::with_fma! {
+    fn dot_q5_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 = dot_q5_0_q8_0_lanes;
+}
+
+#[inline(always)]
+fn dot_q5_0_q8_0_lanes<const HW: bool>(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let nb = n / QK;
+    let blocks = w[..nb * Q5_0_BYTES].chunks_exact(Q5_0_BYTES).zip(a[..nb * Q8_0_BYTES].chunks_exact(Q8_0_BYTES));
+    lanes_dot::<HW>(blocks.map(|(wb, ab)| {
+        (lane_sums(&levels5(&wb[6..22], read_u32(wb, 2), 16), &ab[2..34]), read_f16(wb, 0) * read_f16(ab, 0), None)
+    }))
+}
+
+crate::with_fma! {
+    fn dot_q5_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 = dot_q5_1_q8_1_lanes;
+}
+
+#[inline(always)]
+fn dot_q5_1_q8_1_lanes<const HW: bool>(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let nb = n / QK;
+    let blocks = w[..nb * Q5_1_BYTES].chunks_exact(Q5_1_BYTES).zip(a[..nb * Q8_1_BYTES].chunks_exact(Q8_1_BYTES));
+    lanes_dot::<HW>(blocks.map(|(wb, ab)| {
+        let min = (read_f16(wb, 2), read_f16(ab, 2));
+        (lane_sums(&levels5(&wb[8..24], read_u32(wb, 4), 0), &ab[4..36]), read_f16(wb, 0) * read_f16(ab, 0), Some(min))
+    }))
+}
+
+crate::with_fma! {
+    fn dot_q8_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 = dot_q8_0_q8_0_lanes;
+}
+
+#[inline(always)]
+fn dot_q8_0_q8_0_lanes<const HW: bool>(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let nb = n / QK;
+    let blocks = w[..nb * Q8_0_BYTES].chunks_exact(Q8_0_BYTES).zip(a[..nb * Q8_0_BYTES].chunks_exact(Q8_0_BYTES));
+    lanes_dot::<HW>(blocks.map(|(wb, ab)| {
+        let q: [i8; QK] = std::array::from_fn(|k| wb[2 + k] as i8);
+        (lane_sums(&q, &ab[2..34]), read_f16(wb, 0) * read_f16(ab, 0), None)
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_dots_fma_emulation_equals_the_instruction() {
+        // The portable dots run with the FMA instruction where the CPU has
+        // it (`with_fma`); without, on its emulation: the same bits.
+        let mut x = 0x9E37_79B9u32;
+        let mut byte = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        };
+        for blocks in [1usize, 3, 16] {
+            let n = blocks * QK;
+            let mut w: Vec<u8> = (0..blocks * Q8_0_BYTES).map(|_| byte()).collect();
+            let mut a: Vec<u8> = (0..blocks * Q8_1_BYTES).map(|_| byte()).collect();
+            // Sane scales (and minimums): no infinities or NaNs.
+            for b in w.chunks_exact_mut(Q4_1_BYTES) {
+                write_f16(b, 0, (b[0] as f32 - 128.0) / 4096.0);
+                write_f16(b, 2, (b[2] as f32 - 128.0) / 512.0);
+            }
+            for b in a.chunks_exact_mut(Q8_1_BYTES) {
+                write_f16(b, 0, b[0] as f32 / 8192.0);
+                write_f16(b, 2, (b[2] as f32 - 128.0) / 64.0);
+            }
+            let pairs: [(DotFn, DotFn); 2] = [
+                (dot_q4_1_q8_1_lanes::<true>, dot_q4_1_q8_1_lanes::<false>),
+                (dot_q4_0_q8_0_lanes::<true>, dot_q4_0_q8_0_lanes::<false>),
+            ];
+            for (fused, emulated) in pairs {
+                if !std::arch::is_x86_feature_detected!("fma") {
+                    eprintln!("no FMA on this CPU: nothing to compare");
+                    return;
+                }
+                assert_eq!(fused(n, &w, &a).to_bits(), emulated(n, &w, &a).to_bits(), "{blocks} blocks");
+            }
+        }
+    }
 
     #[test]
     fn nibble_order_is_low_half_then_high_half() {

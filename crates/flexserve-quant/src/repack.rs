@@ -139,7 +139,13 @@ impl Repacked {
     /// tile in prefill and decode is well ahead of llama.cpp's with it.
     pub fn for_matrix(ty: GgmlType, rows: usize, cols: usize) -> Option<Repacked> {
         let layout = Repacked::of_type(ty)?;
-        if layout == Repacked::Q6_Kx8 && crate::active_isa() < Isa::Avx512 {
+        // llama.cpp keeps Q4_1, Q8_0 and Q6_K matrices row by row and
+        // multiplies them with its plain dot, whose eight partial sums per
+        // row the one-lane-per-row arithmetic of these layouts does not
+        // reproduce: products one rounding apart feed the next activation
+        // quantization, which turns them into visibly different logits. The
+        // layouts stay, with their kernels, for measurements.
+        if matches!(layout, Repacked::Q4_1x8 | Repacked::Q8_0x8 | Repacked::Q6_Kx8) {
             return None;
         }
         let whole = rows > 0 && rows.is_multiple_of(REPACK_ROWS) && cols > 0 && cols.is_multiple_of(ty.block_size());
@@ -209,14 +215,36 @@ impl Repacked {
 
     /// The product at the active tier into one part of a shared output:
     /// `w` holds the `part.width()` rows (a multiple of 8) whose results go
-    /// in the part's columns, `a` the `n_tok` activation rows. Panics when a
+    /// in the part's columns, `a` the `n_tok` activation rows, one
+    /// sequence's consecutive tokens if `grouped` (see `Product::grouped`;
+    /// the plain kernels, `Repacked::kernel`, take them so). Panics when a
     /// slice is too short for the shape or `n_tok` is not the output's.
-    pub fn matmul_part(self, n: usize, w: &[u8], a: &[u8], a_row_bytes: usize, n_tok: usize, part: ColumnPart<'_>) {
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_part(
+        self,
+        n: usize,
+        w: &[u8],
+        a: &[u8],
+        a_row_bytes: usize,
+        n_tok: usize,
+        grouped: bool,
+        part: ColumnPart<'_>,
+    ) {
         assert_eq!(part.rows.n_tok, n_tok, "{self:?} product: {n_tok} tokens into an output of {}", part.rows.n_tok);
         let rows = part.rows.width;
         check_repacked(self, n, w, rows, a, a_row_bytes, n_tok);
         let out = part.rows;
-        (self.kernels_for(crate::active_isa()).driver)(Product { layout: self, n, w, rows, a, a_row_bytes, n_tok, out })
+        (self.kernels_for(crate::active_isa()).driver)(Product {
+            layout: self,
+            n,
+            w,
+            rows,
+            a,
+            a_row_bytes,
+            n_tok,
+            out,
+            grouped,
+        })
     }
 
     fn kernels_for(self, isa: Isa) -> Kernels {
@@ -339,6 +367,13 @@ pub(super) struct Product<'a> {
     pub n_tok: usize,
     /// `n_tok` rows of `rows` results.
     pub out: OutRows<'a>,
+    /// Whether the activation rows are one sequence's consecutive tokens,
+    /// which llama.cpp multiplies in groups of four with, for the rearranged
+    /// K-quants, an arithmetic of their own (`q4k`): the first
+    /// `n_tok - n_tok % 4` tokens take it, the rest the one-token arithmetic.
+    /// Otherwise (one token of each of several sessions) every token takes
+    /// the one-token arithmetic, as it would alone.
+    pub grouped: bool,
 }
 
 /// Where a product's results go: `n_tok` rows of `width` floats, `stride`
@@ -490,7 +525,7 @@ fn row_block_isum(layout: Repacked, blk: &[u8], r: usize, qa: &[u8]) -> i32 {
 
 /// Portable kernel of layout `L`: the same arithmetic as the SIMD ones, lane by lane.
 fn portable_groups<const L: u8>(p: Product) {
-    let Product { layout, n, w, rows, a, a_row_bytes, n_tok, mut out } = p;
+    let Product { layout, n, w, rows, a, a_row_bytes, n_tok, mut out, .. } = p;
     let nb = n / QK;
     let group_block_bytes = REPACK_ROWS * layout.ty().type_size();
     let act_block_bytes = layout.activation_type().type_size();
@@ -540,7 +575,8 @@ macro_rules! entry_points {
                 let layout = $crate::repack::layout($param);
                 $crate::repack::check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok);
                 let out = $crate::repack::OutRows::of_slice(out, n_tok, out_stride, rows);
-                $driver::<$param>($crate::repack::Product { layout, n, w, rows, a, a_row_bytes, n_tok, out })
+                let grouped = true;
+                $driver::<$param>($crate::repack::Product { layout, n, w, rows, a, a_row_bytes, n_tok, out, grouped })
             }
             $crate::repack::Kernels { matmul, driver: $driver::<$param> }
         };

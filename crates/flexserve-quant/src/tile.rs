@@ -101,6 +101,62 @@ pub fn tile_kernel_for(ty: GgmlType, isa: Isa) -> Option<TileFn> {
     }
 }
 
+/// Tokens from which llama.cpp's CPU backend multiplies Q6_K (and other
+/// K-quant matrices it keeps row by row) with its tiled kernel.
+pub const SEQUENCE_CHAIN_MIN_TOKENS: usize = 8;
+
+/// The tile kernel for `toks` consecutive tokens of one sequence, at the
+/// active tier: llama.cpp multiplies a Q6_K matrix with its row-by-row dot
+/// for fewer than [`SEQUENCE_CHAIN_MIN_TOKENS`] tokens (as [`tile_kernel`]
+/// does, eight lanes per result) and with its tiled kernel from there on,
+/// whose results are one f32 chain per (row, token) (`acc = fma(isum * d_w,
+/// d_a, acc)` per super-block); the two differ in the last bits. Other types
+/// get [`tile_kernel`]'s. Rows that are single tokens of different sessions
+/// take [`tile_kernel`], as each would alone.
+pub fn sequence_tile_kernel(ty: GgmlType, toks: usize) -> Option<TileFn> {
+    sequence_tile_kernel_for(ty, toks, crate::active_isa())
+}
+
+/// [`sequence_tile_kernel`] restricted to `isa`.
+pub fn sequence_tile_kernel_for(ty: GgmlType, toks: usize, isa: Isa) -> Option<TileFn> {
+    if ty != GgmlType::Q6_K || toks < SEQUENCE_CHAIN_MIN_TOKENS {
+        return tile_kernel_for(ty, isa);
+    }
+    match isa.usable() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => Some(kquants_avx2::q6k_chain_of_tier::<true>()),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => Some(kquants_avx2::q6k_chain_of_tier::<false>()),
+        _ => Some(portable_q6_k_chain),
+    }
+}
+
+/// The portable Q6_K chain tile (see [`sequence_tile_kernel_for`]).
+#[allow(clippy::too_many_arguments)]
+fn portable_q6_k_chain(
+    n: usize,
+    w: &[u8],
+    w_row_bytes: usize,
+    rows: usize,
+    a: &[u8],
+    a_row_bytes: usize,
+    toks: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let ty = GgmlType::Q6_K;
+    check_tile(ty, GgmlType::Q8_K, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride);
+    let w_bytes = n / ty.block_size() * ty.type_size();
+    let a_bytes = n / GgmlType::Q8_K.block_size() * GgmlType::Q8_K.type_size();
+    for r in 0..rows {
+        let w_row = &w[r * w_row_bytes..r * w_row_bytes + w_bytes];
+        for t in 0..toks {
+            let a_row = &a[t * a_row_bytes..t * a_row_bytes + a_bytes];
+            out[t * out_stride + r] = crate::kquants::q6k::dot_chain(n, w_row, a_row);
+        }
+    }
+}
+
 /// The AVX2 tile kernel of `ty`, if there is one.
 #[cfg(target_arch = "x86_64")]
 fn avx2_tile(ty: GgmlType) -> Option<TileFn> {

@@ -463,6 +463,106 @@ fn avx2_dot_agrees_with_portable() {
     }
 }
 
+/// llama.cpp's x86 Q6_K dot, written out: eight lanes, lane `l` holding per
+/// super-block the scaled products of the unsigned levels at bytes
+/// `4l..4l + 4` of every 32-element chunk, less `32 * (bsum_2l * scale_2l +
+/// bsum_2l+1 * scale_2l+1)`; `acc_l = fma(d_a * d, lane_l, acc_l)`; lanes
+/// folded 4 onto 0, 2 onto 0, 1 onto 0.
+fn llama_cpp_q6k_dot(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (wb, ab) in w.chunks_exact(210).zip(a.chunks_exact(292)).take(n / QK_K) {
+        let scale = |s: usize| wb[192 + s] as i8 as i32;
+        let mut lanes = [0i32; 8];
+        for e in 0..QK_K {
+            let (half, l) = (e / 128, e % 128);
+            let (ql, qh) = (wb[64 * half + l % 64], wb[128 + 32 * half + l % 32]);
+            let low = if l < 64 { ql & 0xF } else { ql >> 4 };
+            let q = (low | ((qh >> (2 * (l / 32))) & 3) << 4) as i32;
+            lanes[e % 32 / 4] += scale(e / 16) * q * ab[4 + e] as i8 as i32;
+        }
+        let bsum = |g: usize| i16::from_le_bytes([ab[260 + 2 * g], ab[261 + 2 * g]]) as i32;
+        let d = f32::from_le_bytes(ab[0..4].try_into().unwrap()) * f16::from_le_bytes([wb[208], wb[209]]).to_f32();
+        for (l, acc_l) in acc.iter_mut().enumerate() {
+            let lane = lanes[l] - 32 * (bsum(2 * l) * scale(2 * l) + bsum(2 * l + 1) * scale(2 * l + 1));
+            *acc_l = d.mul_add(lane as f32, *acc_l);
+        }
+    }
+    let t: Vec<f32> = (0..4).map(|j| acc[j + 4] + acc[j]).collect();
+    (t[0] + t[2]) + (t[1] + t[3])
+}
+
+/// Q6_K: every tier's dot is llama.cpp's, bit for bit (the tile and GEMV
+/// kernels are tested against the dot of their tier).
+#[test]
+fn q6k_dots_of_every_tier_equal_llama_cpp_s() {
+    let mut r = rng(9);
+    let ty = GgmlType::Q6_K;
+    for blocks in [1usize, 2, 3, 7, 16] {
+        let n = blocks * QK_K;
+        let q8 = portable(GgmlType::Q8_K);
+        let cases = [
+            (quantize(&portable(ty), &normal_row(&mut r, n, 0.02)), quantize(&q8, &mixed_row(&mut r, blocks))),
+            (random_weight_blocks(&mut r, ty, blocks), random_q8k_blocks(&mut r, blocks)),
+        ];
+        for (w, a) in cases {
+            let want = llama_cpp_q6k_dot(n, &w, &a);
+            for isa in flexserve_quant::usable_isas() {
+                let got = (kernels_for(ty, isa).unwrap().dot.unwrap())(n, &w, &a);
+                assert_eq!(got.to_bits(), want.to_bits(), "{isa:?} blocks={blocks}: {got} vs {want}");
+            }
+        }
+    }
+}
+
+/// llama.cpp's tiled Q6_K product (eight tokens or more of a sequence),
+/// written out: per super-block the exact sum of `scale * (q - 32) * a`, then
+/// `acc = fma(isum * d_w, d_a, acc)`.
+fn llama_cpp_q6k_chain(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = 0f32;
+    for (wb, ab) in w.chunks_exact(210).zip(a.chunks_exact(292)).take(n / QK_K) {
+        let mut isum = 0i32;
+        for e in 0..QK_K {
+            let (half, l) = (e / 128, e % 128);
+            let (ql, qh) = (wb[64 * half + l % 64], wb[128 + 32 * half + l % 32]);
+            let low = if l < 64 { ql & 0xF } else { ql >> 4 };
+            let q = (low | ((qh >> (2 * (l / 32))) & 3) << 4) as i32 - 32;
+            isum += wb[192 + e / 16] as i8 as i32 * q * ab[4 + e] as i8 as i32;
+        }
+        let (d_w, d_a) =
+            (f16::from_le_bytes([wb[208], wb[209]]).to_f32(), f32::from_le_bytes(ab[0..4].try_into().unwrap()));
+        acc = (isum as f32 * d_w).mul_add(d_a, acc);
+    }
+    acc
+}
+
+/// A sequence's Q6_K products: llama.cpp's dot below eight tokens, its
+/// tiled chain from eight on, at every tier, bit for bit.
+#[test]
+fn q6k_sequence_tiles_follow_llama_cpp_s_batch_size_rule() {
+    let mut r = rng(10);
+    let ty = GgmlType::Q6_K;
+    let (blocks, rows) = (3usize, 5usize);
+    let n = blocks * QK_K;
+    let w: Vec<u8> = (0..rows).flat_map(|_| random_weight_blocks(&mut r, ty, blocks)).collect();
+    for toks in [7usize, 8, 9, 17] {
+        let a: Vec<u8> = (0..toks).flat_map(|_| random_q8k_blocks(&mut r, blocks)).collect();
+        let (w_row, a_row) = (w.len() / rows, a.len() / toks);
+        for isa in flexserve_quant::usable_isas() {
+            let tile = flexserve_quant::sequence_tile_kernel_for(ty, toks, isa).unwrap();
+            let mut out = vec![0f32; toks * rows];
+            tile(n, &w, w_row, rows, &a, a_row, toks, &mut out, rows);
+            for t in 0..toks {
+                for row in 0..rows {
+                    let (wr, ar) = (&w[row * w_row..][..w_row], &a[t * a_row..][..a_row]);
+                    let want = if toks >= 8 { llama_cpp_q6k_chain(n, wr, ar) } else { llama_cpp_q6k_dot(n, wr, ar) };
+                    let got = out[t * rows + row];
+                    assert_eq!(got.to_bits(), want.to_bits(), "{isa:?} {toks} tokens, row {row} token {t}");
+                }
+            }
+        }
+    }
+}
+
 /// Q4_K: every tier's dot computes the exact integer block sums and then the
 /// portable formula, so results are equal bit for bit (the tile and GEMV
 /// kernels are tested against the dot of their tier).

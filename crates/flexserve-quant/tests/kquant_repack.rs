@@ -1,7 +1,9 @@
 //! The K-quant layouts `Q4_Kx8` and `Q6_Kx8`: every tier's product on
-//! rearranged weights equals the portable dot on the original rows, bit for
-//! bit, including extreme levels, scales, mins and activations; bad shapes
-//! are refused.
+//! rearranged weights equals, bit for bit, llama.cpp's rearranged Q4_K
+//! product (`Q4_Kx8`) and the one-lane-per-row Q6_K formula (`Q6_Kx8`, no
+//! longer chosen for models), both written out below from the original rows,
+//! including extreme levels, scales, mins and activations; bad shapes are
+//! refused.
 
 mod kquant_common;
 
@@ -63,15 +65,84 @@ fn activations(n: usize, n_tok: usize, seed: u64, extreme: bool) -> Vec<u8> {
     a
 }
 
+/// llama.cpp's rearranged Q4_K product of one row, from the original Q4_K
+/// blocks: per super-block the exact sums `isum = sum_j scale_j * sum(q * a)`
+/// and `msum = sum_j min_j * (bsum_2j + bsum_2j+1)`, then
+/// `acc = fma(isum, d * d_a, acc)`, `acc_min = fma(msum, dmin * d_a, acc_min)`,
+/// and `acc - acc_min` at the end (`ggml_gemv_q4_K_8x8_q8_K`); with
+/// `in_group` (a token of a group of four, `ggml_gemm_q4_K_8x8_q8_K`) the two
+/// updates come once per sub-block pair, with that pair's sums.
+fn llama_cpp_q4k_x8(n: usize, w: &[u8], a: &[u8], in_group: bool) -> f32 {
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for (wb, ab) in w.chunks_exact(144).zip(a.chunks_exact(Q8K_BYTES)).take(n / QK_K) {
+        let f16_at = |at: usize| f16::from_le_bytes([wb[at], wb[at + 1]]).to_f32();
+        let (d, dmin) = (f16_at(0), f16_at(2));
+        let q = &wb[4..16];
+        let scale_min = |j: usize| -> (i32, i32) {
+            if j < 4 {
+                ((q[j] & 63) as i32, (q[j + 4] & 63) as i32)
+            } else {
+                (((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4)) as i32, ((q[j + 4] >> 4) | ((q[j] >> 6) << 4)) as i32)
+            }
+        };
+        let d_a = f32::from_le_bytes(ab[0..4].try_into().unwrap());
+        let a_q = |i: usize| ab[4 + i] as i8 as i32;
+        let bsum = |g: usize| i16::from_le_bytes([ab[260 + 2 * g], ab[261 + 2 * g]]) as i32;
+        let mut pairs = [(0i32, 0i32); 4];
+        for (c, (isum, msum)) in pairs.iter_mut().enumerate() {
+            let qs = &wb[16 + 32 * c..16 + 32 * c + 32];
+            let lo: i32 = (0..32).map(|l| (qs[l] & 0xF) as i32 * a_q(64 * c + l)).sum();
+            let hi: i32 = (0..32).map(|l| (qs[l] >> 4) as i32 * a_q(64 * c + 32 + l)).sum();
+            *isum = scale_min(2 * c).0 * lo + scale_min(2 * c + 1).0 * hi;
+            *msum = (2 * c..2 * c + 2).map(|j| scale_min(j).1 * (bsum(2 * j) + bsum(2 * j + 1))).sum();
+        }
+        let mut update = |isum: i32, msum: i32| {
+            acc = (isum as f32).mul_add(d * d_a, acc);
+            acc_min = (msum as f32).mul_add(dmin * d_a, acc_min);
+        };
+        if in_group {
+            pairs.iter().for_each(|&(isum, msum)| update(isum, msum));
+        } else {
+            update(pairs.iter().map(|p| p.0).sum(), pairs.iter().map(|p| p.1).sum());
+        }
+    }
+    acc - acc_min
+}
+
+/// The `Q6_Kx8` kernels' formula on one row: per super-block the exact sum
+/// `isum = sum_s scale_s * sum((q - 32) * a)` over the 16-element sub-blocks,
+/// then `acc += (d_a * d) * isum`.
+fn one_lane_q6k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    let mut acc = 0f32;
+    for (wb, ab) in w.chunks_exact(210).zip(a.chunks_exact(Q8K_BYTES)).take(n / QK_K) {
+        let mut isum = 0i32;
+        for e in 0..QK_K {
+            let (half, l) = (e / 128, e % 128);
+            let (ql, qh) = (wb[64 * half + l % 64], wb[128 + 32 * half + l % 32]);
+            let low = if l < 64 { ql & 0xF } else { ql >> 4 };
+            let q = (low | ((qh >> (2 * (l / 32))) & 3) << 4) as i32 - 32;
+            isum += wb[192 + e / 16] as i8 as i32 * q * ab[4 + e] as i8 as i32;
+        }
+        let d_a = f32::from_le_bytes(ab[0..4].try_into().unwrap());
+        acc += d_a * f16::from_le_bytes([wb[208], wb[209]]).to_f32() * isum as f32;
+    }
+    acc
+}
+
 #[test]
-fn every_tier_equals_the_portable_dot_bit_for_bit() {
+fn every_tier_equals_the_reference_bit_for_bit() {
     for layout in LAYOUTS {
         check_layout(layout);
     }
 }
 
 fn check_layout(layout: Repacked) {
-    let dot = kernels_for(layout.ty(), Isa::Portable).unwrap().dot.unwrap();
+    // The kernels take a batch as one sequence's tokens: the first
+    // `n_tok - n_tok % 4` in llama.cpp's groups of four.
+    let dot = |n: usize, w: &[u8], a: &[u8], t: usize, n_tok: usize| match layout {
+        Repacked::Q4_Kx8 => llama_cpp_q4k_x8(n, w, a, t < n_tok - n_tok % 4),
+        _ => one_lane_q6k(n, w, a),
+    };
     let block_bytes = layout.ty().type_size();
     let mut seed = 10;
     for n in [256, 768] {
@@ -89,7 +160,7 @@ fn check_layout(layout: Repacked) {
                         (layout.kernel_for(isa))(n, &packed, rows, &a, a_row, n_tok, &mut out, stride);
                         for t in 0..n_tok {
                             for r in 0..rows {
-                                let want = dot(n, &w[r * w_row..][..w_row], &a[t * a_row..][..a_row]);
+                                let want = dot(n, &w[r * w_row..][..w_row], &a[t * a_row..][..a_row], t, n_tok);
                                 let got = out[t * stride + r];
                                 assert_eq!(
                                     got.to_bits(),
@@ -114,8 +185,8 @@ fn check_layout(layout: Repacked) {
 fn shapes_and_types() {
     for (ty, layout) in [(GgmlType::Q4_K, Repacked::Q4_Kx8), (GgmlType::Q6_K, Repacked::Q6_Kx8)] {
         assert_eq!(Repacked::of_type(ty), Some(layout));
-        // Q6_K matrices are rearranged at the AVX-512 tier only (see `for_matrix`).
-        let chosen = layout == Repacked::Q4_Kx8 || flexserve_quant::active_isa() >= Isa::Avx512;
+        // Q6_K matrices stay row by row, as llama.cpp keeps them (see `for_matrix`).
+        let chosen = layout == Repacked::Q4_Kx8;
         assert_eq!(Repacked::for_matrix(ty, 16, 512), chosen.then_some(layout));
         assert_eq!(Repacked::for_matrix(ty, 12, 512), None);
         assert_eq!(Repacked::for_matrix(ty, 16, 32 * 9), None);

@@ -328,7 +328,7 @@ fn random_blocks(ty: GgmlType, rng: &mut rand::rngs::StdRng, blocks: usize) -> V
 }
 
 #[test]
-fn simd_dot_matches_portable() {
+fn simd_dot_matches_portable_bit_for_bit() {
     let mut rng = rng(5);
     for ty in WEIGHT_TYPES {
         let (p, s) = (portable(ty), simd(ty));
@@ -341,16 +341,13 @@ fn simd_dot_matches_portable() {
                     Some(shape) => quantize(&p, &data(&mut rng, SHAPES[shape], n, QK)),
                 };
                 let a = quantize(&ak, &data(&mut rng, Shape::Scaled, n, QK));
-                let (w_values, a_values) = (dequantize(&p, &w, n), dequantize(&ak, &a, n));
-                let (_, magnitude) = dot_and_magnitude(&w_values, &a_values);
-                let offsets = offset_slack(ty, &w, &a) * 1024.0;
-
-                let expected = (p.dot.unwrap())(n, &w, &a) as f64;
+                // Bit for bit: both keep the lanes and rounding order of
+                // llama.cpp's x86 dot.
+                let expected = (p.dot.unwrap())(n, &w, &a);
                 let (wbuf, wat) = misaligned(&w);
                 let (abuf, aat) = misaligned(&a);
-                let got = (s.dot.unwrap())(n, &wbuf[wat..wat + w.len()], &abuf[aat..aat + a.len()]) as f64;
-                let tol = 1e-5 * (magnitude + offsets) + 1e-30;
-                assert!((got - expected).abs() <= tol, "{ty} x{blocks} round {round}: {got} vs {expected}");
+                let got = (s.dot.unwrap())(n, &wbuf[wat..wat + w.len()], &abuf[aat..aat + a.len()]);
+                assert_eq!(got.to_bits(), expected.to_bits(), "{ty} x{blocks} round {round}: {got} vs {expected}");
             }
         }
     }

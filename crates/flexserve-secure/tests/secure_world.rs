@@ -366,22 +366,13 @@ fn memory_pressure_during_a_generation_gets_free_granules_back_between_tokens() 
     world.shutdown().unwrap();
 }
 
-/// Q4_0, Q4_1, Q8_0 and Q4_K matrices (Q6_K too on AVX-512 CPUs) are rearranged for the grouped kernels at load; the
-/// secure world does it in place, in the granted granules, so the weights are
-/// held once and the tokens are the plain engine's.
+/// Q4_0 and Q4_K matrices are rearranged for the grouped kernels at load, as
+/// llama.cpp rearranges them (Q4_1, Q8_0 and Q6_K stay row by row, as there);
+/// the secure world does it in place, in the granted granules, so the weights
+/// are held once and the tokens are the plain engine's.
 #[test]
 fn q4_0_models_are_rearranged_in_place_and_give_the_plain_tokens() {
     rearranged_in_place_with_the_plain_tokens("Q4_0", flexserve_engine::weights::Repacked::Q4_0x8);
-}
-
-#[test]
-fn q4_1_models_are_rearranged_in_place_and_give_the_plain_tokens() {
-    rearranged_in_place_with_the_plain_tokens("Q4_1", flexserve_engine::weights::Repacked::Q4_1x8);
-}
-
-#[test]
-fn q8_0_models_are_rearranged_in_place_and_give_the_plain_tokens() {
-    rearranged_in_place_with_the_plain_tokens("Q8_0", flexserve_engine::weights::Repacked::Q8_0x8);
 }
 
 #[test]

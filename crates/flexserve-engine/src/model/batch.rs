@@ -56,9 +56,11 @@ fn decode_step(
     let c = &model.config;
     let (kvd, hd) = (c.kv_dim(), c.head_dim);
     s.begin(model, tokens, |t| sessions[t].n_past)?;
+    // One token per session: each row's products as it gets them alone.
+    s.acts.independent_rows = true;
     for li in 0..c.n_layer {
         let layer = model.weights.layer(li)?;
-        s.attention_inputs(c, layer)?;
+        s.attention_inputs(c, li, layer)?;
         // Each row into its own cache, at its own position.
         for (t, session) in sessions.iter_mut().enumerate() {
             session.kv.store(li, session.n_past, &s.k[t * kvd..(t + 1) * kvd], &s.v[t * kvd..(t + 1) * kvd]);
@@ -71,7 +73,8 @@ fn decode_step(
         s.att.par_chunks_mut(hd).enumerate().for_each(|(i, o)| {
             let (t, head) = (i / c.n_head, i % c.n_head);
             let (kc, vc, last) = caches[t];
-            attend_head(c, kc, vc, head, last, &q[i * hd..(i + 1) * hd], o);
+            let seen = c.first_visible(li, last)..=last;
+            attend_head(c, kc, vc, head, seen, &q[i * hd..(i + 1) * hd], o);
         });
         s.finish_layer(c, layer)?;
     }

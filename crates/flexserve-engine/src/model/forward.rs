@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::scratch::Scratch;
 use super::{KvCache, Layer, Logits, Model, Session};
-use crate::config::{Arch, ModelConfig, RopeScaling};
+use crate::config::{FfnActivation, ModelConfig, RopeScaling};
 use crate::memory::Buf;
 use crate::ops;
 use crate::EngineError;
@@ -89,7 +89,7 @@ impl<'m> Session<'m> {
         for li in 0..c.n_layer {
             before_layer(li)?;
             let layer = m.weights.layer(li)?;
-            s.attention_inputs(c, layer)?;
+            s.attention_inputs(c, li, layer)?;
             for t in 0..n {
                 self.kv.store(li, pos0 + t, &s.k[t * kvd..(t + 1) * kvd], &s.v[t * kvd..(t + 1) * kvd]);
             }
@@ -98,11 +98,23 @@ impl<'m> Session<'m> {
             } else {
                 attention(c, &self.kv, li, pos0, &s.q, &mut s.att);
             }
-            s.finish_layer(c, layer)?;
+            if li + 1 < c.n_layer {
+                s.finish_layer(c, layer)?;
+                continue;
+            }
+            // The last layer's feed-forward block only for the rows whose
+            // logits are wanted (none: the cache is complete without it), as
+            // llama.cpp computes it: its products then see those rows as
+            // their batch, which decides their arithmetic (see `ops::matmul`).
+            s.finish_attention(c, layer)?;
+            if let Some(from) = logits_from {
+                s.keep_rows(c, from)?;
+                s.feed_forward(c, layer)?;
+            }
         }
         self.n_past += n;
         match logits_from {
-            Some(from) => s.logits(m, from),
+            Some(_) => s.logits(m, 0),
             None => Ok(Vec::new()),
         }
     }
@@ -128,9 +140,15 @@ impl Scratch {
         self.att.resize(n * qd, 0.0)?;
         self.gate.resize(n * c.n_ff, 0.0)?;
         self.up.resize(n * c.n_ff, 0.0)?;
+        // A sequence's tokens, unless the caller says otherwise (batched decode).
+        self.acts.independent_rows = false;
         let embd = ops::kernels(w.token_embd.ty)?;
         for (t, &tok) in tokens.iter().enumerate() {
-            (embd.dequantize)(w.token_embd.row(tok as usize), &mut self.x[t * e..(t + 1) * e]);
+            let x = &mut self.x[t * e..(t + 1) * e];
+            (embd.dequantize)(w.token_embd.row(tok as usize), x);
+            if c.embd_scale != 1.0 {
+                x.iter_mut().for_each(|v| *v *= c.embd_scale);
+            }
         }
         let pos_scale = match c.rope_scaling {
             RopeScaling::None => 1.0,
@@ -140,11 +158,17 @@ impl Scratch {
         for (t, a) in self.angles.iter_mut().enumerate() {
             ops::rope_angles(position(t), c.rope_dim, c.rope_base, pos_scale, w.rope_freq_factors.as_deref(), a);
         }
+        // Local (sliding-window) layers rotate with a base of their own, unscaled.
+        let local = (0..c.n_layer).any(|l| c.is_local(l));
+        self.angles_local.resize_with(if local { n } else { 0 }, Vec::new);
+        for (t, a) in self.angles_local.iter_mut().enumerate() {
+            ops::rope_angles(position(t), c.rope_dim, c.rope_base_local, 1.0, w.rope_freq_factors.as_deref(), a);
+        }
         Ok(())
     }
 
-    /// A layer's queries, keys and values of every row, rotated to the rows' positions.
-    pub(super) fn attention_inputs(&mut self, c: &ModelConfig, layer: &Layer) -> Result<(), EngineError> {
+    /// Layer `li`'s queries, keys and values of every row, rotated to the rows' positions.
+    pub(super) fn attention_inputs(&mut self, c: &ModelConfig, li: usize, layer: &Layer) -> Result<(), EngineError> {
         let (e, qd, kvd, hd) = (c.n_embd, c.q_dim(), c.kv_dim(), c.head_dim);
         ops::rms_norm(&self.x, &layer.attn_norm, c.rms_eps, &mut self.h);
         ops::quantize_for(&mut self.acts, &self.h, e, &layer.wq)?;
@@ -156,8 +180,16 @@ impl Scratch {
         add_bias(&mut self.q, layer.bq.as_deref());
         add_bias(&mut self.k, layer.bk.as_deref());
         add_bias(&mut self.v, layer.bv.as_deref());
-        let neox = c.arch == Arch::Qwen2;
-        for (t, a) in self.angles.iter().enumerate() {
+        // Each query and key head normalized on its own (gemma3).
+        if let Some(norm) = &layer.attn_q_norm {
+            ops::rms_norm_in_place(&mut self.q, norm, c.rms_eps);
+        }
+        if let Some(norm) = &layer.attn_k_norm {
+            ops::rms_norm_in_place(&mut self.k, norm, c.rms_eps);
+        }
+        let neox = c.arch.rope_neox();
+        let angles = if c.is_local(li) { &self.angles_local } else { &self.angles };
+        for (t, a) in angles.iter().enumerate() {
             for head in self.q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
                 ops::rope_head(&mut head[..c.rope_dim], a, neox);
             }
@@ -165,25 +197,60 @@ impl Scratch {
                 ops::rope_head(&mut head[..c.rope_dim], a, neox);
             }
         }
+        if let Some(scale) = c.query_scale {
+            self.q.iter_mut().for_each(|v| *v *= scale);
+        }
         Ok(())
     }
 
     /// The rest of a layer once `att` holds its attention: output
-    /// projection, residual, feed-forward, residual.
+    /// projection, (norm,) residual, feed-forward, (norm,) residual.
     pub(super) fn finish_layer(&mut self, c: &ModelConfig, layer: &Layer) -> Result<(), EngineError> {
-        let (e, qd) = (c.n_embd, c.q_dim());
-        ops::quantize_for(&mut self.acts, &self.att, qd, &layer.wo)?;
+        self.finish_attention(c, layer)?;
+        self.feed_forward(c, layer)
+    }
+
+    /// The attention's output projection, (norm,) and residual.
+    pub(super) fn finish_attention(&mut self, c: &ModelConfig, layer: &Layer) -> Result<(), EngineError> {
+        ops::quantize_for(&mut self.acts, &self.att, c.q_dim(), &layer.wo)?;
         ops::matmul(&layer.wo, &self.acts, &mut self.h, &mut self.mm)?;
+        if let Some(norm) = &layer.post_attn_norm {
+            ops::rms_norm_in_place(&mut self.h, norm, c.rms_eps);
+        }
         ops::add_into(&mut self.x, &self.h);
+        Ok(())
+    }
+
+    /// Keeps the rows from `from` on (of the residual stream `x`), moved to
+    /// the front, and sizes the feed-forward buffers for them.
+    pub(super) fn keep_rows(&mut self, c: &ModelConfig, from: usize) -> Result<(), EngineError> {
+        let e = c.n_embd;
+        let rows = self.x.len() / e - from;
+        self.x.copy_within(from * e.., 0);
+        self.x.resize(rows * e, 0.0)?;
+        self.h.resize(rows * e, 0.0)?;
+        self.gate.resize(rows * c.n_ff, 0.0)?;
+        self.up.resize(rows * c.n_ff, 0.0)
+    }
+
+    /// The feed-forward block, (norm,) and residual.
+    pub(super) fn feed_forward(&mut self, c: &ModelConfig, layer: &Layer) -> Result<(), EngineError> {
+        let e = c.n_embd;
         ops::rms_norm(&self.x, &layer.ffn_norm, c.rms_eps, &mut self.h);
         ops::quantize_for(&mut self.acts, &self.h, e, &layer.w_gate)?;
         ops::matmul(&layer.w_gate, &self.acts, &mut self.gate, &mut self.mm)?;
         ops::reuse_for(&mut self.acts, &self.h, e, &layer.w_up)?;
         ops::matmul(&layer.w_up, &self.acts, &mut self.up, &mut self.mm)?;
-        let silu_mul = flexserve_quant::activations().silu_mul;
-        self.gate.par_chunks_mut(c.n_ff).zip(self.up.par_chunks(c.n_ff)).for_each(|(g, u)| silu_mul(g, u));
+        let act_mul = match c.ffn_activation {
+            FfnActivation::Silu => flexserve_quant::activations().silu_mul,
+            FfnActivation::Gelu => ops::gelu_mul,
+        };
+        self.gate.par_chunks_mut(c.n_ff).zip(self.up.par_chunks(c.n_ff)).for_each(|(g, u)| act_mul(g, u));
         ops::quantize_for(&mut self.acts, &self.gate, c.n_ff, &layer.w_down)?;
         ops::matmul(&layer.w_down, &self.acts, &mut self.h, &mut self.mm)?;
+        if let Some(norm) = &layer.post_ffn_norm {
+            ops::rms_norm_in_place(&mut self.h, norm, c.rms_eps);
+        }
         ops::add_into(&mut self.x, &self.h);
         Ok(())
     }
@@ -198,6 +265,9 @@ impl Scratch {
         ops::quantize_for(&mut self.acts, &normed, e, &w.output)?;
         let mut logits = vec![0f32; rows * c.n_vocab];
         ops::matmul(&w.output, &self.acts, &mut logits, &mut self.mm)?;
+        if let Some(cap) = c.final_logit_softcap {
+            ops::softcap(&mut logits, cap);
+        }
         Ok(logits)
     }
 }
@@ -222,8 +292,9 @@ fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32]
     let (kc, vc) = (kv.k(layer), kv.v(layer));
     let n_head = c.n_head;
     out.par_chunks_mut(c.head_dim).enumerate().for_each(|(i, o)| {
-        let t = i / n_head;
-        attend_head(c, kc, vc, i % n_head, pos0 + t, &q[i * c.head_dim..(i + 1) * c.head_dim], o);
+        let pos = pos0 + i / n_head;
+        let seen = c.first_visible(layer, pos)..=pos;
+        attend_head(c, kc, vc, i % n_head, seen, &q[i * c.head_dim..(i + 1) * c.head_dim], o);
     });
 }
 
@@ -256,14 +327,23 @@ pub(crate) fn thread_scratch_is_zero() -> bool {
     q && s && flexserve_quant::thread_scratch_is_zero()
 }
 
-/// One head's attention output `o` for the query `q` at position `last`,
-/// over positions `0..=last` of one layer's cache (`kc`, `vc`): online
-/// softmax, f16 accumulation, as llama.cpp's CPU flash attention does.
-pub(super) fn attend_head(c: &ModelConfig, kc: &[u16], vc: &[u16], head: usize, last: usize, q: &[f32], o: &mut [f32]) {
+/// One head's attention output `o` for the query `q`, over the positions
+/// `seen` (up to the query's own, from the start of its window) of one
+/// layer's cache (`kc`, `vc`): online softmax, f16 accumulation, as
+/// llama.cpp's CPU flash attention does.
+pub(super) fn attend_head(
+    c: &ModelConfig,
+    kc: &[u16],
+    vc: &[u16],
+    head: usize,
+    seen: std::ops::RangeInclusive<usize>,
+    q: &[f32],
+    o: &mut [f32],
+) {
     let hd = c.head_dim;
     let kvd = c.kv_dim();
     let kvh = head / (c.n_head / c.n_head_kv);
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = c.kq_scale;
     let to_f16 = ops::kernels(flexserve_gguf::GgmlType::F16).expect("F16 kernels are always present").quantize;
     let acc = flexserve_quant::f16_acc();
     QUERY_F16.with_borrow_mut(|q16| {
@@ -273,22 +353,22 @@ pub(super) fn attend_head(c: &ModelConfig, kc: &[u16], vc: &[u16], head: usize, 
         let mut max = f32::NEG_INFINITY;
         let mut sum = 0f32;
         o.fill(0.0);
-        for j in 0..=last {
+        for j in seen {
             let at = j * kvd + kvh * hd;
             let krow: &[u8] = bytemuck::cast_slice(&kc[at..at + hd]);
             let s = (acc.dot)(hd, krow, q16) * scale;
-            let weight = if s > max {
+            let (rescale, weight) = if s > max {
                 // New maximum: rescale what was accumulated so far.
                 let rescale = (max - s).exp();
                 max = s;
                 (acc.scale)(o, rescale);
-                sum *= rescale;
-                1.0
+                (rescale, 1.0)
             } else {
-                (s - max).exp()
+                (1.0, (s - max).exp())
             };
             (acc.mad)(o, bytemuck::cast_slice(&vc[at..at + hd]), weight);
-            sum += weight;
+            // One rounding, as llama.cpp's `S = S*ms + vs` compiles (fused).
+            sum = sum.mul_add(rescale, weight);
         }
         let inv = 1.0 / sum;
         for v in o.iter_mut() {
@@ -322,7 +402,7 @@ fn attention_f32(
     let group = n_head / c.n_head_kv;
     let (qd, kvd) = (c.q_dim(), c.kv_dim());
     let n_pos = pos0 + out.len() / qd;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = c.kq_scale;
     let (k32, vt32) = kv32;
     k32.resize(n_pos * kvd, 0.0)?;
     vt32.resize(n_pos * kvd, 0.0)?;
@@ -351,23 +431,29 @@ fn attention_f32(
         SCORES.with_borrow_mut(|scores| {
             let t0 = b * ATTENTION_QUERY_BLOCK;
             let n_q = o.len() / qd;
-            // The block's last query sees this many positions; earlier ones fewer.
-            let n_keys = pos0 + t0 + n_q;
+            // The block's queries see positions `lo..hi`: from its first
+            // query's first (the start of its window; 0 without one) to its
+            // last query's own. Each query's row keeps only its own range.
+            let (lo, hi) = (c.first_visible(layer, pos0 + t0), pos0 + t0 + n_q);
+            let n_keys = hi - lo;
             scores.resize(n_q * n_keys, 0.0);
             for h in 0..n_head {
                 let kvh = h / group;
                 let queries: &[u8] = bytemuck::cast_slice(&q[t0 * qd + h * hd..]);
-                let keys: &[u8] = bytemuck::cast_slice(&k32[kvh * n_pos * hd..][..n_keys * hd]);
+                let keys: &[u8] = bytemuck::cast_slice(&k32[(kvh * n_pos + lo) * hd..][..n_keys * hd]);
                 let s = &mut scores[..n_q * n_keys];
                 // Keys as the tile's rows and queries as its tokens: one row of scores per query.
                 tile(hd, keys, hd * f32_bytes, n_keys, queries, qd * f32_bytes, n_q, s, n_keys);
                 for (i, row) in s.chunks_exact_mut(n_keys).enumerate() {
-                    let seen = pos0 + t0 + i + 1;
-                    softmax_scaled(&mut row[..seen], scale);
-                    row[seen..].fill(0.0);
+                    let pos = pos0 + t0 + i;
+                    let (from, to) = (c.first_visible(layer, pos) - lo, pos + 1 - lo);
+                    row[..from].fill(0.0);
+                    softmax_scaled(&mut row[from..to], scale);
+                    row[to..].fill(0.0);
                 }
                 let probs: &[u8] = bytemuck::cast_slice(s);
-                let values_t: &[u8] = bytemuck::cast_slice(&vt32[kvh * hd * n_pos..][..hd * n_pos]);
+                // Value rows (one per dimension) from position `lo` on.
+                let values_t: &[u8] = bytemuck::cast_slice(&vt32[kvh * hd * n_pos + lo..][..hd * n_pos - lo]);
                 tile(n_keys, values_t, n_pos * f32_bytes, hd, probs, n_keys * f32_bytes, n_q, &mut o[h * hd..], qd);
             }
         })

@@ -27,6 +27,8 @@ pub(super) struct Scratch {
     pub(super) acts: QuantizedActs,
     pub(super) mm: Buf<f32>,
     pub(super) angles: Vec<Vec<(f32, f32)>>,
+    /// The rotary angles of local (sliding-window) layers, where their base differs.
+    pub(super) angles_local: Vec<Vec<(f32, f32)>>,
     pub(super) kv32: (Buf<f32>, Buf<f32>),
 }
 
@@ -45,6 +47,7 @@ impl Scratch {
             acts: QuantizedActs::new(source.clone()),
             mm: buf(),
             angles: Vec::new(),
+            angles_local: Vec::new(),
             kv32: (buf(), buf()),
         }
     }

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::config::ModelConfig;
+use crate::config::{Arch, ModelConfig};
 use crate::weights::{load_vector, load_vector_opt, Tensor, TensorSource};
 use crate::EngineError;
 
@@ -23,6 +23,12 @@ pub struct Layer {
     pub w_gate: Tensor,
     pub w_up: Tensor,
     pub w_down: Tensor,
+    /// Gemma 3's extra RMS norms: of each query and key head (`head_dim`),
+    /// and of the attention and feed-forward outputs before their residuals.
+    pub attn_q_norm: Option<Vec<f32>>,
+    pub attn_k_norm: Option<Vec<f32>>,
+    pub post_attn_norm: Option<Vec<f32>>,
+    pub post_ffn_norm: Option<Vec<f32>>,
 }
 
 /// The names of a block's matrices (`blk.N.{name}.weight`), in the order
@@ -39,6 +45,8 @@ impl Layer {
         let n = |s: &str| format!("blk.{i}.{s}");
         let (e, q, kv, ff) = (c.n_embd, c.q_dim(), c.kv_dim(), c.n_ff);
         let bias = |s: &str, len| load_vector_opt(src, &n(s), len);
+        let gemma3 = c.arch == Arch::Gemma3;
+        let extra_norm = |s: &str, len| gemma3.then(|| load_vector(src, &n(s), len)).transpose();
         Ok(Self {
             attn_norm: load_vector(src, &n("attn_norm.weight"), e)?,
             wq: Tensor::load(src, &n("attn_q.weight"), e, q)?,
@@ -52,6 +60,10 @@ impl Layer {
             w_gate: Tensor::load(src, &n("ffn_gate.weight"), e, ff)?,
             w_up: Tensor::load(src, &n("ffn_up.weight"), e, ff)?,
             w_down: Tensor::load(src, &n("ffn_down.weight"), ff, e)?,
+            attn_q_norm: extra_norm("attn_q_norm.weight", c.head_dim)?,
+            attn_k_norm: extra_norm("attn_k_norm.weight", c.head_dim)?,
+            post_attn_norm: extra_norm("post_attention_norm.weight", e)?,
+            post_ffn_norm: extra_norm("post_ffw_norm.weight", e)?,
         })
     }
 }
@@ -268,6 +280,8 @@ impl Weights {
             matrices.extend(l.matrices());
             vectors.extend([&l.attn_norm[..], &l.ffn_norm[..]]);
             vectors.extend([&l.bq, &l.bk, &l.bv].into_iter().flatten().map(|b| &b[..]));
+            let extra_norms = [&l.attn_q_norm, &l.attn_k_norm, &l.post_attn_norm, &l.post_ffn_norm];
+            vectors.extend(extra_norms.into_iter().flatten().map(|v| &v[..]));
         }
         // Tied: the output is the embedding table itself (a clone of the same bytes).
         let tied = std::ptr::eq(self.output.bytes(), self.token_embd.bytes());

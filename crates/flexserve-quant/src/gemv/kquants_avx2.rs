@@ -283,10 +283,11 @@ unsafe fn q4k_rows<const R: usize>(nb: usize, w: *const u8, stride: usize, a: *c
 /// row at `a`.
 ///
 /// Per block and row the plain dot computes, for each of the eight 32-element
-/// level groups, `scale * (pairs(q * a) - pairs(32 * a))` widened by `madd`
+/// level groups, `scale * pairs(q * a)` (unsigned levels) widened by `madd`
 /// (the low 16 lanes with one sub-block scale, the high 16 with the next),
-/// sums them into `sumi` and adds `(d_a * d) * sumi` to its accumulator; so
-/// does this, with `pairs(32 * a)` computed once for all rows.
+/// sums them into `sumi`, takes the levels' offset off each lane as llama.cpp
+/// does (`q6k_offsets`) and adds `(d_a * d) * sumi` to its accumulator; so
+/// does this.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `R` weight rows and one activation
@@ -296,7 +297,6 @@ unsafe fn q4k_rows<const R: usize>(nb: usize, w: *const u8, stride: usize, a: *c
 unsafe fn q6k_rows<const R: usize>(nb: usize, w: *const u8, stride: usize, a: *const u8, out: *mut f32) {
     let nibble = _mm256_set1_epi8(0x0F);
     let two_bits = _mm256_set1_epi8(0x30);
-    let offset = _mm256_set1_epi8(32);
     let mut acc = [_mm256_setzero_ps(); R];
     // Where the next pass starts, and its share of each block (see
     // `prefetch_next_pass`). Only hint addresses: wrapping arithmetic keeps
@@ -313,7 +313,6 @@ unsafe fn q6k_rows<const R: usize>(nb: usize, w: *const u8, stride: usize, a: *c
         for half in 0..2 {
             let q8 = ab.add(q8k::QS + 128 * half);
             let a8: [__m256i; 4] = std::array::from_fn(|k| load(q8.add(32 * k)));
-            let a_offset = a8.map(|a8| _mm256_maddubs_epi16(offset, a8));
             for (r, sumi_r) in sumi.iter_mut().enumerate() {
                 let ql = wb[r].add(64 * half);
                 let (low1, low2, high) = (load(ql), load(ql.add(32)), load(wb[r].add(q6k::QH + 32 * half)));
@@ -330,7 +329,7 @@ unsafe fn q6k_rows<const R: usize>(nb: usize, w: *const u8, stride: usize, a: *c
                 ];
                 for (k, (low, high)) in groups.into_iter().enumerate() {
                     let q = _mm256_or_si256(low, _mm256_and_si256(high, two_bits));
-                    let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, a8[k]), a_offset[k]);
+                    let p = _mm256_maddubs_epi16(q, a8[k]);
                     // Scale 2k of the half for the low 16 lanes, 2k + 1 for the high 16.
                     let pattern =
                         _mm256_set_m128i(_mm_set1_epi16(i16_selector(2 * k + 1)), _mm_set1_epi16(i16_selector(2 * k)));
@@ -339,7 +338,8 @@ unsafe fn q6k_rows<const R: usize>(nb: usize, w: *const u8, stride: usize, a: *c
             }
         }
         for r in 0..R {
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r]), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+            let sumi_r = _mm256_sub_epi32(sumi[r], crate::kquants::avx2::q6k_offsets(wb[r], ab));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r]), _mm256_cvtepi32_ps(sumi_r), acc[r]);
         }
     }
     for (r, acc_r) in acc.iter().enumerate() {

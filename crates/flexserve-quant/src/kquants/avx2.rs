@@ -199,7 +199,6 @@ unsafe fn dot_q5k(nb: usize, w: &[u8], a: &[u8]) -> f32 {
 unsafe fn dot_q6k(nb: usize, w: &[u8], a: &[u8]) -> f32 {
     let nibble = _mm256_set1_epi8(0x0F);
     let two_bits = _mm256_set1_epi8(0x30);
-    let offset = _mm256_set1_epi8(32);
     // Byte pattern selecting scale s for the low 16 lanes and s + 1 for the high 16.
     let scale_pair = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     let mut acc = _mm256_setzero_ps();
@@ -234,16 +233,32 @@ unsafe fn dot_q6k(nb: usize, w: &[u8], a: &[u8]) -> f32 {
             ];
             for (k, &q) in levels.iter().enumerate() {
                 let a8 = load(q8.add(32 * k));
-                // (q - 32) * a as q * a - 32 * a: both products fit i16 pair sums.
-                let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, a8), _mm256_maddubs_epi16(offset, a8));
+                // Unsigned levels: the offset comes off below, as llama.cpp takes it.
+                let p = _mm256_maddubs_epi16(q, a8);
                 let s = (8 * half + 2 * k) as i8;
                 let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, _mm_add_epi8(scale_pair, _mm_set1_epi8(s))));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(sc, p));
             }
         }
+        sumi = _mm256_sub_epi32(sumi, q6k_offsets(wb.as_ptr(), ab.as_ptr()));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum_256(acc)
+}
+
+/// The offset of the Q6_K levels as llama.cpp takes it off each lane of a
+/// super-block's sums (see `q6k::lane_sums`): lane `l` holds `32 * (bsum_2l *
+/// scale_2l + bsum_2l+1 * scale_2l+1)`.
+///
+/// # Safety
+/// AVX2 must be available; `wb` must point at a whole Q6_K block and `ab` at
+/// a whole Q8_K block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q6k_offsets(wb: *const u8, ab: *const u8) -> __m256i {
+    let bsums = _mm256_loadu_si256(ab.add(q8k::BSUMS).cast());
+    let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.add(q6k::SCALES).cast()));
+    _mm256_slli_epi32::<5>(_mm256_madd_epi16(bsums, scales))
 }
 
 /// Same arithmetic as the portable quantizer (one scalar `iscale`, IEEE

@@ -99,18 +99,56 @@ fn quantize_block(x: &[f32], block: &mut [u8]) {
     block[D..D + 2].copy_from_slice(&d_bits.to_le_bytes());
 }
 
+/// Lanes of the x86 Q6_K dot product.
+pub(crate) const LANES: usize = 8;
+
+/// One super-block's integer sums as the eight lanes of llama.cpp's x86
+/// Q6_K dot hold them (and so every kernel here): lane `l` takes, in each
+/// 32-element chunk, the products of the unsigned levels (0..64) with the
+/// activation quants at chunk bytes `4l..4l + 4`, times their 16-element
+/// scale; the offset of 32 comes off at the end as
+/// `32 * (bsum_2l * scale_2l + bsum_2l+1 * scale_2l+1)` (the activation
+/// block's 16-element sums), so lane `l` mixes two partitions of the block. Each lane is then rounded to
+/// f32 on its own (`acc_l = fma(d_a * d, lane_l, acc_l)`), which is why the
+/// partition matters.
+pub(crate) fn lane_sums(wb: &[u8], ab: &[u8]) -> [i32; LANES] {
+    let levels = signed_levels(wb);
+    let a_qs = &ab[q8k::QS..q8k::BSUMS];
+    let scale = |s: usize| wb[SCALES + s] as i8 as i32;
+    let mut lanes = [0i32; LANES];
+    for (e, (&q, &a)) in levels.iter().zip(a_qs).enumerate() {
+        lanes[e % 32 / 4] += scale(e / 16) * (q as i32 + 32) * a as i8 as i32;
+    }
+    for (l, lane) in lanes.iter_mut().enumerate() {
+        *lane -= 32 * (q8k::group_sum(ab, 2 * l) * scale(2 * l) + q8k::group_sum(ab, 2 * l + 1) * scale(2 * l + 1));
+    }
+    lanes
+}
+
+/// llama.cpp's tiled Q6_K product (its CPU backend's path for eight tokens
+/// or more of a sequence): per super-block the exact sum of the products,
+/// times the weight's scale (rounded), then one fused multiply-add with the
+/// activation's scale onto a single f32 chain.
+pub(crate) fn dot_chain(n: usize, w: &[u8], a: &[u8]) -> f32 {
+    check_dot(GgmlType::Q6_K, n, w, BYTES, a);
+    let mut acc = 0f32;
+    for (wb, ab) in w.chunks_exact(BYTES).zip(a.chunks_exact(q8k::BYTES)) {
+        let isum: i32 = lane_sums(wb, ab).iter().sum();
+        acc = crate::fma_f32(isum as f32 * read_f16(wb, D), q8k::block_scale(ab), acc);
+    }
+    acc
+}
+
+/// llama.cpp's x86 Q6_K dot: per super-block `acc_l = fma(d_a * d, lane_l,
+/// acc_l)` over the lanes of [`lane_sums`], then the lanes folded 4 onto 0,
+/// 2 onto 0, 1 onto 0.
 pub(super) fn dot(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(GgmlType::Q6_K, n, w, BYTES, a);
-    let mut sum = 0.0f32;
+    let mut acc = [0f32; LANES];
     for (wb, ab) in w.chunks_exact(BYTES).zip(a.chunks_exact(q8k::BYTES)) {
-        let levels = signed_levels(wb);
-        let a_qs = &ab[q8k::QS..q8k::BSUMS];
-        let mut isum = 0i32;
-        for (s, (q, a)) in levels.chunks_exact(16).zip(a_qs.chunks_exact(16)).enumerate() {
-            let sub: i32 = q.iter().zip(a).map(|(&q, &a)| q as i32 * a as i8 as i32).sum();
-            isum += wb[SCALES + s] as i8 as i32 * sub;
-        }
-        sum += q8k::block_scale(ab) * read_f16(wb, D) * isum as f32;
+        let d = q8k::block_scale(ab) * read_f16(wb, D);
+        crate::fma_f32_lanes::<false>(d, &lane_sums(wb, ab).map(|l| l as f32), &mut acc);
     }
-    sum
+    let t: [f32; 4] = std::array::from_fn(|j| acc[j + 4] + acc[j]);
+    (t[0] + t[2]) + (t[1] + t[3])
 }

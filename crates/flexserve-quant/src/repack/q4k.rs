@@ -21,8 +21,17 @@
 //!
 //! Every kernel computes, per row and super-block, the exact integer sums
 //! `isum = sum_j scale_j * sum(q * a)` and `msum = sum_j min_j * sum(a)`, then
-//! `acc += (d_a * d) * isum - (d_a * dmin) * msum` in f32: the portable Q4_K
-//! dot's formula, so products on this layout equal the plain dot bit for bit.
+//! `acc = fma(isum, d * d_a, acc)` and `acc_min = fma(msum, dmin * d_a,
+//! acc_min)` in f32, and returns `acc - acc_min`: the arithmetic of
+//! llama.cpp's rearranged Q4_K product for one token (`q4_K_8x8` GEMV, which
+//! its CPU backend uses for every Q4_K matrix of whole groups of eight rows).
+//! Its GEMM, which takes a sequence's tokens four at a time (the first
+//! `n - n % 4` of a batch; the rest go through the GEMV), updates the two
+//! accumulators once per sub-block pair instead (with that pair's sums), and
+//! so do the kernels here for such tokens (`Product::grouped`). Neither is
+//! the plain dot's (one chain, each super-block's difference added), which
+//! llama.cpp's row-by-row path has: they differ in the last bits, and the
+//! next activation quantization can turn that into a different quant.
 
 use super::{Product, REPACK_ROWS};
 use crate::kquants::{q4k, q8k, unpack_scales_mins, QK_K};
@@ -77,27 +86,57 @@ fn scale_min(blk: &[u8], j: usize, r: usize) -> (i32, i32) {
 
 /// The portable product: row by row, the arithmetic of the module docs.
 pub(super) fn portable(p: Product) {
-    super::portable_k_rows(p, GROUP_BLOCK, |blk, ab, r| {
-        let a_qs = &ab[q8k::QS..q8k::BSUMS];
-        let (mut isum, mut msum) = (0i32, 0i32);
-        for c in 0..4 {
-            let (mut lo, mut hi) = (0i32, 0i32);
-            for m in 0..8 {
-                for i in 0..4 {
-                    let q = blk[QS_AT + 256 * c + 32 * m + 4 * r + i];
-                    let at = 64 * c + 4 * m + i;
-                    lo += (q & 0x0F) as i32 * a_qs[at] as i8 as i32;
-                    hi += (q >> 4) as i32 * a_qs[at + 32] as i8 as i32;
+    let Product { n, w, rows, a, a_row_bytes, n_tok, mut out, grouped, .. } = p;
+    let nb = n / QK_K;
+    // Tokens before this one are in llama.cpp's groups of four.
+    let in_groups = if grouped { n_tok - n_tok % 4 } else { 0 };
+    for (g, group) in w.chunks_exact(nb * GROUP_BLOCK).take(rows / REPACK_ROWS).enumerate() {
+        for t in 0..n_tok {
+            let act = &a[t * a_row_bytes..];
+            let (mut acc, mut acc_min) = ([0f32; REPACK_ROWS], [0f32; REPACK_ROWS]);
+            for (b, blk) in group.chunks_exact(GROUP_BLOCK).enumerate() {
+                let ab = &act[b * q8k::BYTES..(b + 1) * q8k::BYTES];
+                let d_a = q8k::block_scale(ab);
+                for r in 0..REPACK_ROWS {
+                    let sums = row_sums(blk, ab, r);
+                    let (d, dmin) = (read_f16(blk, 2 * r), read_f16(blk, DMIN_AT + 2 * r));
+                    let mut update = |isum: i32, msum: i32| {
+                        acc[r] = crate::fma_f32(isum as f32, d * d_a, acc[r]);
+                        acc_min[r] = crate::fma_f32(msum as f32, dmin * d_a, acc_min[r]);
+                    };
+                    if t < in_groups {
+                        sums.iter().for_each(|&(isum, msum)| update(isum, msum));
+                    } else {
+                        update(sums.iter().map(|s| s.0).sum(), sums.iter().map(|s| s.1).sum());
+                    }
                 }
             }
-            let ((s_lo, _), (s_hi, _)) = (scale_min(blk, 2 * c, r), scale_min(blk, 2 * c + 1, r));
-            isum += s_lo * lo + s_hi * hi;
+            let result: [f32; REPACK_ROWS] = std::array::from_fn(|r| acc[r] - acc_min[r]);
+            out.store(t, g * REPACK_ROWS, &result);
         }
-        for j in 0..8 {
-            let sum_a = q8k::group_sum(ab, 2 * j) + q8k::group_sum(ab, 2 * j + 1);
-            msum += scale_min(blk, j, r).1 * sum_a;
+    }
+}
+
+/// Row `r`'s exact integer sums `isum` and `msum` (see the module docs) of
+/// the group block `blk` against the activation block `ab`, per sub-block
+/// pair.
+fn row_sums(blk: &[u8], ab: &[u8], r: usize) -> [(i32, i32); 4] {
+    let a_qs = &ab[q8k::QS..q8k::BSUMS];
+    let mut sums = [(0i32, 0i32); 4];
+    for (c, (isum, msum)) in sums.iter_mut().enumerate() {
+        let (mut lo, mut hi) = (0i32, 0i32);
+        for m in 0..8 {
+            for i in 0..4 {
+                let q = blk[QS_AT + 256 * c + 32 * m + 4 * r + i];
+                let at = 64 * c + 4 * m + i;
+                lo += (q & 0x0F) as i32 * a_qs[at] as i8 as i32;
+                hi += (q >> 4) as i32 * a_qs[at + 32] as i8 as i32;
+            }
         }
-        let (d_a, d, dmin) = (q8k::block_scale(ab), read_f16(blk, 2 * r), read_f16(blk, DMIN_AT + 2 * r));
-        d_a * d * isum as f32 - d_a * dmin * msum as f32
-    })
+        let ((s_lo, m_lo), (s_hi, m_hi)) = (scale_min(blk, 2 * c, r), scale_min(blk, 2 * c + 1, r));
+        *isum = s_lo * lo + s_hi * hi;
+        let sum_a = |j: usize| q8k::group_sum(ab, 2 * j) + q8k::group_sum(ab, 2 * j + 1);
+        *msum = m_lo * sum_a(2 * c) + m_hi * sum_a(2 * c + 1);
+    }
+    sums
 }

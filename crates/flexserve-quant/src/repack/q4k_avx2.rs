@@ -11,7 +11,7 @@
 //! formula, lane by lane.
 
 use super::q4k::{DMIN_AT, GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
-use super::sweep::{by_tokens, dup_pattern, prefetch, sweep, AHEAD};
+use super::sweep::{dup_pattern, prefetch, sweep, AHEAD};
 use super::{Product, Q4_K};
 use crate::kquants::q8k;
 use crate::legacy::avx2::pin;
@@ -28,7 +28,19 @@ fn products<const L: u8>(product: Product) {
         // support AVX2, FMA and F16C; `check_repacked` verified that every
         // group of `nb` blocks, the pass's activation rows and their outputs
         // (eight floats per token at `out_stride`) lie within the slices.
-        unsafe { by_tokens!(p.tn => group::<_>(p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride)) }
+        unsafe {
+            if p.grouped {
+                group::<4, true>(p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride)
+            } else {
+                let args = (p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride);
+                match p.tn {
+                    4 => group::<4, false>(args.0, args.1, args.2, args.3, args.4, args.5),
+                    3 => group::<3, false>(args.0, args.1, args.2, args.3, args.4, args.5),
+                    2 => group::<2, false>(args.0, args.1, args.2, args.3, args.4, args.5),
+                    _ => group::<1, false>(args.0, args.1, args.2, args.3, args.4, args.5),
+                }
+            }
+        }
     });
 }
 
@@ -42,7 +54,9 @@ unsafe fn duplicate_low(v: __m256i) -> __m256i {
     _mm256_or_si256(v, _mm256_slli_epi32::<16>(v))
 }
 
-/// One group of eight rows at `w` against `T` Q8_K activation rows at `a`.
+/// One group of eight rows at `w` against `T` Q8_K activation rows at `a`;
+/// `PAIRS`: with the float update per sub-block pair (llama.cpp's four-token
+/// arithmetic, see `q4k`), else per super-block.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `nb` group blocks at `w`, `T` rows
@@ -50,7 +64,7 @@ unsafe fn duplicate_low(v: __m256i) -> __m256i {
 /// be readable, eight floats at `out + t * out_stride` writable for `t < T`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group<const T: usize>(
+unsafe fn group<const T: usize, const PAIRS: bool>(
     nb: usize,
     w: *const u8,
     a: *const u8,
@@ -61,7 +75,10 @@ unsafe fn group<const T: usize>(
     let low = _mm256_set1_epi8(0x0F);
     let six_bits = _mm256_set1_epi32(0x3F);
     let dup = [0, 1].map(|half| _mm256_broadcastsi128_si256(dup_pattern(half)));
+    // The level terms and the min terms in accumulators of their own, as
+    // llama.cpp's rearranged Q4_K product keeps them (see `q4k`).
     let mut acc = [_mm256_setzero_ps(); T];
+    let mut acc_min = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let blk = w.add(b * GROUP_BLOCK);
         prefetch(blk.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
@@ -70,8 +87,9 @@ unsafe fn group<const T: usize>(
             _mm256_set1_epi32(quad.cast::<i32>().read_unaligned())
         };
         let entries = |c: usize| _mm256_cvtepu8_epi16(_mm_loadu_si128(blk.add(SCALES_AT + 16 * c).cast()));
-        let mut isum = [_mm256_setzero_si256(); T];
-        for c in 0..4 {
+        // Per sub-block pair: the float update may take them one by one.
+        let mut isums = [[_mm256_setzero_si256(); T]; 4];
+        for (c, isum) in isums.iter_mut().enumerate() {
             let pair = entries(c);
             let scales = [_mm256_and_si256(pair, six_bits), _mm256_and_si256(_mm256_srli_epi32::<16>(pair), six_bits)];
             if T <= 2 {
@@ -114,8 +132,8 @@ unsafe fn group<const T: usize>(
                 }
             }
         }
-        let mut msum = [_mm256_setzero_si256(); T];
-        for c in 0..4 {
+        let mut msums = [[_mm256_setzero_si256(); T]; 4];
+        for (c, msum) in msums.iter_mut().enumerate() {
             let nibbles = _mm256_cvtepu8_epi16(_mm_loadu_si128(blk.add(MINS_HI_AT + 16 * (c % 2)).cast()));
             let high = if c < 2 {
                 _mm256_and_si256(nibbles, _mm256_set1_epi16(0x0F))
@@ -145,12 +163,24 @@ unsafe fn group<const T: usize>(
         let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(DMIN_AT).cast()));
         for t in 0..T {
             let d_a = _mm256_set1_ps(a.add(t * a_stride + b * q8k::BYTES).cast::<f32>().read_unaligned());
-            let scaled = _mm256_mul_ps(_mm256_mul_ps(d_a, d), _mm256_cvtepi32_ps(isum[t]));
-            let shifted = _mm256_mul_ps(_mm256_mul_ps(d_a, dmin), _mm256_cvtepi32_ps(msum[t]));
-            acc[t] = _mm256_add_ps(acc[t], _mm256_sub_ps(scaled, shifted));
+            let (level_factor, min_factor) = (_mm256_mul_ps(d, d_a), _mm256_mul_ps(dmin, d_a));
+            let mut update = |isum: __m256i, msum: __m256i| {
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), level_factor, acc[t]);
+                acc_min[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), min_factor, acc_min[t]);
+            };
+            if PAIRS {
+                for c in 0..4 {
+                    update(isums[c][t], msums[c][t]);
+                }
+            } else {
+                let total = |v: &[[__m256i; T]; 4]| {
+                    _mm256_add_epi32(_mm256_add_epi32(v[0][t], v[1][t]), _mm256_add_epi32(v[2][t], v[3][t]))
+                };
+                update(total(&isums), total(&msums));
+            }
         }
     }
-    for (t, acc_t) in acc.iter().enumerate() {
-        _mm256_storeu_ps(out.add(t * out_stride), *acc_t);
+    for t in 0..T {
+        _mm256_storeu_ps(out.add(t * out_stride), _mm256_sub_ps(acc[t], acc_min[t]));
     }
 }

@@ -10,7 +10,7 @@
 //! sums of the sub-block, read from the activation block as they are stored. Then the portable dot's float formula, lane by lane.
 
 use super::q4k::{GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
-use super::sweep::{by_tokens, dup_pattern, prefetch, sweep, Pass, AHEAD};
+use super::sweep::{dup_pattern, prefetch, sweep, Pass, AHEAD};
 use super::{Product, Q4_K};
 use crate::kquants::q8k;
 use std::arch::x86_64::*;
@@ -33,7 +33,19 @@ fn products<const L: u8>(product: Product) {
         // verified that every group of `nb` blocks, the pass's activation rows
         // and their outputs (eight floats per group and token at `out_stride`)
         // lie within the slices, and `second` is a group of the pass.
-        unsafe { by_tokens!(p.tn => pair::<_>(p.nb, p.w, second, p.a, p.a_stride, p.out, p.out_stride, lanes)) }
+        unsafe {
+            if p.grouped {
+                pair::<4, true>(p.nb, p.w, second, p.a, p.a_stride, p.out, p.out_stride, lanes)
+            } else {
+                let (nb, w, a, stride, out, out_stride) = (p.nb, p.w, p.a, p.a_stride, p.out, p.out_stride);
+                match p.tn {
+                    4 => pair::<4, false>(nb, w, second, a, stride, out, out_stride, lanes),
+                    3 => pair::<3, false>(nb, w, second, a, stride, out, out_stride, lanes),
+                    2 => pair::<2, false>(nb, w, second, a, stride, out, out_stride, lanes),
+                    _ => pair::<1, false>(nb, w, second, a, stride, out, out_stride, lanes),
+                }
+            }
+        }
     });
 }
 
@@ -51,7 +63,9 @@ unsafe fn widen_pair(p0: *const u8, p1: *const u8) -> __m512i {
 }
 
 /// Two groups at `w0` and `w1` against `T` activation rows at `a`; the
-/// results of the lanes set in `lanes` are stored.
+/// results of the lanes set in `lanes` are stored. `PAIRS`: with the float
+/// update per sub-block pair (llama.cpp's four-token arithmetic, see `q4k`),
+/// else per super-block.
 ///
 /// # Safety
 /// AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI must be available; `nb` group
@@ -61,7 +75,7 @@ unsafe fn widen_pair(p0: *const u8, p1: *const u8) -> __m512i {
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn pair<const T: usize>(
+unsafe fn pair<const T: usize, const PAIRS: bool>(
     nb: usize,
     w0: *const u8,
     w1: *const u8,
@@ -75,7 +89,10 @@ unsafe fn pair<const T: usize>(
     let six_bits = _mm512_set1_epi32(0x3F);
     let two_bits = _mm512_set1_epi16(0x03);
     let [dup_lo, dup_hi] = [0, 1].map(|half| _mm512_broadcast_i32x4(dup_pattern(half)));
+    // The level terms and the min terms in accumulators of their own, as
+    // llama.cpp's rearranged Q4_K product keeps them (see `q4k`).
     let mut acc = [_mm512_setzero_ps(); T];
+    let mut acc_min = [_mm512_setzero_ps(); T];
     for b in 0..nb {
         let (b0, b1) = (w0.add(b * GROUP_BLOCK), w1.add(b * GROUP_BLOCK));
         prefetch(b0.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
@@ -85,9 +102,11 @@ unsafe fn pair<const T: usize>(
             let quad = act(t).add(q8k::QS + at);
             _mm512_set1_epi32(quad.cast::<i32>().read_unaligned())
         };
-        let mut isum = [_mm512_setzero_si512(); T];
-        let mut msum = [_mm512_setzero_si512(); T];
+        // Per sub-block pair: the float update may take them one by one.
+        let mut isums = [[_mm512_setzero_si512(); T]; 4];
+        let mut msums = [[_mm512_setzero_si512(); T]; 4];
         for c in 0..4 {
+            let (isum, msum) = (&mut isums[c], &mut msums[c]);
             let mut lo_sum = [_mm512_setzero_si512(); T];
             let mut hi_sum = [_mm512_setzero_si512(); T];
             for m in 0..8 {
@@ -143,12 +162,24 @@ unsafe fn pair<const T: usize>(
         let (d, dmin) = (halves(0), halves(super::q4k::DMIN_AT));
         for t in 0..T {
             let d_a = _mm512_set1_ps(act(t).cast::<f32>().read_unaligned());
-            let scaled = _mm512_mul_ps(_mm512_mul_ps(d_a, d), _mm512_cvtepi32_ps(isum[t]));
-            let shifted = _mm512_mul_ps(_mm512_mul_ps(d_a, dmin), _mm512_cvtepi32_ps(msum[t]));
-            acc[t] = _mm512_add_ps(acc[t], _mm512_sub_ps(scaled, shifted));
+            let (level_factor, min_factor) = (_mm512_mul_ps(d, d_a), _mm512_mul_ps(dmin, d_a));
+            let mut update = |isum: __m512i, msum: __m512i| {
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), level_factor, acc[t]);
+                acc_min[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(msum), min_factor, acc_min[t]);
+            };
+            if PAIRS {
+                for c in 0..4 {
+                    update(isums[c][t], msums[c][t]);
+                }
+            } else {
+                let total = |v: &[[__m512i; T]; 4]| {
+                    _mm512_add_epi32(_mm512_add_epi32(v[0][t], v[1][t]), _mm512_add_epi32(v[2][t], v[3][t]))
+                };
+                update(total(&isums), total(&msums));
+            }
         }
     }
-    for (t, acc_t) in acc.iter().enumerate() {
-        _mm512_mask_storeu_ps(out.add(t * out_stride), lanes, *acc_t);
+    for t in 0..T {
+        _mm512_mask_storeu_ps(out.add(t * out_stride), lanes, _mm512_sub_ps(acc[t], acc_min[t]));
     }
 }

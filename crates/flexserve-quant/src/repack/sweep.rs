@@ -74,6 +74,11 @@ pub(super) struct Pass {
     pub t0: usize,
     /// Tokens in the pass (1 to `TOKENS`).
     pub tn: usize,
+    /// Whether the pass is one of llama.cpp's groups of four tokens, which
+    /// its rearranged K-quant products compute with an arithmetic of their
+    /// own: `TOKENS` tokens of a product whose rows are one sequence's
+    /// (`Product::grouped`).
+    pub grouped: bool,
     /// Where the first token's results go (eight per group), and the stride
     /// between tokens.
     pub out: *mut f32,
@@ -85,7 +90,7 @@ pub(super) struct Pass {
 /// (`CHUNK_BYTES`) with all tokens before taking the next. The caller has
 /// checked the shapes (`check_repacked`).
 pub(super) fn sweep(p: Product, groups_per_pass: usize, mut pass: impl FnMut(Pass)) {
-    let Product { layout, n, w, rows, a, a_row_bytes, n_tok, out } = p;
+    let Product { layout, n, w, rows, a, a_row_bytes, n_tok, out, grouped } = p;
     let out_stride = out.stride;
     let nb = n / layout.ty().block_size();
     let group_bytes = nb * REPACK_ROWS * layout.ty().type_size();
@@ -105,6 +110,7 @@ pub(super) fn sweep(p: Product, groups_per_pass: usize, mut pass: impl FnMut(Pas
                     a_stride: a_row_bytes,
                     t0,
                     tn,
+                    grouped: grouped && tn == TOKENS,
                     out: out.at(t0, g * REPACK_ROWS),
                     out_stride,
                 });

@@ -40,6 +40,9 @@ const TOK_CHUNK_BYTES: usize = 128 * 1024;
 
 pub(super) const Q4K: u8 = 0;
 pub(super) const Q6K: u8 = 1;
+/// Q6_K with one f32 chain per (row, token) instead of eight lanes (see
+/// `crate::tile::sequence_tile_kernel_for`).
+pub(super) const Q6K_CHAIN: u8 = 2;
 
 /// The AVX2 tile kernel of `ty`, if there is one.
 pub(super) fn tile(ty: GgmlType) -> Option<TileFn> {
@@ -53,6 +56,12 @@ pub(super) fn tile_of_tier<const WIDE: bool>(ty: GgmlType) -> Option<TileFn> {
         GgmlType::Q6_K => Some(tile_wrapper::<Q6K, WIDE>),
         _ => None,
     }
+}
+
+/// The Q6_K tile kernel with one chain per (row, token), for AVX2 (`WIDE`
+/// false) or AVX-512 (`WIDE` true).
+pub(super) fn q6k_chain_of_tier<const WIDE: bool>() -> TileFn {
+    tile_wrapper::<Q6K_CHAIN, WIDE>
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -69,6 +78,7 @@ fn tile_wrapper<const F: u8, const WIDE: bool>(
 ) {
     let ty = if F == Q4K { GgmlType::Q4_K } else { GgmlType::Q6_K };
     check_tile(ty, GgmlType::Q8_K, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride);
+    let chain = F == Q6K_CHAIN;
     if rows == 0 || toks == 0 {
         return;
     }
@@ -81,9 +91,9 @@ fn tile_wrapper<const F: u8, const WIDE: bool>(
     // kernel reads and writes.
     unsafe {
         if WIDE {
-            super::kquants_avx512::sweep::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr())
+            super::kquants_avx512::sweep::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr(), chain)
         } else {
-            sweep::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr())
+            sweep::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr(), chain)
         }
     }
 }
@@ -93,7 +103,15 @@ fn tile_wrapper<const F: u8, const WIDE: bool>(
 /// # Safety
 /// As for `q4k_micro`, for all `rows` and `toks`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn sweep<const F: u8>(s: Shape, w: *const u8, rows: usize, a: *const u8, toks: usize, out: *mut f32) {
+unsafe fn sweep<const F: u8>(
+    s: Shape,
+    w: *const u8,
+    rows: usize,
+    a: *const u8,
+    toks: usize,
+    out: *mut f32,
+    chain: bool,
+) {
     if F == Q4K {
         q4k_sweep(s, w, rows, a, toks, out, Q4K_TILE, |rr, tt, w, a, out, factors| {
             dispatch!(
@@ -122,7 +140,7 @@ unsafe fn sweep<const F: u8>(s: Shape, w: *const u8, rows: usize, a: *const u8, 
                 dispatch!(
                     rr,
                     tt,
-                    q6k_micro(s, w, a, out),
+                    q6k_micro(s, w, a, out, chain),
                     (1, 8),
                     (1, 7),
                     (1, 6),
@@ -488,10 +506,12 @@ pub(super) unsafe fn q4k_store<const R: usize, const T: usize>(
 }
 
 /// The Q6_K micro-tile (arguments as for `q4k_micro`, without factors).
-/// Per super-block and group of 32 levels, each row's levels are decoded
-/// once (with the offset of 32 taken off) and multiplied with every token's
-/// quants: the sign of the quants moved onto the levels makes the product
-/// fit one `maddubs`.
+/// Per super-block and group of 32 levels, each row's unsigned levels are
+/// decoded once and multiplied with every token's quants (one `maddubs`);
+/// the levels' offset comes off each lane at the end of the super-block, as
+/// llama.cpp takes it (`q6k_offsets`), so that the lanes are the dot's. With
+/// `chain`, the super-block's lanes are summed (exactly) and each (row,
+/// token) keeps one f32 chain instead: `acc = fma(isum * d_w, d_a, acc)`.
 ///
 /// # Safety
 /// As for `q4k_micro`, without factors.
@@ -499,10 +519,10 @@ pub(super) unsafe fn q4k_store<const R: usize, const T: usize>(
 #[allow(clippy::needless_range_loop)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *const u8, out: *mut f32) {
+unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *const u8, out: *mut f32, chain: bool) {
+    let mut chains = [[0f32; T]; R];
     let nibble = _mm256_set1_epi8(0x0F);
     let two_bits = _mm256_set1_epi8(0x30);
-    let offset = _mm256_set1_epi8(32);
     // Byte pattern selecting scale s for the low 16 lanes and s + 1 for the high 16.
     let scale_pair = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
@@ -532,7 +552,6 @@ unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *
                         _ => _mm256_srli_epi16::<2>(high),
                     };
                     let q = _mm256_or_si256(_mm256_and_si256(low, nibble), _mm256_and_si256(high, two_bits));
-                    let q = _mm256_sub_epi8(q, offset);
                     let step = (8 * half + 2 * k) as i8;
                     let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(
                         scales[r],
@@ -540,9 +559,7 @@ unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *
                     ));
                     for t in 0..T {
                         let a8 = load(ab[t].add(q8k::QS + 128 * half + 32 * k));
-                        // (q - 32) * a as |a| * ((q - 32) with a's sign): the same
-                        // i16 pair sums as the dot's q * a - 32 * a, in one multiply.
-                        let p = _mm256_maddubs_epi16(_mm256_abs_epi8(a8), _mm256_sign_epi8(q, a8));
+                        let p = _mm256_maddubs_epi16(q, a8);
                         sumi[r][t] = _mm256_add_epi32(sumi[r][t], _mm256_madd_epi16(sc, p));
                     }
                     pin(&mut sumi[r]);
@@ -551,14 +568,33 @@ unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *
         }
         for r in 0..R {
             for t in 0..T {
-                let d = _mm256_mul_ps(d_a[t], d_w[r]);
-                acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
+                let sumi = _mm256_sub_epi32(sumi[r][t], crate::kquants::avx2::q6k_offsets(wb[r], ab[t]));
+                if chain {
+                    chains[r][t] = q6k_chain_step(chains[r][t], sumi, d_w[r], d_a[t]);
+                } else {
+                    let d = _mm256_mul_ps(d_a[t], d_w[r]);
+                    acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc[r][t]);
+                }
             }
         }
     }
     for r in 0..R {
         for t in 0..T {
-            *out.add(t * s.out_stride + r) = hsum_256(acc[r][t]);
+            *out.add(t * s.out_stride + r) = if chain { chains[r][t] } else { hsum_256(acc[r][t]) };
         }
     }
+}
+
+/// One super-block of the Q6_K chain (llama.cpp's tiled Q6_K product for
+/// eight tokens or more): the exact sum of the lanes `sumi`, times the
+/// weight's scale (rounded), then one fused multiply-add with the
+/// activation's scale onto `acc`. `d_w` and `d_a` hold the scales in every lane.
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q6k_chain_step(acc: f32, sumi: __m256i, d_w: __m256, d_a: __m256) -> f32 {
+    let isum = crate::kquants::avx2::hsum_i32_256(sumi) as f32;
+    (isum * _mm256_cvtss_f32(d_w)).mul_add(_mm256_cvtss_f32(d_a), acc)
 }

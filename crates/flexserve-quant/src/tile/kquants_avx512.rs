@@ -22,16 +22,15 @@
 //! twice (low nibbles, then high nibbles), and its 32 high-bit bytes, copied
 //! into both halves and shifted by a different amount per half, give the top
 //! two bits of the same 64 levels: 64 unsigned levels (0..63) per vector, in
-//! activation order. The offset of 32 comes off the i16 pair products
-//! (`maddubs(q, a) - maddubs(32, a)`, the second shared by every row), then
-//! `vpdpwssd` applies the four sub-block scales of the 64 levels. Three
-//! instructions per (row, token) and 64 levels, where the AVX2 kernel needs
-//! ten; the folded lane sums are again the AVX2 kernel's, and so are the
-//! results.
+//! activation order. `maddubs(q, a)` gives the i16 pair products, then
+//! `vpdpwssd` applies the four sub-block scales of the 64 levels: two
+//! instructions per (row, token) and 64 levels. The folded lane sums are
+//! the AVX2 kernel's, and once the levels' offset comes off each of them as
+//! llama.cpp takes it (`q6k_offsets`), so are the results.
 
 use super::kquants_avx2::{
     chunks, dispatch, for_each_micro_tile, q4k_block_step, q4k_min_products, q4k_store, q4k_sweep, q4k_tokens,
-    q8k_blocks, tile_of_tier, Q4kFactors, Q4K,
+    q6k_chain_step, q8k_blocks, tile_of_tier, Q4kFactors, Q4K,
 };
 use super::{Shape, TileFn};
 use crate::kquants::avx2::{f16_at, hsum_256};
@@ -54,11 +53,19 @@ pub(super) fn tile(ty: GgmlType) -> Option<TileFn> {
 ///
 /// # Safety
 /// As for `q4k_micro` / `q6k_micro`, for all `rows` and `toks`.
-pub(super) unsafe fn sweep<const F: u8>(s: Shape, w: *const u8, rows: usize, a: *const u8, toks: usize, out: *mut f32) {
+pub(super) unsafe fn sweep<const F: u8>(
+    s: Shape,
+    w: *const u8,
+    rows: usize,
+    a: *const u8,
+    toks: usize,
+    out: *mut f32,
+    chain: bool,
+) {
     if F == Q4K {
         q4k_sweep_512(s, w, rows, a, toks, out)
     } else {
-        q6k_sweep_512(s, w, rows, a, toks, out)
+        q6k_sweep_512(s, w, rows, a, toks, out, chain)
     }
 }
 
@@ -101,7 +108,7 @@ unsafe fn q4k_sweep_512(s: Shape, w: *const u8, rows: usize, a: *const u8, toks:
 /// # Safety
 /// As for `q6k_micro`, for all `rows` and `toks`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q6k_sweep_512(s: Shape, w: *const u8, rows: usize, a: *const u8, toks: usize, out: *mut f32) {
+unsafe fn q6k_sweep_512(s: Shape, w: *const u8, rows: usize, a: *const u8, toks: usize, out: *mut f32, chain: bool) {
     for_each_micro_tile(
         rows,
         toks,
@@ -110,7 +117,7 @@ unsafe fn q6k_sweep_512(s: Shape, w: *const u8, rows: usize, a: *const u8, toks:
         |_, _| {},
         |r, rr, t, tt, _| {
             let (w, a, out) = (w.add(r * s.w_stride), a.add(t * s.a_stride), out.add(t * s.out_stride + r));
-            dispatch_tile!(rr, tt, q6k_micro(s, w, a, out));
+            dispatch_tile!(rr, tt, q6k_micro(s, w, a, out, chain));
         },
     );
 }
@@ -193,10 +200,11 @@ unsafe fn q4k_micro<const R: usize, const T: usize>(
 #[allow(clippy::needless_range_loop)]
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *const u8, out: *mut f32) {
+unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *const u8, out: *mut f32, chain: bool) {
+    // With `chain`, one f32 chain per (row, token), as the AVX2 kernel's.
+    let mut chains = [[0f32; T]; R];
     let nibble = _mm512_set1_epi8(0x0F);
     let two_bits = _mm512_set1_epi8(0x30);
-    let offset = _mm512_set1_epi8(32);
     let halves = |lower: i16, upper: i16| _mm512_inserti64x4::<1>(_mm512_set1_epi16(lower), _mm256_set1_epi16(upper));
     // The high bits of levels 0..32 and 32..64 of a half sit at bits 0-1 and
     // 2-3 of its `qh` bytes, of levels 64..96 and 96..128 at bits 4-5 and 6-7:
@@ -234,9 +242,8 @@ unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *
                 }
                 for t in 0..T {
                     let q8 = _mm512_loadu_si512(ab[t].add(q8k::QS + 128 * half + 64 * c).cast());
-                    let offsets = _mm512_maddubs_epi16(offset, q8);
                     for r in 0..R {
-                        let products = _mm512_sub_epi16(_mm512_maddubs_epi16(levels[r], q8), offsets);
+                        let products = _mm512_maddubs_epi16(levels[r], q8);
                         sumi[r][t] = _mm512_dpwssd_epi32(sumi[r][t], products, scales[r]);
                     }
                 }
@@ -250,13 +257,18 @@ unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *
             for t in 0..T {
                 let v = sumi[r][t];
                 let folded = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
-                acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(d_a[t], d_w), _mm256_cvtepi32_ps(folded), acc[r][t]);
+                let folded = _mm256_sub_epi32(folded, crate::kquants::avx2::q6k_offsets(wb[r], ab[t]));
+                if chain {
+                    chains[r][t] = q6k_chain_step(chains[r][t], folded, d_w, d_a[t]);
+                } else {
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(d_a[t], d_w), _mm256_cvtepi32_ps(folded), acc[r][t]);
+                }
             }
         }
     }
     for r in 0..R {
         for t in 0..T {
-            *out.add(t * s.out_stride + r) = hsum_256(acc[r][t]);
+            *out.add(t * s.out_stride + r) = if chain { chains[r][t] } else { hsum_256(acc[r][t]) };
         }
     }
 }
