@@ -1,18 +1,13 @@
 //! `flexserve embed`: embeddings of texts from a plain encoder model (one
 //! JSON array of floats per input, one input per line).
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Instant;
-
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use flexserve_engine::weights::GgufSource;
-use flexserve_engine::{Encoder, Normalization};
-use flexserve_tokenizer::Tokenizer;
+use flexserve_engine::Normalization;
+use std::io::Write;
+use std::path::PathBuf;
 
-use crate::plain::ModelFile;
+use crate::plain::LoadedEncoder;
 
 #[derive(Args)]
 pub(crate) struct EmbedArgs {
@@ -44,32 +39,11 @@ pub(crate) fn run(args: EmbedArgs) -> Result<()> {
     if inputs.is_empty() {
         bail!("nothing to embed: the input has no non-empty lines");
     }
-    let t0 = Instant::now();
-    let source = match ModelFile::open(&args.model)? {
-        ModelFile::Plain(file) => GgufSource::from_file(Arc::new(file)),
-        ModelFile::Sealed(_) => bail!(
-            "{} is sealed: embeddings run on plain encoder models for now (sealed encoders are not served yet)",
-            args.model.display()
-        ),
-    };
-    let tokenizer = Tokenizer::from_gguf(&source.header().metadata)
-        .with_context(|| format!("tokenizer of {}", args.model.display()))?;
-    let encoder =
-        Encoder::from_source(&source, args.threads).with_context(|| format!("loading {}", args.model.display()))?;
-    eprintln!(
-        "loaded {} ({}, {} layers, {} pooling, {} threads) in {:.0} ms",
-        args.model.display(),
-        encoder.config.arch.name(),
-        encoder.config.n_layer,
-        encoder.config.pooling.name(),
-        encoder.threads(),
-        t0.elapsed().as_secs_f64() * 1e3
-    );
+    let loaded = LoadedEncoder::open(&args.model, args.threads)?;
     let normalization = if args.no_normalize { Normalization::None } else { Normalization::Euclidean };
     let mut out = std::io::stdout().lock();
     for (i, text) in inputs.iter().enumerate() {
-        let ids = flexserve_engine::encoder::encoder_tokens(&tokenizer, text);
-        let vector = encoder.embed(&ids, normalization).with_context(|| format!("input {}", i + 1))?;
+        let (vector, _) = loaded.embed(text, normalization).with_context(|| format!("input {}", i + 1))?;
         serde_json::to_writer(&mut out, &vector)?;
         writeln!(out)?;
     }

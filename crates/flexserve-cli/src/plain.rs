@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use flexserve_engine::encoder::encoder_tokens;
 use flexserve_engine::generate::Generator;
 use flexserve_engine::weights::GgufSource;
-use flexserve_engine::{Model, Session};
+use flexserve_engine::{Encoder, Model, Normalization, Session};
 use flexserve_gguf::{GgufFile, Value};
 use flexserve_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 
@@ -46,6 +47,44 @@ impl Loaded {
             t0.elapsed().as_secs_f64() * 1e3
         );
         Ok(Self { tokenizer, template, model })
+    }
+}
+
+/// An encoder model (embeddings) opened with its tokenizer: plain only, as
+/// for generative models here.
+pub(crate) struct LoadedEncoder {
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) encoder: Encoder,
+}
+
+impl LoadedEncoder {
+    pub(crate) fn open(path: &Path, threads: usize) -> Result<Self> {
+        let t0 = Instant::now();
+        let source = match ModelFile::open(path)? {
+            ModelFile::Plain(file) => GgufSource::from_file(Arc::new(file)),
+            ModelFile::Sealed(_) => {
+                bail!("{} is sealed: encoders run plain for now (sealed encoders are not served yet)", path.display())
+            }
+        };
+        let tokenizer = Tokenizer::from_gguf(&source.header().metadata)
+            .with_context(|| format!("tokenizer of {}", path.display()))?;
+        let encoder = Encoder::from_source(&source, threads).with_context(|| format!("loading {}", path.display()))?;
+        eprintln!(
+            "loaded {} ({}, {} layers, {} pooling, {} threads) in {:.0} ms",
+            path.display(),
+            encoder.config.arch.name(),
+            encoder.config.n_layer,
+            encoder.config.pooling.name(),
+            encoder.threads(),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(Self { tokenizer, encoder })
+    }
+
+    /// The embedding of `text` and its token count.
+    pub(crate) fn embed(&self, text: &str, normalization: Normalization) -> Result<(Vec<f32>, usize)> {
+        let ids = encoder_tokens(&self.tokenizer, text);
+        Ok((self.encoder.embed(&ids, normalization)?, ids.len()))
     }
 }
 

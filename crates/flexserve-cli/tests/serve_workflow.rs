@@ -35,6 +35,25 @@ max_tokens = 24
     )
 }
 
+/// `flexserve workflow run --json` of `file` on `input`: its report and each step's output.
+fn cli_run(
+    home: &std::path::Path,
+    key: &std::path::Path,
+    file: &std::path::Path,
+    input: &str,
+) -> (serde_json::Value, Vec<String>) {
+    let out = ok(flexserve(home)
+        .args(["workflow", "run", "--json", "--input", input, "--key"])
+        .arg(key)
+        .arg(file)
+        .output()
+        .unwrap());
+    let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let outputs =
+        report["steps"].as_array().unwrap().iter().map(|s| s["output"].as_str().unwrap().to_string()).collect();
+    (report, outputs)
+}
+
 fn curl(url: &str, path: &str, body: Option<&str>) -> (u16, String) {
     let mut c = Command::new("curl");
     c.args(["-sS", "-N", "--max-time", "120", "-w", "\n%{http_code}"]);
@@ -53,15 +72,7 @@ fn a_workflow_runs_through_the_daemon_whole_and_streamed() {
     let file = home.path().join("two-step.toml");
     std::fs::write(&file, workflow_file(&sealed)).unwrap();
     // The reference: the same workflow run by the command line.
-    let out = ok(flexserve(home.path())
-        .args(["workflow", "run", "--json", "--input", INPUT, "--key"])
-        .arg(&key)
-        .arg(&file)
-        .output()
-        .unwrap());
-    let reference: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    let outputs: Vec<String> =
-        reference["steps"].as_array().unwrap().iter().map(|s| s["output"].as_str().unwrap().to_string()).collect();
+    let (reference, outputs) = cli_run(home.path(), &key, &file, INPUT);
 
     let daemon = Daemon::spawn(home, |c| c.arg("--key").arg(&key).arg("--workflow").arg(&file));
     let url = daemon.url.clone();
@@ -190,15 +201,7 @@ max_tokens = 24
     )
     .unwrap();
     let input = "How are the cores shared between the worlds?";
-    let out = ok(flexserve(home.path())
-        .args(["workflow", "run", "--json", "--input", input, "--key"])
-        .arg(&key)
-        .arg(&file)
-        .output()
-        .unwrap());
-    let reference: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    let outputs: Vec<String> =
-        reference["steps"].as_array().unwrap().iter().map(|s| s["output"].as_str().unwrap().to_string()).collect();
+    let (_, outputs) = cli_run(home.path(), &key, &file, input);
     assert!(outputs[0].starts_with("Flex-NPU leases the CPU cores"), "{outputs:?}");
 
     let daemon = Daemon::spawn(home, |c| c.arg("--key").arg(&key).arg("--workflow").arg(&file));

@@ -44,8 +44,13 @@ struct Active<'m> {
 }
 
 impl PlainModel {
-    pub(crate) fn open(path: &Path, threads: usize, cores: Option<Arc<CoreArbiter>>) -> Result<PlainModel, String> {
-        let file = flexserve_gguf::GgufFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    /// `file` is `path`, opened.
+    pub(crate) fn open(
+        path: &Path,
+        file: flexserve_gguf::GgufFile,
+        threads: usize,
+        cores: Option<Arc<CoreArbiter>>,
+    ) -> Result<PlainModel, String> {
         let source = GgufSource::from_file(Arc::new(file));
         let meta = &source.header().metadata;
         let tokenizer = Tokenizer::from_gguf(meta).map_err(|e| format!("tokenizer of {}: {e}", path.display()))?;

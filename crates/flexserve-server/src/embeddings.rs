@@ -151,11 +151,10 @@ pub async fn embeddings(State(state): State<Arc<AppState>>, Body(body): Body) ->
     })
 }
 
-/// Whether the GGUF file at `path` holds an encoder the engine runs.
-pub(crate) fn is_encoder(path: &Path) -> Result<bool, String> {
-    let file = flexserve_gguf::GgufFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let arch = file.header.metadata.get_str("general.architecture").map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(arch.and_then(flexserve_engine::encoder::EncoderArch::from_name).is_some())
+/// Whether a GGUF file holds an encoder the engine runs.
+pub(crate) fn is_encoder(file: &flexserve_gguf::GgufFile) -> bool {
+    let arch = file.header.metadata.get_str("general.architecture").ok().flatten();
+    arch.and_then(flexserve_engine::encoder::EncoderArch::from_name).is_some()
 }
 
 /// A plain encoder model in this process.
@@ -167,8 +166,13 @@ pub(crate) struct EncoderModel {
 }
 
 impl EncoderModel {
-    pub(crate) fn open(path: &Path, threads: usize, cores: Option<Arc<CoreArbiter>>) -> Result<Self, String> {
-        let file = flexserve_gguf::GgufFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    /// `file` is `path`, opened.
+    pub(crate) fn open(
+        path: &Path,
+        file: flexserve_gguf::GgufFile,
+        threads: usize,
+        cores: Option<Arc<CoreArbiter>>,
+    ) -> Result<Self, String> {
         let source = GgufSource::from_file(Arc::new(file));
         let tokenizer = Tokenizer::from_gguf(&source.header().metadata)
             .map_err(|e| format!("tokenizer of {}: {e}", path.display()))?;

@@ -171,11 +171,13 @@ impl Backend {
         let (tx, rx) = mpsc::sync_channel::<Command>(max_queue);
         let alive = Arc::new(AtomicBool::new(true));
         let worker = std::thread::Builder::new().name("plain".to_string());
-        let handle = if crate::embeddings::is_encoder(path)? {
-            let encoder = crate::embeddings::EncoderModel::open(path, threads, cores)?;
+        // Opened once: its header says which engine serves it.
+        let file = flexserve_gguf::GgufFile::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let handle = if crate::embeddings::is_encoder(&file) {
+            let encoder = crate::embeddings::EncoderModel::open(path, file, threads, cores)?;
             worker.spawn(move || encoder.serve(&rx))
         } else {
-            let plain = PlainModel::open(path, threads, cores)?;
+            let plain = PlainModel::open(path, file, threads, cores)?;
             worker.spawn(move || plain.serve(&rx, slots.max(1)))
         }
         .map_err(|e| format!("starting a worker: {e}"))?;

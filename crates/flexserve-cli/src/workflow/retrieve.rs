@@ -3,45 +3,25 @@
 //! the passages nearest to the query.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
-use flexserve_engine::encoder::{encoder_tokens, join_passages, PassageIndex};
-use flexserve_engine::weights::GgufSource;
-use flexserve_engine::{Encoder, Normalization};
-use flexserve_tokenizer::Tokenizer;
+use anyhow::{Context, Result};
+use flexserve_engine::encoder::{join_passages, PassageIndex};
+use flexserve_engine::Normalization;
 use flexserve_workflow::Retrieval;
 
-use crate::plain::ModelFile;
+use crate::plain::LoadedEncoder;
 
 /// An encoder model opened for retrieve steps.
-pub struct Retriever {
-    tokenizer: Tokenizer,
-    encoder: Encoder,
-}
+pub struct Retriever(LoadedEncoder);
 
 impl Retriever {
     pub fn open(path: &Path, threads: usize) -> Result<Retriever> {
-        let source = match ModelFile::open(path)? {
-            ModelFile::Plain(file) => GgufSource::from_file(Arc::new(file)),
-            ModelFile::Sealed(_) => {
-                bail!(
-                    "{} is sealed: a retrieve step's encoder runs plain (sealed encoders are not served yet)",
-                    path.display()
-                )
-            }
-        };
-        let tokenizer = Tokenizer::from_gguf(&source.header().metadata)
-            .with_context(|| format!("tokenizer of {}", path.display()))?;
-        let encoder = Encoder::from_source(&source, threads).with_context(|| format!("loading {}", path.display()))?;
-        Ok(Retriever { tokenizer, encoder })
+        LoadedEncoder::open(path, threads).map(Retriever)
     }
 
     /// The unit-length embedding of `text` and its token count.
-    pub fn embed(&self, text: &str) -> Result<(Vec<f32>, usize)> {
-        let ids = encoder_tokens(&self.tokenizer, text);
-        let vector = self.encoder.embed(&ids, Normalization::Euclidean)?;
-        Ok((vector, ids.len()))
+    fn embed(&self, text: &str) -> Result<(Vec<f32>, usize)> {
+        self.0.embed(text, Normalization::Euclidean)
     }
 
     /// The step's documents, each passage embedded with the step's prefix;
