@@ -318,6 +318,8 @@ enum IsaArg {
     Portable,
     Avx2,
     Avx512,
+    Neon,
+    NeonDot,
 }
 
 impl IsaArg {
@@ -326,6 +328,8 @@ impl IsaArg {
             IsaArg::Portable => flexserve_quant::Isa::Portable,
             IsaArg::Avx2 => flexserve_quant::Isa::Avx2,
             IsaArg::Avx512 => flexserve_quant::Isa::Avx512,
+            IsaArg::Neon => flexserve_quant::Isa::Neon,
+            IsaArg::NeonDot => flexserve_quant::Isa::NeonDot,
         }
     }
 }
@@ -512,7 +516,9 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(isa) = isa.map(IsaArg::isa) {
                 // Before the model loads: its matrices pick their kernels then.
                 let best = flexserve_quant::detected_isa();
-                if isa > best {
+                // Tiers of another architecture (avx2 on aarch64, neon on
+                // x86-64) are not usable either.
+                if isa.usable() != isa {
                     bail!("--isa {}: this CPU's best kernel tier is {}", isa.name(), best.name());
                 }
                 flexserve_quant::limit_isa(isa);

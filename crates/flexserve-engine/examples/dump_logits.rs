@@ -34,12 +34,8 @@ fn main() {
     }
     let threads = args.get(4).map_or(2, |t| t.parse().expect("threads is an integer"));
     if let Ok(isa) = std::env::var("FLEXSERVE_ISA") {
-        let isa = match isa.as_str() {
-            "portable" => flexserve_quant::Isa::Portable,
-            "avx2" => flexserve_quant::Isa::Avx2,
-            "avx512" => flexserve_quant::Isa::Avx512,
-            other => panic!("FLEXSERVE_ISA={other}: portable, avx2 or avx512"),
-        };
+        let isa = flexserve_quant::Isa::from_name(&isa)
+            .unwrap_or_else(|| panic!("FLEXSERVE_ISA={isa}: portable, avx2, avx512, neon or neon-dot"));
         // Before the model loads: tables are picked as it does.
         flexserve_quant::limit_isa(isa);
     }

@@ -266,10 +266,25 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut B
         });
         return Ok(());
     }
-    scratch.resize(rows * n_tok, 0.0)?;
     // Tile kernels reuse each activation block across several weight rows;
     // tasks cover whole micro-tiles (multiples of 4 rows).
     let per_task = per_task.next_multiple_of(4);
+    if let Some(shared) = flexserve_quant::shared_act_tile(w.ty) {
+        // Activations laid out once, beside the tasks' parts, for all tasks.
+        let layout_len = (shared.layout_len)(n, n_tok);
+        scratch.resize(rows * n_tok + layout_len, 0.0)?;
+        let (parts, layout) = scratch.split_at_mut(rows * n_tok);
+        (shared.lay_out)(n, &acts.data, acts.row_bytes, n_tok, layout);
+        let (layout, w_bytes) = (&*layout, w.bytes());
+        parts.par_chunks_mut(per_task * n_tok).enumerate().for_each(|(c, part)| {
+            let base = c * per_task;
+            let nrows = part.len() / n_tok;
+            (shared.tile)(n, &w_bytes[base * w.row_bytes..], w.row_bytes, nrows, layout, n_tok, part, nrows);
+        });
+        place_parts(out, parts, rows, per_task);
+        return Ok(());
+    }
+    scratch.resize(rows * n_tok, 0.0)?;
     // A sequence's tokens take llama.cpp's kernel for their count; rows of
     // different sessions each take what they take alone.
     let tile = if acts.independent_rows {

@@ -196,7 +196,7 @@ fn greedy_continuations_match_llama_cpp_at_every_tier() {
             );
         }
     }
-    flexserve_quant::limit_isa(Isa::Avx512);
+    flexserve_quant::limit_isa(flexserve_quant::detected_isa());
     assert!(
         failures.is_empty(),
         "greedy picks that differ from llama.cpp's beyond a near tie:\n{}",

@@ -24,6 +24,8 @@ pub(crate) fn kernels(ty: GgmlType, isa: Isa) -> Option<Kernels> {
         Isa::Avx2 => Some(avx2::kernels(portable)),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => Some(avx512::kernels(portable)),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Neon | Isa::NeonDot => Some(portable),
         #[cfg(not(target_arch = "x86_64"))]
         _ => Some(portable),
     }

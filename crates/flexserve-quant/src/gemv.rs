@@ -43,6 +43,7 @@ pub fn gemv_kernel_for(ty: GgmlType, isa: Isa) -> Option<GemvFn> {
         Isa::Avx2 => Some(avx2_gemv(ty).unwrap_or(portable)),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => Some(crate::tile::float_gemv_avx512(ty).or_else(|| avx2_gemv(ty)).unwrap_or(portable)),
+        Isa::Neon | Isa::NeonDot => Some(crate::neon::gemv(ty, isa).unwrap_or(portable)),
         #[cfg(not(target_arch = "x86_64"))]
         _ => Some(portable),
     }

@@ -31,6 +31,8 @@ use crate::{DotFn, GgmlType, Isa, Kernels, QuantizeFn};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub(crate) mod q4k;
 mod q5k;
 pub(crate) mod q6k;
@@ -42,6 +44,10 @@ pub(crate) const QK_K: usize = 256;
 const K_SCALE_SIZE: usize = 12;
 
 pub(crate) fn kernels(ty: GgmlType, isa: Isa) -> Option<Kernels> {
+    #[cfg(target_arch = "aarch64")]
+    if let isa @ (Isa::Neon | Isa::NeonDot) = isa.usable() {
+        return kernels(ty, Isa::Portable).map(|portable| neon::kernels(portable, isa));
+    }
     let simd = isa.usable() >= Isa::Avx2;
     let weight = |dequantize, quantize, dot: DotFn| Kernels {
         ty,

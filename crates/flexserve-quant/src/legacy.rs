@@ -22,6 +22,8 @@
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 use crate::{DequantizeFn, DotFn, GgmlType, Isa, Kernels, QuantizeFn};
 use half::f16;
@@ -42,7 +44,8 @@ pub(crate) fn kernels(ty: GgmlType, isa: Isa) -> Option<Kernels> {
         Isa::Portable => Some(portable),
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => Some(avx2::kernels(portable)),
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        isa @ (Isa::Neon | Isa::NeonDot) => Some(neon::kernels(portable, isa)),
         _ => Some(portable),
     }
 }

@@ -23,6 +23,7 @@ mod float;
 mod gemv;
 mod kquants;
 mod legacy;
+mod neon;
 mod read;
 mod repack;
 // Per-thread buffers of the x86-64 kernels only; the portable ones need none.
@@ -49,7 +50,8 @@ pub fn thread_scratch_is_zero() -> bool {
     true
 }
 pub use tile::{
-    sequence_tile_kernel, sequence_tile_kernel_for, tile_kernel, tile_kernel_for, TileFn, SEQUENCE_CHAIN_MIN_TOKENS,
+    sequence_tile_kernel, sequence_tile_kernel_for, shared_act_tile, shared_act_tile_for, tile_kernel, tile_kernel_for,
+    SharedActTile, TileFn, SEQUENCE_CHAIN_MIN_TOKENS,
 };
 
 /// `dst[i] = dequant(src)[i]`; `src.len()` must be the row size of `dst.len()` elements.
@@ -84,9 +86,12 @@ pub enum QuantError {
     BadLength { ty: GgmlType, n: usize, expected: usize, got: usize },
 }
 
-/// Which implementation the kernel tables use, from the most portable up:
-/// each tier's CPUs also run every lower tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Which implementation the kernel tables use. Tiers of one architecture
+/// are ordered from the most portable up (each tier's CPUs also run every
+/// lower one); `Portable` is below every tier; tiers of different
+/// architectures do not compare (`Isa::Neon >= Isa::Avx2` is false, and so
+/// is `Isa::Neon <= Isa::Avx2`), so `PartialOrd` only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Isa {
     Portable,
     /// x86-64 with AVX2, FMA and F16C.
@@ -94,6 +99,22 @@ pub enum Isa {
     /// `Avx2` plus AVX-512 F, BW, VL and VNNI. Kernels written for it where it
     /// pays (the rearranged Q4_0/Q8_0 products); the rest use the AVX2 ones.
     Avx512,
+    /// aarch64 with NEON (Advanced SIMD, part of every aarch64 Linux CPU);
+    /// integer products by widening multiplies.
+    Neon,
+    /// `Neon` plus the dot-product instructions (`sdot`, Armv8.2's
+    /// `dotprod`, e.g. Cortex-A55/A76).
+    NeonDot,
+}
+
+/// Every tier, portable first, each architecture's from the lowest up.
+const ALL_ISAS: [Isa; 5] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Neon, Isa::NeonDot];
+
+impl PartialOrd for Isa {
+    fn partial_cmp(&self, other: &Isa) -> Option<std::cmp::Ordering> {
+        let ((arch_a, rank_a), (arch_b, rank_b)) = (self.place(), other.place());
+        (rank_a == 0 || rank_b == 0 || arch_a == arch_b).then(|| rank_a.cmp(&rank_b))
+    }
 }
 
 impl Isa {
@@ -103,13 +124,41 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
+            Isa::NeonDot => "neon-dot",
+        }
+    }
+
+    /// The tier named `name` (as `name` prints it).
+    pub fn from_name(name: &str) -> Option<Isa> {
+        ALL_ISAS.into_iter().find(|isa| isa.name() == name)
+    }
+
+    /// The architecture family (0 for portable, 1 x86-64, 2 aarch64) and
+    /// the rank within it (0 for portable).
+    fn place(self) -> (u8, u8) {
+        match self {
+            Isa::Portable => (0, 0),
+            Isa::Avx2 => (1, 1),
+            Isa::Avx512 => (1, 2),
+            Isa::Neon => (2, 1),
+            Isa::NeonDot => (2, 2),
         }
     }
 
     /// `self`, lowered to the best tier this CPU runs: tests and benchmarks
-    /// ask for a tier, and a CPU without it gets the best one it has.
+    /// ask for a tier, and a CPU without it gets the best one it has below
+    /// it. A tier of another architecture has only `Portable` below it: an
+    /// aarch64 CPU asked for `Avx2` gets `Portable`, never an x86 tier.
     pub fn usable(self) -> Isa {
-        self.min(detected_isa())
+        let best = detected_isa();
+        if self <= best {
+            self
+        } else if best <= self {
+            best
+        } else {
+            Isa::Portable
+        }
     }
 }
 
@@ -125,10 +174,21 @@ pub fn detected_isa() -> Isa {
             return Isa::Avx2;
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        use std::arch::is_aarch64_feature_detected as has;
+        if has!("neon") {
+            if has!("dotprod") {
+                return Isa::NeonDot;
+            }
+            return Isa::Neon;
+        }
+    }
     Isa::Portable
 }
 
-/// Process-wide cap on the tier the default kernel tables use (`u8::MAX`: none).
+/// Process-wide cap on the tier the default kernel tables use (`u8::MAX`:
+/// none; else an index into `ALL_ISAS`).
 static ISA_LIMIT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(u8::MAX);
 
 /// Caps the tier that `kernels`, `tile_kernel`, `gemv_kernel`, `activations`,
@@ -136,26 +196,27 @@ static ISA_LIMIT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new
 /// whole process, so that one CPU can compare its tiers (`flexserve bench
 /// engine --isa avx2`).
 /// Call it before a model is loaded: tables looked up earlier keep their tier.
-/// Returns the tier in effect, which is lower than `limit` on a CPU without it.
+/// Returns the tier in effect (`limit.usable()`), which is lower than `limit`
+/// on a CPU without it, and `Portable` for another architecture's tier.
+/// `limit_isa(detected_isa())` lifts the cap.
 pub fn limit_isa(limit: Isa) -> Isa {
-    ISA_LIMIT.store(limit as u8, std::sync::atomic::Ordering::Relaxed);
+    let index = ALL_ISAS.iter().position(|&isa| isa == limit).expect("every tier is listed");
+    ISA_LIMIT.store(index as u8, std::sync::atomic::Ordering::Relaxed);
     active_isa()
 }
 
 /// The tier the default kernel tables use: the CPU's best, unless `limit_isa`
 /// capped it.
 pub fn active_isa() -> Isa {
-    let limit = match ISA_LIMIT.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => Isa::Portable,
-        1 => Isa::Avx2,
-        _ => Isa::Avx512,
-    };
-    detected_isa().min(limit)
+    match ALL_ISAS.get(ISA_LIMIT.load(std::sync::atomic::Ordering::Relaxed) as usize) {
+        Some(limit) => limit.usable(),
+        None => detected_isa(),
+    }
 }
 
 /// Every tier this CPU runs, portable first (what tests compare).
 pub fn usable_isas() -> Vec<Isa> {
-    [Isa::Portable, Isa::Avx2, Isa::Avx512].into_iter().filter(|&isa| isa <= detected_isa()).collect()
+    ALL_ISAS.into_iter().filter(|&isa| isa.usable() == isa).collect()
 }
 
 /// Kernels for `ty` using the active tier (`active_isa`).
@@ -174,8 +235,9 @@ pub fn kernels_for(ty: GgmlType, isa: Isa) -> Result<Kernels, QuantError> {
 }
 
 /// `a * b + c` rounded once (a fused multiply-add), as the portable kernels
-/// reproduce the SIMD ones' FMAs. Where the build targets FMA hardware this
-/// is the instruction; otherwise `mul_add` would call the C library's `fmaf`
+/// reproduce the SIMD ones' FMAs. Where the build targets FMA hardware (and
+/// on every aarch64 CPU, whose base instruction set has it) this is the
+/// instruction; otherwise `mul_add` would call the C library's `fmaf`
 /// for every element, so it is computed here: the product is exact in f64,
 /// the sum is rounded to odd there (its exact error, from TwoSum, moves an
 /// even result to the odd neighbour on the error's side), and rounding that
@@ -183,7 +245,7 @@ pub fn kernels_for(ty: GgmlType, isa: Isa) -> Result<Kernels, QuantError> {
 /// two that rounding to odd needs.
 #[inline(always)]
 pub(crate) fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
-    if cfg!(target_feature = "fma") {
+    if cfg!(any(target_feature = "fma", target_arch = "aarch64")) {
         return a.mul_add(b, c);
     }
     let (p, c) = (a as f64 * b as f64, c as f64);
@@ -206,7 +268,7 @@ pub(crate) fn fma_f32(a: f32, b: f32, c: f32) -> f32 {
 /// "fma")`, see `with_fma`), where `mul_add` is the instruction.
 #[inline(always)]
 pub(crate) fn fma_f32_lanes<const HW: bool>(a: f32, b: &[f32; 8], acc: &mut [f32; 8]) {
-    if HW || cfg!(target_feature = "fma") {
+    if HW || cfg!(any(target_feature = "fma", target_arch = "aarch64")) {
         for (c, &b) in acc.iter_mut().zip(b) {
             *c = a.mul_add(b, *c);
         }

@@ -23,7 +23,7 @@ pub fn read_kernel_for(isa: Isa) -> ReadFn {
     match isa.usable() {
         Isa::Avx512 => return read_avx512,
         Isa::Avx2 => return read_avx2,
-        Isa::Portable => {}
+        Isa::Portable | Isa::Neon | Isa::NeonDot => {}
     }
     let _ = isa;
     read_portable

@@ -35,6 +35,21 @@ scratch_fn! {
     pub(crate) fn with_i32: i32 => I32_SCRATCH;
 }
 
+/// [`with_f32`] for a kernel whose results depend only on elements it
+/// writes first:
+/// `body` gets `len` elements holding whatever the thread's earlier calls
+/// left there (initialised values: zero, or this thread's own results), so
+/// that a large scratch is not filled again on every call.
+pub(crate) fn with_f32_unfilled<R>(len: usize, body: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buffer = F32_SCRATCH.take();
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    let result = body(&mut buffer[..len]);
+    F32_SCRATCH.set(buffer);
+    result
+}
+
 /// Zeroes the calling thread's scratch that may hold values derived from
 /// activations (and so from a user's prompt), over its whole capacity: what
 /// a thread scrubs before its core goes to another world (Flex-NPU). The
@@ -80,6 +95,14 @@ mod tests {
         // The next call sees the requested fill, not the last contents.
         with_f32(4, 2.0, |again| assert_eq!(again, [2.0; 4]));
         with_i32(2, -1, |ints| assert_eq!(ints, [-1, -1]));
+    }
+
+    #[test]
+    fn unfilled_scratch_keeps_what_was_there() {
+        with_f32(6, 4.0, |_| ());
+        with_f32_unfilled(4, |b| assert_eq!(b, [4.0; 4]));
+        // Growing fills only the new part.
+        with_f32_unfilled(8, |b| assert_eq!(b, [4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 0.0, 0.0]));
     }
 
     #[test]

@@ -18,6 +18,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
 mod float_simd;
 #[cfg(target_arch = "x86_64")]
 mod kquants_avx2;
@@ -92,13 +94,61 @@ pub fn tile_kernel_for(ty: GgmlType, isa: Isa) -> Option<TileFn> {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => Some(
             kquants_avx512::tile(ty)
+                .or_else(|| avx512::tile(ty))
                 .or_else(|| float_simd::avx512::tile(ty))
                 .or_else(|| avx2_tile(ty))
                 .unwrap_or(portable),
         ),
+        Isa::Neon | Isa::NeonDot => Some(crate::neon::tile(ty, isa).unwrap_or(portable)),
         #[cfg(not(target_arch = "x86_64"))]
         _ => Some(portable),
     }
+}
+
+/// A tile kernel in two steps: a product's activations laid out once, in
+/// the form its micro-tiles load, then any number of row ranges multiplied
+/// against that layout. The tasks of one parallel product share the layout
+/// instead of each laying out every token again. Results are bit-identical
+/// to the one-step [`tile_kernel`] of the same tier.
+#[derive(Clone, Copy)]
+pub struct SharedActTile {
+    /// f32 words of layout for `toks` activation rows of `n` elements.
+    pub layout_len: fn(n: usize, toks: usize) -> usize,
+    /// Lays out `toks` activation rows of `n` elements (at `a`,
+    /// `a_row_bytes` apart, in the weight type's activation format) into
+    /// `layout`, which must hold at least `layout_len(n, toks)` words.
+    pub lay_out: fn(n: usize, a: &[u8], a_row_bytes: usize, toks: usize, layout: &mut [f32]),
+    /// As [`TileFn`], with the laid-out `toks` tokens in place of the
+    /// activation rows.
+    #[allow(clippy::type_complexity)]
+    pub tile: fn(
+        n: usize,
+        w: &[u8],
+        w_row_bytes: usize,
+        rows: usize,
+        layout: &[f32],
+        toks: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ),
+}
+
+/// The two-step tile kernel of `ty` at the active tier, where that tier has
+/// one (the AVX-512 kernels of the 32-element formats); `None` otherwise,
+/// where [`tile_kernel`] is the one to use.
+pub fn shared_act_tile(ty: GgmlType) -> Option<SharedActTile> {
+    shared_act_tile_for(ty, crate::active_isa())
+}
+
+/// [`shared_act_tile`] restricted to `isa`.
+pub fn shared_act_tile_for(ty: GgmlType, isa: Isa) -> Option<SharedActTile> {
+    #[cfg(target_arch = "x86_64")]
+    if isa.usable() == Isa::Avx512 {
+        return avx512::shared(ty);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (ty, isa);
+    None
 }
 
 /// Tokens from which llama.cpp's CPU backend multiplies Q6_K (and other
@@ -208,6 +258,40 @@ pub(crate) fn check_tile(
     let out_needed = needed(toks, out_stride, rows);
     assert!(
         out_needed.is_some_and(|need| out.len() >= need),
+        "tile of {rows} x {toks} results (stride {out_stride}) needs more than the {} output floats given",
+        out.len()
+    );
+}
+
+/// Panics with a clear message unless `count` rows of `n` elements of `ty`
+/// (`what` they are: weights, activations) lie within `bytes`, `stride` apart.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn check_rows(what: &str, ty: GgmlType, n: usize, bytes: &[u8], stride: usize, count: usize) {
+    let block = ty.block_size();
+    assert!(n.is_multiple_of(block), "{what} of {ty}: {n} elements is not a multiple of the block size {block}");
+    let row = n / block * ty.type_size();
+    assert!(stride >= row, "{what} of {ty}: row stride {stride} is below the row size {row}");
+    if count > 0 {
+        let needed = (count - 1).checked_mul(stride).and_then(|v| v.checked_add(row));
+        assert!(
+            needed.is_some_and(|need| bytes.len() >= need),
+            "{what}: {count} {ty} rows of {n} elements (stride {stride}) need more than the {} bytes given",
+            bytes.len()
+        );
+    }
+}
+
+/// Panics with a clear message unless `toks` output rows of `rows` floats
+/// lie within `out`, `out_stride` apart.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn check_output(rows: usize, toks: usize, out: &[f32], out_stride: usize) {
+    if rows == 0 || toks == 0 {
+        return;
+    }
+    assert!(out_stride >= rows, "tile output stride {out_stride} is below the {rows} results per token");
+    let needed = (toks - 1).checked_mul(out_stride).and_then(|v| v.checked_add(rows));
+    assert!(
+        needed.is_some_and(|need| out.len() >= need),
         "tile of {rows} x {toks} results (stride {out_stride}) needs more than the {} output floats given",
         out.len()
     );

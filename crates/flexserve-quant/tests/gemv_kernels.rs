@@ -97,7 +97,7 @@ fn assert_matches_dot(case: &Case, gemv: GemvFn, dot: flexserve_quant::DotFn, ro
 #[test]
 fn gemv_kernels_exist_for_the_formats_with_fast_paths() {
     for ty in GEMV_TYPES {
-        for isa in [Isa::Portable, Isa::Avx2] {
+        for isa in [Isa::Portable, base_simd()] {
             assert!(gemv_kernel_for(ty, isa).is_some(), "{ty} {isa:?}");
         }
         assert!(gemv_kernel(ty).is_some(), "{ty}");
@@ -160,7 +160,7 @@ fn simd_gemv_agrees_with_portable_gemv() {
 
 #[test]
 fn short_slices_are_rejected() {
-    for isa in [Isa::Portable, Isa::Avx2] {
+    for isa in [Isa::Portable, base_simd()] {
         let gemv = gemv_for(GgmlType::Q4_0, isa);
         let case = Case::new(GgmlType::Q4_0, 64, 4, 0, 500);
         let w = &case.w[case.w_start..];
@@ -182,7 +182,7 @@ fn short_slices_are_rejected() {
 
 #[test]
 fn padded_rows_need_no_padding_after_the_last_row() {
-    for isa in [Isa::Portable, Isa::Avx2] {
+    for isa in [Isa::Portable, base_simd()] {
         for ty in GEMV_TYPES {
             let dot = simd(ty).dot.expect("weight type has a dot");
             let n = 2 * ty.block_size();
@@ -192,7 +192,7 @@ fn padded_rows_need_no_padding_after_the_last_row() {
                 let mut out = vec![f32::NAN; rows];
                 gemv_for(ty, isa)(n, &case.w[case.w_start..end], case.w_stride, rows, case.a_row(), &mut out);
                 for (r, got) in out.iter().enumerate() {
-                    let expected = if isa == Isa::Avx2 { dot } else { portable(ty).dot.expect("dot") };
+                    let expected = if isa == base_simd() { dot } else { portable(ty).dot.expect("dot") };
                     let expected = expected(n, case.w_row(r), case.a_row());
                     assert_eq!(got.to_bits(), expected.to_bits(), "{ty} {isa:?} {rows} rows, row {r}");
                 }

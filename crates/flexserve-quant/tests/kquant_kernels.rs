@@ -14,8 +14,17 @@ fn portable(ty: GgmlType) -> Kernels {
     kernels_for(ty, Isa::Portable).expect("K-quant kernels exist")
 }
 
+/// The lowest SIMD tier of this architecture (AVX2, NEON).
+fn base_simd() -> Isa {
+    if cfg!(target_arch = "aarch64") {
+        Isa::Neon
+    } else {
+        Isa::Avx2
+    }
+}
+
 fn simd(ty: GgmlType) -> Kernels {
-    kernels_for(ty, Isa::Avx2).expect("K-quant kernels exist")
+    kernels_for(ty, base_simd()).expect("K-quant kernels exist")
 }
 
 fn row_bytes(ty: GgmlType, n: usize) -> usize {
@@ -42,7 +51,7 @@ fn f16_bytes(v: f32) -> [u8; 2] {
 
 #[test]
 fn kernel_tables_describe_the_k_types() {
-    for isa in [Isa::Portable, Isa::Avx2] {
+    for isa in [Isa::Portable, base_simd()] {
         for ty in WEIGHT_TYPES {
             let k = kernels_for(ty, isa).unwrap();
             assert_eq!(k.ty, ty);

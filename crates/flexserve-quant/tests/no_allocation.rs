@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use flexserve_quant::{gemv_kernel_for, kernels_for, tile_kernel_for, usable_isas, Repacked};
+use flexserve_quant::{gemv_kernel_for, kernels_for, shared_act_tile_for, tile_kernel_for, usable_isas, Repacked};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
@@ -73,6 +73,15 @@ fn kernels_allocate_nothing_after_the_first_call() {
             let mut run_tile = || tile(n, &w, w_row, rows, &a, a_row, 7, &mut out, rows);
             run_tile();
             assert_eq!(allocations(&mut run_tile), 0, "{ty} tile at {isa:?}");
+
+            if let Some(shared) = shared_act_tile_for(ty, isa) {
+                // The layout is the caller's; the row ranges' scratch is the kernel's.
+                let mut layout = vec![0f32; (shared.layout_len)(n, 7)];
+                (shared.lay_out)(n, &a, a_row, 7, &mut layout);
+                let mut run_shared = || (shared.tile)(n, &w, w_row, rows, &layout, 7, &mut out, rows);
+                run_shared();
+                assert_eq!(allocations(&mut run_shared), 0, "{ty} two-step tile at {isa:?}");
+            }
 
             let gemv = gemv_kernel_for(ty, isa).expect("matrix types have a GEMV kernel");
             let mut run_gemv = || gemv(n, &w, w_row, rows, &a, &mut out);

@@ -5,7 +5,9 @@
 mod common;
 
 use common::*;
-use flexserve_quant::{detected_isa, kernels_for, tile_kernel, tile_kernel_for, GgmlType, Isa, Kernels, TileFn};
+use flexserve_quant::{
+    detected_isa, kernels_for, shared_act_tile_for, tile_kernel, tile_kernel_for, GgmlType, Isa, Kernels, TileFn,
+};
 use rand::Rng;
 
 const TILE_TYPES: [GgmlType; 10] = MATRIX_TYPES;
@@ -154,6 +156,65 @@ fn simd_tiles_equal_the_simd_dot_bit_for_bit() {
 }
 
 #[test]
+fn shared_layout_tiles_equal_the_dot_bit_for_bit() {
+    // The two-step kernels (activations laid out once, then row ranges
+    // against the layout, as the tasks of one product run them) give every
+    // pair exactly the dot's result, whichever range a row falls in.
+    let mut seen = 0;
+    for isa in simd_tiers() {
+        for (i, ty) in TILE_TYPES.into_iter().enumerate() {
+            let Some(shared) = shared_act_tile_for(ty, isa) else { continue };
+            seen += 1;
+            let dot = dot_for(ty, isa);
+            for (j, n) in lengths(ty).into_iter().enumerate() {
+                let case = Case::new(ty, n, 13, 17, 3, (500 + i * 10 + j) as u64);
+                for toks in TOK_COUNTS {
+                    let mut layout = vec![f32::NAN; (shared.layout_len)(n, toks)];
+                    (shared.lay_out)(n, &case.a[case.a_start..], case.a_stride, toks, &mut layout);
+                    let stride = 13 + 2;
+                    let mut out = vec![f32::NAN; toks * stride];
+                    // Rows 0..5 and 5..13 as two tasks, each into its own columns.
+                    for (first, count) in [(0, 5), (5, 8)] {
+                        let w = &case.w[case.w_start + first * case.w_stride..];
+                        (shared.tile)(n, w, case.w_stride, count, &layout, toks, &mut out[first..], stride);
+                    }
+                    for t in 0..toks {
+                        for r in 0..13 {
+                            let expected = dot(n, case.w_row(r), case.a_row(t));
+                            let got = out[t * stride + r];
+                            assert_eq!(
+                                got.to_bits(),
+                                expected.to_bits(),
+                                "{ty} {isa:?} n={n} pair ({r},{t}) of {toks}"
+                            );
+                        }
+                        assert!(
+                            out[t * stride + 13..(t + 1) * stride].iter().all(|v| v.is_nan()),
+                            "wrote past token {t}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if detected_isa() == Isa::Avx512 {
+        assert_eq!(seen, 5, "the AVX-512 tier lays out the 32-element formats' activations");
+    }
+}
+
+#[test]
+#[should_panic(expected = "laid-out activations")]
+fn a_short_layout_is_rejected() {
+    let Some(shared) = shared_act_tile_for(GgmlType::Q8_0, detected_isa()) else {
+        panic!("no two-step kernel on this CPU: nothing to check (laid-out activations)");
+    };
+    let case = Case::new(GgmlType::Q8_0, 64, 4, 8, 0, 600);
+    let layout = vec![0f32; (shared.layout_len)(64, 8) - 1];
+    let mut out = vec![0f32; 4 * 8];
+    (shared.tile)(64, &case.w[case.w_start..], case.w_stride, 4, &layout, 8, &mut out, 4);
+}
+
+#[test]
 fn portable_tiles_equal_the_portable_dot_bit_for_bit() {
     for (i, ty) in TILE_TYPES.into_iter().enumerate() {
         let dot = portable(ty).dot.expect("weight type has a dot");
@@ -200,6 +261,16 @@ fn chunked_sweeps_cover_every_pair() {
         for (i, ty) in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4_K].into_iter().enumerate() {
             let case = Case::new(ty, ty.block_size(), 13, 19, 30_000, 300 + i as u64);
             assert_matches_dot(&case, tile_for(ty, isa), dot_for(ty, isa), 13, 19, "chunked");
+        }
+    }
+    // Rows of 1024 blocks: the AVX-512 tile of the 32-element formats, which
+    // chunks by its unpacked layout, takes four rows and eight tokens per
+    // chunk, so 13 rows and 19 tokens make four row chunks and three token
+    // chunks, each last one short (and odd).
+    for isa in simd_tiers() {
+        for (i, ty) in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q5_0].into_iter().enumerate() {
+            let case = Case::new(ty, 1024 * ty.block_size(), 13, 19, 0, 310 + i as u64);
+            assert_matches_dot(&case, tile_for(ty, isa), dot_for(ty, isa), 13, 19, "chunked long rows");
         }
     }
     // Float rows of 64-128 KiB: the float tile takes tokens three at a time

@@ -30,7 +30,7 @@
 
 use super::kquants_avx2::{
     chunks, dispatch, for_each_micro_tile, q4k_block_step, q4k_min_products, q4k_store, q4k_sweep, q4k_tokens,
-    q6k_chain_step, q8k_blocks, tile_of_tier, Q4kFactors, Q4K,
+    q8k_blocks, tile_of_tier, Q4kFactors, Q4K,
 };
 use super::{Shape, TileFn};
 use crate::kquants::avx2::{f16_at, hsum_256};
@@ -201,8 +201,9 @@ unsafe fn q4k_micro<const R: usize, const T: usize>(
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *const u8, out: *mut f32, chain: bool) {
-    // With `chain`, one f32 chain per (row, token), as the AVX2 kernel's.
-    let mut chains = [[0f32; T]; R];
+    // With `chain`, one f32 chain per (row, token), as the AVX2 kernel's:
+    // lane `t` of `chains[r]` is pair (r, t), all eight tokens updated at once.
+    let mut chains = [_mm256_setzero_ps(); R];
     let nibble = _mm512_set1_epi8(0x0F);
     let two_bits = _mm512_set1_epi8(0x30);
     let halves = |lower: i16, upper: i16| _mm512_inserti64x4::<1>(_mm512_set1_epi16(lower), _mm256_set1_epi16(upper));
@@ -252,23 +253,66 @@ unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *
                 }
             }
         }
+        // The tokens' scales side by side (lanes past `T` unused).
+        let d_a_tokens = _mm256_setr_ps(
+            _mm256_cvtss_f32(d_a[0]),
+            _mm256_cvtss_f32(d_a[1.min(T - 1)]),
+            _mm256_cvtss_f32(d_a[2.min(T - 1)]),
+            _mm256_cvtss_f32(d_a[3.min(T - 1)]),
+            _mm256_cvtss_f32(d_a[4.min(T - 1)]),
+            _mm256_cvtss_f32(d_a[5.min(T - 1)]),
+            _mm256_cvtss_f32(d_a[6.min(T - 1)]),
+            _mm256_cvtss_f32(d_a[7.min(T - 1)]),
+        );
         for r in 0..R {
             let d_w = _mm256_set1_ps(f16_at(std::slice::from_raw_parts(wb[r], q6k::BYTES), q6k::D));
+            let mut folded = [_mm256_setzero_si256(); 8];
             for t in 0..T {
                 let v = sumi[r][t];
-                let folded = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
-                let folded = _mm256_sub_epi32(folded, crate::kquants::avx2::q6k_offsets(wb[r], ab[t]));
-                if chain {
-                    chains[r][t] = q6k_chain_step(chains[r][t], folded, d_w, d_a[t]);
-                } else {
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(d_a[t], d_w), _mm256_cvtepi32_ps(folded), acc[r][t]);
+                let f = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
+                folded[t] = _mm256_sub_epi32(f, crate::kquants::avx2::q6k_offsets(wb[r], ab[t]));
+            }
+            if chain {
+                // Each pair's exact super-block sum (lane t: token t), then
+                // the AVX2 kernel's step `fma(isum * d_w, d_a, chain)` for
+                // all tokens at once: the same roundings, lane by lane.
+                let isum = _mm256_cvtepi32_ps(sum_lanes_of_eight(&folded));
+                chains[r] = _mm256_fmadd_ps(_mm256_mul_ps(isum, d_w), d_a_tokens, chains[r]);
+            } else {
+                for t in 0..T {
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(d_a[t], d_w), _mm256_cvtepi32_ps(folded[t]), acc[r][t]);
                 }
             }
         }
     }
     for r in 0..R {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), chains[r]);
         for t in 0..T {
-            *out.add(t * s.out_stride + r) = if chain { chains[r][t] } else { hsum_256(acc[r][t]) };
+            *out.add(t * s.out_stride + r) = if chain { lanes[t] } else { hsum_256(acc[r][t]) };
         }
     }
+}
+
+/// Lane `t`: the sum of the eight i32 lanes of `v[t]` (exact, so in any order).
+///
+/// # Safety
+/// AVX2 must be available.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sum_lanes_of_eight(v: &[__m256i; 8]) -> __m256i {
+    // Two rounds of pairwise horizontal adds leave, in each 128-bit half,
+    // four tokens' partial sums (tokens 0-3 in `ab`, 4-7 in `cd`: one half
+    // from the inputs' lower lanes, one from their upper lanes); the halves
+    // then add across.
+    let a = _mm256_hadd_epi32(v[0], v[1]);
+    let b = _mm256_hadd_epi32(v[2], v[3]);
+    let c = _mm256_hadd_epi32(v[4], v[5]);
+    let d = _mm256_hadd_epi32(v[6], v[7]);
+    let ab = _mm256_hadd_epi32(a, b);
+    let cd = _mm256_hadd_epi32(c, d);
+    // ab: [t0 t1 t2 t3 (lower halves) | t0 t1 t2 t3 (upper halves)], cd likewise for t4..t7.
+    let lower = _mm256_permute2x128_si256::<0x20>(ab, cd);
+    let upper = _mm256_permute2x128_si256::<0x31>(ab, cd);
+    _mm256_add_epi32(lower, upper)
 }

@@ -27,15 +27,27 @@ pub fn portable(ty: GgmlType) -> Kernels {
     kernels_for(ty, Isa::Portable).expect("portable kernels exist")
 }
 
-/// The AVX2 kernels where the CPU has them, else the portable ones again.
-pub fn simd(ty: GgmlType) -> Kernels {
-    kernels_for(ty, Isa::Avx2).expect("kernels exist")
+/// The lowest SIMD tier of this architecture: AVX2 on x86-64, NEON on
+/// aarch64 (the portable kernels where the CPU lacks it).
+pub fn base_simd() -> Isa {
+    if cfg!(target_arch = "aarch64") {
+        Isa::Neon
+    } else {
+        Isa::Avx2
+    }
 }
 
-/// The SIMD tiers to test: AVX2 always (the portable kernel where the CPU
-/// lacks it), AVX-512 where the CPU has it.
+/// The kernels of `base_simd` where the CPU has them, else the portable ones again.
+pub fn simd(ty: GgmlType) -> Kernels {
+    kernels_for(ty, base_simd()).expect("kernels exist")
+}
+
+/// The SIMD tiers to test: `base_simd` always (the portable kernel where
+/// the CPU lacks it), the higher tiers of its architecture (AVX-512;
+/// NEON with the dot-product instructions) where the CPU has them.
 pub fn simd_tiers() -> Vec<Isa> {
-    [Isa::Avx2, Isa::Avx512].into_iter().filter(|&isa| isa == Isa::Avx2 || isa <= detected_isa()).collect()
+    let higher = if cfg!(target_arch = "aarch64") { Isa::NeonDot } else { Isa::Avx512 };
+    [base_simd(), higher].into_iter().filter(|&isa| isa == base_simd() || isa <= detected_isa()).collect()
 }
 
 /// The kernels of `ty`: portable, then every tier of `simd_tiers`.
