@@ -15,6 +15,9 @@ use crate::weights::GgufSource;
 use crate::EngineError;
 
 mod batch;
+mod flash_attention;
+#[cfg(test)]
+mod flash_attention_tests;
 mod forward;
 mod scratch;
 mod session;
@@ -68,8 +71,8 @@ impl Model {
     /// owner). Returns whether every worker's scratch reads zero afterwards.
     pub fn scrub_worker_scratch(&self) -> bool {
         let clean = self.pool.broadcast(|_| {
-            forward::scrub_thread_scratch();
-            forward::thread_scratch_is_zero()
+            flash_attention::scrub_thread_scratch();
+            flash_attention::thread_scratch_is_zero()
         });
         clean.into_iter().all(|zero| zero)
     }
@@ -112,10 +115,10 @@ mod tests {
         let mut session = Session::new(&model, 64);
         session.eval(&[1, 5, 9, 12, 40, 41, 42, 43], Logits::Last).unwrap();
         session.eval(&[7], Logits::Last).unwrap();
-        let traces = model.pool.broadcast(|_| !forward::thread_scratch_is_zero());
+        let traces = model.pool.broadcast(|_| !flash_attention::thread_scratch_is_zero());
         assert!(traces.iter().any(|&t| t), "no worker kept scratch: the test proves nothing");
         assert!(model.scrub_worker_scratch());
-        assert!(model.pool.broadcast(|_| forward::thread_scratch_is_zero()).into_iter().all(|z| z));
+        assert!(model.pool.broadcast(|_| flash_attention::thread_scratch_is_zero()).into_iter().all(|z| z));
         // Scrubbed scratch serves the next call as before.
         let again = Session::new(&model, 64).eval(&[1, 5, 9, 12, 40, 41, 42, 43], Logits::Last).unwrap();
         let mut first = Session::new(&model, 64);

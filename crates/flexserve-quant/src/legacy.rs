@@ -22,6 +22,8 @@
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod format;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 

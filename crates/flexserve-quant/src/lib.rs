@@ -50,8 +50,8 @@ pub fn thread_scratch_is_zero() -> bool {
     true
 }
 pub use tile::{
-    sequence_tile_kernel, sequence_tile_kernel_for, shared_act_tile, shared_act_tile_for, tile_kernel, tile_kernel_for,
-    SharedActTile, TileFn, SEQUENCE_CHAIN_MIN_TOKENS,
+    sequence_tile_kernel, sequence_tile_kernel_for, shared_act_layout_max, shared_act_tile, shared_act_tile_for,
+    tile_kernel, tile_kernel_for, SharedActTile, TileFn, SEQUENCE_CHAIN_MIN_TOKENS,
 };
 
 /// `dst[i] = dequant(src)[i]`; `src.len()` must be the row size of `dst.len()` elements.

@@ -151,6 +151,18 @@ pub fn shared_act_tile_for(ty: GgmlType, isa: Isa) -> Option<SharedActTile> {
     None
 }
 
+/// The most f32 words that the layout of `toks` activation rows of `n`
+/// elements takes for any two-step kernel of the active tier (0 where it has
+/// none): what a caller reserves ahead for a product of up to `toks` tokens.
+pub fn shared_act_layout_max(n: usize, toks: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if crate::active_isa() == Isa::Avx512 {
+        return avx512::layout_len_max(n, toks);
+    }
+    let _ = (n, toks);
+    0
+}
+
 /// Tokens from which llama.cpp's CPU backend multiplies Q6_K (and other
 /// K-quant matrices it keeps row by row) with its tiled kernel.
 pub const SEQUENCE_CHAIN_MIN_TOKENS: usize = 8;

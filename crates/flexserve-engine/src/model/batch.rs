@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::forward::attend_head;
+use super::flash_attention::decode_head;
 use super::scratch::Scratch;
 use super::{Model, Session};
 use crate::memory::heap_scratch;
@@ -55,6 +55,8 @@ fn decode_step(
 ) -> Result<Vec<Vec<f32>>, EngineError> {
     let c = &model.config;
     let (kvd, hd) = (c.kv_dim(), c.head_dim);
+    // Each row as its session decodes it alone (llama.cpp's split keys past 256 positions).
+    let threads = model.pool.current_num_threads();
     s.begin(model, tokens, |t| sessions[t].n_past)?;
     // One token per session: each row's products as it gets them alone.
     s.acts.independent_rows = true;
@@ -74,7 +76,7 @@ fn decode_step(
             let (t, head) = (i / c.n_head, i % c.n_head);
             let (kc, vc, last) = caches[t];
             let seen = c.first_visible(li, last)..=last;
-            attend_head(c, kc, vc, head, seen, &q[i * hd..(i + 1) * hd], o);
+            decode_head(c, kc, vc, head, seen, &q[i * hd..(i + 1) * hd], o, threads);
         });
         s.finish_layer(c, layer)?;
     }

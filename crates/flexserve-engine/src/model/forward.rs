@@ -1,23 +1,15 @@
 //! The forward pass: a batch of tokens through every layer, its keys and
 //! values into the session's cache, and logits out.
 
-use half::f16;
 use rayon::prelude::*;
 
+use super::flash_attention::{attend_head, attention_tiled, decode_head, TILED_MIN_BATCH};
 use super::scratch::Scratch;
 use super::{KvCache, Layer, Logits, Model, Session};
 use crate::config::{FfnActivation, ModelConfig, RopeScaling};
 use crate::memory::Buf;
 use crate::ops;
 use crate::EngineError;
-
-/// Batches of at least this many tokens take the f32 attention path, as
-/// llama.cpp switches to its tiled f32 kernel at this size.
-pub(super) const F32_ATTENTION_MIN_BATCH: usize = 64;
-
-/// Queries per task of the f32 attention: enough rows for the tile kernel,
-/// small enough that a 128-token prompt still makes eight tasks.
-const ATTENTION_QUERY_BLOCK: usize = 16;
 
 /// Called before each layer of a forward pass with the layer's index (see
 /// [`Session::eval_with`]).
@@ -93,11 +85,7 @@ impl<'m> Session<'m> {
             for t in 0..n {
                 self.kv.store(li, pos0 + t, &s.k[t * kvd..(t + 1) * kvd], &s.v[t * kvd..(t + 1) * kvd]);
             }
-            if n >= F32_ATTENTION_MIN_BATCH {
-                attention_f32(c, &self.kv, li, pos0, &s.q, &mut s.att, &mut s.kv32)?;
-            } else {
-                attention(c, &self.kv, li, pos0, &s.q, &mut s.att);
-            }
+            attention(c, &self.kv, li, pos0, &s.q, &mut s.att, &mut s.kv32, m.pool.current_num_threads())?;
             if li + 1 < c.n_layer {
                 s.finish_layer(c, layer)?;
                 continue;
@@ -282,112 +270,12 @@ fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
     }
 }
 
-/// Causal grouped-query attention of the batch's queries over the cache.
-///
-/// One pass per query with an online softmax, and the weighted sum of values
-/// kept at f16 precision after every step: this is how llama.cpp's CPU flash
-/// attention (its default) computes, and matching its rounding keeps greedy
-/// decoding on the same tokens where two candidates are nearly tied.
-fn attention(c: &ModelConfig, kv: &KvCache, layer: usize, pos0: usize, q: &[f32], out: &mut [f32]) {
-    let (kc, vc) = (kv.k(layer), kv.v(layer));
-    let n_head = c.n_head;
-    out.par_chunks_mut(c.head_dim).enumerate().for_each(|(i, o)| {
-        let pos = pos0 + i / n_head;
-        let seen = c.first_visible(layer, pos)..=pos;
-        attend_head(c, kc, vc, i % n_head, seen, &q[i * c.head_dim..(i + 1) * c.head_dim], o);
-    });
-}
-
-thread_local! {
-    // Per worker thread, kept between calls: one allocation per task would
-    // churn the heap for every layer of every token. The query in f16 (for
-    // `attend_head`) and the scores (for `attention_f32`).
-    static QUERY_F16: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Zeroes the calling thread's attention scratch (queries, scores: derived
-/// from the prompt) over its whole capacity, and its kernels' scratch.
-pub(crate) fn scrub_thread_scratch() {
-    QUERY_F16.with_borrow_mut(|q| {
-        q.resize(q.capacity(), 0);
-        zeroize::Zeroize::zeroize(q.as_mut_slice());
-    });
-    SCORES.with_borrow_mut(|s| {
-        s.resize(s.capacity(), 0.0);
-        zeroize::Zeroize::zeroize(s.as_mut_slice());
-    });
-    flexserve_quant::scrub_thread_scratch();
-}
-
-/// Whether the calling thread's scratch is scrubbed (see [`scrub_thread_scratch`]).
-pub(crate) fn thread_scratch_is_zero() -> bool {
-    let q = QUERY_F16.with_borrow(|q| q.len() == q.capacity() && q.iter().all(|&b| b == 0));
-    let s = SCORES.with_borrow(|s| s.len() == s.capacity() && s.iter().all(|&v| v == 0.0));
-    q && s && flexserve_quant::thread_scratch_is_zero()
-}
-
-/// One head's attention output `o` for the query `q`, over the positions
-/// `seen` (up to the query's own, from the start of its window) of one
-/// layer's cache (`kc`, `vc`): online softmax, f16 accumulation, as
-/// llama.cpp's CPU flash attention does.
-pub(super) fn attend_head(
-    c: &ModelConfig,
-    kc: &[u16],
-    vc: &[u16],
-    head: usize,
-    seen: std::ops::RangeInclusive<usize>,
-    q: &[f32],
-    o: &mut [f32],
-) {
-    let hd = c.head_dim;
-    let kvd = c.kv_dim();
-    let kvh = head / (c.n_head / c.n_head_kv);
-    let scale = c.kq_scale;
-    let to_f16 = ops::kernels(flexserve_gguf::GgmlType::F16).expect("F16 kernels are always present").quantize;
-    let acc = flexserve_quant::f16_acc();
-    QUERY_F16.with_borrow_mut(|q16| {
-        q16.resize(hd * 2, 0);
-        // Queries meet f16 keys in f16, as the cache stores them.
-        to_f16(q, q16);
-        let mut max = f32::NEG_INFINITY;
-        let mut sum = 0f32;
-        o.fill(0.0);
-        for j in seen {
-            let at = j * kvd + kvh * hd;
-            let krow: &[u8] = bytemuck::cast_slice(&kc[at..at + hd]);
-            let s = (acc.dot)(hd, krow, q16) * scale;
-            let (rescale, weight) = if s > max {
-                // New maximum: rescale what was accumulated so far.
-                let rescale = (max - s).exp();
-                max = s;
-                (acc.scale)(o, rescale);
-                (rescale, 1.0)
-            } else {
-                (1.0, (s - max).exp())
-            };
-            (acc.mad)(o, bytemuck::cast_slice(&vc[at..at + hd]), weight);
-            // One rounding, as llama.cpp's `S = S*ms + vs` compiles (fused).
-            sum = sum.mul_add(rescale, weight);
-        }
-        let inv = 1.0 / sum;
-        for v in o.iter_mut() {
-            *v *= inv;
-        }
-    })
-}
-
-/// Causal grouped-query attention in f32 for large batches (prompt
-/// processing), as two matrix products per head and block of queries.
-///
-/// Keys and values are widened from the f16 cache once per layer into one
-/// block per KV head: keys position-major, values transposed (one row of
-/// positions per dimension), so that both products are dot products of rows
-/// and run on the f32 tile kernel: the block's scores against every key up
-/// to its last query's position, then each query's exact softmax over its
-/// own positions (later ones zeroed), then the probabilities against the
-/// value rows, written straight into the output.
-fn attention_f32(
+/// Causal grouped-query attention of the batch's queries over the cache,
+/// as llama.cpp's CPU flash attention (its default) computes it on
+/// `threads` threads (see [`super::flash_attention`]): matching its rounding
+/// keeps greedy decoding on the same tokens where two candidates are nearly tied.
+#[allow(clippy::too_many_arguments)]
+fn attention(
     c: &ModelConfig,
     kv: &KvCache,
     layer: usize,
@@ -395,68 +283,23 @@ fn attention_f32(
     q: &[f32],
     out: &mut [f32],
     kv32: &mut (Buf<f32>, Buf<f32>),
+    threads: usize,
 ) -> Result<(), EngineError> {
-    use half::slice::HalfFloatSliceExt;
-    let hd = c.head_dim;
+    let n = out.len() / c.q_dim();
+    if n >= TILED_MIN_BATCH {
+        return attention_tiled(c, kv, layer, pos0, q, out, kv32);
+    }
+    let (kc, vc) = (kv.k(layer), kv.v(layer));
     let n_head = c.n_head;
-    let group = n_head / c.n_head_kv;
-    let (qd, kvd) = (c.q_dim(), c.kv_dim());
-    let n_pos = pos0 + out.len() / qd;
-    let scale = c.kq_scale;
-    let (k32, vt32) = kv32;
-    k32.resize(n_pos * kvd, 0.0)?;
-    vt32.resize(n_pos * kvd, 0.0)?;
-    // Keys of KV head `h`: row `j` at `(h * n_pos + j) * hd`.
-    let keys: &[f16] = bytemuck::cast_slice(&kv.k(layer)[..n_pos * kvd]);
-    k32.par_chunks_mut(n_pos * hd).enumerate().for_each(|(h, block)| {
-        for (j, row) in block.chunks_exact_mut(hd).enumerate() {
-            keys[j * kvd + h * hd..j * kvd + (h + 1) * hd].convert_to_f32_slice(row);
+    out.par_chunks_mut(c.head_dim).enumerate().for_each(|(i, o)| {
+        let pos = pos0 + i / n_head;
+        let seen = c.first_visible(layer, pos)..=pos;
+        let q = &q[i * c.head_dim..(i + 1) * c.head_dim];
+        if n == 1 {
+            decode_head(c, kc, vc, i % n_head, seen, q, o, threads);
+        } else {
+            attend_head(c, kc, vc, i % n_head, seen, q, o);
         }
-    });
-    // Values of KV head `h`, transposed: dimension `d` of position `j` at `(h * hd + d) * n_pos + j`.
-    let values: &[f16] = bytemuck::cast_slice(&kv.v(layer)[..n_pos * kvd]);
-    vt32.par_chunks_mut(n_pos * hd).enumerate().for_each(|(h, block)| {
-        for j in 0..n_pos {
-            for (d, v) in values[j * kvd + h * hd..j * kvd + (h + 1) * hd].iter().enumerate() {
-                block[d * n_pos + j] = v.to_f32();
-            }
-        }
-    });
-    let (k32, vt32) = (&*k32, &*vt32);
-    let f32_bytes = std::mem::size_of::<f32>();
-    let tile = flexserve_quant::tile_kernel(flexserve_gguf::GgmlType::F32).expect("F32 has a tile kernel");
-    let softmax_scaled = flexserve_quant::activations().softmax_scaled;
-    // One task per block of queries (all heads): its output rows are contiguous.
-    out.par_chunks_mut(ATTENTION_QUERY_BLOCK * qd).enumerate().for_each(|(b, o)| {
-        SCORES.with_borrow_mut(|scores| {
-            let t0 = b * ATTENTION_QUERY_BLOCK;
-            let n_q = o.len() / qd;
-            // The block's queries see positions `lo..hi`: from its first
-            // query's first (the start of its window; 0 without one) to its
-            // last query's own. Each query's row keeps only its own range.
-            let (lo, hi) = (c.first_visible(layer, pos0 + t0), pos0 + t0 + n_q);
-            let n_keys = hi - lo;
-            scores.resize(n_q * n_keys, 0.0);
-            for h in 0..n_head {
-                let kvh = h / group;
-                let queries: &[u8] = bytemuck::cast_slice(&q[t0 * qd + h * hd..]);
-                let keys: &[u8] = bytemuck::cast_slice(&k32[(kvh * n_pos + lo) * hd..][..n_keys * hd]);
-                let s = &mut scores[..n_q * n_keys];
-                // Keys as the tile's rows and queries as its tokens: one row of scores per query.
-                tile(hd, keys, hd * f32_bytes, n_keys, queries, qd * f32_bytes, n_q, s, n_keys);
-                for (i, row) in s.chunks_exact_mut(n_keys).enumerate() {
-                    let pos = pos0 + t0 + i;
-                    let (from, to) = (c.first_visible(layer, pos) - lo, pos + 1 - lo);
-                    row[..from].fill(0.0);
-                    softmax_scaled(&mut row[from..to], scale);
-                    row[to..].fill(0.0);
-                }
-                let probs: &[u8] = bytemuck::cast_slice(s);
-                // Value rows (one per dimension) from position `lo` on.
-                let values_t: &[u8] = bytemuck::cast_slice(&vt32[kvh * hd * n_pos + lo..][..hd * n_pos - lo]);
-                tile(n_keys, values_t, n_pos * f32_bytes, hd, probs, n_keys * f32_bytes, n_q, &mut o[h * hd..], qd);
-            }
-        })
     });
     Ok(())
 }

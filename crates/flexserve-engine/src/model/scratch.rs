@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
-use super::forward::{F32_ATTENTION_MIN_BATCH, MAX_BATCH};
-use super::weights::{acts_row_bytes, LargestMatrices};
+use super::flash_attention::{KV_TILE, TILED_MIN_BATCH};
+use super::forward::MAX_BATCH;
+use super::weights::{acts_row_bytes, shared_layout_cols, LargestMatrices};
 use super::{Model, Session};
 use crate::config::ModelConfig;
 use crate::memory::{Buf, ScratchSource};
@@ -81,7 +82,11 @@ impl ScratchPlan {
             .ok_or_else(|| EngineError::MissingTensor("token_embd.weight".to_string()))?;
         let cols = *output.dims.first().unwrap_or(&1);
         let rows = output.dims.iter().skip(1).product::<u64>() as usize;
-        let output = MatrixShape { acts_row: acts_row_bytes(output.ty, cols), rows };
+        let output = MatrixShape {
+            acts_row: acts_row_bytes(output.ty, cols),
+            rows,
+            shared_layout_cols: shared_layout_cols(output.ty, cols),
+        };
         Ok(plan(c, output, LargestMatrices::of(src, c)?, batch, n_pos, logit_rows))
     }
 }
@@ -90,6 +95,7 @@ impl ScratchPlan {
 struct MatrixShape {
     acts_row: usize,
     rows: usize,
+    shared_layout_cols: usize,
 }
 
 impl Model {
@@ -98,7 +104,11 @@ impl Model {
     /// with logits for up to `logit_rows` positions of a batch.
     pub fn scratch_plan(&self, batch: usize, n_pos: usize, logit_rows: usize) -> ScratchPlan {
         let out = &self.weights.output;
-        let output = MatrixShape { acts_row: acts_row_bytes(out.ty, out.cols as u64), rows: out.rows };
+        let output = MatrixShape {
+            acts_row: acts_row_bytes(out.ty, out.cols as u64),
+            rows: out.rows,
+            shared_layout_cols: shared_layout_cols(out.ty, out.cols as u64),
+        };
         plan(&self.config, output, self.weights.largest, batch, n_pos, logit_rows)
     }
 }
@@ -120,8 +130,12 @@ fn plan(
     let mut staging = if logit_rows > 1 { output.rows * logit_rows.min(n) } else { 0 };
     if n > 1 {
         staging = staging.max(largest.rows * n);
+        // Beside the tasks' parts, activations laid out once per product.
+        let output_cols = if logit_rows > 1 { output.shared_layout_cols } else { 0 };
+        staging += flexserve_quant::shared_act_layout_max(largest.shared_layout_cols.max(output_cols), n);
     }
-    let kv32 = if n >= F32_ATTENTION_MIN_BATCH { n_pos.max(n) * kvd * f } else { 0 };
+    // Keys and values in f32 for the tiled attention, in whole tiles.
+    let kv32 = if n >= TILED_MIN_BATCH { n_pos.max(n).next_multiple_of(KV_TILE) * kvd * f } else { 0 };
     ScratchPlan {
         buffers: [
             n * e * f,

@@ -110,6 +110,9 @@ pub(super) struct LargestMatrices {
     pub acts_row: usize,
     /// Output rows.
     pub rows: usize,
+    /// Columns of the widest matrix whose products lay out their
+    /// activations once per product (`flexserve_quant::shared_act_tile`).
+    pub shared_layout_cols: usize,
 }
 
 impl LargestMatrices {
@@ -123,9 +126,20 @@ impl LargestMatrices {
                 let rows = info.dims.iter().skip(1).product::<u64>() as usize;
                 largest.rows = largest.rows.max(rows);
                 largest.acts_row = largest.acts_row.max(acts_row_bytes(info.ty, cols));
+                largest.shared_layout_cols = largest.shared_layout_cols.max(shared_layout_cols(info.ty, cols));
             }
         }
         Ok(largest)
+    }
+}
+
+/// `cols` where a matrix of type `ty` lays out its products' activations
+/// once per product (see `ops::matmul`), else 0.
+pub(super) fn shared_layout_cols(ty: flexserve_gguf::GgmlType, cols: u64) -> usize {
+    if flexserve_quant::shared_act_tile(ty).is_some() {
+        cols as usize
+    } else {
+        0
     }
 }
 

@@ -14,19 +14,13 @@
 
 use super::{in_groups_of_four, GemvFn};
 use crate::legacy::avx2::{hsum, load_bit_mask, load_nibbles};
-use crate::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use crate::legacy::format::{act_type, has_min, weight_block_bytes, weight_type, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use crate::legacy::{Q8_0_BYTES, Q8_1_BYTES};
 use crate::GgmlType;
 use std::arch::x86_64::*;
 
 /// Rows per pass.
 const ROWS: usize = 4;
-
-// Format ids, used as a const generic so that each kernel is compiled per format.
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q5_1: u8 = 3;
-const Q8_0: u8 = 4;
 
 /// The AVX2 GEMV kernel of `ty`, if there is one.
 pub(super) fn gemv(ty: GgmlType) -> Option<GemvFn> {
@@ -40,31 +34,6 @@ pub(super) fn gemv(ty: GgmlType) -> Option<GemvFn> {
     }
 }
 
-const fn weight_type(f: u8) -> GgmlType {
-    match f {
-        Q4_0 => GgmlType::Q4_0,
-        Q4_1 => GgmlType::Q4_1,
-        Q5_0 => GgmlType::Q5_0,
-        Q5_1 => GgmlType::Q5_1,
-        _ => GgmlType::Q8_0,
-    }
-}
-
-const fn weight_block_bytes(f: u8) -> usize {
-    match f {
-        Q4_0 => Q4_0_BYTES,
-        Q4_1 => Q4_1_BYTES,
-        Q5_0 => Q5_0_BYTES,
-        Q5_1 => Q5_1_BYTES,
-        _ => Q8_0_BYTES,
-    }
-}
-
-/// Formats with a minimum `m` pair with Q8_1 activations (scale, sum, quants).
-const fn has_min(f: u8) -> bool {
-    matches!(f, Q4_1 | Q5_1)
-}
-
 /// The offset subtracted from the unsigned level `q` (0 where levels are used as stored).
 const fn level_offset(f: u8) -> i8 {
     match f {
@@ -75,7 +44,7 @@ const fn level_offset(f: u8) -> i8 {
 }
 
 fn gemv_wrapper<const F: u8>(n: usize, w: &[u8], w_row_bytes: usize, rows: usize, a: &[u8], out: &mut [f32]) {
-    let (ty, act_ty) = (weight_type(F), if has_min(F) { GgmlType::Q8_1 } else { GgmlType::Q8_0 });
+    let (ty, act_ty) = (weight_type(F), act_type(F));
     let kernels = [rows_avx2::<F, 1>, rows_avx2::<F, 2>, rows_avx2::<F, 3>, rows_avx2::<F, ROWS>];
     // SAFETY: the wrapper is only handed out after the CPU was found to
     // support AVX2, FMA and F16C.

@@ -16,7 +16,10 @@
 
 use super::{check_tile, Shape, TileFn};
 use crate::legacy::avx2::{dot_u8_i8, hsum, load_bit_mask, load_f16, load_nibbles};
-use crate::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
+use crate::legacy::format::{
+    act_block_bytes, act_quants_at, act_type, has_min, weight_block_bytes, weight_type, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+};
+use crate::legacy::{Q4_0_BYTES, Q8_0_BYTES};
 use crate::GgmlType;
 use std::arch::x86_64::*;
 
@@ -47,13 +50,6 @@ const ROW_CHUNK_BYTES: usize = 64 * 1024;
 /// Bytes of activation rows in one chunk of tokens (fits in L2 beside the weights).
 const TOK_CHUNK_BYTES: usize = 128 * 1024;
 
-// Format ids, used as a const generic so that each kernel is compiled per format.
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q5_1: u8 = 3;
-const Q8_0: u8 = 4;
-
 /// The AVX2 tile kernel of `ty`, if there is one.
 pub(super) fn tile(ty: GgmlType) -> Option<TileFn> {
     match ty {
@@ -63,49 +59,6 @@ pub(super) fn tile(ty: GgmlType) -> Option<TileFn> {
         GgmlType::Q5_1 => Some(tile_wrapper::<Q5_1>),
         GgmlType::Q8_0 => Some(tile_wrapper::<Q8_0>),
         _ => None,
-    }
-}
-
-const fn weight_type(f: u8) -> GgmlType {
-    match f {
-        Q4_0 => GgmlType::Q4_0,
-        Q4_1 => GgmlType::Q4_1,
-        Q5_0 => GgmlType::Q5_0,
-        Q5_1 => GgmlType::Q5_1,
-        _ => GgmlType::Q8_0,
-    }
-}
-
-const fn weight_block_bytes(f: u8) -> usize {
-    match f {
-        Q4_0 => Q4_0_BYTES,
-        Q4_1 => Q4_1_BYTES,
-        Q5_0 => Q5_0_BYTES,
-        Q5_1 => Q5_1_BYTES,
-        _ => Q8_0_BYTES,
-    }
-}
-
-/// Formats with a minimum `m` pair with Q8_1 activations (scale, sum, quants);
-/// the others with Q8_0 (scale, quants).
-const fn has_min(f: u8) -> bool {
-    matches!(f, Q4_1 | Q5_1)
-}
-
-const fn act_block_bytes(f: u8) -> usize {
-    if has_min(f) {
-        Q8_1_BYTES
-    } else {
-        Q8_0_BYTES
-    }
-}
-
-/// Offset of the 32 activation quants in an activation block.
-const fn act_quants_at(f: u8) -> usize {
-    if has_min(f) {
-        4
-    } else {
-        2
     }
 }
 
@@ -126,7 +79,7 @@ fn tile_wrapper<const F: u8>(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    let (ty, act_ty) = (weight_type(F), if has_min(F) { GgmlType::Q8_1 } else { GgmlType::Q8_0 });
+    let (ty, act_ty) = (weight_type(F), act_type(F));
     check_tile(ty, act_ty, n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride);
     if rows == 0 || toks == 0 {
         return;

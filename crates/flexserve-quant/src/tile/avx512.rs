@@ -27,7 +27,10 @@
 
 use super::{check_output, check_rows, check_tile, Shape, TileFn};
 use crate::legacy::avx2::{hsum, load_bit_mask, load_f16, load_nibbles};
-use crate::legacy::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES, QK};
+use crate::legacy::format::{
+    act_block_bytes, act_quants_at, act_type, has_min, weight_block_bytes, weight_type, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+};
+use crate::legacy::QK;
 use crate::GgmlType;
 use std::arch::x86_64::*;
 
@@ -43,13 +46,6 @@ const TOKS: usize = 2 * PAIRS;
 /// tile sweeps them).
 const ROW_CHUNK_BYTES: usize = 128 * 1024;
 
-// Format ids, used as a const generic so that each kernel is compiled per format.
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q5_1: u8 = 3;
-const Q8_0: u8 = 4;
-
 /// The AVX-512 tile kernel of `ty`, if there is one.
 pub(super) fn tile(ty: GgmlType) -> Option<TileFn> {
     match ty {
@@ -59,49 +55,6 @@ pub(super) fn tile(ty: GgmlType) -> Option<TileFn> {
         GgmlType::Q5_1 => Some(tile_wrapper::<Q5_1>),
         GgmlType::Q8_0 => Some(tile_wrapper::<Q8_0>),
         _ => None,
-    }
-}
-
-const fn weight_type(f: u8) -> GgmlType {
-    match f {
-        Q4_0 => GgmlType::Q4_0,
-        Q4_1 => GgmlType::Q4_1,
-        Q5_0 => GgmlType::Q5_0,
-        Q5_1 => GgmlType::Q5_1,
-        _ => GgmlType::Q8_0,
-    }
-}
-
-const fn weight_block_bytes(f: u8) -> usize {
-    match f {
-        Q4_0 => Q4_0_BYTES,
-        Q4_1 => Q4_1_BYTES,
-        Q5_0 => Q5_0_BYTES,
-        Q5_1 => Q5_1_BYTES,
-        _ => Q8_0_BYTES,
-    }
-}
-
-/// Formats with a minimum `m` pair with Q8_1 activations (scale, sum, quants);
-/// the others with Q8_0 (scale, quants).
-const fn has_min(f: u8) -> bool {
-    matches!(f, Q4_1 | Q5_1)
-}
-
-const fn act_block_bytes(f: u8) -> usize {
-    if has_min(f) {
-        Q8_1_BYTES
-    } else {
-        Q8_0_BYTES
-    }
-}
-
-/// Offset of the 32 activation quants in an activation block.
-const fn act_quants_at(f: u8) -> usize {
-    if has_min(f) {
-        4
-    } else {
-        2
     }
 }
 
@@ -150,14 +103,6 @@ pub(super) fn shared(ty: GgmlType) -> Option<super::SharedActTile> {
     }
 }
 
-const fn act_type(f: u8) -> GgmlType {
-    if has_min(f) {
-        GgmlType::Q8_1
-    } else {
-        GgmlType::Q8_0
-    }
-}
-
 /// The parts of the laid-out activations of `toks` tokens of `nb` blocks,
 /// in f32 words: the pair units, then (formats with a minimum) the sums.
 const fn layout_parts<const F: u8>(nb: usize, toks: usize) -> (usize, usize) {
@@ -169,6 +114,15 @@ const fn layout_parts<const F: u8>(nb: usize, toks: usize) -> (usize, usize) {
 fn layout_len<const F: u8>(n: usize, toks: usize) -> usize {
     let (units, sums) = layout_parts::<F>(n / QK, toks);
     units + sums
+}
+
+/// The largest `layout_len` of the five formats.
+pub(super) fn layout_len_max(n: usize, toks: usize) -> usize {
+    [layout_len::<Q4_0>, layout_len::<Q4_1>, layout_len::<Q5_0>, layout_len::<Q5_1>, layout_len::<Q8_0>]
+        .iter()
+        .map(|len| len(n, toks))
+        .max()
+        .unwrap_or(0)
 }
 
 /// f32 words of scratch for `rows` unpacked weight rows of `nb` blocks:
