@@ -490,6 +490,22 @@ fn example_workflows_parse() {
     outputs.set(0, " Physics\n");
     let prompt = wf.render_prompt(1, "Why is the sky blue?", &outputs).unwrap();
     assert!(prompt.contains("Topic: Physics\nQuestion: Why is the sky blue?"), "{prompt:?}");
+
+    // The real-model agent: the planner (a base model: raw completions)
+    // plans and reviews, so the plan keeps it for the review.
+    let wf = Workflow::from_file(&example("code-agent.toml")).unwrap();
+    assert_eq!(wf.secure_memory_limit, Some(1100 << 20));
+    let order: Vec<&str> = wf.order().iter().map(|&s| wf.steps[s].name.as_str()).collect();
+    assert_eq!(order, ["plan", "code", "review", "explain"]);
+    assert_eq!(wf.steps[wf.output_step()].name, "explain");
+    let chat: Vec<bool> = wf.steps.iter().map(|s| s.chat).collect();
+    assert_eq!(chat, [false, true, false, true]);
+    let plan = wf.plan();
+    let planner = plan.steps[0].model;
+    assert_eq!(plan.steps[2].model, planner);
+    assert!(!plan.steps[0].unload_after.contains(&planner) && !plan.steps[1].unload_after.contains(&planner));
+    // While the coder runs, the planner (needed next) is the last to give memory up.
+    assert_eq!(plan.steps[1].eviction_order.last(), Some(&planner));
 }
 
 #[test]
