@@ -34,7 +34,9 @@ class LlamaCpp:
             n_threads=threads,
             n_threads_batch=threads,
             flash_attn=flash_attn,
-            verbose=False,
+            # The binding's quiet mode crashes on some builds (0.3.36 built
+            # without AMX); its log goes to stderr instead.
+            verbose=True,
         )
         self.n_vocab = self.llm.n_vocab()
         self.prefill(16)
