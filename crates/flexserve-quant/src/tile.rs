@@ -240,54 +240,28 @@ pub(crate) fn check_tile(
     out: &[f32],
     out_stride: usize,
 ) {
-    let block = ty.block_size();
-    assert!(n.is_multiple_of(block), "tile of {ty} rows: {n} elements is not a multiple of the block size {block}");
-    let w_bytes = n / block * ty.type_size();
-    let a_bytes = n / vec_dot_type.block_size() * vec_dot_type.type_size();
-    assert!(w_row_bytes >= w_bytes, "tile of {ty} rows: row stride {w_row_bytes} is below the row size {w_bytes}");
-    assert!(
-        a_row_bytes >= a_bytes,
-        "tile of {vec_dot_type} activations: row stride {a_row_bytes} is below the row size {a_bytes}"
-    );
-    if rows == 0 || toks == 0 {
-        return;
-    }
-    assert!(out_stride >= rows, "tile output stride {out_stride} is below the {rows} results per token");
-    let needed =
-        |count: usize, stride: usize, last: usize| (count - 1).checked_mul(stride).and_then(|v| v.checked_add(last));
-    let w_needed = needed(rows, w_row_bytes, w_bytes);
-    assert!(
-        w_needed.is_some_and(|need| w.len() >= need),
-        "tile of {rows} {ty} rows of {n} elements (stride {w_row_bytes}) needs more than the {} weight bytes given",
-        w.len()
-    );
-    let a_needed = needed(toks, a_row_bytes, a_bytes);
-    assert!(
-        a_needed.is_some_and(|need| a.len() >= need),
-        "tile of {toks} {vec_dot_type} rows of {n} elements (stride {a_row_bytes}) needs more than the {} activation bytes given",
-        a.len()
-    );
-    let out_needed = needed(toks, out_stride, rows);
-    assert!(
-        out_needed.is_some_and(|need| out.len() >= need),
-        "tile of {rows} x {toks} results (stride {out_stride}) needs more than the {} output floats given",
-        out.len()
-    );
+    // Lengths are checked only for a tile with work in it (an empty one reads nothing).
+    let empty = rows == 0 || toks == 0;
+    check_rows("weight", ty, n, w, w_row_bytes, if empty { 0 } else { rows });
+    check_rows("activation", vec_dot_type, n, a, a_row_bytes, if empty { 0 } else { toks });
+    check_output(rows, toks, out, out_stride);
 }
 
 /// Panics with a clear message unless `count` rows of `n` elements of `ty`
-/// (`what` they are: weights, activations) lie within `bytes`, `stride` apart.
-#[cfg(target_arch = "x86_64")]
+/// (`what` they hold: weight, activation) lie within `bytes`, `stride` apart.
 pub(crate) fn check_rows(what: &str, ty: GgmlType, n: usize, bytes: &[u8], stride: usize, count: usize) {
     let block = ty.block_size();
-    assert!(n.is_multiple_of(block), "{what} of {ty}: {n} elements is not a multiple of the block size {block}");
+    assert!(
+        n.is_multiple_of(block),
+        "tile of {ty} {what} rows: {n} elements is not a multiple of the block size {block}"
+    );
     let row = n / block * ty.type_size();
-    assert!(stride >= row, "{what} of {ty}: row stride {stride} is below the row size {row}");
+    assert!(stride >= row, "tile of {ty} {what} rows: row stride {stride} is below the row size {row}");
     if count > 0 {
         let needed = (count - 1).checked_mul(stride).and_then(|v| v.checked_add(row));
         assert!(
             needed.is_some_and(|need| bytes.len() >= need),
-            "{what}: {count} {ty} rows of {n} elements (stride {stride}) need more than the {} bytes given",
+            "tile of {count} {ty} {what} rows of {n} elements (stride {stride}) needs more than the {} {what} bytes given",
             bytes.len()
         );
     }
@@ -295,7 +269,6 @@ pub(crate) fn check_rows(what: &str, ty: GgmlType, n: usize, bytes: &[u8], strid
 
 /// Panics with a clear message unless `toks` output rows of `rows` floats
 /// lie within `out`, `out_stride` apart.
-#[cfg(target_arch = "x86_64")]
 pub(crate) fn check_output(rows: usize, toks: usize, out: &[f32], out_stride: usize) {
     if rows == 0 || toks == 0 {
         return;

@@ -203,15 +203,20 @@ fn shared_layout_tiles_equal_the_dot_bit_for_bit() {
 }
 
 #[test]
-#[should_panic(expected = "laid-out activations")]
 fn a_short_layout_is_rejected() {
     let Some(shared) = shared_act_tile_for(GgmlType::Q8_0, detected_isa()) else {
-        panic!("no two-step kernel on this CPU: nothing to check (laid-out activations)");
+        eprintln!("no two-step kernel on this CPU: nothing to check");
+        return;
     };
     let case = Case::new(GgmlType::Q8_0, 64, 4, 8, 0, 600);
     let layout = vec![0f32; (shared.layout_len)(64, 8) - 1];
     let mut out = vec![0f32; 4 * 8];
-    (shared.tile)(64, &case.w[case.w_start..], case.w_stride, 4, &layout, 8, &mut out, 4);
+    let run = std::panic::catch_unwind(move || {
+        (shared.tile)(64, &case.w[case.w_start..], case.w_stride, 4, &layout, 8, &mut out, 4)
+    });
+    let panic = run.expect_err("a layout one word short must be refused");
+    let message = panic.downcast_ref::<String>().map(String::as_str).unwrap_or_default();
+    assert!(message.contains("laid-out activations"), "{message}");
 }
 
 #[test]

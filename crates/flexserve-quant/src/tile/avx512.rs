@@ -148,7 +148,7 @@ fn check_layout<const F: u8>(n: usize, toks: usize, layout: &[f32]) {
 }
 
 fn lay_out<const F: u8>(n: usize, a: &[u8], a_row_bytes: usize, toks: usize, layout: &mut [f32]) {
-    check_rows("laid-out tile activations", act_type(F), n, a, a_row_bytes, toks);
+    check_rows("activation", act_type(F), n, a, a_row_bytes, toks);
     check_layout::<F>(n, toks, layout);
     if toks == 0 {
         return;
@@ -174,7 +174,7 @@ fn run<const F: u8>(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    check_rows("laid-out tile weights", weight_type(F), n, w, w_row_bytes, rows);
+    check_rows("weight", weight_type(F), n, w, w_row_bytes, rows);
     check_output(rows, toks, out, out_stride);
     check_layout::<F>(n, toks, layout);
     if rows == 0 || toks == 0 {
