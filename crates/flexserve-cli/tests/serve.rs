@@ -217,7 +217,7 @@ fn sixteen_concurrent_clients_each_get_their_own_answer() {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
     };
-    for (model, n) in [("plain", 16), ("sealed", 6)] {
+    for (model, n) in [("plain", 16), ("sealed", 16)] {
         let alone: Vec<String> = prompts[..n].iter().map(|p| ask(model, p)).collect();
         let together: Vec<String> = std::thread::scope(|s| {
             let handles: Vec<_> = prompts[..n].iter().map(|p| s.spawn(|| ask(model, p))).collect();

@@ -1,5 +1,6 @@
 //! Time of one batched decode step against batch size, on a GGUF model:
-//! `cargo run --release -p flexserve-engine --example batch_step -- MODEL [THREADS]`.
+//! `cargo run --release -p flexserve-engine --example batch_step -- MODEL [THREADS [DEPTH [SIZES]]]`
+//! (sessions DEPTH tokens deep, 128 by default; SIZES comma-separated, 1,2,4,8,16 by default).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,10 +13,13 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let path = args.next().expect("usage: batch_step MODEL [THREADS]");
     let threads: usize = args.next().map_or(2, |t| t.parse().expect("threads"));
+    let depth: u32 = args.next().map_or(128, |d| d.parse().expect("depth"));
+    let sizes: Vec<usize> =
+        args.next().map_or_else(|| vec![1, 2, 4, 8, 16], |s| s.split(',').map(|n| n.parse().expect("sizes")).collect());
     let source = GgufSource::from_file(Arc::new(GgufFile::open(&path).expect("model")));
     let model = Model::from_source(&source, threads).expect("load");
-    let prompt: Vec<u32> = (0..128).map(|i| 100 + i).collect();
-    for n in [1usize, 2, 4, 8, 16] {
+    let prompt: Vec<u32> = (0..depth).map(|i| 100 + i).collect();
+    for n in sizes {
         let mut sessions: Vec<Session> = (0..n).map(|_| Session::new(&model, 512)).collect();
         for s in &mut sessions {
             s.eval(&prompt, Logits::Last).expect("prefill");

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use flexserve_tokenizer::{StreamDecoder, Tokenizer};
+use flexserve_tokenizer::{ParkedDecoder, StreamDecoder, Tokenizer};
 
 use crate::model::{LayerHook, Logits, Session};
 use crate::sampling::{Sampler, SamplingParams};
@@ -122,23 +122,8 @@ impl<'m> Generator<'m> {
         mut on_text: impl FnMut(&str),
         hook: &mut LayerHook<'_>,
     ) -> Result<GenerationStats, EngineError> {
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyInput);
-        }
-        let reuse = reusable_prefix(&self.history, prompt);
-        self.session.truncate(reuse);
-        self.history.truncate(reuse);
-        let todo = &prompt[reuse..];
-        if prompt.len() + 1 > self.session.n_ctx() {
-            return Err(EngineError::ContextFull { n_ctx: self.session.n_ctx(), needed: prompt.len() + 1 });
-        }
-
-        let mut tokens = TokenStream::new(self.tokenizer, opts, prompt);
-        let t0 = Instant::now();
-        let mut logits = self.session.eval_with(todo, Logits::Last, hook)?;
-        self.history.extend_from_slice(todo);
-        let prefill_secs = t0.elapsed().as_secs_f64();
-
+        let Prefilled { mut tokens, mut logits, prompt_tokens, cached_tokens, prefill_secs } =
+            self.prefill_with(prompt, opts, hook)?;
         let mut first_token_at = None;
         let stop = loop {
             let room = self.session.n_past() < self.session.n_ctx();
@@ -159,8 +144,8 @@ impl<'m> Generator<'m> {
         // The decode clock starts at the first sampled token.
         let decode_secs = first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
         Ok(GenerationStats {
-            prompt_tokens: todo.len(),
-            cached_tokens: reuse,
+            prompt_tokens,
+            cached_tokens,
             generated_tokens: generated.len(),
             prefill_secs,
             decode_secs,
@@ -168,6 +153,51 @@ impl<'m> Generator<'m> {
             tokens: generated,
         })
     }
+
+    /// The first half of [`Generator::generate_with`]: evaluates what the
+    /// cache does not hold of `prompt` and returns the token stream with the
+    /// logits to sample its first token from. A caller that decodes several
+    /// generations together (continuous batching) takes it from here.
+    pub fn prefill_with(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        hook: &mut LayerHook<'_>,
+    ) -> Result<Prefilled<'m>, EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        let reuse = reusable_prefix(&self.history, prompt);
+        self.session.truncate(reuse);
+        self.history.truncate(reuse);
+        let todo = &prompt[reuse..];
+        if prompt.len() + 1 > self.session.n_ctx() {
+            return Err(EngineError::ContextFull { n_ctx: self.session.n_ctx(), needed: prompt.len() + 1 });
+        }
+        let tokens = TokenStream::new(self.tokenizer, opts, prompt);
+        let t0 = Instant::now();
+        let logits = self.session.eval_with(todo, Logits::Last, hook)?;
+        self.history.extend_from_slice(todo);
+        Ok(Prefilled {
+            tokens,
+            logits,
+            prompt_tokens: todo.len(),
+            cached_tokens: reuse,
+            prefill_secs: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// A prompt evaluated: what [`Generator::prefill_with`] hands on.
+pub struct Prefilled<'t> {
+    pub tokens: TokenStream<'t>,
+    /// The logits to sample the first token from.
+    pub logits: Vec<f32>,
+    /// Prompt tokens evaluated (after reusing the cached prefix).
+    pub prompt_tokens: usize,
+    /// Prompt tokens found already in the cache.
+    pub cached_tokens: usize,
+    pub prefill_secs: f64,
 }
 
 /// What to do after a [`TokenStream::step`].
@@ -259,6 +289,62 @@ impl<'t> TokenStream<'t> {
 
     pub fn into_generated(self) -> Vec<u32> {
         self.generated
+    }
+
+    /// The stream without the borrow of the tokenizer, to keep between
+    /// decode steps (a generation of a batch that lives across requests).
+    pub fn park(self) -> ParkedTokens {
+        ParkedTokens {
+            sampler: self.sampler,
+            decoder: self.decoder.park(),
+            stop_strings: self.stop_strings,
+            max_tokens: self.max_tokens,
+            text: self.text,
+            emitted: self.emitted,
+            generated: self.generated,
+        }
+    }
+}
+
+/// A [`TokenStream`] parked by [`TokenStream::park`]; [`ParkedTokens::resume`]
+/// goes on exactly where it stopped (same sampler state, same pending text).
+pub struct ParkedTokens {
+    sampler: Sampler,
+    decoder: ParkedDecoder,
+    stop_strings: Vec<String>,
+    max_tokens: usize,
+    text: String,
+    emitted: usize,
+    generated: Vec<u32>,
+}
+
+impl ParkedTokens {
+    /// The stream again, on the tokenizer it was made with.
+    pub fn resume(self, tokenizer: &Tokenizer) -> TokenStream<'_> {
+        TokenStream {
+            tokenizer,
+            sampler: self.sampler,
+            decoder: self.decoder.resume(tokenizer),
+            stop_strings: self.stop_strings,
+            max_tokens: self.max_tokens,
+            text: self.text,
+            emitted: self.emitted,
+            generated: self.generated,
+        }
+    }
+
+    /// Tokens sampled so far.
+    pub fn generated(&self) -> usize {
+        self.generated.len()
+    }
+
+    /// Wipes the generated text and ids (user data) for a holder that must
+    /// not leave them behind when it drops the stream.
+    pub fn wipe(&mut self) {
+        use zeroize::Zeroize;
+        self.text.zeroize();
+        self.generated.zeroize();
+        self.decoder.pending_mut().zeroize();
     }
 }
 

@@ -15,7 +15,10 @@ pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use encoder::{Encoder, EncoderConfig, Normalization, Pooling};
-pub use generate::{reusable_prefix, GenerateOptions, GenerationStats, Generator, Next, StopReason, TokenStream};
+pub use generate::{
+    reusable_prefix, GenerateOptions, GenerationStats, Generator, Next, ParkedTokens, Prefilled, StopReason,
+    TokenStream,
+};
 pub use memory::{MemoryBlock, ScratchSource};
 pub use model::{KvCache, Logits, Model, ScratchPlan, Session, SessionState, TokenCost};
 pub use sampling::{Sampler, SamplingParams};

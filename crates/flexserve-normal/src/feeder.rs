@@ -326,7 +326,7 @@ impl SecureWorld {
     /// Starts streaming the chunks in `spans` (in that order): both halves
     /// of the shared buffer are filled and sent. The stream is there even if
     /// reading a batch failed (the one sent before is still to be answered).
-    pub(crate) fn start_stream(
+    pub(crate) fn start_chunk_stream(
         &mut self,
         model: &OpenedModel,
         spans: &[ChunkSpan],

@@ -29,6 +29,7 @@ pub mod governor;
 pub mod launch;
 pub mod link;
 pub mod relay;
+mod streams;
 
 pub use budget::{available_memory, parse_size, pressure_recall_granules, resident_bytes, MemoryBudget};
 pub use feeder::{weight_granules, BatchSpan, LoadReport, OpenedModel};

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use flexserve_protocol::{ErrorCode, GenerateRequest, GenerationReport, Reply, Request};
+use flexserve_protocol::{ErrorCode, GenerateRequest, GenerationReport, Reply, Request, StreamStep};
 
 use crate::governor::PRESSURE_CHECK_INTERVAL;
 use crate::{control, unexpected, NormalError, OpenedModel, Result, SecureWorld};
@@ -16,9 +16,31 @@ const LEASE_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// A piece of a generation's stream: plain text, or a record sealed to an
 /// encrypted session's client.
-enum Streamed<'a> {
+pub(crate) enum Streamed<'a> {
     Text(&'a str),
     Sealed(Vec<u8>),
+}
+
+/// How a relayed generation ended.
+pub(crate) enum Relayed {
+    /// A plain generation's report.
+    Generated(GenerationReport),
+    /// An encrypted generation's `Ok` (its records were relayed).
+    Ended,
+    /// A stream's prompt evaluated: its first token (and its report if it ended there).
+    Stepped(Vec<StreamStep>),
+}
+
+impl Relayed {
+    /// The error for an end that was not the one `expected`.
+    pub(crate) fn unexpected(self, expected: &'static str) -> NormalError {
+        let reply = match self {
+            Relayed::Generated(report) => Reply::Generated(report),
+            Relayed::Ended => Reply::Ok,
+            Relayed::Stepped(streams) => Reply::Stepped { streams },
+        };
+        unexpected(expected, &reply)
+    }
 }
 
 /// A recall sent while a generation runs, waiting for its answer.
@@ -60,8 +82,8 @@ impl SecureWorld {
             }
         };
         match self.relay(model, Request::Generate(request), streamed, cancelled)? {
-            Some(report) => Ok(report),
-            None => Err(unexpected("Generated", &Reply::Ok)),
+            Relayed::Generated(report) => Ok(report),
+            other => Err(other.unexpected("Generated")),
         }
     }
 
@@ -94,8 +116,8 @@ impl SecureWorld {
         };
         let request = Request::GenerateEncrypted { session, n_ctx, message };
         match self.relay(model, request, streamed, cancelled)? {
-            None => Ok(()),
-            Some(report) => Err(unexpected("Sealed or Ok", &Reply::Generated(report))),
+            Relayed::Ended => Ok(()),
+            other => Err(other.unexpected("Sealed or Ok")),
         }
     }
 
@@ -107,17 +129,19 @@ impl SecureWorld {
         }
     }
 
-    /// Sends a generation (plain or encrypted) and relays what streams back
-    /// until its end: the report of a plain one, `None` for an encrypted one
-    /// (which ends with `Ok`).
-    fn relay(
+    /// Sends a generation (plain or encrypted, or a stream's prompt) and
+    /// relays what streams back until its end: the report of a plain one,
+    /// `Ended` for an encrypted one (which ends with `Ok`), the first token
+    /// of a stream.
+    pub(crate) fn relay(
         &mut self,
         model: &OpenedModel,
         request: Request,
         mut on_piece: impl FnMut(Streamed<'_>),
         cancelled: impl Fn() -> bool,
-    ) -> Result<Option<GenerationReport>> {
+    ) -> Result<Relayed> {
         let ends_with_ok = matches!(request, Request::GenerateEncrypted { .. });
+        let starts_stream = matches!(request, Request::StartStream { .. });
         let mut sent_at = Instant::now();
         self.send(&request)?;
         // Chunks the generation asked for, streaming.
@@ -154,7 +178,10 @@ impl SecureWorld {
             }
             match self.receive()? {
                 Reply::Ok if cancel_sent && !cancel_acked => cancel_acked = true,
-                Reply::Ok if ends_with_ok && result.is_none() => result = Some(Ok(None)),
+                Reply::Ok if ends_with_ok && result.is_none() => result = Some(Ok(Relayed::Ended)),
+                Reply::Stepped { streams } if starts_stream && result.is_none() => {
+                    result = Some(Ok(Relayed::Stepped(streams)))
+                }
                 // Cancelled before it started: do not ask again.
                 Reply::MemoryNeeded { .. } if result.is_none() && cancelled() => {
                     result = Some(Err(NormalError::Secure {
@@ -184,7 +211,7 @@ impl SecureWorld {
                     self.send(&request)?;
                 }
                 Reply::LoadNeeded { chunks } if result.is_none() && stream.is_none() => {
-                    let (s, sent) = self.start_stream(model, &chunks, sent_at, granting);
+                    let (s, sent) = self.start_chunk_stream(model, &chunks, sent_at, granting);
                     let s = stream.insert(s);
                     if let Err(e) = sent {
                         read_failed = Some(self.abandon_load(e, s, &mut cancel_sent)?);
@@ -247,7 +274,9 @@ impl SecureWorld {
                     };
                     self.recall_answered(recall, released, evicted, micros, result.is_none());
                 }
-                Reply::Generated(report) if !ends_with_ok => result = Some(Ok(Some(report))),
+                Reply::Generated(report) if !ends_with_ok && !starts_stream => {
+                    result = Some(Ok(Relayed::Generated(report)))
+                }
                 Reply::Error { code, message } => result = Some(Err(NormalError::Secure { code, message })),
                 other => return Err(unexpected("Token or Generated", &other)),
             }

@@ -46,7 +46,10 @@
 //! | `CloseEncrypted`  | 0x14 | `LoadNeeded`  | 0x93 |
 //! | `Evict`           | 0x15 | `Evicted`     | 0x94 |
 //! | `Pause`           | 0x16 | `Paused`      | 0x95 |
-//! | `Resume`          | 0x17 |               |      |
+//! | `Resume`          | 0x17 | `Stepped`     | 0x96 |
+//! | `StartStream`     | 0x18 |               |      |
+//! | `StepStreams`     | 0x19 |               |      |
+//! | `EndStream`       | 0x1a |               |      |
 //!
 //! Requests and replies use disjoint tags so that a message sent the wrong way
 //! is rejected at once.
@@ -136,6 +139,8 @@ const CHUNK_REF_LEN: usize = 4 + 8 + 8;
 const CHUNK_SPAN_LEN: usize = 4 + 4;
 /// A `LayerTiming`: the layer and five times.
 const LAYER_TIMING_LEN: usize = 4 + 5 * 8;
+/// A stream id, an empty text and no report.
+const MIN_STREAM_STEP_LEN: usize = 4 + MIN_STRING_LEN + 1;
 const MIN_MODEL_STATUS_LEN: usize = 4 + MIN_STRING_LEN + 4 * 4 + 8 + 4;
 
 /// Encodes a request's payload (the frame without its length prefix).

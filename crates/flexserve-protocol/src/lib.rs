@@ -21,7 +21,7 @@ pub use codec::{
 pub use shared::{RangeError, SharedBuffer};
 
 /// Version of this command set; both sides must agree (see [`Request::Hello`]).
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// The format name of the secure world's identity report ([`Reply::Identity`]).
 pub const IDENTITY_REPORT_FORMAT: &str = "flexserve-identity-report-1";
 /// Largest frame (one message) either side accepts.
@@ -168,7 +168,35 @@ pub enum Request {
     CloseEncrypted {
         session: u64,
     },
+    /// Continuous batching: admits a one-off generation (conversation 0)
+    /// into the batch of its model under the id `stream` (the peer's choice,
+    /// unused among its streams). Answered as `Generate` is while its prompt
+    /// is evaluated (`MemoryNeeded` then the same request again, `LoadNeeded`
+    /// and chunks for a model not resident, `Paused`, `Recalled`; `Cancel`
+    /// stops it), then [`Reply::Stepped`] with its first token: the stream
+    /// waits in the batch (unless it ended there), and its next tokens come
+    /// from [`Request::StepStreams`]. At most [`MAX_STREAMS`] at once.
+    StartStream {
+        stream: u32,
+        request: GenerateRequest,
+    },
+    /// One decode step for every stream of `model`, all of them evaluated in
+    /// one pass over the weights: answered by [`Reply::Stepped`], or by
+    /// `MemoryNeeded` (the step's activations do not fit the free granules;
+    /// grant, then step again). A stream that ends leaves the batch.
+    StepStreams {
+        model: u32,
+    },
+    /// Ends a stream before its end (its client left); its KV cache is
+    /// scrubbed. `Ok`, also when there is no such stream.
+    EndStream {
+        stream: u32,
+    },
 }
+
+/// Most generations one session keeps in its batches at once
+/// ([`Request::StartStream`]).
+pub const MAX_STREAMS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
@@ -331,6 +359,21 @@ pub enum Reply {
     Sealed {
         record: Vec<u8>,
     },
+    /// What a [`Request::StepStreams`] gave each stream of the model, in
+    /// stream id order (or a [`Request::StartStream`] its stream).
+    Stepped {
+        streams: Vec<StreamStep>,
+    },
+}
+
+/// One stream's share of a decode step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamStep {
+    pub stream: u32,
+    /// Text that became certain at this step (maybe empty).
+    pub text: String,
+    /// The stream's report, when it ended at this step (it left the batch).
+    pub finished: Option<GenerationReport>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

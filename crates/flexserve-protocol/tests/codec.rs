@@ -5,7 +5,7 @@ use std::io::{self, Cursor};
 use flexserve_protocol::{
     decode_reply, decode_request, encode_reply, encode_request, read_reply, read_request, write_reply, write_request,
     BufferRange, ChunkRef, ChunkSpan, Deployment, ErrorCode, GenerateRequest, GenerationReport, Input, LayerTiming,
-    Message, ModelStatus, ProtocolError, Reply, Request, Sampling, StatusReport, StopReason, MAX_FRAME_LEN,
+    Message, ModelStatus, ProtocolError, Reply, Request, Sampling, StatusReport, StopReason, StreamStep, MAX_FRAME_LEN,
     MAX_LIST_LEN, MAX_TEXT_LEN, PROTOCOL_VERSION,
 };
 use rand::{Rng, SeedableRng};
@@ -90,6 +90,20 @@ fn all_requests() -> Vec<Request> {
         Request::GenerateEncrypted { session: u64::MAX, n_ctx: 512, message: (0..=255).collect() },
         Request::GenerateEncrypted { session: 1, n_ctx: 0, message: Vec::new() },
         Request::CloseEncrypted { session: 0x0123_4567_89ab_cdef },
+        Request::StartStream {
+            stream: 7,
+            request: GenerateRequest {
+                model: 2,
+                conversation: 0,
+                input: Input::Raw { text: "Once".into() },
+                max_tokens: 16,
+                n_ctx: 0,
+                sampling: Sampling::default(),
+                stop: vec!["\n".into()],
+            },
+        },
+        Request::StepStreams { model: u32::MAX },
+        Request::EndStream { stream: 0 },
         generate(
             Input::Messages {
                 messages: vec![
@@ -192,6 +206,25 @@ fn all_replies() -> Vec<Reply> {
         Reply::Evicted { freed: 41, groups: 2, micros: 77 },
         Reply::Paused { scrubbed: true },
         Reply::Paused { scrubbed: false },
+        Reply::Stepped { streams: vec![] },
+        Reply::Stepped {
+            streams: vec![
+                StreamStep { stream: 1, text: "é".into(), finished: None },
+                StreamStep {
+                    stream: 4,
+                    text: String::new(),
+                    finished: Some(GenerationReport {
+                        prompt_tokens: 9,
+                        cached_tokens: 0,
+                        generated_tokens: 3,
+                        prefill_micros: 10,
+                        decode_micros: 20,
+                        layers: vec![],
+                        stop: StopReason::MaxTokens,
+                    }),
+                },
+            ],
+        },
         Reply::Status(StatusReport {
             deployment: Deployment::Service,
             secure_uid: 998,

@@ -24,6 +24,7 @@ use crate::state::Principal;
 
 mod encrypted;
 mod generation;
+mod streams;
 
 pub use encrypted::MAX_ENCRYPTED_SESSIONS;
 
@@ -95,6 +96,8 @@ pub struct SecureWorld<M: SecureMemory, C: Channel, X: Compute> {
     awaiting_memory: Option<u32>,
     /// Encrypted sessions with clients, by id.
     encrypted: std::collections::HashMap<u64, encrypted::EncryptedSession>,
+    /// Generations waiting in their models' batches between decode steps, by stream id.
+    streams: BTreeMap<u32, streams::Stream>,
 }
 
 impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
@@ -121,6 +124,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             max_granules,
             awaiting_memory: None,
             encrypted: std::collections::HashMap::new(),
+            streams: BTreeMap::new(),
         }
     }
 
@@ -144,7 +148,8 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             };
             let shutdown = matches!(request, Request::Shutdown);
             let asks_for_model = match &request {
-                Request::Generate(g) => Some(g.model),
+                Request::Generate(g) | Request::StartStream { request: g, .. } => Some(g.model),
+                Request::StepStreams { model } => Some(*model),
                 Request::Perplexity { model, .. } => Some(*model),
                 Request::GenerateEncrypted { session, .. } => self.encrypted_model(*session),
                 _ => None,
@@ -241,7 +246,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             }
             Request::Generate(g) => {
                 (self.heap.reset_peak)();
-                let reply = self.generate(g, None);
+                let reply = self.generate(g, generation::Answer::Tokens);
                 // The secure step is over and its cores may go to the normal
                 // world: nothing of it stays in the workers' scratch.
                 self.scrub_workers();
@@ -255,6 +260,17 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 reply
             }
             Request::CloseEncrypted { session } => Ok(self.close_encrypted(session)),
+            Request::StartStream { stream, request } => {
+                (self.heap.reset_peak)();
+                let reply = self.start_stream(stream, request);
+                // As after a generation: the prompt's activations leave the workers' scratch.
+                self.scrub_workers();
+                reply
+            }
+            // Steps follow one another: the normal world sends `Pause` (which
+            // scrubs) before the cores change owner, not after every token.
+            Request::StepStreams { model } => self.step_streams(model),
+            Request::EndStream { stream } => Ok(self.end_stream(stream)),
             Request::Perplexity { model, text, n_ctx } => {
                 (self.heap.reset_peak)();
                 let reply = self.perplexity(model, text, n_ctx as usize);
@@ -269,8 +285,9 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             }
             Request::Unload { model } => {
                 // Dropping the model scrubs its regions back into the free pool;
-                // its encrypted sessions end with it.
+                // its encrypted sessions and its batch's streams end with it.
                 self.encrypted.retain(|_, s| s.model() != model);
+                self.streams.retain(|_, s| s.model != model);
                 self.models.remove(&model).map(|_| Reply::Ok).ok_or_else(|| no_model(model))
             }
             Request::Recall { granules } => Ok(self.recall(granules as usize)),
@@ -319,6 +336,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             }
             Request::Status => Ok(Reply::Status(self.status())),
             Request::Shutdown => {
+                self.streams.clear();
                 self.models.clear();
                 Ok(Reply::Ok)
             }
@@ -409,6 +427,12 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 format!("model {model} is the one waiting for memory: evicting it would undo what it waits for"),
             ));
         }
+        if self.has_streams(model) {
+            return Err((
+                ErrorCode::BadArgument,
+                format!("model {model} has generations in its batch: its layers are in use until they end"),
+            ));
+        }
         let t0 = Instant::now();
         let m = self.models.get_mut(&model).ok_or_else(|| no_model(model))?;
         let (mut freed, mut groups) = (0, 0);
@@ -432,7 +456,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             let victim = self
                 .models
                 .iter()
-                .filter(|&(&id, _)| self.awaiting_memory != Some(id))
+                .filter(|&(&id, _)| self.awaiting_memory != Some(id) && !self.has_streams(id))
                 .filter_map(|(&id, m)| m.store.eviction_candidates().first().map(|&(g, _)| (m.last_used, id, g)))
                 .min();
             let Some((_, id, group)) = victim else { break };
@@ -500,6 +524,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> Drop for SecureWorld<M, C, X> {
     /// The session is over: its models and conversations are scrubbed back
     /// into the free pool, then what it granted goes back to the system.
     fn drop(&mut self) {
+        self.streams.clear();
         self.models.clear();
         self.session_keys.clear();
         let all = self.granted_here;

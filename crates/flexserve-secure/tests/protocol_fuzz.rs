@@ -317,7 +317,11 @@ fn greedy() -> Sampling {
 }
 
 fn generate(model: u32, text: &str, max_tokens: u32, n_ctx: u32) -> Request {
-    Request::Generate(GenerateRequest {
+    Request::Generate(request_to(model, text, max_tokens, n_ctx))
+}
+
+fn request_to(model: u32, text: &str, max_tokens: u32, n_ctx: u32) -> GenerateRequest {
+    GenerateRequest {
         model,
         conversation: 0,
         input: Input::Raw { text: text.into() },
@@ -325,7 +329,7 @@ fn generate(model: u32, text: &str, max_tokens: u32, n_ctx: u32) -> Request {
         n_ctx,
         sampling: greedy(),
         stop: Vec::new(),
-    })
+    }
 }
 
 /// Places every chunk of `file` back to back from `CHUNKS_AT` and returns their references.
@@ -414,6 +418,11 @@ fn corpus(fx: &Fixture, target: &Target) -> Vec<Request> {
         Request::Pause,
         Request::Resume,
         Request::Status,
+        Request::StartStream { stream: 1, request: request_to(tiny, "Once upon a time", 3, 32) },
+        Request::StartStream { stream: 1, request: request_to(tiny + 1000, "a", 2, 0) },
+        Request::StepStreams { model: tiny },
+        Request::StepStreams { model: tiny + 1000 },
+        Request::EndStream { stream: 1 },
     ]
 }
 
@@ -426,6 +435,8 @@ fn admissible(request: &Request, quota: u32) -> bool {
         Request::Shutdown => false,
         Request::Grant { granules } => quota.saturating_add(*granules) <= FUZZ_QUOTA_CAP,
         Request::Generate(g) => g.max_tokens <= 64 || (g.conversation == 0 && (1..=64).contains(&g.n_ctx)),
+        // A stream's cache stays until it ends: small caches only.
+        Request::StartStream { request: g, .. } => g.max_tokens <= 64 && (1..=64).contains(&g.n_ctx),
         _ => true,
     }
 }
@@ -468,6 +479,11 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                         | ErrorCode::BadArgument
                         | ErrorCode::Policy
                 ),
+                Request::StartStream { .. } => matches!(
+                    code,
+                    ErrorCode::NoSuchModel | ErrorCode::NotResident | ErrorCode::Engine | ErrorCode::BadArgument
+                ),
+                Request::StepStreams { .. } => matches!(code, ErrorCode::NoSuchModel | ErrorCode::Engine),
                 Request::ImportKey { .. } => matches!(code, ErrorCode::BadArgument),
                 Request::OpenEncrypted { .. } => matches!(code, ErrorCode::NoSuchModel | ErrorCode::EncryptedSession),
                 Request::GenerateEncrypted { .. } => matches!(code, ErrorCode::EncryptedSession),
@@ -480,7 +496,8 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                 | Request::DevicePublicKey
                 | Request::Cancel
                 | Request::Identity
-                | Request::CloseEncrypted { .. } => false,
+                | Request::CloseEncrypted { .. }
+                | Request::EndStream { .. } => false,
             };
             assert!(plausible, "{context}: {} answered with error {code:?}: {message}", short(r));
         }
@@ -506,6 +523,10 @@ fn check_answer(request: Option<&Request>, reply: &Reply, tokens: usize, context
                     | (Request::Perplexity { .. }, Reply::Perplexity { .. })
                     | (Request::Generate(_) | Request::Perplexity { .. }, Reply::MemoryNeeded { .. })
                     | (Request::Generate(_), Reply::LoadNeeded { .. })
+                    | (Request::StartStream { .. }, Reply::MemoryNeeded { .. } | Reply::LoadNeeded { .. })
+                    | (Request::StartStream { .. } | Request::StepStreams { .. }, Reply::Stepped { .. })
+                    | (Request::StepStreams { .. }, Reply::MemoryNeeded { .. })
+                    | (Request::EndStream { .. }, Reply::Ok)
             );
             assert!(fits, "{context}: {} answered {}", short(r), short(reply));
         }

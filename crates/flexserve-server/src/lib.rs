@@ -18,6 +18,7 @@ pub mod lease;
 pub mod metrics;
 pub mod registry;
 pub mod reserve;
+mod sealed;
 pub mod worker;
 pub mod workflows;
 

@@ -227,7 +227,7 @@ impl Registry {
         let t0 = Instant::now();
         let loaded = tokio::task::spawn_blocking(move || match kind {
             Kind::Plain => Backend::start_plain(&path, threads, parallel, max_queue, cores),
-            Kind::Sealed => Backend::start_sealed(&path, &connect, max_queue, resident, cores),
+            Kind::Sealed => Backend::start_sealed(&path, &connect, parallel, max_queue, resident, cores),
         })
         .await
         .map_err(|e| ApiError::new(ErrorKind::Internal, format!("loading: {e}")))?;

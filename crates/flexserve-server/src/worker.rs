@@ -7,19 +7,19 @@
 //! or token.
 
 use crate::lease::{CoreArbiter, SecureTenant};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use flexserve_engine::StopReason;
-use flexserve_normal::{NormalError, OpenedModel, SecureWorld};
-use flexserve_protocol::{ErrorCode, GenerateRequest, Input, Message, Sampling, StatusReport};
+use flexserve_normal::{NormalError, SecureWorld};
+use flexserve_protocol::{ErrorCode, Message, StatusReport};
 use tokio::sync::{mpsc as async_mpsc, oneshot};
 
 use crate::api::{ApiError, ErrorKind};
 use crate::batch::PlainModel;
+use crate::sealed::SealedModel;
 
 /// Opens a session with the secure world (the service, or a development one).
 pub type SessionFactory = Arc<dyn Fn() -> Result<SecureWorld, String> + Send + Sync>;
@@ -187,10 +187,12 @@ impl Backend {
     /// Opens a session with the secure world, opens the sealed model there
     /// (making it resident now with `resident`, else its weights stream
     /// through the pipeline with the first request), and starts the worker
-    /// that drives the session.
+    /// that drives the session: up to `slots` generations decoded together
+    /// in the secure world, one batched step at a time.
     pub fn start_sealed(
         path: &Path,
         connect: &SessionFactory,
+        slots: usize,
         max_queue: usize,
         resident: bool,
         cores: Option<Arc<CoreArbiter>>,
@@ -205,58 +207,14 @@ impl Backend {
         let (tx, rx) = mpsc::sync_channel::<Command>(max_queue);
         let alive = Arc::new(AtomicBool::new(true));
         let flag = alive.clone();
-        let mut sealed = SealedModel { world, model, path: path.to_path_buf(), tenant };
+        let sealed = SealedModel { world, model, path: path.to_path_buf(), tenant };
         let handle = std::thread::Builder::new()
             .name("sealed".to_string())
             .spawn(move || {
-                while let Ok(command) = rx.recv() {
-                    let healthy = match command {
-                        Command::Generate(job) => sealed.run(job),
-                        Command::Status(reply) => {
-                            let status = sealed.world.status();
-                            let healthy = !matches!(status, Err(ref e) if session_lost(e));
-                            let _ = reply.send(status.map_err(|e| e.to_string()));
-                            healthy
-                        }
-                        Command::OpenEncrypted { handshake, reply } => {
-                            let opened = sealed.world.open_encrypted(&sealed.model, handshake);
-                            let healthy = !matches!(opened, Err(ref e) if session_lost(e));
-                            let _ = reply.send(opened.map_err(encrypted_error));
-                            healthy
-                        }
-                        Command::Encrypted(job) => sealed.run_encrypted(job),
-                        Command::Embed(job) => {
-                            // Sealed models in the secure world are generative ones for now.
-                            let _ = job.reply.send(Err(crate::embeddings::not_an_encoder()));
-                            true
-                        }
-                        Command::CloseEncrypted { session } => {
-                            !matches!(sealed.world.close_encrypted(session), Err(ref e) if session_lost(e))
-                        }
-                    };
-                    if !healthy {
-                        // The session is gone: fail what is queued; the next request opens a new one.
-                        flag.store(false, Ordering::SeqCst);
-                        while let Ok(command) = rx.try_recv() {
-                            match command {
-                                Command::Generate(job) => {
-                                    let _ = job.events.blocking_send(Event::Failed(secure_world_gone()));
-                                }
-                                Command::Encrypted(job) => {
-                                    let _ = job.events.blocking_send(SealedEvent::Failed(secure_world_gone()));
-                                }
-                                Command::OpenEncrypted { reply, .. } => {
-                                    let _ = reply.send(Err(secure_world_gone()));
-                                }
-                                Command::Embed(job) => {
-                                    let _ = job.reply.send(Err(secure_world_gone()));
-                                }
-                                Command::Status(_) | Command::CloseEncrypted { .. } => {}
-                            }
-                        }
-                        return;
-                    }
-                }
+                sealed.serve(&rx, slots.max(1));
+                // The session is gone: fail what is queued; the next request opens a new one.
+                flag.store(false, Ordering::SeqCst);
+                fail_queued(&rx);
             })
             .map_err(|e| format!("starting a worker: {e}"))?;
         Ok(Backend { kind: Kind::Sealed, commands: Some(tx), alive, threads: vec![handle] })
@@ -290,7 +248,28 @@ impl Drop for Backend {
     }
 }
 
-fn secure_world_gone() -> ApiError {
+/// Fails every command still queued for a session that is gone.
+fn fail_queued(rx: &mpsc::Receiver<Command>) {
+    while let Ok(command) = rx.try_recv() {
+        match command {
+            Command::Generate(job) => {
+                let _ = job.events.blocking_send(Event::Failed(secure_world_gone()));
+            }
+            Command::Encrypted(job) => {
+                let _ = job.events.blocking_send(SealedEvent::Failed(secure_world_gone()));
+            }
+            Command::OpenEncrypted { reply, .. } => {
+                let _ = reply.send(Err(secure_world_gone()));
+            }
+            Command::Embed(job) => {
+                let _ = job.reply.send(Err(secure_world_gone()));
+            }
+            Command::Status(_) | Command::CloseEncrypted { .. } => {}
+        }
+    }
+}
+
+pub(crate) fn secure_world_gone() -> ApiError {
     ApiError::new(
         ErrorKind::Unavailable,
         "the secure world went away during this request; the next request reconnects and reopens the model",
@@ -299,7 +278,7 @@ fn secure_world_gone() -> ApiError {
 }
 
 /// Whether an error means the session with the secure world is over.
-fn session_lost(e: &NormalError) -> bool {
+pub(crate) fn session_lost(e: &NormalError) -> bool {
     matches!(e, NormalError::Died(_) | NormalError::SessionClosed(_) | NormalError::Protocol(_) | NormalError::Io(_))
 }
 
@@ -319,7 +298,7 @@ pub(crate) fn context_exceeded(needed: usize, n_ctx: usize) -> ApiError {
 }
 
 /// The HTTP error for a failed encrypted-session command.
-fn encrypted_error(e: NormalError) -> ApiError {
+pub(crate) fn encrypted_error(e: NormalError) -> ApiError {
     match e {
         NormalError::Secure { code: ErrorCode::EncryptedSession, message } => {
             ApiError::bad_request(message, None).with_code("encrypted_session_ended")
@@ -327,134 +306,5 @@ fn encrypted_error(e: NormalError) -> ApiError {
         NormalError::Secure { code: ErrorCode::BadArgument, message } => ApiError::bad_request(message, None),
         e if session_lost(&e) => secure_world_gone(),
         e => ApiError::new(ErrorKind::Internal, e.to_string()),
-    }
-}
-
-/// A sealed model resident in the secure world, and the session that holds it.
-struct SealedModel {
-    world: SecureWorld,
-    model: OpenedModel,
-    path: PathBuf,
-    /// The session's share of the cores' lease (`--cores lease`).
-    tenant: Option<Arc<crate::lease::SecureTenant>>,
-}
-
-impl SealedModel {
-    /// Runs `work` (one generation) holding the cores when they are leased.
-    fn on_cores<T>(&mut self, work: impl FnOnce(&mut SealedModel) -> T) -> T {
-        let tenant = self.tenant.clone();
-        if let Some(t) = &tenant {
-            t.begin();
-        }
-        let out = work(self);
-        if let Some(t) = &tenant {
-            t.end();
-        }
-        out
-    }
-}
-
-impl SealedModel {
-    /// Carries one encrypted request and its sealed answer; false when the
-    /// session with the secure world is lost.
-    fn run_encrypted(&mut self, job: EncryptedJob) -> bool {
-        let events = &job.events;
-        let (session, n_ctx, message) = (job.session, job.n_ctx, job.message);
-        let result = self.on_cores(|s| {
-            s.world.generate_encrypted(
-                &s.model,
-                session,
-                n_ctx,
-                message,
-                |record| {
-                    let _ = events.blocking_send(SealedEvent::Record(record));
-                },
-                || events.is_closed(),
-            )
-        });
-        let (event, healthy) = match result {
-            Ok(()) => (SealedEvent::End, true),
-            Err(NormalError::Secure { code: ErrorCode::Cancelled, .. }) => {
-                job.cancelled.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-            Err(e) => {
-                let healthy = !session_lost(&e);
-                (SealedEvent::Failed(encrypted_error(e)), healthy)
-            }
-        };
-        let _ = events.blocking_send(event);
-        healthy
-    }
-
-    /// Runs one job; false when the session with the secure world is lost.
-    fn run(&mut self, job: Job) -> bool {
-        let p = &job.params;
-        let request = GenerateRequest {
-            model: self.model.id,
-            conversation: 0,
-            input: match job.input {
-                JobInput::Chat(messages) => Input::Messages { messages },
-                JobInput::Prompt(text) => Input::Raw { text },
-            },
-            max_tokens: p.max_tokens,
-            n_ctx: p.n_ctx,
-            sampling: Sampling {
-                temperature: p.temperature,
-                top_k: p.top_k,
-                top_p: p.top_p,
-                min_p: p.min_p,
-                seed: p.seed,
-                ..Sampling::default()
-            },
-            stop: p.stop.clone(),
-        };
-        let events = &job.events;
-        let started = Instant::now();
-        let result = self.on_cores(|s| {
-            s.world.generate_until(
-                &s.model,
-                request,
-                |piece| {
-                    let _ = events.blocking_send(Event::Text(piece.to_string()));
-                },
-                || events.is_closed(),
-            )
-        });
-        let (event, healthy) = match result {
-            Ok(report) => (
-                Event::Done(Finish {
-                    prompt_tokens: report.prompt_tokens + report.cached_tokens,
-                    completion_tokens: report.generated_tokens,
-                    prompt_ms: report.prefill_micros as f64 / 1e3,
-                    predicted_ms: report.decode_micros as f64 / 1e3,
-                    finish_reason: match report.stop {
-                        flexserve_protocol::StopReason::MaxTokens | flexserve_protocol::StopReason::ContextFull => {
-                            "length"
-                        }
-                        _ => "stop",
-                    },
-                }),
-                true,
-            ),
-            Err(NormalError::Secure { code: ErrorCode::Cancelled, .. }) => {
-                job.cancelled.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-            Err(NormalError::Secure { code: ErrorCode::BadArgument, message }) => {
-                (Event::Failed(ApiError::bad_request(message, None)), true)
-            }
-            Err(e) if session_lost(&e) => {
-                eprintln!(
-                    "flexserve serve: the secure world session for {} ended after {:.1} s: {e}",
-                    self.path.display(),
-                    started.elapsed().as_secs_f64()
-                );
-                (Event::Failed(secure_world_gone()), false)
-            }
-            Err(e) => (Event::Failed(ApiError::new(ErrorKind::Internal, e.to_string())), true),
-        };
-        let _ = events.blocking_send(event);
-        healthy
     }
 }

@@ -45,7 +45,7 @@ pub use config::{keys, ModelKind, TokenType, TokenizerConfig};
 pub use error::TokenizerError;
 pub use pretokenize::PreTokenizerKind;
 pub use special::MAX_SPECIAL_TOKEN_BYTES;
-pub use stream::StreamDecoder;
+pub use stream::{ParkedDecoder, StreamDecoder};
 pub use tokenizer::Tokenizer;
 pub use wordpiece::MAX_WORDPIECE_TOKEN_BYTES;
 

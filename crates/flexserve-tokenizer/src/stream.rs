@@ -58,4 +58,32 @@ impl<'a> StreamDecoder<'a> {
         self.pending.clear();
         out
     }
+
+    /// The decoder's state without the borrow of the tokenizer, to keep
+    /// between calls (a stream of a batch parked between decode steps).
+    pub fn park(self) -> ParkedDecoder {
+        let (strip_space, first) = self.state.flags();
+        ParkedDecoder { strip_space, first, pending: self.pending }
+    }
+}
+
+/// A [`StreamDecoder`]'s state, parked: [`ParkedDecoder::resume`] goes on
+/// exactly where [`StreamDecoder::park`] stopped.
+pub struct ParkedDecoder {
+    strip_space: bool,
+    first: bool,
+    pending: Vec<u8>,
+}
+
+impl ParkedDecoder {
+    /// The decoder again, on the tokenizer it was made with.
+    pub fn resume(self, tok: &Tokenizer) -> StreamDecoder<'_> {
+        StreamDecoder { state: DecodeState::with_flags(tok, self.strip_space, self.first), pending: self.pending }
+    }
+
+    /// Bytes of a character not yet complete (user text: callers that must
+    /// not leave it behind wipe it).
+    pub fn pending_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.pending
+    }
 }

@@ -568,6 +568,16 @@ impl<'a> DecodeState<'a> {
         DecodeState { tok, strip_space: tok.add_space_prefix, first: true }
     }
 
+    /// A state parked by [`DecodeState::flags`], on its tokenizer again.
+    pub(crate) fn with_flags(tok: &'a Tokenizer, strip_space: bool, first: bool) -> Self {
+        DecodeState { tok, strip_space, first }
+    }
+
+    /// (strip_space, first): all of the state but the tokenizer.
+    pub(crate) fn flags(&self) -> (bool, bool) {
+        (self.strip_space, self.first)
+    }
+
     pub(crate) fn piece(&mut self, id: u32) -> &'a [u8] {
         let first = std::mem::replace(&mut self.first, false);
         if first && Some(id) == self.tok.bos {

@@ -4,11 +4,12 @@ use std::fmt::Display;
 
 use super::tags::{self as tag, DEPLOYMENTS, ERROR_CODES, STOP_REASONS};
 use super::{
-    malformed, ProtocolError, CHUNK_REF_LEN, CHUNK_SPAN_LEN, LAYER_TIMING_LEN, MIN_MODEL_STATUS_LEN, MIN_STRING_LEN,
+    malformed, ProtocolError, CHUNK_REF_LEN, CHUNK_SPAN_LEN, LAYER_TIMING_LEN, MIN_MODEL_STATUS_LEN,
+    MIN_STREAM_STEP_LEN, MIN_STRING_LEN,
 };
 use crate::{
     BufferRange, ChunkRef, ChunkSpan, GenerateRequest, GenerationReport, Input, LayerTiming, Message, ModelStatus,
-    Reply, Request, Sampling, StatusReport, MAX_LIST_LEN, MAX_SEALED_LEN, MAX_TEXT_LEN,
+    Reply, Request, Sampling, StatusReport, StreamStep, MAX_LIST_LEN, MAX_SEALED_LEN, MAX_TEXT_LEN,
 };
 
 /// Reads fields from the front of an untrusted payload.
@@ -95,6 +96,32 @@ impl<'a> Decoder<'a> {
         }
     }
 
+    fn report(&mut self) -> Result<GenerationReport, ProtocolError> {
+        Ok(GenerationReport {
+            prompt_tokens: self.u32(&"GenerationReport.prompt_tokens")?,
+            cached_tokens: self.u32(&"GenerationReport.cached_tokens")?,
+            generated_tokens: self.u32(&"GenerationReport.generated_tokens")?,
+            prefill_micros: self.u64(&"GenerationReport.prefill_micros")?,
+            decode_micros: self.u64(&"GenerationReport.decode_micros")?,
+            layers: self.list(&"GenerationReport.layers", LAYER_TIMING_LEN, |d, what| {
+                Ok(LayerTiming {
+                    layer: d.u32(&format_args!("{what}.layer"))?,
+                    decrypt_from: d.u64(&format_args!("{what}.decrypt_from"))?,
+                    decrypt_to: d.u64(&format_args!("{what}.decrypt_to"))?,
+                    decrypt_micros: d.u64(&format_args!("{what}.decrypt_micros"))?,
+                    compute_from: d.u64(&format_args!("{what}.compute_from"))?,
+                    compute_to: d.u64(&format_args!("{what}.compute_to"))?,
+                })
+            })?,
+            stop: {
+                let t = self.u8(&"GenerationReport.stop tag")?;
+                *STOP_REASONS
+                    .get(t as usize)
+                    .ok_or_else(|| malformed(format!("unknown GenerationReport.stop tag {t:#04x}")))?
+            },
+        })
+    }
+
     /// A list of chunk spans.
     fn spans(&mut self, what: &dyn Display) -> Result<Vec<ChunkSpan>, ProtocolError> {
         self.list(what, CHUNK_SPAN_LEN, |d, what| {
@@ -159,6 +186,12 @@ impl<'a> Decoder<'a> {
             tag::REQ_RECALL => Request::Recall { granules: self.u32(&"Request::Recall.granules")? },
             tag::REQ_PAUSE => Request::Pause,
             tag::REQ_RESUME => Request::Resume,
+            tag::REQ_START_STREAM => Request::StartStream {
+                stream: self.u32(&"Request::StartStream.stream")?,
+                request: self.generate_request()?,
+            },
+            tag::REQ_STEP_STREAMS => Request::StepStreams { model: self.u32(&"Request::StepStreams.model")? },
+            tag::REQ_END_STREAM => Request::EndStream { stream: self.u32(&"Request::EndStream.stream")? },
             tag::REQ_EVICT => Request::Evict {
                 model: self.u32(&"Request::Evict.model")?,
                 granules: self.u32(&"Request::Evict.granules")?,
@@ -248,29 +281,22 @@ impl<'a> Decoder<'a> {
             tag::REP_MISSING => Reply::Missing { chunks: self.spans(&"Reply::Missing.chunks")? },
             tag::REP_LOAD_NEEDED => Reply::LoadNeeded { chunks: self.spans(&"Reply::LoadNeeded.chunks")? },
             tag::REP_TOKEN => Reply::Token { text: self.string(&"Reply::Token.text")? },
-            tag::REP_GENERATED => Reply::Generated(GenerationReport {
-                prompt_tokens: self.u32(&"GenerationReport.prompt_tokens")?,
-                cached_tokens: self.u32(&"GenerationReport.cached_tokens")?,
-                generated_tokens: self.u32(&"GenerationReport.generated_tokens")?,
-                prefill_micros: self.u64(&"GenerationReport.prefill_micros")?,
-                decode_micros: self.u64(&"GenerationReport.decode_micros")?,
-                layers: self.list(&"GenerationReport.layers", LAYER_TIMING_LEN, |d, what| {
-                    Ok(LayerTiming {
-                        layer: d.u32(&format_args!("{what}.layer"))?,
-                        decrypt_from: d.u64(&format_args!("{what}.decrypt_from"))?,
-                        decrypt_to: d.u64(&format_args!("{what}.decrypt_to"))?,
-                        decrypt_micros: d.u64(&format_args!("{what}.decrypt_micros"))?,
-                        compute_from: d.u64(&format_args!("{what}.compute_from"))?,
-                        compute_to: d.u64(&format_args!("{what}.compute_to"))?,
+            tag::REP_GENERATED => Reply::Generated(self.report()?),
+            tag::REP_STEPPED => Reply::Stepped {
+                streams: self.list(&"Reply::Stepped.streams", MIN_STREAM_STEP_LEN, |d, what| {
+                    Ok(StreamStep {
+                        stream: d.u32(&format_args!("{what}.stream"))?,
+                        text: d.string(&format_args!("{what}.text"))?,
+                        finished: match d.u8(&format_args!("{what}.finished presence"))? {
+                            0 => None,
+                            1 => Some(d.report()?),
+                            other => {
+                                return Err(malformed(format!("{what}.finished: invalid Option flag {other:#04x}")))
+                            }
+                        },
                     })
                 })?,
-                stop: {
-                    let t = self.u8(&"GenerationReport.stop tag")?;
-                    *STOP_REASONS
-                        .get(t as usize)
-                        .ok_or_else(|| malformed(format!("unknown GenerationReport.stop tag {t:#04x}")))?
-                },
-            }),
+            },
             tag::REP_PAUSED => Reply::Paused { scrubbed: self.flag(&"Reply::Paused.scrubbed")? },
             tag::REP_EVICTED => Reply::Evicted {
                 freed: self.u32(&"Reply::Evicted.freed")?,

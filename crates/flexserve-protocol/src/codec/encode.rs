@@ -5,8 +5,8 @@ use std::fmt::Display;
 use super::tags::{self as tag, deployment_tag, error_code_tag, stop_reason_tag};
 use super::{oversized, ProtocolError, CHUNK_REF_LEN, CHUNK_SPAN_LEN, FRAME_HEADER_LEN, LAYER_TIMING_LEN};
 use crate::{
-    BufferRange, ChunkSpan, GenerateRequest, Input, Reply, Request, StatusReport, MAX_FRAME_LEN, MAX_LIST_LEN,
-    MAX_SEALED_LEN, MAX_TEXT_LEN,
+    BufferRange, ChunkSpan, GenerateRequest, GenerationReport, Input, Reply, Request, StatusReport, MAX_FRAME_LEN,
+    MAX_LIST_LEN, MAX_SEALED_LEN, MAX_TEXT_LEN,
 };
 
 /// Appends fields to a payload, checking the limits the decoder enforces so
@@ -105,6 +105,24 @@ impl Encoder {
             element(self, item, &format_args!("{what}[{i}]"))?;
         }
         self.reserve(0, what)
+    }
+
+    fn report(&mut self, report: &GenerationReport) -> Result<(), ProtocolError> {
+        self.u32(report.prompt_tokens);
+        self.u32(report.cached_tokens);
+        self.u32(report.generated_tokens);
+        self.u64(report.prefill_micros);
+        self.u64(report.decode_micros);
+        self.list(&report.layers, &"GenerationReport.layers", |e, l, what| {
+            e.reserve(LAYER_TIMING_LEN, what)?;
+            e.u32(l.layer);
+            for v in [l.decrypt_from, l.decrypt_to, l.decrypt_micros, l.compute_from, l.compute_to] {
+                e.u64(v);
+            }
+            Ok(())
+        })?;
+        self.u8(stop_reason_tag(report.stop));
+        Ok(())
     }
 
     /// A list of chunk spans.
@@ -209,6 +227,19 @@ impl Encoder {
                 self.u8(tag::REQ_CLOSE_ENCRYPTED);
                 self.u64(*session);
             }
+            Request::StartStream { stream, request } => {
+                self.u8(tag::REQ_START_STREAM);
+                self.u32(*stream);
+                self.generate_request(request)?;
+            }
+            Request::StepStreams { model } => {
+                self.u8(tag::REQ_STEP_STREAMS);
+                self.u32(*model);
+            }
+            Request::EndStream { stream } => {
+                self.u8(tag::REQ_END_STREAM);
+                self.u32(*stream);
+            }
         }
         Ok(())
     }
@@ -286,20 +317,22 @@ impl Encoder {
             }
             Reply::Generated(report) => {
                 self.u8(tag::REP_GENERATED);
-                self.u32(report.prompt_tokens);
-                self.u32(report.cached_tokens);
-                self.u32(report.generated_tokens);
-                self.u64(report.prefill_micros);
-                self.u64(report.decode_micros);
-                self.list(&report.layers, &"GenerationReport.layers", |e, l, what| {
-                    e.reserve(LAYER_TIMING_LEN, what)?;
-                    e.u32(l.layer);
-                    for v in [l.decrypt_from, l.decrypt_to, l.decrypt_micros, l.compute_from, l.compute_to] {
-                        e.u64(v);
+                self.report(report)?;
+            }
+            Reply::Stepped { streams } => {
+                self.u8(tag::REP_STEPPED);
+                self.list(streams, &"Reply::Stepped.streams", |e, step, what| {
+                    e.u32(step.stream);
+                    e.string(&step.text, &format_args!("{what}.text"))?;
+                    match &step.finished {
+                        None => e.u8(0),
+                        Some(report) => {
+                            e.u8(1);
+                            e.report(report)?;
+                        }
                     }
                     Ok(())
                 })?;
-                self.u8(stop_reason_tag(report.stop));
             }
             Reply::Recalled { released, evicted, micros } => {
                 self.u8(tag::REP_RECALLED);

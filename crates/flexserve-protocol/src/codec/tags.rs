@@ -26,6 +26,9 @@ pub(super) const REQ_CLOSE_ENCRYPTED: u8 = 0x14;
 pub(super) const REQ_EVICT: u8 = 0x15;
 pub(super) const REQ_PAUSE: u8 = 0x16;
 pub(super) const REQ_RESUME: u8 = 0x17;
+pub(super) const REQ_START_STREAM: u8 = 0x18;
+pub(super) const REQ_STEP_STREAMS: u8 = 0x19;
+pub(super) const REQ_END_STREAM: u8 = 0x1a;
 
 pub(super) const REP_HELLO: u8 = 0x81;
 pub(super) const REP_MODEL_OPENED: u8 = 0x82;
@@ -48,6 +51,7 @@ pub(super) const REP_SEALED: u8 = 0x92;
 pub(super) const REP_LOAD_NEEDED: u8 = 0x93;
 pub(super) const REP_EVICTED: u8 = 0x94;
 pub(super) const REP_PAUSED: u8 = 0x95;
+pub(super) const REP_STEPPED: u8 = 0x96;
 
 pub(super) const INPUT_RAW: u8 = 0;
 pub(super) const INPUT_CHAT_TURN: u8 = 1;
@@ -156,6 +160,9 @@ impl Request {
             Request::OpenEncrypted { .. } => "Request::OpenEncrypted",
             Request::GenerateEncrypted { .. } => "Request::GenerateEncrypted",
             Request::CloseEncrypted { .. } => "Request::CloseEncrypted",
+            Request::StartStream { .. } => "Request::StartStream",
+            Request::StepStreams { .. } => "Request::StepStreams",
+            Request::EndStream { .. } => "Request::EndStream",
         }
     }
 }
@@ -185,6 +192,7 @@ impl Reply {
             Reply::Identity { .. } => "Reply::Identity",
             Reply::EncryptedOpened { .. } => "Reply::EncryptedOpened",
             Reply::Sealed { .. } => "Reply::Sealed",
+            Reply::Stepped { .. } => "Reply::Stepped",
         }
     }
 }

@@ -16,20 +16,52 @@ mod serving;
 
 use serving::{serve_during_generation, serve_while_loading, DuringGeneration, Timeline};
 
+use super::streams::first_token;
+
+/// Where a generation's answer goes.
+pub(super) enum Answer<'a> {
+    /// To the normal world as `Token` replies, to the end.
+    Tokens,
+    /// As records sealed to an encrypted session's client, to the end.
+    Sealed(&'a mut flexserve_e2e::ServerSession),
+    /// Nowhere yet: the prompt is evaluated and the generation waits in its
+    /// model's batch as this stream (`StepStreams` decodes it).
+    Stream(u32),
+}
+
+/// What a generation evaluated.
+enum Evaluated<'t> {
+    /// The prompt and every token: the answer was sent.
+    Whole(flexserve_engine::GenerationStats),
+    /// The prompt alone, for this stream.
+    Prompt(Box<flexserve_engine::Prefilled<'t>>, u32),
+}
+
+impl Evaluated<'_> {
+    fn prefill_secs(&self) -> f64 {
+        match self {
+            Evaluated::Whole(stats) => stats.prefill_secs,
+            Evaluated::Prompt(pre, _) => pre.prefill_secs,
+        }
+    }
+}
+
 impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
     /// Runs a generation; its text streams as `Token` replies, or with
     /// `sealer` as records sealed to an encrypted session's client. On a
     /// model that is not fully resident it claims the memory of the missing
     /// layers, asks the normal world for their chunks (`LoadNeeded`) and
     /// computes each layer of the prompt as soon as that layer is verified.
-    pub(super) fn generate(
-        &mut self,
-        g: GenerateRequest,
-        mut sealer: Option<&mut flexserve_e2e::ServerSession>,
-    ) -> Result<Reply, Failure> {
+    pub(super) fn generate(&mut self, g: GenerateRequest, answer: Answer<'_>) -> Result<Reply, Failure> {
         let started = Instant::now();
         let threads = self.compute.threads();
         let kept_conversations: usize = self.models.values().map(|m| m.conversations.len()).sum();
+        let (mut sealer, park) = match answer {
+            Answer::Tokens => (None, None),
+            Answer::Sealed(session) => (Some(session), None),
+            Answer::Stream(stream) => (None, Some(stream)),
+        };
+        let streams = &mut self.streams;
         let channel = &mut self.channel;
         let memory = &self.memory;
         let model = self.models.get_mut(&g.model).ok_or_else(|| no_model(g.model))?;
@@ -283,48 +315,58 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 Ok(())
             }
         };
-        let result = generator.generate_with(
-            &ids[..],
-            &opts,
-            |piece| {
-                answer.push_str(piece);
-                let mut channel = lock();
-                let reply = match sealer.as_deref_mut() {
-                    None => Some(Reply::Token { text: piece.to_string() }),
-                    // A session that can seal no more (its counter ran out) ends the answer.
-                    Some(session) => session
-                        .seal_record(&flexserve_e2e::Record::Text(piece.to_string()))
-                        .ok()
-                        .map(|record| Reply::Sealed { record }),
-                };
-                match reply {
-                    Some(reply) if !peer_gone.load(Ordering::Relaxed) => {
-                        if channel.send(&reply).is_err() {
-                            peer_gone.store(true, Ordering::Relaxed);
-                        }
+        let on_text = |piece: &str| {
+            answer.push_str(piece);
+            let mut channel = lock();
+            let reply = match sealer.as_deref_mut() {
+                None => Some(Reply::Token { text: piece.to_string() }),
+                // A session that can seal no more (its counter ran out) ends the answer.
+                Some(session) => session
+                    .seal_record(&flexserve_e2e::Record::Text(piece.to_string()))
+                    .ok()
+                    .map(|record| Reply::Sealed { record }),
+            };
+            match reply {
+                Some(reply) if !peer_gone.load(Ordering::Relaxed) => {
+                    if channel.send(&reply).is_err() {
+                        peer_gone.store(true, Ordering::Relaxed);
                     }
-                    Some(_) => {}
-                    None => peer_gone.store(true, Ordering::Relaxed),
                 }
-                serve(&mut channel, false);
-            },
-            &mut before_layer,
-        );
+                Some(_) => {}
+                None => peer_gone.store(true, Ordering::Relaxed),
+            }
+            serve(&mut channel, false);
+        };
+        // A stream stops after its prompt: its tokens come from the batch's steps.
+        let result = match park {
+            None => generator.generate_with(&ids[..], &opts, on_text, &mut before_layer).map(Evaluated::Whole),
+            Some(stream) => {
+                generator.prefill_with(&ids[..], &opts, &mut before_layer).map(|pre| Evaluated::Prompt(Box::new(pre), stream))
+            }
+        };
         let mut timeline = timeline.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Ok(stats) = &result {
-            timeline.prefill_ended(std::time::Duration::from_secs_f64(stats.prefill_secs));
+        if let Ok(evaluated) = &result {
+            timeline.prefill_ended(std::time::Duration::from_secs_f64(evaluated.prefill_secs()));
         }
         give_back(&mut self.granted_here, &self.principal, recalled.into_inner());
         let (session, history) = generator.into_parts();
         let mut conv = turn.conv;
-        conv.state = Some(session.into_state());
         conv.history = history;
         if let Some(failure) = failure.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
             answer.zeroize();
             return Err(failure);
         }
+        let result = match result {
+            // A stream's cache waits in its batch, with its first token sampled.
+            Ok(Evaluated::Prompt(pre, stream)) => {
+                return Ok(first_token(streams, stream, g.model, session.into_state(), *pre, timeline.layers))
+            }
+            Ok(Evaluated::Whole(stats)) => Ok(stats),
+            Err(e) => Err(e),
+        };
+        conv.state = Some(session.into_state());
         let stats = match result {
-            Ok(s) => s,
+            Ok(stats) => stats,
             Err(EngineError::Cancelled) => {
                 answer.zeroize();
                 return Err((ErrorCode::Cancelled, "the generation was cancelled".to_string()));
@@ -348,12 +390,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             prefill_micros: (stats.prefill_secs * 1e6) as u64,
             decode_micros: (stats.decode_secs * 1e6) as u64,
             layers: timeline.layers,
-            stop: match stats.stop {
-                flexserve_engine::StopReason::EndOfGeneration => StopReason::EndOfGeneration,
-                flexserve_engine::StopReason::MaxTokens => StopReason::MaxTokens,
-                flexserve_engine::StopReason::StopString => StopReason::StopString,
-                flexserve_engine::StopReason::ContextFull => StopReason::ContextFull,
-            },
+            stop: stop_reason(stats.stop),
         }))
     }
 
@@ -479,6 +516,16 @@ pub(super) fn load_failure(e: LoadError) -> Failure {
     }
 }
 
+/// The engine's stop reason on the wire.
+pub(super) fn stop_reason(stop: flexserve_engine::StopReason) -> StopReason {
+    match stop {
+        flexserve_engine::StopReason::EndOfGeneration => StopReason::EndOfGeneration,
+        flexserve_engine::StopReason::MaxTokens => StopReason::MaxTokens,
+        flexserve_engine::StopReason::StopString => StopReason::StopString,
+        flexserve_engine::StopReason::ContextFull => StopReason::ContextFull,
+    }
+}
+
 fn peer_gone_failure() -> Failure {
     (ErrorCode::Cancelled, "the normal world went away".to_string())
 }
@@ -506,7 +553,7 @@ fn kv_and_scratch_granules(
 }
 
 /// `MemoryNeeded` if the free granted granules cannot hold `needed` more.
-fn memory_short<M: SecureMemory>(memory: &M, needed: usize) -> Result<Option<Reply>, Failure> {
+pub(super) fn memory_short<M: SecureMemory>(memory: &M, needed: usize) -> Result<Option<Reply>, Failure> {
     let s = memory.stats();
     let missing = needed.saturating_sub(s.granted.saturating_sub(s.in_use));
     if missing == 0 {
