@@ -113,7 +113,7 @@ impl Encoder {
         let mut mm: Buf<f32> = Buf::new(heap_scratch());
 
         // Token embeddings, plus the type-0 ("sentence A") embedding, normed.
-        let embd = ops::kernels(w.token_embd.ty)?;
+        let embd = w.token_embd.kernels()?.row;
         for (row, &tok) in x.chunks_exact_mut(e).zip(tokens) {
             (embd.dequantize)(w.token_embd.row(tok as usize), row);
             if let Some(type0) = &w.token_type0 {

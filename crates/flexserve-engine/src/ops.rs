@@ -2,7 +2,7 @@
 //! functions and the quantized matrix multiplication.
 
 use flexserve_gguf::GgmlType;
-use flexserve_quant::{Kernels, Repacked};
+use flexserve_quant::{KernelSet, Kernels, QuantizeFn, Repacked};
 use rayon::prelude::*;
 
 use std::sync::Arc;
@@ -156,7 +156,7 @@ pub struct QuantizedActs {
     /// step), not one sequence's consecutive tokens: every row then takes
     /// the arithmetic it takes alone, where llama.cpp's rearranged K-quant
     /// products would take a sequence's tokens four at a time with another
-    /// (`flexserve_quant::Repacked::matmul_part`).
+    /// (`flexserve_quant::PackedKernels::matmul_part`).
     pub independent_rows: bool,
 }
 
@@ -168,14 +168,24 @@ impl QuantizedActs {
 
     /// Quantizes `n_rows` rows of `cols` values from `x` to `ty`.
     pub fn quantize(&mut self, x: &[f32], cols: usize, ty: GgmlType) -> Result<(), EngineError> {
-        let k = kernels(ty)?;
+        self.quantize_with(x, cols, ty, kernels(ty)?.quantize)
+    }
+
+    /// [`QuantizedActs::quantize`] with `ty`'s quantizer `quant` at hand (a
+    /// weight's, resolved when it loaded).
+    pub fn quantize_with(
+        &mut self,
+        x: &[f32],
+        cols: usize,
+        ty: GgmlType,
+        quant: QuantizeFn,
+    ) -> Result<(), EngineError> {
         let row_bytes = ty
             .row_size(cols as u64)
             .ok_or_else(|| EngineError::Weights(format!("{cols} columns is not a whole number of {ty} blocks")))?
             as usize;
         let n_rows = x.len() / cols;
         self.data.resize(n_rows * row_bytes, 0)?;
-        let quant = k.quantize;
         if n_rows > 1 {
             self.data.par_chunks_mut(row_bytes).zip(x.par_chunks(cols)).for_each(|(d, s)| quant(s, d));
         } else {
@@ -206,27 +216,34 @@ pub fn kernels(ty: GgmlType) -> Result<Kernels, EngineError> {
     flexserve_quant::kernels(ty).map_err(|e| EngineError::Weights(e.to_string()))
 }
 
-/// The dot product kernel of a weight tensor, with its activation format.
-pub fn dot_kernel(w: &Tensor) -> Result<(flexserve_quant::DotFn, GgmlType), EngineError> {
-    let k = kernels(w.ty)?;
+/// The kernels of a weight tensor (resolved when it loaded) with its dot.
+fn weight_kernels(w: &Tensor) -> Result<(&KernelSet, flexserve_quant::DotFn), EngineError> {
+    let k = w.kernels()?;
     let dot = k
+        .row
         .dot
         .ok_or_else(|| EngineError::Weights(format!("tensor {}: type {} cannot be used as a weight", w.name, w.ty)))?;
-    Ok((dot, k.vec_dot_type))
+    Ok((k, dot))
+}
+
+/// The dot product kernel of a weight tensor, with its activation format.
+pub fn dot_kernel(w: &Tensor) -> Result<(flexserve_quant::DotFn, GgmlType), EngineError> {
+    let (k, dot) = weight_kernels(w)?;
+    Ok((dot, k.row.vec_dot_type))
 }
 
 /// Quantizes `x` (rows of `cols`) into the activation format of `w`.
 pub fn quantize_for(acts: &mut QuantizedActs, x: &[f32], cols: usize, w: &Tensor) -> Result<(), EngineError> {
-    let (_, ty) = dot_kernel(w)?;
-    acts.quantize(x, cols, ty)
+    let (k, _) = weight_kernels(w)?;
+    acts.quantize_with(x, cols, k.row.vec_dot_type, k.quantize_activations)
 }
 
 /// For a weight that reads the same `x` as the previous one (k/v after q, up
 /// after gate): quantizes again only if its activation format differs.
 pub fn reuse_for(acts: &mut QuantizedActs, x: &[f32], cols: usize, w: &Tensor) -> Result<(), EngineError> {
-    let (_, ty) = dot_kernel(w)?;
-    if acts.ty != ty {
-        acts.quantize(x, cols, ty)?;
+    let (k, _) = weight_kernels(w)?;
+    if acts.ty != k.row.vec_dot_type {
+        acts.quantize_with(x, cols, k.row.vec_dot_type, k.quantize_activations)?;
     }
     Ok(())
 }
@@ -234,13 +251,14 @@ pub fn reuse_for(acts: &mut QuantizedActs, x: &[f32], cols: usize, w: &Tensor) -
 /// `out[t][o] = dot(w.row(o), acts.row(t))` for all tokens t and output rows o.
 /// `out` is token-major: `acts.n_rows` rows of `w.rows` values. For
 /// multi-token batches, `scratch` holds the tasks' parts (each task a range
-/// of weight rows, token-major) before they are copied into place.
+/// of weight rows, token-major) before they are copied into place. The
+/// kernels are the ones `w` resolved when it loaded.
 pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut Buf<f32>) -> Result<(), EngineError> {
+    let (k, dot) = weight_kernels(w)?;
     if let Layout::Packed(packing) = w.layout {
-        return matmul_packed(w, packing, acts, out);
+        return matmul_packed(w, packing, k, acts, out);
     }
-    let (dot, act_ty) = dot_kernel(w)?;
-    debug_assert_eq!(act_ty, acts.ty);
+    debug_assert_eq!(k.row.vec_dot_type, acts.ty);
     let n_tok = acts.n_rows;
     let n = w.cols;
     let rows = w.rows;
@@ -252,7 +270,7 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut B
         let a = acts.row(0);
         // GEMV kernels walk several rows at once; tasks cover whole groups of rows.
         let per_task = per_task.next_multiple_of(8);
-        let gemv = flexserve_quant::gemv_kernel(w.ty);
+        let gemv = k.gemv;
         out.par_chunks_mut(per_task).enumerate().for_each(|(c, chunk)| {
             let base = c * per_task;
             match gemv {
@@ -269,7 +287,7 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut B
     // Tile kernels reuse each activation block across several weight rows;
     // tasks cover whole micro-tiles (multiples of 4 rows).
     let per_task = per_task.next_multiple_of(4);
-    if let Some(shared) = flexserve_quant::shared_act_tile(w.ty) {
+    if let Some(shared) = k.shared_tile {
         // Activations laid out once, beside the tasks' parts, for all tasks.
         let layout_len = (shared.layout_len)(n, n_tok);
         scratch.resize(rows * n_tok + layout_len, 0.0)?;
@@ -287,11 +305,7 @@ pub fn matmul(w: &Tensor, acts: &QuantizedActs, out: &mut [f32], scratch: &mut B
     scratch.resize(rows * n_tok, 0.0)?;
     // A sequence's tokens take llama.cpp's kernel for their count; rows of
     // different sessions each take what they take alone.
-    let tile = if acts.independent_rows {
-        flexserve_quant::tile_kernel(w.ty)
-    } else {
-        flexserve_quant::sequence_tile_kernel(w.ty, n_tok)
-    };
+    let tile = if acts.independent_rows { k.tile } else { k.sequence_tile(n_tok) };
     let w_bytes = w.bytes();
     scratch.par_chunks_mut(per_task * n_tok).enumerate().for_each(|(c, part)| {
         let base = c * per_task;
@@ -336,7 +350,16 @@ fn place_parts(out: &mut [f32], scratch: &[f32], rows: usize, per_task: usize) {
 
 /// [`matmul`] for weights rearranged in groups of eight rows. Tasks cover
 /// whole groups.
-fn matmul_packed(w: &Tensor, packing: Repacked, acts: &QuantizedActs, out: &mut [f32]) -> Result<(), EngineError> {
+fn matmul_packed(
+    w: &Tensor,
+    packing: Repacked,
+    k: &KernelSet,
+    acts: &QuantizedActs,
+    out: &mut [f32],
+) -> Result<(), EngineError> {
+    let packed = k.packed.filter(|p| p.layout() == packing).ok_or_else(|| {
+        EngineError::Weights(format!("tensor {}: no {packing:?} kernels for its type {}", w.name, w.ty))
+    })?;
     if acts.ty != packing.activation_type() {
         return Err(EngineError::Weights(format!(
             "tensor {}: rearranged {} weights need {} activations, got {}",
@@ -346,7 +369,7 @@ fn matmul_packed(w: &Tensor, packing: Repacked, acts: &QuantizedActs, out: &mut 
             acts.ty
         )));
     }
-    let kernel = packing.kernel();
+    let kernel = packed.matmul();
     let (n, rows, n_tok) = (w.cols, w.rows, acts.n_rows);
     debug_assert_eq!(out.len(), n_tok * rows);
     let tasks = rayon::current_num_threads() * 8;
@@ -364,7 +387,7 @@ fn matmul_packed(w: &Tensor, packing: Repacked, acts: &QuantizedActs, out: &mut 
     let parts = flexserve_quant::ColumnParts::new(out, n_tok, rows, rows, per_task);
     parts.par_bridge().for_each(|part| {
         let w_task = &w_bytes[part.first() * w.row_bytes..];
-        packing.matmul_part(n, w_task, &acts.data, acts.row_bytes, n_tok, !acts.independent_rows, part);
+        packed.matmul_part(n, w_task, &acts.data, acts.row_bytes, n_tok, !acts.independent_rows, part);
     });
     Ok(())
 }

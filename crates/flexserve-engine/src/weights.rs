@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use flexserve_gguf::{GgmlType, GgufFile, GgufHeader, TensorInfo};
 pub use flexserve_quant::Repacked;
+use flexserve_quant::{KernelSet, QuantError};
 
 use crate::EngineError;
 
@@ -169,9 +170,19 @@ pub struct Tensor {
     pub row_bytes: usize,
     pub layout: Layout,
     pub data: TensorBytes,
+    /// The kernels of `ty` at the tier active when the tensor loaded
+    /// (`None` for a type they do not support): resolved once, for every
+    /// product that follows.
+    kernels: Option<KernelSet>,
 }
 
 impl Tensor {
+    /// The kernels this tensor resolved when it loaded.
+    #[inline]
+    pub fn kernels(&self) -> Result<&KernelSet, EngineError> {
+        self.kernels.as_ref().ok_or_else(|| EngineError::Weights(QuantError::Unsupported(self.ty).to_string()))
+    }
+
     #[inline]
     pub fn bytes(&self) -> &[u8] {
         self.data.as_slice()
@@ -261,7 +272,8 @@ impl Tensor {
                 )));
             }
         }
-        Ok(Self { name: name.clone(), ty: info.ty, rows, cols, row_bytes, layout, data })
+        let kernels = flexserve_quant::kernel_set(info.ty).ok();
+        Ok(Self { name: name.clone(), ty: info.ty, rows, cols, row_bytes, layout, data, kernels })
     }
 
     /// Dequantizes the whole tensor (for small vectors: norms, biases).
@@ -269,11 +281,12 @@ impl Tensor {
         if self.layout != Layout::Rows {
             return Err(EngineError::Weights(format!("tensor {}: cannot dequantize a rearranged tensor", self.name)));
         }
-        let k = flexserve_quant::kernels(self.ty)
-            .map_err(|e| EngineError::Weights(format!("tensor {}: {e}", self.name)))?;
+        let k = self.kernels.as_ref().ok_or_else(|| {
+            EngineError::Weights(format!("tensor {}: {}", self.name, QuantError::Unsupported(self.ty)))
+        })?;
         let mut out = vec![0f32; self.rows * self.cols];
         for (r, dst) in out.chunks_exact_mut(self.cols).enumerate() {
-            (k.dequantize)(self.row(r), dst);
+            (k.row.dequantize)(self.row(r), dst);
         }
         Ok(out)
     }

@@ -18,8 +18,6 @@
 //! same operations in the same order, with `mul_add` where the SIMD ones
 //! fuse, and sum in the same eight lanes, so every variant gives the same bits.
 
-use crate::Isa;
-
 /// In-place `x[i] = exp(scale * x[i] - m) / sum` with `m` the largest scaled value.
 pub type SoftmaxFn = fn(x: &mut [f32], scale: f32);
 /// In-place `gate[i] = silu(gate[i]) * up[i]` over `gate.len()` elements
@@ -32,19 +30,15 @@ pub struct Activations {
     pub silu_mul: SiluMulFn,
 }
 
-/// The kernels for `isa` (portable where the CPU lacks it).
-pub fn activations_for(isa: Isa) -> Activations {
-    #[cfg(target_arch = "x86_64")]
-    if isa.usable() >= Isa::Avx2 {
-        return Activations { softmax_scaled: avx2::softmax_scaled, silu_mul: avx2::silu_mul };
-    }
-    let _ = isa;
+/// The portable kernels.
+pub(crate) fn portable_kernels() -> Activations {
     Activations { softmax_scaled: softmax_portable, silu_mul: silu_mul_portable }
 }
 
-/// The kernels for this CPU.
-pub fn activations() -> Activations {
-    activations_for(crate::active_isa())
+/// The AVX2 kernels (the AVX-512 tier's too), for a CPU with AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2_kernels() -> Activations {
+    Activations { softmax_scaled: avx2::softmax_scaled, silu_mul: avx2::silu_mul }
 }
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -178,7 +172,7 @@ fn silu_mul_portable(gate: &mut [f32], up: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
-    use crate::legacy::avx2::hsum;
+    use crate::simd::avx2::hsum;
     use std::arch::x86_64::*;
 
     pub(super) fn softmax_scaled(x: &mut [f32], scale: f32) {
@@ -334,7 +328,7 @@ mod tests {
     fn softmax_sums_to_one_and_keeps_order() {
         let mut x = values(67, 20.0);
         let before = x.clone();
-        (activations_for(Isa::Portable).softmax_scaled)(&mut x, 0.7);
+        (portable_kernels().softmax_scaled)(&mut x, 0.7);
         let sum: f32 = x.iter().sum();
         assert!((sum - 1.0).abs() < 1e-5, "{sum}");
         for i in 1..x.len() {
@@ -354,19 +348,29 @@ mod tests {
         let g = values(37, 30.0);
         let u = values(37, 3.0);
         let mut out = g.clone();
-        (activations_for(Isa::Portable).silu_mul)(&mut out, &u);
+        (portable_kernels().silu_mul)(&mut out, &u);
         for ((o, gv), uv) in out.iter().zip(&g).zip(&u) {
             let want = (*gv as f64 / (1.0 + (-*gv as f64).exp()) * *uv as f64) as f32;
             assert!((o - want).abs() <= 1e-6 * want.abs().max(1e-3), "silu({gv}) * {uv} = {o}, want {want}");
         }
     }
 
+    /// The AVX2 kernels where this CPU has them.
+    fn avx2_if_present() -> Option<Activations> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::isa::detected_isa() >= crate::isa::Isa::Avx2 {
+            return Some(avx2_kernels());
+        }
+        None
+    }
+
     #[test]
     fn simd_matches_portable_bit_for_bit() {
-        if crate::detected_isa() < Isa::Avx2 {
+        let p = portable_kernels();
+        let s = avx2_if_present().unwrap_or_else(|| {
             eprintln!("no AVX2 on this CPU: both kernels are the portable one");
-        }
-        let (p, s) = (activations_for(Isa::Portable), activations_for(Isa::Avx2));
+            p
+        });
         for n in [1usize, 7, 8, 9, 64, 67, 513] {
             for spread in [1.0, 40.0, 400.0] {
                 let x = values(n, spread);

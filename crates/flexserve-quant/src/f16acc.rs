@@ -20,7 +20,7 @@
 
 use half::f16;
 
-use crate::{DotFn, Isa};
+use crate::types::DotFn;
 
 /// `acc[i] = round_f16(fma(v[i], w, acc[i]))`, `v` holding little-endian f16.
 pub type MadFn = fn(acc: &mut [f32], v: &[u8], w: f32);
@@ -35,19 +35,15 @@ pub struct F16Acc {
     pub scale: ScaleFn,
 }
 
-/// The accumulation kernels for `isa` (portable where the CPU lacks it).
-pub fn f16_acc_for(isa: Isa) -> F16Acc {
-    #[cfg(target_arch = "x86_64")]
-    if isa.usable() >= Isa::Avx2 {
-        return F16Acc { dot: dot_avx2, mad: mad_avx2, scale: scale_avx2 };
-    }
-    let _ = isa;
+/// The portable kernels.
+pub(crate) fn portable_kernels() -> F16Acc {
     F16Acc { dot: dot_portable, mad: mad_portable, scale: scale_portable }
 }
 
-/// The accumulation kernels for this CPU.
-pub fn f16_acc() -> F16Acc {
-    f16_acc_for(crate::active_isa())
+/// The AVX2 kernels (the AVX-512 tier's too), for a CPU with AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2_kernels() -> F16Acc {
+    F16Acc { dot: dot_avx2, mad: mad_avx2, scale: scale_avx2 }
 }
 
 #[inline(always)]
@@ -198,10 +194,19 @@ mod tests {
         v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect()
     }
 
+    /// The AVX2 kernels where this CPU has them.
+    fn avx2_if_present() -> Option<F16Acc> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::isa::detected_isa() >= crate::isa::Isa::Avx2 {
+            return Some(avx2_kernels());
+        }
+        None
+    }
+
     #[test]
     fn results_stay_on_the_f16_grid() {
         let mut acc = vec![0.1f32; 5];
-        (f16_acc_for(Isa::Portable).mad)(&mut acc, &f16_bytes(&[1.0; 5]), 1e-4);
+        (portable_kernels().mad)(&mut acc, &f16_bytes(&[1.0; 5]), 1e-4);
         for a in &acc {
             assert_eq!(*a, round(*a));
             assert_ne!(*a, 0.1 + 1e-4);
@@ -237,17 +242,17 @@ mod tests {
             let k = f16_bytes(&(0..n).map(|i| ((i * 7919) % 113) as f32 / 13.0 - 4.0).collect::<Vec<_>>());
             let q = f16_bytes(&(0..n).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect::<Vec<_>>());
             let want = llama_cpp_dot(n, &k, &q);
-            if crate::detected_isa() >= Isa::Avx2 {
-                assert_eq!((f16_acc_for(Isa::Avx2).dot)(n, &k, &q).to_bits(), want.to_bits(), "n = {n}");
+            if let Some(avx2) = avx2_if_present() {
+                assert_eq!((avx2.dot)(n, &k, &q).to_bits(), want.to_bits(), "n = {n}");
             }
-            assert_eq!((f16_acc_for(Isa::Portable).dot)(n, &k, &q).to_bits(), want.to_bits(), "n = {n}");
+            assert_eq!((portable_kernels().dot)(n, &k, &q).to_bits(), want.to_bits(), "n = {n}");
         }
     }
 
     #[test]
     fn simd_matches_portable_bit_for_bit() {
-        let p = f16_acc_for(Isa::Portable);
-        let s = f16_acc_for(Isa::Avx2);
+        let p = portable_kernels();
+        let s = avx2_if_present().unwrap_or(p);
         for n in [1usize, 7, 8, 9, 64, 67, 128] {
             let v: Vec<f32> = (0..n).map(|i| ((i * 7919) % 113) as f32 / 13.0 - 4.0).collect();
             let bytes = f16_bytes(&v);

@@ -6,32 +6,52 @@
 //! formed in f32. The portable kernels accumulate F16/BF16 products in f64;
 //! the AVX2 ones use one 8-lane f32 FMA accumulator and the AVX-512 ones one
 //! 16-lane accumulator, the order their tier's tile and GEMV kernels follow
-//! per pair (see `float/avx2.rs` and `float/avx512.rs`).
+//! per pair (see `float/avx2.rs` and `float/avx512.rs`); each SIMD dot is the
+//! 1 x 1 micro-tile of its tier's tile kernel (`float/matmul.rs`).
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod avx2;
+mod avx2;
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod avx512;
+mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod matmul;
 
-use crate::{DequantizeFn, DotFn, GgmlType, Isa, Kernels, QuantizeFn};
+use crate::types::{DequantizeFn, DotFn, Kernels, QuantizeFn};
+use flexserve_gguf::GgmlType;
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 
-pub(crate) fn kernels(ty: GgmlType, isa: Isa) -> Option<Kernels> {
-    let portable = portable_kernels(ty)?;
-    match isa.usable() {
-        Isa::Portable => Some(portable),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => Some(avx2::kernels(portable)),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => Some(avx512::kernels(portable)),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Neon | Isa::NeonDot => Some(portable),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => Some(portable),
-    }
+/// The AVX2 tier's kernels of `portable.ty` in place of the portable ones:
+/// its dot (the AVX2 tile's 1 x 1 micro-tile) and F16 / BF16 conversions.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2_kernels(portable: Kernels) -> Kernels {
+    use avx2::{BF16, F16, F32};
+    let (dequantize, quantize, dot): (DequantizeFn, QuantizeFn, DotFn) = match portable.ty {
+        GgmlType::F32 => (portable.dequantize, portable.quantize, matmul::avx2::dot::<F32>),
+        GgmlType::F16 => (avx2::dequantize_f16, avx2::quantize_f16, matmul::avx2::dot::<F16>),
+        GgmlType::BF16 => (avx2::dequantize_bf16, portable.quantize, matmul::avx2::dot::<BF16>),
+        _ => return portable,
+    };
+    Kernels { dequantize, quantize, dot: Some(dot), ..portable }
 }
 
-fn portable_kernels(ty: GgmlType) -> Option<Kernels> {
+/// The AVX-512 tier's kernels of `portable.ty`: its dot (the AVX-512 tile's
+/// 1 x 1 micro-tile) and the AVX2 conversions (an element converts to the
+/// same value at any width, and the matmuls convert inside their own loops).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512_kernels(portable: Kernels) -> Kernels {
+    use avx2::{BF16, F16, F32};
+    let avx2 = avx2_kernels(portable);
+    let dot: DotFn = match portable.ty {
+        GgmlType::F32 => matmul::avx512::dot::<F32>,
+        GgmlType::F16 => matmul::avx512::dot::<F16>,
+        GgmlType::BF16 => matmul::avx512::dot::<BF16>,
+        _ => return avx2,
+    };
+    Kernels { dot: Some(dot), ..avx2 }
+}
+
+/// The portable kernels of `ty`, if it is one of these formats.
+pub(crate) fn portable_kernels(ty: GgmlType) -> Option<Kernels> {
     let (dequantize, quantize, dot): (DequantizeFn, QuantizeFn, DotFn) = match ty {
         GgmlType::F32 => (dequantize_f32, quantize_f32, dot_f32),
         GgmlType::F16 => (dequantize_f16, quantize_f16, dot_f16),
@@ -168,9 +188,11 @@ mod tests {
 
     #[test]
     fn only_float_types_are_served() {
-        assert!(kernels(GgmlType::Q4_0, Isa::Portable).is_none());
+        assert!(portable_kernels(GgmlType::Q4_0).is_none());
         for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
-            assert_eq!(kernels(ty, Isa::Avx2).unwrap().vec_dot_type, ty);
+            assert_eq!(portable_kernels(ty).unwrap().vec_dot_type, ty);
+            #[cfg(target_arch = "x86_64")]
+            assert_eq!(avx2_kernels(portable_kernels(ty).unwrap()).vec_dot_type, ty);
         }
     }
 }

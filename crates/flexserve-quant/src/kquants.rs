@@ -27,29 +27,35 @@
 
 use half::f16;
 
-use crate::{DotFn, GgmlType, Isa, Kernels, QuantizeFn};
+use crate::types::{DequantizeFn, DotFn, Kernels, QuantizeFn};
+use flexserve_gguf::GgmlType;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod gemv_avx2;
 #[cfg(target_arch = "aarch64")]
-mod neon;
+pub(crate) mod neon;
 pub(crate) mod q4k;
 mod q5k;
 pub(crate) mod q6k;
 pub(crate) mod q8k;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod tile_avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod tile_avx512;
+#[cfg(target_arch = "x86_64")]
+mod tile_blocks;
 
 /// Elements per super-block.
 pub(crate) const QK_K: usize = 256;
 /// Bytes of the packed 6-bit scales and mins of Q4_K and Q5_K.
 const K_SCALE_SIZE: usize = 12;
 
-pub(crate) fn kernels(ty: GgmlType, isa: Isa) -> Option<Kernels> {
-    #[cfg(target_arch = "aarch64")]
-    if let isa @ (Isa::Neon | Isa::NeonDot) = isa.usable() {
-        return kernels(ty, Isa::Portable).map(|portable| neon::kernels(portable, isa));
-    }
-    let simd = isa.usable() >= Isa::Avx2;
-    let weight = |dequantize, quantize, dot: DotFn| Kernels {
+/// The portable kernels of `ty`, if it is a K-quant; each SIMD tier
+/// replaces some of them (`avx2::kernels`, `neon::kernels`).
+pub(crate) fn portable_kernels(ty: GgmlType) -> Option<Kernels> {
+    let weight = |dequantize: DequantizeFn, quantize: QuantizeFn, dot: DotFn| Kernels {
         ty,
         vec_dot_type: GgmlType::Q8_K,
         dequantize,
@@ -61,54 +67,14 @@ pub(crate) fn kernels(ty: GgmlType, isa: Isa) -> Option<Kernels> {
             ty,
             vec_dot_type: GgmlType::Q8_K,
             dequantize: q8k::dequantize,
-            quantize: q8k_quantize(simd),
+            quantize: q8k::quantize,
             dot: None,
         }),
-        GgmlType::Q4_K => Some(weight(q4k::dequantize, q4k::quantize, q4k_dot(simd))),
-        GgmlType::Q5_K => Some(weight(q5k::dequantize, q5k::quantize, q5k_dot(simd))),
-        GgmlType::Q6_K => Some(weight(q6k::dequantize, q6k::quantize, q6k_dot(simd))),
+        GgmlType::Q4_K => Some(weight(q4k::dequantize, q4k::quantize, q4k::dot)),
+        GgmlType::Q5_K => Some(weight(q5k::dequantize, q5k::quantize, q5k::dot)),
+        GgmlType::Q6_K => Some(weight(q6k::dequantize, q6k::quantize, q6k::dot)),
         _ => None,
     }
-}
-
-// The SIMD kernels are only reachable through these selectors, which callers
-// invoke with `simd == true` only after the CPU was found to have AVX2, FMA
-// and F16C.
-
-fn q8k_quantize(simd: bool) -> QuantizeFn {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        return avx2::quantize_q8k;
-    }
-    let _ = simd;
-    q8k::quantize
-}
-
-fn q4k_dot(simd: bool) -> DotFn {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        return avx2::dot_q4k_q8k;
-    }
-    let _ = simd;
-    q4k::dot
-}
-
-fn q5k_dot(simd: bool) -> DotFn {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        return avx2::dot_q5k_q8k;
-    }
-    let _ = simd;
-    q5k::dot
-}
-
-fn q6k_dot(simd: bool) -> DotFn {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        return avx2::dot_q6k_q8k;
-    }
-    let _ = simd;
-    q6k::dot
 }
 
 /// Panics with a clear message unless `bytes` holds exactly the blocks of

@@ -23,11 +23,18 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod format;
+mod format;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod gemv_avx2;
 #[cfg(target_arch = "aarch64")]
-mod neon;
+pub(crate) mod neon;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod tile_avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod tile_avx512;
 
-use crate::{DequantizeFn, DotFn, GgmlType, Isa, Kernels, QuantizeFn};
+use crate::types::{DequantizeFn, DotFn, Kernels, QuantizeFn};
+use flexserve_gguf::GgmlType;
 use half::f16;
 
 /// Elements per block.
@@ -40,19 +47,9 @@ pub(crate) const Q5_1_BYTES: usize = 24;
 pub(crate) const Q8_0_BYTES: usize = 34;
 pub(crate) const Q8_1_BYTES: usize = 36;
 
-pub(crate) fn kernels(ty: GgmlType, isa: Isa) -> Option<Kernels> {
-    let portable = portable_kernels(ty)?;
-    match isa.usable() {
-        Isa::Portable => Some(portable),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => Some(avx2::kernels(portable)),
-        #[cfg(target_arch = "aarch64")]
-        isa @ (Isa::Neon | Isa::NeonDot) => Some(neon::kernels(portable, isa)),
-        _ => Some(portable),
-    }
-}
-
-fn portable_kernels(ty: GgmlType) -> Option<Kernels> {
+/// The portable kernels of `ty`, if it is one of these formats; each SIMD
+/// tier replaces some of them (`avx2::kernels`, `neon::kernels`).
+pub(crate) fn portable_kernels(ty: GgmlType) -> Option<Kernels> {
     use GgmlType::*;
     let (vec_dot_type, dequantize, quantize, dot): (GgmlType, DequantizeFn, QuantizeFn, Option<DotFn>) = match ty {
         Q4_0 => (Q8_0, dequantize_q4_0 as _, quantize_q4_0 as _, Some(dot_q4_0_q8_0 as _)),
@@ -370,16 +367,16 @@ fn lanes_dot<const HW: bool>(blocks: impl Iterator<Item = ([i32; LANES], f32, Op
     let mut acc = [0f32; LANES];
     let mut offsets = 0f32;
     for (lanes, scale, min) in blocks {
-        crate::fma_f32_lanes::<HW>(scale, &lanes.map(|l| l as f32), &mut acc);
+        crate::fma::fma_f32_lanes::<HW>(scale, &lanes.map(|l| l as f32), &mut acc);
         if let Some((m, s)) = min {
-            offsets = if HW { m.mul_add(s, offsets) } else { crate::fma_f32(m, s, offsets) };
+            offsets = if HW { m.mul_add(s, offsets) } else { crate::fma::fma_f32(m, s, offsets) };
         }
     }
     let t: [f32; 4] = std::array::from_fn(|j| acc[j + 4] + acc[j]);
     ((t[0] + t[2]) + (t[1] + t[3])) + offsets
 }
 
-crate::with_fma! {
+crate::fma::with_fma! {
     fn dot_q4_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 = dot_q4_0_q8_0_lanes;
 }
 
@@ -393,7 +390,7 @@ fn dot_q4_0_q8_0_lanes<const HW: bool>(n: usize, w: &[u8], a: &[u8]) -> f32 {
     )
 }
 
-crate::with_fma! {
+crate::fma::with_fma! {
     fn dot_q4_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 = dot_q4_1_q8_1_lanes;
 }
 
@@ -407,7 +404,7 @@ fn dot_q4_1_q8_1_lanes<const HW: bool>(n: usize, w: &[u8], a: &[u8]) -> f32 {
     }))
 }
 
-crate::with_fma! {
+crate::fma::with_fma! {
     fn dot_q5_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 = dot_q5_0_q8_0_lanes;
 }
 
@@ -420,7 +417,7 @@ fn dot_q5_0_q8_0_lanes<const HW: bool>(n: usize, w: &[u8], a: &[u8]) -> f32 {
     }))
 }
 
-crate::with_fma! {
+crate::fma::with_fma! {
     fn dot_q5_1_q8_1(n: usize, w: &[u8], a: &[u8]) -> f32 = dot_q5_1_q8_1_lanes;
 }
 
@@ -434,7 +431,7 @@ fn dot_q5_1_q8_1_lanes<const HW: bool>(n: usize, w: &[u8], a: &[u8]) -> f32 {
     }))
 }
 
-crate::with_fma! {
+crate::fma::with_fma! {
     fn dot_q8_0_q8_0(n: usize, w: &[u8], a: &[u8]) -> f32 = dot_q8_0_q8_0_lanes;
 }
 
@@ -528,8 +525,8 @@ mod tests {
 
     #[test]
     fn only_legacy_types_are_served() {
-        assert!(kernels(GgmlType::Q4_K, Isa::Portable).is_none());
-        assert!(kernels(GgmlType::F16, Isa::Portable).is_none());
-        assert!(kernels(GgmlType::Q8_1, Isa::Portable).unwrap().dot.is_none());
+        assert!(portable_kernels(GgmlType::Q4_K).is_none());
+        assert!(portable_kernels(GgmlType::F16).is_none());
+        assert!(portable_kernels(GgmlType::Q8_1).unwrap().dot.is_none());
     }
 }

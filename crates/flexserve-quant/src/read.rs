@@ -11,37 +11,12 @@
 //! hands the bytes after its last whole step to the portable kernel (steps
 //! are multiples of eight bytes, so the words line up).
 
-use crate::Isa;
-
 /// Reads every byte of the buffer; returns its checksum (see the module
 /// documentation), the same for every tier.
 pub type ReadFn = fn(bytes: &[u8]) -> u64;
 
-/// The read kernel for `isa` (the best the CPU has at or below it).
-pub fn read_kernel_for(isa: Isa) -> ReadFn {
-    #[cfg(target_arch = "x86_64")]
-    match isa.usable() {
-        Isa::Avx512 => return read_avx512,
-        Isa::Avx2 => return read_avx2,
-        Isa::Portable | Isa::Neon | Isa::NeonDot => {}
-    }
-    let _ = isa;
-    read_portable
-}
-
-/// The read kernel of the active tier (`active_isa`).
-pub fn read_kernel() -> ReadFn {
-    read_kernel_for(crate::active_isa())
-}
-
-/// Reads every byte of `bytes` with the active tier's kernel and returns
-/// their checksum: the wrapping sum of the little-endian 64-bit words, the
-/// last partial word padded with zeros.
-pub fn read_checksum(bytes: &[u8]) -> u64 {
-    read_kernel()(bytes)
-}
-
-fn read_portable(bytes: &[u8]) -> u64 {
+/// The portable kernel.
+pub(crate) fn read_portable(bytes: &[u8]) -> u64 {
     let (words, tail) = bytes.split_at(bytes.len() - bytes.len() % 8);
     // Four sums side by side: independent adds, which the compiler also
     // turns into vector adds.
@@ -61,8 +36,9 @@ fn read_portable(bytes: &[u8]) -> u64 {
     sum.wrapping_add(u64::from_le_bytes(last))
 }
 
+/// The AVX2 kernel, for a CPU with AVX2.
 #[cfg(target_arch = "x86_64")]
-fn read_avx2(bytes: &[u8]) -> u64 {
+pub(crate) fn read_avx2(bytes: &[u8]) -> u64 {
     // SAFETY: only handed out when the CPU has AVX2 (`Isa::Avx2` or above);
     // the kernel reads `bytes` only, within its length.
     let (sum, done) = unsafe { read_avx2_impl(bytes) };
@@ -95,8 +71,9 @@ unsafe fn read_avx2_impl(bytes: &[u8]) -> (u64, usize) {
     (lanes.iter().fold(0u64, |s, &l| s.wrapping_add(l)), done)
 }
 
+/// The AVX-512 kernel, for a CPU with AVX-512 F.
 #[cfg(target_arch = "x86_64")]
-fn read_avx512(bytes: &[u8]) -> u64 {
+pub(crate) fn read_avx512(bytes: &[u8]) -> u64 {
     // SAFETY: only handed out when the CPU has AVX-512 F (`Isa::Avx512`);
     // the kernel reads `bytes` only, within its length.
     let (sum, done) = unsafe { read_avx512_impl(bytes) };

@@ -55,24 +55,25 @@
 //! differs from it in the last bits.
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 mod q4k;
 #[cfg(target_arch = "x86_64")]
-mod q4k_avx2;
+pub(crate) mod q4k_avx2;
 #[cfg(target_arch = "x86_64")]
-mod q4k_avx512;
+pub(crate) mod q4k_avx512;
 mod q6k;
 #[cfg(target_arch = "x86_64")]
-mod q6k_avx2;
+pub(crate) mod q6k_avx2;
 #[cfg(target_arch = "x86_64")]
-mod q6k_avx512;
+pub(crate) mod q6k_avx512;
 #[cfg(target_arch = "x86_64")]
 mod sweep;
 
-use crate::legacy::QK;
-use crate::{GgmlType, Isa, QuantError};
+use crate::legacy::{read_f16, QK};
+use crate::types::QuantError;
+use flexserve_gguf::GgmlType;
 use std::marker::PhantomData;
 
 /// Rows per interleaved group.
@@ -201,27 +202,37 @@ impl Repacked {
             _ => repack_groups(self, src, rows, cols),
         }
     }
+}
 
-    /// The matrix product for the active tier (`active_isa`).
-    pub fn kernel(self) -> RepackedMatmulFn {
-        self.kernel_for(crate::active_isa())
+/// A layout's product at one tier (see `KernelSet::packed`): the checked
+/// entry point on slices, and the driver it hands a checked product to.
+#[derive(Clone, Copy)]
+pub struct PackedKernels {
+    layout: Repacked,
+    matmul: RepackedMatmulFn,
+    driver: fn(Product),
+}
+
+impl PackedKernels {
+    /// The layout these kernels multiply.
+    pub fn layout(&self) -> Repacked {
+        self.layout
     }
 
-    /// The matrix product restricted to `isa` (an ISA the CPU lacks gives the
-    /// portable kernel).
-    pub fn kernel_for(self, isa: Isa) -> RepackedMatmulFn {
-        self.kernels_for(isa).matmul
+    /// The product on whole slices (see [`RepackedMatmulFn`]).
+    pub fn matmul(&self) -> RepackedMatmulFn {
+        self.matmul
     }
 
-    /// The product at the active tier into one part of a shared output:
-    /// `w` holds the `part.width()` rows (a multiple of 8) whose results go
-    /// in the part's columns, `a` the `n_tok` activation rows, one
-    /// sequence's consecutive tokens if `grouped` (see `Product::grouped`;
-    /// the plain kernels, `Repacked::kernel`, take them so). Panics when a
-    /// slice is too short for the shape or `n_tok` is not the output's.
+    /// The product into one part of a shared output: `w` holds the
+    /// `part.width()` rows (a multiple of 8) whose results go in the part's
+    /// columns, `a` the `n_tok` activation rows, one sequence's consecutive
+    /// tokens if `grouped` (see `Product::grouped`; [`PackedKernels::matmul`]
+    /// takes them so). Panics when a slice is too short for the shape or
+    /// `n_tok` is not the output's.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_part(
-        self,
+        &self,
         n: usize,
         w: &[u8],
         a: &[u8],
@@ -230,60 +241,13 @@ impl Repacked {
         grouped: bool,
         part: ColumnPart<'_>,
     ) {
-        assert_eq!(part.rows.n_tok, n_tok, "{self:?} product: {n_tok} tokens into an output of {}", part.rows.n_tok);
+        let layout = self.layout;
+        assert_eq!(part.rows.n_tok, n_tok, "{layout:?} product: {n_tok} tokens into an output of {}", part.rows.n_tok);
         let rows = part.rows.width;
-        check_repacked(self, n, w, rows, a, a_row_bytes, n_tok);
+        check_repacked(layout, n, w, rows, a, a_row_bytes, n_tok);
         let out = part.rows;
-        (self.kernels_for(crate::active_isa()).driver)(Product {
-            layout: self,
-            n,
-            w,
-            rows,
-            a,
-            a_row_bytes,
-            n_tok,
-            out,
-            grouped,
-        })
+        (self.driver)(Product { layout, n, w, rows, a, a_row_bytes, n_tok, out, grouped })
     }
-
-    fn kernels_for(self, isa: Isa) -> Kernels {
-        match (self, isa.usable()) {
-            #[cfg(target_arch = "x86_64")]
-            (Repacked::Q4_0x8, Isa::Avx512) => avx512::q4_0x8,
-            #[cfg(target_arch = "x86_64")]
-            (Repacked::Q4_0x8, Isa::Avx2) => avx2::q4_0x8,
-            #[cfg(target_arch = "x86_64")]
-            (Repacked::Q8_0x8, Isa::Avx512) => avx512::q8_0x8,
-            #[cfg(target_arch = "x86_64")]
-            (Repacked::Q8_0x8, Isa::Avx2) => avx2::q8_0x8,
-            #[cfg(target_arch = "x86_64")]
-            (Repacked::Q4_1x8, Isa::Avx512) => avx512::q4_1x8,
-            #[cfg(target_arch = "x86_64")]
-            (Repacked::Q4_1x8, Isa::Avx2) => avx2::q4_1x8,
-            #[cfg(target_arch = "x86_64")]
-            (Repacked::Q4_Kx8, Isa::Avx512) => q4k_avx512::q4_kx8,
-            #[cfg(target_arch = "x86_64")]
-            (Repacked::Q4_Kx8, Isa::Avx2) => q4k_avx2::q4_kx8,
-            #[cfg(target_arch = "x86_64")]
-            (Repacked::Q6_Kx8, Isa::Avx512) => q6k_avx512::q6_kx8,
-            #[cfg(target_arch = "x86_64")]
-            (Repacked::Q6_Kx8, Isa::Avx2) => q6k_avx2::q6_kx8,
-            (Repacked::Q4_0x8, _) => portable_q4_0x8,
-            (Repacked::Q8_0x8, _) => portable_q8_0x8,
-            (Repacked::Q4_1x8, _) => portable_q4_1x8,
-            (Repacked::Q4_Kx8, _) => portable_q4_kx8,
-            (Repacked::Q6_Kx8, _) => portable_q6_kx8,
-        }
-    }
-}
-
-/// A layout's product at one tier: the checked entry point on slices and
-/// the driver it hands the checked `Product` to.
-#[derive(Clone, Copy)]
-pub(super) struct Kernels {
-    matmul: RepackedMatmulFn,
-    driver: fn(Product),
 }
 
 /// Rearranges a row-major matrix of `rows x cols` blocks of `layout.ty()`
@@ -535,14 +499,13 @@ fn portable_groups<const L: u8>(p: Product) {
             let mut acc = [0f32; REPACK_ROWS];
             for (b, blk) in group.chunks_exact(group_block_bytes).enumerate() {
                 let ab = &act[b * act_block_bytes..(b + 1) * act_block_bytes];
-                let d_a = crate::legacy::read_f16(ab, 0);
+                let d_a = read_f16(ab, 0);
                 for (r, acc_r) in acc.iter_mut().enumerate() {
                     let isum = row_block_isum(layout, blk, r, &ab[layout.act_quants()..]);
-                    let scale = crate::legacy::read_f16(blk, 2 * r) * d_a;
+                    let scale = read_f16(blk, 2 * r) * d_a;
                     *acc_r = (isum as f32).mul_add(scale, *acc_r);
                     if layout == Repacked::Q4_1x8 {
-                        let (m_w, s_a) =
-                            (crate::legacy::read_f16(blk, 2 * (REPACK_ROWS + r)), crate::legacy::read_f16(ab, 2));
+                        let (m_w, s_a) = (read_f16(blk, 2 * (REPACK_ROWS + r)), read_f16(ab, 2));
                         *acc_r = m_w.mul_add(s_a, *acc_r);
                     }
                 }
@@ -552,15 +515,15 @@ fn portable_groups<const L: u8>(p: Product) {
     }
 }
 
-/// Defines, per name, a `Kernels` constant for layout `$param` whose driver
-/// is `$driver::<$param>` (each ISA's driver shared by the layouts) and whose
-/// `matmul` entry point checks its slices and hands them to the driver as
-/// one `Product`.
+/// Defines, per name, a `PackedKernels` constant for layout `$param` whose
+/// driver is `$driver::<$param>` (each ISA's driver shared by the layouts)
+/// and whose `matmul` entry point checks its slices and hands them to the
+/// driver as one `Product`.
 macro_rules! entry_points {
     ($($(#[$doc:meta])* $name:ident => $driver:ident::<$param:tt>;)*) => {$(
         $(#[$doc])*
         #[allow(non_upper_case_globals)]
-        pub(super) const $name: $crate::repack::Kernels = {
+        pub(crate) const $name: $crate::repack::PackedKernels = {
             #[allow(clippy::too_many_arguments)]
             fn matmul(
                 n: usize,
@@ -578,7 +541,7 @@ macro_rules! entry_points {
                 let grouped = true;
                 $driver::<$param>($crate::repack::Product { layout, n, w, rows, a, a_row_bytes, n_tok, out, grouped })
             }
-            $crate::repack::Kernels { matmul, driver: $driver::<$param> }
+            $crate::repack::PackedKernels { layout: $crate::repack::layout($param), matmul, driver: $driver::<$param> }
         };
     )*};
 }

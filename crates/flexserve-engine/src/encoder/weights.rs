@@ -75,7 +75,7 @@ impl EncoderWeights {
             c.n_vocab = rows;
         }
         let token_embd = Tensor::load(src, "token_embd.weight", e, c.n_vocab)?;
-        crate::ops::kernels(token_embd.ty)?;
+        token_embd.kernels()?;
         let token_type0 = match src.info("token_types.weight") {
             Some(info) => {
                 let types = info.dims.get(1).copied().unwrap_or(1) as usize;

@@ -130,7 +130,7 @@ impl Scratch {
         self.up.resize(n * c.n_ff, 0.0)?;
         // A sequence's tokens, unless the caller says otherwise (batched decode).
         self.acts.independent_rows = false;
-        let embd = ops::kernels(w.token_embd.ty)?;
+        let embd = w.token_embd.kernels()?.row;
         for (t, &tok) in tokens.iter().enumerate() {
             let x = &mut self.x[t * e..(t + 1) * e];
             (embd.dequantize)(w.token_embd.row(tok as usize), x);

@@ -200,7 +200,7 @@ impl Weights {
             largest: LargestMatrices::of(src, c)?,
         };
         crate::ops::dot_kernel(&w.output)?;
-        crate::ops::kernels(w.token_embd.ty)?;
+        w.token_embd.kernels()?;
         Ok(w)
     }
 

@@ -5,18 +5,18 @@
 //! remaining `n % 8` products one by one. One accumulator is a single chain of
 //! FMAs, which alone would wait on the FMA latency; but it is the order that a
 //! tile of several (row, token) pairs can follow with one register per pair,
-//! so the tile and GEMV kernels (`tile/float_simd.rs`), which overlap many
+//! so the tile and GEMV kernels (`float/matmul.rs`), which overlap many
 //! such chains, give results bit-identical to this dot. The dot itself is
 //! their 1 x 1 micro-tile; this module holds the loads and the finish they
 //! share, and the conversions.
 //!
-//! The functions handed out are safe wrappers: `kernels` is only called with
-//! `Isa::Avx2` after `detected_isa` has confirmed the CPU features, and each
-//! wrapper bounds the work by the slice lengths before using raw pointers.
+//! The functions handed out are safe wrappers: `float::avx2_kernels` hands
+//! them out only for the AVX2 and AVX-512 tiers, after `detected_isa` has
+//! confirmed the CPU features, and each wrapper bounds the work by the slice
+//! lengths before using raw pointers.
 
-use crate::legacy::avx2::hsum;
-use crate::tile::float_dot_avx2;
-use crate::{DequantizeFn, DotFn, GgmlType, Kernels, QuantizeFn};
+use crate::simd::avx2::{hsum, load_bf16x8, load_f16, load_f16x8};
+use flexserve_gguf::GgmlType;
 use std::arch::x86_64::*;
 
 // Format ids, used as a const generic so that each kernel is compiled per format.
@@ -33,17 +33,6 @@ pub(crate) const fn format_type(f: u8) -> GgmlType {
     }
 }
 
-/// Replaces the portable kernels of `portable.ty` with the AVX2 ones.
-pub(super) fn kernels(portable: Kernels) -> Kernels {
-    let (dequantize, quantize, dot): (DequantizeFn, QuantizeFn, DotFn) = match portable.ty {
-        GgmlType::F32 => (portable.dequantize, portable.quantize, float_dot_avx2::<F32>),
-        GgmlType::F16 => (dequantize_f16, quantize_f16, float_dot_avx2::<F16>),
-        GgmlType::BF16 => (dequantize_bf16, portable.quantize, float_dot_avx2::<BF16>),
-        _ => return portable,
-    };
-    Kernels { dequantize, quantize, dot: Some(dot), ..portable }
-}
-
 /// Checks that both rows hold `n` elements of `size` bytes.
 pub(crate) fn check_dot(n: usize, w: &[u8], a: &[u8], size: usize) {
     assert!(
@@ -54,7 +43,7 @@ pub(crate) fn check_dot(n: usize, w: &[u8], a: &[u8], size: usize) {
     );
 }
 
-fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
+pub(super) fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
     let n = dst.len().min(src.len() / 2);
     // SAFETY: only handed out after the CPU was found to support AVX2,
     // FMA and F16C; reads `n` halves of `src` and
@@ -62,13 +51,13 @@ fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
     unsafe { dequantize_f16_avx2(n, src.as_ptr(), dst.as_mut_ptr()) }
 }
 
-fn dequantize_bf16(src: &[u8], dst: &mut [f32]) {
+pub(super) fn dequantize_bf16(src: &[u8], dst: &mut [f32]) {
     let n = dst.len().min(src.len() / 2);
     // SAFETY: as in `dequantize_f16`.
     unsafe { dequantize_bf16_avx2(n, src.as_ptr(), dst.as_mut_ptr()) }
 }
 
-fn quantize_f16(src: &[f32], dst: &mut [u8]) {
+pub(super) fn quantize_f16(src: &[f32], dst: &mut [u8]) {
     let n = src.len().min(dst.len() / 2);
     // SAFETY: only handed out after the CPU was found to support AVX2,
     // FMA and F16C; reads `n` floats of `src` and
@@ -108,7 +97,7 @@ pub(crate) unsafe fn finish<const F: u8>(acc: __m256, n: usize, main: usize, w: 
 pub(crate) unsafe fn element<const F: u8>(p: *const u8, i: usize) -> f32 {
     match F {
         F32 => p.add(4 * i).cast::<f32>().read_unaligned(),
-        F16 => read_f16(p.add(2 * i)),
+        F16 => load_f16(p.add(2 * i)),
         _ => read_bf16(p.add(2 * i)),
     }
 }
@@ -129,26 +118,6 @@ pub(crate) unsafe fn eight<const F: u8>(p: *const u8, i: usize) -> __m256 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_f16x8(p: *const u8) -> __m256 {
-    _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_bf16x8(p: *const u8) -> __m256 {
-    let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
-    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn read_f16(p: *const u8) -> f32 {
-    let bits = u16::from_le_bytes(p.cast::<[u8; 2]>().read_unaligned());
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn read_bf16(p: *const u8) -> f32 {
     let bits = u16::from_le_bytes(p.cast::<[u8; 2]>().read_unaligned());
     f32::from_bits((bits as u32) << 16)
@@ -161,7 +130,7 @@ unsafe fn dequantize_f16_avx2(n: usize, src: *const u8, dst: *mut f32) {
         _mm256_storeu_ps(dst.add(i), load_f16x8(src.add(2 * i)));
     }
     for i in main..n {
-        dst.add(i).write(read_f16(src.add(2 * i)));
+        dst.add(i).write(load_f16(src.add(2 * i)));
     }
 }
 

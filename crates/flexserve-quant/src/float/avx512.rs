@@ -5,30 +5,15 @@
 //! sixteen elements at a time in order; it then adds the accumulator's upper
 //! half onto its lower half and finishes as the AVX2 dot does (the same
 //! eight-lane reduction, then the `n % 16` products left one by one). The
-//! tile and GEMV kernels of this tier (`tile/float_simd.rs`) follow the same
+//! tile and GEMV kernels of this tier (`float/matmul.rs`) follow the same
 //! order per (row, token) pair, so they equal this dot bit for bit; the dot
 //! is their 1 x 1 micro-tile, made from this module's load and finish.
 //!
 //! Conversions keep their AVX2 kernels: an element converts to the same
 //! value at any width, and the matmuls convert inside their own loops.
 
-use super::avx2::{BF16, F16, F32};
-use crate::tile::float_dot_avx512;
-use crate::{DotFn, GgmlType, Kernels};
+use super::avx2::{F16, F32};
 use std::arch::x86_64::*;
-
-/// Replaces the dot of `portable.ty` with the AVX-512 one (and its
-/// conversions with the AVX2 ones).
-pub(super) fn kernels(portable: Kernels) -> Kernels {
-    let avx2 = super::avx2::kernels(portable);
-    let dot: DotFn = match portable.ty {
-        GgmlType::F32 => float_dot_avx512::<F32>,
-        GgmlType::F16 => float_dot_avx512::<F16>,
-        GgmlType::BF16 => float_dot_avx512::<BF16>,
-        _ => return avx2,
-    };
-    Kernels { dot: Some(dot), ..avx2 }
-}
 
 /// Sixteen elements from element `i` of a row of format `F` at `p`, as f32.
 ///

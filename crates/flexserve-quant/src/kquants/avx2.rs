@@ -8,34 +8,50 @@
 //! `d_w * d_a` into a float accumulator, reduced once at the end.
 //!
 //! Every `unsafe fn` here requires AVX2, FMA and F16C; the safe wrappers are
-//! only handed out by `kquants::kernels` after the CPU was found to have them.
+//! only handed out by `kernels`, which `dispatch` asks for only at the AVX2
+//! and AVX-512 tiers, after the CPU was found to have them.
 //! Rows are byte slices of any alignment: all loads are unaligned.
 
 use std::arch::x86_64::*;
 
 use super::{check_dot, check_row, q4k, q5k, q6k, q8k, unpack_scales_mins, QK_K};
-use crate::GgmlType;
+use crate::simd::avx2::{f16_at, hsum, hsum_128, hsum_i32, hsum_i32_128, load};
+use crate::types::{DotFn, Kernels};
+use flexserve_gguf::GgmlType;
 
-pub(super) fn dot_q4k_q8k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+/// Replaces the portable kernels of `portable.ty` with the AVX2 ones (the
+/// AVX-512 tier's too).
+pub(crate) fn kernels(portable: Kernels) -> Kernels {
+    let dot: DotFn = match portable.ty {
+        GgmlType::Q8_K => return Kernels { quantize: quantize_q8k, ..portable },
+        GgmlType::Q4_K => dot_q4k_q8k,
+        GgmlType::Q5_K => dot_q5k_q8k,
+        GgmlType::Q6_K => dot_q6k_q8k,
+        _ => return portable,
+    };
+    Kernels { dot: Some(dot), ..portable }
+}
+
+fn dot_q4k_q8k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(GgmlType::Q4_K, n, w, q4k::BYTES, a);
     // SAFETY: only reachable when the CPU has AVX2, FMA and F16C (see the
     // module docs); `check_dot` ensured both rows hold `n / QK_K` whole blocks.
     unsafe { dot_q4k(n / QK_K, w, a) }
 }
 
-pub(super) fn dot_q5k_q8k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+fn dot_q5k_q8k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(GgmlType::Q5_K, n, w, q5k::BYTES, a);
     // SAFETY: as in `dot_q4k_q8k`: CPU features verified, whole blocks checked.
     unsafe { dot_q5k(n / QK_K, w, a) }
 }
 
-pub(super) fn dot_q6k_q8k(n: usize, w: &[u8], a: &[u8]) -> f32 {
+fn dot_q6k_q8k(n: usize, w: &[u8], a: &[u8]) -> f32 {
     check_dot(GgmlType::Q6_K, n, w, q6k::BYTES, a);
     // SAFETY: as in `dot_q4k_q8k`: CPU features verified, whole blocks checked.
     unsafe { dot_q6k(n / QK_K, w, a) }
 }
 
-pub(super) fn quantize_q8k(src: &[f32], dst: &mut [u8]) {
+fn quantize_q8k(src: &[f32], dst: &mut [u8]) {
     check_row(GgmlType::Q8_K, src.len(), q8k::BYTES, dst.len());
     for (x, block) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(q8k::BYTES)) {
         // SAFETY: CPU features verified (module docs); `x` is 256 floats and
@@ -44,69 +60,13 @@ pub(super) fn quantize_q8k(src: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// # Safety
-/// AVX2 must be available and `p` must point to 32 readable bytes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn load(p: *const u8) -> __m256i {
-    _mm256_loadu_si256(p.cast())
-}
-
-/// # Safety
-/// F16C must be available and `at + 2 <= bytes.len()` (checked by indexing).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-}
-
-/// # Safety
-/// AVX must be available.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn hsum_128(v: __m128) -> f32 {
-    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
-}
-
-/// # Safety
-/// AVX must be available.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn hsum_256(v: __m256) -> f32 {
-    hsum_128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)))
-}
-
-/// The sum of the eight i32 lanes of `v` (exact while it fits, as every
-/// Q4_K block sum does).
-///
-/// # Safety
-/// AVX2 must be available.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn hsum_i32_256(v: __m256i) -> i32 {
-    hsum_i32_128(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)))
-}
-
-/// The sum of the four i32 lanes of `v`.
-///
-/// # Safety
-/// AVX2 must be available.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn hsum_i32_128(v: __m128i) -> i32 {
-    let v = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
-    _mm_cvtsi128_si32(_mm_add_epi32(v, _mm_shuffle_epi32::<0b01>(v)))
-}
-
 /// `mins[j] * (bsums[2j] + bsums[2j + 1])` folded into four i32 lanes.
 ///
 /// # Safety
 /// AVX2 must be available and `a_block` must be a whole Q8_K block.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn min_products(mins: &[u8; 8], a_block: &[u8]) -> __m128i {
+unsafe fn min_products(mins: &[u8; 8], a_block: &[u8]) -> __m128i {
     let bsums = load(a_block.as_ptr().add(q8k::BSUMS));
     let pair_sums = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256::<1>(bsums));
     let mins16 = _mm_cvtepu8_epi16(_mm_set_epi64x(0, u64::from_le_bytes(*mins) as i64));
@@ -141,7 +101,7 @@ unsafe fn dot_q4k(nb: usize, w: &[u8], a: &[u8]) -> f32 {
             let p_hi = _mm256_madd_epi16(_mm256_set1_epi16(scales[2 * c + 1] as i16), p_hi);
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p_lo, p_hi));
         }
-        let isum = hsum_i32_256(sumi);
+        let isum = hsum_i32(sumi);
         let d_a = q8k::block_scale(ab);
         sum += d_a * f16_at(wb, 0) * isum as f32 - d_a * f16_at(wb, 2) * msum as f32;
     }
@@ -189,7 +149,7 @@ unsafe fn dot_q5k(nb: usize, w: &[u8], a: &[u8]) -> f32 {
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_256(acc) + hsum_128(acc_min)
+    hsum(acc) + hsum_128(acc_min)
 }
 
 /// # Safety
@@ -243,7 +203,7 @@ unsafe fn dot_q6k(nb: usize, w: &[u8], a: &[u8]) -> f32 {
         sumi = _mm256_sub_epi32(sumi, q6k_offsets(wb.as_ptr(), ab.as_ptr()));
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum_256(acc)
+    hsum(acc)
 }
 
 /// The offset of the Q6_K levels as llama.cpp takes it off each lane of a

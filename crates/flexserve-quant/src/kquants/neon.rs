@@ -11,15 +11,16 @@
 
 use super::q4k::min_term;
 use super::{check_dot, q4k, q5k, q6k, q8k, read_f16, unpack_scales_mins, QK_K};
-use crate::neon::ops::{dot4, fold8, load_f32, load_i8, load_u8, store_i8};
-use crate::{DotFn, GgmlType, Isa, Kernels};
+use crate::simd::neon::{dot4, fold8, load_f32, load_i8, load_u8, store_i8};
+use crate::types::{DotFn, Kernels};
+use flexserve_gguf::GgmlType;
 use std::arch::aarch64::*;
 
-/// Replaces the portable kernels of `portable.ty` with the NEON ones of
-/// `isa` (`Neon` or `NeonDot`, usable on this CPU).
-pub(super) fn kernels(portable: Kernels, isa: Isa) -> Kernels {
-    let dot_isa = isa == Isa::NeonDot;
-    let pick = |neon: DotFn, dotprod: DotFn| Some(if dot_isa { dotprod } else { neon });
+/// Replaces the portable kernels of `portable.ty` with the NEON ones: with
+/// the dot-product instructions (`dotprod`, `Isa::NeonDot` only) or without
+/// (`Isa::Neon`).
+pub(crate) fn kernels(portable: Kernels, dotprod: bool) -> Kernels {
+    let pick = |neon: DotFn, with_dot: DotFn| Some(if dotprod { with_dot } else { neon });
     match portable.ty {
         GgmlType::Q8_K => Kernels { quantize: quantize_q8k, ..portable },
         GgmlType::Q4_K => Kernels { dot: pick(dot_q4k_neon, dot_q4k_dotprod), ..portable },
@@ -148,8 +149,9 @@ macro_rules! dot_wrappers {
                 fn with_dotprod(n: usize, w: &[u8], a: &[u8]) -> f32 {
                     $generic::<true $(, $param)*>(n, w, a)
                 }
-                // SAFETY: handed out by `kernels` only for `Isa::NeonDot`,
-                // which `detected_isa` reports only for a CPU with `dotprod`.
+                // SAFETY: handed out by `kernels` only with `dotprod`, which
+                // `dispatch` asks for only at `Isa::NeonDot`, a tier that
+                // `detected_isa` reports only for a CPU with `dotprod`.
                 unsafe { with_dotprod(n, w, a) }
             }
         )*

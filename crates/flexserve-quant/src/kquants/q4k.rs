@@ -4,7 +4,7 @@ use super::q8k;
 use super::{
     check_dot, check_row, quantize_affine_block, read_f16, unpack_scales_mins, write_f16, ScaleMinSearch, QK_K,
 };
-use crate::GgmlType;
+use flexserve_gguf::GgmlType;
 
 pub(crate) const BYTES: usize = 4 + super::K_SCALE_SIZE + QK_K / 2;
 pub(crate) const SCALES: usize = 4;

@@ -4,7 +4,7 @@ use half::f16;
 
 use super::q8k;
 use super::{check_dot, check_row, fit_symmetric_scale, nearest_int, read_f16, QK_K};
-use crate::GgmlType;
+use flexserve_gguf::GgmlType;
 
 pub(crate) const BYTES: usize = QK_K / 2 + QK_K / 4 + QK_K / 16 + 2;
 pub(crate) const QH: usize = QK_K / 2;
@@ -134,7 +134,7 @@ pub(crate) fn dot_chain(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut acc = 0f32;
     for (wb, ab) in w.chunks_exact(BYTES).zip(a.chunks_exact(q8k::BYTES)) {
         let isum: i32 = lane_sums(wb, ab).iter().sum();
-        acc = crate::fma_f32(isum as f32 * read_f16(wb, D), q8k::block_scale(ab), acc);
+        acc = crate::fma::fma_f32(isum as f32 * read_f16(wb, D), q8k::block_scale(ab), acc);
     }
     acc
 }
@@ -147,7 +147,7 @@ pub(super) fn dot(n: usize, w: &[u8], a: &[u8]) -> f32 {
     let mut acc = [0f32; LANES];
     for (wb, ab) in w.chunks_exact(BYTES).zip(a.chunks_exact(q8k::BYTES)) {
         let d = q8k::block_scale(ab) * read_f16(wb, D);
-        crate::fma_f32_lanes::<false>(d, &lane_sums(wb, ab).map(|l| l as f32), &mut acc);
+        crate::fma::fma_f32_lanes::<false>(d, &lane_sums(wb, ab).map(|l| l as f32), &mut acc);
     }
     let t: [f32; 4] = std::array::from_fn(|j| acc[j + 4] + acc[j]);
     (t[0] + t[2]) + (t[1] + t[3])

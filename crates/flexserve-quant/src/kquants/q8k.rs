@@ -1,7 +1,7 @@
 //! Q8_K: the activation format the K-quant weights are dotted with.
 
 use super::{check_row, QK_K};
-use crate::GgmlType;
+use flexserve_gguf::GgmlType;
 
 pub(crate) const BYTES: usize = 4 + QK_K + 2 * (QK_K / 16);
 /// Offset of the quants inside a block.

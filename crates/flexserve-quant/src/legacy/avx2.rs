@@ -8,16 +8,19 @@
 //! of operations is the one llama.cpp's AVX2 kernels use, so results agree
 //! with it bit for bit, not merely within rounding.
 //!
-//! The functions handed out are safe wrappers: `kernels` is only called with
-//! `Isa::Avx2` after `detected_isa` has confirmed the CPU features, and each
-//! wrapper checks the slice lengths before touching raw pointers.
+//! The functions handed out are safe wrappers: `kernels` is only called for
+//! the AVX2 and AVX-512 tiers, after `detected_isa` has confirmed the CPU
+//! features, and each wrapper checks the slice lengths before touching raw
+//! pointers.
 
 use super::{write_f16, Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES, QK};
-use crate::{DequantizeFn, DotFn, GgmlType, Kernels, QuantizeFn};
+use crate::simd::avx2::{dot_u8_i8, hsum, hsum_i32, load_bit_mask, load_f16, load_f16_pair, load_nibbles};
+use crate::types::{DequantizeFn, DotFn, Kernels, QuantizeFn};
+use flexserve_gguf::GgmlType;
 use std::arch::x86_64::*;
 
 /// Replaces the portable kernels of `portable.ty` with the AVX2 ones.
-pub(super) fn kernels(portable: Kernels) -> Kernels {
+pub(crate) fn kernels(portable: Kernels) -> Kernels {
     use GgmlType::*;
     let (dequantize, quantize, dot): (DequantizeFn, QuantizeFn, Option<DotFn>) = match portable.ty {
         Q4_0 => (dequantize_q4_0, portable.quantize, Some(dot_q4_0_q8_0)),
@@ -113,100 +116,12 @@ fn quantize_q8_1(src: &[f32], dst: &mut [u8]) {
 // Building blocks. All are `unsafe` only because of `target_feature`; the
 // ones taking pointers additionally need the pointed-to bytes readable.
 
-/// Reads the f16 at `p` (any alignment) as f32.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn load_f16(p: *const u8) -> f32 {
-    _mm_cvtss_f32(load_f16_pair(p, p))
-}
-
-/// Lanes 0 and 1: the f16 values at `p` and `q` (any alignment) as f32.
-///
-/// Both halves are combined in a general register and moved over with
-/// `movd`, which clears the rest of the vector. Loading them straight into a
-/// vector lane would merge into whatever register the compiler picks — in a
-/// dot-product loop that was the accumulator, chaining every iteration
-/// behind the previous one's FMA.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load_f16_pair(p: *const u8, q: *const u8) -> __m128 {
-    let lo = u16::from_le_bytes(p.cast::<[u8; 2]>().read_unaligned()) as u32;
-    let hi = u16::from_le_bytes(q.cast::<[u8; 2]>().read_unaligned()) as u32;
-    _mm_cvtph_ps(_mm_cvtsi32_si128((lo | (hi << 16)) as i32))
-}
-
 /// The product of the f16 scales at `p` and `q`, in all eight lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn load_scale(p: *const u8, q: *const u8) -> __m256 {
     let pair = load_f16_pair(p, q);
     _mm256_broadcastss_ps(_mm_mul_ss(pair, _mm_movehdup_ps(pair)))
-}
-
-/// The 32 nibbles of the 16 bytes at `p` as bytes 0..=15 in element order:
-/// low nibbles in the lower 128-bit lane, high nibbles in the upper one.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn load_nibbles(p: *const u8) -> __m256i {
-    let packed = _mm_loadu_si128(p.cast());
-    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed);
-    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
-}
-
-/// Byte `j` is 0xFF where bit `j` of the little-endian u32 at `p` is set, else 0.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn load_bit_mask(p: *const u8) -> __m256i {
-    let bits = u32::from_le_bytes(p.cast::<[u8; 4]>().read_unaligned());
-    // Byte j takes source byte j / 8 (the shuffle indexes within each lane,
-    // and each lane holds the four source bytes) ...
-    let spread = _mm256_shuffle_epi8(
-        _mm256_set1_epi32(bits as i32),
-        _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, //
-            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
-        ),
-    );
-    // ... and keeps bit j % 8 of it.
-    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-    _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select)
-}
-
-/// Eight f32 sums of four neighbouring products of unsigned `u` and signed `s` bytes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256 {
-    let pairs = _mm256_maddubs_epi16(u, s);
-    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-}
-
-/// Defines a `pin` function per vector type (see `pin`).
-macro_rules! pins {
-    ($($(#[$doc:meta])* $name:ident: $vector:ty;)*) => {$(
-        $(#[$doc])*
-        ///
-        /// # Safety
-        /// AVX must be available.
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        pub(crate) unsafe fn $name<const T: usize>(vectors: &mut [$vector; T]) {
-            for v in vectors.iter_mut() {
-                // SAFETY: an empty instruction template; the operand only tells
-                // the compiler that `v` is read and written in a register here.
-                std::arch::asm!("/* {0} */", inout(ymm_reg) * v, options(nostack, preserves_flags));
-            }
-        }
-    )*};
-}
-
-pins! {
-    /// Keeps `vectors` in registers at this point and stops the compiler from
-    /// moving loads across it, so that the unrolled inner loops keep their
-    /// order: left free, it hoists and interleaves them into far more live
-    /// vectors than there are registers, and spills.
-    pin: __m256i;
-    /// `pin` for float vectors.
-    pin_ps: __m256;
 }
 
 /// As `dot_u8_i8` for two signed operands: the sign of `x` moves onto `y` so
@@ -216,25 +131,6 @@ pins! {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_i8_i8(x: __m256i, y: __m256i) -> __m256 {
     dot_u8_i8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
-}
-
-/// Sum of the eight lanes: upper half onto lower, then pairs, then the last two.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn hsum(v: __m256) -> f32 {
-    let mut s = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
-    let mut s = _mm_add_epi32(_mm256_extracti128_si256::<1>(v), _mm256_castsi256_si128(v));
-    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
-    _mm_cvtsi128_si32(s)
 }
 
 /// Stores 32 signed bytes as f32 `q * d` (`plus_m` added after the product).

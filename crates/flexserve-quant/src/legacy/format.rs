@@ -4,7 +4,7 @@
 //! Kernels are compiled once per format id (`const F: u8`).
 
 use super::{Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES};
-use crate::GgmlType;
+use flexserve_gguf::GgmlType;
 
 pub(crate) const Q4_0: u8 = 0;
 pub(crate) const Q4_1: u8 = 1;

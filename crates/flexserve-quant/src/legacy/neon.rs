@@ -5,27 +5,29 @@
 //!
 //! A dot keeps the portable (and x86) kernels' eight f32 lanes as two
 //! vectors: per block, lane `j` is the exact integer sum of the products of
-//! elements `4j..4j + 4` (`ops::dot4`: `sdot` at `Isa::NeonDot`, widening
+//! elements `4j..4j + 4` (`simd::neon::dot4`: `sdot` at `Isa::NeonDot`, widening
 //! multiplies at `Isa::Neon`), converted to f32 and fused-multiply-added
 //! with `d_w * d_a`; the minimum terms of Q4_1 / Q5_1 have their own chain
 //! of fused multiply-adds, and the lanes fold as `lanes_dot` folds them.
 //!
-//! `kernels` hands the functions out only for a tier `detected_isa` found
-//! (`Isa::usable`); the dot-product variants only for `Isa::NeonDot`.
+//! `kernels` is only asked (by `dispatch`) for a NEON tier that
+//! `detected_isa` found, and for the dot-product variants (`dotprod`) only
+//! at `Isa::NeonDot`.
 
 use super::{
     read_f16, read_u32, write_f16, Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES, Q8_1_BYTES, QK,
 };
-use crate::neon::ops::{dot4, fifth_bits, fold8, load_f32, load_i8, load_u8, store_i8};
-use crate::{DotFn, GgmlType, Isa, Kernels, QuantizeFn};
+use crate::simd::neon::{dot4, fifth_bits, fold8, load_f32, load_i8, load_u8, store_i8};
+use crate::types::{DotFn, Kernels, QuantizeFn};
+use flexserve_gguf::GgmlType;
 use std::arch::aarch64::*;
 
-/// Replaces the portable kernels of `portable.ty` with the NEON ones of
-/// `isa` (`Neon` or `NeonDot`, usable on this CPU).
-pub(super) fn kernels(portable: Kernels, isa: Isa) -> Kernels {
+/// Replaces the portable kernels of `portable.ty` with the NEON ones: with
+/// the dot-product instructions (`dotprod`, `Isa::NeonDot` only) or without
+/// (`Isa::Neon`).
+pub(crate) fn kernels(portable: Kernels, dotprod: bool) -> Kernels {
     use GgmlType::*;
-    let dot_isa = isa == Isa::NeonDot;
-    let pick = |neon: DotFn, dotprod: DotFn| Some(if dot_isa { dotprod } else { neon });
+    let pick = |neon: DotFn, with_dot: DotFn| Some(if dotprod { with_dot } else { neon });
     let (quantize, dot): (QuantizeFn, Option<DotFn>) = match portable.ty {
         Q4_0 => (portable.quantize, pick(dot_q4_0_q8_0_neon, dot_q4_0_q8_0_dotprod)),
         Q4_1 => (portable.quantize, pick(dot_q4_1_q8_1_neon, dot_q4_1_q8_1_dotprod)),
@@ -188,8 +190,9 @@ macro_rules! dot_wrappers {
                 fn with_dotprod(n: usize, w: &[u8], a: &[u8]) -> f32 {
                     $generic::<true>(n, w, a)
                 }
-                // SAFETY: handed out by `kernels` only for `Isa::NeonDot`,
-                // which `detected_isa` reports only for a CPU with `dotprod`.
+                // SAFETY: handed out by `kernels` only with `dotprod`, which
+                // `dispatch` asks for only at `Isa::NeonDot`, a tier that
+                // `detected_isa` reports only for a CPU with `dotprod`.
                 unsafe { with_dotprod(n, w, a) }
             }
         )*

@@ -13,8 +13,8 @@
 
 use super::sweep::{by_tokens, sweep, with_block_sums};
 use super::{entry_points, layout, Product, Repacked, Q4_0, Q4_1, Q8_0, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
-use crate::legacy::avx2::{load_f16, pin};
 use crate::legacy::{Q8_0_BYTES, QK};
+use crate::simd::avx2::{load_f16, pin};
 use std::arch::x86_64::*;
 
 entry_points! {

@@ -16,8 +16,9 @@
 
 use super::sweep::{by_tokens, sweep, with_block_sums, Pass};
 use super::{entry_points, layout, Product, Q4_0, Q4_1, Q8_0, REPACK_ROWS};
-use crate::legacy::avx2::load_f16;
 use crate::legacy::QK;
+use crate::simd::avx2::load_f16;
+use crate::simd::avx512::pin;
 use std::arch::x86_64::*;
 
 /// Groups per pass: one 512-bit vector covers two groups of eight rows.
@@ -149,34 +150,5 @@ unsafe fn pair<const T: usize, const L: u8>(
     }
     for (t, acc_t) in acc.iter().enumerate() {
         _mm512_mask_storeu_ps(out.add(t * out_stride), lanes, *acc_t);
-    }
-}
-
-/// Keeps `vectors` in registers at this point, so that the compiler keeps
-/// the loop order instead of hoisting every weight vector of a block (as
-/// `legacy::avx2::pin` does for 256-bit vectors).
-///
-/// # Safety
-/// AVX-512 F must be available.
-#[inline]
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn pin<const T: usize>(vectors: &mut [__m512i; T]) {
-    for v in vectors.iter_mut() {
-        // SAFETY: an empty instruction template; the operand only tells the
-        // compiler that `v` is read and written in a register here.
-        std::arch::asm!("/* {0} */", inout(zmm_reg) * v, options(nostack, preserves_flags));
-    }
-}
-
-/// `pin` for float vectors.
-///
-/// # Safety
-/// AVX-512 F must be available.
-#[inline]
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn pin_ps<const T: usize>(vectors: &mut [__m512; T]) {
-    for v in vectors.iter_mut() {
-        // SAFETY: as in `pin`.
-        std::arch::asm!("/* {0} */", inout(zmm_reg) * v, options(nostack, preserves_flags));
     }
 }

@@ -36,7 +36,8 @@
 use super::{Product, REPACK_ROWS};
 use crate::kquants::{q4k, q8k, unpack_scales_mins, QK_K};
 use crate::legacy::read_f16;
-use crate::{GgmlType, QuantError};
+use crate::types::QuantError;
+use flexserve_gguf::GgmlType;
 
 /// Bytes of one group's super-block column.
 pub(crate) const GROUP_BLOCK: usize = REPACK_ROWS * q4k::BYTES;
@@ -101,8 +102,8 @@ pub(super) fn portable(p: Product) {
                     let sums = row_sums(blk, ab, r);
                     let (d, dmin) = (read_f16(blk, 2 * r), read_f16(blk, DMIN_AT + 2 * r));
                     let mut update = |isum: i32, msum: i32| {
-                        acc[r] = crate::fma_f32(isum as f32, d * d_a, acc[r]);
-                        acc_min[r] = crate::fma_f32(msum as f32, dmin * d_a, acc_min[r]);
+                        acc[r] = crate::fma::fma_f32(isum as f32, d * d_a, acc[r]);
+                        acc_min[r] = crate::fma::fma_f32(msum as f32, dmin * d_a, acc_min[r]);
                     };
                     if t < in_groups {
                         sums.iter().for_each(|&(isum, msum)| update(isum, msum));

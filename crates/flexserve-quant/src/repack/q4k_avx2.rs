@@ -14,7 +14,7 @@ use super::q4k::{DMIN_AT, GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
 use super::sweep::{dup_pattern, prefetch, sweep, AHEAD};
 use super::{Product, Q4_K};
 use crate::kquants::q8k;
-use crate::legacy::avx2::pin;
+use crate::simd::avx2::pin;
 use std::arch::x86_64::*;
 
 super::entry_points! {

@@ -13,6 +13,7 @@ use super::q4k::{GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
 use super::sweep::{dup_pattern, prefetch, sweep, Pass, AHEAD};
 use super::{Product, Q4_K};
 use crate::kquants::q8k;
+use crate::simd::avx512::pin;
 use std::arch::x86_64::*;
 
 /// Groups per pass: one 512-bit vector covers two groups of eight rows.
@@ -121,8 +122,8 @@ unsafe fn pair<const T: usize, const PAIRS: bool>(
                     lo_sum[t] = _mm512_dpbusd_epi32(lo_sum[t], lo, qa(t, 64 * c + 4 * m));
                     hi_sum[t] = _mm512_dpbusd_epi32(hi_sum[t], hi, qa(t, 64 * c + 32 + 4 * m));
                 }
-                super::avx512::pin(&mut lo_sum);
-                super::avx512::pin(&mut hi_sum);
+                pin(&mut lo_sum);
+                pin(&mut hi_sum);
             }
             // Entries 16c..16c+16: lane r holds sub-block 2c's scale byte in
             // its low half and sub-block 2c+1's in its high half.

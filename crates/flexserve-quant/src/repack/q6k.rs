@@ -29,7 +29,8 @@
 use super::{Product, REPACK_ROWS};
 use crate::kquants::{q6k, q8k, QK_K};
 use crate::legacy::read_f16;
-use crate::{GgmlType, QuantError};
+use crate::types::QuantError;
+use flexserve_gguf::GgmlType;
 
 /// Bytes of one group's super-block column.
 pub(crate) const GROUP_BLOCK: usize = REPACK_ROWS * q6k::BYTES;

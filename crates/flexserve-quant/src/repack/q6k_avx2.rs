@@ -12,7 +12,7 @@ use super::q6k::{GROUP_BLOCK, HIGH_AT, LOW_AT, SCALES_AT};
 use super::sweep::{by_tokens, dup_pattern, prefetch, sweep, AHEAD};
 use super::{Product, Q6_K};
 use crate::kquants::q8k;
-use crate::legacy::avx2::pin;
+use crate::simd::avx2::pin;
 use std::arch::x86_64::*;
 
 super::entry_points! {

@@ -14,6 +14,7 @@ use super::q6k::{GROUP_BLOCK, HIGH_AT, LOW_AT, SCALES_AT};
 use super::sweep::{by_tokens, prefetch, sweep, Pass, AHEAD};
 use super::{Product, Q6_K};
 use crate::kquants::q8k;
+use crate::simd::avx512::pin;
 use std::arch::x86_64::*;
 
 /// Groups per pass: one 512-bit vector covers two groups of eight rows.
@@ -102,8 +103,8 @@ unsafe fn pair<const T: usize>(
                         lo_sum[t] = _mm512_dpbusd_epi32(lo_sum[t], lo, quad(t, 32 * p + 4 * j));
                         hi_sum[t] = _mm512_dpbusd_epi32(hi_sum[t], hi, quad(t, 32 * p + 16 + 4 * j));
                     }
-                    super::avx512::pin(&mut lo_sum);
-                    super::avx512::pin(&mut hi_sum);
+                    pin(&mut lo_sum);
+                    pin(&mut hi_sum);
                 }
             }
             // Lane r: the scales of sub-blocks 2p (low half) and 2p+1 (high half).

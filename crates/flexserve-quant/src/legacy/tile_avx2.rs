@@ -14,13 +14,14 @@
 //! (kept in L2) is swept by all token tiles of a chunk of tokens, whose
 //! activations are reused by every row tile from L1.
 
-use super::{check_tile, Shape, TileFn};
-use crate::legacy::avx2::{dot_u8_i8, hsum, load_bit_mask, load_f16, load_nibbles};
-use crate::legacy::format::{
+use super::format::{
     act_block_bytes, act_quants_at, act_type, has_min, weight_block_bytes, weight_type, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 };
-use crate::legacy::{Q4_0_BYTES, Q8_0_BYTES};
-use crate::GgmlType;
+use super::{Q4_0_BYTES, Q8_0_BYTES};
+use crate::shape::{check_tile, Shape};
+use crate::simd::avx2::{dot_u8_i8, hsum, load_bit_mask, load_f16, load_nibbles};
+use crate::types::TileFn;
+use flexserve_gguf::GgmlType;
 use std::arch::x86_64::*;
 
 /// Weight rows per micro-tile.
@@ -51,7 +52,7 @@ const ROW_CHUNK_BYTES: usize = 64 * 1024;
 const TOK_CHUNK_BYTES: usize = 128 * 1024;
 
 /// The AVX2 tile kernel of `ty`, if there is one.
-pub(super) fn tile(ty: GgmlType) -> Option<TileFn> {
+pub(crate) fn tile(ty: GgmlType) -> Option<TileFn> {
     match ty {
         GgmlType::Q4_0 => Some(tile_wrapper::<Q4_0>),
         GgmlType::Q4_1 => Some(tile_wrapper::<Q4_1>),

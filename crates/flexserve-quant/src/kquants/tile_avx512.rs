@@ -28,15 +28,16 @@
 //! the AVX2 kernel's, and once the levels' offset comes off each of them as
 //! llama.cpp takes it (`q6k_offsets`), so are the results.
 
-use super::kquants_avx2::{
-    chunks, dispatch, for_each_micro_tile, q4k_block_step, q4k_min_products, q4k_store, q4k_sweep, q4k_tokens,
-    q8k_blocks, tile_of_tier, Q4kFactors, Q4K,
+use super::tile_blocks::{
+    checked_shape, chunks, dispatch, q4k_block_step, q4k_min_products, q4k_store, q4k_sweep, q4k_tokens, q8k_blocks,
+    Q4kFactors, Q4K, Q6K, Q6K_CHAIN,
 };
-use super::{Shape, TileFn};
-use crate::kquants::avx2::{f16_at, hsum_256};
-use crate::kquants::{q4k, q6k, q8k};
-use crate::repack::avx512::pin;
-use crate::GgmlType;
+use super::{avx2::q6k_offsets, q4k, q6k, q8k};
+use crate::shape::{for_each_micro_tile, Shape};
+use crate::simd::avx2::{f16_at, hsum};
+use crate::simd::avx512::pin;
+use crate::types::TileFn;
+use flexserve_gguf::GgmlType;
 use std::arch::x86_64::*;
 
 /// Weight rows and tokens of a micro-tile (both types): 16 i32 sum vectors
@@ -45,27 +46,47 @@ const TILE: (usize, usize) = (2, 8);
 
 /// The AVX-512 tile kernel of `ty`, if there is one (the other types use
 /// the AVX2 kernels).
-pub(super) fn tile(ty: GgmlType) -> Option<TileFn> {
-    tile_of_tier::<true>(ty)
+pub(crate) fn tile(ty: GgmlType) -> Option<TileFn> {
+    match ty {
+        GgmlType::Q4_K => Some(tile_wrapper::<Q4K>),
+        GgmlType::Q6_K => Some(tile_wrapper::<Q6K>),
+        _ => None,
+    }
 }
 
-/// The sweep of format `F` (`Q4K` or `Q6K`).
-///
-/// # Safety
-/// As for `q4k_micro` / `q6k_micro`, for all `rows` and `toks`.
-pub(super) unsafe fn sweep<const F: u8>(
-    s: Shape,
-    w: *const u8,
+/// The AVX-512 Q6_K tile kernel with one chain per (row, token).
+pub(crate) fn q6k_chain() -> TileFn {
+    tile_wrapper::<Q6K_CHAIN>
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tile_wrapper<const F: u8>(
+    n: usize,
+    w: &[u8],
+    w_row_bytes: usize,
     rows: usize,
-    a: *const u8,
+    a: &[u8],
+    a_row_bytes: usize,
     toks: usize,
-    out: *mut f32,
-    chain: bool,
+    out: &mut [f32],
+    out_stride: usize,
 ) {
-    if F == Q4K {
-        q4k_sweep_512(s, w, rows, a, toks, out)
-    } else {
-        q6k_sweep_512(s, w, rows, a, toks, out, chain)
+    let Some(shape) = checked_shape::<F>(n, w, w_row_bytes, rows, a, a_row_bytes, toks, out, out_stride) else {
+        return;
+    };
+    let (w, a, out) = (w.as_ptr(), a.as_ptr(), out.as_mut_ptr());
+    // SAFETY: the wrapper is only handed out after the CPU was found to
+    // support AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI; `checked_shape`
+    // verified that `rows` weight rows and `toks` activation rows of `nb`
+    // super-blocks each, and `toks` output rows of `rows` floats, lie within
+    // the slices at the given strides, which is exactly what the kernel reads
+    // and writes.
+    unsafe {
+        if F == Q4K {
+            q4k_sweep_512(shape, w, rows, a, toks, out)
+        } else {
+            q6k_sweep_512(shape, w, rows, a, toks, out, F == Q6K_CHAIN)
+        }
     }
 }
 
@@ -270,7 +291,7 @@ unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *
             for t in 0..T {
                 let v = sumi[r][t];
                 let f = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
-                folded[t] = _mm256_sub_epi32(f, crate::kquants::avx2::q6k_offsets(wb[r], ab[t]));
+                folded[t] = _mm256_sub_epi32(f, q6k_offsets(wb[r], ab[t]));
             }
             if chain {
                 // Each pair's exact super-block sum (lane t: token t), then
@@ -289,7 +310,7 @@ unsafe fn q6k_micro<const R: usize, const T: usize>(s: Shape, w: *const u8, a: *
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), chains[r]);
         for t in 0..T {
-            *out.add(t * s.out_stride + r) = if chain { lanes[t] } else { hsum_256(acc[r][t]) };
+            *out.add(t * s.out_stride + r) = if chain { lanes[t] } else { hsum(acc[r][t]) };
         }
     }
 }

@@ -20,14 +20,12 @@
 //! traffic: 3% of a 512-token prefill.)
 //!
 //! The GEMV kernel is the same micro-tile over one token, and the tier's plain
-//! dot (`dot`, which `float/avx2.rs` and `float/avx512.rs` hand out) is its
-//! 1 x 1 micro-tile.
+//! dot (`dot`, which `float::avx2_kernels` and `float::avx512_kernels` hand
+//! out) is its 1 x 1 micro-tile.
 
-use super::check_tile;
-use super::kquants_avx2::for_each_micro_tile;
-use crate::float::avx2::{format_type, BF16, F16, F32};
-use crate::gemv::check_gemv;
-use crate::GgmlType;
+use super::avx2::{check_dot, format_type, BF16, F16, F32};
+use crate::shape::{check_gemv, check_tile, for_each_micro_tile};
+use flexserve_gguf::GgmlType;
 use std::arch::x86_64::*;
 
 /// Weight rows that every token passes while they stay in cache (for rows
@@ -62,8 +60,7 @@ macro_rules! float_tier {
         $(#[$doc])*
         pub(crate) mod $tier {
             use super::*;
-            use crate::gemv::GemvFn;
-            use crate::tile::TileFn;
+            use crate::types::{GemvFn, TileFn};
             use $finish as finish;
             use $load as load;
             use $pin as pin;
@@ -95,7 +92,7 @@ macro_rules! float_tier {
             /// The plain dot of this tier: the 1 x 1 micro-tile, so that every
             /// tile and GEMV of the tier equals it by construction.
             pub(crate) fn dot<const F: u8>(n: usize, w: &[u8], a: &[u8]) -> f32 {
-                crate::float::avx2::check_dot(n, w, a, format_type(F).type_size());
+                check_dot(n, w, a, format_type(F).type_size());
                 let mut out = 0.0;
                 // SAFETY: only handed out at its tier, after the CPU was found to
                 // support `$features`; both rows hold `n` elements (checked above),
@@ -345,7 +342,7 @@ float_tier! {
         load: crate::float::avx2::eight,
         store: _mm256_storeu_ps,
         finish: crate::float::avx2::finish,
-        pin: crate::legacy::avx2::pin_ps,
+        pin: crate::simd::avx2::pin_ps,
         micro_tile: (4, 3),
         shapes: [(4, 3), (4, 2), (4, 1), (3, 3), (3, 2), (3, 1), (2, 3), (2, 2), (2, 1), (1, 3), (1, 2), (1, 1)],
     }
@@ -362,7 +359,7 @@ float_tier! {
         load: crate::float::avx512::sixteen,
         store: _mm512_storeu_ps,
         finish: crate::float::avx512::finish,
-        pin: crate::repack::avx512::pin_ps,
+        pin: crate::simd::avx512::pin_ps,
         micro_tile: (4, 4),
         shapes: [
             (4, 4), (4, 3), (4, 2), (4, 1),

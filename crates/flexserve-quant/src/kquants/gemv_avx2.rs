@@ -22,10 +22,11 @@
 //! Decoding streams the weights from memory; see `prefetch_next_pass` for how
 //! the kernels keep the memory busy.
 
-use super::{in_groups_of_four, GemvFn};
-use crate::kquants::avx2::{hsum_256, load};
-use crate::kquants::{q4k, q6k, q8k};
-use crate::GgmlType;
+use super::{avx2::q6k_offsets, q4k, q6k, q8k};
+use crate::shape::in_groups_of_four;
+use crate::simd::avx2::{hsum, load};
+use crate::types::GemvFn;
+use flexserve_gguf::GgmlType;
 use std::arch::x86_64::*;
 
 /// Rows per pass.
@@ -35,7 +36,7 @@ const Q4K: u8 = 0;
 const Q6K: u8 = 1;
 
 /// The AVX2 GEMV kernel of `ty`, if there is one.
-pub(super) fn gemv(ty: GgmlType) -> Option<GemvFn> {
+pub(crate) fn gemv(ty: GgmlType) -> Option<GemvFn> {
     match ty {
         GgmlType::Q4_K => Some(gemv_wrapper::<Q4K>),
         GgmlType::Q6_K => Some(gemv_wrapper::<Q6K>),
@@ -338,11 +339,11 @@ unsafe fn q6k_rows<const R: usize>(nb: usize, w: *const u8, stride: usize, a: *c
             }
         }
         for r in 0..R {
-            let sumi_r = _mm256_sub_epi32(sumi[r], crate::kquants::avx2::q6k_offsets(wb[r], ab));
+            let sumi_r = _mm256_sub_epi32(sumi[r], q6k_offsets(wb[r], ab));
             acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d[r]), _mm256_cvtepi32_ps(sumi_r), acc[r]);
         }
     }
     for (r, acc_r) in acc.iter().enumerate() {
-        *out.add(r) = hsum_256(*acc_r);
+        *out.add(r) = hsum(*acc_r);
     }
 }

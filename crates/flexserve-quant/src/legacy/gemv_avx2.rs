@@ -12,18 +12,19 @@
 //! activation block, instead of moving signs per row: the same integers with
 //! fewer instructions per row.
 
-use super::{in_groups_of_four, GemvFn};
-use crate::legacy::avx2::{hsum, load_bit_mask, load_nibbles};
-use crate::legacy::format::{act_type, has_min, weight_block_bytes, weight_type, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
-use crate::legacy::{Q8_0_BYTES, Q8_1_BYTES};
-use crate::GgmlType;
+use super::format::{act_type, has_min, weight_block_bytes, weight_type, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use super::{Q8_0_BYTES, Q8_1_BYTES};
+use crate::shape::in_groups_of_four;
+use crate::simd::avx2::{hsum, load_bit_mask, load_nibbles};
+use crate::types::GemvFn;
+use flexserve_gguf::GgmlType;
 use std::arch::x86_64::*;
 
 /// Rows per pass.
 const ROWS: usize = 4;
 
 /// The AVX2 GEMV kernel of `ty`, if there is one.
-pub(super) fn gemv(ty: GgmlType) -> Option<GemvFn> {
+pub(crate) fn gemv(ty: GgmlType) -> Option<GemvFn> {
     match ty {
         GgmlType::Q4_0 => Some(gemv_wrapper::<Q4_0>),
         GgmlType::Q4_1 => Some(gemv_wrapper::<Q4_1>),

@@ -1,5 +1,5 @@
 //! NEON helpers shared by the aarch64 kernels (`legacy/neon.rs`,
-//! `kquants/neon.rs`); they import nothing from the kernel families.
+//! `kquants/neon.rs`); they import nothing from the rest of the crate.
 //!
 //! Every helper is a safe `#[target_feature(enable = "neon")]` function:
 //! NEON is part of every aarch64 Linux CPU (and of the target's baseline),

@@ -25,13 +25,14 @@
 //! parallel product (`SharedActTile`); the one-step `TileFn` lays them out
 //! per call.
 
-use super::{check_output, check_rows, check_tile, Shape, TileFn};
-use crate::legacy::avx2::{hsum, load_bit_mask, load_f16, load_nibbles};
-use crate::legacy::format::{
+use super::format::{
     act_block_bytes, act_quants_at, act_type, has_min, weight_block_bytes, weight_type, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 };
-use crate::legacy::QK;
-use crate::GgmlType;
+use super::QK;
+use crate::shape::{check_output, check_rows, check_tile, Shape};
+use crate::simd::avx2::{hsum, load_bit_mask, load_f16, load_nibbles};
+use crate::types::{SharedActTile, TileFn};
+use flexserve_gguf::GgmlType;
 use std::arch::x86_64::*;
 
 /// Weight rows per micro-tile.
@@ -47,7 +48,7 @@ const TOKS: usize = 2 * PAIRS;
 const ROW_CHUNK_BYTES: usize = 128 * 1024;
 
 /// The AVX-512 tile kernel of `ty`, if there is one.
-pub(super) fn tile(ty: GgmlType) -> Option<TileFn> {
+pub(crate) fn tile(ty: GgmlType) -> Option<TileFn> {
     match ty {
         GgmlType::Q4_0 => Some(tile_wrapper::<Q4_0>),
         GgmlType::Q4_1 => Some(tile_wrapper::<Q4_1>),
@@ -86,11 +87,11 @@ const fn act_scales_at(f: u8) -> usize {
 /// Bytes per row and block of unpacked weights (32 levels).
 const W_UNIT_BYTES: usize = QK;
 
-/// The kernel of `ty` in two steps, if there is one (see [`super::SharedActTile`]).
-pub(super) fn shared(ty: GgmlType) -> Option<super::SharedActTile> {
+/// The kernel of `ty` in two steps, if there is one (see [`SharedActTile`]).
+pub(crate) fn shared(ty: GgmlType) -> Option<SharedActTile> {
     macro_rules! of {
         ($f:expr) => {
-            super::SharedActTile { layout_len: layout_len::<{ $f }>, lay_out: lay_out::<{ $f }>, tile: run::<{ $f }> }
+            SharedActTile { layout_len: layout_len::<{ $f }>, lay_out: lay_out::<{ $f }>, tile: run::<{ $f }> }
         };
     }
     match ty {
@@ -117,7 +118,7 @@ fn layout_len<const F: u8>(n: usize, toks: usize) -> usize {
 }
 
 /// The largest `layout_len` of the five formats.
-pub(super) fn layout_len_max(n: usize, toks: usize) -> usize {
+pub(crate) fn layout_len_max(n: usize, toks: usize) -> usize {
     [layout_len::<Q4_0>, layout_len::<Q4_1>, layout_len::<Q5_0>, layout_len::<Q5_1>, layout_len::<Q8_0>]
         .iter()
         .map(|len| len(n, toks))
