@@ -397,6 +397,10 @@ mod tests {
     use super::*;
 
     #[test]
+    // The table comes from the C library's `tanhf`, as llama.cpp's does, and
+    // aarch64's glibc rounds some entries differently from x86-64's: the
+    // figure below is llama.cpp's x86-64 table; an aarch64 one was not at hand.
+    #[cfg_attr(not(target_arch = "x86_64"), ignore = "the reference table is llama.cpp's x86-64 one")]
     fn gelu_table_is_llama_cpp_s() {
         // FNV-1a (64-bit) of the table's entries for every f16 value but the
         // NaNs, little-endian, as read from llama.cpp's `ggml_table_gelu_f16`

@@ -24,6 +24,11 @@
 //! broadcast scale. The engine lays them out once for all the tasks of a
 //! parallel product (`SharedActTile`); the one-step `TileFn` lays them out
 //! per call.
+//!
+//! Many tokens (a prompt) sweep chunks of weight rows unpacked once into the
+//! thread's scratch, which every token tile then reads. A single token tile
+//! (a decode batch of up to eight sequences) uses each weight block once, so
+//! it unpacks the blocks in registers where it uses them (`direct`).
 
 use super::format::{
     act_block_bytes, act_quants_at, act_type, has_min, weight_block_bytes, weight_type, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
@@ -34,6 +39,10 @@ use crate::simd::avx2::{hsum, load_bit_mask, load_f16, load_nibbles};
 use crate::types::{SharedActTile, TileFn};
 use flexserve_gguf::GgmlType;
 use std::arch::x86_64::*;
+
+mod direct;
+
+use direct::direct_any;
 
 /// Weight rows per micro-tile.
 const ROWS: usize = 4;
@@ -274,6 +283,16 @@ unsafe fn sweep<const F: u8>(
     weights: &mut [f32],
 ) {
     let nb = shape.nb;
+    let laid = Laid { units, sums };
+    // One token tile (a decode batch): every weight block is used once, so
+    // it is unpacked in registers where it is used, not through the scratch.
+    if toks <= TOKS {
+        for r in (0..rows).step_by(ROWS) {
+            let rr = ROWS.min(rows - r);
+            direct_any::<F>(rr, toks, &shape, w.add(r * shape.w_stride), laid, out.add(r), shape.out_stride);
+        }
+        return;
+    }
     let chunk = row_chunk(nb).min(rows);
     let base = weights.as_mut_ptr();
     let unpacked = Unpacked {
@@ -281,7 +300,6 @@ unsafe fn sweep<const F: u8>(
         d: base.add(chunk * nb * W_UNIT_BYTES / 4),
         m: base.add(chunk * nb * (W_UNIT_BYTES / 4 + 1)),
     };
-    let laid = Laid { units, sums };
     for r_chunk in (0..rows).step_by(chunk) {
         let rc = chunk.min(rows - r_chunk);
         unpack_weights::<F>(&shape, w.add(r_chunk * shape.w_stride), rc, &unpacked);
@@ -354,27 +372,36 @@ unsafe fn unpack_weights<const F: u8>(s: &Shape, w: *const u8, count: usize, to:
     for r in 0..count {
         for b in 0..nb {
             let block = w.add(r * s.w_stride + b * weight_block_bytes(F));
-            let levels = match F {
-                Q4_0 => load_nibbles(block.add(2)),
-                Q4_1 => load_nibbles(block.add(4)),
-                Q5_0 => {
-                    let high = _mm256_and_si256(load_bit_mask(block.add(2)), _mm256_set1_epi8(0x10));
-                    _mm256_or_si256(load_nibbles(block.add(6)), high)
-                }
-                Q5_1 => {
-                    let high = _mm256_and_si256(load_bit_mask(block.add(4)), _mm256_set1_epi8(0x10));
-                    _mm256_or_si256(load_nibbles(block.add(8)), high)
-                }
-                // q + 128 as an unsigned byte.
-                _ => _mm256_xor_si256(_mm256_loadu_si256(block.add(2).cast()), _mm256_set1_epi8(0x80u8 as i8)),
-            };
             let at = r * nb + b;
-            _mm256_storeu_si256(to.levels.add(at * W_UNIT_BYTES).cast(), levels);
+            _mm256_storeu_si256(to.levels.add(at * W_UNIT_BYTES).cast(), block_levels::<F>(block));
             *to.d.add(at) = load_f16(block);
             if has_min(F) {
                 *to.m.add(at) = load_f16(block.add(2));
             }
         }
+    }
+}
+
+/// The 32 unsigned levels of the weight block at `block`.
+///
+/// # Safety
+/// As for `sweep`; the block must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn block_levels<const F: u8>(block: *const u8) -> __m256i {
+    match F {
+        Q4_0 => load_nibbles(block.add(2)),
+        Q4_1 => load_nibbles(block.add(4)),
+        Q5_0 => {
+            let high = _mm256_and_si256(load_bit_mask(block.add(2)), _mm256_set1_epi8(0x10));
+            _mm256_or_si256(load_nibbles(block.add(6)), high)
+        }
+        Q5_1 => {
+            let high = _mm256_and_si256(load_bit_mask(block.add(4)), _mm256_set1_epi8(0x10));
+            _mm256_or_si256(load_nibbles(block.add(8)), high)
+        }
+        // q + 128 as an unsigned byte.
+        _ => _mm256_xor_si256(_mm256_loadu_si256(block.add(2).cast()), _mm256_set1_epi8(0x80u8 as i8)),
     }
 }
 
@@ -477,9 +504,27 @@ unsafe fn micro<const F: u8, const R: usize, const P: usize>(
             }
         }
     }
+    store_pairs::<F, R, P>(&acc, &chains, tt, out, out_stride);
+}
+
+/// A micro-tile's results: each pair's two eight-lane accumulators folded
+/// as the dot folds them, plus (formats with a minimum) the minimum terms.
+///
+/// # Safety
+/// As for `micro`.
+#[allow(clippy::needless_range_loop)] // (row, pair) indices read clearest here
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn store_pairs<const F: u8, const R: usize, const P: usize>(
+    acc: &[[__m512; P]; R],
+    chains: &[__m256; R],
+    tt: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
     let mut mins = [[0.0f32; TOKS]; R];
     for (m, chain) in mins.iter_mut().zip(chains) {
-        _mm256_storeu_ps(m.as_mut_ptr(), chain);
+        _mm256_storeu_ps(m.as_mut_ptr(), *chain);
     }
 
     for i in 0..R {

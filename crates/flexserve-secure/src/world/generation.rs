@@ -340,9 +340,9 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         // A stream stops after its prompt: its tokens come from the batch's steps.
         let result = match park {
             None => generator.generate_with(&ids[..], &opts, on_text, &mut before_layer).map(Evaluated::Whole),
-            Some(stream) => {
-                generator.prefill_with(&ids[..], &opts, &mut before_layer).map(|pre| Evaluated::Prompt(Box::new(pre), stream))
-            }
+            Some(stream) => generator
+                .prefill_with(&ids[..], &opts, &mut before_layer)
+                .map(|pre| Evaluated::Prompt(Box::new(pre), stream)),
         };
         let mut timeline = timeline.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Ok(evaluated) = &result {
