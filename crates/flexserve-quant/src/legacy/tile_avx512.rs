@@ -40,6 +40,35 @@ use crate::types::{SharedActTile, TileFn};
 use flexserve_gguf::GgmlType;
 use std::arch::x86_64::*;
 
+/// Calls `$kernel::<F, R, P>(args)` for the micro-tile of `rr` rows by `tt`
+/// tokens (`P` = pairs), each at most the full size: the sizes, listed once
+/// for both micro-tile kernels.
+macro_rules! by_micro_size {
+    ($rr:expr, $tt:expr, $kernel:ident::<$f:ident>($($arg:expr),*)) => {{
+        const { assert!(ROWS == 4 && PAIRS == 4, "the arms below list the 4 x 4 sizes") };
+        let (rr, tt): (usize, usize) = ($rr, $tt);
+        match (rr, tt.div_ceil(2)) {
+            (4, 4) => $kernel::<$f, 4, 4>($($arg),*),
+            (4, 3) => $kernel::<$f, 4, 3>($($arg),*),
+            (4, 2) => $kernel::<$f, 4, 2>($($arg),*),
+            (4, 1) => $kernel::<$f, 4, 1>($($arg),*),
+            (3, 4) => $kernel::<$f, 3, 4>($($arg),*),
+            (3, 3) => $kernel::<$f, 3, 3>($($arg),*),
+            (3, 2) => $kernel::<$f, 3, 2>($($arg),*),
+            (3, 1) => $kernel::<$f, 3, 1>($($arg),*),
+            (2, 4) => $kernel::<$f, 2, 4>($($arg),*),
+            (2, 3) => $kernel::<$f, 2, 3>($($arg),*),
+            (2, 2) => $kernel::<$f, 2, 2>($($arg),*),
+            (2, 1) => $kernel::<$f, 2, 1>($($arg),*),
+            (1, 4) => $kernel::<$f, 1, 4>($($arg),*),
+            (1, 3) => $kernel::<$f, 1, 3>($($arg),*),
+            (1, 2) => $kernel::<$f, 1, 2>($($arg),*),
+            (1, 1) => $kernel::<$f, 1, 1>($($arg),*),
+            _ => unreachable!("micro-tile of {rr} x {tt} is larger than {ROWS} x {TOKS}"),
+        }
+    }};
+}
+
 mod direct;
 
 use direct::direct_any;
@@ -423,33 +452,7 @@ unsafe fn micro_any<const F: u8>(
     out: *mut f32,
     out_stride: usize,
 ) {
-    macro_rules! dispatch {
-        ($(($r:literal, $p:literal)),*) => {
-            match (rr, tt.div_ceil(2)) {
-                $(($r, $p) => micro::<F, $r, $p>(nb, weights, laid, r, t, tt, out, out_stride),)*
-                _ => unreachable!("micro-tile of {rr} x {tt} is larger than {ROWS} x {TOKS}"),
-            }
-        };
-    }
-    const { assert!(ROWS == 4 && PAIRS == 4, "the dispatch below lists the 4 x 4 sizes") };
-    dispatch!(
-        (4, 4),
-        (4, 3),
-        (4, 2),
-        (4, 1),
-        (3, 4),
-        (3, 3),
-        (3, 2),
-        (3, 1),
-        (2, 4),
-        (2, 3),
-        (2, 2),
-        (2, 1),
-        (1, 4),
-        (1, 3),
-        (1, 2),
-        (1, 1)
-    )
+    by_micro_size!(rr, tt, micro::<F>(nb, weights, laid, r, t, tt, out, out_stride))
 }
 
 /// One micro-tile: `R` unpacked weight rows from row `r` of the chunk by

@@ -24,33 +24,7 @@ pub(super) unsafe fn direct_any<const F: u8>(
     out: *mut f32,
     out_stride: usize,
 ) {
-    macro_rules! dispatch {
-        ($(($r:literal, $p:literal)),*) => {
-            match (rr, tt.div_ceil(2)) {
-                $(($r, $p) => direct::<F, $r, $p>(shape, w, laid, tt, out, out_stride),)*
-                _ => unreachable!("micro-tile of {rr} x {tt} is larger than {ROWS} x {TOKS}"),
-            }
-        };
-    }
-    const { assert!(ROWS == 4 && PAIRS == 4, "the dispatch below lists the 4 x 4 sizes") };
-    dispatch!(
-        (4, 4),
-        (4, 3),
-        (4, 2),
-        (4, 1),
-        (3, 4),
-        (3, 3),
-        (3, 2),
-        (3, 1),
-        (2, 4),
-        (2, 3),
-        (2, 2),
-        (2, 1),
-        (1, 4),
-        (1, 3),
-        (1, 2),
-        (1, 1)
-    )
+    by_micro_size!(rr, tt, direct::<F>(shape, w, laid, tt, out, out_stride))
 }
 
 /// Blocks whose scales [`direct`] converts at once.
