@@ -48,8 +48,8 @@ pub struct ServeArgs {
     /// Engine threads of a plain model (0 = one per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Requests a plain model decodes together, one batched step at a time (continuous batching;
-    /// a sealed model serves one at a time for now) [default: 4].
+    /// Requests a model decodes together, one batched step at a time (continuous batching; a
+    /// sealed model's batch runs inside the secure world) [default: 4].
     #[arg(long)]
     parallel: Option<usize>,
     /// Requests that may wait per model beyond those being served (then 503) [default: 64].

@@ -50,11 +50,11 @@ struct Batch {
 }
 
 impl SealedModel {
-    /// Serves commands until the queue closes (the model unloads) or the
-    /// session with the secure world is lost.
-    pub(crate) fn serve(mut self, rx: &mpsc::Receiver<Command>, slots: usize) {
+    /// Serves commands until the queue closes (the model unloads: true) or
+    /// the session with the secure world is lost (false).
+    pub(crate) fn serve(mut self, rx: &mpsc::Receiver<Command>, slots: usize) -> bool {
         let mut batch = Batch::default();
-        let healthy = loop {
+        loop {
             let mut healthy = true;
             // Admit: wait while idle, else take what is queued, up to the slots.
             while healthy && batch.live.len() < slots {
@@ -69,7 +69,7 @@ impl SealedModel {
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) if batch.live.is_empty() => {
                         self.release_cores(&mut batch);
-                        return;
+                        return true;
                     }
                     Err(mpsc::TryRecvError::Disconnected) => break,
                 };
@@ -78,21 +78,21 @@ impl SealedModel {
                 healthy = self.step(&mut batch) && self.yield_cores(&batch);
             }
             if !healthy {
-                break false;
+                break;
             }
             if batch.live.is_empty() {
                 self.release_cores(&mut batch);
             }
-        };
-        if !healthy {
-            for (_, l) in std::mem::take(&mut batch.live) {
-                let _ = l.events.blocking_send(Event::Failed(secure_world_gone()));
-            }
-            // The session is gone: the lease goes without a scrub to ask for.
-            if let (Some(t), true) = (&self.tenant, batch.holds_cores) {
-                t.end();
-            }
         }
+        // The session is lost: so are the generations in its batch, and the
+        // lease goes without a scrub to ask for.
+        for (_, l) in std::mem::take(&mut batch.live) {
+            let _ = l.events.blocking_send(Event::Failed(secure_world_gone()));
+        }
+        if let (Some(t), true) = (&self.tenant, batch.holds_cores) {
+            t.end();
+        }
+        false
     }
 
     /// Admits a generation into the batch: its prompt is evaluated in the

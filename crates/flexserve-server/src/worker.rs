@@ -211,10 +211,11 @@ impl Backend {
         let handle = std::thread::Builder::new()
             .name("sealed".to_string())
             .spawn(move || {
-                sealed.serve(&rx, slots.max(1));
-                // The session is gone: fail what is queued; the next request opens a new one.
-                flag.store(false, Ordering::SeqCst);
-                fail_queued(&rx);
+                if !sealed.serve(&rx, slots.max(1)) {
+                    // The session is gone: fail what is queued; the next request opens a new one.
+                    flag.store(false, Ordering::SeqCst);
+                    fail_queued(&rx);
+                }
             })
             .map_err(|e| format!("starting a worker: {e}"))?;
         Ok(Backend { kind: Kind::Sealed, commands: Some(tx), alive, threads: vec![handle] })
