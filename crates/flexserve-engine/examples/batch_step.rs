@@ -1,6 +1,7 @@
 //! Time of one batched decode step against batch size, on a GGUF model:
 //! `cargo run --release -p flexserve-engine --example batch_step -- MODEL [THREADS [DEPTH [SIZES]]]`
-//! (sessions DEPTH tokens deep, 128 by default; SIZES comma-separated, 1,2,4,8,16 by default).
+//! (sessions DEPTH tokens deep, 128 by default; SIZES comma-separated, 1,2,4,8,16 by default;
+//! `BATCH_STEPS` steps timed per size, 32 by default).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,7 +25,7 @@ fn main() {
         for s in &mut sessions {
             s.eval(&prompt, Logits::Last).expect("prefill");
         }
-        let steps = 32;
+        let steps: usize = std::env::var("BATCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(32);
         let t0 = Instant::now();
         for step in 0..steps {
             let mut refs: Vec<&mut Session> = sessions.iter_mut().collect();
