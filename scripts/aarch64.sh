@@ -30,8 +30,9 @@
 #    differently, as llama.cpp's aarch64 build would), and from
 #    tests/llama_cpp_reference.rs the greedy continuations of SmolLM2 against
 #    llama.cpp's, at every tier the CPU runs (FLEXSERVE_REFERENCE_MODELS
-#    picks the model: all three references, long prompts included, ran over
-#    30 minutes under emulation on a 2-core host without finishing). The
+#    picks the models; with long prompts in the references, SmolLM2 alone at
+#    three tiers ran over 38 minutes under emulation on a 2-core host without
+#    finishing, and all three models over 30 minutes before it was stopped). The
 #    perplexity test (5,120 tokens of prefill) took 83 minutes under
 #    emulation on a 2-core x86-64 machine (it passes: PPL 14.8819, as with
 #    the portable kernels on x86-64), so it runs only with
