@@ -13,7 +13,7 @@ use rand::Rng;
 const TILE_TYPES: [GgmlType; 10] = MATRIX_TYPES;
 const ROW_COUNTS: [usize; 8] = [1, 2, 3, 4, 5, 7, 8, 13];
 /// Up to two whole micro-tiles of eight tokens (the AVX-512 Q4_K shape) and an edge.
-const TOK_COUNTS: [usize; 8] = [1, 2, 3, 4, 5, 8, 9, 17];
+const TOK_COUNTS: [usize; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 17];
 /// One block, several blocks, and the real model's row length (for the
 /// 256-element K-quant blocks: one, two and three super-blocks; for the float
 /// types, lengths that leave a tail after the dot's 32-element steps).

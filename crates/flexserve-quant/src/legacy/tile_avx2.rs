@@ -10,6 +10,10 @@
 //! have their own micro-tiles (`micro_q4_0`, `micro_q8_0`) that reach the
 //! same integer sums and scale products with fewer instructions per pair.
 //!
+//! Up to `FEW_TOKENS_MAX` tokens (a batched decode step) go to the GEMV's
+//! few-token form instead, which decodes each weight block once in
+//! registers and needs no scale tables.
+//!
 //! Micro-tiles are visited in cache-sized chunks: a chunk of weight rows
 //! (kept in L2) is swept by all token tiles of a chunk of tokens, whose
 //! activations are reused by every row tile from L1.
@@ -17,6 +21,7 @@
 use super::format::{
     act_block_bytes, act_quants_at, act_type, has_min, weight_block_bytes, weight_type, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
 };
+use super::gemv_avx2::{few_tokens, FEW_TOKENS_MAX};
 use super::{Q4_0_BYTES, Q8_0_BYTES};
 use crate::shape::{check_tile, Shape};
 use crate::simd::avx2::{dot_u8_i8, hsum, load_bit_mask, load_f16, load_nibbles};
@@ -86,6 +91,10 @@ fn tile_wrapper<const F: u8>(
         return;
     }
     let shape = Shape::of(ty, n, w_row_bytes, a_row_bytes, out_stride);
+    if toks <= FEW_TOKENS_MAX {
+        // SAFETY: as below; `few_tokens` reads and writes the same tile.
+        return unsafe { few_tokens::<F>(shape, w.as_ptr(), rows, a.as_ptr(), toks, out.as_mut_ptr()) };
+    }
     // SAFETY: the wrapper is only handed out after the CPU was found to
     // support AVX2, FMA and F16C; `check_tile` verified that `rows` weight rows
     // and `toks` activation rows of `nb` blocks each, and `toks` output rows of
