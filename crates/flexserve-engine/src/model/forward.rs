@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::flash_attention::{attend_head, attention_tiled, decode_head, TILED_MIN_BATCH};
-use super::scratch::Scratch;
+use super::scratch::{Scratch, MAX_BATCH};
 use super::{KvCache, Layer, Logits, Model, Session};
 use crate::config::{FfnActivation, ModelConfig, RopeScaling};
 use crate::memory::Buf;
@@ -14,9 +14,6 @@ use crate::EngineError;
 /// Called before each layer of a forward pass with the layer's index (see
 /// [`Session::eval_with`]).
 pub type LayerHook<'a> = dyn FnMut(usize) -> Result<(), EngineError> + Send + 'a;
-
-/// Largest batch evaluated at once; longer inputs are split.
-pub(super) const MAX_BATCH: usize = 512;
 
 impl<'m> Session<'m> {
     /// Runs `tokens` through the model after the cached positions and returns

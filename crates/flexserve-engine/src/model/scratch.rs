@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use super::flash_attention::{KV_TILE, TILED_MIN_BATCH};
-use super::forward::MAX_BATCH;
 use super::weights::{acts_row_bytes, shared_layout_cols, LargestMatrices};
 use super::{Model, Session};
 use crate::config::ModelConfig;
@@ -13,6 +12,10 @@ use crate::memory::{Buf, ScratchSource};
 use crate::ops::QuantizedActs;
 use crate::weights::TensorSource;
 use crate::EngineError;
+
+/// Largest batch evaluated at once (the most rows the buffers are sized
+/// for); the forward pass splits longer inputs.
+pub(super) const MAX_BATCH: usize = 512;
 
 /// A session's activations: buffers sized for the current batch, in blocks
 /// from the session's [`ScratchSource`].
