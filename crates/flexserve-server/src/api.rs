@@ -2,8 +2,11 @@
 //! OpenAI error format. Field names follow the OpenAI API; `timings`
 //! follows llama-server.
 
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Largest request body accepted (prompts, messages): 4 MiB, the same bound
@@ -269,6 +272,32 @@ pub fn parse_duration(text: &str) -> Option<f64> {
         _ => return None,
     };
     Some(n * scale)
+}
+
+/// A request's body, at most [`MAX_BODY_BYTES`] (the router's
+/// `DefaultBodyLimit`): a larger one is answered 413 in the OpenAI error
+/// format, naming the bound, instead of axum's plain-text rejection.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Body, ApiError> {
+        Bytes::from_request(request, state).await.map(Body).map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::body_too_large()
+            } else {
+                ApiError::bad_request(e.body_text(), None)
+            }
+        })
+    }
+}
+
+pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let what = if e.is_data() { "invalid request body" } else { "malformed JSON" };
+        ApiError::bad_request(format!("{what}: {e}"), None)
+    })
 }
 
 #[cfg(test)]

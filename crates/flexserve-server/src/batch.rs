@@ -17,8 +17,8 @@ use flexserve_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use tokio::sync::mpsc as async_mpsc;
 
 use crate::api::{ApiError, ErrorKind};
+use crate::jobs::{context_exceeded, finish_reason, refuse_on_plain, Command, Event, Finish, Job, JobInput};
 use crate::lease::{CoreArbiter, Owner};
-use crate::worker::{context_exceeded, finish_reason, Command, Event, Finish, Job, JobInput};
 
 /// A plain model in this process.
 pub(crate) struct PlainModel {
@@ -90,7 +90,7 @@ impl PlainModel {
                             batch.push(active);
                         }
                     }
-                    Ok(other) => crate::worker::refuse_on_plain(other),
+                    Ok(other) => refuse_on_plain(other),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) if batch.is_empty() => return,
                     Err(mpsc::TryRecvError::Disconnected) => break,

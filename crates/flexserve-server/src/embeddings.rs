@@ -19,10 +19,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::api::{ApiError, ErrorKind};
-use crate::handlers::{parse, Body};
+use crate::api::{parse, ApiError, Body, ErrorKind};
+use crate::jobs::{Command, EmbedInput, EmbedJob, Embeddings, Event};
 use crate::lease::{CoreArbiter, Owner};
-use crate::worker::{Command, Event};
 use crate::AppState;
 
 /// Inputs one request may carry, as OpenAI bounds them.
@@ -55,35 +54,6 @@ struct EmbeddingsRequest {
     /// Only the model's own size is served (no truncated vectors).
     dimensions: Option<usize>,
     keep_alive: Option<crate::api::KeepAliveValue>,
-}
-
-/// One input to embed.
-#[derive(Debug, Clone)]
-pub enum EmbedInput {
-    Text(String),
-    /// Token ids, used as given (the caller added any special tokens).
-    Tokens(Vec<u32>),
-}
-
-/// What an encoder answers: one vector per input, in order.
-#[derive(Debug)]
-pub struct Embeddings {
-    pub vectors: Vec<Vec<f32>>,
-    pub prompt_tokens: u32,
-}
-
-pub struct EmbedJob {
-    pub inputs: Vec<EmbedInput>,
-    pub reply: oneshot::Sender<Result<Embeddings, ApiError>>,
-}
-
-/// The answer to an embeddings request sent to a model that does not make them.
-pub(crate) fn not_an_encoder() -> ApiError {
-    ApiError::bad_request(
-        "this model generates text and makes no embeddings; embeddings come from encoder models (nomic-bert)",
-        Some("model"),
-    )
-    .with_code("model_not_embedding")
 }
 
 pub async fn embeddings(State(state): State<Arc<AppState>>, Body(body): Body) -> Response {
@@ -198,7 +168,7 @@ impl EncoderModel {
                     .with_code("model_not_generative");
                     let _ = job.events.blocking_send(Event::Failed(e));
                 }
-                other => crate::worker::refuse_on_plain(other),
+                other => crate::jobs::refuse_on_plain(other),
             }
         }
     }

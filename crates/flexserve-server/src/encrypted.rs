@@ -19,9 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
+use crate::api::{parse, Body};
 use crate::api::{ApiError, ErrorKind};
-use crate::handlers::{parse, Body};
-use crate::worker::{Command, EncryptedJob, SealedEvent};
+use crate::jobs::{Command, EncryptedJob, SealedEvent};
 use crate::AppState;
 
 /// Most sessions the daemon routes at once; past it the least recently used

@@ -6,52 +6,26 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive as SseKeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use flexserve_protocol::Message;
-use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::api::{self, ApiError, ChatRequest, CompletionRequest, ErrorKind, ModelRequest, Params, Timings, Usage};
+use crate::api::{parse, Body};
+use crate::jobs::{Command, Event, Finish, GenParams, Job, JobInput};
 use crate::registry::{Lease, LoadState};
-use crate::worker::{Command, Event, Finish, GenParams, Job, JobInput, Kind};
+use crate::worker::Kind;
 use crate::AppState;
 
 /// Events a job may have queued before the client reads them.
 const EVENT_BUFFER: usize = 64;
-
-/// A request's body, at most [`api::MAX_BODY_BYTES`] (the router's
-/// `DefaultBodyLimit`): a larger one is answered 413 in the OpenAI error
-/// format, naming the bound, instead of axum's plain-text rejection.
-pub struct Body(pub Bytes);
-
-impl<S: Send + Sync> FromRequest<S> for Body {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Body, ApiError> {
-        Bytes::from_request(request, state).await.map(Body).map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::body_too_large()
-            } else {
-                ApiError::bad_request(e.body_text(), None)
-            }
-        })
-    }
-}
-
-pub(crate) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        let what = if e.is_data() { "invalid request body" } else { "malformed JSON" };
-        ApiError::bad_request(format!("{what}: {e}"), None)
-    })
-}
 
 fn now_seconds() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())

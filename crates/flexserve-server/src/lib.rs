@@ -14,6 +14,7 @@ mod batch;
 pub mod embeddings;
 mod encrypted;
 mod handlers;
+mod jobs;
 pub mod lease;
 pub mod metrics;
 pub mod registry;

@@ -20,11 +20,11 @@ use flexserve_protocol::{ErrorCode, GenerateRequest, GenerationReport, Input, Sa
 use tokio::sync::mpsc as async_mpsc;
 
 use crate::api::{ApiError, ErrorKind};
-use crate::lease::SecureTenant;
-use crate::worker::{
+use crate::jobs::{
     encrypted_error, secure_world_gone, session_lost, Command, EncryptedJob, Event, Finish, GenParams, Job, JobInput,
     SealedEvent,
 };
+use crate::lease::SecureTenant;
 
 /// A sealed model resident in the secure world, and the session that holds it.
 pub(crate) struct SealedModel {
@@ -199,7 +199,7 @@ impl SealedModel {
             Command::Encrypted(job) => self.run_encrypted(job, holds_cores),
             Command::Embed(job) => {
                 // Sealed models in the secure world are generative ones for now.
-                let _ = job.reply.send(Err(crate::embeddings::not_an_encoder()));
+                let _ = job.reply.send(Err(crate::jobs::not_an_encoder()));
                 true
             }
             Command::CloseEncrypted { session } => {

@@ -21,11 +21,11 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
+use crate::api::{parse, Body};
 use crate::api::{ApiError, ErrorKind};
-use crate::embeddings::{EmbedInput, EmbedJob, Embeddings};
-use crate::handlers::{parse, Body};
+use crate::jobs::{Command, Event, Finish, GenParams, Job, JobInput};
+use crate::jobs::{EmbedInput, EmbedJob, Embeddings};
 use crate::registry::Lease;
-use crate::worker::{Command, Event, Finish, GenParams, Job, JobInput};
 use crate::AppState;
 
 /// A workflow the daemon serves, with the served model each of its models runs on.
