@@ -20,6 +20,35 @@
 //! Kernels receive rows as byte slices of any alignment; every multi-byte
 //! field is read byte-wise.
 
+/// Calls `$kernel::<F, A, B>(args)` for sizes `a` and `b` of 1 to 4 each:
+/// the sixteen shapes of a micro-kernel, listed once for the x86 kernel
+/// families below (the GEMV's few-token form and both tiles).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_size_4x4 {
+    ($a:expr, $b:expr, $kernel:ident::<$f:ident>($($arg:expr),*)) => {{
+        let (a, b): (usize, usize) = ($a, $b);
+        match (a, b) {
+            (4, 4) => $kernel::<$f, 4, 4>($($arg),*),
+            (4, 3) => $kernel::<$f, 4, 3>($($arg),*),
+            (4, 2) => $kernel::<$f, 4, 2>($($arg),*),
+            (4, 1) => $kernel::<$f, 4, 1>($($arg),*),
+            (3, 4) => $kernel::<$f, 3, 4>($($arg),*),
+            (3, 3) => $kernel::<$f, 3, 3>($($arg),*),
+            (3, 2) => $kernel::<$f, 3, 2>($($arg),*),
+            (3, 1) => $kernel::<$f, 3, 1>($($arg),*),
+            (2, 4) => $kernel::<$f, 2, 4>($($arg),*),
+            (2, 3) => $kernel::<$f, 2, 3>($($arg),*),
+            (2, 2) => $kernel::<$f, 2, 2>($($arg),*),
+            (2, 1) => $kernel::<$f, 2, 1>($($arg),*),
+            (1, 4) => $kernel::<$f, 1, 4>($($arg),*),
+            (1, 3) => $kernel::<$f, 1, 3>($($arg),*),
+            (1, 2) => $kernel::<$f, 1, 2>($($arg),*),
+            (1, 1) => $kernel::<$f, 1, 1>($($arg),*),
+            _ => unreachable!("a micro-kernel of {a} x {b} is larger than 4 x 4"),
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]

@@ -114,7 +114,8 @@ pub(crate) unsafe fn few_tokens<const F: u8>(
     let Shape { nb, w_stride, a_stride, out_stride } = shape;
     let corrections = if level_offset(F) != 0 { nb * CORRECTION_STRIDE } else { 0 };
     let (table_len, products_len) = (nb * TABLE_STRIDE, nb * PRODUCTS_STRIDE);
-    crate::scratch::with_f32(table_len + products_len, 0.0, |buf| {
+    // Every element read is written first: no fill needed.
+    crate::scratch::with_f32_unfilled(table_len + products_len, |buf| {
         let (table, products) = buf.split_at_mut(table_len);
         let products = products.as_mut_ptr();
         crate::scratch::with_i32(corrections, 0, |correction| {
@@ -126,32 +127,11 @@ pub(crate) unsafe fn few_tokens<const F: u8>(
                     let (w, a, out) = (w.add(r * w_stride), a.add(t * a_stride), out.add(t * out_stride + r));
                     let tables =
                         Tables { scales: table.as_ptr().add(t), correction: correction.as_ptr().wrapping_add(8 * t) };
-                    macro_rules! by_size {
-                        ($(($r:literal, $t:literal)),*) => {
-                            match (rr, tt) {
-                                $(($r, $t) => tokens_avx2::<F, $r, $t>(nb, w, w_stride, a, a_stride, tables, products, out, out_stride),)*
-                                _ => unreachable!("a pass of {rr} rows x {tt} tokens is not among the sizes listed"),
-                            }
-                        };
-                    }
-                    const { assert!(ROWS == 4 && PASS_TOKENS == 4, "the sizes below are those of 4 rows x 4 tokens") };
-                    by_size!(
-                        (4, 4),
-                        (4, 3),
-                        (4, 2),
-                        (4, 1),
-                        (3, 4),
-                        (3, 3),
-                        (3, 2),
-                        (3, 1),
-                        (2, 4),
-                        (2, 3),
-                        (2, 2),
-                        (2, 1),
-                        (1, 4),
-                        (1, 3),
-                        (1, 2),
-                        (1, 1)
+                    const { assert!(ROWS == 4 && PASS_TOKENS == 4, "by_size_4x4 lists the 4 x 4 sizes") };
+                    by_size_4x4!(
+                        rr,
+                        tt,
+                        tokens_avx2::<F>(nb, w, w_stride, a, a_stride, tables, products, out, out_stride)
                     );
                     t += tt;
                 }

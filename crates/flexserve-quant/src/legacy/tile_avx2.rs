@@ -265,32 +265,8 @@ unsafe fn micro_any<const F: u8>(
         }
         return dispatch_q8_0!((2, 4), (2, 3), (2, 2), (2, 1), (1, 4), (1, 3), (1, 2), (1, 1));
     }
-    macro_rules! dispatch {
-        ($(($r:literal, $t:literal)),*) => {
-            match (rr, tt) {
-                $(($r, $t) => micro::<F, $r, $t>(s, w, a, out, scales),)*
-                _ => unreachable!("micro-tile of {rr} x {tt} is larger than {ROWS} x {TOKS}"),
-            }
-        };
-    }
-    dispatch!(
-        (4, 4),
-        (4, 3),
-        (4, 2),
-        (4, 1),
-        (3, 4),
-        (3, 3),
-        (3, 2),
-        (3, 1),
-        (2, 4),
-        (2, 3),
-        (2, 2),
-        (2, 1),
-        (1, 4),
-        (1, 3),
-        (1, 2),
-        (1, 1)
-    );
+    const { assert!(ROWS == 4 && TOKS == 4, "by_size_4x4 lists the 4 x 4 sizes") };
+    by_size_4x4!(rr, tt, micro::<F>(s, w, a, out, scales))
 }
 
 /// The weight levels of one block as 32 bytes: signed for the formats with

@@ -41,31 +41,12 @@ use flexserve_gguf::GgmlType;
 use std::arch::x86_64::*;
 
 /// Calls `$kernel::<F, R, P>(args)` for the micro-tile of `rr` rows by `tt`
-/// tokens (`P` = pairs), each at most the full size: the sizes, listed once
-/// for both micro-tile kernels.
+/// tokens (`P` = pairs), each at most the full size, for both micro-tile
+/// kernels.
 macro_rules! by_micro_size {
     ($rr:expr, $tt:expr, $kernel:ident::<$f:ident>($($arg:expr),*)) => {{
-        const { assert!(ROWS == 4 && PAIRS == 4, "the arms below list the 4 x 4 sizes") };
-        let (rr, tt): (usize, usize) = ($rr, $tt);
-        match (rr, tt.div_ceil(2)) {
-            (4, 4) => $kernel::<$f, 4, 4>($($arg),*),
-            (4, 3) => $kernel::<$f, 4, 3>($($arg),*),
-            (4, 2) => $kernel::<$f, 4, 2>($($arg),*),
-            (4, 1) => $kernel::<$f, 4, 1>($($arg),*),
-            (3, 4) => $kernel::<$f, 3, 4>($($arg),*),
-            (3, 3) => $kernel::<$f, 3, 3>($($arg),*),
-            (3, 2) => $kernel::<$f, 3, 2>($($arg),*),
-            (3, 1) => $kernel::<$f, 3, 1>($($arg),*),
-            (2, 4) => $kernel::<$f, 2, 4>($($arg),*),
-            (2, 3) => $kernel::<$f, 2, 3>($($arg),*),
-            (2, 2) => $kernel::<$f, 2, 2>($($arg),*),
-            (2, 1) => $kernel::<$f, 2, 1>($($arg),*),
-            (1, 4) => $kernel::<$f, 1, 4>($($arg),*),
-            (1, 3) => $kernel::<$f, 1, 3>($($arg),*),
-            (1, 2) => $kernel::<$f, 1, 2>($($arg),*),
-            (1, 1) => $kernel::<$f, 1, 1>($($arg),*),
-            _ => unreachable!("micro-tile of {rr} x {tt} is larger than {ROWS} x {TOKS}"),
-        }
+        const { assert!(ROWS == 4 && PAIRS == 4, "by_size_4x4 lists the 4 x 4 sizes") };
+        by_size_4x4!($rr, ($tt as usize).div_ceil(2), $kernel::<$f>($($arg),*))
     }};
 }
 
