@@ -41,6 +41,10 @@ pub struct WorkflowBenchArgs {
     /// Write one SVG timeline per design (its last repetition) into this directory.
     #[arg(long)]
     pub timeline: Option<PathBuf>,
+    /// `flexserve` design: do not load the next step's sealed model while
+    /// the current step runs (it then loads with its own step, pipelined).
+    #[arg(long)]
+    pub no_prefetch: bool,
     #[command(flatten)]
     pub keys: KeyArgs,
 }
@@ -58,6 +62,7 @@ pub fn run(args: WorkflowBenchArgs) -> Result<()> {
         design,
         worlds: Worlds::Spawn,
         reserve_ahead: true,
+        prefetch: !args.no_prefetch,
     };
     eprintln!(
         "bench workflow {:?}: {} steps, {} models, budget {}, designs {}",
@@ -172,6 +177,8 @@ fn to_json(name: &str, designs: &[Design], runs: &[Vec<RunReport>]) -> String {
                         "decode_tokens_per_s": each(&|r| r.decode_tokens_per_s),
                         "granted_granules": runs[0].steps[s].granted,
                         "evicted_layers": runs[0].steps[s].evicted_layers,
+                        "prefetched_chunks": each(&|r| r.prefetch.as_ref().map_or(0.0, |p| p.chunks as f64)),
+                        "prefetch_missing_chunks": runs[0].steps[s].prefetch.as_ref().and_then(|p| p.missing_chunks),
                     })
                 })
                 .collect();

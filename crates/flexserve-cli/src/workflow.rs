@@ -11,8 +11,16 @@ use flexserve_workflow::Workflow;
 
 use crate::KeyArgs;
 
+mod prefetch;
 mod retrieve;
 pub mod runner;
+
+/// The secure world a design holds across a workflow's steps, and the
+/// models open in it (the runner's, which the prefetch works on too).
+struct SecureSide {
+    world: flexserve_normal::SecureWorld,
+    opened: Vec<Option<flexserve_normal::OpenedModel>>,
+}
 
 use runner::{Design, Event, RunConfig, RunReport, Worlds};
 
@@ -38,6 +46,10 @@ pub struct RunArgs {
     /// Print one JSON object (outputs and per-step figures) as the last line.
     #[arg(long)]
     pub json: bool,
+    /// `flexserve` design: do not load the next step's sealed model while
+    /// the current step runs (it then loads with its own step, pipelined).
+    #[arg(long)]
+    pub no_prefetch: bool,
     #[command(flatten)]
     pub keys: KeyArgs,
 }
@@ -65,6 +77,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         design: args.design,
         worlds: Worlds::Connect,
         reserve_ahead: false,
+        prefetch: !args.no_prefetch,
     };
     let mut out = std::io::stdout().lock();
     let mut on_event = |event: Event| match event {
@@ -92,6 +105,15 @@ pub fn run(args: RunArgs) -> Result<()> {
                 r.granted,
                 r.evicted_layers
             );
+            if let Some(p) = &r.prefetch {
+                let missing = p.missing_chunks.map_or("unknown".to_string(), |n| n.to_string());
+                eprintln!(
+                    "   prefetched model {}: {} chunks, {missing} still missing{}",
+                    p.model,
+                    p.chunks,
+                    p.stopped.as_deref().map_or(String::new(), |why| format!(" (stopped: {why})"))
+                );
+            }
         }
     };
     let report = runner::run(&workflow, &args.input, &cfg, &mut on_event)
@@ -126,6 +148,10 @@ fn to_json(workflow: &Workflow, design: Design, report: &RunReport, answer: &str
                 "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
                 "decode_tokens_per_s": s.decode_tokens_per_s, "granted_granules": s.granted,
                 "evicted_layers": s.evicted_layers,
+                "prefetch": s.prefetch.as_ref().map(|p| serde_json::json!({
+                    "model": p.model, "chunks": p.chunks, "missing_chunks": p.missing_chunks,
+                    "stopped": p.stopped,
+                })),
             })
         })
         .collect();

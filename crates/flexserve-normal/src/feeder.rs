@@ -20,7 +20,7 @@ pub struct OpenedModel {
     pub path: PathBuf,
     pub chunks: u32,
     pub granules_needed: u32,
-    header: SealedHeader,
+    pub(crate) header: SealedHeader,
     file: File,
 }
 

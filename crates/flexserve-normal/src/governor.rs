@@ -78,29 +78,36 @@ impl SecureWorld {
     pub fn serve_control(&mut self) -> Result<usize> {
         let mut served = 0;
         while let Some(asker) = self.control_pending() {
-            let n = asker.amount.granules(self.info.granule_size);
-            let t0 = Instant::now();
-            match self.recall(n) {
-                Ok((released, evicted, took)) => {
-                    let took_all = t0.elapsed();
-                    self.recalls.push(Recall {
-                        requested: n,
-                        released,
-                        evicted,
-                        took: took_all,
-                        during_generation: false,
-                        by_client: true,
-                    });
-                    asker.answer(Ok(self.answer(released, evicted, took.as_micros() as u64)));
-                }
-                Err(e) => {
-                    asker.answer(Err(e.to_string()));
-                    return Err(e);
-                }
-            }
+            self.serve_recall(asker)?;
             served += 1;
         }
         Ok(served)
+    }
+
+    /// Serves one `flexserve recall` request in full and answers its client:
+    /// (released, of which evicted).
+    pub(crate) fn serve_recall(&mut self, asker: control::PendingRecall) -> Result<(u32, u32)> {
+        let n = asker.amount.granules(self.info.granule_size);
+        let t0 = Instant::now();
+        match self.recall(n) {
+            Ok((released, evicted, took)) => {
+                let took_all = t0.elapsed();
+                self.recalls.push(Recall {
+                    requested: n,
+                    released,
+                    evicted,
+                    took: took_all,
+                    during_generation: false,
+                    by_client: true,
+                });
+                asker.answer(Ok(self.answer(released, evicted, took.as_micros() as u64)));
+                Ok((released, evicted))
+            }
+            Err(e) => {
+                asker.answer(Err(e.to_string()));
+                Err(e)
+            }
+        }
     }
 
     /// Granules to recall now, if the pressure watch is on and due.

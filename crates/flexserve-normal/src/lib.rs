@@ -14,9 +14,10 @@
 //!
 //! Layout, by job: [`launch`] (reaching the secure world), [`link`] (the
 //! session and its messages), [`feeder`] (ciphertext from storage),
-//! [`relay`] (generation and scoring), [`governor`] (pressure watch and
-//! `flexserve recall`), [`budget`] (the memory budget), [`control`] (the
-//! recall socket).
+//! [`relay`] (generation and scoring), [`prefetch`] (loading the model a
+//! later request uses, beside other work), [`governor`] (pressure watch
+//! and `flexserve recall`), [`budget`] (the memory budget), [`control`]
+//! (the recall socket).
 
 use std::path::PathBuf;
 
@@ -28,6 +29,7 @@ pub mod feeder;
 pub mod governor;
 pub mod launch;
 pub mod link;
+pub mod prefetch;
 pub mod relay;
 mod streams;
 
@@ -39,6 +41,7 @@ pub use launch::{
     spawn_process, PoolChoice, RawSecureWorld, RawSession, SecureWorldOptions, DEFAULT_SERVICE_SOCKET,
 };
 pub use link::{CoreLease, Granter, SecureWorld, WorldInfo};
+pub use prefetch::PrefetchReport;
 
 /// Name of the secure world's executable.
 pub const SECURE_BINARY: &str = "flexserve-secure";

@@ -81,8 +81,40 @@ impl SecureWorld {
                 on_text(text)
             }
         };
-        match self.relay(model, Request::Generate(request), streamed, cancelled)? {
+        match self.relay(model, Request::Generate(request), streamed, cancelled, None)? {
             Relayed::Generated(report) => Ok(report),
+            other => Err(other.unexpected("Generated")),
+        }
+    }
+
+    /// [`SecureWorld::generate`] with the chunks of `prefetch` (another open
+    /// model, the one a later request uses) streaming into the secure world
+    /// behind the decode: once this generation's own chunks are all loaded,
+    /// one batch at a time, which the secure world decrypts into
+    /// `prefetch`'s regions between two tokens. They take only granules
+    /// granted and free (the reserve, or what an unloaded model left): a
+    /// grant for them would protect memory on this generation's path that
+    /// the next model could otherwise take from this one once it is
+    /// unloaded. A batch taken only in part stops the prefetch, and the
+    /// model's own request loads the rest. Returns what the prefetch loaded.
+    pub fn generate_prefetching(
+        &mut self,
+        model: &OpenedModel,
+        request: GenerateRequest,
+        mut on_text: impl FnMut(&str),
+        prefetch: Option<&OpenedModel>,
+    ) -> Result<(GenerationReport, Option<crate::PrefetchReport>)> {
+        let Some(prefetch) = prefetch.filter(|p| p.id != model.id) else {
+            return self.generate(model, request, on_text).map(|r| (r, None));
+        };
+        let mut behind = self.behind(prefetch)?;
+        let streamed = |piece: Streamed<'_>| {
+            if let Streamed::Text(text) = piece {
+                on_text(text)
+            }
+        };
+        match self.relay(model, Request::Generate(request), streamed, || false, Some(&mut behind))? {
+            Relayed::Generated(report) => Ok((report, Some(behind.report()))),
             other => Err(other.unexpected("Generated")),
         }
     }
@@ -115,7 +147,7 @@ impl SecureWorld {
             }
         };
         let request = Request::GenerateEncrypted { session, n_ctx, message };
-        match self.relay(model, request, streamed, cancelled)? {
+        match self.relay(model, request, streamed, cancelled, None)? {
             Relayed::Ended => Ok(()),
             other => Err(other.unexpected("Sealed or Ok")),
         }
@@ -139,6 +171,7 @@ impl SecureWorld {
         request: Request,
         mut on_piece: impl FnMut(Streamed<'_>),
         cancelled: impl Fn() -> bool,
+        mut behind: Option<&mut crate::prefetch::Behind<'_>>,
     ) -> Result<Relayed> {
         let ends_with_ok = matches!(request, Request::GenerateEncrypted { .. });
         let starts_stream = matches!(request, Request::StartStream { .. });
@@ -242,12 +275,31 @@ impl SecureWorld {
                     s.stop();
                     self.stream_answered(model, s, None)?;
                 }
+                // The prefetch's batch (sent only once this generation's own
+                // chunks were all answered, so its answer comes after theirs).
+                Reply::ChunksLoaded { loaded } if behind.as_ref().is_some_and(|b| b.waiting()) => {
+                    let b = behind.as_deref_mut().expect("waiting");
+                    self.behind_answered(b, Ok(loaded));
+                    if result.is_none() && !cancel_sent && !pause_sent {
+                        self.send_behind(b)?;
+                    }
+                }
+                // Sent as the generation ended, it was served as a load of its own.
+                Reply::Error { code, message } if result.is_some() && behind.as_ref().is_some_and(|b| b.waiting()) => {
+                    let b = behind.as_deref_mut().expect("waiting");
+                    self.behind_answered(b, Err(format!("{message} [{code:?}]")));
+                }
                 Reply::Token { text } => {
                     on_piece(Streamed::Text(&text));
                     if in_flight.is_empty() {
                         self.send_due_recall(&mut in_flight)?;
                     }
                     pause_sent |= self.pause_if_contended(pause_sent, &stream)?;
+                    // Decoding: this generation's own chunks are all loaded.
+                    let own_loading = stream.as_ref().is_some_and(|s| s.waiting());
+                    if let Some(b) = behind.as_deref_mut().filter(|_| !own_loading && !cancel_sent && !pause_sent) {
+                        self.send_behind(b)?;
+                    }
                 }
                 Reply::Sealed { record } if ends_with_ok => {
                     on_piece(Streamed::Sealed(record));
@@ -280,8 +332,13 @@ impl SecureWorld {
                 Reply::Error { code, message } => result = Some(Err(NormalError::Secure { code, message })),
                 other => return Err(unexpected("Token or Generated", &other)),
             }
+            if result.is_some() {
+                if let Some(b) = behind.as_deref_mut() {
+                    b.halt();
+                }
+            }
             // A recall, a cancel or chunks sent as the generation ended are answered after it.
-            let loading = stream.as_ref().is_some_and(|s| s.waiting());
+            let loading = stream.as_ref().is_some_and(|s| s.waiting()) || behind.as_ref().is_some_and(|b| b.waiting());
             if in_flight.is_empty() && (!cancel_sent || cancel_acked) && !loading && !pause_sent {
                 if let Some(r) = result {
                     return match read_failed {

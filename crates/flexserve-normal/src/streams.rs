@@ -25,7 +25,7 @@ impl SecureWorld {
         request: GenerateRequest,
         cancelled: impl Fn() -> bool,
     ) -> Result<StreamStep> {
-        match self.relay(model, Request::StartStream { stream, request }, |_: Streamed<'_>| {}, cancelled)? {
+        match self.relay(model, Request::StartStream { stream, request }, |_: Streamed<'_>| {}, cancelled, None)? {
             Relayed::Stepped(mut steps) if steps.len() == 1 && steps[0].stream == stream => {
                 Ok(steps.pop().expect("one step"))
             }

@@ -74,7 +74,12 @@ pub enum Request {
     Grant {
         granules: u32,
     },
-    /// Sealed chunks of an open model, placed in the shared buffer.
+    /// Sealed chunks of an open model, placed in the shared buffer. While
+    /// another model generates, they load into `model`'s own regions (the
+    /// normal world prefetching the model a later step needs), answered
+    /// `ChunksLoaded` with how many loaded in order (fewer when one found
+    /// no free granted granule or failed verification, none while the
+    /// generation's own first layers load); the generation goes on either way.
     LoadChunks {
         model: u32,
         chunks: Vec<ChunkRef>,

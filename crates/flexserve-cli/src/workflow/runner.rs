@@ -7,7 +7,8 @@
 //!   residency plan keeps a model that a later step uses, unloads one that no
 //!   later step uses (its granules stay granted for the next model), and when
 //!   a step needs more than the budget has left, gives up layers of the model
-//!   needed furthest ahead (last layers first). Every step gets every core:
+//!   needed furthest ahead (last layers first); while a step runs, the next
+//!   step's sealed model streams in (`prefetch`). Every step gets every core:
 //!   steps run one at a time, so the cores go to whichever world runs one.
 //! - `opt-strawman`: one secure world whose carve-out (the whole budget) is
 //!   made when the workflow starts; the pipeline; each model unloaded after
@@ -29,9 +30,12 @@ use flexserve_engine::{GenerateOptions, Generator, SamplingParams, Session};
 use flexserve_normal::{MemoryBudget, OpenedModel, PoolChoice, SecureWorld};
 use flexserve_protocol::{GenerateRequest, Input, Message, Sampling, StatusReport};
 use flexserve_tokenizer::ChatMessage;
-use flexserve_workflow::{Outputs, Step, StepKind, Workflow};
+use flexserve_workflow::{ModelSpec, Outputs, Step, StepKind, StepPlan, Workflow};
+
+pub use super::prefetch::Prefetched;
 
 use super::retrieve::Retriever;
+use super::SecureSide;
 
 use crate::plain::Loaded;
 use crate::secure::SecureArgs;
@@ -74,6 +78,9 @@ pub struct RunConfig<'a> {
     /// `flexserve` only: grant the whole budget before the clock starts (the
     /// reserve a secure world that has been up and idle holds).
     pub reserve_ahead: bool,
+    /// `flexserve` only: load the next step's sealed model while the current
+    /// step runs (off: it loads with its own step, pipelined).
+    pub prefetch: bool,
 }
 
 /// What one step did.
@@ -96,6 +103,8 @@ pub struct StepReport {
     pub granted: u64,
     /// Layers other models gave up for it.
     pub evicted_layers: u64,
+    /// The next step's sealed model, loaded while this step ran (`flexserve` design).
+    pub prefetch: Option<Prefetched>,
 }
 
 pub struct RunReport {
@@ -113,12 +122,6 @@ pub enum Event<'a> {
     StepStarted { step: &'a Step, model: &'a str, sealed: bool },
     Text(&'a str),
     StepDone(&'a StepReport),
-}
-
-/// The secure world a design holds across steps, and the models open in it.
-struct SecureSide {
-    world: SecureWorld,
-    opened: Vec<Option<OpenedModel>>,
 }
 
 pub fn run(workflow: &Workflow, input: &str, cfg: &RunConfig, on_event: &mut dyn FnMut(Event)) -> Result<RunReport> {
@@ -190,77 +193,76 @@ pub fn run(workflow: &Workflow, input: &str, cfg: &RunConfig, on_event: &mut dyn
             decode_tokens_per_s: 0.0,
             granted: 0,
             evicted_layers: 0,
+            prefetch: None,
         };
-        if let StepKind::Retrieve(retrieval) = &step.kind {
-            if encoders[sp.model].is_none() {
-                encoders[sp.model] = Some(Retriever::open(&spec.path, plain_threads).with_context(context)?);
-            }
-            let retriever = encoders[sp.model].as_ref().expect("opened above");
-            if indexes[sp.step].is_none() {
-                let (index, tokens) = retriever.index(retrieval).with_context(context)?;
-                indexes[sp.step] = Some(index);
-                report.prompt_tokens += tokens;
-            }
-            let index = indexes[sp.step].as_ref().expect("built above");
-            let (found, tokens) = retriever.retrieve(index, retrieval, &prompt).with_context(context)?;
-            report.prompt_tokens += tokens;
-            on_text(&found);
-            if cfg.design != Design::Flexserve || sp.unload_after.contains(&sp.model) {
-                encoders[sp.model] = None;
-            }
-        } else if sealed[sp.model] {
+        let retrieve = matches!(step.kind, StepKind::Retrieve(_));
+        // The model to load while this step runs: the next step's, if sealed.
+        let next = match (&side, cfg.design) {
+            (Some(_), Design::Flexserve) if cfg.prefetch => sp.prefetch.filter(|&m| sealed[m]),
+            _ => None,
+        };
+        if sealed[sp.model] && !retrieve {
             let s = side.as_mut().expect("a secure world for the sealed steps");
-            let before = s.world.status().with_context(context)?;
-            if s.opened[sp.model].is_none() {
-                let opened = if cfg.design == Design::Strawman {
-                    s.world.open_model(&spec.path)
-                } else {
-                    s.world.open_model_header(&spec.path)
-                };
-                let (opened, load) = opened.with_context(context)?;
-                report.protect += load.grant;
-                s.opened[sp.model] = Some(opened);
-            }
-            // Models needed later, the one needed furthest ahead first.
-            let order = sp.eviction_order.iter().filter_map(|&m| s.opened[m].as_ref().map(|o| o.id)).collect();
-            s.world.set_eviction_order(order);
-            let model = s.opened[sp.model].as_ref().expect("opened above");
-            let request = sealed_request(model, step, prompt, system);
-            let r = s.world.generate(model, request, &mut on_text).with_context(context)?;
-            let after = s.world.status().with_context(context)?;
-            report.protect += s.world.take_pipelined_load().map_or(Duration::ZERO, |l| l.grant);
-            report.prompt_tokens = r.prompt_tokens as usize;
-            report.generated_tokens = r.generated_tokens as usize;
-            report.decode_tokens_per_s =
-                f64::from(r.generated_tokens.saturating_sub(1)) / (r.decode_micros as f64 / 1e6).max(1e-9);
-            report.granted = u64::from(after.granted.saturating_sub(before.granted));
-            report.evicted_layers = layers_given_up(&before, &after, model.id);
-            let unload: Vec<usize> = match cfg.design {
-                Design::Flexserve => sp.unload_after.clone(),
-                // The strawmen know nothing of what comes next.
-                Design::OptStrawman | Design::Strawman => vec![sp.model],
-            };
-            for m in unload {
-                if let Some(opened) = s.opened[m].take() {
-                    s.world.unload(&opened).with_context(context)?;
-                }
-            }
-            if cfg.design == Design::Strawman {
-                // The step's carve-out goes back with it.
-                s.world.recall(u32::MAX).with_context(context)?;
-            }
+            let next = next.map(|m| (m, &workflow.models[m]));
+            run_sealed(s, &SealedStep { cfg, sp, step, spec, next }, prompt, system, &mut report, &mut on_text)
+                .with_context(context)?;
         } else {
-            if plains[sp.model].is_none() {
-                plains[sp.model] = Some(Loaded::open(&spec.path, plain_threads).with_context(context)?);
-            }
-            let loaded = plains[sp.model].as_ref().expect("opened above");
-            let stats = plain_step(loaded, step, &prompt, system.as_deref(), &mut on_text).with_context(context)?;
-            report.prompt_tokens = stats.prompt_tokens;
-            report.generated_tokens = stats.generated_tokens;
-            report.decode_tokens_per_s = stats.decode_tokens_per_s();
-            let last_use = cfg.design != Design::Flexserve || sp.unload_after.contains(&sp.model);
-            if last_use {
-                plains[sp.model] = None;
+            // The secure link is idle while this step computes here: the
+            // next step's model streams into the secure world meanwhile.
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let (computed, prefetched) = std::thread::scope(|scope| {
+                let prefetching = match (next, side.as_mut()) {
+                    (Some(m), Some(s)) => {
+                        let (path, done) = (&workflow.models[m].path, &done);
+                        Some(scope.spawn(move || super::prefetch::prefetch(s, m, path, done)))
+                    }
+                    _ => None,
+                };
+                let computed = (|| -> Result<()> {
+                    if let StepKind::Retrieve(retrieval) = &step.kind {
+                        if encoders[sp.model].is_none() {
+                            encoders[sp.model] =
+                                Some(Retriever::open(&spec.path, plain_threads).with_context(context)?);
+                        }
+                        let retriever = encoders[sp.model].as_ref().expect("opened above");
+                        if indexes[sp.step].is_none() {
+                            let (index, tokens) = retriever.index(retrieval).with_context(context)?;
+                            indexes[sp.step] = Some(index);
+                            report.prompt_tokens += tokens;
+                        }
+                        let index = indexes[sp.step].as_ref().expect("built above");
+                        let (found, tokens) = retriever.retrieve(index, retrieval, &prompt).with_context(context)?;
+                        report.prompt_tokens += tokens;
+                        on_text(&found);
+                        if cfg.design != Design::Flexserve || sp.unload_after.contains(&sp.model) {
+                            encoders[sp.model] = None;
+                        }
+                    } else {
+                        if plains[sp.model].is_none() {
+                            plains[sp.model] = Some(Loaded::open(&spec.path, plain_threads).with_context(context)?);
+                        }
+                        let loaded = plains[sp.model].as_ref().expect("opened above");
+                        let stats =
+                            plain_step(loaded, step, &prompt, system.as_deref(), &mut on_text).with_context(context)?;
+                        report.prompt_tokens = stats.prompt_tokens;
+                        report.generated_tokens = stats.generated_tokens;
+                        report.decode_tokens_per_s = stats.decode_tokens_per_s();
+                        let last_use = cfg.design != Design::Flexserve || sp.unload_after.contains(&sp.model);
+                        if last_use {
+                            plains[sp.model] = None;
+                        }
+                    }
+                    Ok(())
+                })();
+                // What is still missing streams behind the next step's own computation.
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                (computed, prefetching.map(|h| h.join().expect("the prefetch thread does not panic")))
+            });
+            computed.with_context(context)?;
+            if let (Some(prefetched), Some(s), Some(m)) = (prefetched, side.as_mut(), next) {
+                let what = || format!("prefetching model {:?} during {}", workflow.models[m].name, context());
+                report.prefetch =
+                    Some(super::prefetch::finish(s, m, &workflow.models[m].name, prefetched).with_context(what)?);
             }
         }
         report.total = started.elapsed();
@@ -278,6 +280,79 @@ pub fn run(workflow: &Workflow, input: &str, cfg: &RunConfig, on_event: &mut dyn
         s.world.shutdown().context("shutting the secure world down")?;
     }
     Ok(RunReport { steps: reports, outputs, total, recalled, carve_out })
+}
+
+/// What a sealed step runs on.
+struct SealedStep<'a> {
+    cfg: &'a RunConfig<'a>,
+    sp: &'a StepPlan,
+    step: &'a Step,
+    spec: &'a ModelSpec,
+    /// The next step's sealed model, loaded behind this step's decode.
+    next: Option<(usize, &'a ModelSpec)>,
+}
+
+/// A sealed step in the secure world: its model opened (header-only but for
+/// the strawman), the eviction order named, the generation relayed (the next
+/// step's model streaming in once this one's own chunks are sent), then the
+/// models no later step uses unloaded.
+fn run_sealed(
+    s: &mut SecureSide,
+    at: &SealedStep,
+    prompt: String,
+    system: Option<String>,
+    report: &mut StepReport,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let (cfg, sp) = (at.cfg, at.sp);
+    let before = s.world.status()?;
+    if s.opened[sp.model].is_none() {
+        let opened = if cfg.design == Design::Strawman {
+            s.world.open_model(&at.spec.path)
+        } else {
+            s.world.open_model_header(&at.spec.path)
+        };
+        let (opened, load) = opened?;
+        report.protect += load.grant;
+        s.opened[sp.model] = Some(opened);
+    }
+    let next = at.next.filter(|&(m, _)| m != sp.model);
+    if let Some((m, spec)) = next {
+        super::prefetch::open(s, m, &spec.path)?;
+    }
+    // Models needed later, the one needed furthest ahead first.
+    let order = sp.eviction_order.iter().filter_map(|&m| s.opened[m].as_ref().map(|o| o.id)).collect();
+    s.world.set_eviction_order(order);
+    let model = s.opened[sp.model].as_ref().expect("opened above");
+    let request = sealed_request(model, at.step, prompt, system);
+    let prefetch = next.and_then(|(m, _)| s.opened[m].as_ref());
+    let (r, prefetched) = s.world.generate_prefetching(model, request, on_text, prefetch)?;
+    let after = s.world.status()?;
+    report.protect += s.world.take_pipelined_load().map_or(Duration::ZERO, |l| l.grant);
+    report.prompt_tokens = r.prompt_tokens as usize;
+    report.generated_tokens = r.generated_tokens as usize;
+    report.decode_tokens_per_s =
+        f64::from(r.generated_tokens.saturating_sub(1)) / (r.decode_micros as f64 / 1e6).max(1e-9);
+    report.granted = u64::from(after.granted.saturating_sub(before.granted));
+    report.evicted_layers = layers_given_up(&before, &after, model.id);
+    if let (Some((m, spec)), Some(prefetched)) = (next, prefetched) {
+        report.prefetch = Some(super::prefetch::finish(s, m, &spec.name, Ok(prefetched))?);
+    }
+    let unload: Vec<usize> = match cfg.design {
+        Design::Flexserve => sp.unload_after.clone(),
+        // The strawmen know nothing of what comes next.
+        Design::OptStrawman | Design::Strawman => vec![sp.model],
+    };
+    for m in unload {
+        if let Some(opened) = s.opened[m].take() {
+            s.world.unload(&opened)?;
+        }
+    }
+    if cfg.design == Design::Strawman {
+        // The step's carve-out goes back with it.
+        s.world.recall(u32::MAX)?;
+    }
+    Ok(())
 }
 
 fn start_world(cfg: &RunConfig, threads: usize) -> Result<SecureWorld> {

@@ -12,9 +12,13 @@ use flexserve_protocol::LayerTiming;
 use super::*;
 use crate::models::{take_layer, ModelParts, WeightStore};
 
+mod memory;
 mod serving;
 
-use serving::{serve_during_generation, serve_while_loading, DuringGeneration, Timeline};
+pub(super) use memory::memory_short;
+use memory::{kv_and_scratch_granules, kv_session, KvShortfall};
+
+use serving::{serve_during_generation, serve_while_loading, DuringGeneration, Stores, Timeline};
 
 use super::streams::first_token;
 
@@ -64,7 +68,17 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         let streams = &mut self.streams;
         let channel = &mut self.channel;
         let memory = &self.memory;
-        let model = self.models.get_mut(&g.model).ok_or_else(|| no_model(g.model))?;
+        // The generating model, and apart from it the stores of the others: a
+        // `LoadChunks` for one of them during the generation loads into it.
+        let (mut model, mut others) = (None, serving::OtherStores::new());
+        for (&id, m) in self.models.iter_mut() {
+            if id == g.model {
+                model = Some(m);
+            } else {
+                others.insert(id, &mut m.store);
+            }
+        }
+        let model = model.ok_or_else(|| no_model(g.model))?;
         let mut timeline = Timeline::new(started, model.config.n_layer);
         // A turn of a conversation kept from before, or (id 0) none at all.
         // A new conversation's failed first turn leaves nothing behind.
@@ -173,7 +187,8 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 // The KV cache and activations are taken once the base group
                 // is there: until then a recall leaves their granules.
                 let keep = reserve.as_ref().map_or(0, |&n| n);
-                match serve_while_loading(channel, memory, &mut model.store, &mut timeline, keep) {
+                let stores = Stores { model: g.model, store: &mut model.store, others: None };
+                match serve_while_loading(channel, memory, stores, &mut timeline, keep) {
                     Ok(released) => give_back(&mut self.granted_here, &self.principal, released),
                     Err(failure) => {
                         return Err(turn.undo(&mut model.conversations, failure));
@@ -221,6 +236,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         // prefill's layer hook (which runs on a worker thread).
         let channel = std::sync::Mutex::new(channel);
         let store = std::sync::Mutex::new(store);
+        let others = std::sync::Mutex::new(others);
         let timeline = std::sync::Mutex::new(timeline);
         let lock_timeline = || timeline.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let peer_gone = std::sync::atomic::AtomicBool::new(false);
@@ -229,6 +245,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
         let failure: std::sync::Mutex<Option<Failure>> = std::sync::Mutex::new(None);
         let lock = || channel.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let lock_store = || store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let lock_others = || others.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // A recall does not wait for the generation to end: between layers
         // of the prefill and between tokens the free granules go back at once
         // (the layers in use stay; the normal world can ask again once the
@@ -242,7 +259,9 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
                 if peer_gone.load(Ordering::Relaxed) {
                     return;
                 }
-                match serve_during_generation(channel, memory, &mut lock_store(), &mut lock_timeline(), wait, 0) {
+                let (mut store, mut others) = (lock_store(), lock_others());
+                let stores = Stores { model: g.model, store: &mut store, others: Some(&mut others) };
+                match serve_during_generation(channel, memory, stores, &mut lock_timeline(), wait, 0) {
                     DuringGeneration::Nothing => {}
                     DuringGeneration::PeerGone => peer_gone.store(true, Ordering::Relaxed),
                     DuringGeneration::Cancel => {
@@ -528,103 +547,4 @@ pub(super) fn stop_reason(stop: flexserve_engine::StopReason) -> StopReason {
 
 fn peer_gone_failure() -> Failure {
     (ErrorCode::Cancelled, "the normal world went away".to_string())
-}
-
-/// Granules a request's KV cache (none if `state` already holds `positions`
-/// positions) and activations (`plan`) take, in whole granules.
-fn kv_and_scratch_granules(
-    granule: usize,
-    config: &flexserve_engine::ModelConfig,
-    state: Option<&SessionState>,
-    positions: usize,
-    plan: &ScratchPlan,
-) -> Result<usize, Failure> {
-    let keep = state.is_some_and(|s| s.n_ctx() >= positions);
-    // Whole granules: the slack of the last one holds more positions.
-    let kv = if keep {
-        0
-    } else {
-        let bytes = positions
-            .checked_mul(KvCache::bytes_per_position(config))
-            .ok_or_else(|| (ErrorCode::BadArgument, format!("a KV cache of {positions} positions is too large")))?;
-        bytes.div_ceil(granule)
-    };
-    Ok(kv + plan.buffers.iter().map(|b| b.div_ceil(granule)).sum::<usize>())
-}
-
-/// `MemoryNeeded` if the free granted granules cannot hold `needed` more.
-pub(super) fn memory_short<M: SecureMemory>(memory: &M, needed: usize) -> Result<Option<Reply>, Failure> {
-    let s = memory.stats();
-    let missing = needed.saturating_sub(s.granted.saturating_sub(s.in_use));
-    if missing == 0 {
-        return Ok(None);
-    }
-    match u32::try_from(missing) {
-        Ok(granules) => Ok(Some(Reply::MemoryNeeded { granules })),
-        Err(_) => Err((ErrorCode::BadArgument, format!("{missing} granules are more than any grant"))),
-    }
-}
-
-/// Memory for a request that the free granules cannot hold: the state given
-/// back untouched, and the reply to send (what to grant, or why not).
-struct KvShortfall {
-    state: Option<SessionState>,
-    reply: Result<Reply, Failure>,
-}
-
-/// A session on `engine` whose KV cache and activations live in granted
-/// granules: the cache holds at least `positions` positions (at most
-/// `limit`), `state` as it is when it has the room, else moved into (or
-/// started in) a new region; the activations take the regions of `plan`.
-/// Everything is checked against the free granules before anything is
-/// taken. Returns the session and, when a new cache region was taken, its
-/// granules.
-fn kv_session<'m, M: SecureMemory>(
-    memory: &M,
-    engine: &'m Model,
-    state: Option<SessionState>,
-    positions: usize,
-    limit: usize,
-    plan: &ScratchPlan,
-) -> Result<(Session<'m>, Option<usize>), Box<KvShortfall>> {
-    let shortfall = |state, reply| Box::new(KvShortfall { state, reply });
-    let granule = memory.granule_size().max(1);
-    let keep = state.as_ref().is_some_and(|s| s.n_ctx() >= positions);
-    let needed = match kv_and_scratch_granules(granule, &engine.config, state.as_ref(), positions, plan) {
-        Ok(n) => n,
-        Err(failure) => return Err(shortfall(state, Err(failure))),
-    };
-    match memory_short(memory, needed) {
-        Ok(None) => {}
-        Ok(Some(reply)) => return Err(shortfall(state, Ok(reply))),
-        Err(failure) => return Err(shortfall(state, Err(failure))),
-    }
-    // Checked above: the product does not overflow.
-    let kv_granules =
-        if keep { 0 } else { (positions * KvCache::bytes_per_position(&engine.config)).div_ceil(granule) };
-    let mut taken = None;
-    let session = match state {
-        Some(state) if keep => Session::resume(engine, state),
-        state => {
-            let region = match memory.alloc(kv_granules * granule) {
-                Ok(region) => region,
-                Err(e) => {
-                    let message = format!("KV cache of {positions} positions: {e}");
-                    return Err(shortfall(state, Err((ErrorCode::NoMemory, message))));
-                }
-            };
-            taken = Some(region.granules());
-            let block = Box::new(RegionBlock(region));
-            match state {
-                Some(old) => old.moved_to(limit, block).and_then(|s| Session::resume(engine, s)),
-                None => KvCache::in_memory(&engine.config, limit, block).and_then(|kv| Session::with_cache(engine, kv)),
-            }
-        }
-    };
-    let mut session = session.map_err(|e| shortfall(None, Err(engine_failure(e))))?;
-    session.set_scratch_source(Arc::new(GrantedScratch(memory.clone())));
-    // On failure the session (and the cache just moved into it) is lost, as
-    // for any engine error; the conversation's messages remain.
-    session.reserve_scratch(plan).map_err(|e| shortfall(None, Err((ErrorCode::NoMemory, e.to_string()))))?;
-    Ok((session, taken))
 }

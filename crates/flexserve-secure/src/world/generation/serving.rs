@@ -9,14 +9,16 @@ use super::*;
 pub(super) fn serve_while_loading<M: SecureMemory, C: Channel>(
     channel: &mut C,
     memory: &M,
-    store: &mut WeightStore<M::Region>,
+    stores: Stores<'_, '_, M::Region>,
     timeline: &mut Timeline,
     keep: usize,
 ) -> Result<usize, Failure> {
     let mut paused = false;
     let mut released = 0;
+    let Stores { model, store, mut others } = stores;
     loop {
-        match serve_during_generation(channel, memory, store, timeline, true, keep) {
+        let stores = Stores { model, store: &mut *store, others: others.as_deref_mut() };
+        match serve_during_generation(channel, memory, stores, timeline, true, keep) {
             DuringGeneration::Nothing => {}
             DuringGeneration::PeerGone => return Err(peer_gone_failure()),
             DuringGeneration::Cancel => {
@@ -106,6 +108,22 @@ impl Timeline {
     }
 }
 
+/// The stores of the models open beside the generating one, by id.
+pub(super) type OtherStores<'m, R> = std::collections::BTreeMap<u32, &'m mut WeightStore<R>>;
+
+/// Where chunks sent during a generation go: the generating model's own
+/// (its pipelined load), or another open model's (the normal world
+/// prefetching the model a later step needs).
+pub(super) struct Stores<'s, 'm, R> {
+    /// The generating model.
+    pub(super) model: u32,
+    pub(super) store: &'s mut WeightStore<R>,
+    /// The other models; `None` while the generation's own base group
+    /// loads: its KV cache and activations are not taken yet, and another
+    /// model's chunks must not take their granules.
+    pub(super) others: Option<&'s mut OtherStores<'m, R>>,
+}
+
 /// What a look at the channel during a generation found.
 pub(super) enum DuringGeneration {
     Nothing,
@@ -129,16 +147,19 @@ pub(super) enum DuringGeneration {
 
 /// Serves a request that arrived while a generation runs (waiting for one
 /// with `wait`): a recall gives back free granules at once; chunks for the
-/// model's missing layers are decrypted and verified into their regions;
-/// anything else waits for the generation's end and is refused now.
+/// model's missing layers are decrypted and verified into their regions, and
+/// so are chunks of another open model (into that model's regions, see
+/// [`load_for_another`]); anything else waits for the generation's end and
+/// is refused now.
 pub(super) fn serve_during_generation<M: SecureMemory, C: Channel>(
     channel: &mut C,
     memory: &M,
-    store: &mut WeightStore<M::Region>,
+    stores: Stores<'_, '_, M::Region>,
     timeline: &mut Timeline,
     wait: bool,
     keep: usize,
 ) -> DuringGeneration {
+    let Stores { model: generating, store, others } = stores;
     let answer = |reply| DuringGeneration::Answer { reply: Box::new(reply), released: 0 };
     let request = if wait { Some(channel.recv()) } else { channel.poll_request() };
     match request {
@@ -153,6 +174,9 @@ pub(super) fn serve_during_generation<M: SecureMemory, C: Channel>(
                 reply: Box::new(Reply::Recalled { released: released as u32, evicted: 0, micros }),
                 released,
             }
+        }
+        Some(Ok(Request::LoadChunks { model, chunks })) if model != generating => {
+            load_for_another(channel, memory, others, generating, model, &chunks)
         }
         Some(Ok(Request::LoadChunks { chunks, .. })) => {
             let t0 = Instant::now();
@@ -188,5 +212,45 @@ pub(super) fn serve_during_generation<M: SecureMemory, C: Channel>(
             answer(Reply::Error { code: ErrorCode::Malformed, message: e.to_string() })
         }
         Some(Err(_)) => DuringGeneration::PeerGone,
+    }
+}
+
+/// Chunks of model `model` sent while model `generating` generates (the
+/// normal world prefetching the next step's model): decrypted and verified
+/// into `model`'s own regions, never the generating model's. Answered
+/// `ChunksLoaded` with how many loaded, in order; fewer than sent when one
+/// could not be placed (no free granted granule), failed verification (its
+/// group is scrubbed, as for any load), or arrived while the generation's
+/// own base group loads (none then). The generation goes on whatever
+/// happens to them: the model's own request reloads what is missing and
+/// reports any failure then. An id that names no open model is refused,
+/// named.
+fn load_for_another<M: SecureMemory, C: Channel>(
+    channel: &mut C,
+    memory: &M,
+    others: Option<&mut OtherStores<'_, M::Region>>,
+    generating: u32,
+    model: u32,
+    chunks: &[flexserve_protocol::ChunkRef],
+) -> DuringGeneration {
+    let loaded = match others {
+        None => 0,
+        Some(others) => {
+            let Some(store) = others.get_mut(&model) else {
+                let message = format!(
+                    "LoadChunks for model {model} while model {generating} generates: no open model has id {model}"
+                );
+                let reply = Reply::Error { code: ErrorCode::NoSuchModel, message };
+                return DuringGeneration::Answer { reply: Box::new(reply), released: 0 };
+            };
+            let copy = |range: flexserve_protocol::BufferRange, out: &mut [u8]| channel.copy_out(range, out);
+            match store.load_chunks(memory, chunks, &copy) {
+                Ok(n) | Err((n, _)) => n as u32,
+            }
+        }
+    };
+    match channel.send(&Reply::ChunksLoaded { loaded }) {
+        Ok(()) => DuringGeneration::Nothing,
+        Err(_) => DuringGeneration::PeerGone,
     }
 }
