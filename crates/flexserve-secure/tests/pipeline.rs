@@ -336,26 +336,9 @@ fn a_recall_during_a_pipelined_load_completes_cleanly_and_memory_drops() {
 /// world is silent for 50 ms, as when decrypting a batch is that slow).
 #[test]
 fn a_recall_while_the_base_group_loads_leaves_what_the_admitted_request_needs() {
-    use flexserve_protocol::{read_reply, write_request, BufferRange, ChunkRef};
+    use flexserve_protocol::{read_reply, write_request, BufferRange};
     let s = sealed();
-    let bytes = std::fs::read(&s.model).unwrap();
-    let prefix = SealedHeader::read_prefix(&bytes[..]).unwrap();
-    let header = SealedHeader::read(&prefix).unwrap();
-    // Room for the header and every chunk at once.
-    let chunks_at = (prefix.len() as u64).next_multiple_of(4096);
-    let sealed_bytes: u64 = header.chunks.iter().map(|c| c.sealed_len() as u64).sum();
-    let opts = flexserve_normal::SecureWorldOptions { shared_len: (chunks_at + sealed_bytes) as usize, ..options(&s) };
-    let mut raw = flexserve_normal::spawn_process(&opts).unwrap();
-    raw.socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    raw.shared.copy_in(0, &prefix).unwrap();
-    let mut refs = Vec::new();
-    let mut at = chunks_at;
-    for (index, c) in header.chunks.iter().enumerate() {
-        let sealed = &bytes[c.file_offset as usize..c.file_offset as usize + c.sealed_len()];
-        raw.shared.copy_in(at, sealed).unwrap();
-        refs.push(ChunkRef { index: index as u32, at: BufferRange { offset: at, len: sealed.len() as u64 } });
-        at += sealed.len() as u64;
-    }
+    let common::RawWithModel { mut raw, refs, header_len } = common::raw_world_with_model(&s, Duration::from_secs(20));
     let mut socket = raw.socket.try_clone().unwrap();
     let mut send = |request: &Request| write_request(&mut socket, request).unwrap();
     let mut reader = raw.socket.try_clone().unwrap();
@@ -363,7 +346,7 @@ fn a_recall_while_the_base_group_loads_leaves_what_the_admitted_request_needs() 
 
     send(&Request::Hello { version: flexserve_protocol::PROTOCOL_VERSION });
     assert!(matches!(next(), Reply::Hello { .. }));
-    send(&Request::OpenModel { name: "m.fsm".into(), header: BufferRange { offset: 0, len: prefix.len() as u64 } });
+    send(&Request::OpenModel { name: "m.fsm".into(), header: BufferRange { offset: 0, len: header_len } });
     let Reply::ModelOpened { model, .. } = next() else { panic!("OpenModel") };
     let g = request_to(model, "The three primary colors are", 4);
     // Admission: what is missing, granted exactly.
@@ -376,7 +359,7 @@ fn a_recall_while_the_base_group_loads_leaves_what_the_admitted_request_needs() 
         Reply::LoadNeeded { chunks } => chunks.iter().flat_map(|s| s.start..s.end).collect(),
         other => panic!("admitted, the generation asks for its chunks: {other:?}"),
     };
-    assert_eq!(order.len(), header.chunks.len());
+    assert_eq!(order.len(), refs.len());
     // A recall before any chunk: nothing is free beyond what the request needs.
     send(&Request::Recall { granules: u32::MAX });
     let recalled = next();

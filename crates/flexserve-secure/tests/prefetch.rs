@@ -10,9 +10,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{options, request_to, sealed};
+use common::{request_to, sealed};
 use flexserve_protocol::{read_reply, write_request, BufferRange, ChunkRef, ErrorCode, Reply, Request};
-use flexserve_sealed::SealedHeader;
 
 /// Layers of the real model.
 const LAYERS: u32 = 30;
@@ -83,24 +82,7 @@ impl Peer {
 
 fn start() -> Peer {
     let s = sealed();
-    let bytes = std::fs::read(&s.model).unwrap();
-    let prefix = SealedHeader::read_prefix(&bytes[..]).unwrap();
-    let header = SealedHeader::read(&prefix).unwrap();
-    let chunks_at = (prefix.len() as u64).next_multiple_of(4096);
-    let sealed_bytes: u64 = header.chunks.iter().map(|c| c.sealed_len() as u64).sum();
-    let opts = flexserve_normal::SecureWorldOptions { shared_len: (chunks_at + sealed_bytes) as usize, ..options(&s) };
-    let mut raw = flexserve_normal::spawn_process(&opts).unwrap();
-    raw.socket.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    raw.shared.copy_in(0, &prefix).unwrap();
-    let mut refs = Vec::new();
-    let mut at = chunks_at;
-    for (index, c) in header.chunks.iter().enumerate() {
-        let sealed = &bytes[c.file_offset as usize..c.file_offset as usize + c.sealed_len()];
-        raw.shared.copy_in(at, sealed).unwrap();
-        refs.push(ChunkRef { index: index as u32, at: BufferRange { offset: at, len: sealed.len() as u64 } });
-        at += sealed.len() as u64;
-    }
-    let header_len = prefix.len() as u64;
+    let common::RawWithModel { raw, refs, header_len } = common::raw_world_with_model(&s, Duration::from_secs(60));
     let mut peer = Peer { _sealed: s, _shared: raw.shared, socket: raw.socket, child: raw.child, refs, header_len };
     assert!(matches!(
         peer.call(&Request::Hello { version: flexserve_protocol::PROTOCOL_VERSION }),

@@ -273,14 +273,9 @@ unsafe fn tokens_avx2<const F: u8, const R: usize, const T: usize>(
 
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); T]; R];
-    let next_pass = w.wrapping_add(ROWS.wrapping_mul(stride));
-    let per_block = ROWS.wrapping_mul(stride) / nb.max(1);
     for b in 0..nb {
         // The next group's rows, fetched a share per block (see `rows_avx2`).
-        let share = next_pass.wrapping_add(b.wrapping_mul(per_block));
-        for line in 0..(ROWS * w_bytes).div_ceil(64) {
-            _mm_prefetch::<_MM_HINT_T0>(share.wrapping_add(64 * line).cast());
-        }
+        prefetch_next_pass_share(w, stride, nb, b, w_bytes);
         let block_products = products.add(b * PRODUCTS_STRIDE);
         for r in 0..R {
             let wb = w.add(r * stride + b * w_bytes);
@@ -328,6 +323,21 @@ unsafe fn lane(v: __m128, r: usize) -> __m256 {
     _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set1_epi32(r as i32))
 }
 
+/// Block `b`'s share of the next pass's rows (the `ROWS` rows after those
+/// at `w`, `stride` apart, `nb` blocks of `w_bytes` each), as prefetch
+/// hints (see `rows_avx2`). Only hint addresses are computed: wrapping
+/// arithmetic, and prefetches never fault.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn prefetch_next_pass_share(w: *const u8, stride: usize, nb: usize, b: usize, w_bytes: usize) {
+    let next_pass = w.wrapping_add(ROWS.wrapping_mul(stride));
+    let per_block = ROWS.wrapping_mul(stride) / nb.max(1);
+    let share = next_pass.wrapping_add(b.wrapping_mul(per_block));
+    for line in 0..(ROWS * w_bytes).div_ceil(64) {
+        _mm_prefetch::<_MM_HINT_T0>(share.wrapping_add(64 * line).cast());
+    }
+}
+
 /// `R` (at most 4) rows at `w`, `stride` bytes apart, against the activation row at `a`.
 ///
 /// # Safety
@@ -350,13 +360,8 @@ unsafe fn rows_avx2<const F: u8, const R: usize>(nb: usize, w: *const u8, stride
     // Only hint addresses are computed here (wrapping arithmetic keeps an
     // absurd single-row stride from overflowing); past the last row the
     // hints are dropped, and prefetches never fault.
-    let next_pass = w.wrapping_add(ROWS.wrapping_mul(stride));
-    let per_block = ROWS.wrapping_mul(stride) / nb.max(1);
     for b in 0..nb {
-        let share = next_pass.wrapping_add(b.wrapping_mul(per_block));
-        for line in 0..(ROWS * w_bytes).div_ceil(64) {
-            _mm_prefetch::<_MM_HINT_T0>(share.wrapping_add(64 * line).cast());
-        }
+        prefetch_next_pass_share(w, stride, nb, b, w_bytes);
         let ab = a.add(b * a_bytes);
         let qa = _mm256_loadu_si256(ab.add(a_quants).cast());
         let mut d_bits = 0u64;

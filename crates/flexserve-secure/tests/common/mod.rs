@@ -86,3 +86,38 @@ pub fn plain_generate(prompt: &str, max_tokens: usize) -> String {
     g.generate(&tok.encode(prompt, true, true), &opts, |t| text.push_str(t)).unwrap();
     text
 }
+
+/// A development secure world spoken to by hand (raw protocol), with the
+/// sealed model's header at offset 0 of its shared buffer and every chunk
+/// placed after it; replies time out after `timeout`.
+pub struct RawWithModel {
+    pub raw: flexserve_normal::RawSecureWorld,
+    /// Each chunk's place in the shared buffer, in chunk order.
+    pub refs: Vec<flexserve_protocol::ChunkRef>,
+    /// Bytes of the header region (for `OpenModel`).
+    pub header_len: u64,
+}
+
+pub fn raw_world_with_model(s: &Sealed, timeout: std::time::Duration) -> RawWithModel {
+    use flexserve_protocol::{BufferRange, ChunkRef};
+    use flexserve_sealed::SealedHeader;
+    let bytes = std::fs::read(&s.model).unwrap();
+    let prefix = SealedHeader::read_prefix(&bytes[..]).unwrap();
+    let header = SealedHeader::read(&prefix).unwrap();
+    // Room for the header and every chunk at once.
+    let chunks_at = (prefix.len() as u64).next_multiple_of(4096);
+    let sealed_bytes: u64 = header.chunks.iter().map(|c| c.sealed_len() as u64).sum();
+    let opts = SecureWorldOptions { shared_len: (chunks_at + sealed_bytes) as usize, ..options(s) };
+    let mut raw = flexserve_normal::spawn_process(&opts).unwrap();
+    raw.socket.set_read_timeout(Some(timeout)).unwrap();
+    raw.shared.copy_in(0, &prefix).unwrap();
+    let mut refs = Vec::new();
+    let mut at = chunks_at;
+    for (index, c) in header.chunks.iter().enumerate() {
+        let sealed = &bytes[c.file_offset as usize..c.file_offset as usize + c.sealed_len()];
+        raw.shared.copy_in(at, sealed).unwrap();
+        refs.push(ChunkRef { index: index as u32, at: BufferRange { offset: at, len: sealed.len() as u64 } });
+        at += sealed.len() as u64;
+    }
+    RawWithModel { raw, refs, header_len: prefix.len() as u64 }
+}
