@@ -248,15 +248,7 @@ unsafe fn tokens_avx2<const F: u8, const R: usize, const T: usize>(
     // one FMA chain per pair as in the plain dot.
     let mut mins = [_mm_setzero_ps(); T];
     for b in 0..nb {
-        let mut d_bits = 0u64;
-        let mut m_bits = 0u64;
-        for r in 0..R {
-            let wb = w.add(r * stride + b * w_bytes);
-            d_bits |= f16_bits(wb) << (16 * r);
-            if has_min(F) {
-                m_bits |= f16_bits(wb.add(2)) << (16 * r);
-            }
-        }
+        let (d_bits, m_bits) = scale_bits::<F, R>(w, stride, b);
         let d_w = _mm_cvtph_ps(_mm_cvtsi64_si128(d_bits as i64));
         let scales = tables.scales.add(b * TABLE_STRIDE);
         for t in 0..T {
@@ -323,6 +315,26 @@ unsafe fn lane(v: __m128, r: usize) -> __m256 {
     _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_set1_epi32(r as i32))
 }
 
+/// The f16 scales `d` (and minimums `m`, for the formats with one) of
+/// block `b` of `R` rows at `w`, `stride` apart: row `r`'s in bits
+/// `16 * r ..`, for one conversion of all of them.
+///
+/// # Safety
+/// Block `b` of each of the `R` rows must be readable.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale_bits<const F: u8, const R: usize>(w: *const u8, stride: usize, b: usize) -> (u64, u64) {
+    let (mut d_bits, mut m_bits) = (0u64, 0u64);
+    for r in 0..R {
+        let wb = w.add(r * stride + b * weight_block_bytes(F));
+        d_bits |= f16_bits(wb) << (16 * r);
+        if has_min(F) {
+            m_bits |= f16_bits(wb.add(2)) << (16 * r);
+        }
+    }
+    (d_bits, m_bits)
+}
+
 /// Block `b`'s share of the next pass's rows (the `ROWS` rows after those
 /// at `w`, `stride` apart, `nb` blocks of `w_bytes` each), as prefetch
 /// hints (see `rows_avx2`). Only hint addresses are computed: wrapping
@@ -364,15 +376,7 @@ unsafe fn rows_avx2<const F: u8, const R: usize>(nb: usize, w: *const u8, stride
         prefetch_next_pass_share(w, stride, nb, b, w_bytes);
         let ab = a.add(b * a_bytes);
         let qa = _mm256_loadu_si256(ab.add(a_quants).cast());
-        let mut d_bits = 0u64;
-        let mut m_bits = 0u64;
-        for r in 0..R {
-            let wb = w.add(r * stride + b * w_bytes);
-            d_bits |= f16_bits(wb) << (16 * r);
-            if has_min(F) {
-                m_bits |= f16_bits(wb.add(2)) << (16 * r);
-            }
-        }
+        let (d_bits, m_bits) = scale_bits::<F, R>(w, stride, b);
         let d_a = _mm_cvtph_ps(_mm_cvtsi32_si128(f16_bits(ab) as i32));
         let scales = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi64_si128(d_bits as i64)), _mm_broadcastss_ps(d_a));
         if has_min(F) {
