@@ -33,6 +33,10 @@ pub(crate) struct SealedModel {
     pub(crate) path: PathBuf,
     /// The session's share of the cores' lease (`--cores lease`).
     pub(crate) tenant: Option<Arc<SecureTenant>>,
+    /// The backend's liveness, cleared as soon as the session is lost:
+    /// before the batch's clients hear of it, so that their next request
+    /// finds the backend dead and opens a new session.
+    pub(crate) alive: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A generation in the secure world's batch, as its client sees it.
@@ -86,6 +90,7 @@ impl SealedModel {
         }
         // The session is lost: so are the generations in its batch, and the
         // lease goes without a scrub to ask for.
+        self.alive.store(false, Ordering::SeqCst);
         for (_, l) in std::mem::take(&mut batch.live) {
             let _ = l.events.blocking_send(Event::Failed(secure_world_gone()));
         }

@@ -87,7 +87,7 @@ impl Backend {
         let (tx, rx) = mpsc::sync_channel::<Command>(max_queue);
         let alive = Arc::new(AtomicBool::new(true));
         let flag = alive.clone();
-        let sealed = SealedModel { world, model, path: path.to_path_buf(), tenant };
+        let sealed = SealedModel { world, model, path: path.to_path_buf(), tenant, alive: alive.clone() };
         let handle = std::thread::Builder::new()
             .name("sealed".to_string())
             .spawn(move || {
