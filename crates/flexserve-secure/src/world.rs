@@ -22,6 +22,7 @@ use crate::models::{Conversation, GrantedScratch, LoadError, RegionBlock, Reside
 use crate::platform::{Channel, Compute, SecureMemory, SecureRegion};
 use crate::state::Principal;
 
+mod answer;
 mod encrypted;
 mod generation;
 mod streams;
@@ -246,7 +247,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             }
             Request::Generate(g) => {
                 (self.heap.reset_peak)();
-                let reply = self.generate(g, generation::Answer::Tokens);
+                let reply = self.generate(g, answer::Answer::Tokens);
                 // The secure step is over and its cores may go to the normal
                 // world: nothing of it stays in the workers' scratch.
                 self.scrub_workers();

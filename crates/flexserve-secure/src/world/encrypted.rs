@@ -104,7 +104,7 @@ impl<M: SecureMemory, C: Channel, X: Compute> SecureWorld<M, C, X> {
             sampling: request.sampling,
             stop: request.stop.clone(),
         };
-        let result = self.generate(g, super::generation::Answer::Sealed(&mut entry.transport));
+        let result = self.generate(g, super::answer::Answer::Sealed(&mut entry.transport));
         if let Ok(Reply::MemoryNeeded { .. }) = result {
             self.encrypted.insert(session, entry);
             return result;

@@ -12,26 +12,15 @@ use flexserve_protocol::LayerTiming;
 use super::*;
 use crate::models::{take_layer, ModelParts, WeightStore};
 
-mod memory;
+pub(super) mod memory;
 mod serving;
 
-pub(super) use memory::memory_short;
-use memory::{kv_and_scratch_granules, kv_session, KvShortfall};
+use memory::{kv_and_scratch_granules, kv_session, memory_short, KvShortfall};
 
 use serving::{serve_during_generation, serve_while_loading, DuringGeneration, Stores, Timeline};
 
+use super::answer::{stop_reason, Answer};
 use super::streams::first_token;
-
-/// Where a generation's answer goes.
-pub(super) enum Answer<'a> {
-    /// To the normal world as `Token` replies, to the end.
-    Tokens,
-    /// As records sealed to an encrypted session's client, to the end.
-    Sealed(&'a mut flexserve_e2e::ServerSession),
-    /// Nowhere yet: the prompt is evaluated and the generation waits in its
-    /// model's batch as this stream (`StepStreams` decodes it).
-    Stream(u32),
-}
 
 /// What a generation evaluated.
 enum Evaluated<'t> {
@@ -532,16 +521,6 @@ pub(super) fn load_failure(e: LoadError) -> Failure {
         LoadError::BadArgument(m) => (ErrorCode::BadArgument, m),
         LoadError::NoMemory(m) => (ErrorCode::NoMemory, m),
         LoadError::Verification(m) => (ErrorCode::Verification, m),
-    }
-}
-
-/// The engine's stop reason on the wire.
-pub(super) fn stop_reason(stop: flexserve_engine::StopReason) -> StopReason {
-    match stop {
-        flexserve_engine::StopReason::EndOfGeneration => StopReason::EndOfGeneration,
-        flexserve_engine::StopReason::MaxTokens => StopReason::MaxTokens,
-        flexserve_engine::StopReason::StopString => StopReason::StopString,
-        flexserve_engine::StopReason::ContextFull => StopReason::ContextFull,
     }
 }
 

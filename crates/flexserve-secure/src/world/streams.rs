@@ -11,7 +11,8 @@
 use flexserve_engine::{Next, ParkedTokens, Prefilled, Session, TokenStream};
 use flexserve_protocol::{LayerTiming, StreamStep, MAX_STREAMS};
 
-use super::generation::{memory_short, Answer};
+use super::answer::{stop_reason, Answer};
+use super::generation::memory::memory_short;
 use super::*;
 use crate::models::ModelParts;
 
@@ -51,7 +52,7 @@ impl Stream {
             prefill_micros: self.prefill_micros,
             decode_micros: self.decode_started.elapsed().as_micros() as u64,
             layers: std::mem::take(&mut self.layers),
-            stop: super::generation::stop_reason(stop),
+            stop: stop_reason(stop),
         }
     }
 }
