@@ -73,6 +73,10 @@ pub struct ServeArgs {
     /// run on the served models with the same files, or are served as WORKFLOW.MODEL.
     #[arg(long = "workflow")]
     workflows: Vec<PathBuf>,
+    /// Load a workflow step's model only when the step starts, not while the step before it runs
+    /// (for comparison; as `flexserve workflow run --no-prefetch`).
+    #[arg(long)]
+    no_prefetch: bool,
     #[command(flatten)]
     keys: KeyArgs,
     #[command(flatten)]
@@ -131,6 +135,8 @@ struct ConfigFile {
     /// Workflow files.
     #[serde(default)]
     workflows: Vec<PathBuf>,
+    /// false: as --no-prefetch.
+    prefetch: Option<bool>,
 }
 
 /// Largest config file read.
@@ -286,6 +292,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         secure_reserve,
         cores,
         workflows,
+        workflow_prefetch: !args.no_prefetch && file.prefetch.unwrap_or(true),
         connect,
     })
     .map_err(|e| anyhow::anyhow!(e))

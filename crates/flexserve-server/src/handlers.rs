@@ -165,7 +165,7 @@ impl Reply {
         // The answer is done: the next model loads now, not beside its generation.
         if let Some(next) = self.next.clone() {
             let state = self.state.clone();
-            tokio::spawn(async move { state.registry.prefetch(&next).await });
+            tokio::spawn(async move { state.registry.prefetch(&next, &state.metrics).await });
         }
     }
 

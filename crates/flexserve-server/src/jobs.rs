@@ -80,6 +80,28 @@ pub enum Command {
     CloseEncrypted {
         session: u64,
     },
+    /// Loads a sealed model's missing weights ahead of its first request,
+    /// if the budget holds them with `spare_bytes` left over; stops between
+    /// two batches once `stop` says a request wants the model (its
+    /// pipelined load streams the rest).
+    PrefetchWeights {
+        spare_bytes: u64,
+        stop: Box<dyn Fn() -> bool + Send>,
+        reply: oneshot::Sender<WeightsPrefetch>,
+    },
+}
+
+/// What a [`Command::PrefetchWeights`] did.
+#[derive(Debug)]
+pub enum WeightsPrefetch {
+    /// Chunks loaded; why it stopped short, if it did.
+    Loaded {
+        chunks: usize,
+        stopped: Option<String>,
+    },
+    /// Nothing loaded: the budget has no room for the weights beside what is in use.
+    NoRoom,
+    Failed(String),
 }
 
 /// A client's encrypted request: the daemon carries it and the records of
@@ -125,6 +147,9 @@ pub(crate) fn refuse_on_plain(command: Command) {
         }
         Command::Embed(job) => {
             let _ = job.reply.send(Err(not_an_encoder()));
+        }
+        Command::PrefetchWeights { reply, .. } => {
+            let _ = reply.send(WeightsPrefetch::Failed("a plain model runs in the normal world".to_string()));
         }
         Command::Generate(_) | Command::CloseEncrypted { .. } => {}
     }

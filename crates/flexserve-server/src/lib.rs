@@ -81,6 +81,8 @@ pub struct ServeConfig {
     pub cores: lease::CoreSharing,
     /// Workflows served at `/v1/workflows/run`, by name.
     pub workflows: workflows::Workflows,
+    /// A workflow loads its next step's model while a step runs (false: `--no-prefetch`).
+    pub workflow_prefetch: bool,
     pub connect: SessionFactory,
 }
 
@@ -129,6 +131,7 @@ async fn serve(config: ServeConfig) -> Result<(), String> {
         connect: config.connect.clone(),
         resident_at_load: config.preload,
         cores: (config.cores == lease::CoreSharing::Lease).then(lease::CoreArbiter::new),
+        workflow_prefetch: config.workflow_prefetch,
     };
     let mut registry = Registry::new(config.models.clone(), settings, config.keep_alive);
     let keeper = (config.secure_reserve > 0).then(|| {

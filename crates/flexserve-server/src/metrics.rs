@@ -55,6 +55,12 @@ pub struct Metrics {
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub secure_world_restarts: AtomicU64,
+    /// Models loaded ahead of the request that comes next.
+    pub prefetches: AtomicU64,
+    /// Chunks of sealed models' weights loaded ahead of their requests.
+    pub prefetched_chunks: AtomicU64,
+    /// Sealed models loaded ahead of need header-only, the budget having no room for their weights.
+    pub prefetches_header_only: AtomicU64,
     /// Generations stopped because their client went away.
     pub cancelled: std::sync::Arc<AtomicU64>,
     pub ttft: Histogram<9>,
@@ -69,6 +75,9 @@ impl Default for Metrics {
             prompt_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             secure_world_restarts: AtomicU64::new(0),
+            prefetches: AtomicU64::new(0),
+            prefetched_chunks: AtomicU64::new(0),
+            prefetches_header_only: AtomicU64::new(0),
             cancelled: std::sync::Arc::new(AtomicU64::new(0)),
             ttft: Histogram::new(TTFT_BUCKETS),
             token_latency: Histogram::new(TOKEN_BUCKETS),
@@ -98,6 +107,24 @@ impl Metrics {
             "flexserve_secure_world_restarts_total",
             "Sessions with the secure world opened again after one was lost.",
             &self.secure_world_restarts,
+        );
+        counter(
+            &mut out,
+            "flexserve_prefetches_total",
+            "Models loaded ahead of the request that comes next (next_model, a workflow's next step).",
+            &self.prefetches,
+        );
+        counter(
+            &mut out,
+            "flexserve_prefetched_chunks_total",
+            "Chunks of sealed models' weights loaded ahead of their requests.",
+            &self.prefetched_chunks,
+        );
+        counter(
+            &mut out,
+            "flexserve_prefetches_header_only_total",
+            "Sealed models loaded ahead of need without their weights: the secure memory budget had no room.",
+            &self.prefetches_header_only,
         );
         counter(
             &mut out,

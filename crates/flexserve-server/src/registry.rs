@@ -8,8 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::api::{ApiError, ErrorKind};
+use crate::jobs::{Command, WeightsPrefetch};
 use crate::metrics::Metrics;
 use crate::worker::{Backend, Kind, SessionFactory};
+
+/// Secure memory a load ahead of need leaves free for the request running
+/// beside it: a decode step's activations are taken afresh each step.
+pub const PREFETCH_SPARE_BYTES: u64 = 32 << 20;
 
 /// How a model is loaded, for `/v1/models`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +72,12 @@ impl ModelEntry {
     fn set_state(&self, s: LoadState) {
         self.state.store(s as u8, Ordering::SeqCst);
     }
+
+    /// Loading ended well; a model unloaded meanwhile stays unloaded.
+    fn finish_loading(&self) {
+        let (loading, loaded) = (LoadState::Loading as u8, LoadState::Loaded as u8);
+        let _ = self.state.compare_exchange(loading, loaded, Ordering::SeqCst, Ordering::SeqCst);
+    }
 }
 
 /// Settings every backend is started with.
@@ -80,6 +91,9 @@ pub struct BackendSettings {
     pub resident_at_load: bool,
     /// The cores' lease between the worlds (`--cores lease`); `None`: split.
     pub cores: Option<Arc<crate::lease::CoreArbiter>>,
+    /// A served workflow loads its next step's model while a step runs
+    /// (`flexserve serve --no-prefetch` turns it off).
+    pub workflow_prefetch: bool,
 }
 
 pub struct Registry {
@@ -193,24 +207,74 @@ impl Registry {
         Ok(Lease { backend, entry: entry.clone(), _busy: busy })
     }
 
-    /// Loads a model that is not loaded, weights and all (a sealed one
-    /// made resident), ahead of the request a client said comes next; a
-    /// loaded (or loading) model is left as it is.
-    pub async fn prefetch(&self, entry: &Arc<ModelEntry>) {
+    /// Loads a model that is not loaded ahead of the request that comes next
+    /// (a client's `next_model`, a workflow's next step); a loaded (or
+    /// loading) model is left as it is. A sealed model opens as a request
+    /// would open it, holding the model's lock: a request meanwhile waits
+    /// for this load and uses it. Its weights then load, first layers first,
+    /// if the secure memory budget holds them beside what is in use with
+    /// [`PREFETCH_SPARE_BYTES`] to spare, until a request for the model
+    /// comes: that request's pipelined load streams the rest. Nothing loaded
+    /// is unloaded or evicted for it, and a failure only means the request
+    /// loads the model itself.
+    pub async fn prefetch(&self, entry: &Arc<ModelEntry>, metrics: &Metrics) {
+        let unloaded_after_use =
+            entry.usage.lock().unwrap_or_else(std::sync::PoisonError::into_inner).1 == Some(Duration::ZERO);
+        if unloaded_after_use {
+            return;
+        }
         let Ok(mut slot) = entry.backend.try_lock() else { return };
         if slot.is_some() {
             return;
         }
         entry.set_state(LoadState::Loading);
         let _busy = Busy::begin(&self.activity);
-        let loaded = self.load_as(entry, true).await;
-        entry.set_state(if loaded.is_ok() { LoadState::Loaded } else { LoadState::Unloaded });
-        match loaded {
-            Ok(b) => {
-                entry.usage.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0 = Instant::now();
-                *slot = Some(Arc::new(b));
+        let backend = match self.load_as(entry, false).await {
+            Ok(b) => Arc::new(b),
+            Err(e) => {
+                entry.set_state(LoadState::Unloaded);
+                eprintln!("flexserve serve: prefetching {}: {}", entry.name, e.message);
+                return;
             }
-            Err(e) => eprintln!("flexserve serve: prefetching {}: {}", entry.name, e.message),
+        };
+        entry.usage.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0 = Instant::now();
+        *slot = Some(backend.clone());
+        drop(slot);
+        if backend.kind == Kind::Plain {
+            entry.finish_loading();
+            metrics.prefetches.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let wanted = entry.clone();
+        let stop = Box::new(move || wanted.in_flight.load(Ordering::SeqCst) > 0);
+        let submitted = backend.submit(Command::PrefetchWeights { spare_bytes: PREFETCH_SPARE_BYTES, stop, reply });
+        let outcome = match submitted {
+            Ok(()) => answer.await.unwrap_or_else(|_| WeightsPrefetch::Failed("the session ended".to_string())),
+            Err(e) => WeightsPrefetch::Failed(e.message),
+        };
+        entry.finish_loading();
+        match outcome {
+            WeightsPrefetch::Loaded { chunks, stopped } => {
+                metrics.prefetches.fetch_add(1, Ordering::Relaxed);
+                metrics.prefetched_chunks.fetch_add(chunks as u64, Ordering::Relaxed);
+                eprintln!(
+                    "flexserve serve: prefetched {} ({chunks} chunks of its weights{})",
+                    entry.name,
+                    stopped.map(|why| format!("; stopped: {why}")).unwrap_or_default()
+                );
+            }
+            WeightsPrefetch::NoRoom => {
+                metrics.prefetches_header_only.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "flexserve serve: prefetched {} header-only: the secure memory budget has no room for its \
+                     weights beside what is in use",
+                    entry.name
+                );
+            }
+            WeightsPrefetch::Failed(why) => {
+                eprintln!("flexserve serve: prefetching the weights of {}: {why}", entry.name);
+            }
         }
     }
 

@@ -22,7 +22,7 @@ use tokio::sync::mpsc as async_mpsc;
 use crate::api::{ApiError, ErrorKind};
 use crate::jobs::{
     encrypted_error, secure_world_gone, session_lost, Command, EncryptedJob, Event, Finish, GenParams, Job, JobInput,
-    SealedEvent,
+    SealedEvent, WeightsPrefetch,
 };
 use crate::lease::SecureTenant;
 
@@ -210,6 +210,18 @@ impl SealedModel {
             Command::CloseEncrypted { session } => {
                 !matches!(self.world.close_encrypted(session), Err(ref e) if session_lost(e))
             }
+            Command::PrefetchWeights { spare_bytes, stop, reply } => {
+                let loaded = weights_fit(&mut self.world, &self.model, spare_bytes).and_then(|fits| {
+                    if !fits {
+                        return Ok(WeightsPrefetch::NoRoom);
+                    }
+                    let report = self.world.prefetch(&self.model, stop)?;
+                    Ok(WeightsPrefetch::Loaded { chunks: report.chunks, stopped: report.stopped })
+                });
+                let healthy = !matches!(loaded, Err(ref e) if session_lost(e));
+                let _ = reply.send(loaded.unwrap_or_else(|e| WeightsPrefetch::Failed(e.to_string())));
+                healthy
+            }
         }
     }
 
@@ -334,4 +346,16 @@ fn generate_request(model: u32, input: JobInput, p: &GenParams) -> GenerateReque
         },
         stop: p.stop.clone(),
     }
+}
+
+/// Whether the secure memory free or still grantable holds `model`'s weights
+/// with `spare_bytes` left over. The pool's figures are the service's whole
+/// pool (every session's use), so memory another model's running request
+/// holds or may still grant is counted as taken.
+fn weights_fit(world: &mut SecureWorld, model: &OpenedModel, spare_bytes: u64) -> Result<bool, NormalError> {
+    let status = world.status()?;
+    let free = u64::from(status.prepared.saturating_sub(status.in_use));
+    let grantable = world.budget_granules().saturating_sub(u64::from(status.granted));
+    let spare = spare_bytes.div_ceil(world.info().granule_size.max(1));
+    Ok(u64::from(model.granules_needed) + spare <= free + grantable)
 }

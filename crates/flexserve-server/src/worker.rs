@@ -145,6 +145,9 @@ fn fail_queued(rx: &mpsc::Receiver<Command>) {
             Command::Embed(job) => {
                 let _ = job.reply.send(Err(secure_world_gone()));
             }
+            Command::PrefetchWeights { reply, .. } => {
+                let _ = reply.send(crate::jobs::WeightsPrefetch::Failed(secure_world_gone().message));
+            }
             Command::Status(_) | Command::CloseEncrypted { .. } => {}
         }
     }

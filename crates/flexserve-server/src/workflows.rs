@@ -25,7 +25,8 @@ use crate::api::{parse, Body};
 use crate::api::{ApiError, ErrorKind};
 use crate::jobs::{Command, Event, Finish, GenParams, Job, JobInput};
 use crate::jobs::{EmbedInput, EmbedJob, Embeddings};
-use crate::registry::Lease;
+use crate::registry::{Lease, ModelEntry};
+use crate::worker::Kind;
 use crate::AppState;
 
 /// A workflow the daemon serves, with the served model each of its models runs on.
@@ -63,6 +64,43 @@ struct StepDone {
     step: usize,
     finish: Finish,
     first_token_ms: Option<f64>,
+    /// Its model's state as the step started ("loading": a prefetch was in flight).
+    model_state: &'static str,
+    /// How long the step waited for its model to load (or a prefetch to open it).
+    load_wait_ms: f64,
+}
+
+/// The next step's model, loaded while a step runs: started once the
+/// running step holds what it needs. A plain or retrieve step takes no
+/// secure memory; a sealed one has its weights loaded, its KV cache and
+/// first activations taken by its first token. The load is the registry's
+/// prefetch: the next step's lease waits for the model's opening, its
+/// weights load only if the budget holds them beside what is in use, and
+/// the next step's request stops them (its own load streams the rest).
+struct NextModelPrefetch {
+    state: Arc<AppState>,
+    /// Taken when the load starts.
+    entry: Option<Arc<ModelEntry>>,
+}
+
+impl NextModelPrefetch {
+    fn start(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            let state = self.state.clone();
+            tokio::spawn(async move { state.registry.prefetch(&entry, &state.metrics).await });
+        }
+    }
+}
+
+/// The served model of the first step after position `at` of the order
+/// that runs on another served model than the step at `at` (two of the
+/// workflow's models with the same file are one served model).
+fn next_other_model(served: &ServedWorkflow, at: usize) -> Option<&str> {
+    let wf = &served.workflow;
+    let model_of = |s: usize| served.models[wf.steps[s].model].as_str();
+    let order = wf.order();
+    let current = model_of(order[at]);
+    order[at + 1..].iter().map(|&s| model_of(s)).find(|&m| m != current)
 }
 
 pub async fn list(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -128,6 +166,7 @@ fn step_json(served: &ServedWorkflow, outputs: &Outputs, d: &StepDone) -> Value 
         "name": step.name, "model": served.models[step.model],
         "output": outputs.get(d.step).unwrap_or_default(),
         "finish_reason": d.finish.finish_reason, "first_token_ms": d.first_token_ms,
+        "model_state": d.model_state, "load_wait_ms": d.load_wait_ms,
         "usage": {"prompt_tokens": d.finish.prompt_tokens, "completion_tokens": d.finish.completion_tokens},
     })
 }
@@ -170,7 +209,8 @@ async fn run_steps(
     let wf = &served.workflow;
     let mut outputs = Outputs::new(wf.steps.len());
     let mut done = Vec::new();
-    for &s in wf.order() {
+    let order = wf.order();
+    for (at, &s) in order.iter().enumerate() {
         let step = &wf.steps[s];
         let model = &served.models[step.model];
         let named = |e: ApiError| ApiError::new(e.kind, format!("step {:?} (model {model}): {}", step.name, e.message));
@@ -178,16 +218,28 @@ async fn run_steps(
             |e: flexserve_workflow::WorkflowError| ApiError::new(ErrorKind::InvalidRequest, e.to_string());
         let prompt = wf.render_prompt(s, input, &outputs).map_err(render_failed).map_err(named)?;
         let system = wf.render_system(s, input, &outputs).map_err(render_failed).map_err(named)?;
-        if !on_event(json!({"type": "step", "step": step.name, "model": model})) {
+        let entry = state.registry.entry(model).map_err(named)?;
+        let model_state = entry.state().name();
+        if !on_event(json!({"type": "step", "step": step.name, "model": model, "model_state": model_state})) {
             return Err(ApiError::new(ErrorKind::InvalidRequest, "the client went away"));
         }
-        let entry = state.registry.entry(model).map_err(named)?;
+        let next = match next_other_model(served, at) {
+            Some(m) if state.registry.settings.workflow_prefetch => Some(state.registry.entry(m).map_err(named)?),
+            _ => None,
+        };
+        let mut prefetch = NextModelPrefetch { state: state.clone(), entry: next };
+        let waited = Instant::now();
         let lease = state.registry.lease(&entry, None, &state.metrics).await.map_err(named)?;
+        let load_wait_ms = waited.elapsed().as_secs_f64() * 1e3;
+        let sealed_generation = entry.kind == Kind::Sealed && matches!(step.kind, StepKind::Generate);
+        if !sealed_generation {
+            prefetch.start();
+        }
         let started = Instant::now();
         let (text, finish, first_token_ms) = match &step.kind {
-            StepKind::Generate => {
-                generate_step(state, &lease, step, prompt, system, &mut *on_event).await.map_err(named)?
-            }
+            StepKind::Generate => generate_step(state, &lease, step, prompt, system, &mut prefetch, &mut *on_event)
+                .await
+                .map_err(named)?,
             StepKind::Retrieve(retrieval) => {
                 let index =
                     served.indexes[s].get_or_try_init(|| passage_index(&lease, retrieval)).await.map_err(named)?;
@@ -213,19 +265,21 @@ async fn run_steps(
             "usage": {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens},
         }));
         outputs.set(s, text);
-        done.push(StepDone { step: s, finish, first_token_ms });
+        done.push(StepDone { step: s, finish, first_token_ms, model_state, load_wait_ms });
     }
     Ok((outputs, done))
 }
 
 /// A generation step on its model's backend: its text, how it ended, and
-/// when its first piece came (ms from its start).
+/// when its first piece came (ms from its start). `prefetch` starts with
+/// the first piece at the latest.
 async fn generate_step(
     state: &Arc<AppState>,
     lease: &Lease,
     step: &Step,
     prompt: String,
     system: Option<String>,
+    prefetch: &mut NextModelPrefetch,
     on_event: &mut (dyn FnMut(Value) -> bool + Send),
 ) -> Result<(String, Finish, Option<f64>), ApiError> {
     let job_input = if step.chat {
@@ -258,7 +312,10 @@ async fn generate_step(
     let finish = loop {
         match rx.recv().await {
             Some(Event::Text(t)) => {
-                first_token_ms.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
+                if first_token_ms.is_none() {
+                    first_token_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+                    prefetch.start();
+                }
                 if !on_event(json!({"type": "text", "step": step.name, "text": t})) {
                     // Dropping the receiver cancels the generation.
                     return Err(ApiError::new(ErrorKind::InvalidRequest, "the client went away"));
@@ -291,4 +348,45 @@ async fn passage_index(lease: &Lease, retrieval: &Retrieval) -> Result<PassageIn
     let embedded = embed(lease, inputs).await?;
     PassageIndex::new(passages, embedded.vectors)
         .ok_or_else(|| ApiError::new(ErrorKind::Internal, "the encoder did not embed every passage"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_model_is_that_of_the_next_step_on_another_served_model() {
+        let text = r#"
+name = "w"
+[models.a]
+path = "a.fsm"
+[models.b]
+path = "b.gguf"
+[models.c]
+path = "a2.fsm"
+[[steps]]
+name = "one"
+model = "a"
+prompt = "{{ input }}"
+[[steps]]
+name = "two"
+model = "a"
+prompt = "{{ steps.one }}"
+[[steps]]
+name = "three"
+model = "c"
+prompt = "{{ steps.two }}"
+[[steps]]
+name = "four"
+model = "b"
+prompt = "{{ steps.three }}"
+"#;
+        let workflow = Workflow::parse(text, std::path::Path::new("w.toml")).unwrap();
+        // Models a and c are one served model (the same file).
+        let served = ServedWorkflow::new(workflow, vec!["m1".into(), "m2".into(), "m1".into()]);
+        assert_eq!(served.workflow.order(), [0, 1, 2, 3]);
+        assert_eq!(next_other_model(&served, 0), Some("m2"));
+        assert_eq!(next_other_model(&served, 2), Some("m2"));
+        assert_eq!(next_other_model(&served, 3), None);
+    }
 }
