@@ -3,6 +3,10 @@
 # x86-64 Debian/Ubuntu machine, and runs tests under qemu-user.
 #
 #   scripts/aarch64.sh build   # release flexserve, flexserve-secure, flexserve-launcher
+#   scripts/aarch64.sh check   # what CI runs: clippy -D warnings on every crate
+#                              # and target for aarch64 (the NEON kernels and the
+#                              # aarch64 seccomp table are compiled only there),
+#                              # then the three binaries built and linked (debug)
 #   scripts/aarch64.sh test    # the tests below, under qemu-aarch64
 #
 # Installs what is missing: gcc-aarch64-linux-gnu and libc6-dev-arm64-cross
@@ -29,10 +33,10 @@
 #    table and is skipped: aarch64's libm rounds some tanhf values
 #    differently, as llama.cpp's aarch64 build would), and from
 #    tests/llama_cpp_reference.rs the greedy continuations of SmolLM2 against
-#    llama.cpp's, at every tier the CPU runs (FLEXSERVE_REFERENCE_MODELS
-#    picks the models; with long prompts in the references, SmolLM2 alone at
+#    llama.cpp's, at every tier the CPU runs, on a subset of the cases
+#    (FLEXSERVE_REFERENCE_SUBSET, below: every case and token of SmolLM2 at
 #    three tiers ran over 38 minutes under emulation on a 2-core host without
-#    finishing, and all three models over 30 minutes before it was stopped). The
+#    finishing; FLEXSERVE_REFERENCE_MODELS picks the models). The
 #    perplexity test (5,120 tokens of prefill) took 83 minutes under
 #    emulation on a 2-core x86-64 machine (it passes: PPL 14.8819, as with
 #    the portable kernels on x86-64), so it runs only with
@@ -65,9 +69,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root_dir=$(pwd)
 mode=${1:-}
 case "$mode" in
-  build | test) ;;
+  build | check | test) ;;
   *)
-    echo "usage: scripts/aarch64.sh build|test" >&2
+    echo "usage: scripts/aarch64.sh build|check|test" >&2
     exit 2
     ;;
 esac
@@ -138,6 +142,23 @@ if [ "$mode" = build ]; then
   exit 0
 fi
 
+if [ "$mode" = check ]; then
+  # As in scripts/test.sh: a one-shot build keeps no incremental caches.
+  if [ -n "${CI:-}" ]; then
+    export CARGO_INCREMENTAL=0
+  fi
+  start=$(date +%s)
+  echo "== cargo clippy --target $triple"
+  cargo clippy --target "$triple" --workspace --all-targets --quiet -- -D warnings
+  echo "== cargo build --target $triple (flexserve, flexserve-secure, flexserve-launcher)"
+  cargo build --target "$triple" --quiet \
+    -p flexserve-cli --bin flexserve \
+    -p flexserve-secure --bin flexserve-secure \
+    -p flexserve-launcher --bin flexserve-launcher
+  echo "== aarch64: clippy clean and binaries linked in $(($(date +%s) - start)) s"
+  exit 0
+fi
+
 qemu=$(qemu_bin)
 cpu_args=()
 if [ -n "${FLEXSERVE_AARCH64_CPU:-}" ]; then
@@ -179,10 +200,16 @@ ct() {
   cargo test --target "$triple" "$@"
 }
 
+# The greedy reference under emulation: the first short prompts, one long
+# one (tiled prefill and attention) and the first tokens of each, at every
+# tier; FLEXSERVE_REFERENCE_SUBSET= (empty) compares every case and token.
+reference_subset="short=6,long=1,tokens=16"
+
 step quant ct -p flexserve-quant
 step tokenizer ct -p flexserve-tokenizer
 step engine-unit ct -p flexserve-engine --lib
 FLEXSERVE_REFERENCE_MODELS=SmolLM2 \
+  FLEXSERVE_REFERENCE_SUBSET=${FLEXSERVE_REFERENCE_SUBSET-$reference_subset} \
   step engine-llama-cpp-greedy ct -p flexserve-engine --test llama_cpp_reference greedy_continuations_match_llama_cpp
 if [ "${FLEXSERVE_AARCH64_PERPLEXITY:-0}" = 1 ]; then
   step engine-llama-cpp-perplexity ct -p flexserve-engine --test llama_cpp_reference perplexity_within_one_percent_of_llama_cpp

@@ -85,6 +85,37 @@ const GREEDY: &[GreedyReference] = &[
     },
 ];
 
+/// A subset compared at every tier, for runs under emulation
+/// (scripts/aarch64.sh): `FLEXSERVE_REFERENCE_SUBSET="short=N,long=N,tokens=N"`
+/// takes the first `short` short-prompt cases, the first `long` long-prompt
+/// ones and the first `tokens` tokens of each, within the tier's own limits.
+struct Subset {
+    short: usize,
+    long: usize,
+    tokens: usize,
+}
+
+impl Subset {
+    fn from_env() -> Option<Subset> {
+        let text = std::env::var("FLEXSERVE_REFERENCE_SUBSET").ok()?;
+        let mut subset = Subset { short: usize::MAX, long: usize::MAX, tokens: usize::MAX };
+        for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+            let (key, value) = part.split_once('=').unwrap_or_else(|| {
+                panic!("FLEXSERVE_REFERENCE_SUBSET: {part:?} is not key=value (keys: short, long, tokens)")
+            });
+            let n: usize =
+                value.trim().parse().unwrap_or_else(|e| panic!("FLEXSERVE_REFERENCE_SUBSET: {key}={value:?}: {e}"));
+            match key.trim() {
+                "short" => subset.short = n,
+                "long" => subset.long = n,
+                "tokens" => subset.tokens = n,
+                other => panic!("FLEXSERVE_REFERENCE_SUBSET: unknown key {other:?} (keys: short, long, tokens)"),
+            }
+        }
+        Some(subset)
+    }
+}
+
 /// A different pick is forgiven only where llama.cpp itself saw its two best
 /// candidates this close: a tie that any change of rounding may break.
 const NEAR_TIE: f32 = 0.01;
@@ -182,6 +213,7 @@ fn greedy_continuations_match_llama_cpp_at_every_tier() {
     // file names' prefixes, comma-separated.
     let only = std::env::var("FLEXSERVE_REFERENCE_MODELS").ok();
     let wanted = |r: &&GreedyReference| only.as_deref().is_none_or(|o| o.split(',').any(|p| r.model.starts_with(p)));
+    let subset = Subset::from_env();
     for r in GREEDY.iter().filter(wanted) {
         let reference = read_json(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference").join(r.reference));
         assert_eq!(reference["model"].as_str(), Some(r.model), "{}: recorded on another model", r.reference);
@@ -199,26 +231,34 @@ fn greedy_continuations_match_llama_cpp_at_every_tier() {
             let (model, tok) = load(r.model);
             let portable = isa == Isa::Portable;
             let below_best = isa < flexserve_quant::detected_isa();
-            let max_tokens = match isa {
+            let tier_tokens = match isa {
                 Isa::Portable => r.portable_tokens,
                 Isa::Avx2 if below_best => r.avx2_tokens,
                 _ => None,
             };
+            let max_tokens = match (&subset, tier_tokens) {
+                (Some(q), Some(t)) => Some(q.tokens.min(t)),
+                (Some(q), None) => Some(q.tokens),
+                (None, t) => t,
+            };
             let n_cases = if portable { r.portable_cases.unwrap_or(usize::MAX) } else { usize::MAX };
             let is_long = |case: &Json| case["prompt_ids"].as_array().unwrap().len() >= LONG_PROMPT;
-            let mut long_index = 0;
+            let (mut short_index, mut long_index) = (0, 0);
             let cases: Vec<&Json> = all_cases[..n_cases.min(all_cases.len())]
                 .iter()
                 .filter(|case| {
                     if !is_long(case) {
-                        return true;
+                        short_index += 1;
+                        return subset.as_ref().is_none_or(|q| short_index <= q.short);
                     }
                     long_index += 1;
-                    match isa {
-                        Isa::Portable => r.long_portable.contains(&(long_index - 1)),
-                        Isa::Avx2 if below_best => r.long_avx2,
-                        _ => true,
-                    }
+                    let in_subset = subset.as_ref().is_none_or(|q| long_index <= q.long);
+                    in_subset
+                        && match isa {
+                            Isa::Portable => r.long_portable.contains(&(long_index - 1)),
+                            Isa::Avx2 if below_best => r.long_avx2,
+                            _ => true,
+                        }
                 })
                 .collect();
             let n_long = cases.iter().filter(|case| is_long(case)).count();
