@@ -11,7 +11,7 @@
 //! llama.cpp's grouped kernels. `Q4_1x8` runs the same loop on the Q8_1
 //! activations without the offset, then adds `m_w * s_a` with a second FMA.
 
-use super::sweep::{by_tokens, sweep, with_block_sums};
+use super::sweep::{by_tokens, prefetch, sweep, with_block_sums, AHEAD_BYTES};
 use super::{entry_points, layout, Product, Repacked, Q4_0, Q4_1, Q8_0, Q8_GROUP_BLOCK_BYTES, REPACK_ROWS};
 use crate::legacy::{Q8_0_BYTES, QK};
 use crate::simd::avx2::{load_f16, pin};
@@ -74,6 +74,7 @@ unsafe fn group<const T: usize, const L: u8>(
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let blk = w.add(b * block_bytes);
+        prefetch(blk.wrapping_add(AHEAD_BYTES), block_bytes);
         // Per quant vector m, lane r holds levels 4m..4m+3 of row r in its low
         // nibbles and 16+4m..16+4m+3 in its high ones; one weight vector is
         // live at a time while every token's 16-bit sums take it in.
@@ -147,6 +148,7 @@ unsafe fn group_q8<const T: usize>(
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let blk = w.add(b * Q8_GROUP_BLOCK_BYTES);
+        prefetch(blk.wrapping_add(AHEAD_BYTES), Q8_GROUP_BLOCK_BYTES);
         let mut sums = [_mm256_setzero_si256(); T];
         for k in 0..8 {
             let wk = _mm256_loadu_si256(blk.add(quants_at + 32 * k).cast());

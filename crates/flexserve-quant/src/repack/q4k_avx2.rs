@@ -11,7 +11,7 @@
 //! formula, lane by lane.
 
 use super::q4k::{DMIN_AT, GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
-use super::sweep::{dup_pattern, prefetch, sweep, AHEAD};
+use super::sweep::{dup_pattern, prefetch, sweep, AHEAD_BYTES};
 use super::{Product, Q4_K};
 use crate::kquants::q8k;
 use crate::simd::avx2::pin;
@@ -81,7 +81,7 @@ unsafe fn group<const T: usize, const PAIRS: bool>(
     let mut acc_min = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let blk = w.add(b * GROUP_BLOCK);
-        prefetch(blk.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
+        prefetch(blk.wrapping_add(AHEAD_BYTES), GROUP_BLOCK);
         let quad = |t: usize, at: usize| {
             let quad = a.add(t * a_stride + b * q8k::BYTES + q8k::QS + at);
             _mm256_set1_epi32(quad.cast::<i32>().read_unaligned())

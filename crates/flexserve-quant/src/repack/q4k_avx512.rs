@@ -10,7 +10,7 @@
 //! sums of the sub-block, read from the activation block as they are stored. Then the portable dot's float formula, lane by lane.
 
 use super::q4k::{GROUP_BLOCK, MINS_HI_AT, QS_AT, SCALES_AT};
-use super::sweep::{dup_pattern, prefetch, sweep, Pass, AHEAD};
+use super::sweep::{dup_pattern, prefetch, sweep, Pass, AHEAD_BYTES};
 use super::{Product, Q4_K};
 use crate::kquants::q8k;
 use crate::simd::avx512::pin;
@@ -96,8 +96,8 @@ unsafe fn pair<const T: usize, const PAIRS: bool>(
     let mut acc_min = [_mm512_setzero_ps(); T];
     for b in 0..nb {
         let (b0, b1) = (w0.add(b * GROUP_BLOCK), w1.add(b * GROUP_BLOCK));
-        prefetch(b0.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
-        prefetch(b1.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
+        prefetch(b0.wrapping_add(AHEAD_BYTES), GROUP_BLOCK);
+        prefetch(b1.wrapping_add(AHEAD_BYTES), GROUP_BLOCK);
         let act = |t: usize| a.add(t * a_stride + b * q8k::BYTES);
         let qa = |t: usize, at: usize| {
             let quad = act(t).add(q8k::QS + at);

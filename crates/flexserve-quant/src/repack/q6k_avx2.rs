@@ -9,7 +9,7 @@
 //! times is taken off. Then the portable dot's float formula, lane by lane.
 
 use super::q6k::{GROUP_BLOCK, HIGH_AT, LOW_AT, SCALES_AT};
-use super::sweep::{by_tokens, dup_pattern, prefetch, sweep, AHEAD};
+use super::sweep::{by_tokens, dup_pattern, prefetch, sweep, AHEAD_BYTES};
 use super::{Product, Q6_K};
 use crate::kquants::q8k;
 use crate::simd::avx2::pin;
@@ -53,7 +53,7 @@ unsafe fn group<const T: usize>(
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..nb {
         let blk = w.add(b * GROUP_BLOCK);
-        prefetch(blk.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
+        prefetch(blk.wrapping_add(AHEAD_BYTES), GROUP_BLOCK);
         let act = |t: usize| a.add(t * a_stride + b * q8k::BYTES);
         let quad = |t: usize, at: usize| _mm256_set1_epi32(act(t).add(q8k::QS + at).cast::<i32>().read_unaligned());
         // Lane r: the scales of sub-blocks 2p (low half) and 2p+1 (high half).

@@ -11,7 +11,7 @@
 //! float formula, lane by lane.
 
 use super::q6k::{GROUP_BLOCK, HIGH_AT, LOW_AT, SCALES_AT};
-use super::sweep::{by_tokens, prefetch, sweep, Pass, AHEAD};
+use super::sweep::{by_tokens, prefetch, sweep, Pass, AHEAD_BYTES};
 use super::{Product, Q6_K};
 use crate::kquants::q8k;
 use crate::simd::avx512::pin;
@@ -75,8 +75,8 @@ unsafe fn pair<const T: usize>(
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {
         let (b0, b1) = (w0.add(b * GROUP_BLOCK), w1.add(b * GROUP_BLOCK));
-        prefetch(b0.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
-        prefetch(b1.wrapping_add(AHEAD * GROUP_BLOCK), GROUP_BLOCK);
+        prefetch(b0.wrapping_add(AHEAD_BYTES), GROUP_BLOCK);
+        prefetch(b1.wrapping_add(AHEAD_BYTES), GROUP_BLOCK);
         let act = |t: usize| a.add(t * a_stride + b * q8k::BYTES);
         let quad = |t: usize, at: usize| _mm512_set1_epi32(act(t).add(q8k::QS + at).cast::<i32>().read_unaligned());
         let mut isum = [_mm512_setzero_si512(); T];

@@ -24,13 +24,15 @@ macro_rules! by_tokens {
 pub(super) use by_tokens;
 const _: () = assert!(TOKENS == 4, "by_tokens covers 1 to 4 tokens");
 
-/// Group blocks ahead of the one in hand that the K-quant kernels prefetch.
-/// One group is one stream of memory, which the hardware prefetchers alone
-/// keep too short: a one-token product over a matrix that is not in the
-/// caches (decode) streamed Q6_K at 8 GB/s without it and 13-14 with it on the
-/// Zen 3 host, against 12-15 for the row-by-row GEMV (1 to 8 blocks ahead
-/// measured alike within the noise).
-pub(super) const AHEAD: usize = 4;
+/// How far ahead of the group block in hand the kernels of rearranged
+/// weights prefetch, in bytes. One group is one stream of memory, which the
+/// hardware prefetchers alone keep too short in a one-token product over a
+/// matrix that is not in the caches (decode). On the Zen 3 host, one thread:
+/// Q6_K streamed at 8 GB/s without it and 13-14 with it (1 to 8 of its
+/// 1680-byte blocks ahead measured alike); Q4_0 (144-byte blocks) at 15.6
+/// GB/s without it, about 20 with 2-5 KiB ahead, and less at 576 bytes.
+/// Four Q4_K group blocks.
+pub(super) const AHEAD_BYTES: usize = 4608;
 
 /// Asks for the `bytes` at `at` to be brought into the caches.
 #[inline]
