@@ -594,7 +594,7 @@ fn print_status(s: &StatusReport, pid: u32) {
     println!("  pool: {} ({} KiB granules)", s.pool_mode, s.granule_size >> 10);
     // The reserve: granules prepared (protected, zeroed) that nothing uses:
     // a request takes them at once; a recall takes them back first.
-    let reserve = s.prepared.saturating_sub(s.in_use);
+    let reserve = s.free_granules();
     println!(
         "  granules: {} granted ({:.1} MiB), {} prepared, {} in use ({:.1} MiB); reserve {} ({:.1} MiB)",
         s.granted,
@@ -650,7 +650,7 @@ fn status_json(s: &StatusReport, pid: u32, budget_granules: u64) -> String {
         "ptrace_scope": s.ptrace_scope, "lockdown": s.lockdown, "policy": s.policy, "warnings": s.warnings,
         "protection": s.protection, "pool_mode": s.pool_mode, "granule_size": s.granule_size,
         "granted": s.granted, "prepared": s.prepared, "in_use": s.in_use,
-        "reserve": s.prepared.saturating_sub(s.in_use), "budget_granules": budget_granules,
+        "reserve": s.free_granules(), "budget_granules": budget_granules,
         "heap_bytes": s.heap_bytes, "heap_allocated": s.heap_allocated, "heap_peak": s.heap_peak, "models": models,
     })
     .to_string()

@@ -118,7 +118,7 @@ impl SecureWorld {
         if load {
             let estimate = weight_granules(&header.gguf, self.info.granule_size);
             let status = self.status()?;
-            let free = u64::from(status.prepared.saturating_sub(status.in_use));
+            let free = u64::from(status.free_granules());
             let tg = Instant::now();
             self.grant(estimate.saturating_sub(free))?;
             grant = tg.elapsed();
@@ -159,7 +159,7 @@ impl SecureWorld {
         // batch of ciphertext.
         let grant = if top_up {
             let status = self.status()?;
-            let free = u64::from(status.prepared.saturating_sub(status.in_use));
+            let free = u64::from(status.free_granules());
             let need = u64::from(model.granules_needed).saturating_sub(u64::from(status.in_use)).saturating_sub(free);
             need.min(self.budget_granules.saturating_sub(self.granted))
         } else {

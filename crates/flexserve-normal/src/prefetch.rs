@@ -46,7 +46,7 @@ impl SecureWorld {
         }
         // The regions of the groups with a chunk missing, beyond the free granules.
         let status = self.status()?;
-        let free = u64::from(status.prepared.saturating_sub(status.in_use));
+        let free = u64::from(status.free_granules());
         let want = model.missing_granules(&missing, self.info.granule_size).saturating_sub(free);
         report.granted = self.grant(want)?;
         let half = self.shared.len() as u64 / 2;

@@ -468,6 +468,13 @@ pub struct StatusReport {
     pub models: Vec<ModelStatus>,
 }
 
+impl StatusReport {
+    /// Granules prepared and free: what a load takes without a grant (the reserve).
+    pub fn free_granules(&self) -> u32 {
+        self.prepared.saturating_sub(self.in_use)
+    }
+}
+
 /// How the secure world was started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deployment {

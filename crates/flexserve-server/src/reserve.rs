@@ -192,7 +192,7 @@ impl Keeper {
         let granule = world.info().granule_size.max(1);
         let target = self.target_bytes.div_ceil(granule);
         let status = world.status().map_err(|e| e.to_string())?;
-        let free = u64::from(status.prepared.saturating_sub(status.in_use));
+        let free = u64::from(status.free_granules());
         let wanted = target.saturating_sub(free);
         world.grant(wanted).map_err(|e| format!("granting {wanted} granules: {e}"))?;
         let dir = flexserve_normal::control::runtime_dir();
@@ -228,7 +228,7 @@ impl Keeper {
     fn refresh(&mut self, may_grow: bool) -> Result<(), String> {
         let Some(world) = self.world.as_mut() else { return Ok(()) };
         let status = world.status().map_err(|e| e.to_string())?;
-        let mut free = u64::from(status.prepared.saturating_sub(status.in_use));
+        let mut free = u64::from(status.free_granules());
         let mut granted = u64::from(status.granted);
         let target = self.figures.lock().unwrap_or_else(PoisonError::into_inner).target;
         let step = growth_step(

@@ -354,7 +354,7 @@ fn generate_request(model: u32, input: JobInput, p: &GenParams) -> GenerateReque
 /// holds or may still grant is counted as taken.
 fn weights_fit(world: &mut SecureWorld, model: &OpenedModel, spare_bytes: u64) -> Result<bool, NormalError> {
     let status = world.status()?;
-    let free = u64::from(status.prepared.saturating_sub(status.in_use));
+    let free = u64::from(status.free_granules());
     let grantable = world.budget_granules().saturating_sub(u64::from(status.granted));
     let spare = spare_bytes.div_ceil(world.info().granule_size.max(1));
     Ok(u64::from(model.granules_needed) + spare <= free + grantable)
